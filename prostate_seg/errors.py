@@ -1,0 +1,17 @@
+"""Errors that are the user's to fix: shown as one line (no traceback) by the command-line tools."""
+
+
+class UserError(Exception):
+    """Bad input or configuration. The message names the file or config key and what is wrong."""
+
+
+class ConfigError(UserError):
+    """A config value is out of range or inconsistent."""
+
+
+class DataError(UserError):
+    """An input file or dataset folder is missing, unreadable or inconsistent."""
+
+
+class NonFiniteLossError(UserError):
+    """Training diverged: the loss became NaN or infinite."""

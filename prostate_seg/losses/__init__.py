@@ -1,0 +1,10 @@
+"""Segmentation losses. All take raw logits and a {0,1} target of the same shape.
+
+``bce`` is :class:`torch.nn.BCEWithLogitsLoss` itself (configured in ``conf/loss/bce.yaml``).
+"""
+
+from prostate_seg.losses.combined import CombinedLoss
+from prostate_seg.losses.functional import soft_confusion, tversky_index
+from prostate_seg.losses.tversky import TverskyLoss
+
+__all__ = ["CombinedLoss", "TverskyLoss", "soft_confusion", "tversky_index"]

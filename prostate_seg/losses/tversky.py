@@ -1,0 +1,33 @@
+"""Tversky loss (Salehi et al., 2017); Dice loss is its alpha = beta = 0.5 case."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from prostate_seg.losses.functional import tversky_index
+
+
+class TverskyLoss(nn.Module):
+    """``1 - TI`` with TI = (TP + s) / (TP + alpha*FP + beta*FN + s).
+
+    ``alpha`` weights FALSE POSITIVES and ``beta`` FALSE NEGATIVES: a small alpha (large beta)
+    punishes missed gland pixels more and pushes recall up. ``beta`` defaults to ``1 - alpha``.
+    Probabilities are ``sigmoid(logits)``; counts are pooled over the whole batch.
+    (Some Focal-Tversky code swaps the two weights; this one follows MONAI and smp.)
+    """
+
+    def __init__(self, alpha: float = 0.5, beta: float | None = None, smooth: float = 1.0):
+        super().__init__()
+        beta = 1.0 - alpha if beta is None else beta
+        for key, value in (("alpha", alpha), ("beta", beta)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"loss.{key}={value} is outside [0, 1]")
+        if smooth < 0:
+            raise ValueError(f"loss.smooth={smooth} must be >= 0")
+        self.alpha, self.beta, self.smooth = float(alpha), float(beta), float(smooth)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        return 1.0 - tversky_index(logits, target, self.alpha, self.beta, self.smooth)
+
+    def extra_repr(self) -> str:
+        return f"alpha={self.alpha}, beta={self.beta}, smooth={self.smooth}"

@@ -1,0 +1,103 @@
+"""Loss values against hand computation, and the alpha/beta convention (alpha weights FP)."""
+
+import math
+
+import pytest
+import torch
+
+from prostate_seg.losses import CombinedLoss, TverskyLoss, tversky_index
+
+# probabilities 0.9, 0.2, 0.7, 0.1 against targets 1, 0, 0, 1:
+# TP = 0.9 + 0.1 = 1.0, FP = 0.2 + 0.7 = 0.9, FN = 0.1 + 0.9 = 1.0
+PROBS = torch.tensor([0.9, 0.2, 0.7, 0.1])
+TARGET = torch.tensor([1.0, 0.0, 0.0, 1.0])
+
+
+def logits(probs: torch.Tensor) -> torch.Tensor:
+    return torch.log(probs / (1 - probs)).reshape(1, 1, 2, 2)
+
+
+def target() -> torch.Tensor:
+    return TARGET.reshape(1, 1, 2, 2)
+
+
+@pytest.mark.parametrize("alpha, expected", [(0.3, 1 - 1 / (1 + 0.3 * 0.9 + 0.7 * 1.0)),
+                                             (0.7, 1 - 1 / (1 + 0.7 * 0.9 + 0.3 * 1.0))])
+def test_tversky_matches_hand_computation(alpha, expected):
+    loss = TverskyLoss(alpha=alpha, smooth=0.0)(logits(PROBS), target())
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_smooth_term_enters_numerator_and_denominator():
+    loss = TverskyLoss(alpha=0.3, beta=0.7, smooth=1.0)(logits(PROBS), target())
+    assert loss.item() == pytest.approx(1 - 2.0 / (2.0 + 0.27 + 0.7), abs=1e-6)
+
+
+def test_beta_defaults_to_one_minus_alpha():
+    assert TverskyLoss(alpha=0.25).beta == pytest.approx(0.75)
+    assert TverskyLoss(alpha=0.25, beta=0.5).beta == 0.5
+
+
+def test_alpha_penalises_false_positives_and_beta_false_negatives():
+    base = torch.tensor([0.9, 0.1, 0.1, 0.9])  # right on all four pixels
+    extra_fp = torch.tensor([0.9, 0.9, 0.9, 0.9])  # both background pixels called gland
+    extra_fn = torch.tensor([0.1, 0.1, 0.1, 0.1])  # both gland pixels missed
+    gland_target = torch.tensor([1.0, 0.0, 0.0, 1.0]).reshape(1, 1, 2, 2)
+
+    def increase(alpha: float, worse: torch.Tensor) -> float:
+        loss = TverskyLoss(alpha=alpha, smooth=0.0)
+        return (loss(logits(worse), gland_target) - loss(logits(base), gland_target)).item()
+
+    # More false positives hurt more when alpha (the FP weight) is larger ...
+    assert increase(0.8, extra_fp) > increase(0.2, extra_fp) > 0
+    # ... and more false negatives hurt more when beta = 1 - alpha is larger.
+    assert increase(0.2, extra_fn) > increase(0.8, extra_fn) > 0
+
+
+def test_dice_is_tversky_with_equal_weights():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    y = (torch.rand(2, 1, 8, 8) > 0.6).float()
+    probs, tgt = torch.sigmoid(x), y
+    dice = 2 * (probs * tgt).sum() / (probs.sum() + tgt.sum())
+    assert TverskyLoss(0.5, 0.5, smooth=0.0)(x, y).item() == pytest.approx(1 - dice.item(), abs=1e-6)
+
+
+def test_counts_are_pooled_over_the_batch():
+    """An empty slice next to a full one: pooled, not averaged per slice."""
+    x = logits(torch.tensor([0.9, 0.9, 0.9, 0.9])).repeat(2, 1, 1, 1)
+    y = torch.stack([torch.zeros(1, 2, 2), torch.ones(1, 2, 2)])
+    tp, fp, fn = 3.6, 3.6, 0.4
+    assert tversky_index(x, y, 0.5, 0.5, 0.0).item() == pytest.approx(
+        tp / (tp + 0.5 * fp + 0.5 * fn), abs=1e-6)
+
+
+def test_bf16_logits_are_summed_in_float32():
+    x = torch.randn(4, 1, 64, 64)
+    y = (torch.rand(4, 1, 64, 64) > 0.5).float()
+    full = TverskyLoss(0.3)(x, y)
+    half = TverskyLoss(0.3)(x.bfloat16(), y)
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(full.item(), abs=5e-3)
+
+
+def test_combined_loss_is_the_weighted_sum():
+    x, y = logits(PROBS), target()
+    bce, tversky = torch.nn.BCEWithLogitsLoss(), TverskyLoss(0.3, smooth=0.0)
+    combined = CombinedLoss({"bce": bce, "tversky": tversky}, {"bce": 0.5, "tversky": 2.0})
+    expected = 0.5 * bce(x, y) + 2.0 * tversky(x, y)
+    assert combined(x, y).item() == pytest.approx(expected.item(), abs=1e-6)
+    bce_by_hand = -sum(math.log(p) if t else math.log(1 - p)
+                       for p, t in zip(PROBS.tolist(), TARGET.tolist())) / 4
+    assert bce(x, y).item() == pytest.approx(bce_by_hand, abs=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{"alpha": 1.5}, {"alpha": -0.1}, {"alpha": 0.5, "beta": 2}])
+def test_weights_outside_unit_interval_are_refused(kwargs):
+    with pytest.raises(ValueError, match="outside"):
+        TverskyLoss(**kwargs)
+
+
+def test_combined_loss_needs_a_weight_per_term():
+    with pytest.raises(ValueError, match="weights"):
+        CombinedLoss({"bce": torch.nn.BCEWithLogitsLoss()}, {"dice": 1.0})
