@@ -1,0 +1,319 @@
+"""Scans -> the PNG slice dataset every other stage reads.
+
+``python -m prostate_seg.prepare input_dir=DIR output_dir=OUT [image_size=384 fit=resize
+mask_labels=[1,2] on_error=skip overwrite=true]``
+
+Input layouts: ``images/`` + ``masks/`` or Decathlon's ``imagesTr/`` + ``labelsTr/``, with
+NIfTI files (nnU-Net's ``_0000`` channel suffix is understood; 4D images give
+``image_channel``) or, under ``images/``, one DICOM folder per patient (needs ``pydicom``).
+
+Output (built in a temporary folder, moved into place only when complete)::
+
+    OUT/images/<patient>_<slice:03d>.png   8-bit, windowed to the volume's 0.5-99.5 percentiles
+    OUT/masks/<patient>_<slice:03d>.png    0/255
+    OUT/volumes/<patient>.npz              the gland mask at the original in-plane size
+    OUT/manifest.csv                       one row per slice (original size, spacing, source)
+    OUT/prepare.json                       the settings, so predict can preprocess identically
+    OUT/prepare_report.json                cases skipped with on_error=skip, and why
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from prostate_seg.data.resize import FIT_MODES, fit_slice
+from prostate_seg.data.volume import (
+    VolumeGeometry,
+    display_affine,
+    geometry_of,
+    is_nifti,
+    load_nifti,
+    strip_nifti_suffix,
+    to_slices,
+    voxel_array,
+    window_to_uint8,
+)
+from prostate_seg.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = (("images", "masks"), ("imagesTr", "labelsTr"))
+MANIFEST_FIELDS = (
+    "patient", "slice", "image", "mask", "height", "width", "num_slices",
+    "spacing_slice", "spacing_row", "spacing_col", "spacing_known", "gland_pixels",
+    "source_image", "source_mask",
+)
+PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
+AFFINE_TOLERANCE_MM = 1e-2
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    """What turns a scan into network input; stored in prepare.json and reused by predict."""
+
+    image_size: int = 384
+    fit: str = "resize"
+    window: tuple[float, float] = (0.5, 99.5)
+    image_channel: int = 0
+    mask_labels: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict) -> PrepareSettings:
+        labels = cfg.get("mask_labels")
+        settings = cls(
+            image_size=int(cfg.get("image_size", 384)),
+            fit=str(cfg.get("fit", "resize")),
+            window=tuple(float(w) for w in cfg.get("window", (0.5, 99.5))),
+            image_channel=int(cfg.get("image_channel", 0)),
+            mask_labels=None if labels is None else tuple(int(x) for x in labels),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.image_size < 8:
+            raise ConfigError(f"image_size={self.image_size}: must be >= 8")
+        if self.fit not in FIT_MODES:
+            raise ConfigError(f"fit={self.fit}: choose one of {', '.join(FIT_MODES)}")
+        low, high = self.window
+        if not 0.0 <= low < high <= 100.0:
+            raise ConfigError(f"window=[{low}, {high}]: need 0 <= low < high <= 100 (percentiles)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "fit": self.fit, "window": list(self.window),
+                "image_channel": self.image_channel,
+                "mask_labels": None if self.mask_labels is None else list(self.mask_labels)}
+
+
+@dataclass(frozen=True)
+class Case:
+    patient: str
+    image: Path  # a NIfTI file or a DICOM folder
+    mask: Path | None
+
+
+@dataclass
+class CaseResult:
+    patient: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+
+def _patient_id(path: Path) -> str:
+    name = strip_nifti_suffix(path.name)
+    return name[:-5] if name.endswith("_0000") else name
+
+
+def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
+    """Pair images with masks; returns the cases and one problem line per unpaired file."""
+    if not input_dir.is_dir():
+        raise DataError(f"input_dir={input_dir}: folder not found")
+    for image_folder, mask_folder in LAYOUTS:
+        images_dir, masks_dir = input_dir / image_folder, input_dir / mask_folder
+        if images_dir.is_dir():
+            break
+    else:
+        raise DataError(f"input_dir={input_dir}: expected images/ + masks/ or imagesTr/ + "
+                        "labelsTr/ inside, found neither")
+    if not masks_dir.is_dir():
+        raise DataError(f"{masks_dir}: mask folder not found (next to {images_dir})")
+    images = {_patient_id(p): p for p in sorted(images_dir.iterdir())
+              if (is_nifti(p) or p.is_dir()) and not p.name.startswith(".")}
+    masks = {_patient_id(p): p for p in sorted(masks_dir.iterdir()) if is_nifti(p)}
+    if not images:
+        raise DataError(f"{images_dir}: no NIfTI files or DICOM folders in it")
+    problems = [f"{masks[p]}: mask without image (no {p} in {images_dir})"
+                for p in sorted(set(masks) - set(images))]
+    cases = [Case(p, images[p], masks.get(p)) for p in sorted(images)]
+    return cases, problems
+
+
+def _load_image(path: Path):
+    if path.is_dir():
+        from prostate_seg.data.dicom import load_dicom_series
+
+        return load_dicom_series(path)
+    return load_nifti(path)
+
+
+def _gland_mask(labels: np.ndarray, path: Path, mask_labels: tuple[int, ...] | None) -> np.ndarray:
+    if not np.isfinite(labels).all():
+        raise DataError(f"{path}: mask has NaN or infinite values")
+    if (labels < 0).any() or (labels != np.round(labels)).any():
+        raise DataError(f"{path}: mask values must be non-negative integers")
+    present = {int(v) for v in np.unique(labels) if v != 0}
+    if mask_labels is None:
+        return (labels > 0).astype(np.uint8)
+    unexpected = sorted(present - set(mask_labels))
+    if unexpected:
+        raise DataError(f"{path}: unexpected mask labels {unexpected} "
+                        f"(mask_labels={list(mask_labels)}; add them there to count as gland)")
+    return np.isin(labels, mask_labels).astype(np.uint8)
+
+
+def load_case(case: Case, settings: PrepareSettings) -> tuple[np.ndarray, np.ndarray, VolumeGeometry]:
+    """Both volumes as display slices ``(Z, rows, cols)``: uint8 image, {0,1} mask."""
+    if case.mask is None:
+        raise DataError(f"{case.image}: image without mask (no {case.patient}.nii.gz in the "
+                        "mask folder)")
+    image_nii = _load_image(case.image)
+    image = voxel_array(image_nii, case.image, settings.image_channel)
+    geometry = geometry_of(image_nii, image.shape)
+    mask_nii = load_nifti(case.mask)
+    labels = voxel_array(mask_nii, case.mask)
+    mask_geometry = geometry_of(mask_nii, labels.shape)
+    if not (geometry.spacing_known and mask_geometry.spacing_known):
+        # A header without orientation: the mask is read in the image's own stored grid.
+        if labels.shape != image.shape:
+            raise DataError(f"{case.mask}: mask shape {labels.shape} != image shape {image.shape} "
+                            f"({case.image})")
+        mask_geometry = geometry
+    slices_img = to_slices(image, geometry)
+    slices_mask = to_slices(labels, mask_geometry)
+    if slices_img.shape != slices_mask.shape:
+        raise DataError(f"{case.mask}: mask grid {slices_mask.shape} does not match image grid "
+                        f"{slices_img.shape} ({case.image}) after reorientation")
+    if geometry.spacing_known:
+        a, b = display_affine(image_nii, geometry), display_affine(mask_nii, mask_geometry)
+        if not np.allclose(a, b, atol=AFFINE_TOLERANCE_MM):
+            raise DataError(f"{case.mask}: mask affine does not match the image affine of "
+                            f"{case.image} (max difference {np.abs(a - b).max():.3g} mm)")
+    gland = _gland_mask(slices_mask, case.mask, settings.mask_labels)
+    windowed = window_to_uint8(slices_img, case.image, *settings.window)
+    return windowed, gland, geometry
+
+
+def _prepare_case(case: Case, settings: PrepareSettings, out: Path) -> CaseResult:
+    result = CaseResult(case.patient)
+    try:
+        image, gland, geometry = load_case(case, settings)
+    except DataError as exc:
+        result.error = str(exc)
+        return result
+    num_slices, rows, cols = image.shape
+    np.savez_compressed(out / "volumes" / f"{case.patient}.npz", mask=gland,
+                        spacing=np.asarray(geometry.spacing), spacing_known=geometry.spacing_known)
+    for k in range(num_slices):
+        name = f"{case.patient}_{k:03d}.png"
+        cv2.imwrite(str(out / "images" / name),
+                    fit_slice(image[k], settings.image_size, settings.fit), PNG_FLAGS)
+        cv2.imwrite(str(out / "masks" / name),
+                    fit_slice(gland[k] * 255, settings.image_size, settings.fit, nearest=True),
+                    PNG_FLAGS)
+        result.rows.append({
+            "patient": case.patient, "slice": k, "image": f"images/{name}",
+            "mask": f"masks/{name}", "height": rows, "width": cols, "num_slices": num_slices,
+            "spacing_slice": geometry.spacing[0], "spacing_row": geometry.spacing[1],
+            "spacing_col": geometry.spacing[2], "spacing_known": int(geometry.spacing_known),
+            "gland_pixels": int(gland[k].sum()), "source_image": str(case.image),
+            "source_mask": str(case.mask),
+        })
+    return result
+
+
+def _fresh_folder(output_dir: Path) -> Path:
+    tmp = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for sub in ("images", "masks", "volumes"):
+        (tmp / sub).mkdir(parents=True)
+    return tmp
+
+
+def _move_into_place(tmp: Path, output_dir: Path) -> None:
+    if output_dir.exists():
+        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        output_dir.rename(old)
+        tmp.rename(output_dir)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(output_dir)
+
+
+def prepare(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    settings: PrepareSettings = PrepareSettings(),
+    on_error: str = "raise",
+    overwrite: bool = False,
+    workers: int = 0,
+) -> dict[str, Any]:
+    """Build the PNG dataset; returns the report (counts and skipped cases)."""
+    if on_error not in ("raise", "skip"):
+        raise ConfigError(f"on_error={on_error}: choose raise or skip")
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise DataError(f"output_dir={output_dir} already exists; pass overwrite=true to replace it")
+    started = time.time()
+    cases, problems = find_cases(input_dir)
+    skipped = [{"case": p.split(":")[0], "reason": p} for p in problems]
+    if problems and on_error == "raise":
+        raise DataError(problems[0])
+
+    tmp = _fresh_folder(output_dir)
+    try:
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                results = list(pool.map(_prepare_case, cases, [settings] * len(cases),
+                                        [tmp] * len(cases)))
+        else:
+            results = [_prepare_case(case, settings, tmp) for case in cases]
+        rows = []
+        for result in results:
+            if result.error is None:
+                rows.extend(result.rows)
+            elif on_error == "raise":
+                raise DataError(result.error)
+            else:
+                skipped.append({"case": result.patient, "reason": result.error})
+        if not rows:
+            raise DataError(f"input_dir={input_dir}: no usable case "
+                            f"({len(skipped)} skipped: {skipped[0]['reason'] if skipped else ''})")
+        with open(tmp / "manifest.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        patients = sorted({row["patient"] for row in rows})
+        report = {"input_dir": str(input_dir), "patients": len(patients), "slices": len(rows),
+                  "skipped": skipped, "seconds": round(time.time() - started, 2)}
+        (tmp / "prepare.json").write_text(json.dumps(
+            {**settings.to_dict(), "orientation": "display: row 0 anterior, column 0 patient right",
+             "patients": len(patients), "slices": len(rows)}, indent=2))
+        (tmp / "prepare_report.json").write_text(json.dumps(report, indent=2))
+        _move_into_place(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for item in skipped:
+        log.warning("skipped %s: %s", item["case"], item["reason"])
+    log.info("prepared %d patients, %d slices into %s (%d skipped, %.1f s)", len(patients),
+             len(rows), output_dir, len(skipped), report["seconds"])
+    return report
+
+
+def main() -> None:
+    from prostate_seg.cli import hydra_entry
+
+    def task(cfg: DictConfig) -> dict[str, Any]:
+        settings = PrepareSettings.from_config(cfg)
+        return prepare(cfg.input_dir, cfg.output_dir, settings, cfg.on_error, cfg.overwrite,
+                       cfg.workers)
+
+    hydra_entry(task, config_name="prepare")
+
+
+if __name__ == "__main__":
+    main()

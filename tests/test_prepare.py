@@ -1,0 +1,144 @@
+"""prepare: NIfTI pairs -> PNG slices + manifest, with orientation taken from the affine."""
+
+import csv
+import json
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pytest
+
+from prostate_seg.data.resize import fit_slice, unfit_slice
+from prostate_seg.data.volume import geometry_of, to_slices, window_to_uint8
+from prostate_seg.errors import DataError
+from prostate_seg.prepare import PrepareSettings, prepare
+
+
+def _read(path):
+    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+
+
+def test_round_trip_masks_equal_the_resized_volume_mask(phantoms, prepared):
+    with open(prepared / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    patients = sorted({r["patient"] for r in rows})
+    assert patients == sorted(p.name.split(".")[0] for p in (phantoms / "images").iterdir())
+    for patient in patients[:3]:
+        img = nib.load(phantoms / "masks" / f"{patient}.nii.gz")
+        data = np.asarray(img.dataobj)
+        slices = to_slices(data, geometry_of(img, data.shape))
+        mine = [r for r in rows if r["patient"] == patient]
+        assert [int(r["slice"]) for r in mine] == list(range(len(slices)))  # every slice kept
+        for row, mask in zip(mine, slices):
+            assert row["mask"] == f"masks/{patient}_{int(row['slice']):03d}.png"
+            png = _read(prepared / row["mask"])
+            assert png.shape == (48, 48) and set(np.unique(png)) <= {0, 255}
+            assert np.array_equal(png, fit_slice(mask * 255, 48, "resize", nearest=True))
+            assert int(row["gland_pixels"]) == int(mask.sum())
+            assert (int(row["height"]), int(row["width"])) == mask.shape
+            assert float(row["spacing_slice"]) == pytest.approx(img.header.get_zooms()[2], rel=1e-4)
+
+
+def test_images_are_windowed_per_volume(phantoms, prepared):
+    img = nib.load(phantoms / "images" / "phantom001.nii.gz")
+    data = img.get_fdata(dtype=np.float32)
+    windowed = window_to_uint8(to_slices(data, geometry_of(img, data.shape)), "x", 0.5, 99.5)
+    z = len(windowed) // 2
+    assert np.array_equal(_read(prepared / f"images/phantom001_{z:03d}.png"),
+                          fit_slice(windowed[z], 48, "resize"))
+    assert windowed.min() == 0 and windowed.max() == 255
+
+
+def test_prepare_records_settings_and_volumes(prepared):
+    settings = json.loads((prepared / "prepare.json").read_text())
+    assert settings["image_size"] == 48 and settings["fit"] == "resize"
+    with np.load(prepared / "volumes" / "phantom000.npz") as stored:
+        assert stored["mask"].shape[1:] == (64, 64) and bool(stored["spacing_known"])
+
+
+def _asymmetric_volume():
+    image = np.zeros((20, 30, 6), np.float32)  # stored (x, y, z)
+    image[2:8, 3:10, :] = 100.0   # a block near the origin corner ...
+    image[15:18, 20:28, 2:4] = 50.0  # ... and a smaller one elsewhere
+    image += np.arange(6)[None, None, :]  # slice-dependent offset, so z order is visible
+    mask = np.zeros(image.shape, np.uint8)
+    mask[3:7, 4:9, 1:5] = 1
+    return image, mask
+
+
+def _write_pair(root, name, image, mask, affine, mask_affine=None):
+    for folder, array, aff in (("images", image, affine), ("masks", mask, mask_affine)):
+        nii = nib.Nifti1Image(array, affine if aff is None else aff)
+        nii.set_qform(nii.affine, code=1)
+        nii.set_sform(nii.affine, code=1)
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        nib.save(nii, str(root / folder / f"{name}.nii.gz"))
+
+
+def test_the_same_scan_stored_in_two_orientations_gives_the_same_slices(tmp_path):
+    image, mask = _asymmetric_volume()
+    ras = np.diag([0.5, 0.6, 3.0, 1.0])
+    _write_pair(tmp_path / "a", "case", image, mask, ras)
+    # The same world grid stored with x and y reversed and axes swapped: LPS-like, transposed.
+    flipped = image[::-1, ::-1].transpose(1, 0, 2).copy()
+    flipped_mask = mask[::-1, ::-1].transpose(1, 0, 2).copy()
+    lps = np.array([[0, -0.5, 0, 0.5 * 19], [-0.6, 0, 0, 0.6 * 29], [0, 0, 3.0, 0], [0, 0, 0, 1]])
+    _write_pair(tmp_path / "b", "case", flipped, flipped_mask, lps)
+    # The mask alone stored in another orientation than its image: still lines up.
+    _write_pair(tmp_path / "c", "case", image, flipped_mask, ras, mask_affine=lps)
+    outs = [prepare(tmp_path / k, tmp_path / f"out_{k}", PrepareSettings(image_size=32))
+            for k in "abc"]
+    assert all(o["slices"] == 6 for o in outs)
+    for z in range(6):
+        name = f"case_{z:03d}.png"
+        ref_img, ref_mask = _read(tmp_path / "out_a/images" / name), _read(tmp_path / "out_a/masks" / name)
+        for k in "bc":
+            assert np.array_equal(_read(tmp_path / f"out_{k}/images" / name), ref_img)
+            assert np.array_equal(_read(tmp_path / f"out_{k}/masks" / name), ref_mask)
+    # Display convention: row 0 anterior (high y in RAS), column 0 the patient's right (high x).
+    with np.load(tmp_path / "out_a/volumes/case.npz") as stored:
+        display = stored["mask"]
+    assert display.shape == (6, 30, 20)
+    assert np.array_equal(display[2], mask[::-1, ::-1, 2].T)
+
+
+def test_decathlon_layout_4d_images_and_zonal_labels(tmp_path):
+    image, mask = _asymmetric_volume()
+    four_d = np.stack([image, image * 0 + 7], axis=-1)  # T2 and a second channel (ADC)
+    zonal = mask.astype(np.uint8)
+    zonal[3:5] *= 2  # label 1 = PZ, 2 = TZ
+    root = tmp_path / "Task05"
+    for folder, array in (("imagesTr", four_d), ("labelsTr", zonal)):
+        (root / folder).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(array, np.diag([0.6, 0.6, 3.6, 1])),
+                 str(root / folder / "prostate_00.nii.gz"))
+    report = prepare(root, tmp_path / "out", PrepareSettings(image_size=32, mask_labels=(1, 2)))
+    assert report["patients"] == 1
+    png = _read(tmp_path / "out/masks/prostate_00_002.png")
+    assert png.max() == 255  # both zones count as gland
+    with pytest.raises(DataError, match=r"unexpected mask labels \[2\]"):
+        prepare(root, tmp_path / "out1", PrepareSettings(image_size=32, mask_labels=(1,)))
+
+
+def test_pad_mode_keeps_aspect_ratio_and_round_trips(tmp_path):
+    image, mask = _asymmetric_volume()
+    _write_pair(tmp_path / "in", "case", image, mask, np.diag([0.5, 0.5, 3.0, 1.0]))
+    prepare(tmp_path / "in", tmp_path / "out", PrepareSettings(image_size=60, fit="pad"))
+    png = _read(tmp_path / "out/masks/case_002.png") > 127
+    with np.load(tmp_path / "out/volumes/case.npz") as stored:
+        original = stored["mask"][2].astype(bool)  # (rows=30, cols=20)
+    back = unfit_slice(png.astype(np.float32), 30, 20, "pad") > 0.5
+    assert png[:, :10].sum() == 0  # 20 columns padded to 30: 5 blank on each side, x2 scale
+    assert np.array_equal(back, original)
+
+
+def test_existing_output_is_refused_unless_overwrite(phantoms, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(DataError, match="already exists"):
+        prepare(phantoms, out, PrepareSettings(image_size=32))
+    assert (out / "keep.txt").read_text() == "precious"
+    prepare(phantoms, out, PrepareSettings(image_size=32), overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "manifest.csv").exists()
+    assert not list(tmp_path.glob(".out.*"))  # no temporary folders left behind

@@ -1,0 +1,49 @@
+"""Synthetic phantoms: deterministic, MRI-like, with gland-free slices at both ends."""
+
+import nibabel as nib
+import numpy as np
+
+from prostate_seg.synthetic import generate, make_phantom
+
+
+def test_same_seed_same_phantom_other_seed_other_phantom():
+    a, b, c = make_phantom(7, 3, 64), make_phantom(7, 3, 64), make_phantom(8, 3, 64)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+    assert not np.array_equal(a.mask, c.mask)
+
+
+def test_phantoms_have_gland_free_slices_above_and_below():
+    for index in range(6):
+        phantom = make_phantom(0, index, 64)
+        per_slice = phantom.mask.reshape(len(phantom.mask), -1).any(1)
+        assert 15 <= len(per_slice) <= 25
+        assert not per_slice[0] and not per_slice[-1] and per_slice.sum() >= 5
+        on = np.flatnonzero(per_slice)
+        assert np.all(np.diff(on) == 1)  # one contiguous gland
+        assert 0.005 < phantom.mask[on].mean() < 0.15  # a gland, not the whole slice
+
+
+def test_gland_contrast_is_low_but_present():
+    phantom = make_phantom(0, 0, 96)
+    gland = phantom.mask.astype(bool)
+    z = int(np.flatnonzero(gland.any((1, 2))).mean())
+    inside = phantom.image[z][gland[z]]
+    ring = np.zeros_like(gland[z])
+    ys, xs = np.nonzero(gland[z])
+    ring[max(ys.min() - 4, 0): ys.max() + 5, max(xs.min() - 4, 0): xs.max() + 5] = True
+    around = phantom.image[z][ring & ~gland[z]]
+    contrast = abs(inside.mean() - around.mean()) / around.std()
+    assert 0.1 < contrast < 3.0  # visible, but not a trivial threshold
+
+
+def test_generate_writes_nifti_pairs_with_spacing(tmp_path):
+    patients = generate(tmp_path, num_patients=2, seed=1, size=48)
+    for patient in patients:
+        image = nib.load(tmp_path / "images" / f"{patient}.nii.gz")
+        mask = nib.load(tmp_path / "masks" / f"{patient}.nii.gz")
+        assert image.shape == mask.shape and image.shape[:2] == (48, 48)
+        assert image.get_data_dtype() == np.int16 and mask.get_data_dtype() == np.uint8
+        zooms = image.header.get_zooms()
+        assert 0.5 < zooms[0] < 2.0 and 3.0 <= zooms[2] <= 3.6
+        assert int(image.header["sform_code"]) == 1
+        assert set(np.unique(np.asarray(mask.dataobj))) == {0, 1}
