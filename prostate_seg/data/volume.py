@@ -1,0 +1,143 @@
+"""Reading scans and turning them into display-oriented axial slices, and back.
+
+One convention for every stage (prepare, predict, evaluate): a volume becomes a stack of
+axial slices ``(Z, rows, cols)`` in radiological display orientation — the scan is
+reoriented to LPS from its affine, so row 0 is anterior and column 0 the patient's right.
+Scans whose header has no orientation (qform and sform codes 0) are taken as already stored
+that way (as DICOM-derived arrays are) and their spacing is reported as unknown.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as ornt_lib
+
+from prostate_seg.errors import DataError
+
+DISPLAY_AXCODES = ("L", "P", "S")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """How a scan's array maps to the slice stack, so predictions can be mapped back."""
+
+    source_shape: tuple[int, ...]  # the stored array's 3D shape
+    source_ornt: np.ndarray  # nibabel orientation of the stored axes
+    spacing: tuple[float, float, float]  # (slice, row, col) in mm
+    spacing_known: bool
+
+    @property
+    def display_shape(self) -> tuple[int, int, int]:
+        """(Z, rows, cols) of the slice stack."""
+        to_display = _to_display(self.source_ornt)
+        shape = [0, 0, 0]
+        for axis, (new_axis, _) in enumerate(to_display):
+            shape[int(new_axis)] = self.source_shape[axis]
+        return (shape[2], shape[1], shape[0])
+
+
+def _to_display(source_ornt: np.ndarray) -> np.ndarray:
+    return ornt_lib.ornt_transform(source_ornt, ornt_lib.axcodes2ornt(DISPLAY_AXCODES))
+
+
+def strip_nifti_suffix(name: str) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES)
+
+
+def load_nifti(path: Path) -> nib.Nifti1Image:
+    """Open a NIfTI file and read its voxels, turning every failure into a one-line DataError."""
+    try:
+        img = nib.load(str(path))
+        img.get_fdata(dtype=np.float32)  # reads the voxels now, so truncation shows here
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (nib.filebasedimages.ImageFileError, EOFError, OSError, ValueError, zlib.error,
+            TypeError, IndexError, MemoryError) as exc:
+        raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(f"{path}: not a NIfTI image ({type(img).__name__})")
+    return img
+
+
+def orientation_known(img: nib.Nifti1Image) -> bool:
+    header = img.header
+    return int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
+
+
+def voxel_array(img: nib.Nifti1Image, path: Path, channel: int = 0) -> np.ndarray:
+    """The image's 3D array (a 4D image contributes ``channel``, as in Decathlon's T2+ADC)."""
+    data = img.get_fdata(dtype=np.float32)
+    if data.ndim == 4:
+        if not 0 <= channel < data.shape[3]:
+            raise DataError(f"{path}: 4D image has {data.shape[3]} channels, image_channel={channel}")
+        data = data[..., channel]
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
+    if min(data.shape) < 1 or data.size == 0:
+        raise DataError(f"{path}: empty volume of shape {data.shape}")
+    return data
+
+
+def geometry_of(img: nib.Nifti1Image, shape: tuple[int, ...]) -> VolumeGeometry:
+    known = orientation_known(img)
+    source_ornt = (
+        ornt_lib.io_orientation(img.affine) if known else ornt_lib.axcodes2ornt(DISPLAY_AXCODES)
+    )
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    lps_spacing = [0.0, 0.0, 0.0]
+    for axis, (new_axis, _) in enumerate(_to_display(source_ornt)):
+        lps_spacing[int(new_axis)] = zooms[axis]
+    return VolumeGeometry(
+        source_shape=tuple(int(s) for s in shape[:3]),
+        source_ornt=source_ornt,
+        spacing=(lps_spacing[2], lps_spacing[1], lps_spacing[0]),
+        spacing_known=known,
+    )
+
+
+def display_affine(img: nib.Nifti1Image, geometry: VolumeGeometry) -> np.ndarray | None:
+    """World affine of the reoriented array (None when the header has no orientation)."""
+    if not geometry.spacing_known:
+        return None
+    to_display = _to_display(geometry.source_ornt)
+    return img.affine @ ornt_lib.inv_ornt_aff(to_display, geometry.source_shape)
+
+
+def to_slices(array: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
+    """Stored 3D array -> (Z, rows, cols) display slices."""
+    lps = ornt_lib.apply_orientation(array, _to_display(geometry.source_ornt))
+    return np.ascontiguousarray(lps.transpose(2, 1, 0))
+
+
+def from_slices(slices: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
+    """(Z, rows, cols) display slices -> the stored array layout (inverse of ``to_slices``)."""
+    lps = slices.transpose(2, 1, 0)
+    back = ornt_lib.ornt_transform(ornt_lib.axcodes2ornt(DISPLAY_AXCODES), geometry.source_ornt)
+    return np.ascontiguousarray(ornt_lib.apply_orientation(lps, back))
+
+
+def window_to_uint8(volume: np.ndarray, path: Path, low_pct: float, high_pct: float) -> np.ndarray:
+    """Clip a volume to its own [low_pct, high_pct] percentiles and scale to 0..255."""
+    if not np.isfinite(volume).all():
+        bad = int((~np.isfinite(volume)).sum())
+        raise DataError(f"{path}: {bad} voxels are NaN or infinite")
+    low, high = np.percentile(volume, [low_pct, high_pct])
+    if high <= low:
+        low, high = float(volume.min()), float(volume.max())
+        if high <= low:
+            raise DataError(f"{path}: constant image (every voxel is {low:g}); nothing to segment")
+    scaled = (np.clip(volume, low, high) - low) * (255.0 / (high - low))
+    return np.rint(scaled).astype(np.uint8)
