@@ -1,0 +1,103 @@
+"""LightningDataModule over a prepared PNG dataset, split by patient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import albumentations as A
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from prostate_seg.data.dataset import (
+    SliceDataset,
+    SliceRecord,
+    check_files,
+    prepared_size,
+    read_manifest,
+    seed_worker,
+)
+from prostate_seg.data.split import PatientSplit, load_or_make_split
+
+
+class SliceDataModule(pl.LightningDataModule):
+    """Train/val loaders over ``dir`` (made by ``python -m prostate_seg.prepare``).
+
+    ``setup`` checks the whole dataset in the main process (manifest, every file present, a
+    complete PNG of the right size), so a bad file is named before any worker starts.
+    """
+
+    def __init__(
+        self,
+        dir: str,
+        image_size: int = 384,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        split_seed: int = 0,
+        val_fraction: float = 0.2,
+        context_slices: int = 0,
+        cache: bool = False,
+        train_transform: A.BasicTransform | None = None,
+        val_transform: A.BasicTransform | None = None,
+    ):
+        super().__init__()
+        self.dir = Path(dir)
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.split_seed = split_seed
+        self.val_fraction = val_fraction
+        self.context_slices = context_slices
+        self.cache = cache
+        self.train_transform = train_transform
+        self.val_transform = val_transform
+        self.split: PatientSplit | None = None
+        self.train_set: SliceDataset | None = None
+        self.val_set: SliceDataset | None = None
+
+    def _records(self) -> list[SliceRecord]:
+        records = read_manifest(self.dir)
+        check_files(records, prepared_size(self.dir))
+        return records
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_set is not None:
+            return
+        records = self._records()
+        self.split = load_or_make_split(self.dir, [r.patient for r in records],
+                                        self.split_seed, self.val_fraction)
+        train, val = set(self.split.train), set(self.split.val)
+        self.train_set = SliceDataset([r for r in records if r.patient in train],
+                                      self.train_transform, self.context_slices, self.cache)
+        self.val_set = SliceDataset([r for r in records if r.patient in val],
+                                    self.val_transform, self.context_slices, self.cache)
+
+    @property
+    def val_patients(self) -> list[str]:
+        """Validation patients in the order of the ``volume`` index of their slices."""
+        return self.val_set.patients
+
+    def _loader(self, dataset: SliceDataset, train: bool) -> DataLoader:
+        # The main-process stream (num_workers=0) follows the global seed; workers reseed.
+        dataset.reseed(int(torch.randint(2**31 - 1, ()).item()))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            worker_init_fn=seed_worker,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)

@@ -1,0 +1,186 @@
+"""The PNG slice dataset: manifest reading, up-front file checks, and the torch Dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from prostate_seg.errors import DataError
+
+MANIFEST = "manifest.csv"
+REQUIRED_COLUMNS = ("patient", "slice", "image", "mask", "height", "width")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    patient: str
+    slice: int
+    image: Path
+    mask: Path
+    height: int  # original in-plane size of the scan
+    width: int
+
+
+def read_manifest(data_dir: Path) -> list[SliceRecord]:
+    """All slices of a prepared dataset, sorted by patient and slice index."""
+    if not data_dir.is_dir():
+        raise DataError(f"data.dir={data_dir}: folder not found")
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found (is {data_dir} made by "
+                        "python -m prostate_seg.prepare?)")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: missing columns {missing}")
+        try:
+            records = [SliceRecord(row["patient"], int(row["slice"]), data_dir / row["image"],
+                                   data_dir / row["mask"], int(row["height"]), int(row["width"]))
+                       for row in reader]
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path}: malformed row ({exc})") from None
+    if not records:
+        raise DataError(f"{path}: no slices listed; the dataset is empty")
+    return sorted(records, key=lambda r: (r.patient, r.slice))
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(height, width) from a PNG's header; checks that the file is a complete PNG."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+            f.seek(0, 2)
+            if f.tell() < 33:
+                raise DataError(f"{path}: not a PNG file (only {f.tell()} bytes)")
+            f.seek(-8, 2)
+            tail = f.read(8)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise DataError(f"{path}: not a PNG file")
+    if tail != _PNG_END:
+        raise DataError(f"{path}: truncated PNG (no IEND chunk at the end)")
+    width, height = struct.unpack(">II", head[16:24])
+    return height, width
+
+
+def check_files(records: list[SliceRecord], expected_size: int | None) -> None:
+    """Every image has its mask, both are complete PNGs of one size: fail here, not in a worker."""
+    sizes = set()
+    for record in records:
+        if not record.image.exists():
+            raise DataError(f"{record.image}: image listed in the manifest is missing")
+        if not record.mask.exists():
+            raise DataError(f"{record.mask}: mask missing for image {record.image.name}")
+        image_size, mask_size = png_size(record.image), png_size(record.mask)
+        if image_size != mask_size:
+            raise DataError(f"{record.mask}: mask is {mask_size[0]}x{mask_size[1]} but its image "
+                            f"is {image_size[0]}x{image_size[1]}")
+        if expected_size is not None and image_size != (expected_size, expected_size):
+            raise DataError(f"{record.image}: {image_size[0]}x{image_size[1]} pixels, but the "
+                            f"dataset was prepared at {expected_size}x{expected_size}")
+        sizes.add(image_size)
+    if len(sizes) > 1:
+        raise DataError(f"slices of different sizes {sorted(sizes)} in one dataset")
+
+
+def prepared_size(data_dir: Path) -> int | None:
+    """The image_size recorded in prepare.json (None for a dataset without one)."""
+    path = data_dir / "prepare.json"
+    if not path.exists():
+        return None
+    try:
+        return int(json.loads(path.read_text())["image_size"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable ({exc})") from None
+
+
+def read_png(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise DataError(f"{path}: unreadable PNG")
+    return image
+
+
+class SliceDataset(Dataset):
+    """Slices of a set of patients. Item: ``image`` (C, H, W) float, ``mask`` (1, H, W) float in
+    {0, 1}, ``volume`` (index of the patient in ``patients``) and ``slice``.
+
+    With ``context_slices = k`` the image has ``2k + 1`` channels: the slice and its k
+    neighbours on each side (repeated at the ends of the volume), i.e. 2.5D input.
+    """
+
+    def __init__(self, records: list[SliceRecord], transform: A.BasicTransform | None,
+                 context_slices: int = 0, cache: bool = False):
+        self.records = records
+        self.transform = transform
+        self.context = context_slices
+        self.patients = sorted({r.patient for r in records})
+        volume_of = {p: i for i, p in enumerate(self.patients)}
+        self.volume_index = [volume_of[r.patient] for r in records]
+        # Position of each slice's neighbours within `records` (records are sorted).
+        by_patient: dict[str, list[int]] = {}
+        for i, r in enumerate(records):
+            by_patient.setdefault(r.patient, []).append(i)
+        self.neighbours: list[list[int]] = []
+        for indices in by_patient.values():
+            for pos in range(len(indices)):
+                window = [indices[min(max(pos + d, 0), len(indices) - 1)]
+                          for d in range(-context_slices, context_slices + 1)]
+                self.neighbours.append(window)
+        self._images: list[np.ndarray] | None = None
+        self._masks: list[np.ndarray] | None = None
+        if cache:
+            self._images = [read_png(r.image) for r in records]
+            self._masks = [read_png(r.mask) for r in records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def reseed(self, seed: int) -> None:
+        """Give the augmentation its own random stream (called in each loader worker)."""
+        if self.transform is not None:
+            self.transform.set_random_seed(seed)
+
+    def _image(self, i: int) -> np.ndarray:
+        return self._images[i] if self._images is not None else read_png(self.records[i].image)
+
+    def _mask(self, i: int) -> np.ndarray:
+        return self._masks[i] if self._masks is not None else read_png(self.records[i].mask)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        channels = [self._image(i) for i in self.neighbours[index]]
+        image = channels[0][..., None] if len(channels) == 1 else np.stack(channels, axis=-1)
+        mask = (self._mask(index) > 127).astype(np.uint8)
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        else:
+            image = image.astype(np.float32) / 255.0
+        if image.ndim == 2:
+            image = image[..., None]
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32)),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask, np.float32))[None],
+            "volume": self.volume_index[index],
+            "slice": self.records[index].slice,
+        }
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: distinct augmentation streams per worker and per epoch."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.reseed(torch.initial_seed() % 2**32)

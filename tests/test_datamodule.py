@@ -1,0 +1,87 @@
+"""The DataModule: patient-level split shared by all runs, batches, 2.5D input, augmentation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from prostate_seg.data import SliceDataModule
+from prostate_seg.data.dataset import read_png, seed_worker
+from prostate_seg.errors import ConfigError
+from helpers import TINY, compose_train
+
+
+def datamodule(data_dir, tmp_path, *overrides) -> SliceDataModule:
+    cfg = compose_train([*TINY, f"data.dir={data_dir}", *overrides], tmp_path / "run")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    return dm
+
+
+def test_split_is_by_patient_and_shared_by_every_run(prepared_copy, tmp_path):
+    first = datamodule(prepared_copy, tmp_path)
+    train_patients = {r.patient for r in first.train_set.records}
+    val_patients = {r.patient for r in first.val_set.records}
+    assert train_patients.isdisjoint(val_patients)
+    assert len(train_patients | val_patients) == 8 and len(val_patients) == 2  # 20 % of 8
+    stored = json.loads((prepared_copy / "split.json").read_text())
+    assert set(stored["val"]) == val_patients and stored["split_seed"] == 0
+    second = datamodule(prepared_copy, tmp_path)
+    assert [r.image for r in second.val_set.records] == [r.image for r in first.val_set.records]
+    # The same seed on a fresh copy gives the same split; another seed another one.
+    (prepared_copy / "split.json").unlink()
+    assert {r.patient for r in datamodule(prepared_copy, tmp_path).val_set.records} == val_patients
+    (prepared_copy / "split.json").unlink()
+    other = datamodule(prepared_copy, tmp_path, "data.split_seed=5")
+    assert {r.patient for r in other.val_set.records} != val_patients
+
+
+def test_a_different_seed_never_silently_replaces_the_stored_split(prepared_copy, tmp_path):
+    datamodule(prepared_copy, tmp_path)
+    with pytest.raises(ConfigError, match="data.split_seed=3"):
+        datamodule(prepared_copy, tmp_path, "data.split_seed=3")
+
+
+def test_batches_hold_images_in_unit_range_and_binary_masks(prepared_copy, tmp_path):
+    dm = datamodule(prepared_copy, tmp_path)
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].shape == (8, 1, 48, 48) and batch["image"].dtype == torch.float32
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert batch["volume"].max() < len(dm.val_patients)
+    first = dm.val_set.records[0]
+    assert torch.allclose(batch["image"][0, 0], torch.from_numpy(read_png(first.image) / 255.0).float())
+
+
+def test_context_slices_stack_neighbours_as_channels(prepared_copy, tmp_path):
+    dm = datamodule(prepared_copy, tmp_path, "data.context_slices=1")
+    dataset = dm.val_set
+    item = dataset[1]  # the second slice of the first validation patient
+    assert item["image"].shape == (3, 48, 48)
+    for channel, neighbour in enumerate((0, 1, 2)):
+        expected = read_png(dataset.records[neighbour].image) / 255.0
+        assert torch.allclose(item["image"][channel], torch.from_numpy(expected).float())
+    edge = dataset[0]  # the first slice repeats itself as its missing lower neighbour
+    assert torch.equal(edge["image"][0], edge["image"][1])
+    assert dm.val_set.records[0].patient == dm.val_set.records[2].patient
+
+
+def test_cache_gives_the_same_items(prepared_copy, tmp_path):
+    plain = datamodule(prepared_copy, tmp_path).val_set
+    cached = datamodule(prepared_copy, tmp_path, "data.cache=true").val_set
+    for i in (0, 5, len(plain) - 1):
+        assert torch.equal(plain[i]["image"], cached[i]["image"])
+        assert torch.equal(plain[i]["mask"], cached[i]["mask"])
+
+
+def test_each_loader_worker_draws_its_own_augmentations(prepared_copy, tmp_path):
+    dm = datamodule(prepared_copy, tmp_path)
+    loader = DataLoader(dm.train_set, sampler=[3] * 4, batch_size=1, num_workers=2,
+                        worker_init_fn=seed_worker)
+    images = [b["image"][0, 0].numpy() for b in loader]
+    # Workers 0 and 1 take turns: without per-worker seeds, items 0 and 1 would be identical.
+    assert not np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[2])
