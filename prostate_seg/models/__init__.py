@@ -1,0 +1,3 @@
+from prostate_seg.models.unet import UNet
+
+__all__ = ["UNet"]
