@@ -1,0 +1,174 @@
+"""Lightning callbacks: image grids, divergence guard, interrupt checkpoints, metric history."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch import Tensor
+
+from prostate_seg.errors import NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+
+def contour(mask: Tensor) -> Tensor:
+    """One-pixel inner boundary of a {0,1} mask batch (N, 1, H, W)."""
+    eroded = -F.max_pool2d(-mask, kernel_size=3, stride=1, padding=1)
+    return (mask - eroded).clamp(0, 1)
+
+
+def overlay(image: Tensor, truth: Tensor, pred: Tensor) -> Tensor:
+    """RGB (N, 3, H, W): the image in grey, truth contour green, prediction contour red."""
+    grey = image[:, :1].float()
+    grey = (grey - grey.amin((2, 3), keepdim=True)) / (
+        grey.amax((2, 3), keepdim=True) - grey.amin((2, 3), keepdim=True) + 1e-6)
+    rgb = grey.repeat(1, 3, 1, 1)
+    truth_edge, pred_edge = contour(truth.float()), contour(pred.float())
+    rgb[:, 1:2] = torch.where(truth_edge > 0, 1.0, rgb[:, 1:2])
+    rgb[:, 0:1] = torch.where(pred_edge > 0, 1.0, rgb[:, 0:1])
+    rgb[:, 2:3] = torch.where((truth_edge + pred_edge) > 0, 0.0, rgb[:, 2:3])
+    rgb[:, 1:2] = torch.where((pred_edge > 0) & (truth_edge == 0), 0.0, rgb[:, 1:2])
+    return rgb
+
+
+class ValidationImageGrid(Callback):
+    """Every ``every_n_epochs``, log validation slices with truth (green) and prediction (red)
+    contours to TensorBoard as ``val/predictions``. The slices are fixed for the whole run:
+    evenly spaced among the validation slices that contain gland."""
+
+    def __init__(self, every_n_epochs: int = 5, num_images: int = 8):
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self._indices: list[int] | None = None
+
+    def _choose(self, dataset: Any) -> list[int]:
+        with_gland = [i for i in range(len(dataset)) if dataset[i]["mask"].any()]
+        candidates = with_gland or list(range(len(dataset)))
+        step = max(1, len(candidates) // self.num_images)
+        return candidates[::step][: self.num_images]
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.logger is None:
+            return
+        if trainer.current_epoch % self.every_n_epochs != 0:
+            return
+        dataset = trainer.datamodule.val_set
+        if self._indices is None:
+            self._indices = self._choose(dataset)
+        samples = [dataset[i] for i in self._indices]
+        image = torch.stack([s["image"] for s in samples]).to(pl_module.device)
+        truth = torch.stack([s["mask"] for s in samples]).to(pl_module.device)
+        with torch.no_grad():
+            pred = (pl_module(image) > 0).float()
+        grid = torch.cat(list(overlay(image, truth, pred).cpu()), dim=2)  # one row of slices
+        trainer.logger.experiment.add_image("val/predictions", grid, trainer.current_epoch)
+
+
+class FiniteLossGuard(Callback):
+    """Stop with a clear message when the training loss becomes NaN or infinite.
+
+    The check stays on the device and is read only every ``check_every_n_steps`` steps and
+    before validation/checkpointing, so it does not stall the GPU every step; no checkpoint is
+    ever written after a bad step, so ``last.ckpt`` stays the last good state.
+    """
+
+    def __init__(self, check_every_n_steps: int = 50):
+        self.check_every_n_steps = check_every_n_steps
+        self._first_bad: Tensor | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        step = trainer.global_step
+        code = trainer.current_epoch * 1_000_000_000 + step  # epoch and step in one number
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach())
+        self._first_bad = torch.where(bad & (self._first_bad < 0),
+                                      torch.tensor(code, device=loss.device), self._first_bad)
+        if step % self.check_every_n_steps == 0:
+            self._raise_if_bad()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._raise_if_bad()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._raise_if_bad()
+
+    def _raise_if_bad(self) -> None:
+        if self._first_bad is None:
+            return
+        code = int(self._first_bad.item())
+        if code >= 0:
+            epoch, step = divmod(code, 1_000_000_000)
+            raise NonFiniteLossError(
+                f"training loss became NaN/inf at epoch {epoch}, global step {step}; stopped "
+                "without saving (checkpoints/last.ckpt is the last good state); try a lower "
+                "optimizer.lr or precision=32-true")
+
+
+class InterruptCheckpoint(Callback):
+    """On SIGTERM (SLURM preemption, ``kill``) or Ctrl-C, save ``last.ckpt`` before exiting, so
+    the job continues from there when started again (``resume=true``)."""
+
+    def __init__(self, dirpath: str, filename: str = "last.ckpt"):
+        self.path = Path(dirpath) / filename
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
+            return
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(self.path)
+        log.warning("interrupted (%s): saved %s at epoch %d, step %d",
+                    type(exception).__name__, self.path, trainer.current_epoch, trainer.global_step)
+
+
+class MetricsHistory(Callback):
+    """One CSV row per epoch with every logged epoch metric (what the report's curves read).
+
+    The file is rewritten atomically; on resume, rows of epochs that are run again are replaced.
+    """
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.rows: dict[int, dict[str, Any]] = {}
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.path.exists():
+            with open(self.path, newline="") as f:
+                self.rows = {int(r["epoch"]): r for r in csv.DictReader(f)}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        epoch = trainer.current_epoch
+        row: dict[str, Any] = {"epoch": epoch, "step": trainer.global_step}
+        for key, value in sorted(trainer.callback_metrics.items()):
+            if "/" in key:
+                row[key] = float(value)
+        row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+        self.rows = {e: r for e, r in self.rows.items() if e < epoch}
+        self.rows[epoch] = row
+        fields: list[str] = []
+        for r in self.rows.values():
+            fields += [k for k in r if k not in fields]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.rows[e] for e in sorted(self.rows))
+        os.replace(tmp, self.path)

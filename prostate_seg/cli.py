@@ -1,0 +1,115 @@
+"""Shared entry point of the command-line tools: Hydra config, one-line errors, exit codes.
+
+Every tool (train, evaluate, predict, prepare, synthetic) runs through :func:`hydra_entry`:
+  * config-group choices on the command line (``loss=foo``) are checked first, so a typo
+    gives one line listing the valid names instead of Hydra's multi-line report;
+  * a :class:`~prostate_seg.errors.UserError` raised by the tool prints ``error: ...`` on one
+    line and exits with status 2; its full traceback goes to the run's log file only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+import prostate_seg.config  # noqa: F401  (registers the ps.* resolvers)
+from prostate_seg.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+EXIT_USER_ERROR = 2
+# Hydra flags that consume the next argument when written without "=".
+_FLAGS_WITH_VALUE = {"-cp", "-cn", "-cd", "-c", "-p", "--config-path", "--config-name",
+                     "--config-dir", "--cfg", "--package", "--experimental-rerun"}
+
+log = logging.getLogger(__name__)
+
+
+def command_line_overrides(argv: list[str]) -> list[str]:
+    """The ``key=value`` arguments of a Hydra command line (flags and their values dropped)."""
+    overrides, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in _FLAGS_WITH_VALUE
+        else:
+            overrides.append(arg)
+    return overrides
+
+
+def unknown_group_choice(argv: list[str], config_name: str) -> str | None:
+    """A one-line message for the first ``group=option`` whose option does not exist."""
+    overrides = command_line_overrides(argv)
+    if not overrides:
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        return f"cannot parse the command line: {str(exc).splitlines()[0]}"
+    GlobalHydra.instance().clear()
+    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        for override in parsed:
+            group = override.key_or_group
+            if override.is_delete() or "." in group:
+                continue
+            options = loader.get_group_options(group)
+            if not options:
+                continue  # a plain value such as seed=1, not a config group
+            if override.is_choice_sweep():
+                values = list(override.sweep_string_iterator())
+            elif override.is_sweep_override():
+                continue  # glob() / range(): Hydra expands and checks these itself
+            else:
+                values = [override.value()]
+            for value in values:
+                if value is not None and str(value) not in options and str(value) != "null":
+                    name = group.split("/")[-1]
+                    return (f"{group}={value}: unknown {name}; valid: {', '.join(sorted(options))}")
+    GlobalHydra.instance().clear()
+    return None
+
+
+def _log_traceback_to_files() -> None:
+    text = traceback.format_exc()
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.stream.write(text)
+            handler.flush()
+
+
+def _run(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    try:
+        return task(cfg)
+    except UserError as exc:
+        _log_traceback_to_files()
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the launcher records the failed job and the sweep goes on
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
+    """Run ``task(cfg)`` as a Hydra app over ``conf/<config_name>.yaml``."""
+    problem = unknown_group_choice(sys.argv[1:], config_name)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def _main(cfg: DictConfig) -> Any:
+        return _run(task, cfg)
+
+    _main()

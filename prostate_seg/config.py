@@ -1,0 +1,121 @@
+"""Config helpers: the ``ps.*`` resolvers used in ``conf/`` and the start-up config check.
+
+The check runs before any data is read or a GPU touched, so a typo costs seconds, not a
+queued cluster job. Each problem is one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from prostate_seg.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def uses_gpu(accelerator: str) -> bool:
+    """Whether a Trainer with this ``accelerator`` setting will run on a CUDA GPU."""
+    if accelerator in ("gpu", "cuda"):
+        return True
+    if accelerator == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return False
+
+
+def default_precision(accelerator: str) -> str:
+    """bf16 mixed precision on GPUs that support it, full fp32 elsewhere."""
+    if uses_gpu(accelerator):
+        import torch
+
+        if not torch.cuda.is_available() or torch.cuda.is_bf16_supported():
+            return "bf16-mixed"
+        return "16-mixed"
+    return "32-true"
+
+
+def available_cpus() -> int:
+    """CPUs this process may use (a launcher may narrow it with PROSTATE_SEG_CPUS)."""
+    if "PROSTATE_SEG_CPUS" in os.environ:
+        return max(1, int(os.environ["PROSTATE_SEG_CPUS"]))
+    return len(os.sched_getaffinity(0))
+
+
+def default_num_workers() -> int:
+    """Loader processes: none on a 2-core box (they would steal the trainer's cores), else all
+    CPUs but two (the main process and the GPU feeder), at most 16."""
+    cpus = available_cpus()
+    return 0 if cpus <= 2 else min(cpus - 2, 16)
+
+
+def tversky_name(alpha: float, beta: float | None) -> str:
+    """``tversky_a0.25``; the beta is added only when it is not ``1 - alpha``."""
+    if beta is None or math.isclose(float(alpha) + float(beta), 1.0, abs_tol=1e-9):
+        return f"tversky_a{alpha}"
+    return f"tversky_a{alpha}_b{beta}"
+
+
+def _register_resolvers() -> None:
+    resolvers = {
+        "ps.uses_gpu": uses_gpu,
+        "ps.precision": default_precision,
+        "ps.num_workers": default_num_workers,
+        "ps.in_channels": lambda context: 1 + 2 * int(context),
+        "ps.tversky_name": tversky_name,
+    }
+    for name, fn in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+_register_resolvers()
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value}: {allowed}")
+
+
+def check_loss(loss: DictConfig, prefix: str = "loss") -> None:
+    """alpha and beta in [0, 1] for every Tversky-like term (also inside a combined loss)."""
+    for key in ("alpha", "beta"):
+        value = loss.get(key)
+        if value is not None:
+            _require(isinstance(value, (int, float)) and 0.0 <= value <= 1.0,
+                     f"{prefix}.{key}", value, "must be a number in [0, 1]")
+    alpha, beta = loss.get("alpha"), loss.get("beta")
+    if alpha is not None and beta is not None and not math.isclose(alpha + beta, 1.0):
+        log.warning("%s.alpha + %s.beta = %s, not 1: the index is not a Tversky-normalised "
+                    "F-score any more", prefix, prefix, alpha + beta)
+    for name, term in (loss.get("terms") or {}).items():
+        check_loss(term, f"{prefix}.terms.{name}")
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Fail fast, with one line naming the key, on values that cannot work."""
+    check_loss(cfg.loss)
+    lr = cfg.optimizer.get("lr")
+    _require(isinstance(lr, (int, float)) and lr > 0, "optimizer.lr", lr, "must be > 0")
+    data = cfg.data
+    _require(isinstance(data.batch_size, int) and data.batch_size >= 1,
+             "data.batch_size", data.batch_size, "must be an integer >= 1")
+    _require(0.0 < data.val_fraction < 1.0, "data.val_fraction", data.val_fraction,
+             "must be in (0, 1)")
+    _require(isinstance(data.context_slices, int) and data.context_slices >= 0,
+             "data.context_slices", data.context_slices, "must be an integer >= 0")
+    depth = len(cfg.model.net.features)
+    _require(isinstance(data.image_size, int) and data.image_size >= 2**depth,
+             "data.image_size", data.image_size,
+             f"must be an integer >= 2^depth = {2**depth} for a U-Net with {depth} levels")
+    epochs = cfg.trainer.get("max_epochs")
+    _require(isinstance(epochs, int) and (epochs >= 1 or epochs == -1),
+             "trainer.max_epochs", epochs, "must be >= 1 (or -1 for no limit)")
+    folder = Path(str(data.dir))
+    _require(folder.is_dir(), "data.dir", data.dir,
+             "folder not found (make one with python -m prostate_seg.prepare)")

@@ -1,0 +1,95 @@
+"""The LightningModule: U-Net + loss + optimizer, with per-volume validation metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torchmetrics.classification import BinaryF1Score
+
+from prostate_seg.metrics import VolumeConfusion
+
+HP_METRIC = "hp/best_val_dice"
+
+
+def build_loss(loss_cfg: DictConfig | dict) -> tuple[str, nn.Module]:
+    """(name, module) from a ``conf/loss`` entry; ``name`` labels folders and report rows."""
+    loss_cfg = OmegaConf.create(loss_cfg) if isinstance(loss_cfg, dict) else loss_cfg
+    name = str(loss_cfg.get("name", loss_cfg._target_.rsplit(".", 1)[-1]))
+    params = OmegaConf.masked_copy(loss_cfg, [k for k in loss_cfg if k != "name"])
+    return name, instantiate(params, _convert_="all")
+
+
+class SegmentationModule(pl.LightningModule):
+    """Built from the run's resolved config (stored in the checkpoint, so a checkpoint alone is
+    enough to rebuild the model for evaluation and prediction)."""
+
+    def __init__(self, cfg: dict[str, Any]):
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        cfg = OmegaConf.create(cfg)
+        self.cfg = cfg
+        self.net: nn.Module = instantiate(cfg.model.net)
+        self.loss_name, self.loss_fn = build_loss(cfg.loss)
+        self.channels_last = bool(cfg.model.get("channels_last", False))
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if cfg.model.get("compile", False):
+            self.net.compile()
+        self.val_volumes: VolumeConfusion | None = None
+        self.val_f1 = BinaryF1Score(threshold=0.5)
+        # Best val/dice so far, for TensorBoard's HPARAMS tab; a buffer so it survives resume.
+        self.register_buffer("best_val_dice", torch.zeros(()))
+
+    # -- model ---------------------------------------------------------------------------
+    def forward(self, image: Tensor) -> Tensor:
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return self.net(image)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and datamodule.val_set is not None:
+            self.val_volumes = VolumeConfusion(len(datamodule.val_patients))
+
+    # -- training ------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        logits = self(batch["image"])
+        loss = self.loss_fn(logits, batch["mask"])
+        size = batch["image"].shape[0]
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                 batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits = self(batch["image"])
+        loss = self.loss_fn(logits, batch["mask"])
+        self.log("val/loss", loss, on_epoch=True, batch_size=batch["image"].shape[0],
+                 sync_dist=True)
+        self.val_volumes.update(logits, batch["mask"], batch["volume"])
+        self.val_f1.update(torch.sigmoid(logits.float()), batch["mask"].long())
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self.val_volumes.compute()
+        for name, value in scores.items():
+            self.log(f"val/{name}", value.float(), prog_bar=name == "dice")
+        self.log("val/f1", self.val_f1.compute())
+        if not self.trainer.sanity_checking:
+            self.best_val_dice = torch.maximum(self.best_val_dice, scores["dice"].float())
+            self.log(HP_METRIC, self.best_val_dice)
+        self.val_volumes.reset()
+        self.val_f1.reset()
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.cfg.optimizer)(params=self.parameters())
+        scheduler_cfg = self.cfg.get("scheduler")
+        if not scheduler_cfg:
+            return optimizer
+        scheduler = instantiate(scheduler_cfg)(optimizer=optimizer)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,127 @@
+"""Every config in conf/ composes, and the objects it describes can be built."""
+
+from pathlib import Path
+
+import pytest
+from helpers import TINY, compose_train
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from prostate_seg.cli import CONF_DIR, unknown_group_choice
+from prostate_seg.losses import CombinedLoss, TverskyLoss
+from prostate_seg.module import build_loss
+
+GROUPS = ["data", "model", "loss", "optimizer", "scheduler", "trainer", "callbacks", "logger",
+          "paths", "experiment"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+CASES = [(g, o) for g in GROUPS for o in options(g)]
+
+
+@pytest.mark.parametrize("group, option", CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_every_group_option_composes_and_resolves(group, option, tmp_path):
+    cfg = compose_train([f"{group}={option}", "data.dir=."], tmp_path)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert resolved["data"]["batch_size"] >= 1
+
+
+@pytest.mark.parametrize("loss", options("loss"))
+def test_every_loss_builds_and_is_named(loss, tmp_path):
+    import torch
+
+    cfg = compose_train([f"loss={loss}", "data.dir=."], tmp_path)
+    name, fn = build_loss(cfg.loss)
+    value = fn(torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4))
+    assert value.ndim == 0 and value.item() > 0
+    if loss.startswith("tversky_a"):
+        assert name == loss and isinstance(fn, TverskyLoss)
+        assert fn.alpha == float(loss[len("tversky_a"):]) and fn.alpha + fn.beta == 1.0
+    if loss == "bce_tversky":
+        assert isinstance(fn, CombinedLoss) and name == "bce+tversky_a0.5"
+
+
+def test_default_is_tversky_half_and_alpha_override_keeps_beta_complementary(tmp_path):
+    cfg = compose_train(["loss.alpha=0.25", "data.dir=."], tmp_path)
+    name, fn = build_loss(cfg.loss)
+    assert (name, fn.alpha, fn.beta) == ("tversky_a0.25", 0.25, 0.75)
+    cfg = compose_train(["loss.alpha=0.3", "loss.beta=0.3", "data.dir=."], tmp_path)
+    assert build_loss(cfg.loss)[0] == "tversky_a0.3_b0.3"
+
+
+@pytest.mark.parametrize("model, params", [("unet", 31.0e6), ("unet_small", 1.94e6)])
+def test_models_build(model, params, tmp_path):
+    cfg = compose_train([f"model={model}", "data.dir=.", "data.context_slices=2"], tmp_path)
+    net = instantiate(cfg.model.net)
+    assert net.down[0][0].in_channels == 5  # 2.5D: 2 neighbours each side
+    assert sum(p.numel() for p in net.parameters()) == pytest.approx(params, rel=0.02)
+
+
+@pytest.mark.parametrize("trainer", ["cpu", "auto", "ddp_cpu"])
+def test_cpu_trainers_instantiate(trainer, tmp_path):
+    cfg = compose_train([*TINY, f"trainer={trainer}", "data.dir=."], tmp_path)
+    built = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert built.max_epochs == 100
+
+
+def test_gpu_defaults_are_fast_and_cpu_defaults_plain(tmp_path):
+    gpu = compose_train(["trainer=gpu", "data.dir=."], tmp_path)
+    assert gpu.trainer.precision == "bf16-mixed" and gpu.trainer.benchmark is True
+    assert gpu.model.compile is True and gpu.model.channels_last is True
+    assert gpu.optimizer.fused is True and gpu.data.pin_memory is True
+    cpu = compose_train(["trainer=cpu", "data.dir=."], tmp_path)
+    assert cpu.trainer.precision == "32-true" and cpu.model.compile is False
+
+
+def test_paper_experiment_sweeps_eight_losses_and_three_seeds(tmp_path):
+    cfg = compose_train(["experiment=paper", "data.dir=."], tmp_path)
+    params = cfg.hydra.sweeper.params
+    assert params.loss.split(",") == ["bce"] + [f"tversky_a{a}" for a in
+                                                ("0.25", "0.35", "0.45", "0.5", "0.65", "0.75", "0.85")]
+    assert params.seed == "0,1,2"
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.data.batch_size == 16
+    assert cfg.optimizer.lr == 1e-4 and cfg.trainer.max_epochs == 100
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("synthetic", ["output_dir=x"]), ("prepare", ["input_dir=x", "output_dir=y"]),
+    ("evaluate", ["ckpt_path=x"]), ("predict", ["ckpt_path=x", "input=a", "output=b"])])
+def test_tool_configs_compose(name, overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(name, overrides=overrides)
+    assert all(OmegaConf.select(cfg, o.split("=")[0]) == o.split("=")[1] for o in overrides)
+
+
+def test_launcher_configs_compose(tmp_path):
+    for launcher in ("gpu_pool", "slurm", "submitit_local"):
+        cfg = compose_train([f"hydra/launcher={launcher}", "data.dir=."], tmp_path)
+        assert "_target_" in cfg.hydra.launcher
+    slurm = compose_train(["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                           "hydra.launcher.account=lab", "data.dir=."], tmp_path)
+    assert slurm.hydra.launcher.partition == "gpu" and slurm.hydra.launcher.gpus_per_node == 1
+    assert slurm.hydra.launcher.max_num_timeout > 0
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["loss=focal"], "loss=focal: unknown loss; valid: bce, bce_tversky, dice, tversky"),
+    (["-m", "model=unet,unet_big"], "model=unet_big: unknown model"),
+    (["hydra/launcher=spark"], "hydra/launcher=spark: unknown launcher; valid: basic, gpu_pool"),
+])
+def test_unknown_group_options_give_one_line_with_the_valid_names(argv, expected):
+    message = unknown_group_choice(argv, "train")
+    assert message.startswith(expected) and "\n" not in message
+
+
+def test_known_options_and_plain_values_pass():
+    assert unknown_group_choice(["loss=bce", "seed=3", "loss.alpha=0.3", "-m",
+                                 "model=unet,unet_small", "+foo=1"], "train") is None
+
+
+def test_conf_dir_is_the_repository_conf():
+    assert CONF_DIR == Path(__file__).resolve().parent.parent / "conf"
