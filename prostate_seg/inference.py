@@ -1,0 +1,120 @@
+"""Run a trained checkpoint on whole volumes, exactly as it saw data in validation.
+
+Shared by ``evaluate`` (prepared PNG slices of the validation patients) and ``predict`` (new
+NIfTI scans): slices go through the run's own validation transform, are predicted in batches
+(optionally averaged with their left-right mirror), and are mapped back to the scan's
+original in-plane size with the dataset's ``fit`` mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from scipy import ndimage
+
+from prostate_seg.data.resize import fit_slice, unfit_slice
+from prostate_seg.errors import DataError
+from prostate_seg.module import SegmentationModule
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> SegmentationModule:
+    """The module of a training checkpoint, uncompiled, in eval mode on ``device``."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise DataError(f"ckpt_path={path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = checkpoint["hyper_parameters"]["cfg"]
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise DataError(f"ckpt_path={path}: not a prostate-seg checkpoint ({exc})") from None
+    cfg = OmegaConf.create(cfg)
+    cfg.model.compile = False
+    cfg.model.channels_last = False
+    module = SegmentationModule(OmegaConf.to_container(cfg))
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.to(device).eval()
+
+
+class SlicePredictor:
+    """Probabilities for stacks of display-oriented uint8 slices ``(Z, rows, cols)``."""
+
+    def __init__(self, module: SegmentationModule, batch_size: int = 32, tta: bool = False):
+        self.module = module
+        cfg = module.cfg
+        self.transform = instantiate(cfg.data.val_transform)
+        self.context = int(cfg.data.context_slices)
+        prep = cfg.get("preprocessing") or {}
+        self.prep_size = int(prep.get("image_size", cfg.data.image_size))
+        self.fit = str(prep.get("fit", "resize"))
+        self.window = tuple(prep.get("window", (0.5, 99.5)))
+        self.image_channel = int(prep.get("image_channel", 0))
+        self.batch_size = batch_size
+        self.tta = tta
+
+    def _inputs(self, fitted: np.ndarray) -> torch.Tensor:
+        """(Z, S, S) fitted uint8 slices -> (Z, C, H, W) network input via the val transform."""
+        z = len(fitted)
+        items = []
+        for k in range(z):
+            channels = [fitted[min(max(k + d, 0), z - 1)]
+                        for d in range(-self.context, self.context + 1)]
+            image = np.stack(channels, axis=-1)
+            image = self.transform(image=image)["image"]
+            items.append(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))))
+        return torch.stack(items).float()
+
+    @torch.no_grad()
+    def _probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        device = self.module.device
+        outputs = []
+        for start in range(0, len(inputs), self.batch_size):
+            batch = inputs[start : start + self.batch_size].to(device)
+            prob = torch.sigmoid(self.module(batch).float())
+            if self.tta:
+                mirrored = torch.sigmoid(self.module(batch.flip(-1)).float()).flip(-1)
+                prob = (prob + mirrored) / 2
+            outputs.append(prob[:, 0].cpu())
+        return torch.cat(outputs)
+
+    def predict_fitted(self, fitted: np.ndarray, rows: int, cols: int) -> np.ndarray:
+        """Slices already brought to the dataset size (the prepared PNGs) -> (Z, rows, cols)."""
+        prob = self._probabilities(self._inputs(fitted)).numpy()
+        return np.stack([unfit_slice(p, rows, cols, self.fit) for p in prob])
+
+    def predict_volume(self, slices: np.ndarray) -> np.ndarray:
+        """Windowed uint8 display slices of one scan -> probabilities of the same shape."""
+        _, rows, cols = slices.shape
+        fitted = np.stack([fit_slice(s, self.prep_size, self.fit) for s in slices])
+        return self.predict_fitted(fitted, rows, cols)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 3D connected component (6-connectivity) of a boolean volume."""
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+def binarize(prob: np.ndarray, keep_largest: bool) -> np.ndarray:
+    mask = prob > 0.5
+    return largest_component(mask) if keep_largest else mask
+
+
+def describe(module: SegmentationModule) -> dict[str, Any]:
+    cfg = module.cfg
+    return {"loss": module.loss_name, "image_size": cfg.data.image_size,
+            "context_slices": cfg.data.context_slices}

@@ -1,0 +1,97 @@
+"""End to end on phantoms: a short fit improves, its folder holds what the tools read,
+evaluate and predict work on its checkpoint, and a 2-value sweep makes 2 run folders."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import TINY, run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from prostate_seg.evaluate import evaluate_checkpoint
+from prostate_seg.runs import RESULTS_FILE
+
+
+def history(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_short_fit_improves_validation_dice(trained_run):
+    rows = history(trained_run)
+    assert [int(r["epoch"]) for r in rows] == list(range(8))
+    dice = [float(r["val/dice"]) for r in rows]
+    assert max(dice[3:]) > dice[0] + 0.1, dice
+    assert float(rows[-1]["train/loss"]) < float(rows[0]["train/loss"])
+
+
+def test_run_folder_holds_checkpoints_events_results(trained_run):
+    results = json.loads((trained_run / RESULTS_FILE).read_text())
+    rows = history(trained_run)
+    best = max(rows, key=lambda r: float(r["val/dice"]))
+    # results.json = the best checkpoint re-validated = the best epoch's logged metrics
+    assert results["best_epoch"] == int(best["epoch"])
+    assert results["val/dice"] == pytest.approx(float(best["val/dice"]), abs=1e-5)
+    assert results["epochs_trained"] == 8 and results["loss"] == "bce+tversky_a0.5"
+    assert (trained_run / "checkpoints" / "last.ckpt").exists()
+    assert len(list((trained_run / "checkpoints").glob("best-*.ckpt"))) == 1
+    events = EventAccumulator(str(trained_run)).Reload()
+    for tag in ("train/loss", "val/loss", "val/dice", "val/dice_global", "val/precision",
+                "val/recall", "val/f1", "hp/best_val_dice"):
+        assert tag in events.Tags()["scalars"], tag
+    assert "val/predictions" in events.Tags()["images"]
+    assert json.loads((trained_run / "status.json").read_text())["status"] == "completed"
+
+
+def test_evaluate_reports_every_validation_patient(trained_run, tmp_path):
+    ckpt = next((trained_run / "checkpoints").glob("best-*.ckpt"))
+    rows = evaluate_checkpoint(ckpt)
+    assert len(rows) == 2 and {"dice", "precision", "recall", "f1", "hd95_mm"} <= set(rows[0])
+    mean_dice = np.mean([r["dice"] for r in rows])
+    results = json.loads((trained_run / RESULTS_FILE).read_text())
+    # Original-size evaluation agrees with training's per-volume Dice at network size.
+    assert mean_dice == pytest.approx(results["val/dice"], abs=0.08)
+    result = run_cli("evaluate.py", f"ckpt_path={ckpt}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    table = list(csv.DictReader(open(f"{ckpt}.eval.csv")))
+    assert [r["patient"] for r in table][-1] == "mean" and len(table) == 3
+    again = run_cli("evaluate.py", f"ckpt_path={ckpt}", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_predict_writes_a_mask_on_the_scan_grid(trained_run, phantoms, tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    scan = phantoms / "images" / "phantom002.nii.gz"
+    out = tmp_path / "pred" / "phantom002.nii.gz"
+    result = run_cli("predict.py", f"ckpt_path={ckpt}", f"input={scan}", f"output={out}",
+                     "save_probabilities=true", "tta=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    source, mask = nib.load(scan), nib.load(out)
+    assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
+    assert mask.get_data_dtype() == np.uint8
+    predicted = np.asarray(mask.dataobj).astype(bool)
+    truth = np.asarray(nib.load(phantoms / "masks" / "phantom002.nii.gz").dataobj).astype(bool)
+    assert 0 < predicted.sum() < 0.2 * predicted.size
+    assert 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()) > 0.3
+    prob = nib.load(tmp_path / "pred" / "phantom002_prob.nii.gz")
+    assert prob.shape == source.shape and prob.get_data_dtype() == np.float32
+
+
+@pytest.mark.slow
+def test_two_value_sweep_makes_two_named_run_folders(prepared_copy, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("train.py", "-m", f"data.dir={prepared_copy}", "experiment=demo",
+                     "loss.alpha=0.25,0.75", f"hydra.sweep.dir={sweep}",
+                     *[o for o in TINY if not o.startswith(("model=", "trainer="))],
+                     "trainer.max_epochs=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    folders = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "report")
+    assert len(folders) == 2 and all("loss.alpha=0." in f for f in folders)
+    for folder in folders:
+        run = sweep / folder
+        assert list(run.glob("events.out.tfevents.*"))
+        assert (run / "checkpoints" / "last.ckpt").exists()
+        assert (run / ".hydra" / "config.yaml").exists()
+    assert (sweep / "report" / "results.md").exists()
