@@ -1,0 +1,372 @@
+"""Launcher that runs a sweep's jobs concurrently over a pool of device slots.
+
+Each job runs as a fresh ``python <script> <overrides>`` single run whose output folder is the
+job's sweep folder, with ``CUDA_VISIBLE_DEVICES`` set before the child starts: CUDA is never
+initialised in this (parent) process, and a job cannot touch another job's GPU. Slots take the
+next queued job the moment their previous job exits, so short and long jobs pack tightly.
+"""
+
+import copy
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.types import Quote, QuotedString
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+log = logging.getLogger(__name__)
+
+ACCELERATORS = ("gpu", "cpu")
+ERROR_TAIL_LINES = 40
+TERMINATE_GRACE_S = 60.0
+# Command-line flags of the parent that pick the config; the children need the same ones.
+_CONFIG_FLAGS = ("--config-path", "--config-name", "--config-dir", "-cp", "-cn", "-cd")
+# Parent hydra overrides that only concern the sweep itself; the launcher sets the child's own.
+_SWEEP_ONLY_KEYS = ("hydra/launcher", "hydra/sweeper", "hydra.launcher", "hydra.sweeper",
+                    "hydra.sweep", "hydra.run", "hydra.mode", "hydra.job.num", "hydra.job.id")
+
+
+@dataclass
+class GpuPoolLauncherConf:
+    """``hydra/launcher=gpu_pool`` (conf/hydra/launcher/gpu_pool.yaml extends this)."""
+
+    _target_: str = "hydra_plugins.gpu_pool_launcher.gpu_pool_launcher.GpuPoolLauncher"
+    # GPU ids as nvidia-smi numbers them (within CUDA_VISIBLE_DEVICES when that is set);
+    # None = every visible GPU. With accelerator=cpu: slot labels, None = one slot.
+    devices: Optional[List[int]] = None
+    jobs_per_gpu: int = 1  # concurrent jobs per device
+    accelerator: str = "gpu"  # gpu | cpu (cpu: children see no GPU)
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="gpu_pool_base", node=GpuPoolLauncherConf,
+    provider="prostate_seg",
+)
+
+
+@dataclass
+class _Job:
+    """One sweep job: what to run and, once it ran, how it went."""
+
+    idx: int
+    overrides: List[str]
+    config: DictConfig
+    dir: Path
+    command: List[str] = field(default_factory=list)
+    record: Dict[str, Any] = field(default_factory=dict)
+
+
+class _Terminated(SystemExit):
+    """SIGTERM turned into an exception, so the children are stopped before the parent exits."""
+
+
+def _raise_terminated(signum: int, frame: Optional[FrameType]) -> None:
+    raise _Terminated(128 + signum)
+
+
+def visible_gpus() -> List[str]:
+    """The GPU ids this process may hand out, found without initialising CUDA here."""
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if mask is not None:
+        return [d.strip() for d in mask.split(",") if d.strip()]
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                 timeout=60, check=True).stdout
+        return [str(i) for i, _ in enumerate(
+            line for line in listing.splitlines() if line.startswith("GPU "))]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import torch  # counts through NVML: no CUDA context is created
+    except ImportError:
+        return []
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM allocation)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def config_flags(argv: Sequence[str]) -> List[str]:
+    """The flags of ``argv`` that choose the config (``-cn train``, ``--config-dir=x``)."""
+    flags: List[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in _CONFIG_FLAGS:
+            flags += [arg, next(args, "")]
+        elif arg.split("=", 1)[0] in _CONFIG_FLAGS:
+            flags.append(arg)
+    return flags
+
+
+def forwarded_hydra_overrides(overrides: Sequence[str]) -> List[str]:
+    """The parent's ``hydra.*`` overrides that shape each job (searchpath, job.chdir, logging)."""
+    kept = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if not any(key == k or key.startswith(k + ".") for k in _SWEEP_ONLY_KEYS):
+            kept.append(override)
+    return kept
+
+
+def entry_command() -> List[str]:
+    """How to start the program the user ran: ``python -m pkg.mod`` or ``python script.py``."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if spec is not None and spec.name:
+        return [sys.executable, "-m", spec.name]
+    return [sys.executable, os.path.abspath(sys.argv[0])]
+
+
+def log_tail(path: Path, lines: int = ERROR_TAIL_LINES) -> List[str]:
+    """The last ``lines`` lines of a (possibly huge) log file."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 256 * 1024))
+        return f.read().decode("utf-8", errors="replace").splitlines()[-lines:]
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    """Write atomically: a reader never sees a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class GpuPoolLauncher(Launcher):
+    """Runs each sweep job in its own process on a free device slot."""
+
+    def __init__(self, devices: Optional[Sequence[int]] = None, jobs_per_gpu: int = 1,
+                 accelerator: str = "gpu") -> None:
+        if accelerator not in ACCELERATORS:
+            raise ValueError(f"hydra.launcher.accelerator={accelerator!r}: "
+                             f"expected one of {', '.join(ACCELERATORS)}")
+        if jobs_per_gpu < 1:
+            raise ValueError(f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}: must be at least 1")
+        if devices is not None and len(devices) == 0:
+            raise ValueError("hydra.launcher.devices=[]: name at least one device, "
+                             "or null for every visible GPU")
+        self.devices = None if devices is None else [int(d) for d in devices]
+        self.jobs_per_gpu = jobs_per_gpu
+        self.accelerator = accelerator
+        self.slots = self.slot_devices()  # here, so a bad setting stops the sweep early
+        self.config: Optional[DictConfig] = None
+        self.hydra_context: Optional[HydraContext] = None
+        self._lock = threading.Lock()
+        self._running: Dict[int, subprocess.Popen] = {}
+        self._stopping = False
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+
+    def slot_devices(self) -> List[str]:
+        """One entry per slot: the device id, each device ``jobs_per_gpu`` times, interleaved
+        so that a sweep smaller than the pool still spreads over the devices."""
+        if self.accelerator == "cpu":
+            ids = [str(d) for d in self.devices or [0]]
+        else:
+            visible = visible_gpus()
+            if not visible:
+                raise ValueError(
+                    "hydra.launcher.accelerator=gpu but no GPU is visible; for CPU slots use "
+                    "hydra.launcher.accelerator=cpu hydra.launcher.devices=[0,1]")
+            ids = visible if self.devices is None else [str(d) for d in self.devices]
+            hidden = [d for d in ids if d not in visible]
+            if hidden:
+                raise ValueError(f"hydra.launcher.devices: GPU {', '.join(hidden)} is not "
+                                 f"visible (visible: {', '.join(visible)})")
+        return [d for _ in range(self.jobs_per_gpu) for d in ids]
+
+    def launch(self, job_overrides: Sequence[Sequence[str]],
+               initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None
+        slots = self.slots[:len(job_overrides)]
+        jobs = [self._prepare(initial_job_idx + i, list(overrides))
+                for i, overrides in enumerate(job_overrides)]
+        cpus = max(1, usable_cpus() // max(1, len(slots)))
+        log.info(f"Launching {len(jobs)} jobs on {len(slots)} {self.accelerator} slots "
+                 f"(devices {', '.join(sorted(set(slots)))}; {cpus} CPUs each)")
+        for job in jobs:
+            log.info(f"\t#{job.idx} : {' '.join(filter_overrides(job.overrides))}")
+
+        pending: queue.Queue[_Job] = queue.Queue()
+        for job in jobs:
+            pending.put(job)
+        workers = [threading.Thread(target=self._work, args=(slot, device, pending, cpus),
+                                    name=f"gpu_pool-slot{slot}", daemon=True)
+                   for slot, device in enumerate(slots)]
+        self._wait(workers)
+
+        returns = [self._job_return(job) for job in jobs]
+        failed = [job for job in jobs if job.record["status"] != "completed"]
+        summary = f"{len(jobs)} jobs: {len(jobs) - len(failed)} completed, {len(failed)} failed"
+        if failed:
+            summary += f" (folders: {', '.join(str(job.dir) for job in failed)})"
+        log.info(summary)
+        return returns
+
+    def _prepare(self, idx: int, overrides: List[str]) -> _Job:
+        """The job's config and its output folder, exactly as the BasicLauncher computes them."""
+        assert self.config is not None and self.hydra_context is not None
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(config):
+            config.hydra.job.id = idx
+            config.hydra.job.num = idx
+        parent_hydra_cfg = HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(config)  # for ${hydra:...} in the folder names
+        try:
+            job_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / str(
+                OmegaConf.select(config, "hydra.sweep.subdir"))
+        finally:
+            HydraConfig.instance().cfg = parent_hydra_cfg
+        job_dir = Path(os.path.abspath(job_dir))
+        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+            config.hydra.runtime.output_dir = str(job_dir)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        # The child is a plain single run of the same program, writing into the job's folder.
+        run_dir = QuotedString(text=str(job_dir), quote=Quote.single).with_quotes()
+        command = (entry_command() + config_flags(sys.argv[1:])
+                   + forwarded_hydra_overrides(self.config.hydra.overrides.hydra) + overrides
+                   + ["hydra.mode=RUN", f"hydra.run.dir={run_dir}",
+                      f"hydra.job.num={idx}", f"hydra.job.id={idx}"])
+        return _Job(idx=idx, overrides=overrides, config=config, dir=job_dir, command=command)
+
+    def _env(self, job: _Job, device: str, cpus: int) -> Dict[str, str]:
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = device if self.accelerator == "gpu" else ""
+        env["PROSTATE_SEG_SLOT"] = device
+        env["PROSTATE_SEG_JOB"] = str(job.idx)
+        env["PROSTATE_SEG_CPUS"] = str(cpus)
+        env.setdefault("OMP_NUM_THREADS", str(cpus))
+        env.setdefault("PYTHONUNBUFFERED", "1")  # the log stays in order, and complete if killed
+        return env
+
+    def _work(self, slot: int, device: str, pending: queue.Queue[_Job], cpus: int) -> None:
+        """One slot: run queued jobs one after another until the queue is empty."""
+        while True:
+            try:
+                job = pending.get_nowait()
+            except queue.Empty:
+                return
+            if not self._run(job, slot, device, cpus):
+                return
+
+    def _run(self, job: _Job, slot: int, device: str, cpus: int) -> bool:
+        """Run one job to its end; False when the launcher is stopping and it was not started."""
+        record: Dict[str, Any] = {"job": job.idx, "overrides": job.overrides, "slot": slot,
+                                  "device": device, "accelerator": self.accelerator,
+                                  "command": job.command, "start": time.time(), "end": None,
+                                  "returncode": None, "status": "running"}
+        log_path = job.dir / "launcher.log"
+        proc: Optional[subprocess.Popen[bytes]] = None
+        with self._lock:
+            if self._stopping:
+                return False
+            try:
+                with open(log_path, "wb") as log_file:  # the child keeps its own handle
+                    proc = subprocess.Popen(job.command, env=self._env(job, device, cpus),
+                                            stdin=subprocess.DEVNULL, stdout=log_file,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:
+                record.update(end=time.time(), status="failed", error=f"cannot start: {exc}")
+            else:
+                self._running[proc.pid] = proc
+        if proc is not None:
+            _write_json(job.dir / "launcher.json", record)
+            returncode = proc.wait()
+            with self._lock:
+                del self._running[proc.pid]
+            record.update(end=time.time(), returncode=returncode,
+                          status="completed" if returncode == 0 else "failed")
+            if returncode != 0:
+                record["error"] = "\n".join(log_tail(log_path))
+        _write_json(job.dir / "launcher.json", record)
+        job.record = record
+        took = f"{record['end'] - record['start']:.1f} s"
+        if record["status"] == "completed":
+            log.info(f"#{job.idx} completed in {took} on {self.accelerator} {device}: {job.dir}")
+        else:
+            log.error(f"#{job.idx} FAILED (exit code {record['returncode']}) after {took} on "
+                      f"{self.accelerator} {device}; see {log_path}")
+        return True
+
+    def _wait(self, workers: List[threading.Thread]) -> None:
+        """Run the slots to the end; on Ctrl-C or SIGTERM stop every child, then re-raise."""
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+        try:
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+        except BaseException:
+            self._terminate(workers)
+            raise
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+    def _terminate(self, workers: List[threading.Thread]) -> None:
+        """SIGTERM every running job's process group, wait for them, SIGKILL what is left."""
+        with self._lock:
+            self._stopping = True
+            procs = list(self._running.values())
+        log.warning(f"Interrupted: stopping {len(procs)} running jobs "
+                    f"(up to {TERMINATE_GRACE_S:.0f} s)")
+        self._signal(procs, signal.SIGTERM)
+        deadline = time.monotonic() + TERMINATE_GRACE_S
+        try:
+            for worker in workers:
+                worker.join(max(0.0, deadline - time.monotonic()))
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C: stop waiting
+        finally:
+            self._signal([p for p in procs if p.returncode is None], signal.SIGKILL)
+
+    @staticmethod
+    def _signal(procs: List[subprocess.Popen], signum: int) -> None:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:
+                pass
+
+    @staticmethod
+    def _job_return(job: _Job) -> JobReturn:
+        """What the BasicLauncher would return, with the child's failure as the exception."""
+        task_cfg = copy.deepcopy(job.config)
+        with read_write(task_cfg), open_dict(task_cfg):
+            del task_cfg["hydra"]
+        ret = JobReturn(overrides=job.overrides, cfg=task_cfg,
+                        hydra_cfg=OmegaConf.masked_copy(job.config, "hydra"),
+                        working_dir=str(job.dir), task_name=job.config.hydra.job.name)
+        if job.record["status"] == "completed":
+            ret.status = JobStatus.COMPLETED
+            ret.return_value = None
+        else:
+            lines = [line for line in job.record["error"].splitlines()
+                     if line.strip() and "HYDRA_FULL_ERROR" not in line]
+            ret.status = JobStatus.FAILED
+            ret.return_value = RuntimeError(
+                f"job #{job.idx} failed with exit code {job.record['returncode']} in {job.dir}: "
+                f"{lines[-1] if lines else '(no output)'}")
+        return ret
