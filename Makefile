@@ -1,0 +1,41 @@
+# Two commands for a fresh machine with Python 3.11+: `make demo` and `make test`.
+# Both create .venv and install what is missing first.
+#
+# CPU-only machine: the default torch spec takes the CPU wheel where one is on the pip index
+# path; elsewhere point pip at PyTorch's CPU index:
+#     make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+DEMO_DIR ?= outputs/demo
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || \
+	  $(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+# Everything but the tests marked slow (multi-process sweeps, DDP, resume).
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(PY) -m prostate_seg.synthetic output_dir=$(DEMO_DIR)/phantoms num_patients=16 size=96
+	$(PY) -m prostate_seg.prepare input_dir=$(DEMO_DIR)/phantoms output_dir=$(DEMO_DIR)/prepared \
+	  image_size=64 overwrite=true
+	$(PY) train.py -m experiment=demo data.dir=$(DEMO_DIR)/prepared loss.alpha=0.25,0.5,0.75
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
