@@ -95,8 +95,8 @@ class FiniteLossGuard(Callback):
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
         bad = ~torch.isfinite(loss.detach())
-        self._first_bad = torch.where(bad & (self._first_bad < 0),
-                                      torch.tensor(code, device=loss.device), self._first_bad)
+        # A Python scalar, not a new tensor: no host-to-device copy, no sync in the step.
+        self._first_bad = torch.where(bad & (self._first_bad < 0), code, self._first_bad)
         if step % self.check_every_n_steps == 0:
             self._raise_if_bad()
 

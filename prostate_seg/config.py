@@ -77,6 +77,27 @@ def _register_resolvers() -> None:
 _register_resolvers()
 
 
+def compose_config(config_name: str, overrides: list[str], output_dir: str | Path) -> DictConfig:
+    """A config composed outside a Hydra app (tests, benchmarks, notebooks), with ``output_dir``
+    as the run folder, so ``${hydra:runtime.output_dir}`` and HydraConfig work as in a run."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from prostate_seg.cli import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value}: {allowed}")

@@ -9,8 +9,6 @@ original in-plane size with the dataset's ``fit`` mode.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 from hydra.utils import instantiate
@@ -112,9 +110,3 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 def binarize(prob: np.ndarray, keep_largest: bool) -> np.ndarray:
     mask = prob > 0.5
     return largest_component(mask) if keep_largest else mask
-
-
-def describe(module: SegmentationModule) -> dict[str, Any]:
-    cfg = module.cfg
-    return {"loss": module.loss_name, "image_size": cfg.data.image_size,
-            "context_slices": cfg.data.context_slices}

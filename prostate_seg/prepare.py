@@ -32,7 +32,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from prostate_seg.data.resize import FIT_MODES, fit_slice
 from prostate_seg.data.volume import (

@@ -13,6 +13,7 @@ seed ``s`` is the same on every machine.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,18 +144,26 @@ def write_phantom(phantom: Phantom, output_dir: Path) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def generate(output_dir: str | Path, num_patients: int, seed: int = 0, size: int = 128) -> list[str]:
-    """Write ``num_patients`` phantoms; returns their patient ids."""
+def _make_and_write(seed: int, index: int, size: int, output_dir: Path) -> str:
+    phantom = make_phantom(seed, index, size)
+    write_phantom(phantom, output_dir)
+    return phantom.patient
+
+
+def generate(output_dir: str | Path, num_patients: int, seed: int = 0, size: int = 128,
+             workers: int = 0) -> list[str]:
+    """Write ``num_patients`` phantoms (in ``workers`` processes); returns their patient ids."""
     if num_patients < 1:
         raise ConfigError(f"num_patients={num_patients} must be >= 1")
     if size < 32:
         raise ConfigError(f"size={size} must be >= 32 pixels")
     output_dir = Path(output_dir)
-    patients = []
-    for index in range(num_patients):
-        phantom = make_phantom(seed, index, size)
-        write_phantom(phantom, output_dir)
-        patients.append(phantom.patient)
+    jobs = [(seed, index, size, output_dir) for index in range(num_patients)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            patients = list(pool.map(_make_and_write, *zip(*jobs)))
+    else:
+        patients = [_make_and_write(*job) for job in jobs]
     log.info("wrote %d phantoms to %s", num_patients, output_dir)
     return patients
 
@@ -163,7 +172,7 @@ def main() -> None:
     from prostate_seg.cli import hydra_entry
 
     hydra_entry(
-        lambda cfg: generate(cfg.output_dir, cfg.num_patients, cfg.seed, cfg.size),
+        lambda cfg: generate(cfg.output_dir, cfg.num_patients, cfg.seed, cfg.size, cfg.workers),
         config_name="synthetic",
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from prostate_seg.config import check_train_config
 from prostate_seg.data import SliceDataModule
@@ -88,7 +90,7 @@ def save_preview(module: SegmentationModule, datamodule: SliceDataModule, path: 
     every model's contour on the same slice."""
     dataset = datamodule.val_set
     best: dict[int, tuple[int, int]] = {}
-    for i, record in enumerate(dataset.records):
+    for i in range(len(dataset)):
         area = int(dataset[i]["mask"].sum())
         volume = dataset.volume_index[i]
         if area > best.get(volume, (-1, -1))[0]:
@@ -114,6 +116,21 @@ def _trainer(cfg: DictConfig) -> pl.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
 
+def build_run(cfg: DictConfig) -> tuple[SliceDataModule, SegmentationModule, pl.Trainer]:
+    """Data (checked), model and Trainer of a run, exactly as ``train`` uses them."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule: SliceDataModule = instantiate(cfg.data)
+    datamodule.setup("fit")  # checks the whole dataset before any model or GPU work
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    # How the dataset was made travels with the checkpoint: predict preprocesses new scans so.
+    resolved["preprocessing"] = read_json(Path(cfg.data.dir) / "prepare.json")
+    module = SegmentationModule(resolved)
+    trainer = _trainer(cfg)
+    if trainer.logger is not None:
+        trainer.logger.log_hyperparams(hparams_of(cfg), metrics={HP_METRIC: 0.0})
+    return datamodule, module, trainer
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) one training job in Hydra's output folder; returns its results."""
     check_train_config(cfg)
@@ -131,6 +148,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except BaseException as exc:
         if rank_zero_only.rank == 0:
             status.failed(exc)
+        if isinstance(exc, SIGTERMException):  # Lightning's is a SystemExit with status 0
+            raise SystemExit(128 + signal.SIGTERM) from exc
         raise
     if rank_zero_only.rank == 0:
         status.completed()
@@ -139,16 +158,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, Any]:
     started = time.time()
-    pl.seed_everything(cfg.seed, workers=True)
-    datamodule: SliceDataModule = instantiate(cfg.data)
-    datamodule.setup("fit")  # checks the whole dataset before any model or GPU work
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    # How the dataset was made travels with the checkpoint: predict preprocesses new scans so.
-    resolved["preprocessing"] = read_json(Path(cfg.data.dir) / "prepare.json")
-    module = SegmentationModule(resolved)
-    trainer = _trainer(cfg)
-    if trainer.logger is not None:
-        trainer.logger.log_hyperparams(hparams_of(cfg), metrics={HP_METRIC: 0.0})
+    datamodule, module, trainer = build_run(cfg)
     if ckpt_path:
         log.info("continuing from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

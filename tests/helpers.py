@@ -7,12 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+import torch
+from omegaconf import DictConfig
 
-from prostate_seg.cli import CONF_DIR
+from prostate_seg.config import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_DATA = Path(os.environ.get("PROSTATE_SEG_DATA",
@@ -25,15 +23,7 @@ TINY = ["model=unet_small", "model.net.features=[8,16]", "trainer=cpu", "data.im
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
     """The composed train config, as Hydra would give it to a run writing to ``output_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_config("train", overrides, output_dir)
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600,
@@ -44,3 +34,18 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600,
         args = (str(REPO / args[0]), *args[1:])
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+class NaNAfterLoss(torch.nn.Module):
+    """BCE that turns NaN after ``steps`` training calls: a divergence on demand."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps, self.calls = steps, 0
+        self.bce = torch.nn.BCEWithLogitsLoss()
+
+    def forward(self, logits, target):
+        if logits.requires_grad:
+            self.calls += 1
+        loss = self.bce(logits, target)
+        return loss * float("nan") if self.calls > self.steps else loss

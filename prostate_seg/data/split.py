@@ -49,7 +49,7 @@ def load_or_make_split(data_dir: Path, patients: list[str], split_seed: int,
             split = PatientSplit(tuple(stored["train"]), tuple(stored["val"]),
                                  int(stored["split_seed"]), float(stored["val_fraction"]))
         except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{path}: not a valid split file ({exc}); delete it to make a new one")
+            raise DataError(f"{path}: not a valid split file ({exc}); delete it to make a new one") from None
         if split.split_seed != split_seed or not np.isclose(split.val_fraction, val_fraction):
             raise ConfigError(
                 f"data.split_seed={split_seed}, data.val_fraction={val_fraction} differ from the "

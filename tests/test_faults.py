@@ -1,0 +1,418 @@
+"""Bad input and faults (one test or more per point): clear one-line errors before work
+starts, nothing half-written, runs that resume."""
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import REPO, TINY, compose_train, run_cli
+
+from prostate_seg.config import check_train_config
+from prostate_seg.data import SliceDataModule
+from prostate_seg.errors import ConfigError, DataError, NonFiniteLossError, UserError
+from prostate_seg.prepare import PrepareSettings, prepare
+from prostate_seg.training import train
+
+
+# --- 1. config checked at start-up -----------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("loss.alpha=1.5", "loss.alpha=1.5: must be a number in [0, 1]"),
+    ("loss.beta=-0.2", "loss.beta=-0.2: must be a number in [0, 1]"),
+    ("optimizer.lr=0", "optimizer.lr=0: must be > 0"),
+    ("data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
+    ("data.image_size=8", "data.image_size=8: must be an integer >= 2^depth = 16"),
+    ("data.dir=/no/such/folder", "data.dir=/no/such/folder: folder not found"),
+    ("loss=bce_tversky", None),
+])
+def test_bad_values_are_named_with_what_is_allowed(override, message, prepared, tmp_path):
+    overrides = ["model.net.features=[8,16,32,64]", f"data.dir={prepared}", override]
+    cfg = compose_train(overrides, tmp_path)
+    if message is None:
+        check_train_config(cfg)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_train_config(cfg)
+    assert str(info.value).startswith(message)
+
+
+def test_combined_loss_terms_are_checked_too(prepared, tmp_path):
+    cfg = compose_train([f"data.dir={prepared}", "loss=bce_tversky",
+                         "loss.terms.tversky.alpha=2"], tmp_path)
+    with pytest.raises(ConfigError, match=r"loss.terms.tversky.alpha=2"):
+        check_train_config(cfg)
+
+
+def test_alpha_plus_beta_not_one_is_a_warning(prepared, tmp_path, caplog):
+    cfg = compose_train([f"data.dir={prepared}", "loss.alpha=0.3", "loss.beta=0.3"], tmp_path)
+    check_train_config(cfg)
+    assert "not 1" in caplog.text
+
+
+def test_cli_config_error_is_one_line_without_traceback(prepared, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli("train.py", f"data.dir={prepared}", "loss.alpha=1.5",
+                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: loss.alpha=1.5: must be a number in [0, 1]"
+    assert "Traceback" not in result.stdout + result.stderr
+    log = (run_dir / "train.log").read_text()
+    assert "Traceback" in log and "ConfigError" in log  # the full trace is kept in the log
+    assert not (run_dir / "checkpoints").exists()  # nothing started
+
+
+def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path):
+    result = run_cli("train.py", "loss=focal", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: loss=focal: unknown loss; valid: bce,")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- 2. prepare on bad input -----------------------------------------------------------------
+def _case(root, name, image=None, mask=None, affine=None, mask_affine=None):
+    rng = np.random.default_rng(0)
+    image = rng.random((16, 16, 5)).astype(np.float32) * 100 if image is None else image
+    mask = (np.arange(16 * 16 * 5).reshape(16, 16, 5) % 7 == 0).astype(np.uint8) if mask is None else mask
+    affine = np.eye(4) if affine is None else affine
+    for folder, array, aff in (("images", image, affine),
+                               ("masks", mask, affine if mask_affine is None else mask_affine)):
+        if array is False:
+            continue
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        nii = nib.Nifti1Image(array, aff)
+        nii.set_sform(aff, code=1)
+        nib.save(nii, str(root / folder / f"{name}.nii.gz"))
+
+
+def _broken_cases(root):
+    _case(root, "good")
+    _case(root, "nomask", mask=False)
+    _case(root, "noimage", image=False)
+    _case(root, "shape", mask=np.zeros((16, 15, 5), np.uint8))
+    _case(root, "affine", mask_affine=np.diag([1.0, 1.0, 2.0, 1.0]))
+    _case(root, "labels", mask=np.full((16, 16, 5), 3, np.uint8))
+    nan = np.ones((16, 16, 5), np.float32)
+    nan[0, 0, 0] = np.nan
+    _case(root, "nan", image=nan)
+    _case(root, "constant", image=np.full((16, 16, 5), 7.0, np.float32))
+    _case(root, "truncated")
+    data = (root / "images" / "truncated.nii.gz").read_bytes()
+    (root / "images" / "truncated.nii.gz").write_bytes(data[: len(data) // 2])
+    _case(root, "empty")
+    (root / "masks" / "empty.nii.gz").write_bytes(b"")
+    _case(root, "corrupt")
+    (root / "images" / "corrupt.nii.gz").write_bytes(b"this is not a scan" * 20)
+
+
+EXPECTED = {
+    "nomask": "image without mask", "noimage": "mask without image",
+    "shape": "does not match image grid", "affine": "mask affine does not match",
+    "labels": "unexpected mask labels [3]", "nan": "NaN or infinite",
+    "constant": "constant image", "truncated": "not a readable NIfTI",
+    "empty": "not a readable NIfTI", "corrupt": "not a readable NIfTI",
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_each_bad_case_is_named_with_its_problem(case, tmp_path):
+    _broken_cases(tmp_path / "all")
+    root = tmp_path / "one"
+    for folder in ("images", "masks"):
+        (root / folder).mkdir(parents=True)
+        for name in ("good", case):  # a good case beside it: the bad one is found and named
+            source = tmp_path / "all" / folder / f"{name}.nii.gz"
+            if source.exists():
+                shutil.copy(source, root / folder)
+    settings = PrepareSettings(image_size=16, mask_labels=(1,) if case == "labels" else None)
+    with pytest.raises(DataError) as info:
+        prepare(root, tmp_path / "out", settings)
+    message = str(info.value)
+    assert EXPECTED[case] in message and case in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no partial output
+
+
+def test_skip_mode_lists_every_skipped_case_with_its_reason(tmp_path):
+    _broken_cases(tmp_path / "in")
+    result = run_cli("-m", "prostate_seg.prepare", f"input_dir={tmp_path / 'in'}",
+                     f"output_dir={tmp_path / 'out'}", "image_size=16", "on_error=skip",
+                     "mask_labels=[1]", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "out" / "prepare_report.json").read_text())
+    skipped = {item["case"].split("/")[-1].split(".")[0]: item["reason"] for item in report["skipped"]}
+    assert set(skipped) == set(EXPECTED)
+    for case, reason in skipped.items():
+        assert EXPECTED[case] in reason
+    assert report["patients"] == 1
+    assert all(f"skipped {c}" in result.stdout + result.stderr for c in ("nan", "constant"))
+
+
+@pytest.mark.parametrize("layout", ["missing", "empty", "no_masks"])
+def test_missing_or_empty_input_folder(layout, tmp_path):
+    root = tmp_path / "in"
+    if layout != "missing":
+        (root / "images").mkdir(parents=True)
+    if layout == "no_masks":
+        _case(root, "x", mask=False)
+        shutil.rmtree(root / "masks", ignore_errors=True)
+    with pytest.raises(DataError, match=str(root)):
+        prepare(root, tmp_path / "out", PrepareSettings(image_size=16))
+
+
+# --- 3. the DataModule at setup --------------------------------------------------------------
+def _setup(data_dir):
+    SliceDataModule(str(data_dir), image_size=48, batch_size=4).setup("fit")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("no_folder", "folder not found"),
+    ("no_manifest", "manifest not found"),
+    ("empty_manifest", "no slices listed"),
+    ("missing_mask", "mask missing for image phantom003_004.png"),
+    ("unreadable_png", "phantom003_004.png: not a PNG file"),
+    ("truncated_png", "phantom003_004.png: truncated PNG"),
+    ("wrong_size", "phantom003_004.png: 40x40 pixels, but the dataset was prepared at 48x48"),
+])
+def test_datamodule_setup_names_the_bad_file(damage, message, prepared_copy):
+    victim = prepared_copy / "images" / "phantom003_004.png"
+    if damage == "no_folder":
+        shutil.rmtree(prepared_copy)
+    elif damage == "no_manifest":
+        (prepared_copy / "manifest.csv").unlink()
+    elif damage == "empty_manifest":
+        header = (prepared_copy / "manifest.csv").read_text().splitlines()[0]
+        (prepared_copy / "manifest.csv").write_text(header + "\n")
+    elif damage == "missing_mask":
+        (prepared_copy / "masks" / "phantom003_004.png").unlink()
+    elif damage == "unreadable_png":
+        victim.write_bytes(b"\x00" * 100)
+    elif damage == "truncated_png":
+        victim.write_bytes(victim.read_bytes()[:-30])
+    elif damage == "wrong_size":
+        cv2.imwrite(str(victim), np.zeros((40, 40), np.uint8))
+        cv2.imwrite(str(prepared_copy / "masks" / victim.name), np.zeros((40, 40), np.uint8))
+    with pytest.raises(DataError) as info:
+        _setup(prepared_copy)  # in this (main) process, before any loader worker exists
+    assert message in str(info.value)
+
+
+# --- 4. training faults ----------------------------------------------------------------------
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(prepared, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*TINY, f"data.dir={prepared}", "trainer.max_epochs=5",
+                         "loss=bce", "loss._target_=helpers.NaNAfterLoss", "+loss.steps=20",
+                         "callbacks.finite_loss.check_every_n_steps=5"], run_dir)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, global step 2[01]"):
+        train(cfg)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 0 and last["global_step"] == 16  # end of epoch 0: 16 good steps
+    weights = torch.cat([v.flatten().float() for v in last["state_dict"].values()])
+    assert torch.isfinite(weights).all()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "NaN" in status["error"]
+
+
+def _epochs(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f)]
+
+
+def test_resume_continues_with_optimizer_scheduler_and_early_stopping_state(prepared, tmp_path):
+    run_dir = tmp_path / "run"
+    common = [*TINY, f"data.dir={prepared}", "scheduler=cosine"]
+    train(compose_train([*common, "trainer.max_epochs=2"], run_dir))
+    first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    (run_dir / "status.json").unlink()  # as if it had been interrupted
+    train(compose_train([*common, "trainer.max_epochs=4", "ckpt_path=last"], run_dir))
+    second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert _epochs(run_dir) == [0, 1, 2, 3]
+    assert second["global_step"] == 2 * first["global_step"]
+    adam_steps = second["optimizer_states"][0]["state"][0]["step"]
+    assert int(adam_steps) == second["global_step"]  # Adam's moments carried on
+    assert second["lr_schedulers"][0]["last_epoch"] == 4
+    stopper = next(v for k, v in second["callbacks"].items() if k.startswith("EarlyStopping"))
+    assert stopper["best_score"] is not None
+
+
+def test_completed_job_is_not_trained_again(trained_run, prepared):
+    before = (trained_run / "metrics.csv").read_text()
+    last = trained_run / "checkpoints" / "last.ckpt"
+    stamp = last.stat().st_mtime_ns
+    cfg = compose_train([*TINY, f"data.dir={prepared}", "trainer.max_epochs=8",
+                         "loss=bce_tversky"], trained_run)
+    results = train(cfg)  # started again (a resubmitted sweep): nothing to do
+    assert results == json.loads((trained_run / "results.json").read_text())
+    assert (trained_run / "metrics.csv").read_text() == before
+    assert last.stat().st_mtime_ns == stamp
+
+
+def _train_command(prepared, run_dir, epochs):
+    return [sys.executable, str(REPO / "train.py"), *TINY, f"data.dir={prepared}",
+            f"trainer.max_epochs={epochs}", "data.batch_size=2",
+            "callbacks.early_stopping.patience=100", f"hydra.run.dir={run_dir}"]
+
+
+def _wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise TimeoutError("condition not reached")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exit(signum, prepared, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(_train_command(prepared, run_dir, 50), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (run_dir / "metrics.csv").exists())  # mid-training, after epoch 0
+    time.sleep(1.0)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    with open(run_dir / "metrics.csv", newline="") as f:
+        epoch_end_steps = {int(r["step"]) for r in csv.DictReader(f)}
+    assert last["global_step"] > 0 and last["global_step"] not in epoch_end_steps  # mid-epoch
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(prepared_copy, tmp_path):
+    run_dir = tmp_path / "run"
+    command = _train_command(prepared_copy, run_dir, 4)
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _wait_for(lambda: (run_dir / "metrics.csv").exists()
+              and len(_epochs(run_dir)) >= 2)
+    time.sleep(0.7)  # into epoch 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "results.json").exists()
+    restarted = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["epochs_trained"] == 4 and _epochs(run_dir) == [0, 1, 2, 3]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "completed" and status["resumed_from"].endswith("last.ckpt")
+
+
+# --- 5. outputs are never overwritten --------------------------------------------------------
+def test_predict_refuses_to_overwrite(trained_run, phantoms, tmp_path):
+    from prostate_seg.predict import predict_paths
+
+    out = tmp_path / "mask.nii.gz"
+    out.write_bytes(b"precious")
+    with pytest.raises(DataError, match="already exists"):
+        predict_paths(trained_run / "checkpoints" / "last.ckpt",
+                      phantoms / "images" / "phantom000.nii.gz", out)
+    assert out.read_bytes() == b"precious"
+
+
+def test_predict_rejects_non_3d_and_unreadable_input(trained_run, tmp_path):
+    from prostate_seg.predict import predict_paths
+
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), str(flat))
+    with pytest.raises(DataError, match="expected a 3D volume"):
+        predict_paths(trained_run / "checkpoints" / "last.ckpt", flat, tmp_path / "o.nii.gz")
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"junk")
+    with pytest.raises(DataError, match="not a readable NIfTI"):
+        predict_paths(trained_run / "checkpoints" / "last.ckpt", junk, tmp_path / "o.nii.gz")
+
+
+def test_two_runs_started_together_get_their_own_folders(tmp_path):
+    from prostate_seg.config import compose_config
+
+    dirs = {compose_config("train", ["data.dir=."], tmp_path).hydra.run.dir for _ in range(2)}
+    assert len(dirs) == 2  # microseconds in the folder name
+
+
+# --- 6. fuzzing ------------------------------------------------------------------------------
+def _mutations(data: bytes, rng: np.random.Generator, count: int):
+    for _ in range(count):
+        kind = rng.integers(4)
+        buf = bytearray(data)
+        if kind == 0:  # flip random bytes
+            for i in rng.integers(0, len(buf), size=rng.integers(1, 20)):
+                buf[i] = int(rng.integers(256))
+        elif kind == 1:  # truncate
+            buf = buf[: int(rng.integers(0, len(buf)))]
+        elif kind == 2:  # random garbage
+            buf = bytearray(rng.integers(0, 256, size=int(rng.integers(0, 2000)), dtype=np.uint8))
+        else:  # header damage: the first 352 bytes of an uncompressed NIfTI / PNG header
+            for i in rng.integers(0, min(len(buf), 352), size=rng.integers(1, 8)):
+                buf[i] = int(rng.integers(256))
+        yield bytes(buf)
+
+
+class _Alarm(Exception):
+    pass
+
+
+def _no_hang(seconds):
+    def handler(signum, frame):
+        raise _Alarm("hang")
+    signal.signal(signal.SIGALRM, handler)
+    signal.alarm(seconds)
+
+
+def test_fuzzed_nifti_files_give_clean_errors(tmp_path):
+    rng = np.random.default_rng(1234)
+    _case(tmp_path / "seed", "case")
+    sources = {"masks": (tmp_path / "seed/masks/case.nii.gz").read_bytes()}
+    raw = tmp_path / "raw.nii"  # also an uncompressed file, whose header bytes are exposed
+    nib.save(nib.load(tmp_path / "seed/images/case.nii.gz"), str(raw))
+    sources["images"] = raw.read_bytes()
+    outcomes = {"ok": 0, "error": 0}
+    for i, (folder, data) in enumerate((f, d) for f, d in sources.items()
+                                       for d in _mutations(d, rng, 60)):
+        root = tmp_path / f"in{i}"
+        shutil.copytree(tmp_path / "seed", root)
+        suffix = ".nii" if folder == "images" else ".nii.gz"
+        (root / folder / "case.nii.gz").unlink()
+        (root / folder / f"case{suffix}").write_bytes(data)
+        _no_hang(20)
+        try:
+            prepare(root, tmp_path / f"out{i}", PrepareSettings(image_size=16))
+            outcomes["ok"] += 1
+        except UserError:
+            outcomes["error"] += 1
+        finally:
+            signal.alarm(0)
+    assert outcomes["error"] > 60  # most mutations break the file ...
+    assert sum(outcomes.values()) == 120  # ... and every one ended cleanly
+
+
+def test_fuzzed_png_slices_give_clean_errors(prepared_copy):
+    from prostate_seg.data.dataset import SliceDataset, check_files, read_manifest
+
+    rng = np.random.default_rng(99)
+    records = read_manifest(prepared_copy)
+    victim = records[5].image
+    original = victim.read_bytes()
+    errors = 0
+    for data in _mutations(original, rng, 150):
+        victim.write_bytes(data)
+        _no_hang(10)
+        try:
+            check_files(records, 48)
+            SliceDataset(records[:8], None)[5]
+        except UserError:
+            errors += 1
+        finally:
+            signal.alarm(0)
+    victim.write_bytes(original)
+    assert errors > 75
