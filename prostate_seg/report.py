@@ -28,6 +28,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
+import prostate_seg.config  # noqa: F401  (the ps.* resolvers that loss names use)
 from prostate_seg.runs import METRICS_FILE, PREVIEW_FILE, RESULTS_FILE, STATUS_FILE, read_json
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,9 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
             continue
         cfg = OmegaConf.load(config_path)
         loss = cfg.get("loss", {})
-        name = OmegaConf.select(cfg, "loss.name", default=None)
         try:
-            name = str(name)
-        except Exception:  # noqa: BLE001 - unresolvable interpolation: fall back to the folder
+            name = str(OmegaConf.select(cfg, "loss.name", default=folder.name))
+        except Exception:  # noqa: BLE001 - an unresolvable interpolation: name it by its folder
             name = folder.name
         status, error = _status(folder)
         runs.append(Run(folder=folder, loss=name, alpha=loss.get("alpha"),
@@ -110,8 +110,9 @@ def group_by_loss(runs: list[Run]) -> dict[str, list[Run]]:
     return {k: groups[k] for k in sorted(groups, key=_loss_order)}
 
 
-def summarize(values: list[float]) -> dict[str, float]:
-    """Mean, sample std and 95 % t-interval of one loss's per-seed values."""
+def summarize(values: list[float], bounds: tuple[float, float] | None = None) -> dict[str, float]:
+    """Mean, sample std and 95 % t-interval of one loss's per-seed values (the interval
+    clipped to ``bounds`` for bounded scores: with 2 seeds, t = 12.7 reaches past 0 and 1)."""
     arr = np.asarray(values, dtype=float)
     n = len(arr)
     if n == 0:
@@ -121,7 +122,10 @@ def summarize(values: list[float]) -> dict[str, float]:
         return {"n": 1, "mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
     std = float(arr.std(ddof=1))
     half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    return {"n": n, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return {"n": n, "mean": mean, "std": std, "ci_low": low, "ci_high": high}
 
 
 def build_table(groups: dict[str, list[Run]]) -> list[dict[str, Any]]:
@@ -138,7 +142,7 @@ def build_table(groups: dict[str, list[Run]]) -> list[dict[str, Any]]:
                        for key, _ in METRICS},
         }
         for key, _ in METRICS:
-            row[key] = summarize(row["values"][key])
+            row[key] = summarize(row["values"][key], bounds=(0.0, 1.0))
         row["epochs"] = summarize([float(r.results.get("epochs_trained", math.nan)) for r in done])
         rows.append(row)
     return rows
@@ -307,9 +311,11 @@ def _plot_contours(groups: dict[str, list[Run]], out: Path, plt: Any) -> None:
                 with np.load(path) as data:
                     previews[name] = {k: data[k] for k in data.files}
                 break
-    fig, axes = plt.subplots(1, len(previews) + 1, figsize=(2.6 * (len(previews) + 1), 2.9),
-                             squeeze=False)
-    axes = axes[0]
+    panels = len(previews) + 1
+    cols = min(5, panels)
+    rows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
+    axes = axes.flatten()
     if previews:
         first = next(iter(previews.values()))
         image, truth = first["image"][0].astype(float), first["mask"][0]

@@ -69,12 +69,16 @@ def test_context_slices_stack_neighbours_as_channels(prepared_copy, tmp_path):
     assert dm.val_set.records[0].patient == dm.val_set.records[2].patient
 
 
-def test_cache_gives_the_same_items(prepared_copy, tmp_path):
+def test_cache_gives_the_same_items_and_keeps_augmentation_random(prepared_copy, tmp_path):
     plain = datamodule(prepared_copy, tmp_path).val_set
-    cached = datamodule(prepared_copy, tmp_path, "data.cache=true").val_set
+    cached_dm = datamodule(prepared_copy, tmp_path, "data.cache=true")
+    cached = cached_dm.val_set
     for i in (0, 5, len(plain) - 1):
         assert torch.equal(plain[i]["image"], cached[i]["image"])
         assert torch.equal(plain[i]["mask"], cached[i]["mask"])
+    train_set = cached_dm.train_set
+    assert train_set._images is not None  # decoded once, in memory
+    assert not torch.equal(train_set[3]["image"], train_set[3]["image"])  # a new rotation each time
 
 
 def test_each_loader_worker_draws_its_own_augmentations(prepared_copy, tmp_path):

@@ -51,6 +51,9 @@ def test_report_marks_failed_and_unfinished_runs(trained_run, tmp_path):
         (sweep / name / ".hydra").mkdir(exist_ok=True)
         (sweep / name / ".hydra" / "config.yaml").write_text(
             f"loss:\n  name: {name}\n  alpha: 0.5\nseed: 0\n")
+    # as Hydra saves it: the name still an interpolation through the project's resolver
+    (sweep / "good" / ".hydra" / "config.yaml").write_text(
+        "loss:\n  name: ${ps.tversky_name:${.alpha},${.beta}}\n  alpha: 0.5\n  beta: null\nseed: 0\n")
     status = json.loads((sweep / "failed" / "status.json").read_text())
     (sweep / "failed" / "status.json").write_text(json.dumps(
         {**status, "status": "failed", "error": "RuntimeError: CUDA out of memory"}))
@@ -62,6 +65,7 @@ def test_report_marks_failed_and_unfinished_runs(trained_run, tmp_path):
     assert "`failed`: failed — RuntimeError: CUDA out of memory" in md
     assert "`unfinished`: unfinished" in md and "1 FAILED" in md and "1 unfinished" in md
     assert {r.status for r in collect_runs(sweep)} == {"completed", "failed", "unfinished"}
+    assert "| tversky_a0.5 |" in md
 
 
 def test_significance_line_compares_against_the_seed_spread():

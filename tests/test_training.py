@@ -95,3 +95,21 @@ def test_two_value_sweep_makes_two_named_run_folders(prepared_copy, tmp_path):
         assert (run / "checkpoints" / "last.ckpt").exists()
         assert (run / ".hydra" / "config.yaml").exists()
     assert (sweep / "report" / "results.md").exists()
+
+
+def test_predict_a_folder_of_scans(trained_run, phantoms, tmp_path):
+    from prostate_seg.predict import predict_paths
+
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("phantom000", "phantom005"):
+        (scans / f"{name}.nii.gz").symlink_to(phantoms / "images" / f"{name}.nii.gz")
+    (scans / "notes.txt").write_text("not a scan")
+    written = predict_paths(trained_run / "checkpoints" / "last.ckpt", scans, tmp_path / "masks",
+                            keep_largest=True)
+    assert sorted(p.name for p in written) == ["phantom000.nii.gz", "phantom005.nii.gz"]
+    for path in written:
+        mask = np.asarray(nib.load(path).dataobj)
+        from scipy import ndimage
+
+        assert ndimage.label(mask)[1] <= 1  # largest connected component only
