@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import signal
 import time
@@ -38,12 +39,13 @@ PREVIEW_SLICES = 4
 
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     """The few settings that tell runs apart in TensorBoard's HPARAMS tab."""
-    loss = cfg.loss
+    alpha, beta = cfg.loss.get("alpha"), cfg.loss.get("beta")
+    if alpha is not None and beta is None:
+        beta = round(1.0 - alpha, 6)  # the Tversky default, stated explicitly
     return {
-        "loss": str(loss.get("name")),
-        "alpha": loss.get("alpha", "-") if loss.get("alpha") is not None else "-",
-        "beta": (1 - loss.alpha if loss.get("beta") is None and loss.get("alpha") is not None
-                 else loss.get("beta", "-")),
+        "loss": str(cfg.loss.get("name")),
+        "alpha": "-" if alpha is None else alpha,
+        "beta": "-" if beta is None else beta,
         "seed": cfg.seed,
         "lr": cfg.optimizer.lr,
         "batch_size": cfg.data.batch_size,
@@ -72,8 +74,6 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def _best_epoch(metrics_csv: Path) -> int | None:
-    import csv
-
     if not metrics_csv.exists():
         return None
     with open(metrics_csv, newline="") as f:

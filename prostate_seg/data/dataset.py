@@ -109,7 +109,10 @@ def prepared_size(data_dir: Path) -> int | None:
 
 
 def read_png(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    try:
+        image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    except cv2.error as exc:
+        raise DataError(f"{path}: unreadable PNG ({str(exc).strip().splitlines()[-1]})") from None
     if image is None:
         raise DataError(f"{path}: unreadable PNG")
     return image
