@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                 # GPU: 384x384, batch 16, the study's U-Net
     python benchmarks/throughput.py --smoke         # CPU smoke check at 48x48 (a test runs it)
+    python benchmarks/throughput.py --profile 20    # + torch.profiler over 20 default steps
 
 In one process on one device, on the same synthetic PNG data on disk:
   (a) plain loop like the original code: PIL -> RGB (3 channels) -> albumentations ->
@@ -10,7 +11,8 @@ In one process on one device, on the same synthetic PNG data on disk:
   (b) the framework's default config through Trainer.fit (bf16, channels_last, compile,
       fused Adam, loader workers from the CPU count), timed after warm-up, plus variants
       that switch single defaults off, the data loader's own rate and the peak GPU memory.
-Prints a table and, with --json, writes every figure to a file.
+Prints a table and, with --json, writes every figure to a file (with --profile, the
+profiler's op table goes next to it as throughput_profile.txt).
 """
 
 from __future__ import annotations
@@ -145,6 +147,42 @@ class StepTimer(pl.Callback):
             self.end = time.perf_counter()
 
 
+class StepProfiler(pl.Callback):
+    """torch.profiler over the ``steps`` steps after global step ``start`` (after the timed
+    window, so the timing is not disturbed): where device time goes, how busy the device is,
+    how often the host waits for it."""
+
+    def __init__(self, start: int, steps: int):
+        self.start, self.steps = start, steps
+        self.profiler: torch.profiler.profile | None = None
+        self.began = 0.0
+        self.summary: dict[str, Any] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.start:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if pl_module.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            synchronize(pl_module.device)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.began = time.perf_counter()
+        elif trainer.global_step == self.start + self.steps and self.profiler is not None:
+            synchronize(pl_module.device)
+            wall = time.perf_counter() - self.began
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            device_s = sum(e.self_device_time_total for e in events) / 1e6
+            syncs = sum(e.count for e in events if "Synchronize" in e.key)
+            self.summary = {
+                "steps": self.steps, "wall_ms_per_step": 1e3 * wall / self.steps,
+                "device_busy_ms_per_step": 1e3 * device_s / self.steps,
+                "host_waits_per_step": syncs / self.steps,
+                "table": events.table(sort_by="self_device_time_total" if device_s else
+                                      "self_cpu_time_total", row_limit=30),
+            }
+
+
 def framework_overrides(data_dir: Path, size: int, batch: int, max_steps: int,
                         accelerator: str) -> list[str]:
     """The default config; only what the measurement needs (steps, no validation) changes."""
@@ -158,12 +196,15 @@ def framework_overrides(data_dir: Path, size: int, batch: int, max_steps: int,
 
 
 def framework_fit(base: list[str], extra: list[str], warmup: int, steps: int,
-                  batch: int, workdir: Path) -> dict[str, float]:
+                  batch: int, workdir: Path, profile_steps: int = 0) -> dict[str, Any]:
     gc.collect()  # the previous variant's loader workers and GPU memory go first
+    if profile_steps:
+        extra = [*extra, f"++trainer.max_steps={warmup + steps + profile_steps}"]
     cfg = compose_config("train", base + extra, workdir / f"run{len(os.listdir(workdir))}")
     datamodule, module, trainer = build_run(cfg)
     timer = StepTimer(warmup, steps)
-    trainer.callbacks.append(timer)
+    profiler = StepProfiler(warmup + steps, profile_steps)
+    trainer.callbacks += [timer, profiler] if profile_steps else [timer]
     cuda = torch.cuda.is_available() and cfg.trainer.accelerator != "cpu"
     if cuda:
         torch.cuda.empty_cache()
@@ -175,6 +216,8 @@ def framework_fit(base: list[str], extra: list[str], warmup: int, steps: int,
               "num_workers": cfg.data.num_workers}
     if cuda:
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    if profiler.summary:
+        result["profile"] = profiler.summary
     return result
 
 
@@ -221,6 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--variants", type=int, default=len(VARIANTS),
                         help="how many of the variants to run (the first is the default)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="profile this many steps of the default configuration")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -257,19 +302,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["loader_images_per_s"] = loader_rate(base, max(20, args.steps // 2), workdir)
     print(f"loader (default settings): {results['loader_images_per_s']:.0f} img/s", flush=True)
     results["variants"] = []
-    for name, extra in VARIANTS[: args.variants]:
+    for index, (name, extra) in enumerate(VARIANTS[: args.variants]):
         try:
-            fit = framework_fit(base, extra, args.warmup, args.steps, args.batch, workdir)
+            fit = framework_fit(base, extra, args.warmup, args.steps, args.batch, workdir,
+                                args.profile if index == 0 else 0)
         except Exception as exc:  # noqa: BLE001 - one broken variant must not lose the others
             results["variants"].append({"name": name.strip(), "overrides": extra,
                                         "error": f"{type(exc).__name__}: {exc}"})
             print(f"{name}: FAILED {type(exc).__name__}: {exc}", flush=True)
             save()
             continue
+        profile = fit.pop("profile", None)
         results["variants"].append({"name": name.strip(), "overrides": extra, **fit})
         print(f"{name}: {fit['images_per_s']:.1f} img/s "
               f"(warm-up {fit['warmup_s']:.0f} s, peak {fit.get('peak_memory_gb', 0):.2f} GB)",
               flush=True)
+        if profile:
+            table = profile.pop("table")
+            results["profile"] = profile
+            print(f"  profile: {profile['wall_ms_per_step']:.1f} ms per step, device busy "
+                  f"{profile['device_busy_ms_per_step']:.1f} ms, "
+                  f"{profile['host_waits_per_step']:.2f} host waits per step", flush=True)
+            if args.json:
+                args.json.with_name("throughput_profile.txt").write_text(table)
         save()
     default = results["variants"][0]
     if "images_per_s" not in default:

@@ -1,4 +1,5 @@
-"""Lightning callbacks: image grids, divergence guard, interrupt checkpoints, metric history."""
+"""Lightning callbacks: progress bar, image grids, divergence guard, interrupt checkpoints,
+metric history."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
@@ -38,6 +39,28 @@ def overlay(image: Tensor, truth: Tensor, pred: Tensor) -> Tensor:
     rgb[:, 2:3] = torch.where((truth_edge + pred_edge) > 0, 0.0, rgb[:, 2:3])
     rgb[:, 1:2] = torch.where((pred_edge > 0) & (truth_edge == 0), 0.0, rgb[:, 1:2])
     return rgb
+
+
+class LossProgressBar(TQDMProgressBar):
+    """The tqdm bar with the latest training loss, read from the device only when the bar
+    refreshes. (A metric logged with ``prog_bar=True`` is converted to a Python number by
+    Lightning after every step, which makes the CPU wait for the GPU once per step.)"""
+
+    def __init__(self, refresh_rate: int = 10, leave: bool = False):
+        super().__init__(refresh_rate=refresh_rate, leave=leave)
+        self._loss: Tensor | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._loss = loss.detach() if isinstance(loss, Tensor) else None
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if self._loss is not None:
+            metrics["loss"] = f"{self._loss.item():.3g}"
+        return metrics
 
 
 class ValidationImageGrid(Callback):

@@ -41,7 +41,8 @@ class SegmentationModule(pl.LightningModule):
         if cfg.model.get("compile", False):
             self.net.compile()
         self.val_volumes: VolumeConfusion | None = None
-        self.val_f1 = BinaryF1Score(threshold=0.5)
+        # No input checks: they read values back from the GPU at every validation step.
+        self.val_f1 = BinaryF1Score(threshold=0.5, validate_args=False)
         # Best val/dice so far, for TensorBoard's HPARAMS tab; a buffer so it survives resume.
         self.register_buffer("best_val_dice", torch.zeros(()))
 
@@ -62,8 +63,6 @@ class SegmentationModule(pl.LightningModule):
         loss = self.loss_fn(logits, batch["mask"])
         size = batch["image"].shape[0]
         self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
-        self.log("loss", loss, on_step=True, on_epoch=False, prog_bar=True, logger=False,
-                 batch_size=size)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

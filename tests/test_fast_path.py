@@ -1,13 +1,20 @@
 """The speed options change nothing but rounding; the throughput benchmark still runs."""
 
 import json
+import traceback
+from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from helpers import REPO, TINY, compose_train, run_cli
 from omegaconf import OmegaConf
 
 from prostate_seg.module import SegmentationModule
+from prostate_seg.training import build_run
+
+# Each of these makes the host wait for the device (a GPU sync) when called on a CUDA tensor.
+_DEVICE_READS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 
 def _module(prepared, tmp_path, *overrides):
@@ -35,11 +42,63 @@ def test_fast_path_gives_the_plain_fp32_loss_within_bf16_rounding(prepared, tmp_
 @pytest.mark.slow
 def test_throughput_benchmark_smoke_run(tmp_path):
     out = tmp_path / "throughput.json"
-    result = run_cli(str(REPO / "benchmarks" / "throughput.py"), "--smoke", "--json", str(out),
-                     "--workdir", str(tmp_path / "work"), cwd=tmp_path)
+    result = run_cli(str(REPO / "benchmarks" / "throughput.py"), "--smoke", "--profile", "2",
+                     "--json", str(out), "--workdir", str(tmp_path / "work"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["plain_end_to_end"] > 0 and figures["framework_images_per_s"] > 0
     assert figures["speedup_vs_plain"] == pytest.approx(
         figures["framework_images_per_s"] / figures["plain_end_to_end"])
     assert figures["variants"][0]["name"].startswith("framework default")
+    assert figures["profile"]["steps"] == 2 and figures["profile"]["wall_ms_per_step"] > 0
+    assert "convolution" in (tmp_path / "throughput_profile.txt").read_text()
+
+
+class _DeviceReadCounter(pl.Callback):
+    """Counts tensor reads back to the host made by the framework while training batches run
+    (from each batch start to the next, so Lightning's own end-of-batch logging is included;
+    validation and epoch ends are not). Reads inside torch itself are left out: those of the
+    optimizer (the fused Adam used on the GPU makes none) and of the DataLoader (CPU tensors).
+    """
+
+    def __init__(self, monkeypatch, skip_steps: int):
+        self.skip_steps, self.active, self.steps, self.reads = skip_steps, False, 0, []
+        for name in _DEVICE_READS:
+            monkeypatch.setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name)))
+
+    def _counting(self, read):
+        def counted(tensor, *args, **kwargs):
+            if self.active:
+                caller = traceback.extract_stack(limit=2)[0]
+                if "torch" not in Path(caller.filename).parts:
+                    self.reads.append(f"{Path(caller.filename).name}:{caller.lineno}")
+            return read(tensor, *args, **kwargs)
+        return counted
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.active = trainer.global_step >= self.skip_steps
+        self.steps += self.active
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.active = False
+
+    def on_validation_start(self, trainer, pl_module):
+        self.active = False
+
+
+def test_training_steps_do_not_wait_for_the_device(prepared, tmp_path, monkeypatch):
+    """The CPU must run ahead of the GPU: a metric logged with prog_bar=True, or a check read
+    every step, would make every step wait. Allowed: the progress bar's loss when it refreshes
+    (every 10 steps) and the divergence guard (every 50)."""
+    cfg = compose_train([*TINY, f"data.dir={prepared}", "trainer.max_epochs=4",
+                         "callbacks.early_stopping.patience=10", "evaluate_best=false",
+                         "callbacks.progress_bar.refresh_rate=10",
+                         "callbacks.finite_loss.check_every_n_steps=50"], tmp_path / "run")
+    datamodule, module, trainer = build_run(cfg)
+    counter = _DeviceReadCounter(monkeypatch, skip_steps=2)
+    trainer.callbacks.insert(0, counter)  # its epoch-end hook runs first: epoch ends not counted
+    trainer.fit(module, datamodule=datamodule)
+    assert counter.steps >= 40
+    # The bar also refreshes on the last batch of each epoch.
+    allowed = counter.steps // 10 + trainer.current_epoch + counter.steps // 50 + 1
+    assert len(counter.reads) <= allowed, sorted(set(counter.reads))
