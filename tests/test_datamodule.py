@@ -2,6 +2,8 @@
 
 import json
 
+import cv2
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from prostate_seg.data import SliceDataModule
-from prostate_seg.data.dataset import read_png, seed_worker
+from prostate_seg.data.dataset import SliceDataset, init_worker, read_png
 from prostate_seg.errors import ConfigError
 from helpers import TINY, compose_train
 
@@ -84,8 +86,15 @@ def test_cache_gives_the_same_items_and_keeps_augmentation_random(prepared_copy,
 def test_each_loader_worker_draws_its_own_augmentations(prepared_copy, tmp_path):
     dm = datamodule(prepared_copy, tmp_path)
     loader = DataLoader(dm.train_set, sampler=[3] * 4, batch_size=1, num_workers=2,
-                        worker_init_fn=seed_worker)
+                        worker_init_fn=init_worker)
     images = [b["image"][0, 0].numpy() for b in loader]
     # Workers 0 and 1 take turns: without per-worker seeds, items 0 and 1 would be identical.
     assert not np.array_equal(images[0], images[1])
     assert not np.array_equal(images[0], images[2])
+
+
+def test_loader_workers_run_opencv_single_threaded(prepared_copy, tmp_path, monkeypatch):
+    dm = datamodule(prepared_copy, tmp_path, "data.num_workers=2", "data.persistent_workers=false")
+    monkeypatch.setattr(SliceDataset, "__getitem__", lambda self, i: cv2.getNumThreads())
+    threads = torch.cat(list(dm.train_dataloader())).tolist()
+    assert threads and set(threads) == {1}

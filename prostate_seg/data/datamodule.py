@@ -15,7 +15,7 @@ from prostate_seg.data.dataset import (
     check_files,
     prepared_size,
     read_manifest,
-    seed_worker,
+    init_worker,
 )
 from prostate_seg.data.split import PatientSplit, load_or_make_split
 
@@ -92,7 +92,7 @@ class SliceDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            worker_init_fn=seed_worker,
+            worker_init_fn=init_worker,
             prefetch_factor=4 if self.num_workers > 0 else None,
         )
 

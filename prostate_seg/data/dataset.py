@@ -183,7 +183,10 @@ class SliceDataset(Dataset):
         }
 
 
-def seed_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: distinct augmentation streams per worker and per epoch."""
+def init_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a distinct augmentation stream per worker and per epoch, and
+    OpenCV single-threaded (the workers are the parallelism; a thread pool of every core in
+    every worker oversubscribes the CPU, including the core that feeds the GPU)."""
+    cv2.setNumThreads(0)
     info = torch.utils.data.get_worker_info()
     info.dataset.reseed(torch.initial_seed() % 2**32)
