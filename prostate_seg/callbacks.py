@@ -129,12 +129,15 @@ class FiniteLossGuard(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._raise_if_bad()
 
+    def first_nonfinite(self) -> tuple[int, int] | None:
+        """(epoch, global step) of the first NaN/inf loss so far, or None."""
+        code = -1 if self._first_bad is None else int(self._first_bad.item())
+        return divmod(code, 1_000_000_000) if code >= 0 else None
+
     def _raise_if_bad(self) -> None:
-        if self._first_bad is None:
-            return
-        code = int(self._first_bad.item())
-        if code >= 0:
-            epoch, step = divmod(code, 1_000_000_000)
+        bad = self.first_nonfinite()
+        if bad is not None:
+            epoch, step = bad
             raise NonFiniteLossError(
                 f"training loss became NaN/inf at epoch {epoch}, global step {step}; stopped "
                 "without saving (checkpoints/last.ckpt is the last good state); try a lower "
@@ -153,6 +156,11 @@ class InterruptCheckpoint(Callback):
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):
             return
         if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        guards = [c for c in trainer.callbacks if isinstance(c, FiniteLossGuard)]
+        if any(guard.first_nonfinite() is not None for guard in guards):
+            log.warning("interrupted after a NaN/inf loss: no checkpoint saved (%s, if there, is "
+                        "the last good state)", self.path)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(self.path)

@@ -14,14 +14,16 @@ import cv2
 import nibabel as nib
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 from helpers import REPO, TINY, compose_train, run_cli
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from prostate_seg.config import check_train_config
 from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError, DataError, NonFiniteLossError, UserError
 from prostate_seg.prepare import PrepareSettings, prepare
-from prostate_seg.training import train
+from prostate_seg.training import build_run, train
 
 
 # --- 1. config checked at start-up -----------------------------------------------------------
@@ -219,6 +221,27 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(p
     assert torch.isfinite(weights).all()
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "failed" and "NaN" in status["error"]
+
+
+class _SigtermAtStep(pl.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise SIGTERMException()
+
+
+def test_interrupt_after_a_nan_loss_saves_no_checkpoint(prepared, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*TINY, f"data.dir={prepared}", "loss=bce",
+                         "loss._target_=helpers.NaNAfterLoss", "+loss.steps=2",
+                         "callbacks.finite_loss.check_every_n_steps=1000"], run_dir)
+    datamodule, module, trainer = build_run(cfg)
+    trainer.callbacks.append(_SigtermAtStep(5))  # NaN since step 3, not checked yet, epoch 0
+    with pytest.raises(SIGTERMException):
+        trainer.fit(module, datamodule=datamodule)
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
 
 
 def _epochs(run_dir):
