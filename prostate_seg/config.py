@@ -121,6 +121,12 @@ def check_loss(loss: DictConfig, prefix: str = "loss") -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key, on values that cannot work."""
     check_loss(cfg.loss)
+    from prostate_seg.module import build_loss  # heavy imports, only when training
+
+    try:
+        build_loss(cfg.loss)  # what check_loss cannot see: smooth, weights vs terms, ...
+    except Exception as exc:  # noqa: BLE001 - Hydra wraps the loss's own ValueError
+        raise ConfigError(f"loss: {exc.__cause__ or exc}") from None
     lr = cfg.optimizer.get("lr")
     _require(isinstance(lr, (int, float)) and lr > 0, "optimizer.lr", lr, "must be > 0")
     data = cfg.data
@@ -137,6 +143,8 @@ def check_train_config(cfg: DictConfig) -> None:
     epochs = cfg.trainer.get("max_epochs")
     _require(isinstance(epochs, int) and (epochs >= 1 or epochs == -1),
              "trainer.max_epochs", epochs, "must be >= 1 (or -1 for no limit)")
+    _require(epochs != -1 or not cfg.get("scheduler"), "trainer.max_epochs", epochs,
+             "a learning-rate schedule decays over a finite number of epochs; set one")
     folder = Path(str(data.dir))
     _require(folder.is_dir(), "data.dir", data.dir,
              "folder not found (make one with python -m prostate_seg.prepare)")

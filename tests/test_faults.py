@@ -34,10 +34,13 @@ from prostate_seg.training import build_run, train
     ("data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
     ("data.image_size=8", "data.image_size=8: must be an integer >= 2^depth = 16"),
     ("data.dir=/no/such/folder", "data.dir=/no/such/folder: folder not found"),
+    ("loss.smooth=-1", "loss: loss.smooth=-1 must be >= 0"),
+    ("loss=bce_tversky ~loss.weights.tversky", "loss: loss.weights keys ['bce'] must match"),
+    ("scheduler=cosine trainer.max_epochs=-1", "trainer.max_epochs=-1: a learning-rate schedule"),
     ("loss=bce_tversky", None),
 ])
 def test_bad_values_are_named_with_what_is_allowed(override, message, prepared, tmp_path):
-    overrides = ["model.net.features=[8,16,32,64]", f"data.dir={prepared}", override]
+    overrides = ["model.net.features=[8,16,32,64]", f"data.dir={prepared}", *override.split()]
     cfg = compose_train(overrides, tmp_path)
     if message is None:
         check_train_config(cfg)
