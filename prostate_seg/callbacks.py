@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from prostate_seg.errors import NonFiniteLossError
+from prostate_seg.files import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +197,4 @@ class MetricsHistory(Callback):
         fields: list[str] = []
         for r in self.rows.values():
             fields += [k for k in r if k not in fields]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(self.rows[e] for e in sorted(self.rows))
-        os.replace(tmp, self.path)
+        write_csv(self.path, [self.rows[e] for e in sorted(self.rows)], fields)

@@ -9,7 +9,6 @@ and compared with the gland mask stored by prepare at that size. Writes
 
 from __future__ import annotations
 
-import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from omegaconf import DictConfig
 from prostate_seg.data.dataset import read_manifest, read_png
 from prostate_seg.data.split import load_or_make_split
 from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.files import write_csv
 from prostate_seg.inference import SlicePredictor, binarize, load_checkpoint, pick_device
 from prostate_seg.metrics import volume_scores
 
@@ -94,23 +94,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise DataError(f"{path} already exists; pass overwrite=true to replace it")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    output = Path(cfg.output) if cfg.output else Path(f"{cfg.ckpt_path}.eval.csv")
+    if output.exists() and not cfg.overwrite:  # before the work, not after it
+        raise DataError(f"{output} already exists; pass overwrite=true to replace it")
     rows = evaluate_checkpoint(cfg.ckpt_path, cfg.data.get("dir"), cfg.subset,
                                cfg.largest_component, cfg.tta, cfg.device, cfg.batch_size)
     table = rows + [summarize(rows)]
-    output = Path(cfg.output) if cfg.output else Path(f"{cfg.ckpt_path}.eval.csv")
-    write_csv(table, output, cfg.overwrite)
+    write_csv(output, table, list(table[0]))
     print(format_table(table))
     print(f"per-patient metrics written to {output}")
     return table

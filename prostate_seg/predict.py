@@ -12,7 +12,6 @@ is written with the input's shape, affine and header.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +29,7 @@ from prostate_seg.data.volume import (
     window_to_uint8,
 )
 from prostate_seg.errors import DataError
+from prostate_seg.files import replacing
 from prostate_seg.inference import SlicePredictor, binarize, load_checkpoint, pick_device
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,8 @@ def _save(array: np.ndarray, like: nib.Nifti1Image, dtype: type, path: Path) -> 
     img.set_qform(like.get_qform(), code=int(like.header["qform_code"]))
     img.set_sform(like.get_sform(), code=int(like.header["sform_code"]))
     img.header.set_slope_inter(1.0, 0.0)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    nib.save(img, str(tmp))
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        nib.save(img, str(tmp))
 
 
 def probability_path(output: Path) -> Path:

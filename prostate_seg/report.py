@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy import stats
 
 import prostate_seg.config  # noqa: F401  (the ps.* resolvers that loss names use)
+from prostate_seg.files import write_csv, write_text
 from prostate_seg.runs import METRICS_FILE, PREVIEW_FILE, RESULTS_FILE, STATUS_FILE, read_json
 
 log = logging.getLogger(__name__)
@@ -223,23 +224,22 @@ def write_tables(rows: list[dict[str, Any]], runs: list[Run], out: Path) -> str:
         md += [f"- `{r.folder.name}`: {r.status}" + (f" — {r.error}" if r.error else "")
                for r in problems]
     text = "\n".join(md) + "\n"
-    (out / "results.md").write_text(text)
+    write_text(out / "results.md", text)
 
     fields = ["loss", "alpha", "completed", "failed", "unfinished"]
     for key, _ in METRICS:
         fields += [f"{key}_{s}" for s in ("mean", "std", "ci_low", "ci_high")] + [f"{key}_best"]
     fields += ["epochs_mean", "epochs_std"]
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            flat = {k: row[k] for k in fields[:5]}
-            for key, _ in METRICS:
-                for s in ("mean", "std", "ci_low", "ci_high"):
-                    flat[f"{key}_{s}"] = row[key][s]
-                flat[f"{key}_best"] = int(row[key]["n"] > 0 and row[key]["mean"] == best[key])
-            flat["epochs_mean"], flat["epochs_std"] = row["epochs"]["mean"], row["epochs"]["std"]
-            writer.writerow(flat)
+    flat_rows = []
+    for row in rows:
+        flat = {k: row[k] for k in fields[:5]}
+        for key, _ in METRICS:
+            for s in ("mean", "std", "ci_low", "ci_high"):
+                flat[f"{key}_{s}"] = row[key][s]
+            flat[f"{key}_best"] = int(row[key]["n"] > 0 and row[key]["mean"] == best[key])
+        flat["epochs_mean"], flat["epochs_std"] = row["epochs"]["mean"], row["epochs"]["std"]
+        flat_rows.append(flat)
+    write_csv(out / "results.csv", flat_rows, fields)
     return table
 
 

@@ -19,18 +19,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from prostate_seg.files import write_json
+
 STATUS_FILE = "status.json"
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.csv"
 PREVIEW_FILE = "val_preview.npz"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic write: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from prostate_seg.config import check_train_config
 from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError
+from prostate_seg.files import write_json
 from prostate_seg.module import HP_METRIC, SegmentationModule
 from prostate_seg.runs import (
     LAST_CHECKPOINT,
@@ -30,7 +31,6 @@ from prostate_seg.runs import (
     RESULTS_FILE,
     RunStatus,
     read_json,
-    write_json,
 )
 
 log = logging.getLogger(__name__)

@@ -359,6 +359,18 @@ def test_predict_rejects_non_3d_and_unreadable_input(trained_run, tmp_path):
         predict_paths(trained_run / "checkpoints" / "last.ckpt", junk, tmp_path / "o.nii.gz")
 
 
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from prostate_seg.files import replacing, write_json
+
+    path = tmp_path / "results.json"
+    write_json(path, {"dice": 0.8})
+    with pytest.raises(OSError), replacing(path) as tmp:
+        tmp.write_text('{"dice": 0.')
+        raise OSError("disk full")
+    assert json.loads(path.read_text()) == {"dice": 0.8}
+    assert list(tmp_path.iterdir()) == [path]
+
+
 def test_two_runs_started_together_get_their_own_folders(tmp_path):
     from prostate_seg.config import compose_config
 

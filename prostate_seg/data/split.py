@@ -8,13 +8,13 @@ it is stored as ``<dataset>/split.json`` so every run of a sweep compares on the
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.files import write_json
 
 SPLIT_FILE = "split.json"
 
@@ -61,8 +61,7 @@ def load_or_make_split(data_dir: Path, patients: list[str], split_seed: int,
                             "prepared again: delete split.json to make a new split")
         return split
     split = make_split(patients, split_seed, val_fraction)
-    tmp = path.with_name(f".{SPLIT_FILE}.{os.getpid()}")
-    tmp.write_text(json.dumps({"split_seed": split.split_seed, "val_fraction": split.val_fraction,
-                               "train": list(split.train), "val": list(split.val)}, indent=2))
-    os.replace(tmp, path)  # concurrent jobs write the same content; the last rename wins
+    # Concurrent jobs write the same content; the last rename wins.
+    write_json(path, {"split_seed": split.split_seed, "val_fraction": split.val_fraction,
+                      "train": list(split.train), "val": list(split.val)})
     return split
