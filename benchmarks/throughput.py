@@ -55,8 +55,8 @@ def synchronize(device: torch.device) -> None:
 def make_dataset(root: Path, patients: int, size: int, workers: int) -> Path:
     """Synthetic phantoms prepared to ``size`` PNG slices (the framework's on-disk format)."""
     generate(root / "nifti", num_patients=patients, seed=0, size=128, workers=workers)
-    return Path(prepare(root / "nifti", root / "png", PrepareSettings(image_size=size),
-                        workers=workers)["input_dir"]).parent / "png"
+    prepare(root / "nifti", root / "png", PrepareSettings(image_size=size), workers=workers)
+    return root / "png"
 
 
 # --- (a) the original-style plain loop -------------------------------------------------------

@@ -74,7 +74,7 @@ class ValidationImageGrid(Callback):
         self._indices: list[int] | None = None
 
     def _choose(self, dataset: Any) -> list[int]:
-        with_gland = [i for i in range(len(dataset)) if dataset[i]["mask"].any()]
+        with_gland = [i for i in range(len(dataset)) if dataset.gland_pixels(i) > 0]
         candidates = with_gland or list(range(len(dataset)))
         step = max(1, len(candidates) // self.num_images)
         return candidates[::step][: self.num_images]

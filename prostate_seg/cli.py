@@ -49,7 +49,7 @@ def command_line_overrides(argv: list[str]) -> list[str]:
     return overrides
 
 
-def unknown_group_choice(argv: list[str], config_name: str) -> str | None:
+def unknown_group_choice(argv: list[str]) -> str | None:
     """A one-line message for the first ``group=option`` whose option does not exist."""
     overrides = command_line_overrides(argv)
     if not overrides:
@@ -103,7 +103,7 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
 def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
     """Run ``task(cfg)`` as a Hydra app over ``conf/<config_name>.yaml``."""
-    problem = unknown_group_choice(sys.argv[1:], config_name)
+    problem = unknown_group_choice(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -9,6 +9,7 @@ original in-plane size with the dataset's ``fit`` mode.
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 import torch
 from hydra.utils import instantiate
@@ -18,6 +19,7 @@ from scipy import ndimage
 from prostate_seg.data.resize import fit_slice, unfit_slice
 from prostate_seg.errors import DataError
 from prostate_seg.module import SegmentationModule
+from prostate_seg.prepare import PrepareSettings
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -52,11 +54,11 @@ class SlicePredictor:
         cfg = module.cfg
         self.transform = instantiate(cfg.data.val_transform)
         self.context = int(cfg.data.context_slices)
-        prep = cfg.get("preprocessing") or {}
-        self.prep_size = int(prep.get("image_size", cfg.data.image_size))
-        self.fit = str(prep.get("fit", "resize"))
-        self.window = tuple(prep.get("window", (0.5, 99.5)))
-        self.image_channel = int(prep.get("image_channel", 0))
+        # How the training data was prepared (older checkpoints: the defaults at image_size).
+        prep = PrepareSettings.from_config({"image_size": cfg.data.image_size,
+                                            **(cfg.get("preprocessing") or {})})
+        self.prep_size, self.fit = prep.image_size, prep.fit
+        self.window, self.image_channel = prep.window, prep.image_channel
         self.batch_size = batch_size
         self.tta = tta
 

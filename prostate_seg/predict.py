@@ -61,8 +61,9 @@ def predict_scan(predictor: SlicePredictor, scan: Path, output: Path, keep_large
     data = voxel_array(img, scan, predictor.image_channel)
     geometry = geometry_of(img, data.shape)
     slices = window_to_uint8(to_slices(data, geometry), scan, *predictor.window)
-    prob = from_slices(predictor.predict_volume(slices), geometry)
-    mask = from_slices(binarize(to_slices(prob, geometry), keep_largest), geometry)
+    stack = predictor.predict_volume(slices)
+    prob = from_slices(stack, geometry)
+    mask = from_slices(binarize(stack, keep_largest), geometry)
     output.parent.mkdir(parents=True, exist_ok=True)
     _save(mask, img, np.uint8, output)
     if save_probabilities:

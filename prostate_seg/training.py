@@ -91,7 +91,7 @@ def save_preview(module: SegmentationModule, datamodule: SliceDataModule, path: 
     dataset = datamodule.val_set
     best: dict[int, tuple[int, int]] = {}
     for i in range(len(dataset)):
-        area = int(dataset[i]["mask"].sum())
+        area = dataset.gland_pixels(i)
         volume = dataset.volume_index[i]
         if area > best.get(volume, (-1, -1))[0]:
             best[volume] = (area, i)

@@ -114,13 +114,13 @@ def test_launcher_configs_compose(tmp_path):
     (["hydra/launcher=spark"], "hydra/launcher=spark: unknown launcher; valid: basic, gpu_pool"),
 ])
 def test_unknown_group_options_give_one_line_with_the_valid_names(argv, expected):
-    message = unknown_group_choice(argv, "train")
+    message = unknown_group_choice(argv)
     assert message.startswith(expected) and "\n" not in message
 
 
 def test_known_options_and_plain_values_pass():
     assert unknown_group_choice(["loss=bce", "seed=3", "loss.alpha=0.3", "-m",
-                                 "model=unet,unet_small", "+foo=1"], "train") is None
+                                 "model=unet,unet_small", "+foo=1"]) is None
 
 
 def test_conf_dir_is_the_repository_conf():

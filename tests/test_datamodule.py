@@ -3,17 +3,16 @@
 import json
 
 import cv2
-
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, compose_train
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from prostate_seg.data import SliceDataModule
 from prostate_seg.data.dataset import SliceDataset, init_worker, read_png
 from prostate_seg.errors import ConfigError
-from helpers import TINY, compose_train
 
 
 def datamodule(data_dir, tmp_path, *overrides) -> SliceDataModule:

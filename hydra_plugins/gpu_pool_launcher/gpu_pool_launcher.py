@@ -250,11 +250,10 @@ class GpuPoolLauncher(Launcher):
                       f"hydra.job.num={idx}", f"hydra.job.id={idx}"])
         return _Job(idx=idx, overrides=overrides, config=config, dir=job_dir, command=command)
 
-    def _env(self, job: _Job, device: str, cpus: int) -> Dict[str, str]:
+    def _env(self, device: str, cpus: int) -> Dict[str, str]:
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = device if self.accelerator == "gpu" else ""
         env["PROSTATE_SEG_SLOT"] = device
-        env["PROSTATE_SEG_JOB"] = str(job.idx)
         env["PROSTATE_SEG_CPUS"] = str(cpus)
         env.setdefault("OMP_NUM_THREADS", str(cpus))
         env.setdefault("PYTHONUNBUFFERED", "1")  # the log stays in order, and complete if killed
@@ -283,7 +282,7 @@ class GpuPoolLauncher(Launcher):
                 return False
             try:
                 with open(log_path, "wb") as log_file:  # the child keeps its own handle
-                    proc = subprocess.Popen(job.command, env=self._env(job, device, cpus),
+                    proc = subprocess.Popen(job.command, env=self._env(device, cpus),
                                             stdin=subprocess.DEVNULL, stdout=log_file,
                                             stderr=subprocess.STDOUT, start_new_session=True)
             except OSError as exc:

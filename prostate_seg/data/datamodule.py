@@ -13,9 +13,9 @@ from prostate_seg.data.dataset import (
     SliceDataset,
     SliceRecord,
     check_files,
+    init_worker,
     prepared_size,
     read_manifest,
-    init_worker,
 )
 from prostate_seg.data.split import PatientSplit, load_or_make_split
 

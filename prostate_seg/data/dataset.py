@@ -164,6 +164,10 @@ class SliceDataset(Dataset):
     def _mask(self, i: int) -> np.ndarray:
         return self._masks[i] if self._masks is not None else read_png(self.records[i].mask)
 
+    def gland_pixels(self, index: int) -> int:
+        """Gland area of a slice, from its mask alone (no image decoding, no transform)."""
+        return int(np.count_nonzero(self._mask(index) > 127))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         channels = [self._image(i) for i in self.neighbours[index]]
         image = channels[0][..., None] if len(channels) == 1 else np.stack(channels, axis=-1)

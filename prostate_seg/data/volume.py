@@ -32,15 +32,6 @@ class VolumeGeometry:
     spacing: tuple[float, float, float]  # (slice, row, col) in mm
     spacing_known: bool
 
-    @property
-    def display_shape(self) -> tuple[int, int, int]:
-        """(Z, rows, cols) of the slice stack."""
-        to_display = _to_display(self.source_ornt)
-        shape = [0, 0, 0]
-        for axis, (new_axis, _) in enumerate(to_display):
-            shape[int(new_axis)] = self.source_shape[axis]
-        return (shape[2], shape[1], shape[0])
-
 
 def _to_display(source_ornt: np.ndarray) -> np.ndarray:
     return ornt_lib.ornt_transform(source_ornt, ornt_lib.axcodes2ornt(DISPLAY_AXCODES))
