@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from prostate_seg.data.dataset import read_manifest, read_png
 from prostate_seg.data.split import load_or_make_split
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.files import write_csv
+from prostate_seg.files import refuse_existing, write_csv
 from prostate_seg.inference import SlicePredictor, binarize, load_checkpoint, pick_device
 from prostate_seg.metrics import volume_scores
 
@@ -96,8 +96,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     output = Path(cfg.output) if cfg.output else Path(f"{cfg.ckpt_path}.eval.csv")
-    if output.exists() and not cfg.overwrite:  # before the work, not after it
-        raise DataError(f"{output} already exists; pass overwrite=true to replace it")
+    refuse_existing(output, cfg.overwrite)  # before the work, not after it
     rows = evaluate_checkpoint(cfg.ckpt_path, cfg.data.get("dir"), cfg.subset,
                                cfg.largest_component, cfg.tta, cfg.device, cfg.batch_size)
     table = rows + [summarize(rows)]

@@ -1,5 +1,6 @@
-"""Files written whole or not at all: a reader (the report, a resumed job, TensorBoard) never
-sees half a file, and a failed write leaves the previous version and no temporary behind."""
+"""Outputs written whole or not at all, and never over earlier results unless asked: a reader
+(the report, a resumed job) never sees half a file, and a failed write leaves the previous
+version and no temporary behind."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from prostate_seg.errors import DataError
+
+
+def refuse_existing(path: Path, overwrite: bool, name: str | None = None) -> None:
+    """Stop before any work if ``path`` (shown as ``name``) exists and overwrite is not set."""
+    if path.exists() and not overwrite:
+        raise DataError(f"{name or path} already exists; pass overwrite=true to replace it")
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from prostate_seg.data.volume import (
     window_to_uint8,
 )
 from prostate_seg.errors import DataError
-from prostate_seg.files import replacing
+from prostate_seg.files import refuse_existing, replacing
 from prostate_seg.inference import SlicePredictor, binarize, load_checkpoint, pick_device
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,7 @@ def predict_scan(predictor: SlicePredictor, scan: Path, output: Path, keep_large
                  save_probabilities: bool, overwrite: bool) -> Path:
     targets = [output] + ([probability_path(output)] if save_probabilities else [])
     for target in targets:
-        if target.exists() and not overwrite:
-            raise DataError(f"{target} already exists; pass overwrite=true to replace it")
+        refuse_existing(target, overwrite)
     img = load_nifti(scan)
     data = voxel_array(img, scan, predictor.image_channel)
     geometry = geometry_of(img, data.shape)

@@ -47,6 +47,7 @@ from prostate_seg.data.volume import (
     window_to_uint8,
 )
 from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.files import refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -255,8 +256,7 @@ def prepare(
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error={on_error}: choose raise or skip")
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise DataError(f"output_dir={output_dir} already exists; pass overwrite=true to replace it")
+    refuse_existing(output_dir, overwrite, f"output_dir={output_dir}")
     started = time.time()
     cases, problems = find_cases(input_dir)
     skipped = [{"case": p.split(":")[0], "reason": p} for p in problems]
