@@ -30,8 +30,8 @@ def fit_slice(image: np.ndarray, size: int, fit: str, nearest: bool = False) -> 
         image = padded
     if image.shape[0] == size and image.shape[1] == size:
         return image.copy()
-    if nearest:
-        interpolation = cv2.INTER_NEAREST
+    if nearest:  # sampled at pixel centres: INTER_NEAREST is shifted by up to half a pixel
+        interpolation = cv2.INTER_NEAREST_EXACT
     elif image.shape[0] > size:
         interpolation = cv2.INTER_AREA
     else:
