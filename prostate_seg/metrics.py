@@ -1,15 +1,20 @@
 """Segmentation metrics, with the conventions that matter for the science spelled out.
 
 * Predictions are ``sigmoid(logit) > 0.5`` (equivalently ``logit > 0``).
-* **Per-volume** metrics pool the pixels of one patient's slices, then average over patients;
-  per-volume Dice is the headline number (``val/dice``). Dice is 1 when prediction and truth
+* **Per-volume** metrics pool the pixels of one patient's slices, then average over the
+  patients seen in that pass (a volume none of whose slices was validated, e.g. under
+  ``limit_val_batches``, does not count); per-volume Dice is the headline number
+  (``val/dice``). Dice is 1 when prediction and truth
   are both empty; precision (recall) is 1 when there is nothing predicted (nothing to find)
   and nothing missed (nothing wrongly predicted), else 0 when its denominator is 0.
 * **Pooled** Dice (``val/dice_global``) counts every pixel of the split at once. Pixel F1
   pooled over the split is the same number: 2PR/(P+R) = 2TP/(2TP+FP+FN). The original study's
   "Dice" and "F1" differed only because its Dice was averaged per batch.
 * HD95: the larger of the two directed 95th-percentile distances between the surfaces of the
-  prediction and the truth, in mm when the spacing is known.
+  prediction and the truth, in mm when the spacing is known. When exactly one of them is
+  empty it is undefined; it is then set to the worst case, the volume's diagonal, and
+  flagged (``hd95_failed``), so a mean over patients never silently drops a failure
+  (Metrics Reloaded's advice for missing values).
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ def confusion(pred: Tensor, target: Tensor) -> Tensor:
 
 
 class VolumeConfusion(Metric):
-    """Accumulates TP/FP/FN per patient volume across batches (and processes, under DDP)."""
+    """Accumulates TP/FP/FN and the number of slices seen per patient volume across batches
+    (and processes, under DDP); means are over the volumes seen."""
 
     full_state_update = False
 
@@ -54,13 +60,18 @@ class VolumeConfusion(Metric):
         self.num_volumes = num_volumes
         self.add_state("counts", default=torch.zeros(num_volumes, 3, dtype=torch.long),
                        dist_reduce_fx="sum")
+        self.add_state("slices", default=torch.zeros(num_volumes, dtype=torch.long),
+                       dist_reduce_fx="sum")
 
     def update(self, logits: Tensor, target: Tensor, volume: Tensor) -> None:
         per_sample = confusion(logits > 0, target > 0.5)
-        self.counts.index_add_(0, volume.to(self.counts.device), per_sample)
+        volume = volume.to(self.counts.device)
+        self.counts.index_add_(0, volume, per_sample)
+        self.slices.index_add_(0, volume, torch.ones_like(volume))
 
     def compute(self) -> dict[str, Tensor]:
-        per_volume = scores_from_counts(self.counts)
+        seen = self.slices > 0
+        per_volume = scores_from_counts(self.counts[seen])
         pooled = scores_from_counts(self.counts.sum(0))
         return {
             "dice": per_volume["dice"].mean(),
@@ -77,7 +88,7 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> float:
     """95th-percentile symmetric Hausdorff distance between two boolean volumes.
 
-    0 when both are empty, ``inf`` when exactly one is.
+    0 when both are empty, ``inf`` when exactly one is (see :func:`volume_scores`).
     """
     pred, truth = pred.astype(bool), truth.astype(bool)
     if not pred.any() and not truth.any():
@@ -91,11 +102,20 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> flo
                      np.percentile(to_pred[truth_surface], 95)))
 
 
-def volume_scores(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> dict[str, float]:
-    """Dice, precision, recall, F1 and HD95 of one patient's volume."""
+def volume_scores(pred: np.ndarray, truth: np.ndarray,
+                  spacing: tuple[float, ...]) -> dict[str, float | int]:
+    """Dice, precision, recall and HD95 of one patient's volume, with the voxel counts.
+
+    An undefined HD95 (one of the masks empty) is the volume's diagonal, the largest
+    distance possible in it, with ``hd95_failed = 1``.
+    """
     counts = confusion(torch.from_numpy(pred.astype(bool))[None],
                        torch.from_numpy(truth.astype(bool))[None])[0]
-    scores = {k: float(v) for k, v in scores_from_counts(counts).items()}
-    scores["f1"] = scores["dice"]  # identical by definition for binary masks
-    scores["hd95"] = hd95(pred, truth, spacing)
+    scores: dict[str, float | int] = {k: float(v) for k, v in scores_from_counts(counts).items()}
+    distance = hd95(pred, truth, spacing)
+    failed = not np.isfinite(distance)
+    diagonal = float(np.sqrt(sum((n * s) ** 2 for n, s in zip(pred.shape, spacing))))
+    scores.update(hd95=diagonal if failed else distance, hd95_failed=int(failed),
+                  voxels_pred=int(pred.sum()), voxels_true=int(truth.sum()),
+                  voxels_total=int(pred.size))
     return scores

@@ -95,10 +95,38 @@ def test_hd95_agrees_with_brute_force_pairwise_distances(seed):
     assert hd95(pred, truth, spacing) == pytest.approx(expected, rel=1e-9)
 
 
-def test_volume_scores_f1_equals_dice():
+def test_volume_dice_equals_pixel_f1_and_counts_voxels():
     rng = np.random.default_rng(3)
     pred, truth = rng.random((3, 8, 8)) > 0.5, rng.random((3, 8, 8)) > 0.5
     scores = volume_scores(pred, truth, (1, 1, 1))
     p, r = scores["precision"], scores["recall"]
-    assert scores["f1"] == pytest.approx(2 * p * r / (p + r))
     assert scores["dice"] == pytest.approx(2 * p * r / (p + r))
+    assert (scores["voxels_pred"], scores["voxels_true"], scores["voxels_total"]) == (
+        pred.sum(), truth.sum(), 192)
+    assert scores["hd95_failed"] == 0 and np.isfinite(scores["hd95"])
+
+
+@pytest.mark.parametrize("pred_empty", [True, False])
+def test_undefined_hd95_is_the_worst_case_and_flagged(pred_empty):
+    """An empty prediction (or a prediction where there is no gland) has no surface distance:
+    it counts as the volume's diagonal, in mm, so a mean never drops it."""
+    some = np.zeros((4, 10, 20), bool)
+    some[1:3, 2:5, 3:9] = True
+    empty = np.zeros_like(some)
+    pred, truth = (empty, some) if pred_empty else (some, empty)
+    scores = volume_scores(pred, truth, (3.0, 0.5, 0.25))
+    assert scores["hd95_failed"] == 1
+    assert scores["hd95"] == pytest.approx(np.sqrt(12.0**2 + 5.0**2 + 5.0**2))
+    assert volume_scores(empty, empty, (1, 1, 1))["hd95"] == 0.0  # agreed: nothing there
+
+
+def test_volumes_not_seen_in_a_pass_do_not_count():
+    """Under limit_val_batches only some volumes are validated; the others must not count as
+    Dice 1 (empty truth, empty prediction)."""
+    metric = VolumeConfusion(num_volumes=3)
+    truth = torch.tensor([1, 1, 0, 0.0]).reshape(1, 1, 2, 2)
+    logits = torch.tensor([5, -5, 5, -5.0]).reshape(1, 1, 2, 2)  # 1 TP, 1 FN, 1 FP
+    metric.update(logits, truth, torch.tensor([1]))
+    scores = metric.compute()
+    assert scores["dice"].item() == pytest.approx(0.5)
+    assert scores["precision"].item() == pytest.approx(0.5)
