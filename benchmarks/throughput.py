@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.size, args.batch, args.patients, args.warmup, args.steps = 48, 4, 3, 2, 3
+        args.size, args.batch, args.patients, args.warmup, args.steps = 48, 4, 5, 2, 3
         args.variants = min(args.variants, 2)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     accelerator = "gpu" if device.type == "cuda" else "cpu"

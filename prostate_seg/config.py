@@ -61,6 +61,18 @@ def tversky_name(alpha: float, beta: float | None) -> str:
     return f"tversky_a{alpha}_b{beta}"
 
 
+def sweep_values(values: list | None, count: int | None = None) -> str:
+    """A list as the comma-separated values of a Hydra sweep (``[0, 1]`` -> ``0,1``); null with
+    a ``count`` means ``0 .. count-1`` (every fold)."""
+    if values is None:
+        if count is None:
+            raise ConfigError("a sweep needs a list of values")
+        values = list(range(int(count)))
+    if not len(values):
+        raise ConfigError("a sweep over an empty list runs nothing; give at least one value")
+    return ",".join(str(v) for v in values)
+
+
 def _register_resolvers() -> None:
     resolvers = {
         "ps.uses_gpu": uses_gpu,
@@ -68,6 +80,7 @@ def _register_resolvers() -> None:
         "ps.num_workers": default_num_workers,
         "ps.in_channels": lambda context: 1 + 2 * int(context),
         "ps.tversky_name": tversky_name,
+        "ps.sweep_values": sweep_values,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -132,8 +145,12 @@ def check_train_config(cfg: DictConfig) -> None:
     data = cfg.data
     _require(isinstance(data.batch_size, int) and data.batch_size >= 1,
              "data.batch_size", data.batch_size, "must be an integer >= 1")
-    _require(0.0 < data.val_fraction < 1.0, "data.val_fraction", data.val_fraction,
-             "must be in (0, 1)")
+    _require(isinstance(data.folds, int) and data.folds >= 2, "data.folds", data.folds,
+             "must be an integer >= 2 (patient-level cross-validation folds)")
+    _require(isinstance(data.fold, int) and 0 <= data.fold < data.folds, "data.fold", data.fold,
+             f"must be an integer in 0..{data.folds - 1} (data.folds={data.folds})")
+    _require(isinstance(data.test_fraction, (int, float)) and 0.0 <= data.test_fraction < 1.0,
+             "data.test_fraction", data.test_fraction, "must be a number in [0, 1)")
     _require(isinstance(data.context_slices, int) and data.context_slices >= 0,
              "data.context_slices", data.context_slices, "must be an integer >= 0")
     depth = len(cfg.model.net.features)

@@ -1,15 +1,21 @@
-"""Per-volume evaluation of a checkpoint on its validation patients, at the original size.
+"""Per-patient evaluation of a checkpoint at the scan's original size.
 
 ``python evaluate.py ckpt_path=PATH [data.dir=DIR subset=val largest_component=false tta=false]``
 
 Slice predictions are put back together per patient, mapped back to the scan's in-plane size,
-and compared with the gland mask stored by prepare at that size. Writes
-``<checkpoint>.eval.csv`` next to the checkpoint (refused if it exists, unless overwrite=true).
+and compared with the gland mask stored by prepare at that size. The patients are those of
+the split stored in the checkpoint (its fold's validation patients, its test patients, ...),
+and the data folder must be prepared and split as the checkpoint's was, so a checkpoint is
+never scored on patients it trained on or on data preprocessed another way. Writes
+``<checkpoint>.eval.csv`` (refused if it exists, unless overwrite=true). Every training run
+does the same for its best checkpoint and writes ``per_patient.csv``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +23,18 @@ import numpy as np
 from omegaconf import DictConfig
 
 from prostate_seg.data.dataset import read_manifest, read_png
-from prostate_seg.data.split import load_or_make_split
+from prostate_seg.data.split import SPLIT_FILE, PatientSplit
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import refuse_existing, write_csv
 from prostate_seg.inference import SlicePredictor, binarize, load_checkpoint, pick_device
 from prostate_seg.metrics import volume_scores
+from prostate_seg.module import SegmentationModule
+from prostate_seg.prepare import PrepareSettings
 
 log = logging.getLogger(__name__)
-SCORES = ("dice", "precision", "recall", "f1")
+SUBSETS = ("val", "test", "train", "all")
+PER_PATIENT_FIELDS = ["patient", "split", "dice", "precision", "recall", "hd95", "hd95_failed",
+                      "hd95_unit", "voxels_pred", "voxels_true", "voxels_total", "slices"]
 
 
 def _reference(data_dir: Path, patient: str) -> tuple[np.ndarray, tuple[float, ...], bool]:
@@ -33,6 +43,83 @@ def _reference(data_dir: Path, patient: str) -> tuple[np.ndarray, tuple[float, .
         raise DataError(f"{path}: missing; prepare the dataset again with this version")
     with np.load(path) as stored:
         return stored["mask"].astype(bool), tuple(stored["spacing"]), bool(stored["spacing_known"])
+
+
+def stored_split(module: SegmentationModule, ckpt_path: str | Path) -> PatientSplit:
+    stored = module.cfg.get("split")
+    if not stored:
+        raise DataError(f"ckpt_path={ckpt_path}: the checkpoint stores no patient split "
+                        "(made by an older version); train it again to evaluate it per patient")
+    return PatientSplit(int(stored["fold"]), tuple(stored["train"]), tuple(stored["val"]),
+                        tuple(stored["test"]))
+
+
+def check_same_dataset(data_dir: Path, module: SegmentationModule, split: PatientSplit) -> None:
+    """Refuse a data folder prepared or split otherwise than the checkpoint's training data."""
+    stored = module.cfg.get("preprocessing")
+    prepare_json = data_dir / "prepare.json"
+    if stored and prepare_json.exists():
+        here = PrepareSettings.from_config(json.loads(prepare_json.read_text())).to_dict()
+        trained = PrepareSettings.from_config(stored).to_dict()
+        differ = [f"{k}={here[k]} (checkpoint: {trained[k]})" for k in here if here[k] != trained[k]]
+        if differ:
+            raise DataError(f"data.dir={data_dir}: prepared with {', '.join(differ)}; the "
+                            "checkpoint was trained on data prepared otherwise")
+    split_json = data_dir / SPLIT_FILE
+    if split_json.exists():
+        try:
+            stored_here = json.loads(split_json.read_text())
+            here_val = set(stored_here["splits"][split.fold]["val"])
+            here_test = set(stored_here["test"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise DataError(f"{split_json}: not the cross-validation split this checkpoint "
+                            f"was trained with (fold {split.fold})") from None
+        if here_val != set(split.val) or here_test != set(split.test):
+            raise DataError(f"{split_json}: fold {split.fold} differs from the split the "
+                            "checkpoint was trained with; evaluating with it would score "
+                            "patients the model trained on")
+
+
+def evaluate_patients(module: SegmentationModule, data_dir: Path,
+                      patients: Mapping[str, Sequence[str]], keep_largest: bool = False,
+                      tta: bool = False, batch_size: int = 32) -> list[dict[str, Any]]:
+    """One row per patient (``patients`` maps a split name to its patient ids)."""
+    records = read_manifest(data_dir)
+    by_patient: dict[str, list] = {}
+    for record in records:
+        by_patient.setdefault(record.patient, []).append(record)
+    predictor = SlicePredictor(module, batch_size=batch_size, tta=tta)
+    rows = []
+    for split, ids in patients.items():
+        for patient in sorted(ids):
+            slices = by_patient.get(patient)
+            if not slices:
+                raise DataError(f"{data_dir}/manifest.csv: no slices of patient {patient}")
+            fitted = np.stack([read_png(r.image) for r in slices])
+            prob = predictor.predict_fitted(fitted, slices[0].height, slices[0].width)
+            truth, spacing, spacing_known = _reference(data_dir, patient)
+            if truth.shape != prob.shape:
+                raise DataError(f"{data_dir}/volumes/{patient}.npz: shape {truth.shape} != the "
+                                f"manifest's slices {prob.shape}")
+            scores = volume_scores(binarize(prob, keep_largest), truth,
+                                   spacing if spacing_known else (1.0, 1.0, 1.0))
+            rows.append({"patient": patient, "split": split, **scores,
+                         "hd95_unit": "mm" if spacing_known else "px", "slices": len(slices)})
+    return [{k: row[k] for k in PER_PATIENT_FIELDS} for row in rows]
+
+
+def split_means(rows: list[dict[str, Any]], split: str) -> dict[str, float | int]:
+    """Means over one split's patients (HD95: the median, failures counted, never dropped)."""
+    chosen = [r for r in rows if r["split"] == split]
+    if not chosen:
+        return {}
+    column = lambda key: np.array([float(r[key]) for r in chosen])  # noqa: E731
+    return {f"{split}/dice_original": float(column("dice").mean()),
+            f"{split}/precision_original": float(column("precision").mean()),
+            f"{split}/recall_original": float(column("recall").mean()),
+            f"{split}/hd95_original": float(np.median(column("hd95"))),
+            f"{split}/hd95_failed": int(column("hd95_failed").sum()),
+            f"{split}/patients": len(chosen)}
 
 
 def evaluate_checkpoint(
@@ -44,53 +131,37 @@ def evaluate_checkpoint(
     device: str = "auto",
     batch_size: int = 32,
 ) -> list[dict[str, Any]]:
-    """One row per patient (plus nothing else): Dice, precision, recall, F1, HD95."""
-    if subset not in ("val", "train", "all"):
-        raise ConfigError(f"subset={subset}: choose val, train or all")
+    """One row per patient of ``subset`` of the checkpoint's own split."""
+    if subset not in SUBSETS:
+        raise ConfigError(f"subset={subset}: choose one of {', '.join(SUBSETS)}")
     module = load_checkpoint(ckpt_path, pick_device(device))
-    cfg = module.cfg
-    data_dir = Path(data_dir or cfg.data.dir)
-    records = read_manifest(data_dir)
-    split = load_or_make_split(data_dir, [r.patient for r in records], cfg.data.split_seed,
-                               cfg.data.val_fraction)
-    wanted = {"val": set(split.val), "train": set(split.train),
-              "all": set(split.val) | set(split.train)}[subset]
-    predictor = SlicePredictor(module, batch_size=batch_size, tta=tta)
-    rows = []
-    for patient in sorted(wanted):
-        slices = [r for r in records if r.patient == patient]
-        fitted = np.stack([read_png(r.image) for r in slices])
-        prob = predictor.predict_fitted(fitted, slices[0].height, slices[0].width)
-        truth, spacing, spacing_known = _reference(data_dir, patient)
-        if truth.shape != prob.shape:
-            raise DataError(f"{data_dir}/volumes/{patient}.npz: shape {truth.shape} != the "
-                            f"manifest's slices {prob.shape}")
-        scores = volume_scores(binarize(prob, keep_largest), truth,
-                               spacing if spacing_known else (1.0, 1.0, 1.0))
-        hd_key = "hd95_mm" if spacing_known else "hd95_px"
-        rows.append({"patient": patient, "slices": len(slices),
-                     **{k: scores[k] for k in SCORES}, hd_key: scores["hd95"]})
-    return rows
+    split = stored_split(module, ckpt_path)
+    data_dir = Path(data_dir or module.cfg.data.dir)
+    check_same_dataset(data_dir, module, split)
+    groups = {"val": split.val, "test": split.test, "train": split.train}
+    chosen = groups if subset == "all" else {subset: groups[subset]}
+    chosen = {name: ids for name, ids in chosen.items() if ids}
+    if not chosen:
+        raise ConfigError(f"subset={subset}: the checkpoint's split has no {subset} patients")
+    return evaluate_patients(module, data_dir, chosen, keep_largest, tta, batch_size)
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean over patients of every score column (HD95 over patients where it is finite)."""
-    summary: dict[str, Any] = {"patient": "mean", "slices": sum(r["slices"] for r in rows)}
-    for key in rows[0]:
-        if key in ("patient", "slices"):
-            continue
-        values = np.array([r.get(key, np.nan) for r in rows], dtype=float)
-        values = values[np.isfinite(values)]
-        summary[key] = float(values.mean()) if len(values) else float("nan")
+    """A last row: the mean over patients of every score (HD95 with its worst cases)."""
+    summary: dict[str, Any] = {"patient": "mean", "split": "",
+                               "slices": sum(r["slices"] for r in rows)}
+    for key in ("dice", "precision", "recall", "hd95", "hd95_failed"):
+        summary[key] = float(np.mean([float(r[key]) for r in rows]))
+    summary["hd95_failed"] = int(sum(r["hd95_failed"] for r in rows))
     return summary
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    keys = list(rows[0])
+    keys = ["patient", "split", "dice", "precision", "recall", "hd95", "hd95_failed"]
     lines = ["  ".join(f"{k:>12}" for k in keys)]
     for row in rows:
-        lines.append("  ".join(f"{row[k]:>12.4f}" if isinstance(row[k], float)
-                               else f"{row[k]!s:>12}" for k in keys))
+        lines.append("  ".join(f"{row.get(k, ''):>12.4f}" if isinstance(row.get(k), float)
+                               else f"{row.get(k, '')!s:>12}" for k in keys))
     return "\n".join(lines)
 
 
@@ -100,7 +171,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     rows = evaluate_checkpoint(cfg.ckpt_path, cfg.data.get("dir"), cfg.subset,
                                cfg.largest_component, cfg.tta, cfg.device, cfg.batch_size)
     table = rows + [summarize(rows)]
-    write_csv(output, table, list(table[0]))
+    write_csv(output, table, PER_PATIENT_FIELDS)
     print(format_table(table))
     print(f"per-patient metrics written to {output}")
     return table

@@ -1,31 +1,162 @@
-"""What a run leaves in its folder, read and written in one place.
+"""What a run leaves in its folder, read and written in one place, and what a run is.
 
-    <run>/.hydra/config.yaml     composed config (Hydra)
-    <run>/status.json            running | completed | failed | interrupted, times, traceback
-    <run>/results.json           validation metrics of the best checkpoint, epochs trained
+    <run>/.hydra/config.yaml     composed config (Hydra; rewritten whenever a job starts here)
+    <run>/status.json            running | completed | failed | interrupted, times, traceback,
+                                 and the run's config identity
+    <run>/results.json           metrics of the best checkpoint, epochs trained, identity
+    <run>/per_patient.csv        the best checkpoint per patient at the scan's original size
     <run>/metrics.csv            every epoch's logged metrics
     <run>/val_preview.npz        the best model's output on fixed validation slices
     <run>/checkpoints/           best-*.ckpt, last.ckpt
     <run>/events.out.tfevents.*  TensorBoard
+    <run>/.lock                  held by the process working in the folder
+
+A run's **identity** is a hash of every setting that changes its result (not output paths,
+devices, launcher, logging or speed settings); the dataset enters by its content, not its
+path. Its **group** is the same without the seed and the fold: runs of one group are
+repetitions of one configuration, which the report pools.
 """
 
 from __future__ import annotations
 
+import csv
+import fcntl
+import hashlib
 import json
 import os
 import socket
 import time
 import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
+from prostate_seg.errors import ConfigError
 from prostate_seg.files import write_json
 
 STATUS_FILE = "status.json"
 RESULTS_FILE = "results.json"
+PER_PATIENT_FILE = "per_patient.csv"
 METRICS_FILE = "metrics.csv"
 PREVIEW_FILE = "val_preview.npz"
+LOCK_FILE = ".lock"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
+
+# Settings that do not change what a run computes: where it writes, on which device, how
+# fast, what it logs. Everything else is part of its identity.
+NOT_IDENTITY = (
+    "hydra", "paths", "logger", "ckpt_path", "resume", "evaluate_best", "study", "debug",
+    "data.dir", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.cache",
+    "model.compile", "model.channels_last", "optimizer.fused",
+    "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
+    "trainer.sync_batchnorm", "trainer.default_root_dir", "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar", "trainer.benchmark", "trainer.num_sanity_val_steps",
+    "callbacks.progress_bar", "callbacks.image_grid", "callbacks.lr_monitor",
+    "callbacks.metrics_history", "callbacks.interrupt_checkpoint", "callbacks.finite_loss",
+    "callbacks.epoch_log", "callbacks.model_checkpoint.dirpath",
+    "callbacks.model_checkpoint.filename", "callbacks.last_checkpoint",
+    "preprocessing", "split", "identity",
+)
+REPEAT_KEYS = ("seed", "data.fold")  # what tells the runs of one group apart
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping):
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+def _excluded(key: str, excluded: tuple[str, ...]) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in excluded)
+
+
+def _digest(values: Mapping[str, Any]) -> str:
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def dataset_fingerprint(data_dir: Path) -> str:
+    """The prepared dataset by content (its settings and every slice's patient, index, size
+    and gland area), so a moved copy is the same data and a re-prepared one is not."""
+    digest = hashlib.sha256()
+    settings = data_dir / "prepare.json"
+    if settings.exists():
+        digest.update(json.dumps(json.loads(settings.read_text()), sort_keys=True).encode())
+    with open(data_dir / "manifest.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            digest.update("|".join(str(row.get(k)) for k in (
+                "patient", "slice", "height", "width", "gland_pixels")).encode())
+    return digest.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Identity:
+    hash: str
+    group: str
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"hash": self.hash, "group": self.group, "config": self.config}
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any] | None) -> Identity | None:
+        if not stored or "hash" not in stored:
+            return None
+        return cls(stored["hash"], stored.get("group", ""), dict(stored.get("config") or {}))
+
+    def differences(self, other: Identity) -> list[str]:
+        """``key: old -> new`` for every setting that differs (``other`` is the old one)."""
+        keys = sorted(set(self.config) | set(other.config))
+        return [f"{k}: {other.config.get(k, '(unset)')} -> {self.config.get(k, '(unset)')}"
+                for k in keys if self.config.get(k) != other.config.get(k)]
+
+
+def config_identity(cfg: DictConfig | Mapping[str, Any], dataset: str, split: str) -> Identity:
+    """Identity of a run from its config, the dataset fingerprint and the split's hash."""
+    container = (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig)
+                 else dict(cfg))
+    values = {k: v for k, v in _flatten(container).items() if not _excluded(k, NOT_IDENTITY)}
+    values.update({"data.dataset": dataset, "data.split": split})
+    group = {k: v for k, v in values.items() if k not in REPEAT_KEYS}
+    return Identity(_digest(values), _digest(group), values)
+
+
+def split_digest(split: Mapping[str, Any]) -> str:
+    return _digest(split)
+
+
+class RunLock:
+    """An exclusive lock on a run folder for the life of the process that holds it (released
+    by the kernel when the process dies, so a killed job never leaves a stale lock)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(f"{self.path.parent}: run folder in use by {holder}; wait for it "
+                              "to end, or write to another folder") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -50,9 +181,14 @@ class RunStatus:
         self.record.update(fields, updated=time.time())
         write_json(self.path, self.record)
 
-    def running(self, resumed_from: str | None) -> None:
+    @property
+    def identity(self) -> Identity | None:
+        return Identity.from_dict(self.record.get("identity"))
+
+    def running(self, resumed_from: str | None, identity: Identity) -> None:
         self._write(status="running", started=time.time(), host=socket.gethostname(),
-                    pid=os.getpid(), resumed_from=resumed_from, error=None, traceback=None)
+                    pid=os.getpid(), resumed_from=resumed_from, error=None, traceback=None,
+                    identity=identity.to_dict())
 
     def completed(self) -> None:
         self._write(status="completed", finished=time.time())

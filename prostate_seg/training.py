@@ -19,18 +19,26 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from prostate_seg.config import check_train_config
+from prostate_seg.config import check_train_config, uses_gpu
 from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError
-from prostate_seg.files import write_json
+from prostate_seg.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_means
+from prostate_seg.files import write_csv, write_json
+from prostate_seg.inference import load_checkpoint
 from prostate_seg.module import HP_METRIC, SegmentationModule
 from prostate_seg.runs import (
     LAST_CHECKPOINT,
     METRICS_FILE,
+    PER_PATIENT_FILE,
     PREVIEW_FILE,
     RESULTS_FILE,
+    Identity,
+    RunLock,
     RunStatus,
+    config_identity,
+    dataset_fingerprint,
     read_json,
+    split_digest,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +55,8 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
         "alpha": "-" if alpha is None else alpha,
         "beta": "-" if beta is None else beta,
         "seed": cfg.seed,
+        "fold": cfg.data.fold,
+        "folds": cfg.data.folds,
         "lr": cfg.optimizer.lr,
         "batch_size": cfg.data.batch_size,
         "image_size": cfg.data.image_size,
@@ -57,20 +67,37 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path) -> str | None:
+def _refuse_other_config(identity: Identity, stored: Identity | None, what: str) -> None:
+    """A run folder holds one configuration: continuing or skipping it under another would
+    put old results under the new settings."""
+    if stored is None:
+        raise ConfigError(f"{what} records no config identity (made by an older version); "
+                          "write this run to another folder, or resume=false to train anew")
+    if stored.hash != identity.hash:
+        raise ConfigError(f"{what} was made with another config ({'; '.join(identity.differences(stored))}); "
+                          "write this run to another folder, or resume=false to train anew")
+
+
+def _checkpoint_identity(path: Path) -> Identity | None:
+    # mmap: the tensors are not read, only the stored config
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return Identity.from_dict(checkpoint.get("hyper_parameters", {}).get("cfg", {}).get("identity"))
+
+
+def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, identity: Identity) -> str | None:
     last = run_dir / LAST_CHECKPOINT
     if cfg.ckpt_path == "last":
         if not last.exists():
             raise ConfigError(f"ckpt_path=last: no {last} in this run folder (set hydra.run.dir "
                               "to the run to continue, or give ckpt_path=PATH)")
-        return str(last)
-    if cfg.ckpt_path:
+    elif cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path}: file not found")
-        return str(cfg.ckpt_path)
-    if cfg.resume and last.exists():
-        return str(last)
-    return None
+        return str(cfg.ckpt_path)  # the user's own choice of starting point
+    elif not (cfg.resume and last.exists()):
+        return None
+    _refuse_other_config(identity, _checkpoint_identity(last), str(last))
+    return str(last)
 
 
 def _best_epoch(metrics_csv: Path) -> int | None:
@@ -116,15 +143,34 @@ def _trainer(cfg: DictConfig) -> pl.Trainer:
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
 
-def build_run(cfg: DictConfig) -> tuple[SliceDataModule, SegmentationModule, pl.Trainer]:
-    """Data (checked), model and Trainer of a run, exactly as ``train`` uses them."""
-    pl.seed_everything(cfg.seed, workers=True)
+def setup_data(cfg: DictConfig) -> SliceDataModule:
+    """The run's data, checked whole (manifest, every file, the split) before any model work."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule: SliceDataModule = instantiate(cfg.data)
-    datamodule.setup("fit")  # checks the whole dataset before any model or GPU work
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    # How the dataset was made travels with the checkpoint: predict preprocesses new scans so.
-    resolved["preprocessing"] = read_json(Path(cfg.data.dir) / "prepare.json")
-    module = SegmentationModule(resolved)
+    datamodule.setup("fit")
+    return datamodule
+
+
+def identity_of(cfg: DictConfig, datamodule: SliceDataModule) -> Identity:
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    return config_identity(task, dataset_fingerprint(datamodule.dir),
+                           split_digest(datamodule.folds.to_dict()))
+
+
+def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
+              identity: Identity | None = None
+              ) -> tuple[SliceDataModule, SegmentationModule, pl.Trainer]:
+    """Data (checked), model and Trainer of a run, exactly as ``train`` uses them."""
+    datamodule = datamodule or setup_data(cfg)
+    identity = identity or identity_of(cfg, datamodule)
+    record = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                                    resolve=True)
+    # What the model was trained on travels with the checkpoint: predict preprocesses new
+    # scans so, and evaluate scores the patients this fold never trained on.
+    record.update(preprocessing=read_json(datamodule.dir / "prepare.json"),
+                  split=datamodule.split.to_dict(), identity=identity.to_dict())
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights follow the seed
+    module = SegmentationModule(record)
     trainer = _trainer(cfg)
     if trainer.logger is not None:
         trainer.logger.log_hyperparams(hparams_of(cfg), metrics={HP_METRIC: 0.0})
@@ -135,16 +181,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) one training job in Hydra's output folder; returns its results."""
     check_train_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    lock = RunLock(run_dir)
+    if rank_zero_only.rank == 0:
+        lock.acquire()
+    try:
+        return _train_locked(cfg, run_dir)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    datamodule = setup_data(cfg)
+    identity = identity_of(cfg, datamodule)
     status = RunStatus(run_dir)
     done = read_json(run_dir / RESULTS_FILE)
     if cfg.resume and status.state == "completed" and done is not None and not cfg.ckpt_path:
+        _refuse_other_config(identity, status.identity, f"the completed run in {run_dir}")
         log.info("%s already completed; nothing to do (resume=false to train again)", run_dir)
         return done
-    ckpt_path = _checkpoint_to_resume(cfg, run_dir)
+    ckpt_path = _checkpoint_to_resume(cfg, run_dir, identity)
     if rank_zero_only.rank == 0:
-        status.running(resumed_from=ckpt_path)
+        status.running(resumed_from=ckpt_path, identity=identity)
     try:
-        results = _fit(cfg, run_dir, ckpt_path)
+        results = _fit(cfg, run_dir, ckpt_path, datamodule, identity)
     except BaseException as exc:
         if rank_zero_only.rank == 0:
             status.failed(exc)
@@ -156,16 +215,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, Any]:
+def objective(cfg: DictConfig) -> float:
+    """The task of ``train.py``: train, and return the mean per-patient validation Dice at the
+    scans' original size, the number a sweeper (Optuna) maximises."""
+    return float(train(cfg).get("val/dice_original", float("nan")))
+
+
+def _evaluate_per_patient(cfg: DictConfig, best: str, datamodule: SliceDataModule,
+                          run_dir: Path) -> dict[str, Any]:
+    """Score the best checkpoint per patient at original size on the fold's validation
+    patients and the test patients; writes per_patient.csv, returns the means."""
+    device = "cuda" if uses_gpu(cfg.trainer.accelerator) else "cpu"
+    module = load_checkpoint(best, torch.device(device))
+    split = datamodule.split
+    patients = {"val": split.val, **({"test": split.test} if split.test else {})}
+    rows = evaluate_patients(module, datamodule.dir, patients)
+    write_csv(run_dir / PER_PATIENT_FILE, rows, PER_PATIENT_FIELDS)
+    means: dict[str, Any] = {}
+    for name in patients:
+        means.update(split_means(rows, name))
+    return means
+
+
+def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: SliceDataModule,
+         identity: Identity) -> dict[str, Any]:
     started = time.time()
-    datamodule, module, trainer = build_run(cfg)
+    datamodule, module, trainer = build_run(cfg, datamodule, identity)
     if ckpt_path:
         log.info("continuing from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     fit_seconds = time.time() - started
 
-    results: dict[str, Any] = {**hparams_of(cfg), "epochs_trained": trainer.current_epoch,
-                               "fit_seconds": round(fit_seconds, 1)}
+    stopped = [cb.stopped_epoch for cb in trainer.early_stopping_callbacks]
+    results: dict[str, Any] = {
+        **hparams_of(cfg), "identity": identity.hash, "group": identity.group,
+        "epochs_trained": trainer.current_epoch, "stopped_early": any(e > 0 for e in stopped),
+        "fit_seconds": round(fit_seconds, 1)}
     if cfg.evaluate_best and trainer.checkpoint_callback is not None:
         best = trainer.checkpoint_callback.best_model_path
         metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
@@ -174,9 +259,12 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None) -> dict[str, Any
         results.update(best_checkpoint=best, best_epoch=_best_epoch(run_dir / METRICS_FILE))
         if trainer.is_global_zero:
             save_preview(module, datamodule, run_dir / PREVIEW_FILE)
+            if best:
+                results.update(_evaluate_per_patient(cfg, best, datamodule, run_dir))
     if trainer.is_global_zero:
         write_json(run_dir / RESULTS_FILE, results)
-        log.info("best val/dice %.4f (epoch %s) after %d epochs; results in %s",
-                 results.get("val/dice", float("nan")), results.get("best_epoch"),
-                 results["epochs_trained"], run_dir)
+        log.info("best val/dice %.4f (epoch %s) after %d epochs; per patient at original size "
+                 "%.4f; results in %s", results.get("val/dice", float("nan")),
+                 results.get("best_epoch"), results["epochs_trained"],
+                 results.get("val/dice_original", float("nan")), run_dir)
     return results

@@ -78,12 +78,18 @@ def test_gpu_defaults_are_fast_and_cpu_defaults_plain(tmp_path):
     assert cpu.trainer.precision == "32-true" and cpu.model.compile is False
 
 
-def test_paper_experiment_sweeps_eight_losses_and_three_seeds(tmp_path):
-    cfg = compose_train(["experiment=paper", "data.dir=."], tmp_path)
+@pytest.mark.parametrize("overrides, folds, seeds", [
+    ([], "0,1,2,3,4", "0"),
+    (["study.seeds=[0,1,2]", "data.folds=3"], "0,1,2", "0,1,2"),
+    (["study.folds=[1,3]"], "1,3", "0"),
+])
+def test_paper_experiment_sweeps_eight_losses_over_folds_and_seeds(tmp_path, overrides, folds,
+                                                                    seeds):
+    cfg = compose_train(["experiment=paper", "data.dir=.", *overrides], tmp_path)
     params = cfg.hydra.sweeper.params
     assert params.loss.split(",") == ["bce"] + [f"tversky_a{a}" for a in
                                                 ("0.25", "0.35", "0.45", "0.5", "0.65", "0.75", "0.85")]
-    assert params.seed == "0,1,2"
+    assert params["data.fold"] == folds and params.seed == seeds
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.data.batch_size == 16
     assert cfg.optimizer.lr == 1e-4 and cfg.trainer.max_epochs == 100
 

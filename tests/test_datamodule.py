@@ -22,28 +22,43 @@ def datamodule(data_dir, tmp_path, *overrides) -> SliceDataModule:
     return dm
 
 
-def test_split_is_by_patient_and_shared_by_every_run(prepared_copy, tmp_path):
-    first = datamodule(prepared_copy, tmp_path)
+def test_fold_splits_by_patient_and_is_shared_by_every_run(prepared_copy, tmp_path):
+    first = datamodule(prepared_copy, tmp_path, "data.folds=4", "data.fold=1")
     train_patients = {r.patient for r in first.train_set.records}
     val_patients = {r.patient for r in first.val_set.records}
     assert train_patients.isdisjoint(val_patients)
-    assert len(train_patients | val_patients) == 8 and len(val_patients) == 2  # 20 % of 8
+    assert len(train_patients | val_patients) == 8 and len(val_patients) == 2  # 8 patients / 4
+    assert first.test_set is None
     stored = json.loads((prepared_copy / "split.json").read_text())
-    assert set(stored["val"]) == val_patients and stored["split_seed"] == 0
-    second = datamodule(prepared_copy, tmp_path)
+    assert set(stored["splits"][1]["val"]) == val_patients and stored["split_seed"] == 0
+    second = datamodule(prepared_copy, tmp_path, "data.folds=4", "data.fold=1")
     assert [r.image for r in second.val_set.records] == [r.image for r in first.val_set.records]
     # The same seed on a fresh copy gives the same split; another seed another one.
     (prepared_copy / "split.json").unlink()
-    assert {r.patient for r in datamodule(prepared_copy, tmp_path).val_set.records} == val_patients
+    again = datamodule(prepared_copy, tmp_path, "data.folds=4", "data.fold=1")
+    assert {r.patient for r in again.val_set.records} == val_patients
     (prepared_copy / "split.json").unlink()
-    other = datamodule(prepared_copy, tmp_path, "data.split_seed=5")
+    other = datamodule(prepared_copy, tmp_path, "data.folds=4", "data.fold=1", "data.split_seed=5")
     assert {r.patient for r in other.val_set.records} != val_patients
 
 
-def test_a_different_seed_never_silently_replaces_the_stored_split(prepared_copy, tmp_path):
+def test_test_patients_sit_outside_every_fold(prepared_copy, tmp_path):
+    held_out = ["phantom002", "phantom005"]
+    for fold in range(3):
+        dm = datamodule(prepared_copy, tmp_path, "data.folds=3", f"data.fold={fold}",
+                        f"data.test_patients=[{','.join(held_out)}]")
+        assert sorted(dm.test_set.patients) == held_out
+        assert {r.patient for r in dm.train_set.records + dm.val_set.records}.isdisjoint(held_out)
+
+
+@pytest.mark.parametrize("override", ["data.split_seed=3", "data.folds=3", "data.test_fraction=0.25"])
+def test_other_split_settings_never_silently_replace_the_stored_split(prepared_copy, tmp_path,
+                                                                     override):
     datamodule(prepared_copy, tmp_path)
-    with pytest.raises(ConfigError, match="data.split_seed=3"):
-        datamodule(prepared_copy, tmp_path, "data.split_seed=3")
+    before = (prepared_copy / "split.json").read_text()
+    with pytest.raises(ConfigError, match=override.replace(".", r"\.")):
+        datamodule(prepared_copy, tmp_path, override)
+    assert (prepared_copy / "split.json").read_text() == before
 
 
 def test_batches_hold_images_in_unit_range_and_binary_masks(prepared_copy, tmp_path):

@@ -23,7 +23,8 @@ from prostate_seg.config import check_train_config
 from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError, DataError, NonFiniteLossError, UserError
 from prostate_seg.prepare import PrepareSettings, prepare
-from prostate_seg.training import build_run, train
+from prostate_seg import training
+from prostate_seg.training import build_run, setup_data, train
 
 
 # --- 1. config checked at start-up -----------------------------------------------------------
@@ -219,7 +220,8 @@ def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_checkpoint(p
     with pytest.raises(NonFiniteLossError, match=r"epoch 1, global step 2[01]"):
         train(cfg)
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert last["epoch"] == 0 and last["global_step"] == 16  # end of epoch 0: 16 good steps
+    steps_per_epoch = len(setup_data(cfg).train_set) // 8  # batch 8, last partial one dropped
+    assert last["epoch"] == 0 and last["global_step"] == steps_per_epoch  # end of epoch 0
     weights = torch.cat([v.flatten().float() for v in last["state_dict"].values()])
     assert torch.isfinite(weights).all()
     status = json.loads((run_dir / "status.json").read_text())
@@ -252,21 +254,37 @@ def _epochs(run_dir):
         return [int(r["epoch"]) for r in csv.DictReader(f)]
 
 
-def test_resume_continues_with_optimizer_scheduler_and_early_stopping_state(prepared, tmp_path):
+def test_resume_continues_with_optimizer_scheduler_and_early_stopping_state(prepared, tmp_path,
+                                                                         monkeypatch):
     run_dir = tmp_path / "run"
-    common = [*TINY, f"data.dir={prepared}", "scheduler=cosine"]
-    train(compose_train([*common, "trainer.max_epochs=2"], run_dir))
+    cfg = compose_train([*TINY, f"data.dir={prepared}", "scheduler=cosine", "trainer.max_epochs=4",
+                         "callbacks.early_stopping.patience=10"], run_dir)
+    steps_per_epoch = len(setup_data(cfg).train_set) // 8
+    build_trainer = training._trainer
+
+    def interrupted_trainer(cfg):  # SIGTERM in the middle of epoch 2
+        trainer = build_trainer(cfg)
+        trainer.callbacks.append(_SigtermAtStep(2 * steps_per_epoch + 3))
+        return trainer
+
+    monkeypatch.setattr(training, "_trainer", interrupted_trainer)
+    with pytest.raises(SystemExit):
+        train(cfg)
     first = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    (run_dir / "status.json").unlink()  # as if it had been interrupted
-    train(compose_train([*common, "trainer.max_epochs=4", "ckpt_path=last"], run_dir))
+    assert first["global_step"] == 2 * steps_per_epoch + 3
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(training, "_trainer", build_trainer)
+    train(cfg)  # the same job started again continues from last.ckpt
     second = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert _epochs(run_dir) == [0, 1, 2, 3]
-    assert second["global_step"] == 2 * first["global_step"]
+    assert second["global_step"] == 4 * steps_per_epoch
     adam_steps = second["optimizer_states"][0]["state"][0]["step"]
     assert int(adam_steps) == second["global_step"]  # Adam's moments carried on
     assert second["lr_schedulers"][0]["last_epoch"] == 4
     stopper = next(v for k, v in second["callbacks"].items() if k.startswith("EarlyStopping"))
     assert stopper["best_score"] is not None
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "completed" and status["resumed_from"].endswith("last.ckpt")
 
 
 def test_completed_job_is_not_trained_again(trained_run, prepared):
@@ -274,7 +292,7 @@ def test_completed_job_is_not_trained_again(trained_run, prepared):
     last = trained_run / "checkpoints" / "last.ckpt"
     stamp = last.stat().st_mtime_ns
     cfg = compose_train([*TINY, f"data.dir={prepared}", "trainer.max_epochs=8",
-                         "loss=bce_tversky"], trained_run)
+                         "callbacks.early_stopping.patience=8", "loss=bce_tversky"], trained_run)
     results = train(cfg)  # started again (a resubmitted sweep): nothing to do
     assert results == json.loads((trained_run / "results.json").read_text())
     assert (trained_run / "metrics.csv").read_text() == before

@@ -10,7 +10,6 @@ import pytest
 from helpers import TINY, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from prostate_seg.evaluate import evaluate_checkpoint
 from prostate_seg.runs import RESULTS_FILE
 
 
@@ -45,18 +44,35 @@ def test_run_folder_holds_checkpoints_events_results(trained_run):
     assert json.loads((trained_run / "status.json").read_text())["status"] == "completed"
 
 
-def test_evaluate_reports_every_validation_patient(trained_run, tmp_path):
-    ckpt = next((trained_run / "checkpoints").glob("best-*.ckpt"))
-    rows = evaluate_checkpoint(ckpt)
-    assert len(rows) == 2 and {"dice", "precision", "recall", "f1", "hd95_mm"} <= set(rows[0])
-    mean_dice = np.mean([r["dice"] for r in rows])
+def test_run_scores_its_best_checkpoint_per_patient_at_original_size(trained_run, prepared,
+                                                                      tmp_path):
+    with open(trained_run / "per_patient.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    fold0 = json.loads((prepared / "split.json").read_text())["splits"][0]
+    assert [r["patient"] for r in rows] == sorted(fold0["val"]) and len(rows) == 2
+    assert {r["split"] for r in rows} == {"val"}
+    assert list(rows[0]) == ["patient", "split", "dice", "precision", "recall", "hd95",
+                             "hd95_failed", "hd95_unit", "voxels_pred", "voxels_true",
+                             "voxels_total", "slices"]
+    for row in rows:  # at the scan's original size (64 x 64 phantoms, not 48 x 48)
+        assert int(row["voxels_total"]) == 64 * 64 * int(row["slices"])
     results = json.loads((trained_run / RESULTS_FILE).read_text())
+    dice = [float(r["dice"]) for r in rows]
+    assert results["val/dice_original"] == pytest.approx(np.mean(dice))
+    assert results["val/hd95_original"] == pytest.approx(np.median([float(r["hd95"]) for r in rows]))
+    assert results["val/patients"] == 2
     # Original-size evaluation agrees with training's per-volume Dice at network size.
-    assert mean_dice == pytest.approx(results["val/dice"], abs=0.08)
+    assert np.mean(dice) == pytest.approx(results["val/dice"], abs=0.08)
+
+    # evaluate.py on the best checkpoint gives the same rows
+    ckpt = next((trained_run / "checkpoints").glob("best-*.ckpt"))
     result = run_cli("evaluate.py", f"ckpt_path={ckpt}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    table = list(csv.DictReader(open(f"{ckpt}.eval.csv")))
-    assert [r["patient"] for r in table][-1] == "mean" and len(table) == 3
+    with open(f"{ckpt}.eval.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["patient"] for r in table] == [r["patient"] for r in rows] + ["mean"]
+    for mine, theirs in zip(rows, table):
+        assert float(theirs["dice"]) == pytest.approx(float(mine["dice"]), abs=1e-9)
     again = run_cli("evaluate.py", f"ckpt_path={ckpt}", cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
 

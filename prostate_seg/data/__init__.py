@@ -2,7 +2,13 @@
 
 from prostate_seg.data.datamodule import SliceDataModule
 from prostate_seg.data.dataset import SliceDataset, read_manifest
-from prostate_seg.data.split import PatientSplit, load_or_make_split, make_split
+from prostate_seg.data.split import (
+    CrossValidation,
+    PatientSplit,
+    SplitSettings,
+    load_or_make_folds,
+    make_folds,
+)
 
-__all__ = ["PatientSplit", "SliceDataModule", "SliceDataset", "load_or_make_split",
-           "make_split", "read_manifest"]
+__all__ = ["CrossValidation", "PatientSplit", "SliceDataModule", "SliceDataset", "SplitSettings",
+           "load_or_make_folds", "make_folds", "read_manifest"]

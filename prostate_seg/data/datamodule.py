@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import albumentations as A
@@ -17,11 +18,18 @@ from prostate_seg.data.dataset import (
     prepared_size,
     read_manifest,
 )
-from prostate_seg.data.split import PatientSplit, load_or_make_split
+from prostate_seg.data.split import (
+    CrossValidation,
+    PatientSplit,
+    SplitSettings,
+    load_or_make_folds,
+)
 
 
 class SliceDataModule(pl.LightningDataModule):
-    """Train/val loaders over ``dir`` (made by ``python -m prostate_seg.prepare``).
+    """Train/val loaders over ``dir`` (made by ``python -m prostate_seg.prepare``) for fold
+    ``fold`` of the dataset's ``folds``-fold patient split (``dir/split.json``); test patients,
+    if any, are kept apart (``test_set``) and never seen during fit.
 
     ``setup`` checks the whole dataset in the main process (manifest, every file present, a
     complete PNG of the right size), so a bad file is named before any worker starts.
@@ -35,8 +43,11 @@ class SliceDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         persistent_workers: bool = True,
+        folds: int = 5,
+        fold: int = 0,
         split_seed: int = 0,
-        val_fraction: float = 0.2,
+        test_patients: Sequence[str] | None = None,
+        test_fraction: float = 0.0,
         context_slices: int = 0,
         cache: bool = False,
         train_transform: A.BasicTransform | None = None,
@@ -49,15 +60,19 @@ class SliceDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
-        self.split_seed = split_seed
-        self.val_fraction = val_fraction
+        self.split_settings = SplitSettings(
+            folds=folds, split_seed=split_seed, test_fraction=test_fraction,
+            test_patients=None if test_patients is None else tuple(sorted(set(test_patients))))
+        self.fold = fold
         self.context_slices = context_slices
         self.cache = cache
         self.train_transform = train_transform
         self.val_transform = val_transform
+        self.folds: CrossValidation | None = None
         self.split: PatientSplit | None = None
         self.train_set: SliceDataset | None = None
         self.val_set: SliceDataset | None = None
+        self.test_set: SliceDataset | None = None
 
     def _records(self) -> list[SliceRecord]:
         records = read_manifest(self.dir)
@@ -68,13 +83,18 @@ class SliceDataModule(pl.LightningDataModule):
         if self.val_set is not None:
             return
         records = self._records()
-        self.split = load_or_make_split(self.dir, [r.patient for r in records],
-                                        self.split_seed, self.val_fraction)
-        train, val = set(self.split.train), set(self.split.val)
-        self.train_set = SliceDataset([r for r in records if r.patient in train],
-                                      self.train_transform, self.context_slices, self.cache)
-        self.val_set = SliceDataset([r for r in records if r.patient in val],
-                                    self.val_transform, self.context_slices, self.cache)
+        self.folds = load_or_make_folds(self.dir, [r.patient for r in records],
+                                        self.split_settings)
+        self.split = self.folds.fold(self.fold)
+
+        def subset(patients: Sequence[str], transform: A.BasicTransform | None) -> SliceDataset:
+            chosen = set(patients)
+            return SliceDataset([r for r in records if r.patient in chosen], transform,
+                                self.context_slices, self.cache)
+
+        self.train_set = subset(self.split.train, self.train_transform)
+        self.val_set = subset(self.split.val, self.val_transform)
+        self.test_set = subset(self.split.test, self.val_transform) if self.split.test else None
 
     @property
     def val_patients(self) -> list[str]:
