@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,17 @@ def _log_traceback_to_files() -> None:
         if isinstance(handler, logging.FileHandler):
             handler.stream.write(text)
             handler.flush()
+
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Outside a job (e.g. a sweeper's checks before launch): a UserError becomes one line on
+    stderr and exit status 2, as in a job."""
+    try:
+        yield
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def _run(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from prostate_seg.errors import ConfigError
+from prostate_seg.sweeps import job_name_resolver
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ def _register_resolvers() -> None:
         "ps.in_channels": lambda context: 1 + 2 * int(context),
         "ps.tversky_name": tversky_name,
         "ps.sweep_values": sweep_values,
+        "ps.job_name": job_name_resolver,
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -165,3 +167,5 @@ def check_train_config(cfg: DictConfig) -> None:
     folder = Path(str(data.dir))
     _require(folder.is_dir(), "data.dir", data.dir,
              "folder not found (make one with python -m prostate_seg.prepare)")
+    _require((folder / "manifest.csv").is_file(), "data.dir", data.dir,
+             "not a prepared dataset (no manifest.csv; make one with python -m prostate_seg.prepare)")

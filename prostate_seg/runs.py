@@ -135,8 +135,9 @@ class RunLock:
     """An exclusive lock on a run folder for the life of the process that holds it (released
     by the kernel when the process dies, so a killed job never leaves a stale lock)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, what: str = "run folder"):
         self.path = run_dir / LOCK_FILE
+        self.what = what
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -147,7 +148,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ConfigError(f"{self.path.parent}: run folder in use by {holder}; wait for it "
+            raise ConfigError(f"{self.path.parent}: {self.what} in use by {holder}; wait for it "
                               "to end, or write to another folder") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())

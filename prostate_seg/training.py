@@ -67,7 +67,7 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def _refuse_other_config(identity: Identity, stored: Identity | None, what: str) -> None:
+def _refuse_other_identity(identity: Identity, stored: Identity | None, what: str) -> None:
     """A run folder holds one configuration: continuing or skipping it under another would
     put old results under the new settings."""
     if stored is None:
@@ -96,8 +96,27 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, identity: Identity) ->
         return str(cfg.ckpt_path)  # the user's own choice of starting point
     elif not (cfg.resume and last.exists()):
         return None
-    _refuse_other_config(identity, _checkpoint_identity(last), str(last))
+    _refuse_other_identity(identity, _checkpoint_identity(last), str(last))
     return str(last)
+
+
+def _completed_results(cfg: DictConfig, run_dir: Path, identity: Identity) -> dict[str, Any] | None:
+    """The results of a completed run of this config in ``run_dir`` (a job started again has
+    nothing to do), or None."""
+    status = RunStatus(run_dir)
+    done = read_json(run_dir / RESULTS_FILE)
+    if not (cfg.resume and status.state == "completed" and done is not None) or cfg.ckpt_path:
+        return None
+    _refuse_other_identity(identity, status.identity, f"the completed run in {run_dir}")
+    return done
+
+
+def refuse_other_config(cfg: DictConfig, run_dir: Path) -> None:
+    """Raise the error the job would raise at its start if ``run_dir`` holds a completed run
+    or a last.ckpt of another config (for checks before a sweep starts)."""
+    identity = identity_of(cfg)
+    if _completed_results(cfg, run_dir, identity) is None:
+        _checkpoint_to_resume(cfg, run_dir, identity)
 
 
 def _best_epoch(metrics_csv: Path) -> int | None:
@@ -151,10 +170,15 @@ def setup_data(cfg: DictConfig) -> SliceDataModule:
     return datamodule
 
 
-def identity_of(cfg: DictConfig, datamodule: SliceDataModule) -> Identity:
+def identity_of(cfg: DictConfig, datamodule: SliceDataModule | None = None) -> Identity:
+    """The run's identity (``datamodule``: the run's, set up; else only its split is read)."""
+    if datamodule is None:
+        datamodule = instantiate(cfg.data)
+        folds = datamodule.load_folds()
+    else:
+        folds = datamodule.folds
     task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    return config_identity(task, dataset_fingerprint(datamodule.dir),
-                           split_digest(datamodule.folds.to_dict()))
+    return config_identity(task, dataset_fingerprint(datamodule.dir), split_digest(folds.to_dict()))
 
 
 def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
@@ -193,12 +217,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule = setup_data(cfg)
     identity = identity_of(cfg, datamodule)
-    status = RunStatus(run_dir)
-    done = read_json(run_dir / RESULTS_FILE)
-    if cfg.resume and status.state == "completed" and done is not None and not cfg.ckpt_path:
-        _refuse_other_config(identity, status.identity, f"the completed run in {run_dir}")
+    done = _completed_results(cfg, run_dir, identity)
+    if done is not None:
         log.info("%s already completed; nothing to do (resume=false to train again)", run_dir)
         return done
+    status = RunStatus(run_dir)
     ckpt_path = _checkpoint_to_resume(cfg, run_dir, identity)
     if rank_zero_only.rank == 0:
         status.running(resumed_from=ckpt_path, identity=identity)

@@ -104,13 +104,17 @@ def test_two_value_sweep_makes_two_named_run_folders(prepared_copy, tmp_path):
                      "trainer.max_epochs=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     folders = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "report")
-    assert len(folders) == 2 and all("loss.alpha=0." in f for f in folders)
+    assert folders == ["tversky_a0.25-fold0-seed0", "tversky_a0.75-fold0-seed0"]
     for folder in folders:
         run = sweep / folder
         assert list(run.glob("events.out.tfevents.*"))
         assert (run / "checkpoints" / "last.ckpt").exists()
         assert (run / ".hydra" / "config.yaml").exists()
     assert (sweep / "report" / "results.md").exists()
+    # the README's evaluate command works with a checkpoint path from the sweep, pasted as is
+    best = next((sweep / folders[0] / "checkpoints").glob("best-*.ckpt"))
+    evaluated = run_cli("evaluate.py", f"ckpt_path={best}", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
 
 
 def test_predict_a_folder_of_scans(trained_run, phantoms, tmp_path):

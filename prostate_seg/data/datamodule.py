@@ -12,7 +12,6 @@ from torch.utils.data import DataLoader
 
 from prostate_seg.data.dataset import (
     SliceDataset,
-    SliceRecord,
     check_files,
     init_worker,
     prepared_size,
@@ -74,15 +73,18 @@ class SliceDataModule(pl.LightningDataModule):
         self.val_set: SliceDataset | None = None
         self.test_set: SliceDataset | None = None
 
-    def _records(self) -> list[SliceRecord]:
-        records = read_manifest(self.dir)
-        check_files(records, prepared_size(self.dir))
-        return records
+    def load_folds(self) -> CrossValidation:
+        """The dataset's cross-validation split (made and stored on first use); reads only
+        the manifest."""
+        patients = [r.patient for r in read_manifest(self.dir)]
+        self.folds = load_or_make_folds(self.dir, patients, self.split_settings)
+        return self.folds
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_set is not None:
             return
-        records = self._records()
+        records = read_manifest(self.dir)
+        check_files(records, prepared_size(self.dir))
         self.folds = load_or_make_folds(self.dir, [r.patient for r in records],
                                         self.split_settings)
         self.split = self.folds.fold(self.fold)

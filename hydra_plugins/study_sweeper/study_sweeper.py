@@ -1,0 +1,116 @@
+"""Hydra's basic sweeper, made safe for a study that takes hours of GPU time.
+
+Before anything is written or launched, every job's config is composed and checked
+(``check_job``: values in range, data present, a job folder never reused for another config)
+and its folder named; two jobs that would share a folder stop the sweep. A sweep folder is
+locked while its sweep runs, so a second sweep started into it is refused instead of
+training every job twice.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
+
+from prostate_seg.cli import exit_on_user_error
+from prostate_seg.errors import ConfigError, UserError
+from prostate_seg.runs import RunLock
+from prostate_seg.sweeps import job_name
+
+log = logging.getLogger(__name__)
+AUTO_SUBDIR = "${ps.job_name:}"  # the default subdir (conf/hydra/default.yaml)
+
+
+@dataclass
+class StudySweeperConf:
+    _target_: str = "hydra_plugins.study_sweeper.study_sweeper.StudySweeper"
+    max_batch_size: Optional[int] = None
+    params: Optional[Dict[str, str]] = None
+    # called as check_job(job_config, job_dir) for every job before the first one starts
+    check_job: Optional[str] = None
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudySweeperConf,
+                             provider="prostate_seg")
+
+
+class StudySweeper(BasicSweeper):
+    def __init__(self, max_batch_size: Optional[int] = None,
+                 params: Optional[Dict[str, str]] = None, check_job: Optional[str] = None):
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.check_job = get_method(check_job) if check_job else None
+        self._extra: Dict[Tuple[str, ...], List[str]] = {}
+
+    def sweep(self, arguments: List[str]) -> Any:
+        assert self.config is not None and self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        overrides = parser.parse_overrides(self._parse_config() + list(arguments))
+        jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
+        lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
+        with exit_on_user_error():
+            self._extra = self._check_and_name(jobs)  # before the sweep folder is even made
+            lock.acquire()
+        try:
+            return super().sweep(arguments)
+        finally:
+            lock.release()
+
+    def get_job_batch(self) -> Sequence[Sequence[str]]:
+        return [list(job) + self._extra[tuple(job)] for job in super().get_job_batch()]
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        """Every job was composed and checked in ``sweep`` already."""
+
+    def _check_and_name(self, jobs: List[List[str]]) -> Dict[Tuple[str, ...], List[str]]:
+        """Per job, the overrides to add (its folder name); raises on the first bad job."""
+        assert self.config is not None and self.hydra_context is not None
+        values: Dict[str, set] = {}
+        for job in jobs:
+            for override in job:
+                key, _, value = override.partition("=")
+                values.setdefault(key, set()).add(value)
+        swept = {key for key, seen in values.items() if len(seen) > 1}
+        auto = OmegaConf.to_container(self.config.hydra.sweep)["subdir"] == AUTO_SUBDIR
+        excluded = set(self.config.hydra.job.config.override_dirname.exclude_keys or [])
+        extra: Dict[Tuple[str, ...], List[str]] = {}
+        folders: Dict[Path, int] = {}
+        parent = HydraConfig.instance().cfg
+        try:
+            for index, job in enumerate(jobs):
+                config = self.hydra_context.config_loader.load_sweep_config(self.config, job)
+                HydraConfig.instance().set_config(config)  # for ${hydra:...} in the names
+                added = []
+                subdir = config.hydra.sweep.subdir
+                if auto:
+                    varying = [tuple(o.split("=", 1)) for o in job
+                               if o.split("=", 1)[0] in swept - excluded]
+                    subdir = job_name(config, varying)
+                    added = [f"hydra.sweep.subdir={subdir}"]
+                folder = Path(config.hydra.sweep.dir) / str(subdir)
+                if folder in folders:
+                    raise ConfigError(
+                        f"jobs {folders[folder]} and {index} would share the folder {folder} "
+                        f"({' '.join(jobs[folders[folder]])} / {' '.join(job)}); name the "
+                        "setting that tells them apart in hydra.sweep.subdir")
+                folders[folder] = index
+                if self.check_job is not None:
+                    named = [o for o in job if o.split("=", 1)[0] in swept] or job
+                    self._check(config, folder, " ".join(named))
+                extra[tuple(job)] = added
+        finally:
+            HydraConfig.instance().cfg = parent
+        log.info(f"Checked {len(jobs)} jobs before launch")
+        return extra
+
+    def _check(self, config: DictConfig, folder: Path, job: str) -> None:
+        try:
+            self.check_job(config, folder)
+        except UserError as exc:
+            raise type(exc)(f"job {job}: {exc}") from None

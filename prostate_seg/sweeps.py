@@ -1,0 +1,70 @@
+"""Sweep jobs: their folder names and the checks every job passes before a sweep starts.
+
+A job folder is named after what tells it apart: the loss, the fold, the seed, then any other
+swept setting (``tversky_a0.25-fold0-seed0``, ``bce-fold1-seed2-lr0.001``). The names keep to
+characters Hydra's command-line parser accepts unquoted, so a checkpoint path from a sweep can
+be pasted into ``ckpt_path=...`` as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
+
+ALWAYS_NAMED = ("loss", "data.fold", "seed")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+@-]+")
+
+
+def _token(value: Any) -> str:
+    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return _UNSAFE.sub("_", text).strip("_") or "none"
+
+
+def job_name(cfg: DictConfig, varying: Iterable[tuple[str, Any]]) -> str:
+    """``<loss>-fold<k>-seed<s>`` plus one ``-<key><value>`` per other varying setting (a group
+    choice such as ``model=unet_small`` adds its value; a loss setting already spelled in the
+    loss name, like alpha in ``tversky_a0.25``, adds nothing)."""
+    loss = _token(OmegaConf.select(cfg, "loss.name", default="loss"))
+    parts = [f"{loss}-fold{OmegaConf.select(cfg, 'data.fold')}-seed{cfg.get('seed')}"]
+    varying = [(k, v) for k, v in varying if k not in ALWAYS_NAMED]
+    short = [k.rsplit(".", 1)[-1] for k, _ in varying]
+    for (key, value), last in zip(varying, short):
+        value = _token(value)
+        if key.startswith("loss.") and value in loss:
+            continue
+        label = "" if "." not in key else (last if short.count(last) == 1 else key)
+        parts.append(f"{label}{value}")
+    return "-".join(parts)
+
+
+def task_overrides(cfg: DictConfig) -> list[tuple[str, Any]]:
+    """(key, value) of the job's command-line overrides, minus the keys Hydra is told to keep
+    out of folder names (``hydra.job.config.override_dirname.exclude_keys``)."""
+    excluded = set(OmegaConf.select(cfg, "hydra.job.config.override_dirname.exclude_keys",
+                                    default=[]) or [])
+    parsed = OverridesParser.create().parse_overrides(
+        list(OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or []))
+    return [(o.key_or_group, o.value()) for o in parsed
+            if o.key_or_group not in excluded and not o.is_delete()]
+
+
+def job_name_resolver(*, _root_: DictConfig) -> str:
+    """``${ps.job_name:}``, the default ``hydra.sweep.subdir``. Any sweeper gets a readable
+    name from it; the project's sweeper names jobs by their swept settings only."""
+    return job_name(_root_, task_overrides(_root_))
+
+
+def check_job(cfg: DictConfig, job_dir: Path) -> None:
+    """What a job would refuse at its start, found before any job starts: bad values, a
+    missing or unprepared data folder, a job folder holding a run of another config."""
+    from prostate_seg.config import check_train_config
+    from prostate_seg.training import refuse_other_config
+
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    check_train_config(task)
+    refuse_other_config(task, job_dir)

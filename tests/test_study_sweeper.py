@@ -1,0 +1,48 @@
+"""The sweeper: every job checked and named before the first starts, one sweep per folder."""
+
+import pytest
+from helpers import TINY, run_cli
+
+from prostate_seg.runs import RunLock
+
+SMALL = [o for o in TINY if not o.startswith("trainer=")] + ["trainer=cpu", "trainer.max_epochs=1"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.alpha=0.25,1.5"], "job loss.alpha=1.5: loss.alpha=1.5: must be a number in [0, 1]"),
+    (["optimizer.lr=1e-3,-1"], "job optimizer.lr=-1: optimizer.lr=-1: must be > 0"),
+    (["data.fold=0,7"], "job data.fold=7: data.fold=7: must be an integer in 0..4"),
+    (["loss.smooth=1,2", "hydra.sweep.subdir=same"], "would share the folder"),
+])
+def test_a_bad_job_stops_the_sweep_before_anything_starts(prepared_copy, tmp_path, overrides,
+                                                          message):
+    sweep = tmp_path / "sweep"
+    result = run_cli("train.py", "-m", f"data.dir={prepared_copy}", *SMALL, *overrides,
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and result.stderr.count("error:") == 1, result.stderr
+    assert not sweep.exists()  # nothing written, not even an empty sweep folder
+
+
+def test_missing_or_unprepared_data_stops_the_sweep_in_one_line(phantoms, tmp_path):
+    for data in (tmp_path / "nowhere", phantoms):  # missing; scans, not a prepared dataset
+        result = run_cli("train.py", "-m", f"data.dir={data}", *SMALL, "loss.alpha=0.25,0.5",
+                         f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert lines[-1].startswith("error: job loss.alpha=0.25: data.dir=") and len(
+            [line for line in lines if "Traceback" in line]) == 0, result.stderr
+        assert not (tmp_path / "sweep").exists()
+
+
+def test_a_second_sweep_into_a_running_sweeps_folder_is_refused(prepared_copy, tmp_path):
+    sweep = tmp_path / "sweep"
+    lock = RunLock(sweep, what="sweep folder")
+    lock.acquire()  # a sweep is running there
+    try:
+        result = run_cli("train.py", "-m", f"data.dir={prepared_copy}", *SMALL,
+                         "loss.alpha=0.25,0.5", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    finally:
+        lock.release()
+    assert result.returncode == 2 and "sweep folder in use by pid" in result.stderr
+    assert [p.name for p in sweep.iterdir()] == [".lock"]
