@@ -204,7 +204,8 @@ def contours(columns: list[ContourColumn]) -> Figure:
         ax = axes[row, 0]
         ax.imshow(reference.image[row].astype(float), cmap="gray")
         _outline(ax, truth, "lime", 1.0)
-        ax.set_title(f"truth\n{reference.names[row]}", fontsize=7)
+        ax.set_title("truth", fontsize=7)
+        ax.set_ylabel(str(reference.names[row]), fontsize=7)
         for ax, column in zip(axes[row, 1:], columns):
             truth = column.mask[row] > 0
             pred = column.prob[row].astype(float) > 0.5

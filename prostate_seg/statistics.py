@@ -26,7 +26,7 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -430,6 +430,16 @@ def _difference(c: Comparison) -> str:
     return text
 
 
+def _higher_first(c: Comparison) -> Comparison:
+    """The comparison turned so that the loss that scores higher comes first."""
+    if c.mean_diff >= 0:
+        return c
+    return replace(c, loss=c.baseline, baseline=c.loss, mean_diff=-c.mean_diff,
+                   ci_low=-c.ci_high, ci_high=-c.ci_low,
+                   rank_biserial=-c.rank_biserial, cohens_dz=-c.cohens_dz,
+                   seed_differences=tuple(-d for d in c.seed_differences))
+
+
 def _design(a: Analysis) -> str:
     folds = f"{a.folds} fold{'s' if a.folds != 1 else ''}" if a.folds else "folds not given"
     seeds = (f"{a.seeds} seeds" if a.seeds > 1 else
@@ -501,8 +511,8 @@ def verdict(a: Analysis) -> list[str]:
                      f"{head} no unflagged loss to compare with {a.baseline}.")
     others = [c for c in interpreted if c.baseline != a.baseline]
     if others:
-        found = "; ".join(f"{c.loss} vs {c.baseline}: {_difference(c)}"
-                          for c in others if c.significant)
+        found = "; ".join(f"{h.loss} scores higher than {h.baseline}: {_difference(h)}"
+                          for h in map(_higher_first, others) if h.significant)
         if a.baseline is not None:
             lines.append(f"Between the other losses: {found or 'no difference detected'}.")
         else:

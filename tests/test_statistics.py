@@ -283,3 +283,15 @@ def test_a_seven_way_tie_of_collapsed_runs_ranks_nothing():
     assert all("tie" in "".join(s.flags) and "degenerate" in "".join(s.flags)
                for s in analysis.summaries)
     assert not any("Best" in line or "scores higher" in line for line in analysis.verdict)
+
+
+def test_between_other_losses_the_higher_one_is_named_first():
+    rows = study_rows({"bce": 0.0, "tversky_a0.25": 0.05, "tversky_a0.5": 0.01})
+    analysis = analyse(rows, ["bce", "tversky_a0.25", "tversky_a0.5"], "bce", all_pairs=True)
+    pair = analysis.comparisons[2]
+    assert (pair.loss, pair.baseline) == ("tversky_a0.5", "tversky_a0.25")
+    assert pair.mean_diff == pytest.approx(-0.04) and pair.significant
+    assert (f"Between the other losses: tversky_a0.25 scores higher than tversky_a0.5: "
+            f"ΔDice +0.040 (95 % CI {-pair.ci_high:+.3f} to {-pair.ci_low:+.3f}") in \
+        analysis.verdict[1]
+    assert analysis.verdict[2].startswith("Best: tversky_a0.25")
