@@ -464,8 +464,7 @@ def _best(a: Analysis, usable: list[str]) -> str:
             missing.append(other)
         else:
             c = found[0]
-            ahead = (c.mean_diff > 0) == (c.loss == leader)
-            leads.append((other, c.significant and ahead, c.p_holm))
+            leads.append((other, c.significant and _higher_first(c).loss == leader, c.p_holm))
     if missing:
         return (f"No loss is called best: {leader} has the highest mean Dice, but its lead "
                 "over every other loss was not tested (use --all-pairs).")
