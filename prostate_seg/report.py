@@ -1,13 +1,18 @@
-"""Turn a sweep folder into the study's results table and figures.
+"""The study's report: paired per-patient comparisons of losses, from a sweep or any table.
 
-``python -m prostate_seg.report SWEEP_DIR`` (also run automatically at the end of every
-multirun) writes ``SWEEP_DIR/report/``: results.md, results.csv, loss_curves.png,
-precision_recall.png, dice_f1.png and contours.png.
+    python -m prostate_seg.report SWEEP_DIR [--baseline bce] [--all-pairs] [--split val]
+    python -m prostate_seg.report --table FILE.csv --out DIR [--baseline ...] [--all-pairs]
 
-Every number is read from the files the runs wrote (results.json, metrics.csv,
-val_preview.npz); runs that failed or did not finish are listed, never silently dropped.
-Each loss is summarised over its seeds as mean +- standard deviation with a 95 % confidence
-interval (Student t), and one line says whether the best loss's lead exceeds the seed spread.
+Sweep mode (also run at the end of every multirun) finds every run folder under SWEEP_DIR by
+its status.json / results.json, writes their per-patient rows as one long table,
+SWEEP_DIR/report/per_patient.csv, and then runs exactly the table mode on it, adding what
+only run folders have: loss curves, the contour grid and the runs that failed, did not
+finish or are broken (listed, never silently dropped). Table mode reads a long table alone,
+for instance exported from nnU-Net or MONAI: columns loss, patient, dice (required) and
+fold, seed, split, precision, recall, hd95, hd95_failed, ... (optional).
+
+Writes results.md (verdict first), results.csv (per loss), comparisons.csv (per comparison)
+and figures. The statistics are in :mod:`prostate_seg.statistics`.
 """
 
 from __future__ import annotations
@@ -15,352 +20,668 @@ from __future__ import annotations
 import argparse
 import atexit
 import csv
+import io
+import json
 import logging
 import math
 import re
 import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
-from scipy import stats
+from omegaconf import DictConfig
 
-import prostate_seg.config  # noqa: F401  (the ps.* resolvers that loss names use)
+from prostate_seg import figures
+from prostate_seg.errors import DataError, UserError
 from prostate_seg.files import write_csv, write_text
-from prostate_seg.runs import METRICS_FILE, PREVIEW_FILE, RESULTS_FILE, STATUS_FILE, read_json
+from prostate_seg.runs import METRICS_FILE, PREVIEW_FILE, RESULTS_FILE, STATUS_FILE
+from prostate_seg.statistics import ALPHA, Analysis, Row, analyse
 
 log = logging.getLogger(__name__)
 
-# (results.json key, column title); higher is better for all of them.
-METRICS = (
-    ("val/dice", "Dice (per volume)"),
-    ("val/dice_global", "Dice (pooled)"),
-    ("val/precision", "Precision"),
-    ("val/recall", "Recall"),
-    ("val/f1", "F1 (pooled)"),
-)
-SIGNIFICANCE = 0.05
+REPORT_DIR = "report"
+LONG_TABLE = "per_patient.csv"
+PER_PATIENT_FILE = "per_patient.csv"  # in every run folder (the run-folder contract)
+LAUNCHER_FILE = "launcher.json"
+DEFAULT_BASELINE = "bce"
+PRIMARY_SPLIT = "val"
+
+# The long table: identifying columns, per-patient scores, then the run's own columns
+# (the flags need them) and where each row comes from.
+LONG_COLUMNS = ("loss", "fold", "seed", "patient", "split", "dice", "precision", "recall",
+                "hd95", "hd95_failed", "hd95_unit", "voxels_pred", "voxels_true",
+                "voxels_total", "best_epoch", "epochs_trained", "max_epochs", "stopped_early",
+                "identity", "group", "run")
+REQUIRED = ("loss", "patient", "dice")
+TEXT = ("loss", "fold", "seed", "patient", "split", "hd95_unit", "identity", "group", "run")
+NUMBERS = ("dice", "precision", "recall", "hd95", "hd95_failed", "voxels_pred", "voxels_true",
+           "voxels_total", "best_epoch", "epochs_trained", "max_epochs")
+FLAGS = ("stopped_early",)
+UNIT_INTERVAL = ("dice", "precision", "recall")
+KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
+RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "identity",
+               "group")
+FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_curves.png")
+
+
+# --- reading tables ---------------------------------------------------------------------
+
+def _cell(raw: dict[str, Any], column: str, where: str) -> Any:
+    text = (raw.get(column) or "").strip()
+    if column in TEXT:
+        if not text and column in REQUIRED:
+            raise DataError(f"{where}: {column} is empty")
+        return text or (PRIMARY_SPLIT if column == "split" else "")
+    if column in FLAGS:
+        if not text:
+            return None
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise DataError(f"{where}: {column}={text!r} is not true or false")
+    if not text:
+        if column in REQUIRED:
+            raise DataError(f"{where}: {column} is empty")
+        return math.nan
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{where}: {column}={text!r} is not a number") from None
+    if column in REQUIRED and not math.isfinite(value):
+        raise DataError(f"{where}: {column}={text!r} is not a finite number")
+    if column in UNIT_INTERVAL and not 0.0 <= value <= 1.0:
+        raise DataError(f"{where}: {column}={text} is outside [0, 1]")
+    return value
+
+
+def read_rows(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]:
+    """Rows of a per-patient CSV with their known columns typed; one DataError naming the
+    file, the line and the problem for anything wrong."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a text (CSV) file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    header = reader.fieldnames or []
+    if not header:
+        raise DataError(f"{path}: empty; expected a header with the columns "
+                        f"{', '.join(required)}")
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
+                        f"{', '.join(missing)} (it has: {', '.join(header)})")
+    known = [c for c in LONG_COLUMNS if c in header]
+    rows = []
+    for raw in reader:
+        where = f"{path} line {reader.line_num}"
+        if None in raw:
+            raise DataError(f"{where}: more fields than the header has")
+        row = {"split": PRIMARY_SPLIT} | {c: _cell(raw, c, where) for c in known}
+        rows.append(row | {"line": reader.line_num})
+    return rows
+
+
+def check_unique(rows: list[Row], source: str) -> None:
+    """One row per (loss, fold, seed, patient, split): a second one would be counted twice."""
+    seen: dict[tuple, int] = {}
+    for row in rows:
+        key = tuple(row.get(k, "") for k in KEY)
+        if key in seen:
+            described = ", ".join(f"{k}={row[k]}" for k in KEY if k in row)
+            raise DataError(f"{source} line {row['line']}: duplicate of line {seen[key]} "
+                            f"({described})")
+        seen[key] = row["line"]
+
+
+def read_long_table(path: Path) -> list[Row]:
+    if not path.is_file():
+        raise DataError(f"{path}: table not found")
+    rows = read_rows(path)
+    if not rows:
+        raise DataError(f"{path}: no rows below the header")
+    check_unique(rows, str(path))
+    return rows
+
+
+# --- run folders ------------------------------------------------------------------------
+
+def _load_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(content, None), (None, None) when absent, or (None, why it is unusable)."""
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"{path.name} unreadable ({exc})"
+    if not isinstance(content, dict):
+        return None, f"{path.name} holds a {type(content).__name__}, not an object"
+    return content, None
 
 
 @dataclass
 class Run:
     folder: Path
-    loss: str
-    alpha: float | None
-    seed: int | None
-    status: str  # completed | failed | unfinished
-    error: str | None = None
+    name: str  # the folder relative to the sweep
+    state: str  # completed | failed | interrupted | running | unfinished | broken | duplicate
+    reason: str = ""
     results: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
+    identity: dict[str, Any] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    columns: dict[str, Any] = field(default_factory=dict)  # RUN_COLUMNS, typed
+    label: str = ""  # the loss as the report names it (see label_groups)
+
+    @property
+    def loss(self) -> str:
+        return str(self.results.get("loss", ""))
+
+    @property
+    def group(self) -> str:
+        return str(self.results.get("group") or self.identity.get("group") or
+                   f"loss {self.loss}")
 
 
-def _status(folder: Path) -> tuple[str, str | None]:
-    launcher = read_json(folder / "launcher.json") or {}
-    status = read_json(folder / STATUS_FILE) or {}
-    if (folder / RESULTS_FILE).exists() and status.get("status") == "completed":
-        return "completed", None
-    if status.get("status") == "failed" or launcher.get("status") == "failed":
-        error = status.get("error") or (launcher.get("error") or "").strip().splitlines()[-1:]
-        return "failed", error if isinstance(error, str) else " ".join(error)
-    return "unfinished", f"status: {status.get('status', 'no status.json')}"
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
 
 
-def _history(path: Path) -> list[dict[str, float]]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)}
-                for row in csv.DictReader(f)]
+def _unfinished_reason(status: dict[str, Any] | None, launcher: dict[str, Any] | None
+                       ) -> tuple[str, str]:
+    state = (status or {}).get("status")
+    if state == "failed" or (launcher or {}).get("status") == "failed":
+        error = (status or {}).get("error") or (launcher or {}).get("error") or ""
+        last = str(error).strip().splitlines()[-1:] or ["no error recorded"]
+        return "failed", last[0]
+    if state == "interrupted":
+        return "interrupted", str((status or {}).get("error") or "interrupted")
+    if state == "running":
+        return "running", "status.json says running: still running, or killed without a record"
+    if state == "completed":
+        return "broken", "status.json says completed but results.json is missing"
+    if status is None:
+        return "unfinished", "no status.json: the job never started training"
+    return "unfinished", f"status {state!r}"
+
+
+def read_run(folder: Path, sweep_dir: Path) -> Run:
+    """One run folder, classified; per-patient rows read only for completed runs."""
+    name = "." if folder == sweep_dir else str(folder.relative_to(sweep_dir))
+    run = Run(folder=folder, name=name, state="completed")
+    status, status_error = _load_json(folder / STATUS_FILE)
+    results, results_error = _load_json(folder / RESULTS_FILE)
+    if status_error or results_error:
+        run.state, run.reason = "broken", status_error or results_error
+        return run
+    run.results = results or {}
+    run.identity = (status or {}).get("identity") or {}
+    if not isinstance(run.identity, dict):
+        run.identity = {}
+    if (status or {}).get("status") != "completed" or results is None:
+        launcher, _ = _load_json(folder / LAUNCHER_FILE)
+        run.state, run.reason = _unfinished_reason(status, launcher)
+        return run
+    if not run.loss:
+        run.state, run.reason = "broken", "results.json names no loss"
+        return run
+    table = folder / PER_PATIENT_FILE
+    if not table.exists():
+        run.state = "broken"
+        run.reason = (f"completed, but has no {PER_PATIENT_FILE} (trained by a version that "
+                      "did not write it?)")
+        return run
+    try:  # checked here as table mode checks them, so one bad run cannot stop the report
+        rows = read_rows(table, required=("patient", "dice"))
+        check_unique(rows, PER_PATIENT_FILE)
+        run.columns = {k: _cell({k: str(_csv_value(run.results.get(k)))}, k, RESULTS_FILE)
+                       for k in RUN_COLUMNS}
+    except DataError as exc:
+        run.state, run.reason = "broken", str(exc).replace(str(folder) + "/", "")
+        return run
+    if not rows:
+        run.state, run.reason = "broken", f"{PER_PATIENT_FILE} has no rows"
+        return run
+    run.rows = rows
+    return run
+
+
+def find_run_folders(sweep_dir: Path) -> list[Path]:
+    """Folders holding status.json, results.json or launcher.json, or Hydra's .hydra/ (a job
+    that started but wrote nothing else): every job of the sweep, whatever its fate."""
+    report = sweep_dir / REPORT_DIR
+    found = {p.parent for name in (STATUS_FILE, RESULTS_FILE, LAUNCHER_FILE)
+             for p in sweep_dir.rglob(name)}
+    found |= {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()}
+    return sorted(f for f in found if report not in (f, *f.parents))
+
+
+def label_groups(runs: list[Run]) -> None:
+    """Name each group of runs (same configuration but seed and fold) by its loss; groups
+    that share a loss name add the settings that tell them apart, from status.json's
+    identity config (``bce (optimizer.lr=0.001)``), or the group hash when that is absent."""
+    groups: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        groups[run.loss][run.group].append(run)
+    for loss, by_group in groups.items():
+        if len(by_group) == 1:
+            for members in by_group.values():
+                for run in members:
+                    run.label = loss
+            continue
+        constant = {}  # group -> {key: value} for keys with one value in the whole group
+        for group, members in by_group.items():
+            configs = [m.identity.get("config") or {} for m in members]
+            keys = set.intersection(*(set(c) for c in configs)) if configs else set()
+            constant[group] = {k: configs[0][k] for k in keys
+                               if all(json.dumps(c[k], sort_keys=True, default=str) ==
+                                      json.dumps(configs[0][k], sort_keys=True, default=str)
+                                      for c in configs)}
+        shared_keys = set.intersection(*(set(c) for c in constant.values()))
+        differing = sorted(k for k in shared_keys
+                           if len({json.dumps(c[k], default=str) for c in constant.values()}) > 1)
+        labels = {}
+        for group in by_group:
+            settings = ", ".join(f"{k}={constant[group][k]}" for k in differing[:3])
+            labels[group] = f"{loss} ({settings or 'group ' + group[:8]})"
+        if len(set(labels.values())) < len(labels):  # settings did not tell them apart
+            labels = {g: f"{loss} (group {g[:8]})" for g in by_group}
+        for group, members in by_group.items():
+            for run in members:
+                run.label = labels[group]
+
+
+def long_rows(run: Run) -> list[Row]:
+    """The run's per-patient rows as long-table rows: its label, fold, seed and run columns."""
+    fixed = {"loss": run.label, "fold": _text(run.results.get("fold")),
+             "seed": _text(run.results.get("seed")), "run": run.name, **run.columns}
+    return [{**row, **fixed} for row in run.rows]
 
 
 def collect_runs(sweep_dir: Path) -> list[Run]:
-    """Every job folder under ``sweep_dir`` (a folder holding ``.hydra/config.yaml``)."""
-    runs = []
-    for config_path in sorted(sweep_dir.glob("**/.hydra/config.yaml")):
-        folder = config_path.parent.parent
-        if "report" in folder.relative_to(sweep_dir).parts:
-            continue
-        cfg = OmegaConf.load(config_path)
-        loss = cfg.get("loss", {})
-        try:
-            name = str(OmegaConf.select(cfg, "loss.name", default=folder.name))
-        except Exception:  # noqa: BLE001 - an unresolvable interpolation: name it by its folder
-            name = folder.name
-        status, error = _status(folder)
-        runs.append(Run(folder=folder, loss=name, alpha=loss.get("alpha"),
-                        seed=cfg.get("seed"), status=status, error=error,
-                        results=read_json(folder / RESULTS_FILE) or {},
-                        history=_history(folder / METRICS_FILE)))
+    """Every run folder of the sweep, classified and labelled; a second completed run of the
+    same group, fold and seed (a copied or re-run job) is marked as a duplicate."""
+    runs = [read_run(folder, sweep_dir) for folder in find_run_folders(sweep_dir)]
+    completed = [r for r in runs if r.state == "completed"]
+    label_groups(completed)
+    first: dict[tuple, Run] = {}
+    for run in completed:
+        key = (run.label, _text(run.results.get("fold")), _text(run.results.get("seed")))
+        if key in first:
+            run.state = "duplicate"
+            run.reason = (f"same configuration, fold and seed as {first[key].name}; only that "
+                          "one is counted")
+        else:
+            first[key] = run
     return runs
 
 
-def _loss_order(name: str) -> tuple[int, float, str]:
-    if name == "bce":
+def _csv_value(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value)).lower()
+    if isinstance(value, float) and value.is_integer():
+        return int(value)  # counts and epochs read back as floats: 3, not 3.0
+    return value
+
+
+def write_long_table(path: Path, rows: Iterable[Row]) -> None:
+    write_csv(path, ({k: _csv_value(r.get(k)) for k in LONG_COLUMNS} for r in rows),
+              list(LONG_COLUMNS))
+
+
+# --- ordering, outputs ------------------------------------------------------------------
+
+def loss_order(name: str) -> tuple[int, float, str]:
+    """bce first, then Tversky by alpha, then the rest by name."""
+    if name == DEFAULT_BASELINE or name.startswith(DEFAULT_BASELINE + " "):
         return (0, 0.0, name)
-    match = re.fullmatch(r"tversky_a([0-9.]+)(_b[0-9.]+)?", name)
+    match = re.match(r"tversky_a([0-9.]+)", name)
     return (1, float(match.group(1)), name) if match else (2, 0.0, name)
 
 
-def group_by_loss(runs: list[Run]) -> dict[str, list[Run]]:
-    groups: dict[str, list[Run]] = {}
-    for run in runs:
-        groups.setdefault(run.loss, []).append(run)
-    return {k: groups[k] for k in sorted(groups, key=_loss_order)}
+def _number(value: float, digits: int = 4) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def summarize(values: list[float], bounds: tuple[float, float] | None = None) -> dict[str, float]:
-    """Mean, sample std and 95 % t-interval of one loss's per-seed values (the interval
-    clipped to ``bounds`` for bounded scores: with 2 seeds, t = 12.7 reaches past 0 and 1)."""
-    arr = np.asarray(values, dtype=float)
-    n = len(arr)
-    if n == 0:
-        return {"n": 0, "mean": math.nan, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    mean = float(arr.mean())
-    if n == 1:
-        return {"n": 1, "mean": mean, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    std = float(arr.std(ddof=1))
-    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    low, high = mean - half, mean + half
-    if bounds is not None:
-        low, high = max(low, bounds[0]), min(high, bounds[1])
-    return {"n": n, "mean": mean, "std": std, "ci_low": low, "ci_high": high}
+def _signed(value: float, digits: int) -> str:
+    return "—" if math.isnan(value) else f"{value:+.{digits}f}"
 
 
-def build_table(groups: dict[str, list[Run]]) -> list[dict[str, Any]]:
-    rows = []
-    for loss, runs in groups.items():
-        done = [r for r in runs if r.status == "completed"]
-        row: dict[str, Any] = {
-            "loss": loss,
-            "alpha": runs[0].alpha,
-            "completed": len(done),
-            "failed": sum(r.status == "failed" for r in runs),
-            "unfinished": sum(r.status == "unfinished" for r in runs),
-            "values": {key: [float(r.results[key]) for r in done if key in r.results]
-                       for key, _ in METRICS},
-        }
-        for key, _ in METRICS:
-            row[key] = summarize(row["values"][key], bounds=(0.0, 1.0))
-        row["epochs"] = summarize([float(r.results.get("epochs_trained", math.nan)) for r in done])
-        rows.append(row)
-    return rows
+def _p(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:.2g}"
 
 
-def significance_line(rows: list[dict[str, Any]], key: str = "val/dice") -> str:
-    """One sentence: is the best loss ahead of the others by more than the seed spread?"""
-    scored = [r for r in rows if r[key]["n"] > 0]
-    if len(scored) < 2:
-        return "Fewer than two losses have completed runs: nothing to compare."
-    best = max(scored, key=lambda r: r[key]["mean"])
-    others = [r for r in scored if r is not best]
-    if min(r[key]["n"] for r in scored) < 2:
-        return (f"Best per-volume Dice: {best['loss']} ({best[key]['mean']:.4f}); with a single "
-                "seed for some losses the seed spread is unknown, so no difference can be called "
-                "real (run seed=0,1,2).")
-    beaten, not_beaten = [], []
-    for other in others:
-        p = stats.ttest_ind(best["values"][key], other["values"][key], equal_var=False).pvalue
-        (beaten if p < SIGNIFICANCE else not_beaten).append(f"{other['loss']} (p={p:.2g})")
-    verdict = (f"its lead over {len(beaten)} of {len(others)} other losses exceeds the seed "
-               f"spread (Welch t-test, p < {SIGNIFICANCE})")
-    if not_beaten:
-        verdict += f"; over {', '.join(not_beaten)} it does not"
-    return f"Best per-volume Dice: {best['loss']} ({best[key]['mean']:.4f}); {verdict}."
-
-
-def _cell(summary: dict[str, float], bold: bool) -> str:
-    if summary["n"] == 0:
-        return "—"
-    text = f"{summary['mean']:.4f}"
-    if summary["n"] > 1:
-        text += f" ± {summary['std']:.4f} [{summary['ci_low']:.3f}, {summary['ci_high']:.3f}]"
-    return f"**{text}**" if bold else text
-
-
-def write_tables(rows: list[dict[str, Any]], runs: list[Run], out: Path) -> str:
-    best = {key: max((r[key]["mean"] for r in rows if r[key]["n"]), default=None)
-            for key, _ in METRICS}
-    header = ["Loss", *[title for _, title in METRICS], "Epochs", "Runs"]
+def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["loss"]]
-        for key, _ in METRICS:
-            cells.append(_cell(row[key], row[key]["n"] > 0 and row[key]["mean"] == best[key]))
-        epochs = row["epochs"]
-        cells.append("—" if epochs["n"] == 0 else f"{epochs['mean']:.1f}")
-        runs_cell = f"{row['completed']} done"
-        if row["failed"]:
-            runs_cell += f", {row['failed']} FAILED"
-        if row["unfinished"]:
-            runs_cell += f", {row['unfinished']} unfinished"
-        cells.append(runs_cell)
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    problems = [r for r in runs if r.status != "completed"]
-    md = [
-        f"# Results: {out.parent}",
-        "",
-        "Validation metrics of each run's best checkpoint (by per-volume Dice), over seeds: "
-        "mean ± std [95 % CI]. Best mean of each column in bold.",
-        "",
-        table,
-        "",
-        significance_line(rows),
-        "",
-        "Per-volume Dice pools each patient's slices and averages over patients (the headline "
-        "number). Pooled pixel F1 equals pooled Dice by definition (2PR/(P+R) = 2TP/(2TP+FP+FN)); "
-        "the original study's Dice and F1 differed only because its Dice was averaged per batch.",
-        "",
-        "![loss curves](loss_curves.png)",
-        "![precision and recall](precision_recall.png)",
-        "![dice and f1](dice_f1.png)",
-        "![contours](contours.png)",
-    ]
-    if problems:
-        md += ["", "## Runs that did not complete", ""]
-        md += [f"- `{r.folder.name}`: {r.status}" + (f" — {r.error}" if r.error else "")
-               for r in problems]
-    text = "\n".join(md) + "\n"
-    write_text(out / "results.md", text)
-
-    fields = ["loss", "alpha", "completed", "failed", "unfinished"]
-    for key, _ in METRICS:
-        fields += [f"{key}_{s}" for s in ("mean", "std", "ci_low", "ci_high")] + [f"{key}_best"]
-    fields += ["epochs_mean", "epochs_std"]
-    flat_rows = []
-    for row in rows:
-        flat = {k: row[k] for k in fields[:5]}
-        for key, _ in METRICS:
-            for s in ("mean", "std", "ci_low", "ci_high"):
-                flat[f"{key}_{s}"] = row[key][s]
-            flat[f"{key}_best"] = int(row[key]["n"] > 0 and row[key]["mean"] == best[key])
-        flat["epochs_mean"], flat["epochs_std"] = row["epochs"]["mean"], row["epochs"]["std"]
-        flat_rows.append(flat)
-    write_csv(out / "results.csv", flat_rows, fields)
-    return table
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return lines
 
 
-def _colour(loss: str, alpha: float | None):
-    import matplotlib
-
-    if loss == "bce" or alpha is None:
-        return "0.35"
-    if math.isclose(alpha, 0.5):
-        return "darkred"
-    return matplotlib.colormaps["Reds_r"](0.1 + 0.7 * alpha)  # lighter for higher alpha
-
-
-def plot_figures(groups: dict[str, list[Run]], rows: list[dict[str, Any]], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(groups)
-    # Loss curves: one panel per loss, one line per seed.
-    cols = min(4, len(names))
-    fig, axes = plt.subplots(math.ceil(len(names) / cols), cols, squeeze=False,
-                             figsize=(4 * cols, 3 * math.ceil(len(names) / cols)))
-    for ax, name in zip(axes.flat, names):
-        for run in groups[name]:
-            epochs = [h["epoch"] for h in run.history]
-            for key, style in (("train/loss", "-"), ("val/loss", "--")):
-                values = [h.get(key, math.nan) for h in run.history]
-                ax.plot(epochs, values, style, label=f"{key.split('/')[0]} s{run.seed}")
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize=6)
-    for ax in axes.flat[len(names):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
-    plt.close(fig)
-
-    for filename, keys in (("precision_recall.png", ("val/precision", "val/recall")),
-                           ("dice_f1.png", ("val/dice", "val/f1"))):
-        fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 3.8), squeeze=False)
-        for ax, key in zip(axes.flat, keys):
-            x = np.arange(len(rows))
-            means = [r[key]["mean"] for r in rows]
-            errors = [0.0 if math.isnan(r[key]["std"]) else r[key]["std"] for r in rows]
-            colours = [_colour(r["loss"], r["alpha"]) for r in rows]
-            ax.bar(x, means, yerr=errors, color=colours, capsize=3)
-            for i, r in enumerate(rows):  # every seed as a dot: the spread is visible
-                ax.scatter([i] * len(r["values"][key]), r["values"][key], color="k", s=8, zorder=3)
-            ax.set_xticks(x, [r["loss"] for r in rows], rotation=45, ha="right", fontsize=8)
-            ax.set_title(dict(METRICS)[key])
-            finite = [m for m in means if not math.isnan(m)]
-            ax.set_ylim(max(0.0, min(finite, default=0) - 0.1), 1.0)
-        fig.tight_layout()
-        fig.savefig(out / filename, dpi=110)
-        plt.close(fig)
-
-    _plot_contours(groups, out, plt)
+def summary_table(a: Analysis) -> list[str]:
+    units = {s.hd95_unit for s in a.summaries if s.hd95_unit}
+    hd_title = f"HD95 median ({'/'.join(sorted(units))})" if units else "HD95 median"
+    header = ["Loss", "Patients", "Runs", "Dice mean [95 % CI]", "Median", "Seed SD",
+              "Precision", "Recall", hd_title, "HD95 failed", "Flags"]
+    return _markdown_table(header, ([
+        s.loss, str(s.n_patients), str(s.n_runs),
+        f"{_number(s.dice_mean)} [{_number(s.dice_ci_low, 3)}, {_number(s.dice_ci_high, 3)}]",
+        _number(s.dice_median), _number(s.seed_sd), _number(s.precision_mean),
+        _number(s.recall_mean), _number(s.hd95_median, 2), str(s.hd95_failed),
+        "; ".join(s.flags) or "—"] for s in a.summaries))
 
 
-def _plot_contours(groups: dict[str, list[Run]], out: Path, plt: Any) -> None:
-    """One validation slice: the truth, then each loss's predicted contour over it."""
-    previews = {}
-    for name, runs in groups.items():
-        for run in sorted(runs, key=lambda r: (r.seed is None, r.seed)):
-            path = run.folder / PREVIEW_FILE
-            if run.status == "completed" and path.exists():
-                with np.load(path) as data:
-                    previews[name] = {k: data[k] for k in data.files}
-                break
-    panels = len(previews) + 1
-    cols = min(5, panels)
-    rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows), squeeze=False)
-    axes = axes.flatten()
-    if previews:
-        first = next(iter(previews.values()))
-        image, truth = first["image"][0].astype(float), first["mask"][0]
-        axes[0].imshow(image, cmap="gray")
-        axes[0].contour(truth, levels=[0.5], colors="lime", linewidths=1)
-        axes[0].set_title(f"truth\n{first['names'][0]}", fontsize=7)
-        for ax, (name, preview) in zip(axes[1:], previews.items()):
-            ax.imshow(image, cmap="gray")
-            ax.contour(truth, levels=[0.5], colors="lime", linewidths=0.8)
-            if (preview["prob"][0] > 0.5).any():
-                ax.contour(preview["prob"][0].astype(float), levels=[0.5], colors="red",
-                           linewidths=1)
-            ax.set_title(name, fontsize=8)
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(out / "contours.png", dpi=120)
-    plt.close(fig)
+def comparison_table(a: Analysis) -> list[str]:
+    header = ["Loss", "vs", "Patients", "ΔDice [95 % CI]", "p (Wilcoxon)", "p (Holm)",
+              "Significant", "Rank-biserial r", "d_z", "Per-seed ΔDice"]
+    flagged = a.flagged
+    rows = []
+    for c in a.comparisons:
+        significant = "yes" if c.significant else "no"
+        if c.loss in flagged or c.baseline in flagged:
+            significant += " (flagged: not interpreted)"
+        rows.append([c.loss, c.baseline, str(c.n_patients),
+                     f"{_signed(c.mean_diff, 4)} [{_signed(c.ci_low, 3)}, "
+                     f"{_signed(c.ci_high, 3)}]",
+                     _p(c.p_value), _p(c.p_holm), significant, _number(c.rank_biserial, 2),
+                     _number(c.cohens_dz, 2),
+                     ", ".join(f"{d:+.3f}" for d in c.seed_differences) or "—"])
+    return _markdown_table(header, rows)
 
 
-def write_report(sweep_dir: str | Path) -> Path:
-    """Write SWEEP_DIR/report/ and return its results.md path."""
+def summary_rows(a: Analysis) -> list[dict[str, Any]]:
+    return [{"loss": s.loss, "split": a.split, "n_patients": s.n_patients, "n_runs": s.n_runs,
+             "folds": s.folds, "seeds": s.seeds, "dice_mean": s.dice_mean,
+             "dice_ci_low": s.dice_ci_low, "dice_ci_high": s.dice_ci_high,
+             "dice_median": s.dice_median, "dice_seed_sd": s.seed_sd,
+             "precision_mean": s.precision_mean, "recall_mean": s.recall_mean,
+             "hd95_median": s.hd95_median, "hd95_unit": s.hd95_unit,
+             "hd95_failed": s.hd95_failed, "flags": "; ".join(s.flags)} for s in a.summaries]
+
+
+COMPARISON_COLUMNS = ["loss", "baseline", "n_patients", "mean_diff", "ci_low", "ci_high",
+                      "p_value", "p_holm", "significant", "rank_biserial", "cohens_dz",
+                      "seed_diff_min", "seed_diff_max", "flagged", "split"]
+
+
+def comparison_rows(a: Analysis) -> list[dict[str, Any]]:
+    flagged = a.flagged
+    return [{"loss": c.loss, "baseline": c.baseline, "n_patients": c.n_patients,
+             "mean_diff": c.mean_diff, "ci_low": c.ci_low, "ci_high": c.ci_high,
+             "p_value": c.p_value, "p_holm": c.p_holm, "significant": c.significant,
+             "rank_biserial": c.rank_biserial, "cohens_dz": c.cohens_dz,
+             "seed_diff_min": min(c.seed_differences, default=math.nan),
+             "seed_diff_max": max(c.seed_differences, default=math.nan),
+             "flagged": c.loss in flagged or c.baseline in flagged, "split": a.split}
+            for c in a.comparisons]
+
+
+METHODS = f"""\
+## How these numbers are made
+
+- **Unit of evidence: the patient.** Each patient's Dice is first averaged over the seeds
+  (with cross-validation every patient is validated once per seed, by the fold that holds it
+  out; a held-out test patient is scored by every fold's model, averaged too). Per loss: the
+  mean over patients with a 95 % BCa bootstrap interval resampling patients, the median, the
+  seed-to-seed spread (SD of the per-seed means), HD95 (median over patients; an undefined
+  HD95, one mask empty, counts as the volume's diagonal and as a failure), precision and
+  recall (means over patients).
+- **Comparisons are paired**: on the patients both losses have, the per-patient differences
+  give the mean difference, its 95 % BCa bootstrap interval (resampling patients), the
+  two-sided Wilcoxon signed-rank p-value (zero differences ranked, then dropped: Pratt), and
+  two effect sizes: the matched-pairs rank-biserial correlation r (the signed-rank test's own:
+  +1 when every patient does better, −1 when every patient does worse) and Cohen's d_z (mean
+  difference over the SD of the differences).
+- **Multiplicity**: the p-values of all comparisons made are adjusted by Holm's method, which
+  keeps the chance of any false claim at α = {ALPHA} whatever the correlation between them;
+  a difference is claimed only where the adjusted p < {ALPHA}. The bootstrap intervals show
+  the size of a difference and are not adjusted. "No difference detected" means the data
+  cannot tell: it is not evidence that two losses perform alike.
+- **Training randomness**: the test treats the trained models as given and the patients as
+  the sample. A shift of a whole run (seed) is averaged over the seeds but not tested; the
+  per-seed differences are listed so a reader sees whether a difference holds in every seed.
+- **Best** is said only of a loss whose lead over every other loss was tested and survives
+  the correction (usually that needs --all-pairs).
+- **Flags** (never ranked, left out of the verdict): *degenerate*, a run that predicts no
+  gland at all or gland in at least half of all voxels (from the voxel counts; without them,
+  recall 0 with precision 0 everywhere, or mean recall ≥ 0.99 with mean precision ≤ 0.1);
+  *not converged*, a run whose best epoch is its last one without an early stop (it was still
+  improving); *tie*, two losses with identical per-patient Dice (the same predictions).
+- **Dice and F1**: per-volume Dice pools one patient's pixels; pixel F1 pooled over a set of
+  pixels equals Dice pooled over the same pixels (2PR/(P+R) = 2TP/(2TP+FP+FN)), so reporting
+  both says nothing new. The original study's Dice and F1 differed only because its Dice was
+  averaged per batch and its F1 pooled.
+"""
+
+SWEEP_PROTOCOL = """\
+## Protocol: what chose what, on which patients
+
+- Patients are split into folds (split.json, shared by every run); each run trains on the
+  other folds' patients and keeps the checkpoint (epoch) with the best per-volume Dice on its
+  own fold's validation patients — the same patients the **val** statistics use, so every
+  loss's val Dice is optimistic alike (the comparison stays paired and fair). Held-out
+  **test** patients, when there are any, chose nothing.
+- This report chooses nothing after seeing results: the baseline, the primary measure
+  (per-patient Dice on the val split), the test and the correction are fixed in advance.
+"""
+
+TABLE_PROTOCOL = """\
+## Protocol
+
+The table's provenance is not known to this report: if the checkpoints (or any setting) were
+chosen on the patients scored here, every loss's score is optimistic. This report chooses
+nothing after seeing results: the baseline, the primary measure (per-patient Dice on the
+{split} split), the test and the correction are fixed in advance.
+"""
+
+
+# --- the report -------------------------------------------------------------------------
+
+@dataclass
+class SweepExtras:
+    """What only a sweep folder gives the report: its runs (for curves, previews, and the
+    list of runs that are not in the statistics)."""
+    sweep_dir: Path
+    runs: list[Run]
+    notes: list[str] = field(default_factory=list)  # problems met while drawing figures
+
+    def not_counted(self) -> list[Run]:
+        return [r for r in self.runs if r.state != "completed"]
+
+
+def _resolve_baseline(baseline: str | None, losses: Sequence[str], source: str) -> str | None:
+    if baseline is None:
+        return DEFAULT_BASELINE if DEFAULT_BASELINE in losses else None
+    if baseline not in losses:
+        raise DataError(f"--baseline {baseline}: no such loss in {source} "
+                        f"(losses: {', '.join(losses)})")
+    return baseline
+
+
+def report_table(table: Path, out: Path, baseline: str | None = None, all_pairs: bool = False,
+                 split: str = PRIMARY_SPLIT, sweep: SweepExtras | None = None) -> list[str]:
+    """Statistics, tables and figures of a long table into ``out``; returns the verdict.
+
+    ``baseline`` None means bce when the table has it, else every pair is compared."""
+    rows = read_long_table(table)
+    splits = sorted({r["split"] for r in rows}, key=lambda s: (s != split, s))
+    if splits[0] != split:
+        raise DataError(f"{table}: no rows with split={split} (splits: {', '.join(splits)})")
+    losses = sorted({r["loss"] for r in rows}, key=loss_order)
+    baseline = _resolve_baseline(baseline, losses, str(table))
+    analyses = [analyse([r for r in rows if r["split"] == s], losses, baseline, all_pairs, s)
+                for s in splits]
+    out.mkdir(parents=True, exist_ok=True)
+    colours = figures.loss_colours(losses)
+    written = _figures(analyses[0], [r for r in rows if r["split"] == split], colours, out,
+                       sweep)
+    for stale in set(FIGURE_FILES) - set(written):
+        (out / stale).unlink(missing_ok=True)
+    write_csv(out / "results.csv", [r for a in analyses for r in summary_rows(a)],
+              list(summary_rows(analyses[0])[0]))
+    write_csv(out / "comparisons.csv",
+              [{k: _csv_value(v) for k, v in r.items()} for a in analyses
+               for r in comparison_rows(a)], COMPARISON_COLUMNS)
+    write_text(out / "results.md", _markdown(analyses, table, written, sweep))
+    return analyses[0].verdict
+
+
+def _figures(a: Analysis, rows: list[Row], colours: dict[str, Any], out: Path,
+             sweep: SweepExtras | None) -> list[str]:
+    drawn = {"scores.png": figures.scores(rows, a, colours)}
+    if len(a.summaries) > 1:
+        drawn["paired.png"] = figures.paired(a, colours)
+    if a.comparisons:
+        drawn["forest.png"] = figures.forest(a)
+    if sweep is not None:
+        counted = [r for r in sweep.runs if r.state == "completed"]
+        columns = _contour_columns(counted, sweep)
+        if columns:
+            drawn["contours.png"] = figures.contours(columns)
+        curves = _curves(counted, sweep)
+        if curves:
+            drawn["loss_curves.png"] = figures.loss_curves(curves, colours)
+    for name, figure in drawn.items():
+        figures.save(figure, out / name)
+    return [name for name in FIGURE_FILES if name in drawn]
+
+
+def _markdown(analyses: list[Analysis], table: Path, written: list[str],
+              sweep: SweepExtras | None) -> str:
+    primary = analyses[0]
+    md = []
+    for i, line in enumerate(primary.verdict):
+        md += [f"**{line}**" if i == 0 else line, ""]
+    md += [f"Source: `{sweep.sweep_dir if sweep else table}` "
+               f"({'sweep; long table ' + str(table.name) if sweep else 'table'})."]
+    for a in analyses:
+        title = "validation patients" if a.split == PRIMARY_SPLIT else f"{a.split} patients"
+        if a is not primary:
+            md += ["", f"## {a.split}: {title}, a separate family of comparisons"]
+            for line in a.verdict:
+                md += ["", line]
+        md += ["", f"## Per loss ({title})", "", *summary_table(a)]
+        if a.comparisons:
+            against = (f"against {a.baseline}" + (" and all pairs" if a.all_pairs else "")
+                       if a.baseline else "all pairs (no baseline in the table)")
+            md += ["", f"## Paired comparisons ({title}, {against}; per-patient Dice, "
+                       "positive Δ = the first loss scores higher)", "", *comparison_table(a)]
+    if written:
+        md += ["", "## Figures", ""] + [f"![{name[:-4]}]({name})" for name in written]
+    md += ["", METHODS]
+    md += [SWEEP_PROTOCOL if sweep else TABLE_PROTOCOL.format(split=primary.split)]
+    if sweep is not None and (sweep.not_counted() or sweep.notes):
+        md += ["## Runs not in the statistics, and other problems", ""]
+        md += [f"- `{r.name}`: {r.state} — {r.reason}" for r in sweep.not_counted()]
+        md += [f"- {note}" for note in sweep.notes]
+        md += [""]
+    return "\n".join(md) + "\n"
+
+
+def _contour_columns(runs: list[Run], sweep: SweepExtras) -> list[figures.ContourColumn]:
+    """One model per loss, all on the same fold and seed where possible (so on the same
+    validation slices): the fold and seed that most losses have, the lowest first. Every
+    preview is opened, so a broken one is named even when another run is drawn."""
+    previews = {run.name: _load_preview(run, sweep) for run in runs}
+    fold_seed = {run.name: (_text(run.results.get("fold")), _text(run.results.get("seed")))
+                 for run in runs}
+    common = Counter(fold_seed[run.name] for run in runs if previews[run.name] is not None)
+    columns = []
+    for label in sorted({run.label for run in runs}, key=loss_order):
+        drawable = [run for run in runs if run.label == label and previews[run.name] is not None]
+        if not drawable:
+            continue
+        run = min(drawable, key=lambda r: (-common[fold_seed[r.name]], fold_seed[r.name]))
+        dice = float(np.mean([r["dice"] for r in run.rows if r["split"] == PRIMARY_SPLIT]
+                             or [math.nan]))
+        columns.append(figures.ContourColumn(label=label, run=run.name, dice=dice,
+                                             **previews[run.name]))
+    return columns
+
+
+def _load_preview(run: Run, sweep: SweepExtras) -> dict[str, np.ndarray] | None:
+    path = run.folder / PREVIEW_FILE
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as data:
+            preview = {k: np.asarray(data[k]) for k in ("image", "mask", "prob", "names")}
+        if not (preview["image"].shape == preview["mask"].shape == preview["prob"].shape
+                and preview["image"].ndim == 3 and len(preview["names"]) == len(preview["image"])):
+            raise ValueError("image, mask, prob and names do not match in shape")
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: say so, draw the rest
+        sweep.notes.append(f"`{run.name}`: {PREVIEW_FILE} unreadable ({exc}); its numbers are "
+                           "counted, its contours are not drawn")
+        return None
+    return preview
+
+
+def _curves(runs: list[Run], sweep: SweepExtras) -> dict[str, list[figures.Curve]]:
+    curves: dict[str, list[figures.Curve]] = defaultdict(list)
+    for run in sorted(runs, key=lambda r: loss_order(r.label)):
+        path = run.folder / METRICS_FILE
+        if not path.exists():
+            continue
+        try:
+            with open(path, newline="") as f:
+                history = [{k: float(v) for k, v in row.items() if k and v not in ("", None)}
+                           for row in csv.DictReader(f)]
+        except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
+            sweep.notes.append(f"`{run.name}`: {METRICS_FILE} unreadable ({exc}); its loss "
+                               "curve is not drawn")
+            continue
+        name = f"fold {_text(run.results.get('fold')) or '?'}, seed " \
+               f"{_text(run.results.get('seed')) or '?'}"
+        curves[run.label].append(figures.Curve(name=name, history=history,
+                                               best_epoch=run.results.get("best_epoch")))
+    return dict(curves)
+
+
+def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: bool = False,
+                 split: str = PRIMARY_SPLIT) -> Path:
+    """SWEEP_DIR/report/: the long table, then the table mode on it. Returns results.md."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"{sweep_dir}: sweep folder not found")
+        raise DataError(f"{sweep_dir}: sweep folder not found")
     runs = collect_runs(sweep_dir)
     if not runs:
-        raise FileNotFoundError(f"{sweep_dir}: no run folders (.hydra/config.yaml) inside")
-    out = sweep_dir / "report"
+        raise DataError(f"{sweep_dir}: no run folders inside (none holds {STATUS_FILE} or "
+                        f"{RESULTS_FILE})")
+    out = sweep_dir / REPORT_DIR
     out.mkdir(exist_ok=True)
-    groups = group_by_loss(runs)
-    rows = build_table(groups)
-    table = write_tables(rows, runs, out)
-    plot_figures(groups, rows, out)
-    print(table)
-    print(significance_line(rows))
+    sweep = SweepExtras(sweep_dir, runs)
+    counted = [r for r in runs if r.state == "completed"]
+    if not counted:
+        listing = [f"- `{r.name}`: {r.state} — {r.reason}" for r in runs]
+        write_text(out / "results.md", f"**No completed run with per-patient results in "
+                   f"{sweep_dir}: nothing to compare.**\n\n" + "\n".join(listing) + "\n")
+        print(f"no completed run with per-patient results in {sweep_dir}; see "
+              f"{out / 'results.md'}")
+        return out / "results.md"
+    table = out / LONG_TABLE
+    write_long_table(table, (row for run in counted for row in long_rows(run)))
+    verdict = report_table(table, out, baseline, all_pairs, split, sweep)
+    print("\n".join(verdict))
     print(f"report: {out / 'results.md'}\nTensorBoard: tensorboard --logdir {sweep_dir}")
     return out / "results.md"
 
 
 class SweepReportCallback(Callback):
     """Hydra callback: write the report when a multirun ends. Hydra skips ``on_multirun_end``
-    when a job failed, so the report is also written at exit in that case."""
+    when a job failed, so the report is also written at exit in that case; a report problem is
+    logged, never raised (it must not turn a finished sweep into a failed one).
 
-    def __init__(self) -> None:
+    Settings: ``hydra.callbacks.sweep_report.baseline=NAME`` (null: bce when the sweep has
+    it, else all pairs) and ``hydra.callbacks.sweep_report.all_pairs=true``."""
+
+    def __init__(self, baseline: str | None = None, all_pairs: bool = False) -> None:
+        self.baseline, self.all_pairs = baseline, all_pairs
         self._sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -375,7 +696,7 @@ class SweepReportCallback(Callback):
             return
         sweep_dir, self._sweep_dir = self._sweep_dir, None
         try:
-            write_report(sweep_dir)
+            write_report(sweep_dir, self.baseline, self.all_pairs)
         except Exception as exc:  # noqa: BLE001 - a report problem must not hide the sweep's
             log.error("could not write the sweep report for %s: %s", sweep_dir, exc)
 
@@ -383,11 +704,31 @@ class SweepReportCallback(Callback):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prostate_seg.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", help="a multirun folder, e.g. outputs/sweeps/DATE/TIME")
+    parser.add_argument("sweep_dir", nargs="?", help="a multirun folder, e.g. "
+                        "outputs/sweeps/DATE/TIME (writes SWEEP_DIR/report/)")
+    parser.add_argument("--table", type=Path, help="a long table (CSV) instead of a sweep")
+    parser.add_argument("--out", type=Path, help="where table mode writes (required with "
+                        "--table)")
+    parser.add_argument("--baseline", help=f"the loss every other is compared with (default: "
+                        f"{DEFAULT_BASELINE} when present, else all pairs)")
+    parser.add_argument("--all-pairs", action="store_true", help="compare every pair of losses "
+                        "too (needed to call one loss best)")
+    parser.add_argument("--split", default=PRIMARY_SPLIT, help="the split the verdict is on "
+                        "(default: val; every other split is reported separately)")
     args = parser.parse_args(argv)
+    if (args.table is None) == (args.sweep_dir is None):
+        parser.error("give either SWEEP_DIR or --table FILE.csv --out DIR")
+    if args.table is not None and args.out is None:
+        parser.error("--table needs --out DIR")
     try:
-        write_report(args.sweep_dir)
-    except FileNotFoundError as exc:
+        if args.table is not None:
+            verdict = report_table(args.table, args.out, args.baseline, args.all_pairs,
+                                   args.split)
+            print("\n".join(verdict))
+            print(f"report: {args.out / 'results.md'}")
+        else:
+            write_report(args.sweep_dir, args.baseline, args.all_pairs, args.split)
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

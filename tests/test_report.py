@@ -1,0 +1,428 @@
+"""The report on hand-made run folders (written as training writes them, per the run-folder
+contract) and on long tables from other tools, good and bad."""
+
+import csv
+import json
+import math
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import run_cli
+from scipy import stats
+
+from prostate_seg import figures
+from prostate_seg.errors import DataError
+from prostate_seg.report import SweepReportCallback, collect_runs, main, report_table
+from prostate_seg.statistics import analyse
+
+PATIENTS = [f"case{i:02d}" for i in range(12)]
+TOTAL = 48 * 48 * 10
+
+
+def patient_dice(loss_index, seed, fold_patients, effect=0.0):
+    """Deterministic Dice: patients spread over 0.70-0.92, a +-0.004 zigzag that flips
+    between neighbouring losses, 0.001 per seed, and a small irregular part so that no two
+    differences tie (ties make scipy's exact Wilcoxon a slow permutation)."""
+    return {p: round(0.70 + 0.02 * (i := PATIENTS.index(p)) + effect
+                     + 0.004 * (-1) ** (i + loss_index) + 0.001 * seed
+                     + 0.0001 * math.sqrt(7 * i + 3 * loss_index + 1), 6)
+            for p in fold_patients}
+
+
+def write_run(folder: Path, loss, fold, seed, dice, *, status="completed", group=None,
+              config=None, best_epoch=4, epochs_trained=8, stopped_early=True,
+              pred_fraction=0.02, split="val", preview=True):
+    """A run folder as the training writes it: status.json, results.json, per_patient.csv,
+    metrics.csv and val_preview.npz."""
+    folder.mkdir(parents=True, exist_ok=True)
+    group = group or f"group-{loss}"
+    identity = {"hash": f"{group}-{fold}-{seed}", "group": group,
+                "config": {"loss.name": loss, "seed": seed, "data.fold": fold, **(config or {})}}
+    (folder / "status.json").write_text(json.dumps({
+        "status": status, "identity": identity,
+        "error": "RuntimeError: CUDA out of memory" if status == "failed" else None}))
+    if status != "completed":
+        return
+    (folder / "results.json").write_text(json.dumps({
+        "loss": loss, "seed": seed, "fold": fold, "folds": 3, "group": group,
+        "identity": identity["hash"], "best_epoch": best_epoch,
+        "epochs_trained": epochs_trained, "max_epochs": 8, "stopped_early": stopped_early}))
+    with open(folder / "per_patient.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["patient", "split", "dice", "precision", "recall", "hd95",
+                         "hd95_failed", "hd95_unit", "voxels_pred", "voxels_true",
+                         "voxels_total", "slices"])
+        for patient, value in dice.items():
+            writer.writerow([patient, split, value, min(1.0, value + 0.05), max(0.0, value - 0.05),
+                             round(20 * (1 - value), 3), 0, "mm", int(TOTAL * pred_fraction),
+                             int(TOTAL * 0.02), TOTAL, 10])
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "step", "train/loss", "val/loss", "val/dice"])
+        for epoch in range(epochs_trained):
+            writer.writerow([epoch, 5 * epoch, 1 / (epoch + 1), 1.2 / (epoch + 1), 0.5])
+    if preview:
+        yy, xx = np.mgrid[:32, :32]
+        mask = (((yy - 16) ** 2 + (xx - 16) ** 2) < 49).astype(np.uint8)[None].repeat(2, 0)
+        prob = np.full(mask.shape, float(pred_fraction >= 0.5), np.float16)
+        if 0 < pred_fraction < 0.5:
+            prob = mask.astype(np.float16)
+        np.savez_compressed(folder / "val_preview.npz", image=(mask * 0.5).astype(np.float16),
+                            mask=mask, prob=prob, names=np.array(["case00_z3", "case03_z4"]))
+
+
+def make_sweep(root: Path, effects=None, seeds=(0, 1), folds=3, **kwargs) -> Path:
+    """bce and two Tversky losses x folds x seeds; every patient validated once per seed."""
+    effects = effects or {"bce": 0.0, "tversky_a0.25": 0.0, "tversky_a0.5": 0.03}
+    for k, (loss, effect) in enumerate(effects.items()):
+        for seed in seeds:
+            for fold in range(folds):
+                mine = PATIENTS[fold::folds]
+                write_run(root / f"{loss}-fold{fold}-seed{seed}", loss, fold, seed,
+                          patient_dice(k, seed, mine, effect), **kwargs)
+    return root
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_report_pairs_patients_across_losses(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep")
+    assert main([str(sweep)]) == 0
+    report = sweep / "report"
+    long = read_csv(report / "per_patient.csv")
+    assert len(long) == 3 * 2 * len(PATIENTS)  # losses x seeds x patients
+    first = next(r for r in long if r["run"] == "tversky_a0.5-fold1-seed0" and
+                 r["patient"] == "case01")
+    assert first["loss"] == "tversky_a0.5" and first["fold"] == "1" and first["seed"] == "0"
+    assert float(first["dice"]) == patient_dice(2, 0, ["case01"], 0.03)["case01"]
+    assert first["best_epoch"] == "4" and first["stopped_early"] == "true"
+    assert first["group"] == "group-tversky_a0.5" and first["voxels_total"] == str(TOTAL)
+
+    # each patient's Dice is its mean over the two seeds; the loss's Dice the mean of those
+    per_patient = {loss: {p: np.mean([patient_dice(k, s, [p], e)[p] for s in (0, 1)])
+                          for p in PATIENTS}
+                   for k, (loss, e) in enumerate({"bce": 0, "tversky_a0.25": 0,
+                                                  "tversky_a0.5": 0.03}.items())}
+    results = {r["loss"]: r for r in read_csv(report / "results.csv")}
+    assert list(results) == ["bce", "tversky_a0.25", "tversky_a0.5"]
+    assert float(results["bce"]["dice_mean"]) == pytest.approx(
+        np.mean(list(per_patient["bce"].values())))
+    assert results["bce"]["n_patients"] == "12" and results["bce"]["n_runs"] == "6"
+    assert results["bce"]["folds"] == "3" and results["bce"]["seeds"] == "2"
+    # seed spread: the per-seed means differ by exactly 0.001
+    assert float(results["bce"]["dice_seed_sd"]) == pytest.approx(0.001 / math.sqrt(2))
+
+    comparisons = read_csv(report / "comparisons.csv")
+    assert list(comparisons[0])[:9] == ["loss", "baseline", "n_patients", "mean_diff",
+                                        "ci_low", "ci_high", "p_value", "p_holm",
+                                        "significant"]
+    by_loss = {c["loss"]: c for c in comparisons}
+    d = np.array([per_patient["tversky_a0.5"][p] - per_patient["bce"][p] for p in PATIENTS])
+    c = by_loss["tversky_a0.5"]
+    assert c["baseline"] == "bce" and c["n_patients"] == "12"
+    assert float(c["mean_diff"]) == pytest.approx(d.mean())
+    assert float(c["p_value"]) == pytest.approx(stats.wilcoxon(d, zero_method="pratt").pvalue)
+    assert float(c["p_holm"]) == pytest.approx(min(1, 2 * float(c["p_value"])))
+    assert c["significant"] == "true" and by_loss["tversky_a0.25"]["significant"] == "false"
+
+    md = (report / "results.md").read_text()
+    assert md.startswith("**On 12 val patients (3 folds × 2 seeds), per-patient Dice, "
+                         "Wilcoxon signed-rank test with Holm correction over 2 comparisons")
+    assert "tversky_a0.5 scores higher than bce: ΔDice +0.030" in md
+    assert "equals Dice pooled over the same pixels" in md and "averaged per batch" in md
+    assert "## Protocol: what chose what, on which patients" in md
+    for name in ("forest", "paired", "scores", "contours", "loss_curves"):
+        assert f"![{name}]({name}.png)" in md
+        assert (report / f"{name}.png").stat().st_size > 5_000
+
+
+def test_sweep_mode_is_table_mode_on_its_long_table(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep")
+    assert main([str(sweep), "--all-pairs"]) == 0
+    out = tmp_path / "again"
+    assert main(["--table", str(sweep / "report" / "per_patient.csv"), "--out", str(out),
+                 "--all-pairs"]) == 0
+    for name in ("results.csv", "comparisons.csv"):
+        assert (out / name).read_text() == (sweep / "report" / name).read_text()
+    assert len(read_csv(out / "comparisons.csv")) == 3  # all pairs of three losses
+    # only what the table supports: no run folders, so no contours or loss curves
+    assert sorted(p.name for p in out.glob("*.png")) == ["forest.png", "paired.png",
+                                                          "scores.png"]
+
+
+def test_groups_that_share_a_loss_name_are_told_apart(tmp_path):
+    sweep = tmp_path / "sweep"
+    for lr, group, shift in (("0.0001", "g-slow", 0.0), ("0.001", "g-fast", 0.02)):
+        for seed in (0, 1):
+            write_run(sweep / f"bce-lr{lr}-seed{seed}", "bce", 0, seed,
+                      patient_dice(0, seed, PATIENTS, shift), group=group,
+                      config={"optimizer.lr": float(lr), "model.name": "unet"})
+    assert main([str(sweep)]) == 0
+    labels = {r["loss"] for r in read_csv(sweep / "report" / "per_patient.csv")}
+    assert labels == {"bce (optimizer.lr=0.0001)", "bce (optimizer.lr=0.001)"}
+    results = [r["loss"] for r in read_csv(sweep / "report" / "results.csv")]
+    assert results == ["bce (optimizer.lr=0.0001)", "bce (optimizer.lr=0.001)"]
+
+
+def test_one_broken_folder_is_listed_and_the_rest_reported(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep")
+    (sweep / "bce-fold0-seed0" / "results.json").write_text('{"loss": "bce", "seed"')
+    (sweep / "bce-fold1-seed0" / "status.json").write_text("not json at all")
+    preview = sweep / "bce-fold2-seed0" / "val_preview.npz"
+    preview.write_bytes(preview.read_bytes()[:40])  # truncated
+    bad = sweep / "tversky_a0.25-fold0-seed1" / "per_patient.csv"
+    bad.write_text(bad.read_text().replace(f"case00,val,{patient_dice(1, 1, ['case00'])['case00']},", "case00,val,n/a,"))
+    hydra = sweep / "tversky_a0.5-fold0-seed1" / ".hydra"
+    hydra.mkdir()
+    (hydra / "config.yaml").write_text("loss: [unclosed\n")  # a broken config is not read
+    results = sweep / "tversky_a0.5-fold1-seed1" / "results.json"
+    results.write_text(results.read_text().replace('"best_epoch": 4', '"best_epoch": "soon"'))
+    twice = sweep / "tversky_a0.5-fold2-seed1" / "per_patient.csv"
+    twice.write_text(twice.read_text() + twice.read_text().splitlines()[1] + "\n")
+    write_run(sweep / "tversky_a0.75-fold0-seed0", "tversky_a0.75", 0, 0, {}, status="failed")
+    write_run(sweep / "tversky_a0.75-fold1-seed0", "tversky_a0.75", 1, 0, {}, status="running")
+    (sweep / "tversky_a0.75-fold2-seed0" / ".hydra").mkdir(parents=True)  # never got going
+
+    result = run_cli("-m", "prostate_seg.report", str(sweep), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    md = (sweep / "report" / "results.md").read_text()
+    problems = md.split("## Runs not in the statistics, and other problems")[1]
+    assert "- `bce-fold0-seed0`: broken — results.json unreadable (" in problems
+    assert "- `bce-fold1-seed0`: broken — status.json unreadable (" in problems
+    assert ("- `tversky_a0.25-fold0-seed1`: broken — per_patient.csv line 2: dice='n/a' is "
+            "not a number") in problems
+    assert ("- `tversky_a0.5-fold1-seed1`: broken — results.json: best_epoch='soon' is not a "
+            "number") in problems
+    assert ("- `tversky_a0.5-fold2-seed1`: broken — per_patient.csv line 6: duplicate of line 2 "
+            "(patient=case02, split=val)") in problems
+    assert "- `tversky_a0.75-fold0-seed0`: failed — RuntimeError: CUDA out of memory" in problems
+    assert "- `tversky_a0.75-fold1-seed0`: running — status.json says running" in problems
+    assert "- `tversky_a0.75-fold2-seed0`: unfinished — no status.json" in problems
+    assert ("`bce-fold2-seed0`: val_preview.npz unreadable (" in problems and
+            "its numbers are counted, its contours are not drawn" in problems)
+    assert "tversky_a0.5-fold0-seed1" not in problems  # its .hydra is never read
+    results = {r["loss"]: r for r in read_csv(sweep / "report" / "results.csv")}
+    assert results["bce"]["n_runs"] == "4" and results["tversky_a0.25"]["n_runs"] == "5"
+    assert results["tversky_a0.5"]["n_runs"] == "4" and "tversky_a0.75" not in results
+    assert (sweep / "report" / "contours.png").exists()
+
+
+def test_a_copied_job_is_counted_once(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
+    import shutil
+
+    shutil.copytree(sweep / "bce-fold0-seed0", sweep / "zz-copy")
+    runs = {r.name: r for r in collect_runs(sweep)}
+    assert runs["zz-copy"].state == "duplicate"
+    assert "same configuration, fold and seed as bce-fold0-seed0" in runs["zz-copy"].reason
+
+
+def test_flagged_runs_are_said_first_and_not_ranked(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", effects={"bce": 0.0, "tversky_a0.5": 0.03},
+                       seeds=(0,))
+    for fold in range(3):
+        write_run(sweep / f"tversky_a0.25-fold{fold}", "tversky_a0.25", fold, 0,
+                  {p: 0.04 for p in PATIENTS[fold::3]}, pred_fraction=1.0)
+    assert main([str(sweep), "--all-pairs"]) == 0
+    md = (sweep / "report" / "results.md").read_text()
+    first = md.splitlines()[0]
+    assert first.startswith("**Caution: 1 of 3 losses have runs that cannot support a "
+                            "conclusion (tversky_a0.25: degenerate in 3 of 3 runs (predicts "
+                            "gland in 100% of all voxels))")
+    verdict = md.split("## Per loss")[0]
+    assert "Best" not in verdict and "No loss is called best" not in verdict
+    assert "tversky_a0.5 scores higher than bce" in verdict  # the unflagged ones still compared
+    flags = {r["loss"]: r["flags"] for r in read_csv(sweep / "report" / "results.csv")}
+    assert flags["bce"] == "" and flags["tversky_a0.25"].startswith("degenerate in 3 of 3")
+    flagged = {(c["loss"], c["baseline"]): c["flagged"]
+               for c in read_csv(sweep / "report" / "comparisons.csv")}
+    assert flagged[("tversky_a0.25", "bce")] == "true"
+    assert flagged[("tversky_a0.5", "bce")] == "false"
+
+
+def test_a_sweep_without_completed_runs_lists_them(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_run(sweep / "a", "bce", 0, 0, {}, status="failed")
+    assert main([str(sweep)]) == 0
+    md = (sweep / "report" / "results.md").read_text()
+    assert md.startswith("**No completed run with per-patient results")
+    assert "- `a`: failed — RuntimeError: CUDA out of memory" in md
+
+
+def test_callback_never_fails_the_sweep(tmp_path, caplog):
+    callback = SweepReportCallback()
+    callback._sweep_dir = tmp_path / "missing"
+    callback._report()  # no exception: logged
+    assert "could not write the sweep report" in caplog.text and "sweep folder not found" in \
+        caplog.text
+    sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
+    callback = SweepReportCallback(baseline="tversky_a0.25", all_pairs=True)
+    callback._sweep_dir = sweep
+    callback._report()
+    pairs = {(c["loss"], c["baseline"]) for c in read_csv(sweep / "report" / "comparisons.csv")}
+    assert pairs == {("bce", "tversky_a0.25"), ("tversky_a0.5", "tversky_a0.25"),
+                     ("tversky_a0.5", "bce")}
+
+
+# --- table mode -------------------------------------------------------------------------
+
+def write_table(path: Path, header: str, lines: list[str]) -> Path:
+    path.write_text("\n".join([header, *lines]) + "\n")
+    return path
+
+
+def minimal_table(path: Path) -> Path:
+    """Two tools' results as one would export them: loss, patient, dice, nothing else."""
+    lines = [f"{loss},{p},{patient_dice(k, 0, [p], e)[p]}"
+             for k, (loss, e) in enumerate((("nnunet", 0.02), ("monai_unet", 0.0)))
+             for p in PATIENTS]
+    return write_table(path, "loss,patient,dice", lines)
+
+
+def test_table_mode_with_only_the_required_columns(tmp_path):
+    table = minimal_table(tmp_path / "results.csv")
+    out = tmp_path / "out"
+    result = run_cli("-m", "prostate_seg.report", "--table", str(table), "--out", str(out),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (c,) = read_csv(out / "comparisons.csv")
+    # no bce in the table: every pair is compared (monai_unet before nnunet by name)
+    assert (c["loss"], c["baseline"], c["n_patients"]) == ("nnunet", "monai_unet", "12")
+    expected = [patient_dice(0, 0, [p], 0.02)[p] - patient_dice(1, 0, [p])[p] for p in PATIENTS]
+    assert float(c["mean_diff"]) == pytest.approx(np.mean(expected))
+    md = (out / "results.md").read_text()
+    assert "12 val patients (folds not given × seeds not given)" in md
+    assert "## Protocol\n\nThe table's provenance is not known" in md
+    assert sorted(p.name for p in out.glob("*.png")) == ["forest.png", "paired.png",
+                                                          "scores.png"]
+
+
+@pytest.mark.parametrize("header, lines, message", [
+    ("loss,patient", ["bce,case00"], "missing column dice (it has: loss, patient)"),
+    ("loss,patient,dice", ["bce,case00,0.8", "bce,case01,high"],
+     "line 3: dice='high' is not a number"),
+    ("loss,patient,dice", ["bce,case00,0.8", "bce,case00,0.7"],
+     "line 3: duplicate of line 2 (loss=bce, patient=case00, split=val)"),
+    ("loss,patient,dice,seed", ["bce,case00,0.8,0", "bce,case00,0.7,1", "bce,case00,0.7,1"],
+     "line 4: duplicate of line 3 (loss=bce, seed=1, patient=case00, split=val)"),
+    ("loss,patient,dice", ["bce,case00,1.5"], "line 2: dice=1.5 is outside [0, 1]"),
+    ("loss,patient,dice", ["bce,case00,nan"], "line 2: dice='nan' is not a finite number"),
+    ("loss,patient,dice", [",case00,0.5"], "line 2: loss is empty"),
+    ("loss,patient,dice,stopped_early", ["bce,case00,0.5,maybe"],
+     "line 2: stopped_early='maybe' is not true or false"),
+    ("loss,patient,dice", ["bce,case00,0.5,extra"], "line 2: more fields than the header has"),
+    ("loss,patient,dice,split", ["bce,case00,0.5,test"], "no rows with split=val (splits: test)"),
+    ("loss,patient,dice", [], "no rows below the header"),
+])
+def test_bad_tables_are_one_line_naming_file_and_row(tmp_path, capsys, header, lines, message):
+    table = write_table(tmp_path / "bad.csv", header, lines)
+    assert main(["--table", str(table), "--out", str(tmp_path / "out")]) == 2
+    where = f"{table} " if message.startswith("line") else f"{table}: "
+    assert capsys.readouterr().err == f"error: {where}{message}\n"
+
+
+def test_table_mode_refusals(tmp_path, capsys):
+    table = minimal_table(tmp_path / "t.csv")
+    assert main(["--table", str(table), "--out", str(tmp_path / "o"), "--baseline", "bce"]) == 2
+    assert capsys.readouterr().err == (f"error: --baseline bce: no such loss in {table} "
+                                       "(losses: monai_unet, nnunet)\n")
+    assert main(["--table", str(tmp_path / "none.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none.csv'}: table not found\n"
+    (tmp_path / "empty.csv").write_text("")
+    assert main(["--table", str(tmp_path / "empty.csv"), "--out", str(tmp_path / "o")]) == 2
+    assert "empty; expected a header with the columns loss, patient, dice" in \
+        capsys.readouterr().err
+    assert main([str(tmp_path / "no-sweep")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'no-sweep'}: sweep folder not found\n"
+    (tmp_path / "empty-sweep").mkdir()
+    assert main([str(tmp_path / "empty-sweep")]) == 2
+    assert "no run folders inside" in capsys.readouterr().err
+
+
+def test_test_patients_are_a_separate_family(tmp_path):
+    header = "loss,patient,dice,split,seed"
+    lines = [f"{loss},{p},{patient_dice(k, s, [p], e)[p]},{split},{s}"
+             for k, (loss, e) in enumerate((("bce", 0.0), ("tversky_a0.5", 0.03)))
+             for split in ("val", "test") for s in (0, 1) for p in PATIENTS]
+    out = tmp_path / "out"
+    report_table(write_table(tmp_path / "t.csv", header, lines), out)
+    splits = [(c["split"], c["loss"]) for c in read_csv(out / "comparisons.csv")]
+    assert splits == [("val", "tversky_a0.5"), ("test", "tversky_a0.5")]
+    md = (out / "results.md").read_text()
+    assert "## test: test patients, a separate family of comparisons" in md
+    assert "On 12 test patients (folds not given × 2 seeds)" in md
+
+
+# --- figures ----------------------------------------------------------------------------
+
+def labelled(figure) -> bool:
+    """Every visible axes has axis labels, and the figure has a key."""
+    axes = [ax for ax in figure.axes if ax.get_visible() and ax.axison]
+    keyed = bool(figure.legends) or any(ax.get_legend() for ax in axes)
+    return keyed and all(ax.get_xlabel() and ax.get_ylabel() for ax in axes)
+
+
+def test_figures_show_every_point_and_have_keys(tmp_path):
+    rows = [{"loss": loss, "patient": p, "seed": "0", "fold": "0", "split": "val",
+             "dice": d, "precision": d, "recall": d, "hd95": 1.0, "hd95_failed": 0.0}
+            for loss, values in (("bce", [0.85, 0.86, 0.88, 0.09]),
+                                 ("tversky_a0.5", [0.87, 0.9, 0.91, 0.1]))
+            for p, d in zip(PATIENTS, values)]
+    analysis = analyse(rows, ["bce", "tversky_a0.5"], "bce")
+    colours = figures.loss_colours(["bce", "tversky_a0.5"])
+    for figure in (figures.scores(rows, analysis, colours), figures.paired(analysis, colours),
+                   figures.forest(analysis)):
+        assert labelled(figure)
+        for ax in figure.axes:
+            if ax.get_ylabel().endswith("(per volume)") or ax.get_ylabel().startswith("per-"):
+                low, high = ax.get_ylim()
+                assert low < 0.09 and high > 0.91  # the failed patient is on the plot
+    forest = figures.forest(analysis)
+    low, high = forest.axes[0].get_xlim()
+    c = analysis.comparisons[0]
+    assert low < min(c.ci_low, 0) and high > max(c.ci_high, c.mean_diff)
+
+
+def test_contour_grid_draws_gland_everywhere_and_says_predicted_nothing(tmp_path):
+    yy, xx = np.mgrid[:32, :32]
+    mask = (((yy - 16) ** 2 + (xx - 16) ** 2) < 49).astype(np.uint8)[None]
+    image = (mask * 0.5).astype(np.float16)
+    columns = [figures.ContourColumn(label=name, run=name, dice=dice, image=image, mask=mask,
+                                     prob=prob.astype(np.float16), names=np.array(["s0"]))
+               for name, dice, prob in (("everywhere", 0.05, np.ones_like(mask)),
+                                        ("nothing", 0.0, np.zeros_like(mask)),
+                                        ("good", 0.9, mask))]
+    figure = figures.contours(columns)
+    everywhere, nothing, good = figure.axes[1:4]
+    assert "everywhere\nval Dice 0.050\nslice Dice" in everywhere.get_title()
+    red = [c for c in everywhere.collections if "red" in str(c.get_edgecolor()) or
+           np.allclose(np.asarray(c.get_edgecolor())[..., :3], [1, 0, 0])]
+    assert red, "a model that predicts gland everywhere still gets a red outline"
+    assert [t.get_text() for t in nothing.texts] == ["predicted\nnothing"]
+    assert not good.texts and "slice Dice 1.000" in good.get_title()
+    assert figure.legends
+
+
+def test_a_truncated_preview_file_is_a_note_not_a_crash(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", effects={"bce": 0.0, "tversky_a0.5": 0.0},
+                       seeds=(0,), folds=1)
+    preview = sweep / "bce-fold0-seed0" / "val_preview.npz"
+    with zipfile.ZipFile(preview, "w") as z:  # a valid zip, but the arrays are missing
+        z.writestr("other.npy", b"")
+    assert main([str(sweep)]) == 0
+    assert "`bce-fold0-seed0`: val_preview.npz unreadable" in \
+        (sweep / "report" / "results.md").read_text()
+
+
+def test_long_table_reader_names_the_file_and_line(tmp_path):
+    from prostate_seg.report import read_long_table
+
+    table = write_table(tmp_path / "t.csv", "loss,patient,dice,hd95",
+                        ["bce,case00,0.8,", "bce,case01,0.7,abc"])
+    with pytest.raises(DataError, match=r"t\.csv line 3: hd95='abc' is not a number"):
+        read_long_table(table)
