@@ -39,14 +39,19 @@ from omegaconf import DictConfig
 from prostate_seg import figures
 from prostate_seg.errors import DataError, UserError
 from prostate_seg.files import write_csv, write_text
-from prostate_seg.runs import METRICS_FILE, PREVIEW_FILE, RESULTS_FILE, STATUS_FILE
+from prostate_seg.runs import (
+    METRICS_FILE,
+    PER_PATIENT_FILE,
+    PREVIEW_FILE,
+    RESULTS_FILE,
+    STATUS_FILE,
+)
 from prostate_seg.statistics import ALPHA, Analysis, Row, analyse
 
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 LONG_TABLE = "per_patient.csv"
-PER_PATIENT_FILE = "per_patient.csv"  # in every run folder (the run-folder contract)
 LAUNCHER_FILE = "launcher.json"
 DEFAULT_BASELINE = "bce"
 PRIMARY_SPLIT = "val"
@@ -677,14 +682,19 @@ class SweepReportCallback(Callback):
     when a job failed, so the report is also written at exit in that case; a report problem is
     logged, never raised (it must not turn a finished sweep into a failed one).
 
-    Settings: ``hydra.callbacks.sweep_report.baseline=NAME`` (null: bce when the sweep has
-    it, else all pairs) and ``hydra.callbacks.sweep_report.all_pairs=true``."""
+    Settings, in the sweep's config: ``report.baseline=NAME`` (bce by default; all pairs
+    when the sweep has no such loss) and ``report.all_pairs=true``."""
 
-    def __init__(self, baseline: str | None = None, all_pairs: bool = False) -> None:
-        self.baseline, self.all_pairs = baseline, all_pairs
+    def __init__(self) -> None:
+        self.baseline: str | None = None
+        self.all_pairs = False
         self._sweep_dir: Path | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        settings = config.get("report") or {}
+        baseline = settings.get("baseline", DEFAULT_BASELINE)
+        self.baseline = None if baseline == DEFAULT_BASELINE else baseline  # bce, if there
+        self.all_pairs = bool(settings.get("all_pairs", False))
         self._sweep_dir = Path(config.hydra.sweep.dir)
         atexit.register(self._report)
 
@@ -692,8 +702,8 @@ class SweepReportCallback(Callback):
         self._report()
 
     def _report(self) -> None:
-        if self._sweep_dir is None:
-            return
+        if self._sweep_dir is None or not self._sweep_dir.is_dir():
+            return  # no job started (stopped by the checks before launch)
         sweep_dir, self._sweep_dir = self._sweep_dir, None
         try:
             write_report(sweep_dir, self.baseline, self.all_pairs)

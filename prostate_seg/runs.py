@@ -48,7 +48,7 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # Settings that do not change what a run computes: where it writes, on which device, how
 # fast, what it logs. Everything else is part of its identity.
 NOT_IDENTITY = (
-    "hydra", "paths", "logger", "ckpt_path", "resume", "evaluate_best", "study", "debug",
+    "hydra", "paths", "logger", "ckpt_path", "resume", "evaluate_best", "study", "debug", "report",
     "data.dir", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.cache",
     "model.compile", "model.channels_last", "optimizer.fused",
     "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from helpers import run_cli
 from scipy import stats
 
@@ -254,15 +255,17 @@ def test_a_sweep_without_completed_runs_lists_them(tmp_path):
     assert "- `a`: failed — RuntimeError: CUDA out of memory" in md
 
 
-def test_callback_never_fails_the_sweep(tmp_path, caplog):
+def test_callback_never_fails_the_sweep_and_reads_the_report_settings(tmp_path, caplog):
     callback = SweepReportCallback()
-    callback._sweep_dir = tmp_path / "missing"
+    callback._sweep_dir = tmp_path / "empty"
+    callback._sweep_dir.mkdir()
     callback._report()  # no exception: logged
-    assert "could not write the sweep report" in caplog.text and "sweep folder not found" in \
-        caplog.text
+    assert "could not write the sweep report" in caplog.text
     sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
-    callback = SweepReportCallback(baseline="tversky_a0.25", all_pairs=True)
-    callback._sweep_dir = sweep
+    callback = SweepReportCallback()
+    callback.on_multirun_start(OmegaConf.create({
+        "report": {"baseline": "tversky_a0.25", "all_pairs": True},
+        "hydra": {"sweep": {"dir": str(sweep)}}}))
     callback._report()
     pairs = {(c["loss"], c["baseline"]) for c in read_csv(sweep / "report" / "comparisons.csv")}
     assert pairs == {("bce", "tversky_a0.25"), ("tversky_a0.5", "tversky_a0.25"),

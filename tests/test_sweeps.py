@@ -13,23 +13,33 @@ SMALL = [o for o in TINY if not o.startswith(("model=", "trainer="))]
 def test_paper_experiment_at_demo_size_and_its_report(prepared_copy, tmp_path):
     sweep = tmp_path / "paper"
     result = run_cli("train.py", "-m", "experiment=paper", f"data.dir={prepared_copy}",
-                     "model=unet_small", "trainer=cpu", *SMALL, "seed=0,1",
-                     "trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+                     "model=unet_small", "trainer=cpu", *SMALL, "data.folds=2",
+                     "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     folders = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "report")
     losses = ["bce"] + [f"tversky_a{a}" for a in ("0.25", "0.35", "0.45", "0.5", "0.65",
                                                   "0.75", "0.85")]
-    assert folders == sorted(f"{loss}-seed{s}" for loss in losses for s in (0, 1))
-    # Every job is in the report: counted (its rows in the long table) or listed with why not.
-    report = sweep / "report"
-    md = (report / "results.md").read_text()
-    counted = set()
-    if (report / "per_patient.csv").exists():
-        with open(report / "per_patient.csv", newline="") as f:
-            counted = {row["run"] for row in csv.DictReader(f)}
-    assert all(name in counted or f"- `{name}`: " in md for name in folders)
-    hparams = (sweep / "tversky_a0.25-seed1" / "hparams.yaml").read_text()
-    assert "alpha: 0.25" in hparams and "beta: 0.75" in hparams and "seed: 1" in hparams
+    assert folders == sorted(f"{loss}-fold{k}-seed0" for loss in losses for k in (0, 1))
+    # The report's long table is every run's per_patient.csv: each patient once per loss
+    # (cross-validation: each patient validates in exactly one fold).
+    with open(sweep / "report" / "per_patient.csv", newline="") as f:
+        long = list(csv.DictReader(f))
+    for folder in folders:
+        with open(sweep / folder / "per_patient.csv", newline="") as f:
+            own = [(r["patient"], r["dice"]) for r in csv.DictReader(f)]
+        assert own == [(r["patient"], r["dice"]) for r in long if r["run"] == folder]
+    patients = sorted({r["patient"] for r in long})
+    assert len(patients) == 8
+    for loss in losses:
+        assert sorted(r["patient"] for r in long if r["loss"] == loss) == patients
+    with open(sweep / "report" / "comparisons.csv", newline="") as f:
+        comparisons = list(csv.DictReader(f))
+    assert sorted(c["loss"] for c in comparisons) == sorted(losses[1:])
+    assert all(c["baseline"] == "bce" and c["n_patients"] == "8" for c in comparisons)
+    md = (sweep / "report" / "results.md").read_text()
+    assert "On 8 val patients (2 folds × 1 seed" in md
+    hparams = (sweep / "tversky_a0.25-fold1-seed0" / "hparams.yaml").read_text()
+    assert "alpha: 0.25" in hparams and "beta: 0.75" in hparams and "fold: 1" in hparams
 
 
 @pytest.mark.slow
