@@ -65,8 +65,8 @@ class LossProgressBar(TQDMProgressBar):
 
 class ValidationImageGrid(Callback):
     """Every ``every_n_epochs``, log validation slices with truth (green) and prediction (red)
-    contours to TensorBoard as ``val/predictions``. The slices are fixed for the whole run:
-    evenly spaced among the validation slices that contain gland."""
+    contours to TensorBoard as ``select/predictions``. The slices are fixed for the whole run:
+    evenly spaced among the selection patients' slices that contain gland."""
 
     def __init__(self, every_n_epochs: int = 5, num_images: int = 8):
         self.every_n_epochs = every_n_epochs
@@ -84,7 +84,7 @@ class ValidationImageGrid(Callback):
             return
         if trainer.current_epoch % self.every_n_epochs != 0:
             return
-        dataset = trainer.datamodule.val_set
+        dataset = trainer.datamodule.select_set
         if self._indices is None:
             self._indices = self._choose(dataset)
         samples = [dataset[i] for i in self._indices]
@@ -93,7 +93,7 @@ class ValidationImageGrid(Callback):
         with torch.no_grad():
             pred = (pl_module(image) > 0).float()
         grid = torch.cat(list(overlay(image, truth, pred).cpu()), dim=2)  # one row of slices
-        trainer.logger.experiment.add_image("val/predictions", grid, trainer.current_epoch)
+        trainer.logger.experiment.add_image("select/predictions", grid, trainer.current_epoch)
 
 
 class FiniteLossGuard(Callback):

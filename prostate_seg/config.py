@@ -153,6 +153,9 @@ def check_train_config(cfg: DictConfig) -> None:
              f"must be an integer in 0..{data.folds - 1} (data.folds={data.folds})")
     _require(isinstance(data.test_fraction, (int, float)) and 0.0 <= data.test_fraction < 1.0,
              "data.test_fraction", data.test_fraction, "must be a number in [0, 1)")
+    _require(isinstance(data.select_fraction, (int, float)) and 0.0 < data.select_fraction < 1.0,
+             "data.select_fraction", data.select_fraction,
+             "must be a number in (0, 1) (the training patients that choose epoch and checkpoint)")
     _require(isinstance(data.context_slices, int) and data.context_slices >= 0,
              "data.context_slices", data.context_slices, "must be an integer >= 0")
     depth = len(cfg.model.net.features)

@@ -32,7 +32,7 @@ from prostate_seg.module import SegmentationModule
 from prostate_seg.prepare import PrepareSettings
 
 log = logging.getLogger(__name__)
-SUBSETS = ("val", "test", "train", "all")
+SUBSETS = ("val", "test", "select", "train", "all")
 PER_PATIENT_FIELDS = ["patient", "split", "dice", "precision", "recall", "hd95", "hd95_failed",
                       "hd95_unit", "voxels_pred", "voxels_true", "voxels_total", "slices"]
 
@@ -50,8 +50,8 @@ def stored_split(module: SegmentationModule, ckpt_path: str | Path) -> PatientSp
     if not stored:
         raise DataError(f"ckpt_path={ckpt_path}: the checkpoint stores no patient split "
                         "(made by an older version); train it again to evaluate it per patient")
-    return PatientSplit(int(stored["fold"]), tuple(stored["train"]), tuple(stored["val"]),
-                        tuple(stored["test"]))
+    return PatientSplit(int(stored["fold"]), tuple(stored["train"]), tuple(stored["select"]),
+                        tuple(stored["val"]), tuple(stored["test"]))
 
 
 def check_same_dataset(data_dir: Path, module: SegmentationModule, split: PatientSplit) -> None:
@@ -74,7 +74,7 @@ def check_same_dataset(data_dir: Path, module: SegmentationModule, split: Patien
         except (ValueError, KeyError, IndexError, TypeError):
             raise DataError(f"{split_json}: not the cross-validation split this checkpoint "
                             f"was trained with (fold {split.fold})") from None
-        if here_val != set(split.val) or here_test != set(split.test):
+        if here_val != set(split.val) or here_test != set(split.test):  # who may be scored
             raise DataError(f"{split_json}: fold {split.fold} differs from the split the "
                             "checkpoint was trained with; evaluating with it would score "
                             "patients the model trained on")
@@ -138,7 +138,7 @@ def evaluate_checkpoint(
     split = stored_split(module, ckpt_path)
     data_dir = Path(data_dir or module.cfg.data.dir)
     check_same_dataset(data_dir, module, split)
-    groups = {"val": split.val, "test": split.test, "train": split.train}
+    groups = {"val": split.val, "test": split.test, "select": split.select, "train": split.train}
     chosen = groups if subset == "all" else {subset: groups[subset]}
     chosen = {name: ids for name, ids in chosen.items() if ids}
     if not chosen:

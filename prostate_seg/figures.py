@@ -245,7 +245,7 @@ class Curve:
 
 
 def loss_curves(curves: dict[str, list[Curve]], colours: dict[str, Any]) -> Figure:
-    """One panel per loss: each run's training (solid) and validation (dashed) loss per
+    """One panel per loss: each run's training (solid) and selection (dashed) loss per
     epoch, the chosen (best) epoch marked."""
     labels = list(curves)
     cols = min(4, len(labels))
@@ -256,13 +256,13 @@ def loss_curves(curves: dict[str, list[Curve]], colours: dict[str, Any]) -> Figu
     for ax, label in zip(axes.flat, labels):
         for i, curve in enumerate(curves[label]):
             colour = palette[i % len(palette)]
-            for key, style in (("train/loss", "-"), ("val/loss", "--")):
+            for key, style in (("train/loss", "-"), ("select/loss", "--")):
                 points = [(h["epoch"], h[key]) for h in curve.history if "epoch" in h and key in h]
                 if points:
                     ax.plot(*zip(*points), style, color=colour, lw=1,
-                            label=curve.name if key == "val/loss" else None)
-            best = [h["val/loss"] for h in curve.history
-                    if h.get("epoch") == curve.best_epoch and "val/loss" in h]
+                            label=curve.name if key == "select/loss" else None)
+            best = [h["select/loss"] for h in curve.history
+                    if h.get("epoch") == curve.best_epoch and "select/loss" in h]
             if best:
                 ax.plot([curve.best_epoch], best[:1], marker="*", ms=9, color=colour, ls="")
         ax.set_title(label, fontsize=9, color=colours.get(label, "k"))
@@ -270,7 +270,7 @@ def loss_curves(curves: dict[str, list[Curve]], colours: dict[str, Any]) -> Figu
         ax.set_ylabel("loss")
         handles, names = ax.get_legend_handles_labels()
         style = [Line2D([], [], color="k", label="train"),
-                 Line2D([], [], color="k", ls="--", label="val"),
+                 Line2D([], [], color="k", ls="--", label="selection"),
                  Line2D([], [], color="k", marker="*", ls="", label="chosen epoch")]
         runs = list(zip(handles, names))[:8]
         ax.legend(handles=[h for h, _ in runs] + style, fontsize=6, loc="best",

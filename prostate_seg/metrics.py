@@ -4,10 +4,10 @@
 * **Per-volume** metrics pool the pixels of one patient's slices, then average over the
   patients seen in that pass (a volume none of whose slices was validated, e.g. under
   ``limit_val_batches``, does not count); per-volume Dice is the headline number
-  (``val/dice``). Dice is 1 when prediction and truth
+  (``select/dice`` during training). Dice is 1 when prediction and truth
   are both empty; precision (recall) is 1 when there is nothing predicted (nothing to find)
   and nothing missed (nothing wrongly predicted), else 0 when its denominator is 0.
-* **Pooled** Dice (``val/dice_global``) counts every pixel of the split at once. Pixel F1
+* **Pooled** Dice (``select/dice_global``) counts every pixel of the split at once. Pixel F1
   pooled over the split is the same number: 2PR/(P+R) = 2TP/(2TP+FP+FN). The original study's
   "Dice" and "F1" differed only because its Dice was averaged per batch.
 * HD95: the larger of the two directed 95th-percentile distances between the surfaces of the

@@ -1,4 +1,9 @@
-"""The LightningModule: U-Net + loss + optimizer, with per-volume validation metrics."""
+"""The LightningModule: U-Net + loss + optimizer, with per-volume validation metrics.
+
+Lightning's validation runs on the fold's *selection* patients (they choose the epoch and
+the checkpoint), so its metrics are logged as ``select/*``; ``val`` is kept for the fold's
+held-out patients, scored once at the end of fit.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ from torchmetrics.classification import BinaryF1Score
 
 from prostate_seg.metrics import VolumeConfusion
 
-HP_METRIC = "hp/best_val_dice"
+HP_METRIC = "hp/best_select_dice"
 
 
 def build_loss(loss_cfg: DictConfig | dict) -> tuple[str, nn.Module]:
@@ -43,8 +48,8 @@ class SegmentationModule(pl.LightningModule):
         self.val_volumes: VolumeConfusion | None = None
         # No input checks: they read values back from the GPU at every validation step.
         self.val_f1 = BinaryF1Score(threshold=0.5, validate_args=False)
-        # Best val/dice so far, for TensorBoard's HPARAMS tab; a buffer so it survives resume.
-        self.register_buffer("best_val_dice", torch.zeros(()))
+        # Best select/dice so far, for TensorBoard's HPARAMS tab; a buffer so it survives resume.
+        self.register_buffer("best_select_dice", torch.zeros(()))
 
     # -- model ---------------------------------------------------------------------------
     def forward(self, image: Tensor) -> Tensor:
@@ -54,8 +59,8 @@ class SegmentationModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and datamodule.val_set is not None:
-            self.val_volumes = VolumeConfusion(len(datamodule.val_patients))
+        if datamodule is not None and datamodule.select_set is not None:
+            self.val_volumes = VolumeConfusion(len(datamodule.select_set.patients))
 
     # -- training ------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -68,7 +73,7 @@ class SegmentationModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self(batch["image"])
         loss = self.loss_fn(logits, batch["mask"])
-        self.log("val/loss", loss, on_epoch=True, batch_size=batch["image"].shape[0],
+        self.log("select/loss", loss, on_epoch=True, batch_size=batch["image"].shape[0],
                  sync_dist=True)
         self.val_volumes.update(logits, batch["mask"], batch["volume"])
         self.val_f1.update(torch.sigmoid(logits.float()), batch["mask"].long())
@@ -76,11 +81,11 @@ class SegmentationModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         scores = self.val_volumes.compute()
         for name, value in scores.items():
-            self.log(f"val/{name}", value.float(), prog_bar=name == "dice")
-        self.log("val/f1", self.val_f1.compute())
+            self.log(f"select/{name}", value.float(), prog_bar=name == "dice")
+        self.log("select/f1", self.val_f1.compute())
         if not self.trainer.sanity_checking:
-            self.best_val_dice = torch.maximum(self.best_val_dice, scores["dice"].float())
-            self.log(HP_METRIC, self.best_val_dice)
+            self.best_select_dice = torch.maximum(self.best_select_dice, scores["dice"].float())
+            self.log(HP_METRIC, self.best_select_dice)
         self.val_volumes.reset()
         self.val_f1.reset()
 

@@ -467,11 +467,12 @@ METHODS = f"""\
 SWEEP_PROTOCOL = """\
 ## Protocol: what chose what, on which patients
 
-- Patients are split into folds (split.json, shared by every run); each run trains on the
-  other folds' patients and keeps the checkpoint (epoch) with the best per-volume Dice on its
-  own fold's validation patients — the same patients the **val** statistics use, so every
-  loss's val Dice is optimistic alike (the comparison stays paired and fair). Held-out
-  **test** patients, when there are any, chose nothing.
+- Patients are split into folds (split.json, shared by every run). Each run trains on the
+  other folds' patients except a few **selection** patients, on which it chooses its epoch
+  (early stopping) and checkpoint (best per-volume Dice). Its own fold's **val** patients
+  chose nothing: each is scored once, at its original size, by the model that never saw it.
+  Held-out **test** patients, when there are any, chose nothing either and are scored by
+  every fold's model.
 - This report chooses nothing after seeing results: the baseline, the primary measure
   (per-patient Dice on the val split), the test and the correction are fixed in advance.
 """

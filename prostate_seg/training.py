@@ -123,10 +123,10 @@ def _best_epoch(metrics_csv: Path) -> int | None:
     if not metrics_csv.exists():
         return None
     with open(metrics_csv, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("val/dice")]
+        rows = [r for r in csv.DictReader(f) if r.get("select/dice")]
     if not rows:
         return None
-    best = max(rows, key=lambda r: float(r["val/dice"]))  # first of ties, as ModelCheckpoint
+    best = max(rows, key=lambda r: float(r["select/dice"]))  # first of ties, as ModelCheckpoint
     return int(best["epoch"])
 
 
@@ -278,7 +278,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
         best = trainer.checkpoint_callback.best_model_path
         metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
                                    verbose=False)[0]
-        results.update({k: float(v) for k, v in metrics.items() if k.startswith("val/")})
+        results.update({k: float(v) for k, v in metrics.items() if k.startswith("select/")})
         results.update(best_checkpoint=best, best_epoch=_best_epoch(run_dir / METRICS_FILE))
         if trainer.is_global_zero:
             save_preview(module, datamodule, run_dir / PREVIEW_FILE)
@@ -286,8 +286,8 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
                 results.update(_evaluate_per_patient(cfg, best, datamodule, run_dir))
     if trainer.is_global_zero:
         write_json(run_dir / RESULTS_FILE, results)
-        log.info("best val/dice %.4f (epoch %s) after %d epochs; per patient at original size "
-                 "%.4f; results in %s", results.get("val/dice", float("nan")),
+        log.info("best select/dice %.4f (epoch %s) after %d epochs; validation patients at "
+                 "original size %.4f; results in %s", results.get("select/dice", float("nan")),
                  results.get("best_epoch"), results["epochs_trained"],
                  results.get("val/dice_original", float("nan")), run_dir)
     return results

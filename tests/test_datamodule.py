@@ -24,22 +24,26 @@ def datamodule(data_dir, tmp_path, *overrides) -> SliceDataModule:
 
 def test_fold_splits_by_patient_and_is_shared_by_every_run(prepared_copy, tmp_path):
     first = datamodule(prepared_copy, tmp_path, "data.folds=4", "data.fold=1")
-    train_patients = {r.patient for r in first.train_set.records}
-    val_patients = {r.patient for r in first.val_set.records}
-    assert train_patients.isdisjoint(val_patients)
-    assert len(train_patients | val_patients) == 8 and len(val_patients) == 2  # 8 patients / 4
-    assert first.test_set is None
+    roles = {name: {r.patient for r in getattr(first, f"{name}_set").records}
+             for name in ("train", "select", "val")}
+    assert all(roles[a].isdisjoint(roles[b]) for a, b in (("train", "select"), ("train", "val"),
+                                                          ("select", "val")))
+    assert len(roles["train"] | roles["select"] | roles["val"]) == 8
+    assert len(roles["val"]) == 2 and len(roles["select"]) == 1  # 8 / 4 folds; 15 % of 6
+    # Lightning validates (chooses epoch and checkpoint) on the selection patients only
+    assert first.val_dataloader().dataset is first.select_set
     stored = json.loads((prepared_copy / "split.json").read_text())
-    assert set(stored["splits"][1]["val"]) == val_patients and stored["split_seed"] == 0
+    assert {k: set(v) for k, v in stored["splits"][1].items()} == roles
+    assert stored["split_seed"] == 0
     second = datamodule(prepared_copy, tmp_path, "data.folds=4", "data.fold=1")
     assert [r.image for r in second.val_set.records] == [r.image for r in first.val_set.records]
     # The same seed on a fresh copy gives the same split; another seed another one.
     (prepared_copy / "split.json").unlink()
     again = datamodule(prepared_copy, tmp_path, "data.folds=4", "data.fold=1")
-    assert {r.patient for r in again.val_set.records} == val_patients
+    assert {r.patient for r in again.val_set.records} == roles["val"]
     (prepared_copy / "split.json").unlink()
     other = datamodule(prepared_copy, tmp_path, "data.folds=4", "data.fold=1", "data.split_seed=5")
-    assert {r.patient for r in other.val_set.records} != val_patients
+    assert {r.patient for r in other.val_set.records} != roles["val"]
 
 
 def test_test_patients_sit_outside_every_fold(prepared_copy, tmp_path):
@@ -47,11 +51,13 @@ def test_test_patients_sit_outside_every_fold(prepared_copy, tmp_path):
     for fold in range(3):
         dm = datamodule(prepared_copy, tmp_path, "data.folds=3", f"data.fold={fold}",
                         f"data.test_patients=[{','.join(held_out)}]")
-        assert sorted(dm.test_set.patients) == held_out
-        assert {r.patient for r in dm.train_set.records + dm.val_set.records}.isdisjoint(held_out)
+        assert list(dm.split.test) == held_out
+        seen = dm.train_set.records + dm.select_set.records + dm.val_set.records
+        assert {r.patient for r in seen}.isdisjoint(held_out)
 
 
-@pytest.mark.parametrize("override", ["data.split_seed=3", "data.folds=3", "data.test_fraction=0.25"])
+@pytest.mark.parametrize("override", ["data.split_seed=3", "data.folds=3", "data.test_fraction=0.25",
+                                      "data.select_fraction=0.3"])
 def test_other_split_settings_never_silently_replace_the_stored_split(prepared_copy, tmp_path,
                                                                      override):
     datamodule(prepared_copy, tmp_path)
@@ -67,8 +73,8 @@ def test_batches_hold_images_in_unit_range_and_binary_masks(prepared_copy, tmp_p
     assert batch["image"].shape == (8, 1, 48, 48) and batch["image"].dtype == torch.float32
     assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
     assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
-    assert batch["volume"].max() < len(dm.val_patients)
-    first = dm.val_set.records[0]
+    assert batch["volume"].max() < len(dm.select_set.patients)
+    first = dm.select_set.records[0]
     assert torch.allclose(batch["image"][0, 0], torch.from_numpy(read_png(first.image) / 255.0).float())
 
 

@@ -20,15 +20,18 @@ PATIENTS = [f"p{i:02d}" for i in range(23)]
 
 # --- the split ------------------------------------------------------------------------------
 @pytest.mark.parametrize("folds, seed", [(5, 0), (3, 7), (2, 1)])
-def test_every_patient_validates_in_exactly_one_fold(folds, seed):
+def test_every_patient_validates_in_exactly_one_fold_and_chooses_nothing_there(folds, seed):
     cv = make_folds(PATIENTS, SplitSettings(folds=folds, split_seed=seed))
-    vals = [set(v) for v in cv.val_folds]
+    vals = [set(fold.val) for fold in cv.folds]
     assert sorted(p for v in vals for p in v) == PATIENTS  # each once, nobody lost
     assert max(map(len, vals)) - min(map(len, vals)) <= 1
     for k in range(folds):
         split = cv.fold(k)
-        assert set(split.train).isdisjoint(split.val) and split.val and split.train
-        assert set(split.train) | set(split.val) == set(PATIENTS)
+        train, select, val = set(split.train), set(split.select), set(split.val)
+        assert train and select and val
+        assert train.isdisjoint(select) and train.isdisjoint(val) and select.isdisjoint(val)
+        assert train | select | val == set(PATIENTS)
+        assert len(select) == max(1, round(0.15 * (len(PATIENTS) - len(val))))
     assert make_folds(PATIENTS, SplitSettings(folds=folds, split_seed=seed)) == cv
     assert make_folds(PATIENTS, SplitSettings(folds=folds, split_seed=seed + 1)) != cv
 
@@ -42,12 +45,13 @@ def test_test_patients_are_outside_every_fold(settings, n_test):
     assert len(cv.test) == n_test
     for k in range(4):
         split = cv.fold(k)
-        assert set(cv.test).isdisjoint(set(split.train) | set(split.val))
-    assert sorted(set(cv.test).union(*map(set, cv.val_folds))) == PATIENTS
+        assert set(cv.test).isdisjoint(set(split.train) | set(split.select) | set(split.val))
+    assert sorted(set(cv.test).union(*(fold.val for fold in cv.folds))) == PATIENTS
 
 
 @pytest.mark.parametrize("settings, message", [
     (SplitSettings(folds=30), "needs at least 30 patients"),
+    (SplitSettings(folds=2, select_fraction=0.99), "would keep no training patient"),
     (SplitSettings(folds=3, test_patients=("nobody",)), "nobody not in the dataset"),
     (SplitSettings(folds=3, test_patients=("p01",), test_fraction=0.1), "choose one"),
 ])
@@ -63,8 +67,12 @@ def _edit_split(data_dir, edit):
     path.write_text(json.dumps(stored))
 
 
-def _move_first_val_patient_to_fold1(stored):
-    stored["splits"][1]["val"].append(stored["splits"][0]["val"][0])
+def _validate_a_patient_in_two_folds(stored):
+    patient = stored["splits"][0]["val"][0]
+    fold1 = stored["splits"][1]
+    fold1["train"] = [p for p in fold1["train"] if p != patient]
+    fold1["select"] = [p for p in fold1["select"] if p != patient]
+    fold1["val"].append(patient)
 
 
 def _empty_fold0(stored):
@@ -75,24 +83,30 @@ def _train_on_val(stored):
     stored["splits"][0]["train"].append(stored["splits"][0]["val"][0])
 
 
+def _select_a_val_patient(stored):
+    stored["splits"][0]["select"].append(stored["splits"][0]["val"][0])
+
+
 def _old_format(stored):
     stored.clear()
     stored.update({"train": ["phantom000"], "val": ["phantom001"], "split_seed": 0,
                    "val_fraction": 0.2})
 
 
-def _drop_a_patient(stored):
-    stored["splits"][0]["val"].pop()
-    for split in stored["splits"][1:]:
-        split["train"] = [p for p in split["train"] if p in
-                          {q for s in stored["splits"] for q in s["val"]}]
+def _drop_a_patient(stored):  # a consistent file, but of one patient fewer than the data
+    selecting = {p for split in stored["splits"] for p in split["select"]}
+    gone = next(p for p in stored["splits"][0]["val"] if p not in selecting)
+    stored["splits"][0]["val"].remove(gone)
+    for split in stored["splits"]:
+        split["train"] = [p for p in split["train"] if p != gone]
 
 
 @pytest.mark.parametrize("edit, message", [
-    (_move_first_val_patient_to_fold1, "validates in folds 0 and 1"),
-    (_empty_fold0, "fold 0 has no validation patients"),
-    (_train_on_val, "fold 0 trains and validates on"),
-    (_old_format, "old single-split format"),
+    (_validate_a_patient_in_two_folds, "is validated in folds 0 and 1"),
+    (_empty_fold0, "fold 0 has no val patients"),
+    (_train_on_val, "in both train and val"),
+    (_select_a_val_patient, "in both select and val"),
+    (_old_format, "older format"),
     (_drop_a_patient, "patients no longer match the dataset"),
 ])
 def test_a_bad_split_file_is_refused_at_start_up_in_one_line(prepared_copy, tmp_path, edit,
@@ -133,6 +147,7 @@ def test_test_patients_are_scored_but_choose_nothing(run_with_test_patients):
         rows = list(csv.DictReader(f))
     split = json.loads((data / "split.json").read_text())
     assert [r["patient"] for r in rows if r["split"] == "val"] == sorted(split["splits"][1]["val"])
+    assert not {r["patient"] for r in rows} & set(split["splits"][1]["select"])
     assert [r["patient"] for r in rows if r["split"] == "test"] == ["phantom003", "phantom006"]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["test/patients"] == 2 and results["val/patients"] == len(split["splits"][1]["val"])
@@ -144,7 +159,7 @@ def test_test_patients_are_scored_but_choose_nothing(run_with_test_patients):
                             map_location="cpu", weights_only=False)
     stored = checkpoint["hyper_parameters"]["cfg"]["split"]
     assert stored["test"] == ["phantom003", "phantom006"] and stored["fold"] == 1
-    assert set(stored["test"]).isdisjoint(stored["val"] + stored["train"])
+    assert set(stored["test"]).isdisjoint(stored["val"] + stored["train"] + stored["select"])
 
 
 def test_evaluate_uses_the_checkpoint_split_and_refuses_other_data(run_with_test_patients,
@@ -171,13 +186,15 @@ def test_evaluate_uses_the_checkpoint_split_and_refuses_other_data(run_with_test
 
 
 def test_val_dice_counts_only_the_volumes_seen(prepared_copy, tmp_path):
-    """With limit_val_batches=1 only the first volume's slices are validated: val/dice is
+    """With limit_val_batches=1 only the first volume's slices are validated: select/dice is
     that volume's Dice, not an average with unseen volumes counted as 1."""
     from prostate_seg.training import build_run
 
     cfg = compose_train([*TINY, f"data.dir={prepared_copy}", "data.folds=2",
-                         "+trainer.limit_val_batches=1", "data.batch_size=4"], tmp_path / "run")
+                         "data.select_fraction=0.5", "+trainer.limit_val_batches=1",
+                         "data.batch_size=4"], tmp_path / "run")
     datamodule, module, trainer = build_run(cfg)
+    assert len(datamodule.select_set.patients) == 2
     metrics = trainer.validate(module, datamodule=datamodule, verbose=False)[0]
     batch = next(iter(datamodule.val_dataloader()))
     assert batch["volume"].unique().tolist() == [0]  # one volume seen
@@ -186,7 +203,7 @@ def test_val_dice_counts_only_the_volumes_seen(prepared_copy, tmp_path):
     truth = batch["mask"] > 0.5
     tp, fp, fn = (pred & truth).sum(), (pred & ~truth).sum(), (~pred & truth).sum()
     expected = 1.0 if tp + fp + fn == 0 else float(2 * tp / (2 * tp + fp + fn))
-    assert metrics["val/dice"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["select/dice"] == pytest.approx(expected, abs=1e-6)
 
 
 # --- config identity ------------------------------------------------------------------------

@@ -61,7 +61,7 @@ def write_run(folder: Path, loss, fold, seed, dice, *, status="completed", group
                              int(TOTAL * 0.02), TOTAL, 10])
     with open(folder / "metrics.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["epoch", "step", "train/loss", "val/loss", "val/dice"])
+        writer.writerow(["epoch", "step", "train/loss", "select/loss", "select/dice"])
         for epoch in range(epochs_trained):
             writer.writerow([epoch, 5 * epoch, 1 / (epoch + 1), 1.2 / (epoch + 1), 0.5])
     if preview:

@@ -66,4 +66,4 @@ def test_ddp_cpu_fit_runs_two_processes(prepared_copy, tmp_path):
     output = result.stdout + result.stderr
     assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
     results = json.loads((run_dir / "results.json").read_text())
-    assert results["epochs_trained"] == 2 and 0.0 <= results["val/dice"] <= 1.0
+    assert results["epochs_trained"] == 2 and 0.0 <= results["select/dice"] <= 1.0

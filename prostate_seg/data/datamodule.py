@@ -26,9 +26,11 @@ from prostate_seg.data.split import (
 
 
 class SliceDataModule(pl.LightningDataModule):
-    """Train/val loaders over ``dir`` (made by ``python -m prostate_seg.prepare``) for fold
-    ``fold`` of the dataset's ``folds``-fold patient split (``dir/split.json``); test patients,
-    if any, are kept apart (``test_set``) and never seen during fit.
+    """Loaders over ``dir`` (made by ``python -m prostate_seg.prepare``) for fold ``fold`` of
+    the dataset's patient split (``dir/split.json``, see :mod:`prostate_seg.data.split`):
+    Lightning trains on the fold's ``train`` patients and validates (early stopping,
+    checkpoint choice) on its ``select`` patients. The fold's ``val`` patients (``val_set``)
+    and the test patients are never seen during fit; the run scores them at the end.
 
     ``setup`` checks the whole dataset in the main process (manifest, every file present, a
     complete PNG of the right size), so a bad file is named before any worker starts.
@@ -45,6 +47,7 @@ class SliceDataModule(pl.LightningDataModule):
         folds: int = 5,
         fold: int = 0,
         split_seed: int = 0,
+        select_fraction: float = 0.15,
         test_patients: Sequence[str] | None = None,
         test_fraction: float = 0.0,
         context_slices: int = 0,
@@ -60,7 +63,8 @@ class SliceDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.split_settings = SplitSettings(
-            folds=folds, split_seed=split_seed, test_fraction=test_fraction,
+            folds=folds, split_seed=split_seed, select_fraction=select_fraction,
+            test_fraction=test_fraction,
             test_patients=None if test_patients is None else tuple(sorted(set(test_patients))))
         self.fold = fold
         self.context_slices = context_slices
@@ -70,8 +74,8 @@ class SliceDataModule(pl.LightningDataModule):
         self.folds: CrossValidation | None = None
         self.split: PatientSplit | None = None
         self.train_set: SliceDataset | None = None
+        self.select_set: SliceDataset | None = None
         self.val_set: SliceDataset | None = None
-        self.test_set: SliceDataset | None = None
 
     def load_folds(self) -> CrossValidation:
         """The dataset's cross-validation split (made and stored on first use); reads only
@@ -81,7 +85,7 @@ class SliceDataModule(pl.LightningDataModule):
         return self.folds
 
     def setup(self, stage: str | None = None) -> None:
-        if self.val_set is not None:
+        if self.train_set is not None:
             return
         records = read_manifest(self.dir)
         check_files(records, prepared_size(self.dir))
@@ -95,13 +99,8 @@ class SliceDataModule(pl.LightningDataModule):
                                 self.context_slices, self.cache)
 
         self.train_set = subset(self.split.train, self.train_transform)
+        self.select_set = subset(self.split.select, self.val_transform)
         self.val_set = subset(self.split.val, self.val_transform)
-        self.test_set = subset(self.split.test, self.val_transform) if self.split.test else None
-
-    @property
-    def val_patients(self) -> list[str]:
-        """Validation patients in the order of the ``volume`` index of their slices."""
-        return self.val_set.patients
 
     def _loader(self, dataset: SliceDataset, train: bool) -> DataLoader:
         # The main-process stream (num_workers=0) follows the global seed; workers reseed.
@@ -122,4 +121,5 @@ class SliceDataModule(pl.LightningDataModule):
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        """Lightning's validation: the selection patients (they choose epoch and checkpoint)."""
+        return self._loader(self.select_set, train=False)

@@ -1,11 +1,17 @@
 """Patient-level k-fold cross-validation, made once per dataset and shared by every run.
 
 Slices of one patient are strongly correlated; the original study split slices at random,
-so the same patient sat in both sets. Here the unit is the patient and, as in nnU-Net, the
-patients are dealt into ``folds`` validation folds (each patient validates exactly once);
-fold k trains on the others. Optional held-out test patients sit outside every fold and
-never choose an epoch or a checkpoint. Everything is seeded and stored as
-``<dataset>/split.json``, so every run of a study compares on the same patients.
+so the same patient sat in both sets. Here the unit is the patient. As in nnU-Net, the
+patients are dealt into ``folds`` validation folds, so each patient is validated exactly once,
+by the model of the fold that holds it out. Unlike a plain k-fold with early stopping, the
+validation patients choose nothing: in each fold a few of the *training* patients
+(``select_fraction``) are set aside as **selection** patients, on which the epoch (early
+stopping) and the best checkpoint are chosen. Optional held-out **test** patients sit outside
+every fold. Everything is seeded and stored as ``<dataset>/split.json``, so every run of a
+study compares on the same patients.
+
+Roles in fold k: ``train`` (gradients), ``select`` (epoch and checkpoint), ``val`` (fold k's
+patients: scored once, at the end), ``test`` (scored by every fold's model).
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import write_json
 
 SPLIT_FILE = "split.json"
-SPLIT_FORMAT = 2
+SPLIT_FORMAT = 3
+ROLES = ("train", "select", "val")
 
 
 @dataclass(frozen=True)
@@ -32,57 +39,58 @@ class SplitSettings:
 
     folds: int = 5
     split_seed: int = 0
+    select_fraction: float = 0.15
     test_patients: tuple[str, ...] | None = None
     test_fraction: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"folds": self.folds, "split_seed": self.split_seed,
+                "select_fraction": self.select_fraction,
                 "test_patients": None if self.test_patients is None else list(self.test_patients),
                 "test_fraction": self.test_fraction}
 
 
 @dataclass(frozen=True)
 class PatientSplit:
-    """One fold: who trains, who validates (chooses the epoch and checkpoint), who is tested."""
+    """One fold: who trains, who chooses the epoch and checkpoint, who is scored."""
 
     fold: int
     train: tuple[str, ...]
+    select: tuple[str, ...]
     val: tuple[str, ...]
     test: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fold": self.fold, "train": list(self.train), "val": list(self.val),
-                "test": list(self.test)}
+        return {"fold": self.fold, "train": list(self.train), "select": list(self.select),
+                "val": list(self.val), "test": list(self.test)}
 
 
 @dataclass(frozen=True)
 class CrossValidation:
     settings: SplitSettings
     test: tuple[str, ...]
-    val_folds: tuple[tuple[str, ...], ...]
+    folds: tuple[PatientSplit, ...]
 
     @property
     def patients(self) -> set[str]:
-        return set(self.test).union(*self.val_folds)
+        return set(self.test).union(*(fold.val for fold in self.folds))
 
     def fold(self, k: int) -> PatientSplit:
-        if not 0 <= k < len(self.val_folds):
-            raise ConfigError(f"data.fold={k}: must be in 0..{len(self.val_folds) - 1} "
-                              f"(data.folds={len(self.val_folds)})")
-        val = self.val_folds[k]
-        train = tuple(p for j, fold in enumerate(self.val_folds) if j != k for p in fold)
-        return PatientSplit(k, tuple(sorted(train)), val, self.test)
+        if not 0 <= k < len(self.folds):
+            raise ConfigError(f"data.fold={k}: must be in 0..{len(self.folds) - 1} "
+                              f"(data.folds={len(self.folds)})")
+        return self.folds[k]
 
     def to_dict(self) -> dict[str, Any]:
-        # "splits" as nnU-Net's splits_final.json: one {"train", "val"} per fold.
+        # "splits": one entry per fold, as in nnU-Net's splits_final.json (plus "select").
         return {"format": SPLIT_FORMAT, **self.settings.to_dict(), "test": list(self.test),
-                "splits": [{"train": list(self.fold(k).train), "val": list(v)}
-                           for k, v in enumerate(self.val_folds)]}
+                "splits": [{role: list(getattr(fold, role)) for role in ROLES}
+                           for fold in self.folds]}
 
 
 def make_folds(patients: Sequence[str], settings: SplitSettings) -> CrossValidation:
-    """Seeded: choose the test patients (if any), then deal the rest into ``folds`` folds
-    whose sizes differ by at most one."""
+    """Seeded: choose the test patients (if any), deal the rest into ``folds`` folds whose
+    sizes differ by at most one, then set aside each fold's selection patients."""
     unique = sorted(set(patients))
     rng = np.random.default_rng(settings.split_seed)
     if settings.test_patients is not None and settings.test_fraction:
@@ -102,27 +110,48 @@ def make_folds(patients: Sequence[str], settings: SplitSettings) -> CrossValidat
         raise DataError(f"data.folds={settings.folds}: needs at least {settings.folds} patients "
                         f"outside the test set, the dataset has {len(rest)}")
     shuffled = [rest[i] for i in rng.permutation(len(rest))]
-    val_folds = tuple(tuple(sorted(shuffled[k::settings.folds])) for k in range(settings.folds))
-    return CrossValidation(settings, tuple(test), val_folds)
+    val_folds = [sorted(shuffled[k::settings.folds]) for k in range(settings.folds)]
+    folds = []
+    for k, val in enumerate(val_folds):
+        others = sorted(p for j, fold in enumerate(val_folds) if j != k for p in fold)
+        n_select = max(1, round(settings.select_fraction * len(others)))
+        if n_select >= len(others):
+            raise DataError(f"data.select_fraction={settings.select_fraction}: fold {k} would "
+                            f"keep no training patient ({len(others)} outside its validation)")
+        chosen = set(others[i] for i in rng.permutation(len(others))[:n_select])
+        folds.append(PatientSplit(k, tuple(p for p in others if p not in chosen),
+                                  tuple(sorted(chosen)), tuple(val), tuple(test)))
+    return CrossValidation(settings, tuple(test), tuple(folds))
 
 
 def check_folds(cv: CrossValidation, source: str) -> None:
-    """Every fold trains and validates on someone, nobody is in two roles, and each
-    non-test patient validates exactly once (a hand-edited file is held to the same rules)."""
-    seen: dict[str, int] = {}
-    for k, val in enumerate(cv.val_folds):
-        if not val:
-            raise DataError(f"{source}: fold {k} has no validation patients")
-        for patient in val:
-            if patient in seen:
-                raise DataError(f"{source}: patient {patient} validates in folds {seen[patient]} "
-                                f"and {k}; each patient belongs to one validation fold")
-            seen[patient] = k
-    in_test = sorted(set(cv.test) & set(seen))
+    """Every fold has patients in every role and nobody in two; each non-test patient is
+    validated exactly once; a fold trains and selects on exactly the other folds' patients.
+    A hand-edited file is held to the same rules."""
+    if len(cv.folds) < 2:
+        raise DataError(f"{source}: {len(cv.folds)} fold; cross-validation needs >= 2")
+    validated: dict[str, int] = {}
+    for fold in cv.folds:
+        k = fold.fold
+        for role in ROLES:
+            if not getattr(fold, role):
+                raise DataError(f"{source}: fold {k} has no {role} patients")
+        for a, b in (("train", "select"), ("train", "val"), ("select", "val")):
+            both = sorted(set(getattr(fold, a)) & set(getattr(fold, b)))
+            if both:
+                raise DataError(f"{source}: fold {k} has {', '.join(both)} in both {a} and {b}")
+        for patient in fold.val:
+            if patient in validated:
+                raise DataError(f"{source}: patient {patient} is validated in folds "
+                                f"{validated[patient]} and {k}; each belongs to one fold")
+            validated[patient] = k
+    in_test = sorted(set(cv.test) & set(validated))
     if in_test:
         raise DataError(f"{source}: {', '.join(in_test)} both held out for test and in a fold")
-    if len(cv.val_folds) < 2:
-        raise DataError(f"{source}: {len(cv.val_folds)} fold; cross-validation needs >= 2")
+    for fold in cv.folds:
+        if set(fold.train) | set(fold.select) != set(validated) - set(fold.val):
+            raise DataError(f"{source}: fold {fold.fold} does not train and select on exactly "
+                            "the other folds' validation patients; fix or delete the file")
 
 
 def _from_file(path: Path) -> CrossValidation:
@@ -130,33 +159,27 @@ def _from_file(path: Path) -> CrossValidation:
         stored = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: unreadable split file ({exc}); delete it to make a new one") from None
-    if isinstance(stored, dict) and "format" not in stored and {"train", "val"} <= set(stored):
-        raise DataError(f"{path}: a split file of the old single-split format; this version "
-                        "splits patients into cross-validation folds (data.folds): delete it to "
-                        "make a new one")
+    if not isinstance(stored, dict) or stored.get("format") != SPLIT_FORMAT:
+        old = isinstance(stored, dict) and ({"train", "val"} <= set(stored) or "format" in stored)
+        raise DataError(f"{path}: {'a split file of an older format' if old else 'not a split file'}"
+                        "; this version splits patients into cross-validation folds with "
+                        "selection patients: delete it to make a new one")
     try:
-        if stored["format"] != SPLIT_FORMAT:
-            raise ValueError(f"format {stored['format']}, expected {SPLIT_FORMAT}")
         test_patients = stored["test_patients"]
         settings = SplitSettings(
             folds=int(stored["folds"]), split_seed=int(stored["split_seed"]),
+            select_fraction=float(stored["select_fraction"]),
             test_patients=None if test_patients is None else tuple(test_patients),
             test_fraction=float(stored["test_fraction"]))
-        cv = CrossValidation(settings, tuple(stored["test"]),
-                             tuple(tuple(entry["val"]) for entry in stored["splits"]))
-        trains = [set(entry["train"]) for entry in stored["splits"]]
+        test = tuple(stored["test"])
+        folds = tuple(PatientSplit(k, *(tuple(entry[role]) for role in ROLES), test)
+                      for k, entry in enumerate(stored["splits"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: not a valid split file ({exc}); delete it to make a new one") from None
-    if len(cv.val_folds) != settings.folds:
-        raise DataError(f"{path}: says folds={settings.folds} but lists {len(cv.val_folds)}")
+    if len(folds) != settings.folds:
+        raise DataError(f"{path}: says folds={settings.folds} but lists {len(folds)}")
+    cv = CrossValidation(settings, test, folds)
     check_folds(cv, str(path))
-    for k, train in enumerate(trains):  # hand edits: fold k trains on exactly the other folds
-        overlap = sorted(train & set(cv.val_folds[k]))
-        if overlap:
-            raise DataError(f"{path}: fold {k} trains and validates on {', '.join(overlap)}")
-        if train != set(cv.fold(k).train):
-            raise DataError(f"{path}: fold {k}'s train patients are not the other folds' "
-                            "validation patients; fix or delete the file")
     return cv
 
 
