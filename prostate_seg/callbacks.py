@@ -121,27 +121,30 @@ class FiniteLossGuard(Callback):
         # A Python scalar, not a new tensor: no host-to-device copy, no sync in the step.
         self._first_bad = torch.where(bad & (self._first_bad < 0), code, self._first_bad)
         if step % self.check_every_n_steps == 0:
-            self._raise_if_bad()
+            self._raise_if_bad(trainer)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._raise_if_bad()
+        self._raise_if_bad(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._raise_if_bad()
+        self._raise_if_bad(trainer)
 
     def first_nonfinite(self) -> tuple[int, int] | None:
         """(epoch, global step) of the first NaN/inf loss so far, or None."""
         code = -1 if self._first_bad is None else int(self._first_bad.item())
         return divmod(code, 1_000_000_000) if code >= 0 else None
 
-    def _raise_if_bad(self) -> None:
+    def _raise_if_bad(self, trainer: pl.Trainer) -> None:
+        """Decided by all DDP processes together: a NaN in one stops every one (the others
+        would otherwise wait forever in the next gradient all-reduce)."""
         bad = self.first_nonfinite()
-        if bad is not None:
-            epoch, step = bad
-            raise NonFiniteLossError(
-                f"training loss became NaN/inf at epoch {epoch}, global step {step}; stopped "
-                "without saving (checkpoints/last.ckpt is the last good state); try a lower "
-                "optimizer.lr or precision=32-true")
+        if not trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
+            return
+        where = f"epoch {bad[0]}, global step {bad[1]}" if bad else "a step of another process"
+        raise NonFiniteLossError(
+            f"training loss became NaN/inf at {where}; stopped without saving "
+            "(checkpoints/last.ckpt is the last good state); try a lower optimizer.lr or "
+            "precision=32-true")
 
 
 class InterruptCheckpoint(Callback):

@@ -133,6 +133,21 @@ def check_loss(loss: DictConfig, prefix: str = "loss") -> None:
         check_loss(term, f"{prefix}.terms.{name}")
 
 
+def check_ddp_launch(trainer: DictConfig, hydra: DictConfig | None) -> None:
+    """Lightning starts DDP's other processes by running the command line again; in a sweep
+    run inside this process (Hydra's basic launcher) that command line is the whole sweep."""
+    strategy = trainer.get("strategy")
+    strategy = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else strategy
+    if hydra is None or "ddp" not in str(strategy).lower() or trainer.get("devices") == 1:
+        return
+    in_process = str(OmegaConf.select(hydra, "launcher._target_", default="")).endswith(
+        "BasicLauncher")
+    if str(hydra.get("mode")) == "RunMode.MULTIRUN" and in_process:
+        raise ConfigError("trainer=ddp: a sweep's jobs run inside this process, where DDP cannot "
+                          "start its other processes; use hydra/launcher=gpu_pool (a fresh "
+                          "process per job), or run the job on its own")
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key, on values that cannot work."""
     check_loss(cfg.loss)
@@ -147,6 +162,10 @@ def check_train_config(cfg: DictConfig) -> None:
     data = cfg.data
     _require(isinstance(data.batch_size, int) and data.batch_size >= 1,
              "data.batch_size", data.batch_size, "must be an integer >= 1")
+    devices = cfg.trainer.get("devices")
+    _require(not isinstance(devices, int) or devices < 1 or data.batch_size % devices == 0,
+             "data.batch_size", data.batch_size,
+             f"is the global batch: it must divide evenly over trainer.devices={devices}")
     _require(isinstance(data.folds, int) and data.folds >= 2, "data.folds", data.folds,
              "must be an integer >= 2 (patient-level cross-validation folds)")
     _require(isinstance(data.fold, int) and 0 <= data.fold < data.folds, "data.fold", data.fold,

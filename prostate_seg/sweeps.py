@@ -62,9 +62,10 @@ def job_name_resolver(*, _root_: DictConfig) -> str:
 def check_job(cfg: DictConfig, job_dir: Path) -> None:
     """What a job would refuse at its start, found before any job starts: bad values, a
     missing or unprepared data folder, a job folder holding a run of another config."""
-    from prostate_seg.config import check_train_config
+    from prostate_seg.config import check_ddp_launch, check_train_config
     from prostate_seg.training import refuse_other_config
 
     task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     check_train_config(task)
+    check_ddp_launch(task.trainer, cfg.hydra)
     refuse_other_config(task, job_dir)

@@ -19,7 +19,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from prostate_seg.config import check_train_config, uses_gpu
+from prostate_seg.config import check_ddp_launch, check_train_config, uses_gpu
 from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError
 from prostate_seg.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_means
@@ -204,6 +204,7 @@ def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) one training job in Hydra's output folder; returns its results."""
     check_train_config(cfg)
+    check_ddp_launch(cfg.trainer, HydraConfig.get())
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     lock = RunLock(run_dir)
     if rank_zero_only.rank == 0:

@@ -54,16 +54,3 @@ def test_submitit_local_sweep(prepared_copy, tmp_path):
         assert json.loads((sweep / name / "status.json").read_text())["status"] == "completed"
         assert (sweep / name / "checkpoints" / "last.ckpt").exists()
     assert list((sweep / ".submitit").iterdir())  # really went through submitit
-
-
-@pytest.mark.slow
-def test_ddp_cpu_fit_runs_two_processes(prepared_copy, tmp_path):
-    run_dir = tmp_path / "ddp"
-    result = run_cli("train.py", "trainer=ddp_cpu", f"data.dir={prepared_copy}", *SMALL,
-                     "model=unet_small", "trainer.max_epochs=2", f"hydra.run.dir={run_dir}",
-                     cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    output = result.stdout + result.stderr
-    assert "distributed_backend=gloo" in output and "All distributed processes registered" in output
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["epochs_trained"] == 2 and 0.0 <= results["select/dice"] <= 1.0

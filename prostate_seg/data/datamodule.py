@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import albumentations as A
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from prostate_seg.data.dataset import (
@@ -23,6 +25,7 @@ from prostate_seg.data.split import (
     SplitSettings,
     load_or_make_folds,
 )
+from prostate_seg.errors import ConfigError
 
 
 class SliceDataModule(pl.LightningDataModule):
@@ -102,14 +105,33 @@ class SliceDataModule(pl.LightningDataModule):
         self.select_set = subset(self.split.select, self.val_transform)
         self.val_set = subset(self.split.val, self.val_transform)
 
+    def _processes(self) -> tuple[int, int]:
+        """(world size, global rank) of the trainer using this module; (1, 0) without one."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def _loader(self, dataset: SliceDataset, train: bool) -> DataLoader:
-        # The main-process stream (num_workers=0) follows the global seed; workers reseed.
-        dataset.reseed(int(torch.randint(2**31 - 1, ()).item()))
+        """``batch_size`` is the global batch: under DDP each of the W processes loads
+        ``batch_size / W`` slices per step, so a step sees what one device would. Validation
+        slices are dealt out without the padding of Lightning's default sampler, so each is
+        counted exactly once."""
+        world, rank = self._processes()
+        if self.batch_size % world:
+            raise ConfigError(f"data.batch_size={self.batch_size}: the global batch must divide "
+                              f"evenly over the {world} DDP processes")
+        batch_size = self.batch_size // world
+        sampler = None if train or world == 1 else UnrepeatedDistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=False)
+        # The main-process stream (num_workers=0) follows the global seed and the rank;
+        # workers reseed themselves (init_worker).
+        drawn = int(torch.randint(2**31 - 1, ()).item())
+        dataset.reseed(int(np.random.SeedSequence([drawn, rank]).generate_state(1)[0]))
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=batch_size,
             shuffle=train,
-            drop_last=train and len(dataset) > self.batch_size,
+            sampler=sampler,
+            drop_last=train and len(dataset) > batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

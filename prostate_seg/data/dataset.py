@@ -13,6 +13,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset
 
 from prostate_seg.errors import DataError
@@ -188,9 +189,11 @@ class SliceDataset(Dataset):
 
 
 def init_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: a distinct augmentation stream per worker and per epoch, and
-    OpenCV single-threaded (the workers are the parallelism; a thread pool of every core in
-    every worker oversubscribes the CPU, including the core that feeds the GPU)."""
+    """DataLoader worker_init_fn: a distinct augmentation stream per worker, per epoch and per
+    DDP process (Lightning's own worker seeding, which mixes in the global rank), and OpenCV
+    single-threaded (the workers are the parallelism; a thread pool of every core in every
+    worker oversubscribes the CPU, including the core that feeds the GPU)."""
     cv2.setNumThreads(0)
+    pl_worker_init_function(worker_id)
     info = torch.utils.data.get_worker_info()
     info.dataset.reseed(torch.initial_seed() % 2**32)

@@ -4,22 +4,37 @@ Conventions (the same as MONAI and segmentation_models_pytorch):
   * inputs are raw logits; probabilities are ``sigmoid(logits)``;
   * counts are *soft* and *batch-pooled*: every pixel of the batch adds to one TP/FP/FN sum,
     so an empty slice cannot produce a 0/0;
-  * ``alpha`` weights false positives, ``beta`` false negatives.
+  * ``alpha`` weights false positives, ``beta`` false negatives;
+  * under DDP the training batch is split over processes; the counts of a training step are
+    summed over all of them (a differentiable all-reduce) before the ratio, so every process
+    computes the loss of the whole global batch and DDP's averaged gradient is exactly the
+    one-device gradient. Without gradients (validation) the counts stay local: processes
+    may see different numbers of validation batches, and a collective there would hang.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
+def _training_under_ddp() -> bool:
+    return (torch.is_grad_enabled() and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1)
+
+
 def soft_confusion(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Soft TP, FP, FN summed over the whole batch (computed in float32 even under autocast)."""
+    """Soft TP, FP, FN summed over the whole (global) batch, in float32 even under autocast."""
     probs = torch.sigmoid(logits.float())
     target = target.float()
-    tp = (probs * target).sum()
-    fp = (probs * (1.0 - target)).sum()
-    fn = ((1.0 - probs) * target).sum()
+    counts = torch.stack([(probs * target).sum(), (probs * (1.0 - target)).sum(),
+                          ((1.0 - probs) * target).sum()])
+    if _training_under_ddp():
+        from torch.distributed.nn.functional import all_reduce
+
+        counts = all_reduce(counts)  # sum; its backward sums the gradients back
+    tp, fp, fn = counts.unbind()
     return tp, fp, fn
 
 
