@@ -1,14 +1,16 @@
-"""Accuracy on real scans: PROMISE12 T2 volumes (../shared/data/prostate_t2), patient split.
+"""Accuracy on real scans: PROMISE12 T2 volumes (../shared/data/prostate_t2), one fold.
 
     python benchmarks/real_data_accuracy.py --setting cpu            # unet_small, 128x128
     python benchmarks/real_data_accuracy.py --setting gpu            # full U-Net, 256x256
     python benchmarks/real_data_accuracy.py --setting cpu --runs recipe   # the headline run only
 
 Prepares the scans (location: $PROSTATE_SEG_DATA, default ../shared/data/prostate_t2) unless
---prepared names a folder made by prepare, trains on the 29 training patients of the stored
-split (split_seed 0), evaluates the best checkpoint per volume on the 7 held-out patients at
-their original size, prints the table and writes it into docs/RESULTS.md (or --results) with
-the command, machine, date, time taken and software versions.
+--prepared names a folder made by prepare, trains fold 0 of the stored 5-fold patient split
+(split_seed 0: the other folds' patients train, a few of them choose the epoch and
+checkpoint), evaluates the best checkpoint per volume on fold 0's held-out patients at their
+original size, prints the table and writes it into docs/RESULTS.md (or --results) with the
+command, machine, date, time taken and software versions. The whole study, every fold and
+loss with its paired statistics, is docs/STUDY.md's.
 
 Runs: ``recipe`` (BCE + Dice loss, cosine lr decay, 2.5D input with one neighbour per side);
 ``ablations`` (the recipe without each of those three); ``study`` (the original study's
@@ -90,7 +92,8 @@ def run_one(name: str, overrides: list[str], data_dir: Path, workdir: Path,
     results = train(cfg)
     train_seconds = time.time() - started
     row: dict[str, Any] = {"run": name, "epochs": results["epochs_trained"],
-                           "train_min": train_seconds / 60, "val_dice_training": results["val/dice"]}
+                           "train_min": train_seconds / 60,
+                           "select_dice_training": results["select/dice"]}
     for label, keep_largest, tta in EVALUATIONS:
         per_patient = evaluate_checkpoint(results["best_checkpoint"], keep_largest=keep_largest,
                                           tta=tta)
@@ -114,24 +117,23 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
         f"- data: {data_dir} (prepared: {read_json(data_dir / 'prepare.json')})",
         f"- total time (prepare, all runs, evaluation): {seconds / 60:.1f} min",
         "",
-        "Per-volume Dice on the 7 held-out patients at original size, mean ± std over patients "
-        "(LCC: largest 3D connected component kept; TTA: left-right flip averaged).",
+        f"Per-volume Dice on fold 0's {len(rows[0]['plain_patients'])} held-out patients at "
+        "original size, mean ± std over patients (LCC: largest 3D connected component kept; "
+        "TTA: left-right flip averaged).",
         "",
-        "| run | Dice | Dice +LCC | Dice +LCC+TTA | val/dice (training, network size) | epochs | training min |",
+        "| run | Dice | Dice +LCC | Dice +LCC+TTA | select/dice (training, network size) | epochs | training min |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         cells = [f"{row[k][0]:.4f} ± {row[k][1]:.4f}" for k, *_ in EVALUATIONS]
         lines.append(f"| {row['run']} | " + " | ".join(cells)
-                     + f" | {row['val_dice_training']:.4f} | {row['epochs']} | {row['train_min']:.1f} |")
+                     + f" | {row['select_dice_training']:.4f} | {row['epochs']} | {row['train_min']:.1f} |")
     first = rows[0]
     lines += ["", f"Per patient ({first['run']}, +LCC+TTA):", "",
               "| patient | Dice | precision | recall | HD95 |", "|---|---|---|---|---|"]
     for p in first["+LCC+TTA_patients"]:
-        hd = p.get("hd95_mm", p.get("hd95_px"))
-        unit = "mm" if "hd95_mm" in p else "px"
         lines.append(f"| {p['patient']} | {p['dice']:.4f} | {p['precision']:.4f} | "
-                     f"{p['recall']:.4f} | {hd:.1f} {unit} |")
+                     f"{p['recall']:.4f} | {p['hd95']:.1f} {p['hd95_unit']} |")
     return "\n".join(lines) + "\n"
 
 
