@@ -7,7 +7,8 @@ Input layouts: ``images/`` + ``masks/`` or Decathlon's ``imagesTr/`` + ``labelsT
 NIfTI files (nnU-Net's ``_0000`` channel suffix is understood; 4D images give
 ``image_channel``) or, under ``images/``, one DICOM folder per patient (needs ``pydicom``).
 
-Output (built in a temporary folder, moved into place only when complete)::
+Output (built in a temporary folder, moved into place only when complete; never inside or
+around the input, and ``overwrite=true`` replaces only a folder that prepare made)::
 
     OUT/images/<patient>_<slice:03d>.png   8-bit, windowed to the volume's 0.5-99.5 percentiles
     OUT/masks/<patient>_<slice:03d>.png    0/255
@@ -59,6 +60,8 @@ MANIFEST_FIELDS = (
 )
 PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 AFFINE_TOLERANCE_MM = 1e-2
+# Files that mark a folder as a dataset made by prepare: only such a folder is replaced.
+DATASET_MARKERS = ("prepare.json", "manifest.csv")
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,55 @@ def _move_into_place(tmp: Path, output_dir: Path) -> None:
         tmp.rename(output_dir)
 
 
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def checked_output_dir(input_dir: Path, output_dir: Path, overwrite: bool) -> Path:
+    """The real location to write the dataset to, after refusing every output_dir whose
+    writing or replacing could touch the source data or a folder that is not a dataset.
+
+    Paths are compared by their real locations (symlinks, ``..``, relative paths resolved);
+    the scans' own real locations are checked after they are found (:func:`check_sources`).
+    """
+    real_in, real_out = input_dir.resolve(), output_dir.resolve()
+    if _within(real_out, real_in):
+        where = "is" if real_out == real_in else "lies inside"
+        raise ConfigError(f"output_dir={output_dir} {where} input_dir={input_dir} (real location "
+                          f"{real_in}); prepare never writes into its source data: choose a "
+                          "folder outside it")
+    if _within(real_in, real_out):
+        raise ConfigError(f"output_dir={output_dir} contains input_dir={input_dir} (real location "
+                          f"{real_in}); replacing it would delete the source data: choose "
+                          "another folder")
+    if not output_dir.exists():
+        return real_out  # (a symlink to a folder still to be made is followed)
+    refuse_existing(output_dir, overwrite, f"output_dir={output_dir}")
+    if not real_out.is_dir():
+        raise DataError(f"output_dir={output_dir}: exists and is not a folder")
+    if any(real_out.iterdir()) and not any((real_out / m).is_file() for m in DATASET_MARKERS):
+        raise DataError(f"output_dir={output_dir}: not empty and not a dataset made by prepare "
+                        f"(no {' or '.join(DATASET_MARKERS)}); overwrite=true only replaces "
+                        "prepared datasets: choose another folder or empty it yourself")
+    return real_out
+
+
+def check_sources(cases: list[Case], real_out: Path, output_dir: Path) -> None:
+    """Refuse when a scan's real location (through symlinked files or folders) lies inside the
+    output folder that is about to be replaced."""
+    if not real_out.exists():
+        return
+    for case in cases:
+        for source in (case.image, case.mask):
+            if source is None:
+                continue
+            for path in [source, *(source.rglob("*") if source.is_dir() else ())]:
+                if _within(path.resolve(), real_out):
+                    raise ConfigError(f"output_dir={output_dir} holds the input scan {path} (real "
+                                      f"location {path.resolve()}); replacing it would delete "
+                                      "the source data: choose another folder")
+
+
 def prepare(
     input_dir: str | Path,
     output_dir: str | Path,
@@ -256,14 +308,15 @@ def prepare(
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error={on_error}: choose raise or skip")
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    refuse_existing(output_dir, overwrite, f"output_dir={output_dir}")
+    real_out = checked_output_dir(input_dir, output_dir, overwrite)
     started = time.time()
     cases, problems = find_cases(input_dir)
+    check_sources(cases, real_out, output_dir)
     skipped = [{"case": p.split(":")[0], "reason": p} for p in problems]
     if problems and on_error == "raise":
         raise DataError(problems[0])
 
-    tmp = _fresh_folder(output_dir)
+    tmp = _fresh_folder(real_out)
     try:
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
@@ -293,7 +346,7 @@ def prepare(
             {**settings.to_dict(), "orientation": "display: row 0 anterior, column 0 patient right",
              "patients": len(patients), "slices": len(rows)}, indent=2))
         (tmp / "prepare_report.json").write_text(json.dumps(report, indent=2))
-        _move_into_place(tmp, output_dir)
+        _move_into_place(tmp, real_out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

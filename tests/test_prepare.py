@@ -134,7 +134,7 @@ def test_pad_mode_keeps_aspect_ratio_and_round_trips(tmp_path):
 
 def test_existing_output_is_refused_unless_overwrite(phantoms, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    prepare(phantoms, out, PrepareSettings(image_size=16))
     (out / "keep.txt").write_text("precious")
     with pytest.raises(DataError, match="already exists"):
         prepare(phantoms, out, PrepareSettings(image_size=32))

@@ -1,0 +1,137 @@
+"""prepare never touches its source data, and never turns a wrong input into a quiet result."""
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from prostate_seg.errors import ConfigError, DataError, UserError
+from prostate_seg.prepare import PrepareSettings, prepare
+
+SETTINGS = PrepareSettings(image_size=16)
+
+
+def _write(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nii = nib.Nifti1Image(array, np.eye(4))
+    nii.set_sform(np.eye(4), code=1)
+    nib.save(nii, str(path))
+
+
+def _scan(root: Path, name: str, mask: np.ndarray | None = None, suffix: str = ".nii.gz") -> None:
+    rng = np.random.default_rng(len(name))
+    _write(root / "images" / f"{name}{suffix}", rng.random((16, 16, 4)).astype(np.float32) * 100)
+    if mask is None:
+        mask = np.zeros((16, 16, 4), np.uint8)
+        mask[4:10, 5:11, 1:3] = 1
+    _write(root / "masks" / f"{name.removesuffix('_0000')}.nii.gz", mask)
+
+
+def _fingerprint(root: Path) -> dict[str, str]:
+    """Every file under root (through symlinks) with a hash of its content."""
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    root = tmp_path / "data" / "raw"
+    for name in ("p0", "p1"):
+        _scan(root, name)
+    return root
+
+
+# --- the output folder and the source data ---------------------------------------------------
+@pytest.mark.parametrize("output", [
+    "{in}", "{in}/", "{in}/images/..", "{in}/prepared", "{in}/images/out", "{in}/../raw/x",
+    "{rel_in}", "{rel_in}/out", "{up}", "{up}/", "{rel_up}", "{link_in}", "{link_in}/out",
+    "{link_up}",
+])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_output_that_is_inside_or_around_the_input_is_refused(output, overwrite, source, tmp_path,
+                                                               monkeypatch):
+    (tmp_path / "link_in").symlink_to(source)
+    (tmp_path / "link_up").symlink_to(source.parent)
+    monkeypatch.chdir(tmp_path)
+    names = {"in": source, "rel_in": "data/raw", "up": source.parent, "rel_up": "data",
+             "link_in": tmp_path / "link_in", "link_up": tmp_path / "link_up"}
+    output_dir = output.format(**names)
+    before = _fingerprint(source)
+    with pytest.raises(ConfigError, match=r"output_dir=.*input_dir=|holds the input scan"):
+        prepare(source, output_dir, SETTINGS, overwrite=overwrite)
+    assert _fingerprint(source) == before
+
+
+@pytest.mark.parametrize("input_form", ["symlink", "relative", "dotdot", "trailing"])
+def test_output_containing_the_input_is_refused_however_the_input_is_named(input_form, source,
+                                                                           tmp_path, monkeypatch):
+    (tmp_path / "alias").symlink_to(source)
+    monkeypatch.chdir(tmp_path)
+    input_dir = {"symlink": "alias", "relative": "data/raw", "dotdot": "data/raw/images/..",
+                 "trailing": f"{source}/"}[input_form]
+    before = _fingerprint(source)
+    with pytest.raises(ConfigError, match="contains input_dir"):
+        prepare(input_dir, tmp_path / "data", SETTINGS, overwrite=True)
+    assert _fingerprint(source) == before
+
+
+@pytest.mark.parametrize("link", ["images_folder", "one_scan", "one_mask"])
+def test_output_holding_the_scans_real_location_through_symlinks_is_refused(link, tmp_path):
+    """The input folder is elsewhere, but its scans (or its images/ folder) are symlinks into
+    the prepared dataset that overwrite=true would replace."""
+    out = tmp_path / "out"
+    _scan(tmp_path / "first", "p0")
+    prepare(tmp_path / "first", out, SETTINGS)
+    stash = out / "stash"
+    _scan(stash, "p1")
+    _scan(stash, "p2")
+    source = tmp_path / "in"
+    if link == "images_folder":
+        (source / "masks").mkdir(parents=True)
+        (source / "images").symlink_to(stash / "images")
+        for mask in (stash / "masks").iterdir():
+            shutil.copy(mask, source / "masks")
+    else:
+        shutil.copytree(stash, source)
+        folder, name = ("images", "p1.nii.gz") if link == "one_scan" else ("masks", "p2.nii.gz")
+        (source / folder / name).unlink()
+        (source / folder / name).symlink_to(stash / folder / name)
+    before = _fingerprint(stash)
+    with pytest.raises(ConfigError, match="holds the input scan"):
+        prepare(source, out, SETTINGS, overwrite=True)
+    assert _fingerprint(stash) == before
+
+
+def test_overwrite_replaces_only_a_prepared_dataset(source, tmp_path):
+    precious = tmp_path / "results"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(DataError, match="not a dataset made by prepare"):
+        prepare(source, precious, SETTINGS, overwrite=True)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    with pytest.raises(DataError, match="exists and is not a folder"):
+        prepare(source, a_file, SETTINGS, overwrite=True)
+    assert a_file.read_text() == "keep"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert prepare(source, empty, SETTINGS, overwrite=True)["patients"] == 2
+    (empty / "my_note.txt").write_text("inside a prepared dataset: replaced with it")
+    assert prepare(source, empty, SETTINGS, overwrite=True)["patients"] == 2
+    assert not (empty / "my_note.txt").exists()
+
+
+def test_symlinked_output_folder_is_written_at_its_target(source, tmp_path):
+    target = tmp_path / "disk" / "prepared"
+    target.parent.mkdir()
+    prepare(source, target, SETTINGS)
+    link = tmp_path / "prepared"
+    link.symlink_to(target)
+    prepare(source, link, SETTINGS, overwrite=True)
+    assert link.is_symlink() and (target / "manifest.csv").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == ["prepared"]  # no leftovers
