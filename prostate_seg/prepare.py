@@ -121,8 +121,19 @@ def _patient_id(path: Path) -> str:
     return name[:-5] if name.endswith("_0000") else name
 
 
+def _by_patient(paths: list[Path]) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+    """Paths by patient id, and the ids that several paths claim (``x.nii`` and ``x.nii.gz``,
+    ``y`` and ``y_0000``, a DICOM folder ``z/`` and ``z.nii.gz``)."""
+    groups: dict[str, list[Path]] = {}
+    for path in paths:
+        groups.setdefault(_patient_id(path), []).append(path)
+    unique = {patient: found[0] for patient, found in groups.items() if len(found) == 1}
+    return unique, {patient: found for patient, found in groups.items() if len(found) > 1}
+
+
 def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
-    """Pair images with masks; returns the cases and one problem line per unpaired file."""
+    """Pair images with masks; returns the cases and one problem line per unpaired file or
+    patient id claimed twice."""
     if not input_dir.is_dir():
         raise DataError(f"input_dir={input_dir}: folder not found")
     for image_folder, mask_folder in LAYOUTS:
@@ -134,14 +145,25 @@ def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
                         "labelsTr/ inside, found neither")
     if not masks_dir.is_dir():
         raise DataError(f"{masks_dir}: mask folder not found (next to {images_dir})")
-    images = {_patient_id(p): p for p in sorted(images_dir.iterdir())
-              if (is_nifti(p) or p.is_dir()) and not p.name.startswith(".")}
-    masks = {_patient_id(p): p for p in sorted(masks_dir.iterdir()) if is_nifti(p)}
-    if not images:
+    visible = [p for p in sorted(images_dir.iterdir()) if not p.name.startswith(".")]
+    ignored = [p.name for p in visible if not (is_nifti(p) or p.is_dir())]
+    if ignored:
+        log.warning("%s: ignored %d files that are neither NIfTI nor a DICOM folder: %s",
+                    images_dir, len(ignored), ", ".join(ignored[:10]))
+    images, image_twice = _by_patient([p for p in visible if is_nifti(p) or p.is_dir()])
+    masks, mask_twice = _by_patient([p for p in sorted(masks_dir.iterdir())
+                                     if is_nifti(p) and not p.name.startswith(".")])
+    if not images and not image_twice:
         raise DataError(f"{images_dir}: no NIfTI files or DICOM folders in it")
-    problems = [f"{masks[p]}: mask without image (no {p} in {images_dir})"
-                for p in sorted(set(masks) - set(images))]
-    cases = [Case(p, images[p], masks.get(p)) for p in sorted(images)]
+    # Which of two files is meant cannot be guessed: neither is used.
+    problems = [f"{found[0]}: {' and '.join(p.name for p in found)} in {found[0].parent} are "
+                f"both patient {patient!r}; keep one of them"
+                for patient, found in sorted([*image_twice.items(), *mask_twice.items()])]
+    claimed_twice = set(image_twice) | set(mask_twice)
+    problems += [f"{masks[p]}: mask without image (no {p} in {images_dir})"
+                 for p in sorted(set(masks) - set(images) - claimed_twice)]
+    cases = [Case(p, images[p], masks.get(p)) for p in sorted(images)
+             if p not in claimed_twice]
     return cases, problems
 
 
@@ -200,6 +222,23 @@ def load_case(case: Case, settings: PrepareSettings) -> tuple[np.ndarray, np.nda
     return windowed, gland, geometry
 
 
+def _without_gland(rows: list[dict[str, Any]]) -> list[str]:
+    """Patients whose mask has no gland voxel on any slice."""
+    gland: dict[str, int] = {}
+    for row in rows:
+        gland[row["patient"]] = gland.get(row["patient"], 0) + row["gland_pixels"]
+    return sorted(patient for patient, pixels in gland.items() if pixels == 0)
+
+
+def write_png(path: Path, pixels: np.ndarray) -> None:
+    """Encode, then write with Python: ``cv2.imwrite`` reports a failed write (full disk, name
+    too long, no such folder) only by returning False, and without the reason."""
+    ok, encoded = cv2.imencode(".png", pixels, PNG_FLAGS)
+    if not ok:
+        raise DataError(f"{path}: OpenCV could not encode this slice as PNG")
+    path.write_bytes(encoded.tobytes())
+
+
 def _prepare_case(case: Case, settings: PrepareSettings, out: Path) -> CaseResult:
     result = CaseResult(case.patient)
     try:
@@ -212,11 +251,9 @@ def _prepare_case(case: Case, settings: PrepareSettings, out: Path) -> CaseResul
                         spacing=np.asarray(geometry.spacing), spacing_known=geometry.spacing_known)
     for k in range(num_slices):
         name = f"{case.patient}_{k:03d}.png"
-        cv2.imwrite(str(out / "images" / name),
-                    fit_slice(image[k], settings.image_size, settings.fit), PNG_FLAGS)
-        cv2.imwrite(str(out / "masks" / name),
-                    fit_slice(gland[k] * 255, settings.image_size, settings.fit, nearest=True),
-                    PNG_FLAGS)
+        write_png(out / "images" / name, fit_slice(image[k], settings.image_size, settings.fit))
+        write_png(out / "masks" / name,
+                  fit_slice(gland[k] * 255, settings.image_size, settings.fit, nearest=True))
         result.rows.append({
             "patient": case.patient, "slice": k, "image": f"images/{name}",
             "mask": f"masks/{name}", "height": rows, "width": cols, "num_slices": num_slices,
@@ -335,13 +372,19 @@ def prepare(
         if not rows:
             raise DataError(f"input_dir={input_dir}: no usable case "
                             f"({len(skipped)} skipped: {skipped[0]['reason'] if skipped else ''})")
+        patients = sorted({row["patient"] for row in rows})
+        empty = _without_gland(rows)
+        if len(empty) == len(patients):
+            raise DataError(f"input_dir={input_dir}: no mask holds a single gland voxel "
+                            f"(mask_labels={settings.to_dict()['mask_labels']}); a network "
+                            "trained on it would only learn to predict nothing")
         with open(tmp / "manifest.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        patients = sorted({row["patient"] for row in rows})
         report = {"input_dir": str(input_dir), "patients": len(patients), "slices": len(rows),
-                  "skipped": skipped, "seconds": round(time.time() - started, 2)}
+                  "skipped": skipped, "empty_masks": empty,
+                  "seconds": round(time.time() - started, 2)}
         (tmp / "prepare.json").write_text(json.dumps(
             {**settings.to_dict(), "orientation": "display: row 0 anterior, column 0 patient right",
              "patients": len(patients), "slices": len(rows)}, indent=2))
@@ -352,6 +395,9 @@ def prepare(
         raise
     for item in skipped:
         log.warning("skipped %s: %s", item["case"], item["reason"])
+    if empty:
+        log.warning("%d of %d patients have an empty mask (no gland voxel): %s", len(empty),
+                    len(patients), ", ".join(empty))
     log.info("prepared %d patients, %d slices into %s (%d skipped, %.1f s)", len(patients),
              len(rows), output_dir, len(skipped), report["seconds"])
     return report

@@ -135,3 +135,77 @@ def test_symlinked_output_folder_is_written_at_its_target(source, tmp_path):
     prepare(source, link, SETTINGS, overwrite=True)
     assert link.is_symlink() and (target / "manifest.csv").is_file()
     assert sorted(p.name for p in target.parent.iterdir()) == ["prepared"]  # no leftovers
+
+
+# --- wrong inputs that used to give a quiet result -------------------------------------------
+def test_mask_with_several_volumes_along_a_fourth_axis_is_refused(tmp_path):
+    _scan(tmp_path / "in", "p0")
+    single = np.zeros((16, 16, 4, 1), np.uint8)
+    single[4:10, 5:11, 1:3, 0] = 1
+    _write(tmp_path / "in" / "masks" / "p0.nii.gz", single)
+    assert prepare(tmp_path / "in", tmp_path / "one", SETTINGS)["patients"] == 1  # (x,y,z,1) is 3D
+    _write(tmp_path / "in" / "masks" / "p0.nii.gz", np.concatenate([single, 1 - single], axis=3))
+    with pytest.raises(DataError, match=r"p0.nii.gz: 4D volume of shape \(16, 16, 4, 2\) has 2 "
+                                        r"volumes along its 4th axis"):
+        prepare(tmp_path / "in", tmp_path / "two", SETTINGS)
+
+
+@pytest.mark.parametrize("folder, first, second", [
+    ("images", "x.nii", "x.nii.gz"),
+    ("images", "x.nii.gz", "x_0000.nii.gz"),
+    ("images", "x", "x.nii.gz"),  # a DICOM folder next to a NIfTI file
+    ("masks", "x.nii", "x.nii.gz"),
+    ("masks", "x.nii.gz", "x_0000.nii.gz"),
+])
+def test_two_files_of_one_patient_are_refused_not_one_picked(folder, first, second, tmp_path):
+    root = tmp_path / "in"
+    _scan(root, "a")
+    _scan(root, "x")
+    (root / folder / "x.nii.gz").unlink()
+    for name in (first, second):
+        if "." in name:
+            other = np.zeros((16, 16, 4), np.float32 if folder == "images" else np.uint8)
+            _write(root / folder / name, other)
+        else:
+            (root / folder / name).mkdir()
+    with pytest.raises(DataError) as info:
+        prepare(root, tmp_path / "out", SETTINGS)
+    message = str(info.value)
+    assert f"{first} and {second}" in message and "both patient 'x'" in message
+    report = prepare(root, tmp_path / "out", SETTINGS, on_error="skip")
+    assert report["patients"] == 1 and len(report["skipped"]) == 1  # x skipped, a prepared
+    assert "both patient 'x'" in report["skipped"][0]["reason"]
+
+
+def test_png_that_cannot_be_written_stops_prepare_naming_it(tmp_path):
+    """cv2.imwrite returns False for a name the file system refuses; prepare used to go on and
+    list PNGs that do not exist."""
+    patient = "p" * 248  # p...p.nii.gz is 255 bytes, p...p_000.png one too many
+    _scan(tmp_path / "in", patient)
+    _scan(tmp_path / "in", "short")
+    with pytest.raises(OSError) as info:
+        prepare(tmp_path / "in", tmp_path / "out", SETTINGS)
+    assert info.value.filename.endswith(f"{patient}_000.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]  # no output, no partial folder
+
+
+def test_masks_without_any_gland_are_an_error_and_single_empty_ones_a_warning(tmp_path, caplog):
+    empty = np.zeros((16, 16, 4), np.uint8)
+    _scan(tmp_path / "in", "p0", mask=empty)
+    _scan(tmp_path / "in", "p1", mask=empty)
+    with pytest.raises(DataError, match="no mask holds a single gland voxel"):
+        prepare(tmp_path / "in", tmp_path / "out", SETTINGS)
+    assert not (tmp_path / "out").exists()
+    _scan(tmp_path / "in", "p2")
+    report = prepare(tmp_path / "in", tmp_path / "out", SETTINGS)
+    assert report["empty_masks"] == ["p0", "p1"]
+    assert "2 of 3 patients have an empty mask (no gland voxel): p0, p1" in caplog.text
+
+
+def test_files_that_are_neither_nifti_nor_dicom_folders_are_named_in_a_warning(tmp_path, caplog):
+    _scan(tmp_path / "in", "p0")
+    (tmp_path / "in" / "images" / "p1.mha").write_bytes(b"a scan in another format")
+    (tmp_path / "in" / "images" / "._p0.nii.gz").write_bytes(b"macOS resource fork")
+    (tmp_path / "in" / "masks" / "._p0.nii.gz").write_bytes(b"macOS resource fork")
+    assert prepare(tmp_path / "in", tmp_path / "out", SETTINGS)["patients"] == 1
+    assert "ignored 1 files that are neither NIfTI nor a DICOM folder: p1.mha" in caplog.text

@@ -78,10 +78,17 @@ def orientation_known(img: nib.Nifti1Image) -> bool:
     return int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
 
 
-def voxel_array(img: nib.Nifti1Image, path: Path, channel: int = 0) -> np.ndarray:
-    """The image's 3D array (a 4D image contributes ``channel``, as in Decathlon's T2+ADC)."""
+def voxel_array(img: nib.Nifti1Image, path: Path, channel: int | None = None) -> np.ndarray:
+    """The image's 3D array. A 4D image contributes ``channel`` (as in Decathlon's T2+ADC);
+    with ``channel=None`` (masks) its 4th axis must have length 1: taking the first of several
+    label volumes would silently pick one."""
     data = img.get_fdata(dtype=np.float32)
     if data.ndim == 4:
+        if channel is None:
+            if data.shape[3] != 1:
+                raise DataError(f"{path}: 4D volume of shape {data.shape} has {data.shape[3]} "
+                                "volumes along its 4th axis; a mask must be one 3D label map")
+            channel = 0
         if not 0 <= channel < data.shape[3]:
             raise DataError(f"{path}: 4D image has {data.shape[3]} channels, image_channel={channel}")
         data = data[..., channel]
