@@ -1,6 +1,8 @@
 """The DataModule: patient-level split shared by all runs, batches, 2.5D input, augmentation."""
 
+import csv
 import json
+import re
 
 import cv2
 import numpy as np
@@ -12,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from prostate_seg.data import SliceDataModule
 from prostate_seg.data.dataset import SliceDataset, init_worker, read_png
-from prostate_seg.errors import ConfigError
+from prostate_seg.errors import ConfigError, DataError
 
 
 def datamodule(data_dir, tmp_path, *overrides) -> SliceDataModule:
@@ -118,3 +120,56 @@ def test_loader_workers_run_opencv_single_threaded(prepared_copy, tmp_path, monk
     monkeypatch.setattr(SliceDataset, "__getitem__", lambda self, i: cv2.getNumThreads())
     threads = torch.cat(list(dm.train_dataloader())).tolist()
     assert threads and set(threads) == {1}
+
+
+def _rewrite_manifest(data_dir, change):
+    with open(data_dir / "manifest.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, list(reader)
+    rows = change(rows)
+    with open(data_dir / "manifest.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _renumber(patient, mapping):
+    def change(rows):
+        for row in rows:
+            if row["patient"] == patient and int(row["slice"]) in mapping:
+                row["slice"] = str(mapping[int(row["slice"])])
+        return rows
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_renumber("phantom002", {3: 2}), "slice 2 listed more than once; slice 3 missing"),
+    (lambda rows: [r for r in rows if (r["patient"], r["slice"]) != ("phantom002", "4")],
+     "slice 4 missing"),
+    (lambda rows: rows + [r for r in rows if (r["patient"], r["slice"]) == ("phantom002", "0")],
+     "slice 0 listed more than once"),
+    (_renumber("phantom002", {0: -1}), "slice 0 missing; negative slice -1"),
+])
+def test_manifest_slice_indices_must_run_from_zero_without_gaps(change, message, prepared_copy):
+    _rewrite_manifest(prepared_copy, change)
+    with pytest.raises(DataError) as info:
+        SliceDataModule(str(prepared_copy), image_size=48).setup("fit")
+    assert f"manifest.csv: patient phantom002: slice indices must be 0 ... n-1 ({message})" \
+        in str(info.value)
+
+
+@pytest.mark.parametrize("scale, values", [(1, "[0, 1]"), (128, "[0, 128]")])
+def test_mask_pngs_other_than_0_and_255_are_refused_at_setup(scale, values, prepared_copy):
+    victim = prepared_copy / "masks" / "phantom005_006.png"
+    mask = read_png(victim)
+    assert mask.max() == 255  # a slice with gland
+    cv2.imwrite(str(victim), (mask > 0).astype(np.uint8) * scale)
+    with pytest.raises(DataError, match=rf"phantom005_006.png: mask values {re.escape(values)}"):
+        SliceDataModule(str(prepared_copy), image_size=48).setup("fit")
+
+
+def test_a_dataset_without_any_gland_is_refused_at_setup(prepared_copy):
+    for mask in (prepared_copy / "masks").iterdir():
+        cv2.imwrite(str(mask), np.zeros((48, 48), np.uint8))
+    with pytest.raises(DataError, match="no mask of the dataset holds a gland pixel"):
+        SliceDataModule(str(prepared_copy), image_size=48).setup("fit")

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from prostate_seg.data.dataset import (
     SliceDataset,
     check_files,
+    check_masks,
     init_worker,
     prepared_size,
     read_manifest,
@@ -36,7 +37,8 @@ class SliceDataModule(pl.LightningDataModule):
     and the test patients are never seen during fit; the run scores them at the end.
 
     ``setup`` checks the whole dataset in the main process (manifest, every file present, a
-    complete PNG of the right size), so a bad file is named before any worker starts.
+    complete PNG of the right size, masks of only 0 and 255 holding some gland), so a bad file
+    is named before any worker starts.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class SliceDataModule(pl.LightningDataModule):
             return
         records = read_manifest(self.dir)
         check_files(records, prepared_size(self.dir))
+        check_masks(records)
         self.folds = load_or_make_folds(self.dir, [r.patient for r in records],
                                         self.split_settings)
         self.split = self.folds.fold(self.fold)

@@ -55,7 +55,27 @@ def read_manifest(data_dir: Path) -> list[SliceRecord]:
             raise DataError(f"{path}: malformed row ({exc})") from None
     if not records:
         raise DataError(f"{path}: no slices listed; the dataset is empty")
-    return sorted(records, key=lambda r: (r.patient, r.slice))
+    records.sort(key=lambda r: (r.patient, r.slice))
+    _check_slice_indices(records, path)
+    return records
+
+
+def _check_slice_indices(records: list[SliceRecord], path: Path) -> None:
+    """Each patient's slices are 0 ... n-1, once each: the 2.5D neighbours and the volumes
+    rebuilt for evaluation are found by position, so a gap or a repeat would shift them."""
+    by_patient: dict[str, list[int]] = {}
+    for record in records:
+        by_patient.setdefault(record.patient, []).append(record.slice)
+    for patient, indices in by_patient.items():
+        if indices == list(range(len(indices))):
+            continue
+        repeated = sorted({i for i in indices if indices.count(i) > 1})
+        missing = sorted(set(range(max(indices) + 1)) - set(indices))
+        problem = "; ".join(part for part in (
+            f"slice {', '.join(map(str, repeated))} listed more than once" if repeated else "",
+            f"slice {', '.join(map(str, missing[:10]))} missing" if missing else "",
+            f"negative slice {min(indices)}" if min(indices) < 0 else "") if part)
+        raise DataError(f"{path}: patient {patient}: slice indices must be 0 ... n-1 ({problem})")
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -96,6 +116,25 @@ def check_files(records: list[SliceRecord], expected_size: int | None) -> None:
         sizes.add(image_size)
     if len(sizes) > 1:
         raise DataError(f"slices of different sizes {sorted(sizes)} in one dataset")
+
+
+def check_masks(records: list[SliceRecord]) -> None:
+    """Every mask PNG holds only 0 and 255 (as prepare writes them; a 0/1 or label-valued mask
+    would read as empty or wrong), and the dataset holds some gland: reads each mask once."""
+    gland = 0
+    for record in records:
+        mask = read_png(record.mask)
+        foreground = np.count_nonzero(mask)
+        full = np.count_nonzero(mask == 255)
+        if foreground != full:
+            values = np.unique(mask)
+            raise DataError(f"{record.mask}: mask values {values[:8].tolist()} "
+                            f"{'...' if len(values) > 8 else ''}; a mask PNG must hold only 0 and "
+                            "255 (prepare writes them so)")
+        gland += full
+    if gland == 0:
+        raise DataError(f"{records[0].mask.parent}: no mask of the dataset holds a gland pixel; "
+                        "a network trained on it would only learn to predict nothing")
 
 
 def prepared_size(data_dir: Path) -> int | None:
