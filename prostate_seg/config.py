@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -118,6 +119,99 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(f"{key}={value}: {allowed}")
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What a numeric config value must be: an integer (``kind=int``) or any finite number,
+    within ``[low, high]``; ``high`` may name another key, whose value is then an exclusive
+    bound (``data.fold`` < ``data.folds``); ``also`` lists single extra values (-1)."""
+
+    kind: type
+    low: float | None = None
+    high: float | str | None = None
+    open_low: bool = False
+    open_high: bool = False
+    also: tuple[int, ...] = ()
+
+    def allows(self, value: object, high: float | None) -> bool:
+        types = int if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, types):
+            return False
+        if value in self.also:
+            return True
+        if not math.isfinite(value):
+            return False
+        low_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        high_ok = high is None or (value < high if self.open_high else value <= high)
+        return low_ok and high_ok
+
+    def describe(self, high: float | None) -> str:
+        """In the words of the other checks: ``an integer in 0..4 (data.folds=5)``, ``an
+        integer >= 1``, ``a number in [0, 1)``, ``> 0``."""
+        bound = f" ({self.high}={high:.10g})" if isinstance(self.high, str) else ""
+        low = None if self.low is None else f"{self.low:.10g}"
+        if self.kind is int and low is not None and high is not None:
+            top = int(high) - 1 if self.open_high else int(high)
+            text = f"an integer in {low}..{top}{bound}"
+        elif low is not None and high is not None:
+            text = (f"a number in {'(' if self.open_low else '['}{low}, {high:.10g}"
+                    f"{')' if self.open_high else ']'}")
+        elif low is not None:
+            text = (f"{'an integer ' if self.kind is int else ''}"
+                    f"{'>' if self.open_low else '>='} {low}")
+        else:
+            text = "an integer" if self.kind is int else "a number"
+        return text + "".join(f" (or {v})" for v in self.also)
+
+
+SEED = Setting(int, 0, 2**32 - 1)  # numpy's and Lightning's range (Lightning replaces others by 0)
+# Checked at start-up by type and range, one line naming the key: a float seed, a patience of
+# 2.5 or a string batch size would otherwise fail after the data scan or run with another value.
+# Keys absent from the config (a removed callback, a key of another version) are skipped.
+TRAIN_SETTINGS: dict[str, Setting] = {
+    "seed": SEED,
+    "data.split_seed": SEED,
+    "data.batch_size": Setting(int, 1),
+    "data.num_workers": Setting(int, 0),
+    "data.context_slices": Setting(int, 0),
+    "data.folds": Setting(int, 2),
+    "data.fold": Setting(int, 0, "data.folds", open_high=True),
+    "data.test_fraction": Setting(float, 0.0, 1.0, open_high=True),
+    # the training patients that choose epoch and checkpoint
+    "data.select_fraction": Setting(float, 0.0, 1.0, open_low=True, open_high=True),
+    "optimizer.lr": Setting(float, 0.0, open_low=True),
+    "optimizer.weight_decay": Setting(float, 0.0),
+    "trainer.max_epochs": Setting(int, 1, also=(-1,)),
+    "trainer.log_every_n_steps": Setting(int, 1),
+    "callbacks.early_stopping.patience": Setting(int, 0),
+    "callbacks.early_stopping.min_delta": Setting(float, 0.0),
+    "callbacks.finite_loss.check_every_n_steps": Setting(int, 1),
+    "callbacks.image_grid.every_n_epochs": Setting(int, 1),
+    "callbacks.image_grid.num_images": Setting(int, 1),
+    "callbacks.progress_bar.refresh_rate": Setting(int, 0),
+}
+# Yes/no switches: a string such as resume=no would count as true.
+TRAIN_SWITCHES = ("resume", "evaluate_best", "data.cache")
+_ABSENT = object()
+
+
+def check_settings(cfg: DictConfig, settings: dict[str, Setting],
+                   switches: tuple[str, ...] = ()) -> None:
+    """Every present key of ``settings`` has a value of the right type and range."""
+    for key, setting in settings.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        high = setting.high
+        if isinstance(high, str):
+            high = OmegaConf.select(cfg, high, default=None)
+            if not isinstance(high, (int, float)) or isinstance(high, bool):
+                continue  # the bound is wrong itself and named by its own entry
+        _require(setting.allows(value, high), key, value, f"must be {setting.describe(high)}")
+    for key in switches:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        _require(value is _ABSENT or isinstance(value, bool), key, value, "must be true or false")
+
+
 def check_loss(loss: DictConfig, prefix: str = "loss") -> None:
     """alpha and beta in [0, 1] for every Tversky-like term (also inside a combined loss)."""
     for key in ("alpha", "beta"):
@@ -157,33 +251,17 @@ def check_train_config(cfg: DictConfig) -> None:
         build_loss(cfg.loss)  # what check_loss cannot see: smooth, weights vs terms, ...
     except Exception as exc:  # noqa: BLE001 - Hydra wraps the loss's own ValueError
         raise ConfigError(f"loss: {exc.__cause__ or exc}") from None
-    lr = cfg.optimizer.get("lr")
-    _require(isinstance(lr, (int, float)) and lr > 0, "optimizer.lr", lr, "must be > 0")
+    check_settings(cfg, TRAIN_SETTINGS, TRAIN_SWITCHES)
     data = cfg.data
-    _require(isinstance(data.batch_size, int) and data.batch_size >= 1,
-             "data.batch_size", data.batch_size, "must be an integer >= 1")
     devices = cfg.trainer.get("devices")
     _require(not isinstance(devices, int) or devices < 1 or data.batch_size % devices == 0,
              "data.batch_size", data.batch_size,
              f"is the global batch: it must divide evenly over trainer.devices={devices}")
-    _require(isinstance(data.folds, int) and data.folds >= 2, "data.folds", data.folds,
-             "must be an integer >= 2 (patient-level cross-validation folds)")
-    _require(isinstance(data.fold, int) and 0 <= data.fold < data.folds, "data.fold", data.fold,
-             f"must be an integer in 0..{data.folds - 1} (data.folds={data.folds})")
-    _require(isinstance(data.test_fraction, (int, float)) and 0.0 <= data.test_fraction < 1.0,
-             "data.test_fraction", data.test_fraction, "must be a number in [0, 1)")
-    _require(isinstance(data.select_fraction, (int, float)) and 0.0 < data.select_fraction < 1.0,
-             "data.select_fraction", data.select_fraction,
-             "must be a number in (0, 1) (the training patients that choose epoch and checkpoint)")
-    _require(isinstance(data.context_slices, int) and data.context_slices >= 0,
-             "data.context_slices", data.context_slices, "must be an integer >= 0")
     depth = len(cfg.model.net.features)
     _require(isinstance(data.image_size, int) and data.image_size >= 2**depth,
              "data.image_size", data.image_size,
              f"must be an integer >= 2^depth = {2**depth} for a U-Net with {depth} levels")
     epochs = cfg.trainer.get("max_epochs")
-    _require(isinstance(epochs, int) and (epochs >= 1 or epochs == -1),
-             "trainer.max_epochs", epochs, "must be >= 1 (or -1 for no limit)")
     _require(epochs != -1 or not cfg.get("scheduler"), "trainer.max_epochs", epochs,
              "a learning-rate schedule decays over a finite number of epochs; set one")
     folder = Path(str(data.dir))
