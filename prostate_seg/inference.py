@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from prostate_seg.data.resize import fit_slice, unfit_slice
 from prostate_seg.errors import DataError
-from prostate_seg.module import SegmentationModule
+from prostate_seg.module import SegmentationModule, weights_mismatch
 from prostate_seg.prepare import PrepareSettings
 
 
@@ -35,14 +35,18 @@ def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> Segmentation
         raise DataError(f"ckpt_path={path}: checkpoint not found")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        cfg = checkpoint["hyper_parameters"]["cfg"]
+        cfg, weights = checkpoint["hyper_parameters"]["cfg"], checkpoint["state_dict"]
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise DataError(f"ckpt_path={path}: not a prostate-seg checkpoint ({exc})") from None
     cfg = OmegaConf.create(cfg)
     cfg.model.compile = False
     cfg.model.channels_last = False
     module = SegmentationModule(OmegaConf.to_container(cfg))
-    module.load_state_dict(checkpoint["state_dict"])
+    problem = weights_mismatch(module, weights)
+    if problem:
+        raise DataError(f"ckpt_path={path}: its weights do not match the network its own config "
+                        f"describes (model.net={OmegaConf.to_container(cfg.model.net)}): {problem}")
+    module.load_state_dict(weights)
     return module.to(device).eval()
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torchmetrics.classification import BinaryF1Score
 
+from prostate_seg.errors import ConfigError
 from prostate_seg.metrics import VolumeConfusion
 
 HP_METRIC = "hp/best_select_dice"
@@ -27,6 +28,24 @@ def build_loss(loss_cfg: DictConfig | dict) -> tuple[str, nn.Module]:
     name = str(loss_cfg.get("name", loss_cfg._target_.rsplit(".", 1)[-1]))
     params = OmegaConf.masked_copy(loss_cfg, [k for k in loss_cfg if k != "name"])
     return name, instantiate(params, _convert_="all")
+
+
+def weights_mismatch(model: nn.Module, state_dict: dict[str, Tensor]) -> str | None:
+    """Why ``state_dict`` cannot be loaded into ``model`` (first differing layer shape, or
+    layers missing on either side), in one line; None when it fits."""
+    own = model.state_dict()
+    for key, tensor in state_dict.items():
+        if key in own and own[key].shape != tensor.shape:
+            return (f"layer {key} is {list(tensor.shape)} in the checkpoint but "
+                    f"{list(own[key].shape)} in the model")
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing:
+        return f"{len(missing)} layers of the model are not in the checkpoint ({missing[0]}, ...)"
+    if unexpected:
+        return (f"{len(unexpected)} layers of the checkpoint are not in the model "
+                f"({unexpected[0]}, ...)")
+    return None
 
 
 class SegmentationModule(pl.LightningModule):
@@ -61,6 +80,15 @@ class SegmentationModule(pl.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and datamodule.select_set is not None:
             self.val_volumes = VolumeConfusion(len(datamodule.select_set.patients))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another network (resume, validate) is one line, not a size-mismatch
+        traceback; Lightning calls this before it loads the weights."""
+        problem = weights_mismatch(self, checkpoint["state_dict"])
+        if problem:
+            source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise ConfigError(f"ckpt_path={source}: its network does not match model.net="
+                              f"{OmegaConf.to_container(self.cfg.model.net)}: {problem}")
 
     # -- training ------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

@@ -1,0 +1,39 @@
+"""Checkpoints: one that belongs to another network is named in one line."""
+
+import json
+
+import pytest
+import torch
+from helpers import TINY, compose_train
+
+from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.inference import load_checkpoint
+from prostate_seg.training import train
+
+
+def test_resuming_from_a_checkpoint_of_another_network_is_one_line(trained_run, prepared,
+                                                                    tmp_path):
+    ckpt = trained_run / "checkpoints" / "last.ckpt"
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*TINY, f"data.dir={prepared}", "model.net.features=[4,8]",
+                         f"ckpt_path={ckpt}"], run_dir)
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    message = str(info.value)
+    assert message.startswith(f"ckpt_path={ckpt}: its network does not match model.net=")
+    assert "is [8, 1, 3, 3] in the checkpoint but [4, 1, 3, 3] in the model" in message
+    assert "\n" not in message
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and "does not match model.net" in status["error"]
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_own_config_is_one_line(trained_run, tmp_path):
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint["hyper_parameters"]["cfg"]["model"]["net"]["features"] = [8, 16, 32]
+    doctored = tmp_path / "doctored.ckpt"
+    torch.save(checkpoint, doctored)
+    with pytest.raises(DataError, match=r"doctored.ckpt: its weights do not match the network "
+                                        r"its own config describes .*: layer net.bottleneck.0."
+                                        r"weight is \[32, 16, 3, 3\] in the checkpoint but "
+                                        r"\[64, 32, 3, 3\] in the model$"):
+        load_checkpoint(doctored, torch.device("cpu"))
