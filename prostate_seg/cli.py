@@ -3,13 +3,17 @@
 Every tool (train, evaluate, predict, prepare, synthetic) runs through :func:`hydra_entry`:
   * config-group choices on the command line (``loss=foo``) are checked first, so a typo
     gives one line listing the valid names instead of Hydra's multi-line report;
-  * a :class:`~prostate_seg.errors.UserError` raised by the tool prints ``error: ...`` on one
-    line and exits with status 2; its full traceback goes to the run's log file only.
+  * a :class:`~prostate_seg.errors.UserError` raised by the tool, and an ``OSError`` (disk
+    full, read-only, not a directory, name too long, no permission), print ``error: ...`` on
+    one line naming the file and exit with status 2; the full traceback goes to the run's log
+    file only.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -102,14 +106,59 @@ def exit_on_user_error() -> Iterator[None]:
         sys.exit(EXIT_USER_ERROR)
 
 
+def os_error_line(exc: OSError) -> str:
+    """``PATH: reason (ENOSPC)``: the file and what the system said, on one line."""
+    if exc.filename is None:  # e.g. re-raised from a loader worker: the last line is the error
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        return lines[-1] if lines else type(exc).__name__
+    where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+    code = errno.errorcode.get(exc.errno or 0)
+    return f"{where}: {exc.strerror or exc}" + (f" ({code})" if code else "")
+
+
+def error_line(exc: BaseException) -> str | None:
+    """The one line shown for an error that is the user's or the machine's to fix (a
+    UserError, or an OSError such as a full, read-only or missing disk, also as the stated
+    cause of another error); None for anything else, which is a bug and keeps its traceback."""
+    while exc is not None:
+        if isinstance(exc, UserError):
+            return str(exc)
+        if isinstance(exc, OSError):
+            return os_error_line(exc)
+        exc = exc.__cause__
+    return None
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Errors that escape Hydra (a run folder or log file it cannot create, a failed job of an
+    in-process sweep) are also one line with exit code 2. Hydra passes exceptions on instead of
+    printing them only with HYDRA_FULL_ERROR set; bugs then show their full traceback."""
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - bugs are re-raised below
+        line = error_line(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
+
+
 def _run(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     try:
         return task(cfg)
-    except UserError as exc:
+    except (UserError, OSError) as exc:
         _log_traceback_to_files()
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the launcher records the failed job and the sweep goes on
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
 
@@ -124,4 +173,5 @@ def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
     def _main(cfg: DictConfig) -> Any:
         return _run(task, cfg)
 
-    _main()
+    with one_line_errors():
+        _main()

@@ -25,7 +25,12 @@ from omegaconf import DictConfig
 from prostate_seg.data.dataset import read_manifest, read_png
 from prostate_seg.data.split import SPLIT_FILE, PatientSplit
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.files import refuse_existing, write_csv
+from prostate_seg.files import (
+    check_name_fits,
+    check_writable_folder,
+    refuse_existing,
+    write_csv,
+)
 from prostate_seg.inference import SlicePredictor, binarize, load_checkpoint, pick_device
 from prostate_seg.metrics import volume_scores
 from prostate_seg.module import SegmentationModule
@@ -168,6 +173,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     output = Path(cfg.output) if cfg.output else Path(f"{cfg.ckpt_path}.eval.csv")
     refuse_existing(output, cfg.overwrite)  # before the work, not after it
+    check_name_fits(output)
+    check_writable_folder(output.parent)
     rows = evaluate_checkpoint(cfg.ckpt_path, cfg.data.get("dir"), cfg.subset,
                                cfg.largest_component, cfg.tta, cfg.device, cfg.batch_size)
     table = rows + [summarize(rows)]

@@ -48,7 +48,7 @@ from prostate_seg.data.volume import (
     window_to_uint8,
 )
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.files import refuse_existing
+from prostate_seg.files import check_name_fits, check_writable_folder, refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +305,8 @@ def checked_output_dir(input_dir: Path, output_dir: Path, overwrite: bool) -> Pa
         raise ConfigError(f"output_dir={output_dir} contains input_dir={input_dir} (real location "
                           f"{real_in}); replacing it would delete the source data: choose "
                           "another folder")
+    check_name_fits(real_out)
+    check_writable_folder(real_out.parent)  # the dataset is built beside it, then renamed
     if not output_dir.exists():
         return real_out  # (a symlink to a folder still to be made is followed)
     refuse_existing(output_dir, overwrite, f"output_dir={output_dir}")

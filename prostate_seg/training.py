@@ -15,6 +15,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -23,7 +24,7 @@ from prostate_seg.config import check_ddp_launch, check_train_config, uses_gpu
 from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError
 from prostate_seg.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_means
-from prostate_seg.files import write_csv, write_json
+from prostate_seg.files import make_folder, replacing, write_csv, write_json
 from prostate_seg.inference import load_checkpoint
 from prostate_seg.module import HP_METRIC, SegmentationModule
 from prostate_seg.runs import (
@@ -154,11 +155,29 @@ def save_preview(module: SegmentationModule, datamodule: SliceDataModule, path: 
         names=np.array([dataset.records[i].image.name for i in indices]))
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written whole or not at all: serialised into a temporary file beside the
+    target, flushed, then renamed over it. (Lightning's own save writes a temporary in the
+    system's temp folder and moves it, which is a copy when that folder is on another disk:
+    a full disk then leaves a truncated last.ckpt that blocks every resume.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        make_folder(path.parent)
+        with replacing(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
 def _trainer(cfg: DictConfig) -> pl.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    # Under SLURM the launcher (submitit) requeues; Lightning must not do it a second time.
-    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    if SLURMEnvironment.detect():
+        # Under SLURM the launcher (submitit) requeues; Lightning must not do it a second time.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
 
 
@@ -230,13 +249,25 @@ def _train_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         results = _fit(cfg, run_dir, ckpt_path, datamodule, identity)
     except BaseException as exc:
         if rank_zero_only.rank == 0:
-            status.failed(exc)
+            _record_failure(status, exc)
         if isinstance(exc, SIGTERMException):  # Lightning's is a SystemExit with status 0
             raise SystemExit(128 + signal.SIGTERM) from exc
         raise
     if rank_zero_only.rank == 0:
         status.completed()
     return results
+
+
+def _record_failure(status: RunStatus, exc: BaseException) -> None:
+    """Mark the run failed (or interrupted) with its error. When status.json cannot be written
+    either (the same full disk), that error ends the process, naming the file, so that no
+    "running" status is left looking alive without anyone saying so."""
+    try:
+        status.failed(exc)
+    except OSError as write_error:
+        log.error("run failed (%s: %s) and its status could not be recorded",
+                  type(exc).__name__, exc)
+        raise write_error from exc
 
 
 def objective(cfg: DictConfig) -> float:
