@@ -1,7 +1,15 @@
 """Segment new scans: NIfTI in, uint8 gland mask NIfTI out, on the scan's own grid.
 
 ``python predict.py ckpt_path=CKPT input=SCAN.nii.gz output=MASK.nii.gz`` (or folders)
-[save_probabilities=true tta=true largest_component=true overwrite=true]
+[save_probabilities=true tta=true largest_component=true overwrite=true skip_existing=true
+on_error=skip]
+
+Outputs are checked before the checkpoint is loaded: a mask file name ends in .nii/.nii.gz,
+its folder can be written, no output replaces an input scan or another output, and existing
+outputs are kept unless ``overwrite=true`` (``skip_existing=true`` keeps them and predicts only
+the missing ones, so a rerun finishes an interrupted folder). With ``on_error=skip`` a scan
+that cannot be read is skipped, the others are segmented, and the skipped ones are listed at
+the end with the reason; the command then still exits with status 2, since masks are missing.
 
 The scan is preprocessed exactly like the training data (reoriented to display slices, its
 own 0.5-99.5 percentile window, fitted to the dataset size, the run's validation transform);
@@ -28,8 +36,13 @@ from prostate_seg.data.volume import (
     voxel_array,
     window_to_uint8,
 )
-from prostate_seg.errors import DataError
-from prostate_seg.files import refuse_existing, replacing
+from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.files import (
+    check_name_fits,
+    check_writable_folder,
+    refuse_existing,
+    replacing,
+)
 from prostate_seg.inference import SlicePredictor, binarize, load_checkpoint, pick_device
 
 log = logging.getLogger(__name__)
@@ -52,10 +65,7 @@ def probability_path(output: Path) -> Path:
 
 
 def predict_scan(predictor: SlicePredictor, scan: Path, output: Path, keep_largest: bool,
-                 save_probabilities: bool, overwrite: bool) -> Path:
-    targets = [output] + ([probability_path(output)] if save_probabilities else [])
-    for target in targets:
-        refuse_existing(target, overwrite)
+                 save_probabilities: bool) -> Path:
     img = load_nifti(scan)
     data = voxel_array(img, scan, predictor.image_channel)
     geometry = geometry_of(img, data.shape)
@@ -64,36 +74,116 @@ def predict_scan(predictor: SlicePredictor, scan: Path, output: Path, keep_large
     prob = from_slices(stack, geometry)
     mask = from_slices(binarize(stack, keep_largest), geometry)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if save_probabilities:  # first: a mask that exists means its run got to the end
+        _save(prob, img, np.float32, probability_path(output))
     _save(mask, img, np.uint8, output)
-    if save_probabilities:
-        _save(prob, img, np.float32, targets[1])
     log.info("%s -> %s (%d gland voxels)", scan, output, int(mask.sum()))
     return output
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _pairs(source: Path, target: Path) -> list[tuple[Path, Path]]:
+    """(scan, mask output) pairs for one scan or a folder of scans; the outputs' names and
+    places are checked, nothing is read yet."""
+    if source.is_dir():
+        if target.exists() and not target.is_dir():
+            raise DataError(f"output={target}: exists and is not a folder (input={source} is a "
+                            "folder, so output names one too)")
+        real_in, real_out = source.resolve(), target.resolve()
+        if _within(real_out, real_in):
+            raise ConfigError(f"output={target} {'is' if real_out == real_in else 'lies inside'} "
+                              f"input={source}: masks would mix with the scans; choose a folder "
+                              "outside it")
+        scans = sorted(p for p in source.iterdir() if is_nifti(p) and not p.name.startswith("."))
+        if not scans:
+            raise DataError(f"input={source}: no .nii or .nii.gz files in this folder")
+        return [(s, target / f"{strip_nifti_suffix(s.name)}.nii.gz") for s in scans]
+    if not source.exists():
+        raise DataError(f"input={source}: file or folder not found")
+    if not is_nifti(source):
+        raise DataError(f"input={source}: expected a .nii or .nii.gz file (or a folder)")
+    if target.is_dir():
+        raise DataError(f"output={target}: is a folder; for one scan give the mask's file name "
+                        "(.nii.gz)")
+    if not is_nifti(target):
+        raise ConfigError(f"output={target}: a mask file name ends in .nii or .nii.gz")
+    return [(source, target)]
+
+
+def _check_outputs(pairs: list[tuple[Path, Path]], save_probabilities: bool) -> None:
+    """No output replaces an input scan or another output (``x.nii`` and ``x.nii.gz`` both give
+    ``x.nii.gz``; ``a``'s probabilities and ``a_prob``'s mask share a name), and every output
+    folder can be written: all before the checkpoint is loaded."""
+    scans = {scan.resolve(): scan for scan, _ in pairs}
+    written: dict[Path, Path] = {}
+    for scan, output in pairs:
+        for target in [output] + ([probability_path(output)] if save_probabilities else []):
+            real = target.resolve()
+            if real in scans:
+                raise ConfigError(f"output {target} would replace the input scan {scans[real]}")
+            if real in written:
+                raise DataError(f"{written[real]} and {scan} would both be written to {target}; "
+                                "rename or move one of them")
+            written[real] = scan
+            check_name_fits(target)
+    for folder in sorted({output.parent for _, output in pairs}):
+        check_writable_folder(folder)
 
 
 def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
                   keep_largest: bool = False, save_probabilities: bool = False,
                   tta: bool = False, overwrite: bool = False, device: str = "auto",
-                  batch_size: int = 32) -> list[Path]:
-    """Predict one scan (input and output files) or every NIfTI of a folder (both folders)."""
-    source, target = Path(input), Path(output)
-    if source.is_dir():
-        scans = sorted(p for p in source.iterdir() if is_nifti(p))
-        if not scans:
-            raise DataError(f"input={source}: no .nii or .nii.gz files in this folder")
-        pairs = [(s, target / f"{strip_nifti_suffix(s.name)}.nii.gz") for s in scans]
-    elif source.exists():
-        if not is_nifti(source):
-            raise DataError(f"input={source}: expected a .nii or .nii.gz file (or a folder)")
-        pairs = [(source, target)]
-    else:
-        raise DataError(f"input={source}: file or folder not found")
+                  batch_size: int = 32, on_error: str = "raise",
+                  skip_existing: bool = False) -> list[Path]:
+    """Predict one scan (input and output files) or every NIfTI of a folder (both folders).
+
+    ``skip_existing``: scans whose outputs exist are done already (outputs are written whole or
+    not at all), so a rerun finishes the rest. ``on_error=skip``: a scan that cannot be read is
+    skipped and the others are segmented; the skipped ones are listed at the end and the call
+    then raises, so a script sees that masks are missing.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ConfigError(f"on_error={on_error}: choose raise or skip")
+    if overwrite and skip_existing:
+        raise ConfigError("overwrite=true and skip_existing=true: choose one (replace existing "
+                          "outputs, or keep them and predict only the missing ones)")
+    pairs = _pairs(Path(input), Path(output))
+    _check_outputs(pairs, save_probabilities)
+    done = [(s, t) for s, t in pairs if skip_existing and t.exists()
+            and (not save_probabilities or probability_path(t).exists())]
+    todo = [pair for pair in pairs if pair not in done]
+    for _, target in todo:
+        for path in [target] + ([probability_path(target)] if save_probabilities else []):
+            refuse_existing(path, overwrite or skip_existing)
+    if done:
+        log.info("%d of %d scans have their outputs already (skip_existing=true)", len(done),
+                 len(pairs))
+    if not todo:
+        return [t for _, t in pairs]
     predictor = SlicePredictor(load_checkpoint(ckpt_path, pick_device(device)), batch_size, tta)
-    return [predict_scan(predictor, s, t, keep_largest, save_probabilities, overwrite)
-            for s, t in pairs]
+    written, skipped = [], []
+    for scan, target in todo:
+        try:
+            written.append(predict_scan(predictor, scan, target, keep_largest,
+                                        save_probabilities))
+        except DataError as exc:
+            if on_error == "raise":
+                raise
+            log.warning("skipped %s: %s", scan, exc)
+            skipped.append((scan, str(exc)))
+    if skipped:
+        for scan, reason in skipped:
+            log.warning("not segmented: %s (%s)", scan, reason)
+        raise DataError(f"{len(skipped)} of {len(pairs)} scans could not be segmented (listed "
+                        f"above; first: {skipped[0][1]}); the other masks are written, and a "
+                        "rerun with skip_existing=true does only the missing ones")
+    return [t for s, t in pairs if (s, t) in done] + written
 
 
 def run(cfg: DictConfig) -> list[Path]:
     return predict_paths(cfg.ckpt_path, cfg.input, cfg.output, cfg.largest_component,
                          cfg.save_probabilities, cfg.tta, cfg.overwrite, cfg.device,
-                         cfg.batch_size)
+                         cfg.batch_size, cfg.on_error, cfg.skip_existing)

@@ -1,0 +1,127 @@
+"""predict: outputs checked before any inference; a folder run that skips bad scans and a rerun
+that finishes the rest."""
+
+import errno
+import os
+import tempfile
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import prostate_seg.predict as predict
+from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.predict import predict_paths
+
+
+@pytest.fixture
+def ckpt(trained_run):
+    return trained_run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture
+def no_inference(monkeypatch):
+    """The checks must come before the checkpoint is even loaded."""
+    def load_checkpoint(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the outputs were checked")
+    monkeypatch.setattr(predict, "load_checkpoint", load_checkpoint)
+
+
+@pytest.fixture
+def scans(phantoms, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("phantom000", "phantom001", "phantom002"):
+        (folder / f"{name}.nii.gz").symlink_to(phantoms / "images" / f"{name}.nii.gz")
+    return folder
+
+
+@pytest.mark.parametrize("output, error, message", [
+    ("mask.png", ConfigError, "a mask file name ends in .nii or .nii.gz"),
+    ("scans/phantom000.nii.gz", ConfigError, "would replace the input scan"),
+    ("link.nii.gz", ConfigError, "would replace the input scan"),  # a symlink to the scan
+    ("existing.nii.gz", DataError, "already exists; pass overwrite=true"),
+    ("a_file/mask.nii.gz", NotADirectoryError, "a_file"),
+    ("m" * 300 + ".nii.gz", OSError, "File name too long"),
+    ("masks", DataError, "is a folder; for one scan give the mask's file name"),
+])
+def test_single_scan_output_is_checked_first(output, error, message, scans, no_inference,
+                                             tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "link.nii.gz").symlink_to(scans / "phantom000.nii.gz")
+    (tmp_path / "existing.nii.gz").write_bytes(b"precious")
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "masks").mkdir()
+    overwrite = output != "existing.nii.gz"  # (overwrite does not allow replacing the input)
+    with pytest.raises(error, match=message):
+        predict_paths("any.ckpt", scans / "phantom000.nii.gz", output, overwrite=overwrite)
+    assert (tmp_path / "existing.nii.gz").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("output, message", [
+    ("scans", "output=scans is input=scans"),
+    ("scans/masks", "output=scans/masks lies inside input=scans"),
+    ("scans/../scans/", "is input="),
+    ("a_file", "exists and is not a folder"),
+])
+def test_folder_output_is_checked_first(output, message, scans, no_inference, tmp_path,
+                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises((ConfigError, DataError), match=message):
+        predict_paths("any.ckpt", "scans", output, overwrite=True)
+
+
+def test_two_scans_with_one_output_name_are_refused(scans, no_inference, tmp_path):
+    nib.save(nib.load(scans / "phantom001.nii.gz"), str(scans / "phantom001.nii"))
+    with pytest.raises(DataError, match=r"phantom001.nii and .*phantom001.nii.gz would both be "
+                                        r"written to .*masks/phantom001.nii.gz"):
+        predict_paths("any.ckpt", scans, tmp_path / "masks")
+    (scans / "phantom001.nii").rename(scans / "phantom000_prob.nii.gz")  # a's probabilities
+    with pytest.raises(DataError, match="would both be written to .*phantom000_prob.nii.gz"):
+        predict_paths("any.ckpt", scans, tmp_path / "masks", save_probabilities=True)
+
+
+def test_read_only_output_folder_is_found_before_inference(scans, no_inference, tmp_path,
+                                                           monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "masks" / "probe"))
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    with pytest.raises(OSError) as info:
+        predict_paths("any.ckpt", scans, tmp_path / "masks")
+    assert info.value.errno == errno.EROFS and info.value.filename == str(tmp_path / "masks")
+
+
+def test_skip_bad_scans_list_them_and_rerun_finishes_the_rest(ckpt, scans, tmp_path, caplog):
+    broken = scans / "phantom001.nii.gz"
+    broken.unlink()
+    broken.write_bytes(b"not a scan")
+    out = tmp_path / "masks"
+    with pytest.raises(DataError, match="phantom001.nii.gz: not a readable NIfTI"):
+        predict_paths(ckpt, scans, out)  # on_error=raise: stops at the bad scan ...
+    assert sorted(p.name for p in out.iterdir()) == ["phantom000.nii.gz"]  # ... the first is kept
+    with pytest.raises(DataError, match=r"1 of 3 scans could not be segmented"):
+        predict_paths(ckpt, scans, out, on_error="skip", skip_existing=True)
+    assert sorted(p.name for p in out.iterdir()) == ["phantom000.nii.gz", "phantom002.nii.gz"]
+    assert f"not segmented: {broken} ({broken}: not a readable NIfTI" in caplog.text
+
+
+def test_rerun_with_skip_existing_predicts_only_the_missing_ones(ckpt, scans, phantoms, tmp_path,
+                                                                 caplog, monkeypatch):
+    out = tmp_path / "masks"
+    first = predict_paths(ckpt, scans, out, save_probabilities=True)
+    (out / "phantom001.nii.gz").unlink()  # as if killed before this one was written
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    calls = []
+    real = predict.predict_scan
+    monkeypatch.setattr(predict, "predict_scan",
+                        lambda p, scan, *args: calls.append(scan.name) or real(p, scan, *args))
+    again = predict_paths(ckpt, scans, out, save_probabilities=True, skip_existing=True)
+    assert calls == ["phantom001.nii.gz"] and sorted(again) == sorted(first)
+    for name, stamp in stamps.items():
+        if not name.startswith("phantom001"):
+            assert (out / name).stat().st_mtime_ns == stamp  # kept, not rewritten
+    mask = np.asarray(nib.load(out / "phantom001.nii.gz").dataobj)
+    assert mask.shape == nib.load(phantoms / "images" / "phantom001.nii.gz").shape
+    with pytest.raises(ConfigError, match="choose one"):
+        predict_paths(ckpt, scans, out, overwrite=True, skip_existing=True)
