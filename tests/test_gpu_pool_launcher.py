@@ -1,8 +1,11 @@
 """The gpu_pool launcher, driven end to end through a tiny Hydra app on CPU slots."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,13 +19,28 @@ from hydra_plugins.gpu_pool_launcher.gpu_pool_launcher import (
 REPO = Path(__file__).resolve().parents[1]
 
 APP = '''
-import json, os, time
+import json, os, signal, sys, time
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
 @hydra.main(version_base="1.3", config_path=".", config_name="config")
 def main(cfg):
     start = time.time()
+    out = HydraConfig.get().runtime.output_dir
+    with open(os.path.join(out, "started.json"), "w") as f:
+        json.dump({"pid": os.getpid(), "start": start}, f)
+    if cfg.on_term_s:  # like train.py: SIGTERM saves a checkpoint (takes a while), then exits
+        def save_and_exit(signum, frame):
+            time.sleep(cfg.on_term_s)
+            with open(os.path.join(out, "saved.json"), "w") as f:
+                json.dump({"signal": signum}, f)
+            sys.exit(128 + signum)
+        signal.signal(signal.SIGTERM, save_and_exit)
+    if cfg.die:  # a progress bar, then killed (out of memory, say)
+        for percent in range(0, 60, 10):
+            sys.stderr.write(f"\\rEpoch 0: {percent}%|###   | 3/8 [00:01<00:02]")
+            sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(cfg.durations.get(cfg.name, cfg.duration))
     record = {"slot": os.environ["PROSTATE_SEG_SLOT"], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
               "start": start, "end": time.time(), "pid": os.getpid()}
@@ -46,15 +64,21 @@ duration: 0.1
 durations: {{a: 5.0, b: 0.2, c: 0.2, d: 0.2}}
 fail: false
 name: x
+on_term_s: 0
+die: false
 '''
 
 
-def sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+def sweep_command(tmp_path: Path, *overrides: str) -> list[str]:
     (tmp_path / "app.py").write_text(APP)
     (tmp_path / "config.yaml").write_text(CONFIG)
-    command = [sys.executable, "app.py", "-m", "hydra.launcher.accelerator=cpu",
-               "hydra.launcher.devices=[0,1]", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]
-    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    return [sys.executable, "app.py", "-m", "hydra.launcher.accelerator=cpu",
+            "hydra.launcher.devices=[0,1]", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]
+
+
+def sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(sweep_command(tmp_path, *overrides), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
 
 
 def job_files(tmp_path: Path, num: int) -> tuple[dict, dict | None]:
@@ -137,3 +161,81 @@ def test_child_command_line_keeps_config_choice_and_hydra_settings() -> None:
     assert forwarded_hydra_overrides(parent) == ["hydra.job.chdir=true",
                                                  "+hydra.searchpath=[file://y]"]
 
+
+
+# --- interrupts and kills --------------------------------------------------------------------
+def _wait_for(predicate, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _start_two_long_jobs(tmp_path: Path) -> tuple[subprocess.Popen, list[int]]:
+    """A 3-job sweep on 2 slots whose jobs take 1.5 s to save after SIGTERM; returns once the
+    first two run (the third waits for a slot)."""
+    log = open(tmp_path / "sweep.log", "w")
+    proc = subprocess.Popen(sweep_command(tmp_path, "name=long1,long2,long3", "duration=60",
+                                          "on_term_s=1.5"),
+                            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    started = [tmp_path / "sweep" / str(n) / "started.json" for n in (0, 1)]
+    _wait_for(lambda: all(p.exists() for p in started))
+    time.sleep(0.5)  # the jobs install their SIGTERM handler after writing started.json
+    return proc, [json.loads(p.read_text())["pid"] for p in started]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_sweep_gives_every_running_job_its_grace_period(signum, tmp_path):
+    proc, pids = _start_two_long_jobs(tmp_path)
+    proc.send_signal(signum)  # Ctrl-C (the jobs run in their own sessions) or a kill
+    assert proc.wait(timeout=60) != 0
+    for num in (0, 1):
+        job = tmp_path / "sweep" / str(num)
+        assert (job / "saved.json").exists(), f"job {num} was killed before it saved"
+        record = json.loads((job / "launcher.json").read_text())
+        assert record["status"] == "interrupted"
+        assert record["error"] == "stopped by the launcher: exit code 143 (128 + SIGTERM)"
+    assert not (tmp_path / "sweep" / "2" / "started.json").exists()  # the queued job never ran
+    assert not any(_alive(pid) for pid in pids)
+
+
+def test_jobs_die_with_a_killed_launcher(tmp_path):
+    proc, pids = _start_two_long_jobs(tmp_path)
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to stop its children itself
+    proc.wait()
+    try:
+        _wait_for(lambda: not any(_alive(pid) for pid in pids), timeout=30)
+    finally:
+        for pid in filter(_alive, pids):  # orphans of a failed test: not left running
+            os.kill(pid, signal.SIGKILL)
+    for num in (0, 1):  # they got SIGTERM from the kernel: time to save, as on Ctrl-C
+        assert (tmp_path / "sweep" / str(num) / "saved.json").exists()
+
+
+def test_a_killed_job_is_recorded_as_killed_by_its_signal(tmp_path):
+    done = sweep(tmp_path, "die=false,true")
+    assert done.returncode != 0
+    record = json.loads((tmp_path / "sweep" / "1" / "launcher.json").read_text())
+    assert record["status"] == "failed" and record["returncode"] == -signal.SIGKILL
+    assert record["error"] == "killed by signal 9 (SIGKILL)"
+    assert record["log_tail"][-1] == "Epoch 0: 50%|###   | 3/8 [00:01<00:02]"  # last frame only
+    assert "job #1 failed (killed by signal 9 (SIGKILL))" in done.stdout + done.stderr
+
+
+def test_a_rerun_appends_to_the_job_log(tmp_path):
+    for _ in range(2):
+        assert sweep(tmp_path, "fail=true").returncode != 0
+    log = (tmp_path / "sweep" / "0" / "launcher.log").read_text()
+    headers = [line for line in log.splitlines() if line.startswith("===== gpu_pool")]
+    assert [h.split(", ")[1] for h in headers] == ["attempt 1", "attempt 2"]
+    assert log.count("RuntimeError: job x was told to fail") == 2  # both attempts' output kept
+    assert json.loads((tmp_path / "sweep" / "0" / "launcher.json").read_text())["attempt"] == 2

@@ -29,6 +29,9 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from prostate_seg.config import available_cpus
+from prostate_seg.files import write_json
+
 log = logging.getLogger(__name__)
 
 ACCELERATORS = ("gpu", "cpu")
@@ -51,6 +54,8 @@ class GpuPoolLauncherConf:
     devices: Optional[List[int]] = None
     jobs_per_gpu: int = 1  # concurrent jobs per device
     accelerator: str = "gpu"  # gpu | cpu (cpu: children see no GPU)
+    # On Ctrl-C/SIGTERM: seconds each running job gets to save last.ckpt before SIGKILL.
+    grace_s: float = TERMINATE_GRACE_S
 
 
 ConfigStore.instance().store(
@@ -79,6 +84,15 @@ def _raise_terminated(signum: int, frame: Optional[FrameType]) -> None:
     raise _Terminated(128 + signum)
 
 
+def read_record(path: Path) -> Dict[str, Any]:
+    """A job's launcher.json, or {} when there is none (or it is unreadable)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def visible_gpus() -> List[str]:
     """The GPU ids this process may hand out, found without initialising CUDA here."""
     mask = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -96,13 +110,6 @@ def visible_gpus() -> List[str]:
     except ImportError:
         return []
     return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, e.g. a SLURM allocation)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def config_flags(argv: Sequence[str]) -> List[str]:
@@ -136,24 +143,58 @@ def entry_command() -> List[str]:
 
 
 def log_tail(path: Path, lines: int = ERROR_TAIL_LINES) -> List[str]:
-    """The last ``lines`` lines of a (possibly huge) log file."""
+    """The last ``lines`` lines of a (possibly huge) log file, as a terminal shows them: of the
+    frames a progress bar redraws with carriage returns, only the last of each line."""
     with open(path, "rb") as f:
         f.seek(max(0, f.seek(0, os.SEEK_END) - 256 * 1024))
-        return f.read().decode("utf-8", errors="replace").splitlines()[-lines:]
+        text = f.read().decode("utf-8", errors="replace")
+    shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
+    return [line for line in shown if line.strip()][-lines:]
 
 
-def _write_json(path: Path, data: Dict[str, Any]) -> None:
-    """Write atomically: a reader never sees a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+def exit_reason(returncode: int) -> str:
+    """``killed by signal 9 (SIGKILL)``, ``exit code 143 (128 + SIGTERM)``, ``exit code 1``."""
+    if returncode < 0:
+        return f"killed by signal {-returncode} ({_signal_name(-returncode)})"
+    if returncode > 128 and _signal_name(returncode - 128):
+        return f"exit code {returncode} (128 + {_signal_name(returncode - 128)})"
+    return f"exit code {returncode}"
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return ""
+
+
+# Jobs die with the launcher, even when it is SIGKILLed: the child asks the kernel for SIGTERM
+# when its parent dies (Linux prctl PR_SET_PDEATHSIG), so it saves last.ckpt and exits, then
+# execs the job. This small exec wrapper rather than Popen's preexec_fn, which Python documents
+# as unsafe while other threads run (the slots are threads). The signal follows the thread
+# that started the child; each slot thread waits for its child, so it outlives it. A launcher
+# that died before the prctl is seen by the parent pid check.
+_DIE_WITH_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(128 + signal.SIGTERM)\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def dies_with_launcher(command: List[str]) -> List[str]:
+    """``command`` run so that it gets SIGTERM when this process dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", _DIE_WITH_LAUNCHER, str(os.getpid()), *command]
 
 
 class GpuPoolLauncher(Launcher):
     """Runs each sweep job in its own process on a free device slot."""
 
     def __init__(self, devices: Optional[Sequence[int]] = None, jobs_per_gpu: int = 1,
-                 accelerator: str = "gpu") -> None:
+                 accelerator: str = "gpu", grace_s: float = TERMINATE_GRACE_S) -> None:
         if accelerator not in ACCELERATORS:
             raise ValueError(f"hydra.launcher.accelerator={accelerator!r}: "
                              f"expected one of {', '.join(ACCELERATORS)}")
@@ -162,7 +203,10 @@ class GpuPoolLauncher(Launcher):
         if devices is not None and len(devices) == 0:
             raise ValueError("hydra.launcher.devices=[]: name at least one device, "
                              "or null for every visible GPU")
+        if not grace_s >= 0:
+            raise ValueError(f"hydra.launcher.grace_s={grace_s}: must be >= 0 seconds")
         self.devices = None if devices is None else [int(d) for d in devices]
+        self.grace_s = float(grace_s)
         self.jobs_per_gpu = jobs_per_gpu
         self.accelerator = accelerator
         self.slots = self.slot_devices()  # here, so a bad setting stops the sweep early
@@ -171,6 +215,8 @@ class GpuPoolLauncher(Launcher):
         self._lock = threading.Lock()
         self._running: Dict[int, subprocess.Popen] = {}
         self._stopping = False
+        self._active_slots = 0
+        self._all_done = threading.Event()
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -202,7 +248,7 @@ class GpuPoolLauncher(Launcher):
         slots = self.slots[:len(job_overrides)]
         jobs = [self._prepare(initial_job_idx + i, list(overrides))
                 for i, overrides in enumerate(job_overrides)]
-        cpus = max(1, usable_cpus() // max(1, len(slots)))
+        cpus = max(1, available_cpus() // max(1, len(slots)))
         log.info(f"Launching {len(jobs)} jobs on {len(slots)} {self.accelerator} slots "
                  f"(devices {', '.join(sorted(set(slots)))}; {cpus} CPUs each)")
         for job in jobs:
@@ -261,85 +307,130 @@ class GpuPoolLauncher(Launcher):
 
     def _work(self, slot: int, device: str, pending: queue.Queue[_Job], cpus: int) -> None:
         """One slot: run queued jobs one after another until the queue is empty."""
-        while True:
-            try:
-                job = pending.get_nowait()
-            except queue.Empty:
-                return
-            if not self._run(job, slot, device, cpus):
-                return
+        try:
+            while not self._stopping:
+                try:
+                    job = pending.get_nowait()
+                except queue.Empty:
+                    return
+                self._run(job, slot, device, cpus)
+        finally:
+            with self._lock:
+                self._active_slots -= 1
+                if self._active_slots == 0:
+                    self._all_done.set()
 
-    def _run(self, job: _Job, slot: int, device: str, cpus: int) -> bool:
-        """Run one job to its end; False when the launcher is stopping and it was not started."""
+    def _start_log(self, job: _Job, record: Dict[str, Any]) -> None:
+        """Append to the job's launcher.log (a rerun keeps the earlier attempts' output) after a
+        line naming the attempt and its start time."""
+        previous = read_record(job.dir / "launcher.json")
+        record["attempt"] = int(previous.get("attempt", 0)) + 1
+        log_path = job.dir / "launcher.log"
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["start"]))
+        with open(log_path, "ab") as log_file:
+            log_file.write(f"===== gpu_pool: job #{job.idx}, attempt {record['attempt']}, "
+                           f"started {started} on {self.accelerator} {record['device']} "
+                           "=====\n".encode())
+
+    def _run(self, job: _Job, slot: int, device: str, cpus: int) -> None:
+        """Run one job to its end and record how it ended in launcher.json."""
         record: Dict[str, Any] = {"job": job.idx, "overrides": job.overrides, "slot": slot,
                                   "device": device, "accelerator": self.accelerator,
                                   "command": job.command, "start": time.time(), "end": None,
                                   "returncode": None, "status": "running"}
-        log_path = job.dir / "launcher.log"
         proc: Optional[subprocess.Popen[bytes]] = None
+        log_path = job.dir / "launcher.log"
         with self._lock:
             if self._stopping:
-                return False
+                return
             try:
-                with open(log_path, "wb") as log_file:  # the child keeps its own handle
-                    proc = subprocess.Popen(job.command, env=self._env(device, cpus),
+                self._start_log(job, record)
+                with open(log_path, "ab") as log_file:  # the child keeps its own handle
+                    proc = subprocess.Popen(dies_with_launcher(job.command),
+                                            env=self._env(device, cpus),
                                             stdin=subprocess.DEVNULL, stdout=log_file,
                                             stderr=subprocess.STDOUT, start_new_session=True)
             except OSError as exc:
                 record.update(end=time.time(), status="failed", error=f"cannot start: {exc}")
             else:
                 self._running[proc.pid] = proc
+                record["pid"] = proc.pid
         if proc is not None:
-            _write_json(job.dir / "launcher.json", record)
+            self._record(job, record)
             returncode = proc.wait()
             with self._lock:
                 del self._running[proc.pid]
-            record.update(end=time.time(), returncode=returncode,
-                          status="completed" if returncode == 0 else "failed")
-            if returncode != 0:
-                record["error"] = "\n".join(log_tail(log_path))
-        _write_json(job.dir / "launcher.json", record)
-        job.record = record
+                stopped = self._stopping
+            record.update(end=time.time(), returncode=returncode)
+            if returncode == 0:
+                record["status"] = "completed"
+            else:
+                reason = exit_reason(returncode)
+                tail = log_tail(log_path)
+                record["status"] = "interrupted" if stopped else "failed"
+                # A signal explains itself; otherwise the log's last lines hold the error.
+                record["error"] = (f"stopped by the launcher: {reason}" if stopped
+                                   else reason if returncode < 0
+                                   else "\n".join(tail + [reason]))
+                record["log_tail"] = tail
+        self._record(job, record)
         took = f"{record['end'] - record['start']:.1f} s"
         if record["status"] == "completed":
             log.info(f"#{job.idx} completed in {took} on {self.accelerator} {device}: {job.dir}")
         else:
-            log.error(f"#{job.idx} FAILED (exit code {record['returncode']}) after {took} on "
-                      f"{self.accelerator} {device}; see {log_path}")
-        return True
+            log.error(f"#{job.idx} {record['status'].upper()} ({record['error'].splitlines()[-1]}) "
+                      f"after {took} on {self.accelerator} {device}; see {log_path}")
+
+    @staticmethod
+    def _record(job: _Job, record: Dict[str, Any]) -> None:
+        """Keep the record (the sweep's result) and write it to launcher.json; a disk that
+        cannot take it is logged, and the sweep goes on."""
+        job.record = record
+        try:
+            write_json(job.dir / "launcher.json", record)
+        except OSError as exc:
+            log.error(f"#{job.idx}: cannot write {job.dir / 'launcher.json'}: {exc}")
 
     def _wait(self, workers: List[threading.Thread]) -> None:
-        """Run the slots to the end; on Ctrl-C or SIGTERM stop every child, then re-raise."""
+        """Run the slots to the end; on Ctrl-C or SIGTERM stop every child, then re-raise.
+
+        The wait is on an event the slots set, never on ``Thread.join``: after a
+        KeyboardInterrupt, Python 3.11's ``join(timeout)`` returns at once (the interrupted
+        join marks the thread finished), which cut every job's grace period to nothing.
+        """
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+        self._active_slots = len(workers)
+        self._all_done.clear()
+        if not workers:
+            return
         try:
             for worker in workers:
                 worker.start()
-            for worker in workers:
-                worker.join()
+            self._all_done.wait()
         except BaseException:
-            self._terminate(workers)
+            self._terminate()
             raise
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
-    def _terminate(self, workers: List[threading.Thread]) -> None:
-        """SIGTERM every running job's process group, wait for them, SIGKILL what is left."""
+    def _terminate(self) -> None:
+        """SIGTERM every running job's process group, give them ``grace_s`` to save their
+        checkpoint and exit, SIGKILL what is left (at once on a second Ctrl-C)."""
         with self._lock:
             self._stopping = True
             procs = list(self._running.values())
         log.warning(f"Interrupted: stopping {len(procs)} running jobs "
-                    f"(up to {TERMINATE_GRACE_S:.0f} s)")
+                    f"(up to {self.grace_s:.0f} s for each to save its checkpoint)")
         self._signal(procs, signal.SIGTERM)
-        deadline = time.monotonic() + TERMINATE_GRACE_S
         try:
-            for worker in workers:
-                worker.join(max(0.0, deadline - time.monotonic()))
-        except KeyboardInterrupt:
-            pass  # a second Ctrl-C: stop waiting
+            self._all_done.wait(self.grace_s)
+        except (KeyboardInterrupt, _Terminated):
+            log.warning("Second interrupt: killing the jobs now")
         finally:
-            self._signal([p for p in procs if p.returncode is None], signal.SIGKILL)
+            self._signal([p for p in procs if p.poll() is None], signal.SIGKILL)
+            self._all_done.wait(5.0)  # let the slots record how their jobs ended
 
     @staticmethod
     def _signal(procs: List[subprocess.Popen], signum: int) -> None:
@@ -358,14 +449,17 @@ class GpuPoolLauncher(Launcher):
         ret = JobReturn(overrides=job.overrides, cfg=task_cfg,
                         hydra_cfg=OmegaConf.masked_copy(job.config, "hydra"),
                         working_dir=str(job.dir), task_name=job.config.hydra.job.name)
-        if job.record["status"] == "completed":
+        record = job.record
+        if record["status"] == "completed":
             ret.status = JobStatus.COMPLETED
             ret.return_value = None
         else:
-            lines = [line for line in job.record["error"].splitlines()
-                     if line.strip() and "HYDRA_FULL_ERROR" not in line]
+            returncode = record.get("returncode")
+            reason = exit_reason(returncode) if returncode is not None else record["error"]
+            message = f"job #{job.idx} {record['status']} ({reason}) in {job.dir}"
+            tail = [line for line in record.get("log_tail", []) if "HYDRA_FULL_ERROR" not in line]
+            if returncode is not None and returncode > 0 and tail:
+                message += f": {tail[-1]}"  # the job's own error line
             ret.status = JobStatus.FAILED
-            ret.return_value = RuntimeError(
-                f"job #{job.idx} failed with exit code {job.record['returncode']} in {job.dir}: "
-                f"{lines[-1] if lines else '(no output)'}")
+            ret.return_value = RuntimeError(message)
         return ret
