@@ -1,10 +1,11 @@
-"""Lightning callbacks: progress bar, image grids, divergence guard, interrupt checkpoints,
-metric history."""
+"""Lightning callbacks: progress bar, epoch log line, image grids, divergence guard, interrupt
+checkpoints, metric history."""
 
 from __future__ import annotations
 
 import csv
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,31 @@ class LossProgressBar(TQDMProgressBar):
         if self._loss is not None:
             metrics["loss"] = f"{self._loss.item():.3g}"
         return metrics
+
+
+class EpochLog(Callback):
+    """One log line per epoch with the key metrics, e.g. ``epoch 3/100: train/loss 0.4123,
+    val/loss 0.3987, val/dice 0.8123, lr 0.0001, 12.3 s``: what ``train.log`` and a sweep job's
+    ``launcher.log`` show, where a progress bar would only leave frames (it is drawn on a
+    terminal only, see ``training._trainer``)."""
+
+    KEYS = ("train/loss", "val/loss", "val/dice")
+
+    def __init__(self) -> None:
+        self._started = time.monotonic()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._started = time.monotonic()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"{key} {float(metrics[key]):.4f}" for key in self.KEYS if key in metrics]
+        parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.4g}")
+        parts.append(f"{time.monotonic() - self._started:.1f} s")
+        total = f"/{trainer.max_epochs}" if (trainer.max_epochs or -1) > 0 else ""
+        log.info("epoch %d%s: %s", trainer.current_epoch, total, ", ".join(parts))
 
 
 class ValidationImageGrid(Callback):

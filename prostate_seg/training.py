@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
@@ -174,11 +176,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def _trainer(cfg: DictConfig) -> pl.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    options: dict[str, Any] = {}
+    if not sys.stderr.isatty():
+        # A progress bar in a file (a sweep job's log, output piped to a file) is a heap of
+        # carriage-return frames; the EpochLog line says what matters once per epoch.
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        options["enable_progress_bar"] = False
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():
         # Under SLURM the launcher (submitit) requeues; Lightning must not do it a second time.
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
+                       **options)
 
 
 def setup_data(cfg: DictConfig) -> SliceDataModule:
