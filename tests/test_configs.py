@@ -131,3 +131,22 @@ def test_known_options_and_plain_values_pass():
 
 def test_conf_dir_is_the_repository_conf():
     assert CONF_DIR == Path(__file__).resolve().parent.parent / "conf"
+
+
+@pytest.mark.parametrize("max_epochs", [5, 7])
+def test_poly_schedule_is_nnunets_decay_per_epoch(max_epochs, tmp_path):
+    """lr_e = lr * (1 - e / max_epochs) ** 0.9 for e = 0 ... max_epochs - 1 (nnU-Net's
+    PolyLRScheduler), then 0."""
+    import torch
+
+    cfg = compose_train(["scheduler=poly", f"trainer.max_epochs={max_epochs}",
+                         "optimizer.lr=0.01", "optimizer.fused=false", "data.dir=."], tmp_path)
+    optimizer = instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
+    scheduler = instantiate(cfg.scheduler)(optimizer=optimizer)
+    used = []
+    for _ in range(max_epochs + 2):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()  # once per epoch, as Lightning does with interval="epoch"
+    expected = [0.01 * (1 - e / max_epochs) ** 0.9 for e in range(max_epochs)] + [0.0, 0.0]
+    assert used == pytest.approx(expected, rel=1e-6, abs=1e-12)
