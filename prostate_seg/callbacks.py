@@ -12,7 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, OnExceptionCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
@@ -173,12 +173,16 @@ class FiniteLossGuard(Callback):
             "precision=32-true")
 
 
-class InterruptCheckpoint(Callback):
-    """On SIGTERM (SLURM preemption, ``kill``) or Ctrl-C, save ``last.ckpt`` before exiting, so
-    the job continues from there when started again (``resume=true``)."""
+class InterruptCheckpoint(OnExceptionCheckpoint):
+    """Lightning's OnExceptionCheckpoint, narrowed to interruptions: on SIGTERM (SLURM
+    preemption, ``kill``, the sweep launcher stopping) or Ctrl-C during fit, save
+    ``last.ckpt`` before exiting, so the job continues from there when started again
+    (``resume=true``). Not on errors, and never after a NaN/inf loss the guard has not reported
+    yet: ``last.ckpt`` stays the last good state. The file is the run's resume point, so it is
+    kept when the run ends (the parent class deletes its file at teardown)."""
 
-    def __init__(self, dirpath: str, filename: str = "last.ckpt"):
-        self.path = Path(dirpath) / filename
+    def __init__(self, dirpath: str, filename: str = "last"):
+        super().__init__(dirpath, filename)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
@@ -189,12 +193,15 @@ class InterruptCheckpoint(Callback):
         guards = [c for c in trainer.callbacks if isinstance(c, FiniteLossGuard)]
         if any(guard.first_nonfinite() is not None for guard in guards):
             log.warning("interrupted after a NaN/inf loss: no checkpoint saved (%s, if there, is "
-                        "the last good state)", self.path)
+                        "the last good state)", self.ckpt_path)
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(self.path)
+        super().on_exception(trainer, pl_module, exception)
         log.warning("interrupted (%s): saved %s at epoch %d, step %d",
-                    type(exception).__name__, self.path, trainer.current_epoch, trainer.global_step)
+                    type(exception).__name__, self.ckpt_path, trainer.current_epoch,
+                    trainer.global_step)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Keep the file: it is ``last.ckpt``, not a leftover of an exception."""
 
 
 class MetricsHistory(Callback):

@@ -16,7 +16,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
@@ -315,8 +315,10 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
         **hparams_of(cfg), "identity": identity.hash, "group": identity.group,
         "epochs_trained": trainer.current_epoch, "stopped_early": any(e > 0 for e in stopped),
         "fit_seconds": round(fit_seconds, 1)}
-    if cfg.evaluate_best and trainer.checkpoint_callback is not None:
-        best = trainer.checkpoint_callback.best_model_path
+    best_keeper = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)),
+                       None)
+    if cfg.evaluate_best and best_keeper is not None:
+        best = best_keeper.best_model_path
         metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
                                    verbose=False)[0]
         results.update({k: float(v) for k, v in metrics.items() if k.startswith("select/")})
