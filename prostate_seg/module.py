@@ -14,7 +14,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from torchmetrics.classification import BinaryF1Score
 
 from prostate_seg.errors import ConfigError
 from prostate_seg.metrics import VolumeConfusion
@@ -64,9 +63,8 @@ class SegmentationModule(pl.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         if cfg.model.get("compile", False):
             self.net.compile()
+        # Per-volume counts; the pooled Dice among them equals pooled pixel F1 (no separate F1).
         self.val_volumes: VolumeConfusion | None = None
-        # No input checks: they read values back from the GPU at every validation step.
-        self.val_f1 = BinaryF1Score(threshold=0.5, validate_args=False)
         # Best select/dice so far, for TensorBoard's HPARAMS tab; a buffer so it survives resume.
         self.register_buffer("best_select_dice", torch.zeros(()))
 
@@ -104,18 +102,15 @@ class SegmentationModule(pl.LightningModule):
         self.log("select/loss", loss, on_epoch=True, batch_size=batch["image"].shape[0],
                  sync_dist=True)
         self.val_volumes.update(logits, batch["mask"], batch["volume"])
-        self.val_f1.update(torch.sigmoid(logits.float()), batch["mask"].long())
 
     def on_validation_epoch_end(self) -> None:
         scores = self.val_volumes.compute()
         for name, value in scores.items():
             self.log(f"select/{name}", value.float(), prog_bar=name == "dice")
-        self.log("select/f1", self.val_f1.compute())
         if not self.trainer.sanity_checking:
             self.best_select_dice = torch.maximum(self.best_select_dice, scores["dice"].float())
             self.log(HP_METRIC, self.best_select_dice)
         self.val_volumes.reset()
-        self.val_f1.reset()
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.cfg.optimizer)(params=self.parameters())

@@ -40,6 +40,8 @@ def test_run_folder_holds_checkpoints_events_results(trained_run):
     for tag in ("train/loss", "select/loss", "select/dice", "select/dice_global",
                 "select/precision", "select/recall", "hp/best_select_dice"):
         assert tag in events.Tags()["scalars"], tag
+    # Pooled pixel F1 is select/dice_global by definition: not logged twice.
+    assert "select/f1" not in events.Tags()["scalars"] and "select/f1" not in results
     assert "select/predictions" in events.Tags()["images"]
     assert json.loads((trained_run / "status.json").read_text())["status"] == "completed"
 
