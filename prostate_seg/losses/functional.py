@@ -1,10 +1,12 @@
 """Functional core shared by the overlap losses.
 
-Conventions (the same as MONAI and segmentation_models_pytorch):
+Conventions:
   * inputs are raw logits; probabilities are ``sigmoid(logits)``;
   * counts are *soft* and *batch-pooled*: every pixel of the batch adds to one TP/FP/FN sum,
-    so an empty slice cannot produce a 0/0;
-  * ``alpha`` weights false positives, ``beta`` false negatives;
+    so an empty slice cannot produce a 0/0. This is segmentation_models_pytorch's default (it
+    sums over the batch and pixel axes); MONAI's DiceLoss/TverskyLoss pool only with
+    ``batch=True`` and by default compute one ratio per image, then average;
+  * ``alpha`` weights false positives, ``beta`` false negatives, as in both MONAI and smp;
   * under DDP the training batch is split over processes; the counts of a training step are
     summed over all of them (a differentiable all-reduce) before the ratio, so every process
     computes the loss of the whole global batch and DDP's averaged gradient is exactly the

@@ -12,8 +12,9 @@ class TverskyLoss(nn.Module):
 
     ``alpha`` weights FALSE POSITIVES and ``beta`` FALSE NEGATIVES: a small alpha (large beta)
     punishes missed gland pixels more and pushes recall up. ``beta`` defaults to ``1 - alpha``.
-    Probabilities are ``sigmoid(logits)``; counts are pooled over the whole batch.
-    (Some Focal-Tversky code swaps the two weights; this one follows MONAI and smp.)
+    Probabilities are ``sigmoid(logits)``; counts are pooled over the whole batch, like smp's
+    default (MONAI's only with ``batch=True``). The alpha/beta roles are MONAI's and smp's;
+    some Focal-Tversky code swaps them.
     """
 
     def __init__(self, alpha: float = 0.5, beta: float | None = None, smooth: float = 1.0):
