@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from helpers import TINY, compose_train
+from helpers import TINY, compose_train, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
@@ -129,8 +129,23 @@ def test_known_options_and_plain_values_pass():
                                  "model=unet,unet_small", "+foo=1"]) is None
 
 
-def test_conf_dir_is_the_repository_conf():
-    assert CONF_DIR == Path(__file__).resolve().parent.parent / "conf"
+def test_every_tool_finds_its_config_from_any_working_directory(tmp_path):
+    """Each command line names a config in CONF_DIR, and a tool started elsewhere composes it
+    from there (not from a conf/ of the current folder)."""
+    import re
+
+    repo = Path(__file__).resolve().parent.parent
+    sources = [*repo.glob("*.py"), *(repo / "prostate_seg").rglob("*.py")]
+    names = {m for path in sources
+             for m in re.findall(r'hydra_entry\(.*config_name="(\w+)"', path.read_text(), re.S)}
+    assert names == {"train", "evaluate", "predict", "prepare", "synthetic"}
+    assert all((CONF_DIR / f"{name}.yaml").is_file() for name in names)
+    (tmp_path / "conf").mkdir()  # a decoy where a relative config path would look
+    (tmp_path / "conf" / "train.yaml").write_text("seed: 12345\n")
+    result = run_cli("train.py", "--cfg", "job", "data.dir=x", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    job = OmegaConf.create(result.stdout)
+    assert job.seed == 0 and job.data._target_ == "prostate_seg.data.SliceDataModule"
 
 
 @pytest.mark.parametrize("max_epochs", [5, 7])
