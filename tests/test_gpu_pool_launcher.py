@@ -127,6 +127,8 @@ def test_failed_job_fails_the_sweep_after_the_others_ran(tmp_path: Path) -> None
     info, _ = job_files(tmp_path, 1)
     assert info["status"] == "failed" and info["returncode"] != 0
     assert "RuntimeError: job x was told to fail" in info["error"]
+    assert info["error"].splitlines()[0] == "exit code 1"  # then the log's last lines
+    assert not info["error"].splitlines()[-1].startswith("exit code")  # the report reads this
     output = done.stdout + done.stderr
     assert "3 jobs: 2 completed, 1 failed" in output
     assert f"in {tmp_path / 'sweep' / '1'}: RuntimeError: job x was told to fail" in output

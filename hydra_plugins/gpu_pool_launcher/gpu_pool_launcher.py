@@ -368,17 +368,18 @@ class GpuPoolLauncher(Launcher):
                 reason = exit_reason(returncode)
                 tail = log_tail(log_path)
                 record["status"] = "interrupted" if stopped else "failed"
-                # A signal explains itself; otherwise the log's last lines hold the error.
+                # A signal explains itself; otherwise the log's last lines hold the error
+                # (the last line of "error" is the job's own error line, as readers expect).
                 record["error"] = (f"stopped by the launcher: {reason}" if stopped
                                    else reason if returncode < 0
-                                   else "\n".join(tail + [reason]))
+                                   else "\n".join([reason, *tail]))
                 record["log_tail"] = tail
         self._record(job, record)
         took = f"{record['end'] - record['start']:.1f} s"
         if record["status"] == "completed":
             log.info(f"#{job.idx} completed in {took} on {self.accelerator} {device}: {job.dir}")
         else:
-            log.error(f"#{job.idx} {record['status'].upper()} ({record['error'].splitlines()[-1]}) "
+            log.error(f"#{job.idx} {record['status'].upper()} ({record['error'].splitlines()[0]}) "
                       f"after {took} on {self.accelerator} {device}; see {log_path}")
 
     @staticmethod
