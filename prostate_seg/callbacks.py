@@ -66,11 +66,11 @@ class LossProgressBar(TQDMProgressBar):
 
 class EpochLog(Callback):
     """One log line per epoch with the key metrics, e.g. ``epoch 3/100: train/loss 0.4123,
-    val/loss 0.3987, val/dice 0.8123, lr 0.0001, 12.3 s``: what ``train.log`` and a sweep job's
-    ``launcher.log`` show, where a progress bar would only leave frames (it is drawn on a
-    terminal only, see ``training._trainer``)."""
+    select/loss 0.3987, select/dice 0.8123, lr 0.0001, 12.3 s``: what ``train.log`` and a
+    sweep job's ``launcher.log`` show, where a progress bar would only leave frames (it is
+    drawn on a terminal only, see ``training._trainer``)."""
 
-    KEYS = ("train/loss", "val/loss", "val/dice")
+    KEYS = ("train/loss", "select/loss", "select/dice")
 
     def __init__(self) -> None:
         self._started = time.monotonic()

@@ -8,8 +8,8 @@ from pytorch_lightning.callbacks import ProgressBar
 
 from prostate_seg.training import build_run
 
-EPOCH_LINE = re.compile(r"epoch (\d+)/2: train/loss \d\.\d{4}, val/loss \d\.\d{4}, "
-                        r"val/dice \d\.\d{4}, lr 0\.003, \d+\.\d s")
+EPOCH_LINE = re.compile(r"epoch (\d+)/2: train/loss \d\.\d{4}, select/loss \d\.\d{4}, "
+                        r"select/dice \d\.\d{4}, lr 0\.003, \d+\.\d s")
 
 
 def _bars(trainer) -> list:
