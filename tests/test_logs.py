@@ -3,6 +3,7 @@
 import re
 import sys
 
+import pytest
 from helpers import TINY, compose_train, run_cli
 from pytorch_lightning.callbacks import ProgressBar
 
@@ -34,6 +35,7 @@ def test_a_run_writes_one_line_per_epoch_and_no_bar_frames(prepared, tmp_path):
     assert "\r" not in result.stdout + result.stderr + log
 
 
+@pytest.mark.slow  # a sweep: the launcher and its child process
 def test_a_sweep_job_log_has_the_epoch_lines(prepared, tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli("train.py", "-m", *TINY, f"data.dir={prepared}", "trainer.max_epochs=2",
