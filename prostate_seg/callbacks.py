@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,30 @@ class EpochLog(Callback):
         parts.append(f"{time.monotonic() - self._started:.1f} s")
         total = f"/{trainer.max_epochs}" if (trainer.max_epochs or -1) > 0 else ""
         log.info("epoch %d%s: %s", trainer.current_epoch, total, ", ".join(parts))
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class FirstStepTimer(Callback):
+    """Seconds from the start of the process to the end of its first training step: what a
+    job costs before it trains (imports, data checks, CUDA start, compilation), which decides
+    how many short jobs a GPU can share."""
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.seconds is None:
+            self.seconds = process_age()
 
 
 class ValidationImageGrid(Callback):

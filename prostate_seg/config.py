@@ -49,10 +49,15 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def default_num_workers() -> int:
-    """Loader processes: none on a 2-core box (they would steal the trainer's cores), else all
-    CPUs but two (the main process and the GPU feeder), at most 16."""
+def default_num_workers(accelerator: str = "cpu") -> int:
+    """Loader processes, from the CPUs this job may use (a gpu_pool launcher divides the
+    machine's CPUs among the jobs it runs at once). Training on a GPU: all but two (the main
+    process and the GPU feeder), at least one from two CPUs on, at most 16 — the main process
+    mostly waits for the GPU, so decoding and augmenting belong elsewhere. Training on the
+    CPU: none on a 2-core box (workers would take the cores the model trains on)."""
     cpus = available_cpus()
+    if uses_gpu(accelerator):
+        return 0 if cpus < 2 else min(max(cpus - 2, 1), 16)
     return 0 if cpus <= 2 else min(cpus - 2, 16)
 
 

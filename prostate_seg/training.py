@@ -22,6 +22,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from prostate_seg.callbacks import FirstStepTimer
 from prostate_seg.config import check_ddp_launch, check_train_config, uses_gpu
 from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError
@@ -305,6 +306,8 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
          identity: Identity) -> dict[str, Any]:
     started = time.time()
     datamodule, module, trainer = build_run(cfg, datamodule, identity)
+    timer = FirstStepTimer()
+    trainer.callbacks.append(timer)
     if ckpt_path:
         log.info("continuing from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -314,7 +317,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
     results: dict[str, Any] = {
         **hparams_of(cfg), "identity": identity.hash, "group": identity.group,
         "epochs_trained": trainer.current_epoch, "stopped_early": any(e > 0 for e in stopped),
-        "fit_seconds": round(fit_seconds, 1)}
+        "fit_seconds": round(fit_seconds, 1), "seconds_to_first_step": timer.seconds}
     best_keeper = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)),
                        None)
     if cfg.evaluate_best and best_keeper is not None:

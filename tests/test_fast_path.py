@@ -54,6 +54,26 @@ def test_throughput_benchmark_smoke_run(tmp_path):
     assert "convolution" in (tmp_path / "throughput_profile.txt").read_text()
 
 
+@pytest.mark.slow
+def test_sweep_throughput_benchmark_smoke_run(tmp_path):
+    """The jobs-per-GPU benchmark at CPU smoke size: each setting ran the whole sweep, and its
+    figures come from the files the jobs wrote."""
+    out = tmp_path / "sweep.json"
+    result = run_cli(str(REPO / "benchmarks" / "sweep_throughput.py"), "--smoke", "--json",
+                     str(out), "--workdir", str(tmp_path / "work"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["jobs_per_gpu"] for r in rows] == [1, 2] and all(r["jobs"] == 2 for r in rows)
+    for row in rows:
+        assert row["images_per_s"] > 0 and 0 < row["startup_s_mean"] <= row["startup_s_max"]
+        assert row["startup_s_max"] < row["wall_s"]
+    for j in (1, 2):
+        folders = sorted(p.name for p in (tmp_path / "work" / f"sweep_j{j}").iterdir()
+                         if (p / "results.json").exists())
+        assert folders == ["bce-fold0-seed0", "dice-fold0-seed0"]
+    assert "jobs/GPU" in result.stdout
+
+
 class _DeviceReadCounter(pl.Callback):
     """Counts tensor reads back to the host made by the framework while training batches run
     (from each batch start to the next, so Lightning's own end-of-batch logging is included;
