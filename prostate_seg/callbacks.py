@@ -80,9 +80,9 @@ class EpochLog(Callback):
         self._started = time.monotonic()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics  # on every process: it syncs the epoch's metrics
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        metrics = trainer.callback_metrics
         parts = [f"{key} {float(metrics[key]):.4f}" for key in self.KEYS if key in metrics]
         parts.append(f"lr {trainer.optimizers[0].param_groups[0]['lr']:.4g}")
         parts.append(f"{time.monotonic() - self._started:.1f} s")
@@ -245,11 +245,12 @@ class MetricsHistory(Callback):
                 self.rows = {int(r["epoch"]): r for r in csv.DictReader(f)}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = trainer.callback_metrics  # on every process: it syncs the epoch's metrics
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         epoch = trainer.current_epoch
         row: dict[str, Any] = {"epoch": epoch, "step": trainer.global_step}
-        for key, value in sorted(trainer.callback_metrics.items()):
+        for key, value in sorted(metrics.items()):
             if "/" in key:
                 row[key] = float(value)
         row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]

@@ -33,9 +33,11 @@ def soft_confusion(logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tens
     counts = torch.stack([(probs * target).sum(), (probs * (1.0 - target)).sum(),
                           ((1.0 - probs) * target).sum()])
     if _training_under_ddp():
-        from torch.distributed.nn.functional import all_reduce
+        # torch's differentiable all-reduce (what the deprecated torch.distributed.nn points
+        # to): a sum whose backward sums the gradients back to every process
+        from torch.distributed._functional_collectives import all_reduce
 
-        counts = all_reduce(counts)  # sum; its backward sums the gradients back
+        counts = all_reduce(counts, "sum", dist.group.WORLD)
     tp, fp, fn = counts.unbind()
     return tp, fp, fn
 
