@@ -101,15 +101,15 @@ _register_resolvers()
 def compose_config(config_name: str, overrides: list[str], output_dir: str | Path) -> DictConfig:
     """A config composed outside a Hydra app (tests, benchmarks, notebooks), with ``output_dir``
     as the run folder, so ``${hydra:runtime.output_dir}`` and HydraConfig work as in a run."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from prostate_seg.cli import CONF_DIR
+    from prostate_seg.cli import initialize_configs
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_configs():
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
