@@ -61,11 +61,13 @@ def default_num_workers(accelerator: str = "cpu") -> int:
     return 0 if cpus <= 2 else min(cpus - 2, 16)
 
 
-def tversky_name(alpha: float, beta: float | None) -> str:
-    """``tversky_a0.25``; the beta is added only when it is not ``1 - alpha``."""
-    if beta is None or math.isclose(float(alpha) + float(beta), 1.0, abs_tol=1e-9):
-        return f"tversky_a{alpha}"
-    return f"tversky_a{alpha}_b{beta}"
+def tversky_name(alpha: float, beta: float | None, gamma: float | None = None) -> str:
+    """``tversky_a0.25``; the beta is added only when it is not ``1 - alpha``; with a focal
+    exponent ``gamma``: ``focal_tversky_a0.3_g1.333``."""
+    name = f"tversky_a{alpha}"
+    if beta is not None and not math.isclose(float(alpha) + float(beta), 1.0, abs_tol=1e-9):
+        name += f"_b{beta}"
+    return name if gamma is None else f"focal_{name}_g{float(gamma):.4g}"
 
 
 def sweep_values(values: list | None, count: int | None = None) -> str:

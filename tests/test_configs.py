@@ -10,7 +10,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from prostate_seg.cli import CONF_DIR, unknown_group_choice
-from prostate_seg.losses import CombinedLoss, TverskyLoss
+from prostate_seg.config import check_train_config
+from prostate_seg.errors import ConfigError
+from prostate_seg.losses import CombinedLoss, FocalTverskyLoss, TverskyLoss
 from prostate_seg.module import build_loss
 
 GROUPS = ["data", "model", "loss", "optimizer", "scheduler", "trainer", "callbacks", "logger",
@@ -44,6 +46,9 @@ def test_every_loss_builds_and_is_named(loss, tmp_path):
         assert fn.alpha == float(loss[len("tversky_a"):]) and fn.alpha + fn.beta == 1.0
     if loss == "bce_tversky":
         assert isinstance(fn, CombinedLoss) and name == "bce+tversky_a0.5"
+    if loss == "focal_tversky":  # Abraham & Khan's setting, alpha weighting false positives
+        assert isinstance(fn, FocalTverskyLoss) and name == "focal_tversky_a0.3_g1.333"
+        assert (fn.alpha, fn.beta, fn.gamma) == pytest.approx((0.3, 0.7, 4 / 3))
 
 
 def test_default_is_tversky_half_and_alpha_override_keeps_beta_complementary(tmp_path):
@@ -52,6 +57,12 @@ def test_default_is_tversky_half_and_alpha_override_keeps_beta_complementary(tmp
     assert (name, fn.alpha, fn.beta) == ("tversky_a0.25", 0.25, 0.75)
     cfg = compose_train(["loss.alpha=0.3", "loss.beta=0.3", "data.dir=."], tmp_path)
     assert build_loss(cfg.loss)[0] == "tversky_a0.3_b0.3"
+
+
+def test_a_gamma_that_is_not_positive_is_one_line_naming_the_key(tmp_path):
+    cfg = compose_train(["loss=focal_tversky", "loss.gamma=0", "data.dir=."], tmp_path)
+    with pytest.raises(ConfigError, match=r"^loss: loss.gamma=0 must be > 0$"):
+        check_train_config(cfg)
 
 
 @pytest.mark.parametrize("model, params", [("unet", 31.0e6), ("unet_small", 1.94e6)])
@@ -115,7 +126,8 @@ def test_launcher_configs_compose(tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["loss=focal"], "loss=focal: unknown loss; valid: bce, bce_tversky, dice, tversky"),
+    (["loss=focal"], "loss=focal: unknown loss; valid: bce, bce_tversky, dice, focal_tversky, "
+                     "tversky"),
     (["-m", "model=unet,unet_big"], "model=unet_big: unknown model"),
     (["hydra/launcher=spark"], "hydra/launcher=spark: unknown launcher; valid: basic, gpu_pool"),
 ])
