@@ -44,6 +44,7 @@ from prostate_seg.runs import (
     read_json,
     split_digest,
 )
+from prostate_seg.tracking import log_run_files
 
 log = logging.getLogger(__name__)
 PREVIEW_SLICES = 4
@@ -226,8 +227,8 @@ def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights follow the seed
     module = SegmentationModule(record)
     trainer = _trainer(cfg)
-    if trainer.logger is not None:
-        trainer.logger.log_hyperparams(hparams_of(cfg), metrics={HP_METRIC: 0.0})
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hparams_of(cfg), metrics={HP_METRIC: 0.0})
     return datamodule, module, trainer
 
 
@@ -333,6 +334,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
                 results.update(_evaluate_per_patient(cfg, best, datamodule, run_dir))
     if trainer.is_global_zero:
         write_json(run_dir / RESULTS_FILE, results)
+        log_run_files(trainer.loggers)  # after every file of the run is written
         log.info("best select/dice %.4f (epoch %s) after %d epochs; validation patients at "
                  "original size %.4f; results in %s", results.get("select/dice", float("nan")),
                  results.get("best_epoch"), results["epochs_trained"],

@@ -88,7 +88,8 @@ def test_wheel_runs_the_pipeline_from_an_empty_folder(tmp_path):
         "model.net.features=[8,16]", "trainer=cpu", "trainer.max_epochs=1",
         "data.image_size=32", "data.batch_size=8", "data.num_workers=0", "seed=0")
     (job,) = [p.parent for p in (work / "sweep").glob("*/results.json")]
-    assert (job / "launcher.json").is_file() and (work / "sweep" / "report" / "results.md").is_file()
+    assert (job / "launcher.json").is_file()
+    assert (work / "sweep" / "report" / "results.md").is_file()
     sources = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.runtime.config_sources
     assert {"path": "prostate_seg.conf", "schema": "pkg", "provider": "main"} in sources
     (ckpt,) = (job / "checkpoints").glob("best-*.ckpt")
