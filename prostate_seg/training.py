@@ -44,6 +44,7 @@ from prostate_seg.runs import (
     read_json,
     split_digest,
 )
+from prostate_seg.search import OBJECTIVE
 from prostate_seg.tracking import log_run_files
 
 log = logging.getLogger(__name__)
@@ -285,7 +286,7 @@ def _record_failure(status: RunStatus, exc: BaseException) -> None:
 def objective(cfg: DictConfig) -> float:
     """The task of ``train.py``: train, and return the mean per-patient validation Dice at the
     scans' original size, the number a sweeper (Optuna) maximises."""
-    return float(train(cfg).get("val/dice_original", float("nan")))
+    return float(train(cfg).get(OBJECTIVE, float("nan")))
 
 
 def _evaluate_per_patient(cfg: DictConfig, best: str, datamodule: SliceDataModule,

@@ -105,6 +105,19 @@ def test_paper_experiment_sweeps_eight_losses_over_folds_and_seeds(tmp_path, ove
     assert cfg.optimizer.lr == 1e-4 and cfg.trainer.max_epochs == 100
 
 
+def test_alpha_search_is_a_stored_tpe_study_over_alpha(tmp_path):
+    cfg = compose_train(["experiment=alpha_search", "data.dir=.",
+                         "hydra.sweep.dir=outputs/sweeps/s"], tmp_path)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("RepeatedTrialsSweeper") and cfg.hydra.mode.name == "MULTIRUN"
+    assert sweeper.params == {"loss.alpha": "interval(0.05, 0.95)"} and cfg.loss.beta is None
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert (sweeper.direction, sweeper.n_trials, list(sweeper.folds), list(sweeper.seeds)) == (
+        "maximize", 20, [0], [0])
+    assert (sweeper.storage, sweeper.study_name) == (
+        "sqlite:///outputs/sweeps/s/optuna.db", "alpha_search")
+
+
 @pytest.mark.parametrize("name, overrides", [
     ("synthetic", ["output_dir=x"]), ("prepare", ["input_dir=x", "output_dir=y"]),
     ("evaluate", ["ckpt_path=x"]), ("predict", ["ckpt_path=x", "input=a", "output=b"])])
