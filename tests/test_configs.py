@@ -1,5 +1,6 @@
 """Every config in conf/ composes, and the objects it describes can be built."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -105,11 +106,24 @@ def test_paper_experiment_sweeps_eight_losses_over_folds_and_seeds(tmp_path, ove
     assert cfg.optimizer.lr == 1e-4 and cfg.trainer.max_epochs == 100
 
 
+SWEEPERS = ["basic", "study", *options("hydra/sweeper")] + (
+    ["optuna"] if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") else [])
+
+
+@pytest.mark.parametrize("sweeper", SWEEPERS)
+def test_every_sweeper_composes(sweeper, tmp_path):
+    """Settings of the project's sweepers must not leak into another (Hydra's Optuna sweeper
+    refuses keys it does not know)."""
+    cfg = compose_train([f"hydra/sweeper={sweeper}", "data.dir=."], tmp_path)
+    assert cfg.hydra.sweeper._target_.rsplit(".", 1)[-1].endswith("Sweeper")
+
+
 def test_alpha_search_is_a_stored_tpe_study_over_alpha(tmp_path):
     cfg = compose_train(["experiment=alpha_search", "data.dir=.",
                          "hydra.sweep.dir=outputs/sweeps/s"], tmp_path)
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_.endswith("RepeatedTrialsSweeper") and cfg.hydra.mode.name == "MULTIRUN"
+    assert sweeper._target_.endswith("RepeatedTrialsSweeper")
+    assert cfg.hydra.mode.name == "MULTIRUN"
     assert sweeper.params == {"loss.alpha": "interval(0.05, 0.95)"} and cfg.loss.beta is None
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
     assert (sweeper.direction, sweeper.n_trials, list(sweeper.folds), list(sweeper.seeds)) == (
