@@ -10,10 +10,12 @@ study of noisy training runs needs (conf/hydra/sweeper/optuna_repeated.yaml conf
     same search again (same study in the same SQLite file) runs only the missing ones, and a
     trial left running by an interruption is run again with the same parameters first, so its
     jobs continue from their own ``last.ckpt``. (The released sweeper runs ``n_trials`` more
-    every time and leaves interrupted trials RUNNING forever.) One process per study at a time.
+    every time and leaves interrupted trials RUNNING forever.)
 
 Search space, sampler, storage and study name are the released sweeper's settings, parsed by
-its own code; this class only replaces the loop that asks, launches and tells.
+its own code; this class only replaces the loop that asks, launches and tells. As with the
+project's study sweeper, the sweep folder is locked while the search runs (one process per
+study), and every batch of jobs is checked (``check_job``) and named before it starts.
 """
 
 from __future__ import annotations
@@ -21,12 +23,18 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.study_sweeper.study_sweeper import check_and_name_jobs
+from prostate_seg.cli import exit_on_user_error
+from prostate_seg.runs import RESULTS_FILE, RunLock, read_json
+from prostate_seg.search import OBJECTIVE
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +46,7 @@ class RepeatedTrialsSweeper(Sweeper):
                  study_name: Optional[str], n_trials: int, n_jobs: int, max_failure_rate: float,
                  params: Optional[DictConfig], folds: Optional[Sequence[int]],
                  seeds: Sequence[int], objective: Optional[str] = None,
-                 search_space: Optional[DictConfig] = None,
+                 check_job: Optional[str] = None, search_space: Optional[DictConfig] = None,
                  custom_search_space: Optional[str] = None) -> None:
         try:
             from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl
@@ -54,6 +62,7 @@ class RepeatedTrialsSweeper(Sweeper):
         self.repeats = [([] if fold is None else [f"data.fold={fold}"]) + [f"seed={seed}"]
                         for fold in (folds if folds is not None else [None]) for seed in seeds]
         self.objective = objective
+        self.check_job = get_method(check_job) if check_job else None
         self.config: Optional[DictConfig] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
@@ -64,9 +73,6 @@ class RepeatedTrialsSweeper(Sweeper):
 
     def _score(self, ret: JobReturn) -> float:
         """The job's objective, from the results.json it wrote (its failure, re-raised)."""
-        from prostate_seg.runs import RESULTS_FILE, read_json
-        from prostate_seg.search import OBJECTIVE
-
         ret.return_value  # noqa: B018 - raises the job's own exception when it failed
         key = self.objective or OBJECTIVE
         results = Path(ret.hydra_cfg.hydra.runtime.output_dir) / RESULTS_FILE
@@ -87,7 +93,7 @@ class RepeatedTrialsSweeper(Sweeper):
             study.enqueue_trial(trial.params)
 
     def sweep(self, arguments: List[str]) -> None:
-        import optuna
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # Optuna's schema set-up chatter
         from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 
         assert self.config is not None
@@ -102,11 +108,22 @@ class RepeatedTrialsSweeper(Sweeper):
         if len(directions) != 1:
             raise ValueError("hydra/sweeper=optuna_repeated optimises one objective")
 
-        sweep_dir = Path(self.config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)  # the study's SQLite file may live there
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # Optuna's schema set-up chatter
+        lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
+        with exit_on_user_error():
+            lock.acquire()  # also makes the folder, where the study's SQLite file may live
+        try:
+            self._search(distributions, fixed, directions[0])
+        finally:
+            lock.release()
+
+    def _search(self, distributions: Dict[str, Any], fixed: Dict[str, Any],
+                direction: str) -> None:
+        import optuna
+
+        assert self.config is not None
+        search = self.search
         study = optuna.create_study(study_name=search.study_name, storage=search.storage,
-                                    sampler=search.sampler, direction=directions[0],
+                                    sampler=search.sampler, direction=direction,
                                     load_if_exists=True)
         self._retry_interrupted(study)
         complete = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
@@ -117,10 +134,14 @@ class RepeatedTrialsSweeper(Sweeper):
         job_idx = 0
         while to_go > 0:
             trials = [study.ask() for _ in range(min(search.n_jobs, to_go))]
-            jobs = [(*trial_overrides, *repeat)
+            jobs = [[*trial_overrides, *repeat]
                     for trial_overrides in search._configure_trials(trials, distributions, fixed)
                     for repeat in self.repeats]
-            returns = search.launcher.launch(jobs, initial_job_idx=job_idx)
+            with exit_on_user_error():
+                names = check_and_name_jobs(self.config, search.hydra_context, self.check_job,
+                                            jobs)
+            returns = search.launcher.launch([job + names[tuple(job)] for job in jobs],
+                                             initial_job_idx=job_idx)
             job_idx += len(returns)
             failures = []
             for i, trial in enumerate(trials):
@@ -144,4 +165,4 @@ class RepeatedTrialsSweeper(Sweeper):
         OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": best.params,
                                          "best_value": best.value, "study": study.study_name,
                                          "storage": search.storage}),
-                       sweep_dir / "optimization_results.yaml")
+                       Path(self.config.hydra.sweep.dir) / "optimization_results.yaml")
