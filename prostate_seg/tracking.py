@@ -5,10 +5,12 @@ How runs appear in MLflow (the same names as on disk):
     (``outputs/sweeps/2026-01-01/12-00-00``), or for single runs their date folder
     (``outputs/runs/2026-01-01``); shown relative to the working directory when inside it;
   * run = the run folder's name (``tversky_a0.25-fold0-seed0``), tagged with its full path;
-  * params = the settings that tell runs apart (``training.hparams_of``) and, from
-    ``results.json``, the fold and the config identity; metrics = every logged metric per epoch,
-    and ``results.json``'s numbers (the best checkpoint's) as ``results/<key>``; artifacts =
-    ``results.json``, ``per_patient.csv``, the composed config and the validation images;
+  * params = the settings that tell runs apart (``training.hparams_of``: loss, alpha,
+    beta, seed, fold, ...) and, from ``results.json``, the config identity;
+  * metrics = every logged metric per epoch, and ``results.json``'s numbers (the best
+    checkpoint's, per patient at original size) as ``results/<key>``;
+  * artifacts = ``results.json``, ``per_patient.csv``, the composed config and the
+    validation images;
   * a sweep's report is the run named ``report`` of the sweep's experiment.
 
 The default store is a SQLite database under ``outputs/`` with the artifacts beside it in
@@ -42,8 +44,8 @@ log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"  # in the run folder: which MLflow run holds this run
 RUN_DIR_TAG = "prostate_seg.run_dir"
 REPORT_RUN = "report"
-# results.json entries logged as params (they tell runs apart); its other numbers are metrics.
-RESULT_PARAMS = ("fold", "folds", "identity", "group")
+# results.json entries logged as params (the config identity); its other numbers are metrics.
+RESULT_PARAMS = ("identity", "group")
 RUN_ARTIFACTS = (RESULTS_FILE, "per_patient.csv", ".hydra/config.yaml")
 _SQLITE = "sqlite:///"
 
@@ -132,17 +134,22 @@ class MLflowRunLogger(MLFlowLogger):
                 "experiment": self._experiment_name, "run_id": self._run_id})
         return client
 
-    @rank_zero_only
-    def log_hyperparams(self, params: dict[str, Any], metrics: Any = None) -> None:
-        """As TensorBoard's (``metrics`` there sets the HPARAMS tab's starting value; MLflow
-        needs none). A continued run keeps its first values: MLflow params cannot change."""
+    def _unchanged(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` less those this run logged before with another value: MLflow params
+        cannot change, so a run continued under another setting keeps its first ones."""
         logged = self.experiment.get_run(self.run_id).data.params
         changed = sorted(k for k, v in params.items() if logged.get(k, str(v)) != str(v))
         if changed:
             log.warning("MLflow run %s keeps its earlier %s (now %s)", self.run_id,
                         ", ".join(f"{k}={logged[k]}" for k in changed),
                         ", ".join(f"{k}={params[k]}" for k in changed))
-        super().log_hyperparams({k: v for k, v in params.items() if k not in changed})
+        return {k: v for k, v in params.items() if k not in changed}
+
+    @rank_zero_only
+    def log_hyperparams(self, params: dict[str, Any], metrics: Any = None) -> None:
+        """As TensorBoard's (``metrics`` there sets the HPARAMS tab's starting value; MLflow
+        needs none)."""
+        super().log_hyperparams(self._unchanged(params))
         self._params.update(params)
 
     @rank_zero_only
@@ -160,8 +167,9 @@ class MLflowRunLogger(MLFlowLogger):
         from mlflow.entities import Metric, Param
 
         results = read_json(self.run_dir / RESULTS_FILE) or {}
-        params = [Param(k, str(results[k])) for k in RESULT_PARAMS
-                  if k in results and k not in self._params]
+        params = [Param(k, str(v)) for k, v in self._unchanged(
+            {k: results[k] for k in RESULT_PARAMS if k in results and k not in self._params}
+        ).items()]
         now, step = int(time.time() * 1000), int(results.get("epochs_trained") or 0)
         metrics = [Metric(f"results/{k}", float(v), now, step) for k, v in results.items()
                    if isinstance(v, (int, float)) and k not in self._params

@@ -45,15 +45,19 @@ def test_sweep_is_one_experiment_with_a_run_per_job_and_the_report(prepared, tmp
         assert run["tags.prostate_seg.run_dir"] == str(folder)
         assert run["params.loss"] == f"tversky_a{results['alpha']}"
         assert float(run["params.beta"]) == pytest.approx(1 - results["alpha"])
-        assert (run["params.seed"], run["params.lr"], run["params.batch_size"],
-                run["params.image_size"]) == ("0", "0.003", "8", "48")
+        assert (run["params.seed"], run["params.fold"], run["params.lr"], run["params.batch_size"],
+                run["params.image_size"]) == ("0", "0", "0.003", "8", "48")
+        assert run["params.identity"] == results["identity"]
         assert run["metrics.results/val/dice"] == pytest.approx(results["val/dice"])
         history = client.get_metric_history(run.run_id, "train/loss")
         assert len(history) == 2  # one per epoch
         assert {h.step for h in client.get_metric_history(run.run_id, "epoch")} >= {
             h.step for h in history}
         files = _artifacts(client, run.run_id)
-        assert {"results.json", "config.yaml", "val/predictions/step0000.png"} <= files
+        assert {"results.json", "per_patient.csv", "config.yaml",
+                "val/predictions/step0000.png"} <= files
+        assert run["metrics.results/val/dice_original"] == pytest.approx(
+            results["val/dice_original"])
         assert list(folder.glob("events.out.tfevents.*"))  # TensorBoard as well
     report = runs.iloc[2]
     assert {"report/results.md", "report/results.csv"} <= _artifacts(client, report.run_id)
@@ -69,8 +73,10 @@ def test_a_resumed_run_continues_its_mlflow_run(prepared, tmp_path, caplog):
                  f"logger.mlflow.tracking_uri={store}"]
     train(compose_train([*overrides, "trainer.max_epochs=1"], run_dir))
     first = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
-    # Continue the same folder from its last.ckpt for a second epoch.
-    train(compose_train([*overrides, "trainer.max_epochs=2", "ckpt_path=last"], run_dir))
+    # Continue the same folder from its last.ckpt for a second epoch (an explicit checkpoint
+    # path: ckpt_path=last would refuse the changed max_epochs as another config).
+    last = run_dir / "checkpoints" / "last.ckpt"
+    train(compose_train([*overrides, "trainer.max_epochs=2", f"ckpt_path={last}"], run_dir))
 
     runs = _runs(store, str(tmp_path / "runs"))  # outside the working directory: full path
     assert list(runs.run_id) == [first] and list(runs["tags.mlflow.runName"]) == ["job"]
