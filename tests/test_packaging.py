@@ -86,7 +86,8 @@ def test_wheel_runs_the_pipeline_from_an_empty_folder(tmp_path):
     run("prostate-seg-train", "-m", "hydra/launcher=gpu_pool", "hydra.launcher.accelerator=cpu",
         "hydra.sweep.dir=sweep", "hydra.sweep.subdir=job", "data.dir=prepared", "model=unet_small",
         "model.net.features=[8,16]", "trainer=cpu", "trainer.max_epochs=1",
-        "data.image_size=32", "data.batch_size=8", "data.num_workers=0", "seed=0")
+        "data.image_size=32", "data.batch_size=8", "data.num_workers=0", "data.folds=2",
+        "seed=0")
     (job,) = [p.parent for p in (work / "sweep").glob("*/results.json")]
     assert (job / "launcher.json").is_file()
     assert (work / "sweep" / "report" / "results.md").is_file()
