@@ -139,7 +139,7 @@ class RepeatedTrialsSweeper(Sweeper):
                     for repeat in self.repeats]
             with exit_on_user_error():
                 names = check_and_name_jobs(self.config, search.hydra_context, self.check_job,
-                                            jobs)
+                                            jobs, swept_keys=list(distributions))
             returns = search.launcher.launch([job + names[tuple(job)] for job in jobs],
                                              initial_job_idx=job_idx)
             job_idx += len(returns)

@@ -73,16 +73,18 @@ class StudySweeper(BasicSweeper):
 
 
 def check_and_name_jobs(config: DictConfig, hydra_context: Any, check_job: Optional[Any],
-                        jobs: List[List[str]]) -> Dict[Tuple[str, ...], List[str]]:
+                        jobs: List[List[str]], swept_keys: Sequence[str] = ()
+                        ) -> Dict[Tuple[str, ...], List[str]]:
     """Per job of ``jobs`` (override lists), the overrides to add (its folder name, when the
     sweep's subdir is the default); raises on the first bad job. Also used by the Optuna
-    sweeper (hydra_plugins/repeated_trials_sweeper) for each batch of trials."""
+    sweeper (hydra_plugins/repeated_trials_sweeper) for each batch of trials, whose searched
+    keys (``swept_keys``) vary between batches and so name every job."""
     values: Dict[str, set] = {}
     for job in jobs:
         for override in job:
             key, _, value = override.partition("=")
             values.setdefault(key, set()).add(value)
-    swept = {key for key, seen in values.items() if len(seen) > 1}
+    swept = {key for key, seen in values.items() if len(seen) > 1} | set(swept_keys)
     auto = OmegaConf.to_container(config.hydra.sweep)["subdir"] == AUTO_SUBDIR
     excluded = set(config.hydra.job.config.override_dirname.exclude_keys or [])
     extra: Dict[Tuple[str, ...], List[str]] = {}
