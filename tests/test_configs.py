@@ -176,7 +176,7 @@ def test_every_tool_finds_its_config_from_any_working_directory(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     sources = [*repo.glob("*.py"), *(repo / "prostate_seg").rglob("*.py")]
     names = {m for path in sources
-             for m in re.findall(r'hydra_entry\(.*config_name="(\w+)"', path.read_text(), re.S)}
+             for m in re.findall(r'hydra_entry\(.*?config_name="(\w+)"', path.read_text(), re.S)}
     assert names == {"train", "evaluate", "predict", "prepare", "synthetic"}
     assert all((CONF_DIR / f"{name}.yaml").is_file() for name in names)
     (tmp_path / "conf").mkdir()  # a decoy where a relative config path would look

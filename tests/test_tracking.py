@@ -48,14 +48,14 @@ def test_sweep_is_one_experiment_with_a_run_per_job_and_the_report(prepared, tmp
         assert (run["params.seed"], run["params.fold"], run["params.lr"], run["params.batch_size"],
                 run["params.image_size"]) == ("0", "0", "0.003", "8", "48")
         assert run["params.identity"] == results["identity"]
-        assert run["metrics.results/val/dice"] == pytest.approx(results["val/dice"])
+        assert run["metrics.results/select/dice"] == pytest.approx(results["select/dice"])
         history = client.get_metric_history(run.run_id, "train/loss")
         assert len(history) == 2  # one per epoch
         assert {h.step for h in client.get_metric_history(run.run_id, "epoch")} >= {
             h.step for h in history}
         files = _artifacts(client, run.run_id)
         assert {"results.json", "per_patient.csv", "config.yaml",
-                "val/predictions/step0000.png"} <= files
+                "select/predictions/step0000.png"} <= files
         assert run["metrics.results/val/dice_original"] == pytest.approx(
             results["val/dice_original"])
         assert list(folder.glob("events.out.tfevents.*"))  # TensorBoard as well
