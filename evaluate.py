@@ -1,7 +1,6 @@
 """Per-patient validation metrics of a checkpoint: `python evaluate.py ckpt_path=PATH`."""
 
-from prostate_seg.cli import hydra_entry
-from prostate_seg.evaluate import run
+from prostate_seg.commands import evaluate
 
 if __name__ == "__main__":
-    hydra_entry(run, config_name="evaluate")
+    evaluate()

@@ -1,7 +1,6 @@
 """Segment new scans: `python predict.py ckpt_path=CKPT input=SCAN.nii.gz output=MASK.nii.gz`."""
 
-from prostate_seg.cli import hydra_entry
-from prostate_seg.predict import run
+from prostate_seg.commands import predict
 
 if __name__ == "__main__":
-    hydra_entry(run, config_name="predict")
+    predict()

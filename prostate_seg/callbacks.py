@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, OnExceptionCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
@@ -131,7 +132,7 @@ class ValidationImageGrid(Callback):
         return candidates[::step][: self.num_images]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or trainer.logger is None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not trainer.loggers:
             return
         if trainer.current_epoch % self.every_n_epochs != 0:
             return
@@ -144,7 +145,11 @@ class ValidationImageGrid(Callback):
         with torch.no_grad():
             pred = (pl_module(image) > 0).float()
         grid = torch.cat(list(overlay(image, truth, pred).cpu()), dim=2)  # one row of slices
-        trainer.logger.experiment.add_image("select/predictions", grid, trainer.current_epoch)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("select/predictions", grid, trainer.current_epoch)
+            elif hasattr(logger, "log_image"):  # MLflow (prostate_seg.tracking)
+                logger.log_image("select/predictions", [grid], trainer.current_epoch)
 
 
 class FiniteLossGuard(Callback):

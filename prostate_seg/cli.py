@@ -32,13 +32,34 @@ from omegaconf import DictConfig
 import prostate_seg.config  # noqa: F401  (registers the ps.* resolvers)
 from prostate_seg.errors import UserError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_MODULE = "prostate_seg.conf"
+
+
+def _config_location() -> tuple[Path, str]:
+    """(folder, Hydra config path) of the configs: ``conf/`` beside the package in a checkout
+    (also when installed editable), else the copy that a wheel ships inside the package,
+    which Hydra reads as ``pkg://prostate_seg.conf``."""
+    checkout = PACKAGE_DIR.parent / "conf"
+    if (checkout / "train.yaml").is_file():
+        return checkout, str(checkout)
+    return PACKAGE_DIR / "conf", f"pkg://{CONFIG_MODULE}"
+
+
+CONF_DIR, CONFIG_PATH = _config_location()
 EXIT_USER_ERROR = 2
 # Hydra flags that consume the next argument when written without "=".
 _FLAGS_WITH_VALUE = {"-cp", "-cn", "-cd", "-c", "-p", "--config-path", "--config-name",
                      "--config-dir", "--cfg", "--package", "--experimental-rerun"}
 
 log = logging.getLogger(__name__)
+
+
+def initialize_configs() -> Any:
+    """Hydra's compose API over the project's configs (a context manager)."""
+    if CONFIG_PATH.startswith("pkg://"):
+        return hydra.initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3")
+    return hydra.initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
 
 
 def command_line_overrides(argv: list[str]) -> list[str]:
@@ -64,7 +85,7 @@ def unknown_group_choice(argv: list[str]) -> str | None:
     except HydraException as exc:
         return f"cannot parse the command line: {str(exc).splitlines()[0]}"
     GlobalHydra.instance().clear()
-    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_configs():
         loader = GlobalHydra.instance().config_loader()
         for override in parsed:
             group = override.key_or_group
@@ -163,13 +184,13 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
 
 def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
-    """Run ``task(cfg)`` as a Hydra app over ``conf/<config_name>.yaml``."""
+    """Run ``task(cfg)`` as a Hydra app over ``<config_name>.yaml`` of the project's configs."""
     problem = unknown_group_choice(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
         return _run(task, cfg)
 

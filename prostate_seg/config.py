@@ -61,11 +61,13 @@ def default_num_workers(accelerator: str = "cpu") -> int:
     return 0 if cpus <= 2 else min(cpus - 2, 16)
 
 
-def tversky_name(alpha: float, beta: float | None) -> str:
-    """``tversky_a0.25``; the beta is added only when it is not ``1 - alpha``."""
-    if beta is None or math.isclose(float(alpha) + float(beta), 1.0, abs_tol=1e-9):
-        return f"tversky_a{alpha}"
-    return f"tversky_a{alpha}_b{beta}"
+def tversky_name(alpha: float, beta: float | None, gamma: float | None = None) -> str:
+    """``tversky_a0.25``; the beta is added only when it is not ``1 - alpha``; with a focal
+    exponent ``gamma``: ``focal_tversky_a0.3_g1.333``."""
+    name = f"tversky_a{alpha}"
+    if beta is not None and not math.isclose(float(alpha) + float(beta), 1.0, abs_tol=1e-9):
+        name += f"_b{beta}"
+    return name if gamma is None else f"focal_{name}_g{float(gamma):.4g}"
 
 
 def sweep_values(values: list | None, count: int | None = None) -> str:
@@ -89,6 +91,7 @@ def _register_resolvers() -> None:
         "ps.tversky_name": tversky_name,
         "ps.sweep_values": sweep_values,
         "ps.job_name": job_name_resolver,
+        "ps.product": lambda values: math.prod(int(v) for v in values),
     }
     for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
@@ -101,15 +104,15 @@ _register_resolvers()
 def compose_config(config_name: str, overrides: list[str], output_dir: str | Path) -> DictConfig:
     """A config composed outside a Hydra app (tests, benchmarks, notebooks), with ``output_dir``
     as the run folder, so ``${hydra:runtime.output_dir}`` and HydraConfig work as in a run."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from prostate_seg.cli import CONF_DIR
+    from prostate_seg.cli import initialize_configs
 
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize_configs():
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
@@ -247,8 +250,53 @@ def check_ddp_launch(trainer: DictConfig, hydra: DictConfig | None) -> None:
                           "process per job), or run the job on its own")
 
 
+def check_input_size(model: DictConfig, image_size: object) -> None:
+    """``data.image_size`` against the network. A network that halves its input without padding
+    (MONAI's) declares ``model.input_multiple``; this project's U-Net pads any size but needs
+    2^depth pixels to reach its bottleneck."""
+    multiple = model.get("input_multiple")
+    if multiple is not None:
+        _require(isinstance(image_size, int) and image_size > 0 and image_size % multiple == 0,
+                 "data.image_size", image_size,
+                 f"must be a multiple of model.input_multiple = {multiple} "
+                 f"({model.net._target_} does not pad its input)")
+        return
+    depth = len(model.net.features)
+    _require(isinstance(image_size, int) and image_size >= 2**depth,
+             "data.image_size", image_size,
+             f"must be an integer >= 2^depth = {2**depth} for a U-Net with {depth} levels")
+
+
+# Objects that come from an optional extra of the package: _target_ prefix -> (module, extra).
+OPTIONAL_EXTRAS = {"monai.": ("monai", "monai"), "prostate_seg.tracking.": ("mlflow", "mlflow")}
+
+
+def _targets(node: object, key: str = "") -> list[tuple[str, str]]:
+    """(key, _target_) of every object a config node describes, nested ones included."""
+    if isinstance(node, dict):
+        found = [(key, node["_target_"])] if isinstance(node.get("_target_"), str) else []
+        for name, child in node.items():
+            found += _targets(child, f"{key}.{name}" if key else str(name))
+        return found
+    if isinstance(node, list):
+        return [t for i, child in enumerate(node) for t in _targets(child, f"{key}[{i}]")]
+    return []
+
+
+def check_extras_installed(cfg: DictConfig) -> None:
+    """An object from a missing optional package is one line saying what to install."""
+    from importlib.util import find_spec
+
+    for key, target in _targets(OmegaConf.to_container(cfg, resolve=False)):
+        for prefix, (module, extra) in OPTIONAL_EXTRAS.items():
+            if target.startswith(prefix) and find_spec(module) is None:
+                raise ConfigError(f"{key}: {target} needs {module}, which is not installed "
+                                  f"(pip install \"prostate-seg[{extra}]\")")
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key, on values that cannot work."""
+    check_extras_installed(cfg)
     check_loss(cfg.loss)
     from prostate_seg.module import build_loss  # heavy imports, only when training
 
@@ -262,10 +310,7 @@ def check_train_config(cfg: DictConfig) -> None:
     _require(not isinstance(devices, int) or devices < 1 or data.batch_size % devices == 0,
              "data.batch_size", data.batch_size,
              f"is the global batch: it must divide evenly over trainer.devices={devices}")
-    depth = len(cfg.model.net.features)
-    _require(isinstance(data.image_size, int) and data.image_size >= 2**depth,
-             "data.image_size", data.image_size,
-             f"must be an integer >= 2^depth = {2**depth} for a U-Net with {depth} levels")
+    check_input_size(cfg.model, data.image_size)
     epochs = cfg.trainer.get("max_epochs")
     _require(epochs != -1 or not cfg.get("scheduler"), "trainer.max_epochs", epochs,
              "a learning-rate schedule decays over a finite number of epochs; set one")

@@ -44,6 +44,8 @@ from prostate_seg.runs import (
     read_json,
     split_digest,
 )
+from prostate_seg.search import OBJECTIVE
+from prostate_seg.tracking import log_run_files
 
 log = logging.getLogger(__name__)
 PREVIEW_SLICES = 4
@@ -64,7 +66,8 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
         "lr": cfg.optimizer.lr,
         "batch_size": cfg.data.batch_size,
         "image_size": cfg.data.image_size,
-        "features": str(list(cfg.model.net.features)),
+        "net": str(cfg.model.net._target_),
+        "features": str(list(cfg.model.net.features)) if "features" in cfg.model.net else "-",
         "context_slices": cfg.data.context_slices,
         "scheduler": str((cfg.get("scheduler") or {}).get("_target_", "none")).rsplit(".", 1)[-1],
         "max_epochs": cfg.trainer.max_epochs,
@@ -225,8 +228,8 @@ def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights follow the seed
     module = SegmentationModule(record)
     trainer = _trainer(cfg)
-    if trainer.logger is not None:
-        trainer.logger.log_hyperparams(hparams_of(cfg), metrics={HP_METRIC: 0.0})
+    for logger in trainer.loggers:
+        logger.log_hyperparams(hparams_of(cfg), metrics={HP_METRIC: 0.0})
     return datamodule, module, trainer
 
 
@@ -283,7 +286,7 @@ def _record_failure(status: RunStatus, exc: BaseException) -> None:
 def objective(cfg: DictConfig) -> float:
     """The task of ``train.py``: train, and return the mean per-patient validation Dice at the
     scans' original size, the number a sweeper (Optuna) maximises."""
-    return float(train(cfg).get("val/dice_original", float("nan")))
+    return float(train(cfg).get(OBJECTIVE, float("nan")))
 
 
 def _evaluate_per_patient(cfg: DictConfig, best: str, datamodule: SliceDataModule,
@@ -332,6 +335,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
                 results.update(_evaluate_per_patient(cfg, best, datamodule, run_dir))
     if trainer.is_global_zero:
         write_json(run_dir / RESULTS_FILE, results)
+        log_run_files(trainer.loggers)  # after every file of the run is written
         log.info("best select/dice %.4f (epoch %s) after %d epochs; validation patients at "
                  "original size %.4f; results in %s", results.get("select/dice", float("nan")),
                  results.get("best_epoch"), results["epochs_trained"],

@@ -1,5 +1,6 @@
 """Every config in conf/ composes, and the objects it describes can be built."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from prostate_seg.cli import CONF_DIR, unknown_group_choice
-from prostate_seg.losses import CombinedLoss, TverskyLoss
+from prostate_seg.config import check_train_config
+from prostate_seg.errors import ConfigError
+from prostate_seg.losses import CombinedLoss, FocalTverskyLoss, TverskyLoss
 from prostate_seg.module import build_loss
 
 GROUPS = ["data", "model", "loss", "optimizer", "scheduler", "trainer", "callbacks", "logger",
@@ -44,6 +47,9 @@ def test_every_loss_builds_and_is_named(loss, tmp_path):
         assert fn.alpha == float(loss[len("tversky_a"):]) and fn.alpha + fn.beta == 1.0
     if loss == "bce_tversky":
         assert isinstance(fn, CombinedLoss) and name == "bce+tversky_a0.5"
+    if loss == "focal_tversky":  # Abraham & Khan's setting, alpha weighting false positives
+        assert isinstance(fn, FocalTverskyLoss) and name == "focal_tversky_a0.3_g1.333"
+        assert (fn.alpha, fn.beta, fn.gamma) == pytest.approx((0.3, 0.7, 4 / 3))
 
 
 def test_default_is_tversky_half_and_alpha_override_keeps_beta_complementary(tmp_path):
@@ -52,6 +58,12 @@ def test_default_is_tversky_half_and_alpha_override_keeps_beta_complementary(tmp
     assert (name, fn.alpha, fn.beta) == ("tversky_a0.25", 0.25, 0.75)
     cfg = compose_train(["loss.alpha=0.3", "loss.beta=0.3", "data.dir=."], tmp_path)
     assert build_loss(cfg.loss)[0] == "tversky_a0.3_b0.3"
+
+
+def test_a_gamma_that_is_not_positive_is_one_line_naming_the_key(tmp_path):
+    cfg = compose_train(["loss=focal_tversky", "loss.gamma=0", "data.dir=."], tmp_path)
+    with pytest.raises(ConfigError, match=r"^loss: loss.gamma=0 must be > 0$"):
+        check_train_config(cfg)
 
 
 @pytest.mark.parametrize("model, params", [("unet", 31.0e6), ("unet_small", 1.94e6)])
@@ -94,6 +106,32 @@ def test_paper_experiment_sweeps_eight_losses_over_folds_and_seeds(tmp_path, ove
     assert cfg.optimizer.lr == 1e-4 and cfg.trainer.max_epochs == 100
 
 
+SWEEPERS = ["basic", "study", *options("hydra/sweeper")] + (
+    ["optuna"] if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") else [])
+
+
+@pytest.mark.parametrize("sweeper", SWEEPERS)
+def test_every_sweeper_composes(sweeper, tmp_path):
+    """Settings of the project's sweepers must not leak into another (Hydra's Optuna sweeper
+    refuses keys it does not know)."""
+    cfg = compose_train([f"hydra/sweeper={sweeper}", "data.dir=."], tmp_path)
+    assert cfg.hydra.sweeper._target_.rsplit(".", 1)[-1].endswith("Sweeper")
+
+
+def test_alpha_search_is_a_stored_tpe_study_over_alpha(tmp_path):
+    cfg = compose_train(["experiment=alpha_search", "data.dir=.",
+                         "hydra.sweep.dir=outputs/sweeps/s"], tmp_path)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("RepeatedTrialsSweeper")
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert sweeper.params == {"loss.alpha": "interval(0.05, 0.95)"} and cfg.loss.beta is None
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
+    assert (sweeper.direction, sweeper.n_trials, list(sweeper.folds), list(sweeper.seeds)) == (
+        "maximize", 20, [0], [0])
+    assert (sweeper.storage, sweeper.study_name) == (
+        "sqlite:///outputs/sweeps/s/optuna.db", "alpha_search")
+
+
 @pytest.mark.parametrize("name, overrides", [
     ("synthetic", ["output_dir=x"]), ("prepare", ["input_dir=x", "output_dir=y"]),
     ("evaluate", ["ckpt_path=x"]), ("predict", ["ckpt_path=x", "input=a", "output=b"])])
@@ -115,7 +153,8 @@ def test_launcher_configs_compose(tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["loss=focal"], "loss=focal: unknown loss; valid: bce, bce_tversky, dice, tversky"),
+    (["loss=focal"], "loss=focal: unknown loss; valid: bce, bce_tversky, dice, focal_tversky, "
+                     "tversky"),
     (["-m", "model=unet,unet_big"], "model=unet_big: unknown model"),
     (["hydra/launcher=spark"], "hydra/launcher=spark: unknown launcher; valid: basic, gpu_pool"),
 ])
@@ -137,7 +176,7 @@ def test_every_tool_finds_its_config_from_any_working_directory(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     sources = [*repo.glob("*.py"), *(repo / "prostate_seg").rglob("*.py")]
     names = {m for path in sources
-             for m in re.findall(r'hydra_entry\(.*config_name="(\w+)"', path.read_text(), re.S)}
+             for m in re.findall(r'hydra_entry\(.*?config_name="(\w+)"', path.read_text(), re.S)}
     assert names == {"train", "evaluate", "predict", "prepare", "synthetic"}
     assert all((CONF_DIR / f"{name}.yaml").is_file() for name in names)
     (tmp_path / "conf").mkdir()  # a decoy where a relative config path would look

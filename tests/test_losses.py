@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from prostate_seg.losses import CombinedLoss, TverskyLoss, tversky_index
+from prostate_seg.losses import CombinedLoss, FocalTverskyLoss, TverskyLoss, tversky_index
 
 # probabilities 0.9, 0.2, 0.7, 0.1 against targets 1, 0, 0, 1:
 # TP = 0.9 + 0.1 = 1.0, FP = 0.2 + 0.7 = 0.9, FN = 0.1 + 0.9 = 1.0
@@ -101,3 +101,44 @@ def test_weights_outside_unit_interval_are_refused(kwargs):
 def test_combined_loss_needs_a_weight_per_term():
     with pytest.raises(ValueError, match="weights"):
         CombinedLoss({"bce": torch.nn.BCEWithLogitsLoss()}, {"dice": 1.0})
+
+
+# Focal Tversky on the same four pixels (TP = 1.0, FP = 0.9, FN = 1.0), smooth = 0:
+# alpha = 0.3, beta = 0.7: TI = 1 / 1.97 = 0.507614, 1 - TI = 0.492386.
+@pytest.mark.parametrize("gamma, expected", [(4 / 3, 0.492386 ** 0.75),  # = 0.587800
+                                             (2.0, 0.492386 ** 0.5),     # = 0.701702
+                                             (1.0, 0.492386)])
+def test_focal_tversky_matches_hand_computation(gamma, expected):
+    loss = FocalTverskyLoss(alpha=0.3, gamma=gamma, smooth=0.0)(logits(PROBS), target())
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    assert FocalTverskyLoss(alpha=0.3, gamma=4 / 3, smooth=0.0)(
+        logits(PROBS), target()).item() == pytest.approx(0.587800, abs=1e-5)
+
+
+def test_focal_tversky_with_gamma_one_is_the_tversky_loss():
+    torch.manual_seed(1)
+    x, y = torch.randn(2, 1, 8, 8), (torch.rand(2, 1, 8, 8) > 0.5).float()
+    assert FocalTverskyLoss(0.4, gamma=1.0)(x, y).item() == pytest.approx(
+        TverskyLoss(0.4)(x, y).item(), abs=1e-6)
+
+
+def test_focal_tversky_maps_to_abraham_and_khan_with_alpha_and_beta_swapped():
+    """Their code: TI = (TP + s) / (TP + 0.7 FN + 0.3 FP + s), loss = (1 - TI) ** 0.75."""
+    tp, fp, fn, s = 1.0, 0.9, 1.0, 1.0
+    theirs = (1 - (tp + s) / (tp + 0.7 * fn + 0.3 * fp + s)) ** 0.75
+    ours = FocalTverskyLoss(alpha=0.3, beta=0.7, gamma=4 / 3, smooth=s)(logits(PROBS), target())
+    assert ours.item() == pytest.approx(theirs, abs=1e-6)
+
+
+def test_focal_tversky_gradient_stays_finite_on_a_perfect_prediction():
+    y = target()
+    x = ((y * 2 - 1) * 100).requires_grad_()  # sigmoid saturates: TI is exactly 1 in float32
+    loss = FocalTverskyLoss(alpha=0.3, gamma=4 / 3)(x, y)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-4) and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("gamma", [0.0, -1.0])
+def test_focal_tversky_refuses_a_gamma_that_is_not_positive(gamma):
+    with pytest.raises(ValueError, match="loss.gamma"):
+        FocalTverskyLoss(gamma=gamma)

@@ -34,7 +34,8 @@ class StudySweeperConf:
     max_batch_size: Optional[int] = None
     params: Optional[Dict[str, str]] = None
     # called as check_job(job_config, job_dir) for every job before the first one starts
-    check_job: Optional[str] = None
+    # (a default here, not in conf/hydra/default.yaml, where other sweepers would receive it)
+    check_job: Optional[str] = "prostate_seg.sweeps.check_job"
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudySweeperConf,
@@ -55,7 +56,9 @@ class StudySweeper(BasicSweeper):
         jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
         lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
         with exit_on_user_error():
-            self._extra = self._check_and_name(jobs)  # before the sweep folder is even made
+            # before the sweep folder is even made
+            self._extra = check_and_name_jobs(self.config, self.hydra_context, self.check_job,
+                                              jobs)
             lock.acquire()
         try:
             return super().sweep(arguments)
@@ -68,49 +71,51 @@ class StudySweeper(BasicSweeper):
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         """Every job was composed and checked in ``sweep`` already."""
 
-    def _check_and_name(self, jobs: List[List[str]]) -> Dict[Tuple[str, ...], List[str]]:
-        """Per job, the overrides to add (its folder name); raises on the first bad job."""
-        assert self.config is not None and self.hydra_context is not None
-        values: Dict[str, set] = {}
-        for job in jobs:
-            for override in job:
-                key, _, value = override.partition("=")
-                values.setdefault(key, set()).add(value)
-        swept = {key for key, seen in values.items() if len(seen) > 1}
-        auto = OmegaConf.to_container(self.config.hydra.sweep)["subdir"] == AUTO_SUBDIR
-        excluded = set(self.config.hydra.job.config.override_dirname.exclude_keys or [])
-        extra: Dict[Tuple[str, ...], List[str]] = {}
-        folders: Dict[Path, int] = {}
-        parent = HydraConfig.instance().cfg
-        try:
-            for index, job in enumerate(jobs):
-                config = self.hydra_context.config_loader.load_sweep_config(self.config, job)
-                HydraConfig.instance().set_config(config)  # for ${hydra:...} in the names
-                added = []
-                subdir = config.hydra.sweep.subdir
-                if auto:
-                    varying = [tuple(o.split("=", 1)) for o in job
-                               if o.split("=", 1)[0] in swept - excluded]
-                    subdir = job_name(config, varying)
-                    added = [f"hydra.sweep.subdir={subdir}"]
-                folder = Path(config.hydra.sweep.dir) / str(subdir)
-                if folder in folders:
-                    raise ConfigError(
-                        f"jobs {folders[folder]} and {index} would share the folder {folder} "
-                        f"({' '.join(jobs[folders[folder]])} / {' '.join(job)}); name the "
-                        "setting that tells them apart in hydra.sweep.subdir")
-                folders[folder] = index
-                if self.check_job is not None:
-                    named = [o for o in job if o.split("=", 1)[0] in swept] or job
-                    self._check(config, folder, " ".join(named))
-                extra[tuple(job)] = added
-        finally:
-            HydraConfig.instance().cfg = parent
-        log.info(f"Checked {len(jobs)} jobs before launch")
-        return extra
 
-    def _check(self, config: DictConfig, folder: Path, job: str) -> None:
-        try:
-            self.check_job(config, folder)
-        except UserError as exc:
-            raise type(exc)(f"job {job}: {exc}") from None
+def check_and_name_jobs(config: DictConfig, hydra_context: Any, check_job: Optional[Any],
+                        jobs: List[List[str]], swept_keys: Sequence[str] = ()
+                        ) -> Dict[Tuple[str, ...], List[str]]:
+    """Per job of ``jobs`` (override lists), the overrides to add (its folder name, when the
+    sweep's subdir is the default); raises on the first bad job. Also used by the Optuna
+    sweeper (hydra_plugins/repeated_trials_sweeper) for each batch of trials, whose searched
+    keys (``swept_keys``) vary between batches and so name every job."""
+    values: Dict[str, set] = {}
+    for job in jobs:
+        for override in job:
+            key, _, value = override.partition("=")
+            values.setdefault(key, set()).add(value)
+    swept = {key for key, seen in values.items() if len(seen) > 1} | set(swept_keys)
+    auto = OmegaConf.to_container(config.hydra.sweep)["subdir"] == AUTO_SUBDIR
+    excluded = set(config.hydra.job.config.override_dirname.exclude_keys or [])
+    extra: Dict[Tuple[str, ...], List[str]] = {}
+    folders: Dict[Path, int] = {}
+    parent = HydraConfig.instance().cfg
+    try:
+        for index, job in enumerate(jobs):
+            job_config = hydra_context.config_loader.load_sweep_config(config, job)
+            HydraConfig.instance().set_config(job_config)  # for ${hydra:...} in the names
+            added = []
+            subdir = job_config.hydra.sweep.subdir
+            if auto:
+                varying = [tuple(o.split("=", 1)) for o in job
+                           if o.split("=", 1)[0] in swept - excluded]
+                subdir = job_name(job_config, varying)
+                added = [f"hydra.sweep.subdir={subdir}"]
+            folder = Path(job_config.hydra.sweep.dir) / str(subdir)
+            if folder in folders:
+                raise ConfigError(
+                    f"jobs {folders[folder]} and {index} would share the folder {folder} "
+                    f"({' '.join(jobs[folders[folder]])} / {' '.join(job)}); name the "
+                    "setting that tells them apart in hydra.sweep.subdir")
+            folders[folder] = index
+            if check_job is not None:
+                named = [o for o in job if o.split("=", 1)[0] in swept] or job
+                try:
+                    check_job(job_config, folder)
+                except UserError as exc:
+                    raise type(exc)(f"job {' '.join(named)}: {exc}") from None
+            extra[tuple(job)] = added
+    finally:
+        HydraConfig.instance().cfg = parent
+    log.info(f"Checked {len(jobs)} jobs before launch")
+    return extra

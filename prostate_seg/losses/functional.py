@@ -48,3 +48,16 @@ def tversky_index(
     """TI = (TP + s) / (TP + alpha*FP + beta*FN + s) on sigmoid probabilities."""
     tp, fp, fn = soft_confusion(logits, target)
     return (tp + smooth) / (tp + alpha * fp + beta * fn + smooth)
+
+
+# 1 - TI is floored here before the power: d/dx x^(1/gamma) is infinite at x = 0 for gamma > 1,
+# and a saturated sigmoid can make TI exactly 1 (a NaN gradient instead of a zero one).
+_FOCAL_FLOOR = 1e-6
+
+
+def focal_tversky_loss(
+    logits: Tensor, target: Tensor, alpha: float, beta: float, gamma: float, smooth: float = 1.0
+) -> Tensor:
+    """(1 - TI) ** (1 / gamma): Abraham & Khan's definition; gamma = 1 is the Tversky loss."""
+    one_minus = 1.0 - tversky_index(logits, target, alpha, beta, smooth)
+    return one_minus.clamp_min(_FOCAL_FLOOR) ** (1.0 / gamma)

@@ -1,0 +1,101 @@
+"""MLflow tracking (logger=mlflow, logger=tensorboard_mlflow), read back with MLflow's own
+client: experiments and runs named like the folders, params, per-epoch metrics, files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from helpers import TINY, compose_train, run_cli
+
+from prostate_seg.config import check_train_config
+from prostate_seg.errors import ConfigError
+
+mlflow = pytest.importorskip("mlflow", reason="MLflow is the optional extra [mlflow]")
+
+
+def _runs(store: str, experiment: str):
+    mlflow.set_tracking_uri(store)
+    return mlflow.search_runs(experiment_names=[experiment], order_by=["attributes.run_name"])
+
+
+def _artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+@pytest.mark.slow
+def test_sweep_is_one_experiment_with_a_run_per_job_and_the_report(prepared, tmp_path):
+    done = run_cli("train.py", "-m", "logger=tensorboard_mlflow", "loss.alpha=0.3,0.7",
+                   "hydra.sweep.dir=sweep", "hydra.sweep.subdir=a${loss.alpha}", *TINY,
+                   f"data.dir={prepared}", "trainer.max_epochs=2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # The default store: a SQLite database under outputs/ of the folder the command ran in.
+    store = f"sqlite:///{tmp_path}/outputs/mlflow.db"
+    runs = _runs(store, "sweep")
+    assert list(runs["tags.mlflow.runName"]) == ["a0.3", "a0.7", "report"]
+    client = mlflow.MlflowClient(store)
+    for _, run in runs.iloc[:2].iterrows():
+        folder = tmp_path / "sweep" / run["tags.mlflow.runName"]
+        results = json.loads((folder / "results.json").read_text())
+        assert run["tags.prostate_seg.run_dir"] == str(folder)
+        assert run["params.loss"] == f"tversky_a{results['alpha']}"
+        assert float(run["params.beta"]) == pytest.approx(1 - results["alpha"])
+        assert (run["params.seed"], run["params.fold"], run["params.lr"], run["params.batch_size"],
+                run["params.image_size"]) == ("0", "0", "0.003", "8", "48")
+        assert run["params.identity"] == results["identity"]
+        assert run["metrics.results/select/dice"] == pytest.approx(results["select/dice"])
+        history = client.get_metric_history(run.run_id, "train/loss")
+        assert len(history) == 2  # one per epoch
+        assert {h.step for h in client.get_metric_history(run.run_id, "epoch")} >= {
+            h.step for h in history}
+        files = _artifacts(client, run.run_id)
+        assert {"results.json", "per_patient.csv", "config.yaml",
+                "select/predictions/step0000.png"} <= files
+        assert run["metrics.results/val/dice_original"] == pytest.approx(
+            results["val/dice_original"])
+        assert list(folder.glob("events.out.tfevents.*"))  # TensorBoard as well
+    report = runs.iloc[2]
+    assert {"report/results.md", "report/results.csv"} <= _artifacts(client, report.run_id)
+    assert str(tmp_path / "outputs" / "mlartifacts") in runs.iloc[0].artifact_uri
+
+
+def test_a_resumed_run_continues_its_mlflow_run(prepared, tmp_path, caplog):
+    from prostate_seg.training import train
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    run_dir = tmp_path / "runs" / "job"
+    overrides = [*TINY, f"data.dir={prepared}", "logger=mlflow",
+                 f"logger.mlflow.tracking_uri={store}"]
+    train(compose_train([*overrides, "trainer.max_epochs=1"], run_dir))
+    first = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    # Continue the same folder from its last.ckpt for a second epoch (an explicit checkpoint
+    # path: ckpt_path=last would refuse the changed max_epochs as another config).
+    last = run_dir / "checkpoints" / "last.ckpt"
+    train(compose_train([*overrides, "trainer.max_epochs=2", f"ckpt_path={last}"], run_dir))
+
+    runs = _runs(store, str(tmp_path / "runs"))  # outside the working directory: full path
+    assert list(runs.run_id) == [first] and list(runs["tags.mlflow.runName"]) == ["job"]
+    losses = mlflow.MlflowClient(store).get_metric_history(first, "train/loss")
+    assert len(losses) == 2
+    assert runs.loc[0, "metrics.results/epochs_trained"] == 2
+    # MLflow params cannot change: the run keeps its first max_epochs, and says so.
+    assert runs.loc[0, "params.max_epochs"] == "1"
+    assert "keeps its earlier max_epochs=1" in caplog.text
+
+
+def test_missing_mlflow_is_one_line_saying_what_to_install(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mlflow" else find_spec(name, *a))
+    cfg = compose_train(["logger=mlflow", "data.dir=."], tmp_path)
+    del cfg.hydra  # as a run's task sees its config
+    with pytest.raises(ConfigError) as error:
+        check_train_config(cfg)
+    assert str(error.value) == ("logger.mlflow: prostate_seg.tracking.MLflowRunLogger needs "
+                                "mlflow, which is not installed "
+                                '(pip install "prostate-seg[mlflow]")')
