@@ -5,6 +5,9 @@ Before anything is written or launched, every job's config is composed and check
 and its folder named; two jobs that would share a folder stop the sweep. A sweep folder is
 locked while its sweep runs, so a second sweep started into it is refused instead of
 training every job twice.
+
+A setting of a swept group's options applies to the options that have it:
+``loss=bce,tversky loss.alpha=0.25,0.75`` runs bce once and Tversky with each alpha.
 """
 
 import logging
@@ -15,7 +18,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,29 +49,59 @@ class StudySweeper(BasicSweeper):
                  params: Optional[Dict[str, str]] = None, check_job: Optional[str] = None):
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.check_job = get_method(check_job) if check_job else None
-        self._extra: Dict[Tuple[str, ...], List[str]] = {}
+        self._lock: Optional[RunLock] = None
 
     def sweep(self, arguments: List[str]) -> Any:
-        assert self.config is not None and self.hydra_context is not None
-        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        overrides = parser.parse_overrides(self._parse_config() + list(arguments))
-        jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
-        lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
-        with exit_on_user_error():
-            # before the sweep folder is even made
-            self._extra = check_and_name_jobs(self.config, self.hydra_context, self.check_job,
-                                              jobs)
-            lock.acquire()
         try:
             return super().sweep(arguments)
         finally:
-            lock.release()
+            if self._lock is not None:
+                self._lock.release()
 
-    def get_job_batch(self) -> Sequence[Sequence[str]]:
-        return [list(job) + self._extra[tuple(job)] for job in super().get_job_batch()]
+    def split_arguments(self, overrides: List[Any],  # type: ignore[override]
+                        max_batch_size: Optional[int]) -> List[List[List[str]]]:
+        """The jobs of the grid, each checked and named, before the sweep folder is made."""
+        assert self.config is not None and self.hydra_context is not None
+        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+        with exit_on_user_error():
+            jobs = applicable_jobs(self.config, self.hydra_context, jobs)
+            extra = check_and_name_jobs(self.config, self.hydra_context, self.check_job, jobs)
+            self._lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
+            self._lock.acquire()
+        jobs = [job + extra[tuple(job)] for job in jobs]
+        size = max_batch_size if max_batch_size and max_batch_size > 0 else max(len(jobs), 1)
+        return [jobs[i:i + size] for i in range(0, len(jobs), size)]
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        """Every job was composed and checked in ``sweep`` already."""
+        """Every job was composed and checked in ``split_arguments`` already."""
+
+
+_ABSENT = object()
+
+
+def applicable_jobs(config: DictConfig, hydra_context: Any, jobs: List[List[str]]
+                    ) -> List[List[str]]:
+    """The jobs with each setting of a swept group (``loss.alpha`` while ``loss`` takes several
+    options) kept only where the chosen option has that setting; jobs that then coincide (bce
+    with each alpha) run once. A setting no option has stays, so a typo is still an error."""
+    options: Dict[str, set] = {}
+    for job in jobs:
+        for override in job:
+            key, _, value = override.partition("=")
+            if "." not in key and not key.startswith(("+", "~")):
+                options.setdefault(key, set()).add(value)
+    swept = {group for group, values in options.items() if len(values) > 1}
+    kept: Dict[Tuple[str, ...], None] = {}
+    for job in jobs:
+        dependent = [o for o in job if "." in o.split("=", 1)[0]
+                     and o.split("=", 1)[0].split(".", 1)[0] in swept]
+        if dependent:
+            base = hydra_context.config_loader.load_sweep_config(
+                config, [o for o in job if o not in dependent])
+            job = [o for o in job if o not in dependent or OmegaConf.select(
+                base, o.split("=", 1)[0], default=_ABSENT) is not _ABSENT]
+        kept.setdefault(tuple(job))
+    return [list(job) for job in kept]
 
 
 def check_and_name_jobs(config: DictConfig, hydra_context: Any, check_job: Optional[Any],
