@@ -482,10 +482,15 @@ def verdict(a: Analysis) -> list[str]:
     lines = []
     flagged = a.flagged
     if flagged:
-        detail = "; ".join(f"{loss}: {', '.join(flags)}" for loss, flags in flagged.items())
+        kinds: dict[str, list[str]] = {}
+        for loss, flags in flagged.items():
+            for flag in flags:  # "degenerate in 2 of 2 runs (...)", "tie: identical ..."
+                kind = flag.split(" in ", 1)[0].split(":", 1)[0]
+                kinds.setdefault(kind, []).append(loss)
+        detail = "; ".join(f"{kind}: {', '.join(losses)}" for kind, losses in kinds.items())
         lines.append(f"Caution: {len(flagged)} of {len(a.summaries)} losses have runs that "
-                     f"cannot support a conclusion ({detail}). They are left out of the "
-                     "verdict, and no loss is called best.")
+                     f"cannot support a conclusion ({detail}; the table's flags say which runs "
+                     "and why). They are left out of the verdict, and no loss is called best.")
     if len(a.summaries) < 2:
         only = a.summaries[0].loss if a.summaries else "none"
         lines.append(f"Only one loss ({only}) on {_design(a)}: nothing to compare.")

@@ -269,7 +269,7 @@ def test_flagged_losses_are_said_first_and_nothing_is_ranked():
             if r["loss"] == "tversky_a0.5" else r for r in rows]
     analysis = analyse(rows, ["bce", "tversky_a0.25", "tversky_a0.5"], "bce", all_pairs=True)
     assert analysis.verdict[0].startswith("Caution: 1 of 3 losses have runs that cannot "
-                                          "support a conclusion (tversky_a0.5: not converged")
+                                          "support a conclusion (not converged: tversky_a0.5;")
     text = "\n".join(analysis.verdict)
     assert "Best" not in text and "tversky_a0.5 scores" not in text
     assert "no difference from bce detected for tversky_a0.25" in text
@@ -280,6 +280,8 @@ def test_a_seven_way_tie_of_collapsed_runs_ranks_nothing():
             for loss in LOSSES[1:] for p in range(6)]
     analysis = analyse(rows, LOSSES[1:], None)
     assert analysis.verdict[0].startswith("Caution: 7 of 7 losses")
+    assert "(degenerate: " in analysis.verdict[0] and "; tie: " in analysis.verdict[0]
+    assert len(analysis.verdict[0]) < 400  # one readable line: the details are in the table
     assert all("tie" in "".join(s.flags) and "degenerate" in "".join(s.flags)
                for s in analysis.summaries)
     assert not any("Best" in line or "scores higher" in line for line in analysis.verdict)
