@@ -233,8 +233,8 @@ def test_flagged_runs_are_said_first_and_not_ranked(tmp_path):
     md = (sweep / "report" / "results.md").read_text()
     first = md.splitlines()[0]
     assert first.startswith("**Caution: 1 of 3 losses have runs that cannot support a "
-                            "conclusion (tversky_a0.25: degenerate in 3 of 3 runs (predicts "
-                            "gland in 100% of all voxels))")
+                            "conclusion (degenerate: tversky_a0.25;")
+    assert "degenerate in 3 of 3 runs (predicts gland in 100% of all voxels)" in md
     verdict = md.split("## Per loss")[0]
     assert "Best" not in verdict and "No loss is called best" not in verdict
     assert "tversky_a0.5 scores higher than bce" in verdict  # the unflagged ones still compared
