@@ -26,7 +26,7 @@ prepared=$(date +%s.%N)
 # The whole study: 8 losses x 5 folds (x study.seeds), jobs sharing the GPU.
 "$python" "$here/train.py" -m experiment=paper data.dir="$data" data.image_size="$size" \
   hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=4 \
-  model=unet model.net.features='[32,64,128,256]' \
+  model=unet model.net.features='[32,64,128,256]' model.compile=false \
   optimizer.lr=1e-3 scheduler=cosine trainer.max_epochs=40 \
   callbacks.early_stopping.patience=10 data.cache=true \
   hydra.sweep.dir="$out/study" "$@"
