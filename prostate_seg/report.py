@@ -41,6 +41,7 @@ from prostate_seg.errors import DataError, UserError
 from prostate_seg.files import write_csv, write_text
 from prostate_seg.runs import (
     METRICS_FILE,
+    RunLock,
     PER_PATIENT_FILE,
     PREVIEW_FILE,
     RESULTS_FILE,
@@ -197,17 +198,23 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _unfinished_reason(status: dict[str, Any] | None, launcher: dict[str, Any] | None
-                       ) -> tuple[str, str]:
+def _unfinished_reason(folder: Path, status: dict[str, Any] | None,
+                       launcher: dict[str, Any] | None) -> tuple[str, str]:
     state = (status or {}).get("status")
-    if state == "failed" or (launcher or {}).get("status") == "failed":
+    launched = (launcher or {}).get("status")
+    if state == "failed" or launched == "failed":
         error = (status or {}).get("error") or (launcher or {}).get("error") or ""
         last = str(error).strip().splitlines()[-1:] or ["no error recorded"]
         return "failed", last[0]
-    if state == "interrupted":
-        return "interrupted", str((status or {}).get("error") or "interrupted")
+    if state == "interrupted" or launched == "interrupted":
+        error = (status or {}).get("error") or (launcher or {}).get("error") or "interrupted"
+        return "interrupted", str(error).strip().splitlines()[0]
     if state == "running":
-        return "running", "status.json says running: still running, or killed without a record"
+        holder = RunLock(folder).held_by_another()
+        if holder:
+            return "running", f"still running ({holder})"
+        return "failed", ("status.json says running but no process works in the folder: killed "
+                          "(e.g. SIGKILL, out of memory) before it could record why")
     if state == "completed":
         return "broken", "status.json says completed but results.json is missing"
     if status is None:
@@ -230,7 +237,7 @@ def read_run(folder: Path, sweep_dir: Path) -> Run:
         run.identity = {}
     if (status or {}).get("status") != "completed" or results is None:
         launcher, _ = _load_json(folder / LAUNCHER_FILE)
-        run.state, run.reason = _unfinished_reason(status, launcher)
+        run.state, run.reason = _unfinished_reason(folder, status, launcher)
         return run
     if not run.loss:
         run.state, run.reason = "broken", "results.json names no loss"

@@ -159,6 +159,17 @@ class RunLock:
             os.close(self._fd)
             self._fd = None
 
+    def held_by_another(self) -> str | None:
+        """Who holds the folder (``pid N on host``), or None when no live process does."""
+        if not self.path.exists():
+            return None
+        try:
+            self.acquire()
+        except ConfigError:
+            return self.path.read_text().strip() or "another process"
+        self.release()
+        return None
+
 
 def read_json(path: Path) -> dict[str, Any] | None:
     try:

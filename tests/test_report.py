@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from helpers import run_cli
+from omegaconf import OmegaConf
 from scipy import stats
 
 from prostate_seg import figures
 from prostate_seg.errors import DataError
 from prostate_seg.report import SweepReportCallback, collect_runs, main, report_table
+from prostate_seg.runs import RunLock
 from prostate_seg.statistics import analyse
 
 PATIENTS = [f"case{i:02d}" for i in range(12)]
@@ -187,9 +188,15 @@ def test_one_broken_folder_is_listed_and_the_rest_reported(tmp_path):
     twice.write_text(twice.read_text() + twice.read_text().splitlines()[1] + "\n")
     write_run(sweep / "tversky_a0.75-fold0-seed0", "tversky_a0.75", 0, 0, {}, status="failed")
     write_run(sweep / "tversky_a0.75-fold1-seed0", "tversky_a0.75", 1, 0, {}, status="running")
+    write_run(sweep / "tversky_a0.75-fold1-seed1", "tversky_a0.75", 1, 1, {}, status="running")
     (sweep / "tversky_a0.75-fold2-seed0" / ".hydra").mkdir(parents=True)  # never got going
 
-    result = run_cli("-m", "prostate_seg.report", str(sweep), cwd=tmp_path)
+    live = RunLock(sweep / "tversky_a0.75-fold1-seed1")
+    live.acquire()  # a job still at work there; the other "running" one was killed
+    try:
+        result = run_cli("-m", "prostate_seg.report", str(sweep), cwd=tmp_path)
+    finally:
+        live.release()
     assert result.returncode == 0, result.stderr
     md = (sweep / "report" / "results.md").read_text()
     problems = md.split("## Runs not in the statistics, and other problems")[1]
@@ -202,7 +209,9 @@ def test_one_broken_folder_is_listed_and_the_rest_reported(tmp_path):
     assert ("- `tversky_a0.5-fold2-seed1`: broken — per_patient.csv line 6: duplicate of line 2 "
             "(patient=case02, split=val)") in problems
     assert "- `tversky_a0.75-fold0-seed0`: failed — RuntimeError: CUDA out of memory" in problems
-    assert "- `tversky_a0.75-fold1-seed0`: running — status.json says running" in problems
+    assert ("- `tversky_a0.75-fold1-seed0`: failed — status.json says running but no process "
+            "works in the folder: killed") in problems
+    assert "- `tversky_a0.75-fold1-seed1`: running — still running (pid " in problems
     assert "- `tversky_a0.75-fold2-seed0`: unfinished — no status.json" in problems
     assert ("`bce-fold2-seed0`: val_preview.npz unreadable (" in problems and
             "its numbers are counted, its contours are not drawn" in problems)
