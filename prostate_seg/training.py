@@ -30,6 +30,7 @@ from prostate_seg.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_m
 from prostate_seg.files import make_folder, replacing, write_csv, write_json
 from prostate_seg.inference import load_checkpoint
 from prostate_seg.module import HP_METRIC, SegmentationModule
+from prostate_seg.requeue import DeferredRequeue
 from prostate_seg.runs import (
     LAST_CHECKPOINT,
     METRICS_FILE,
@@ -258,14 +259,23 @@ def _train_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     ckpt_path = _checkpoint_to_resume(cfg, run_dir, identity)
     if rank_zero_only.rank == 0:
         status.running(resumed_from=ckpt_path, identity=identity)
+    requeue = DeferredRequeue.take_over()  # under submitit: SLURM's time-limit signal
     try:
-        results = _fit(cfg, run_dir, ckpt_path, datamodule, identity)
+        try:
+            results = _fit(cfg, run_dir, ckpt_path, datamodule, identity, requeue)
+        except SIGTERMException:  # stopped at a batch boundary, last.ckpt saved
+            if requeue is not None:
+                requeue.hand_over()  # after the time-limit signal: requeued, or failed for good
+            raise
     except BaseException as exc:
         if rank_zero_only.rank == 0:
             _record_failure(status, exc)
         if isinstance(exc, SIGTERMException):  # Lightning's is a SystemExit with status 0
             raise SystemExit(128 + signal.SIGTERM) from exc
         raise
+    finally:
+        if requeue is not None:
+            requeue.release()
     if rank_zero_only.rank == 0:
         status.completed()
     return results
@@ -306,11 +316,13 @@ def _evaluate_per_patient(cfg: DictConfig, best: str, datamodule: SliceDataModul
 
 
 def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: SliceDataModule,
-         identity: Identity) -> dict[str, Any]:
+         identity: Identity, requeue: DeferredRequeue | None = None) -> dict[str, Any]:
     started = time.time()
     datamodule, module, trainer = build_run(cfg, datamodule, identity)
     timer = FirstStepTimer()
     trainer.callbacks.append(timer)
+    if requeue is not None:
+        trainer.callbacks.append(requeue)
     if ckpt_path:
         log.info("continuing from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
