@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
@@ -49,3 +51,14 @@ class NaNAfterLoss(torch.nn.Module):
             self.calls += 1
         loss = self.bce(logits, target)
         return loss * float("nan") if self.calls > self.steps else loss
+
+
+class Pace(pl.Callback):
+    """Each training batch takes at least ``seconds``: a run that lasts as long as a test needs
+    (for instance to be inside a SLURM time-limit check, every 30 s) on any machine."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        time.sleep(self.seconds)
