@@ -74,7 +74,7 @@ class SlurmSweepLauncher(SlurmLauncher):
                      "ended without a result (cancelled, killed, out of memory, node failure?)")
             error = f"SLURM task {job.job_id} ({state}) {cause}; log: {job.paths.stderr}"
             log.error(f"#{idx} FAILED: {error}")
-            folder = _job_folder(sweep_dir, overrides)
+            folder = _job_folder(sweep_dir, job.job_id)
             if folder is not None:
                 write_json(folder / "launcher.json",
                            {"job": idx, "overrides": overrides, "slurm_job_id": job.job_id,
@@ -85,11 +85,11 @@ class SlurmSweepLauncher(SlurmLauncher):
             return ret
 
 
-def _job_folder(sweep_dir: Path, overrides: List[str]) -> Optional[Path]:
-    """The folder where Hydra ran the job with these overrides (its .hydra/overrides.yaml);
-    None if the task died before Hydra made one."""
-    for path in sweep_dir.glob("**/.hydra/overrides.yaml"):
-        if list(OmegaConf.load(path)) == overrides:
+def _job_folder(sweep_dir: Path, job_id: str) -> Optional[Path]:
+    """The folder where SLURM task ``job_id`` ran its job (Hydra records the id as hydra.job.id
+    in .hydra/hydra.yaml); None if the task died before Hydra made the folder."""
+    for path in sweep_dir.glob("**/.hydra/hydra.yaml"):
+        if str(OmegaConf.select(OmegaConf.load(path), "hydra.job.id")) == job_id:
             return path.parent.parent
     return None
 
