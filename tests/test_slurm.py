@@ -1,6 +1,6 @@
 """``hydra/launcher=slurm`` on a real single-node SLURM cluster (``scripts/local_slurm.sh``).
 
-The study's sweep runs as one SLURM array job in the folders the basic launcher would use and
+The study's sweep runs as one SLURM array job in the folders the basic launcher uses and
 writes its report; a task that SLURM requeues and a task that reaches its time limit save
 last.ckpt, are requeued and resume to the full number of epochs; a task killed for good is
 reported as failed while the others finish.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import REPO, TINY, compose_train, run_cli
+from helpers import REPO, TINY, run_cli
 from omegaconf import OmegaConf
 
 from prostate_seg.prepare import PrepareSettings, prepare
@@ -36,7 +36,7 @@ SMALL = [o for o in TINY if not o.startswith(("data.image_size=", "data.batch_si
 ON_TEST_CLUSTER = ["hydra/launcher=slurm", "hydra.launcher.partition=debug",
                    "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1",
                    "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=5"]
-LOSSES = ["bce", "tversky_a0.25", "tversky_a0.75"]
+LOSSES = ["bce", "tversky_a0.25", "tversky_a0.75"]  # sweep job i = array task i
 
 
 @pytest.fixture(scope="module")
@@ -67,20 +67,10 @@ def data32(phantoms, tmp_path_factory) -> Path:
     return out
 
 
-def sweep_overrides(data: Path, sweep: Path, *more: str) -> list[str]:
-    """An experiment=paper sweep at test size (without the swept loss and seed)."""
-    return ["experiment=paper", *SMALL, "data.image_size=32", f"data.dir={data}",
-            *ON_TEST_CLUSTER, *more, f"hydra.sweep.dir={sweep}"]
-
-
-def basic_launcher_folders(overrides: list[str], tmp: Path) -> dict[str, Path]:
-    """Each loss's job folder as Hydra composes it for that job (hydra.sweep.dir/subdir), i.e.
-    where the basic launcher would run it."""
-    folders = {}
-    for loss in LOSSES:
-        cfg = compose_train([*overrides, f"loss={loss}", "seed=0"], tmp / "compose")
-        folders[loss] = Path(cfg.hydra.sweep.dir) / cfg.hydra.sweep.subdir
-    return folders
+def sweep_overrides(data: Path, *more: str) -> list[str]:
+    """experiment=paper at test size, the losses swept on fold 0 (no launcher, no folder)."""
+    return ["experiment=paper", f"loss={','.join(LOSSES)}", "study.folds=[0]", *SMALL,
+            "data.image_size=32", f"data.dir={data}", *more]
 
 
 def slurm(*command: str) -> str:
@@ -101,51 +91,68 @@ def array_job(sweep: Path) -> str:
     return ids.pop()
 
 
-def epochs(run: Path) -> list[int]:
-    if not (run / "metrics.csv").exists():
+def task_folder(sweep: Path, task: str) -> Path | None:
+    """The job folder of SLURM task ``task`` (``<array id>_<i>``): Hydra records the id as
+    hydra.job.id when the job starts."""
+    for path in sweep.glob("*/.hydra/hydra.yaml"):
+        if str(OmegaConf.select(OmegaConf.load(path), "hydra.job.id")) == task:
+            return path.parent.parent
+    return None
+
+
+def job_folders(sweep: Path) -> set[str]:
+    return {p.name for p in sweep.iterdir() if p.is_dir() and p.name not in (".submitit", "report")}
+
+
+def epochs(run: Path | None) -> list[int]:
+    if run is None or not (run / "metrics.csv").exists():
         return []
     with open(run / "metrics.csv", newline="") as f:
         return [int(row["epoch"]) for row in csv.DictReader(f)]
 
 
-def report_rows(sweep: Path) -> dict[str, dict]:
+def report(sweep: Path) -> tuple[dict[str, dict], str]:
+    """The sweep report's row per loss (results.csv) and its text (results.md)."""
     with open(sweep / "report" / "results.csv", newline="") as f:
-        return {row["loss"]: row for row in csv.DictReader(f)}
+        rows = {row["loss"]: row for row in csv.DictReader(f)}
+    return rows, (sweep / "report" / "results.md").read_text()
 
 
 def test_sweep_is_one_array_job_in_the_basic_launchers_folders_with_its_report(
         cluster, data32, tmp_path):
-    sweep = tmp_path / "sweep"
-    overrides = sweep_overrides(
-        data32, sweep, "trainer.max_epochs=2", "hydra.launcher.array_parallelism=2",
+    overrides = sweep_overrides(data32, "trainer.max_epochs=2")
+    sweep = tmp_path / "slurm"
+    on_slurm: list = []
+    driver = threading.Thread(target=lambda: on_slurm.append(run_cli(
+        "train.py", "-m", *overrides, *ON_TEST_CLUSTER, "hydra.launcher.array_parallelism=2",
         "hydra.launcher.setup=['echo setup line ran']",
-        "+hydra.launcher.additional_parameters.comment=prostate-seg-test")
-    result = run_cli("train.py", "-m", *overrides, f"loss={','.join(LOSSES)}", "seed=0",
-                     cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+        "+hydra.launcher.additional_parameters.comment=prostate-seg-test",
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=300)))
+    driver.start()  # meanwhile, the same sweep with Hydra's basic launcher, in its process
+    basic = run_cli("train.py", "-m", *overrides, f"hydra.sweep.dir={tmp_path / 'basic'}",
+                    cwd=tmp_path, timeout=300)
+    driver.join()
+    assert basic.returncode == 0, basic.stderr[-3000:]
+    assert on_slurm[0].returncode == 0, on_slurm[0].stderr[-3000:]
 
-    folders = basic_launcher_folders(overrides, tmp_path)
-    made = {p for p in sweep.iterdir() if p.is_dir() and p.name not in (".submitit", "report")}
-    assert made == set(folders.values())
+    assert job_folders(sweep) == job_folders(tmp_path / "basic")
     job = array_job(sweep)
-    assert sacct(job, "JobID") == [f"{job}_{task}" for task in range(len(LOSSES))]
-    assert sacct(job, "State") == ["COMPLETED"] * len(LOSSES)
-    for task, loss in enumerate(LOSSES):  # job order = the command line's order of losses
-        run = folders[loss]
-        assert OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.job.id == f"{job}_{task}"
+    tasks = [f"{job}_{i}" for i in range(len(LOSSES))]
+    assert sacct(job, "JobID") == tasks and sacct(job, "State") == ["COMPLETED"] * len(LOSSES)
+    for task, loss in zip(tasks, LOSSES):
+        run = task_folder(sweep, task)
+        results = json.loads((run / "results.json").read_text())
+        assert results["loss"] == loss and results["epochs_trained"] == 2 and epochs(run) == [0, 1]
         assert json.loads((run / "status.json").read_text())["status"] == "completed"
-        assert json.loads((run / "results.json").read_text())["epochs_trained"] == 2
-        assert epochs(run) == [0, 1]
-        log = sweep / ".submitit" / f"{job}_{task}" / f"{job}_{task}_0_log.out"
-        assert "setup line ran" in log.read_text()
+        assert "setup line ran" in (sweep / ".submitit" / task / f"{task}_0_log.out").read_text()
     script = (sweep / ".submitit" / job / f"{job}_submission.sh").read_text()
     for flag in ("--array=0-2%2", "--partition=debug", "--cpus-per-task=1", "--mem=2GB",
                  "--time=5", "--signal=USR2@120", "--comment=prostate-seg-test"):
         assert f"#SBATCH {flag}\n" in script
     assert "--gpus-per-node" not in script
-    rows = report_rows(sweep)
-    assert sorted(rows) == sorted(LOSSES)
-    assert all(row["completed"] == "1" and row["failed"] == "0" for row in rows.values())
+    rows, _ = report(sweep)
+    assert sorted(rows) == sorted(LOSSES) == sorted(report(tmp_path / "basic")[0])
+    assert all(row["n_runs"] == "1" for row in rows.values())
 
 
 @dataclass
@@ -159,11 +166,13 @@ class Interrupted:
     epochs: int
 
 
-def _wait_until(what: str, condition, deadline: float) -> None:
-    while not condition():
+def _wait_for(what: str, value, deadline: float):
+    """Poll ``value()`` until it is truthy; return it."""
+    while not (found := value()):
         if time.time() > deadline:
             raise TimeoutError(f"SLURM test: {what} did not happen in time")
         time.sleep(0.5)
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -172,33 +181,35 @@ def interrupted(cluster, data32, tmp_path_factory) -> Interrupted:
     tmp = tmp_path_factory.mktemp("interrupted")
     sweep = tmp / "sweep"
     max_epochs = 12  # 16 batches of 8 slices, 0.2 s each: > 38 s of training per task
-    overrides = sweep_overrides(
-        data32, sweep, "data.batch_size=8", f"trainer.max_epochs={max_epochs}",
+    overrides = [
+        *sweep_overrides(data32, "data.batch_size=8", f"trainer.max_epochs={max_epochs}"),
         "callbacks.early_stopping.patience=100", "+callbacks.pace._target_=helpers.Pace",
-        "+callbacks.pace.seconds=0.2",
+        "+callbacks.pace.seconds=0.2", *ON_TEST_CLUSTER,
         # SIGUSR2 60 s before the limit: with the 1-minute limit given to task 1 mid-run,
         # SLURM sends it at its next time-limit check (one every 30 s).
-        "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=2")
-    folders = basic_launcher_folders(overrides, tmp)
-    killed, time_limit, requeued = (folders[loss] for loss in LOSSES)
+        "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=2",
+        f"hydra.sweep.dir={sweep}"]
     outcome: list = []
     driver = threading.Thread(target=lambda: outcome.append(run_cli(
-        "train.py", "-m", *overrides, f"loss={','.join(LOSSES)}", "seed=0", cwd=tmp,
-        timeout=420, env={"PYTHONPATH": str(REPO / "tests")})))  # jobs import helpers.Pace
+        "train.py", "-m", *overrides, cwd=tmp, timeout=420,
+        env={"PYTHONPATH": str(REPO / "tests")})))  # the tasks import helpers.Pace
     driver.start()
     deadline = time.time() + 400
     job = None
     try:
-        _wait_until("submission", lambda: list((sweep / ".submitit").glob("[0-9]*_2")), deadline)
+        _wait_for("submission", lambda: list((sweep / ".submitit").glob("[0-9]*_2")), deadline)
         job = array_job(sweep)
-        _wait_until("task 0 training", lambda: epochs(killed), deadline)
+        killed = _wait_for("task 0 training", lambda: epochs(task_folder(sweep, f"{job}_0"))
+                           and task_folder(sweep, f"{job}_0"), deadline)
         os.kill(json.loads((killed / "status.json").read_text())["pid"], signal.SIGKILL)
-        _wait_until("task 1 training", lambda: epochs(time_limit), deadline)
+        time_limit = _wait_for("task 1 training", lambda: epochs(task_folder(sweep, f"{job}_1"))
+                               and task_folder(sweep, f"{job}_1"), deadline)
         slurm("scontrol", "update", f"JobId={job}_1", "TimeLimit=1")
-        _wait_until("task 2 training", lambda: epochs(requeued), deadline)
+        requeued = _wait_for("task 2 training", lambda: epochs(task_folder(sweep, f"{job}_2"))
+                             and task_folder(sweep, f"{job}_2"), deadline)
         slurm("scontrol", "requeue", f"{job}_2")
-        _wait_until("task 1 requeued at its time limit",
-                    lambda: "REQUEUED" in sacct(f"{job}_1", "State"), deadline)
+        _wait_for("task 1 requeued at its time limit",
+                  lambda: "REQUEUED" in sacct(f"{job}_1", "State"), deadline)
         slurm("scontrol", "update", f"JobId={job}_1", "TimeLimit=5")  # the next run finishes
         driver.join(max(0.0, deadline - time.time()))
         assert not driver.is_alive(), "the sweep did not end"
@@ -250,15 +261,14 @@ def test_task_at_its_time_limit_saves_requeues_and_resumes(interrupted):
 
 
 def test_task_killed_for_good_is_failed_while_the_others_finish(interrupted):
-    assert sacct(f"{interrupted.job}_0", "State") == ["FAILED"]
+    task = f"{interrupted.job}_0"
+    assert sacct(task, "State") == ["FAILED"]
     record = json.loads((interrupted.killed / "launcher.json").read_text())
-    assert record["status"] == "failed" and record["slurm_job_id"] == f"{interrupted.job}_0"
+    assert record["status"] == "failed" and record["slurm_job_id"] == task
     assert record["slurm_state"] == "FAILED"
     assert interrupted.result.returncode != 0  # the sweep says a job failed ...
     assert "job #0" in interrupted.result.stderr
-    rows = report_rows(interrupted.sweep)  # ... after the others finished, in its report
-    assert sorted(rows) == sorted(LOSSES)
+    rows, text = report(interrupted.sweep)  # ... after the others finished, in its report
     killed, *finished = LOSSES
-    assert rows[killed]["completed"] == "0" and rows[killed]["failed"] == "1"
-    assert all(rows[loss]["completed"] == "1" for loss in finished)
-    assert float(rows[finished[0]]["epochs_mean"]) == interrupted.epochs
+    assert sorted(rows) == sorted(finished) and all(rows[f]["n_runs"] == "1" for f in finished)
+    assert f"`{interrupted.killed.name}`: failed — SLURM task {task} (FAILED)" in text
