@@ -219,9 +219,9 @@ stop_daemon() {  # stop_daemon NAME PIDFILE
     pid=$(cat "$2")
     say "stopping $1 ($pid)"
     kill -TERM "$pid"
-    for _ in $(seq 1 "$WAIT_S"); do
+    for _ in $(seq 1 $((WAIT_S * 5))); do
         kill -0 "$pid" 2>/dev/null || return 0
-        sleep 1
+        sleep 0.2
     done
     die "$1 ($pid) still runs ${WAIT_S} s after SIGTERM"
 }
