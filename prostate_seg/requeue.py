@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -46,13 +47,15 @@ class DeferredRequeue(Callback):
     def take_over(cls) -> DeferredRequeue | None:
         """In a submitit job, replace submitit's handler of its requeue signal with one that
         only takes note; None anywhere else (no submitit handler installed)."""
-        try:
-            from submitit.core.job_environment import JobEnvironment, SignalHandler
-        except ImportError:
+        # A submitit job has imported it. Not imported here otherwise: importing submitit
+        # reconfigures logging, closing every handler (train.log) of this process.
+        job_environment = sys.modules.get("submitit.core.job_environment")
+        if job_environment is None:
             return None
-        signum = getattr(signal, "SIG" + JobEnvironment.USR_SIG)  # SUBMITIT_PREEMPT_SIGNAL
+        env = job_environment.JobEnvironment  # USR_SIG: SUBMITIT_PREEMPT_SIGNAL, USR2 by default
+        signum = getattr(signal, "SIG" + env.USR_SIG)
         handler = signal.getsignal(signum)
-        if not isinstance(getattr(handler, "__self__", None), SignalHandler):
+        if not isinstance(getattr(handler, "__self__", None), job_environment.SignalHandler):
             return None
         deferred = cls(signum, handler)
         signal.signal(signum, deferred._note)
