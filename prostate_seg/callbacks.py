@@ -225,6 +225,11 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
             log.warning("interrupted after a NaN/inf loss: no checkpoint saved (%s, if there, is "
                         "the last good state)", self.ckpt_path)
             return
+        if trainer.validating:  # the epoch's batches are done; resumed from here, Lightning
+            # would skip this validation and early stopping would find no metric
+            log.warning("interrupted during validation: no checkpoint saved (%s of the previous "
+                        "epoch is where the run continues)", self.ckpt_path)
+            return
         super().on_exception(trainer, pl_module, exception)
         log.warning("interrupted (%s): saved %s at epoch %d, step %d",
                     type(exception).__name__, self.ckpt_path, trainer.current_epoch,

@@ -278,6 +278,34 @@ def _epochs(run_dir):
         return [int(r["epoch"]) for r in csv.DictReader(f)]
 
 
+class _SigtermInValidation(pl.Callback):
+    """SIGTERM (SLURM preemption, a time limit) while epoch ``epoch`` validates."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.current_epoch == self.epoch and not trainer.sanity_checking:
+            raise SIGTERMException()
+
+
+def test_interrupt_during_validation_continues_from_the_previous_epoch(prepared, tmp_path):
+    """The epoch's batches are done: a checkpoint taken now would resume past the validation
+    that Lightning then skips (early stopping: no metric, the run fails). None is taken; the
+    run continues from the previous epoch's last.ckpt and trains every epoch."""
+    run_dir = tmp_path / "run"
+    common = [*TINY, f"data.dir={prepared}", "trainer.max_epochs=3",
+              "callbacks.early_stopping.patience=10"]
+    datamodule, module, trainer = build_run(compose_train(common, run_dir))
+    trainer.callbacks.append(_SigtermInValidation(1))
+    with pytest.raises(SIGTERMException):
+        trainer.fit(module, datamodule=datamodule)
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == len(datamodule.train_dataloader())  # the end of epoch 0
+    train(compose_train(common, run_dir))
+    assert _epochs(run_dir) == [0, 1, 2]
+
+
 def test_resume_continues_with_optimizer_scheduler_and_early_stopping_state(prepared, tmp_path,
                                                                          monkeypatch):
     run_dir = tmp_path / "run"
