@@ -74,8 +74,11 @@ class DeferredRequeue(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         # Lightning stops after this batch, as on preemption; its handler is only installed
-        # while it runs a stage, so the signal is passed on here rather than from _note.
-        if self.signalled and not trainer.received_sigterm:
+        # while it runs a stage, so the signal is passed on here rather than from _note. Not
+        # at an epoch's last batch: Lightning would stop in the validation after it, where no
+        # checkpoint is taken and the epoch is lost; the next epoch's first batch stops instead.
+        last = batch_idx + 1 >= trainer.num_training_batches
+        if self.signalled and not trainer.received_sigterm and not last:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def hand_over(self) -> None:

@@ -11,6 +11,7 @@ raising a job's time limit is an administrator's right. Skipped, saying why, oth
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -161,7 +162,7 @@ class Interrupted:
     job: str
     result: subprocess.CompletedProcess
     killed: Path        # task 0: SIGKILL mid-training, as from the out-of-memory killer
-    time_limit: Path    # task 1: a 1-minute time limit once it trains
+    time_limit: Path    # task 1: a time limit under a minute away once it trains
     requeued: Path      # task 2: `scontrol requeue` mid-training
     epochs: int
 
@@ -185,9 +186,9 @@ def interrupted(cluster, data32, tmp_path_factory) -> Interrupted:
         *sweep_overrides(data32, "data.batch_size=8", f"trainer.max_epochs={max_epochs}"),
         "callbacks.early_stopping.patience=100", "+callbacks.pace._target_=helpers.Pace",
         "+callbacks.pace.seconds=0.2", *ON_TEST_CLUSTER,
-        # SIGUSR2 60 s before the limit: with the 1-minute limit given to task 1 mid-run,
-        # SLURM sends it at its next time-limit check (one every 30 s).
-        "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=2",
+        # SIGUSR2 90 s before the limit: with the limit 40-100 s away that task 1 gets
+        # mid-run, SLURM sends it at its next time-limit check (one every 30 s).
+        "hydra.launcher.signal_delay_s=90", "hydra.launcher.max_num_timeout=2",
         f"hydra.sweep.dir={sweep}"]
     outcome: list = []
     driver = threading.Thread(target=lambda: outcome.append(run_cli(
@@ -204,10 +205,14 @@ def interrupted(cluster, data32, tmp_path_factory) -> Interrupted:
         os.kill(json.loads((killed / "status.json").read_text())["pid"], signal.SIGKILL)
         time_limit = _wait_for("task 1 training", lambda: epochs(task_folder(sweep, f"{job}_1"))
                                and task_folder(sweep, f"{job}_1"), deadline)
-        slurm("scontrol", "update", f"JobId={job}_1", "TimeLimit=1")
+        # A limit 40-100 s away: SLURM's next check (within 30 s) sends the signal, before it.
+        elapsed = int(sacct(f"{job}_1", "ElapsedRaw")[-1])
+        slurm("scontrol", "update", f"JobId={job}_1", f"TimeLimit={math.ceil((elapsed + 40) / 60)}")
         requeued = _wait_for("task 2 training", lambda: epochs(task_folder(sweep, f"{job}_2"))
                              and task_folder(sweep, f"{job}_2"), deadline)
-        slurm("scontrol", "requeue", f"{job}_2")
+        done = len(epochs(requeued))  # requeued just after an epoch ends: mid-epoch, not in
+        _wait_for("task 2's next epoch", lambda: len(epochs(requeued)) > done, deadline)
+        slurm("scontrol", "requeue", f"{job}_2")  # its validation (where nothing is saved)
         _wait_for("task 1 requeued at its time limit",
                   lambda: "REQUEUED" in sacct(f"{job}_1", "State"), deadline)
         slurm("scontrol", "update", f"JobId={job}_1", "TimeLimit=5")  # the next run finishes
@@ -255,7 +260,7 @@ def test_task_at_its_time_limit_saves_requeues_and_resumes(interrupted):
     assert sacct(f"{interrupted.job}_1", "State") == ["REQUEUED", "COMPLETED"]
     _assert_resumed_to_the_end(run, interrupted.epochs)
     log = (run / "train.log").read_text()
-    # SLURM's own signal (sbatch --signal=USR2@60 from signal_delay_s), then submitit requeued
+    # SLURM's own signal (sbatch --signal=USR2@90 from signal_delay_s), then submitit requeued
     assert "SIGUSR2: SLURM's time limit is near" in log
     assert re.search(r"Requeued job \S+ \(1 remaining timeouts\)", log)
 
