@@ -1,16 +1,20 @@
 """Shared entry point of the command-line tools: Hydra config, one-line errors, exit codes.
 
 Every tool (train, evaluate, predict, prepare, synthetic) runs through :func:`hydra_entry`:
-  * config-group choices on the command line (``loss=foo``) are checked first, so a typo
-    gives one line listing the valid names instead of Hydra's multi-line report;
+  * the command line is checked against the configs first, so a mistake is one line before
+    any folder is made: a group choice that does not exist (``loss=focal``) lists the valid
+    ones, a key that does not exist (``loss.alpa``) names the closest valid keys, a required
+    value that is missing (``ckpt_path``) is named;
   * a :class:`~prostate_seg.errors.UserError` raised by the tool, and an ``OSError`` (disk
     full, read-only, not a directory, name too long, no permission), print ``error: ...`` on
-    one line naming the file and exit with status 2; the full traceback goes to the run's log
-    file only.
+    one line naming the file and exit with status 2. A single command that stops so, before
+    it wrote anything of its own, leaves no output folder behind; ``HYDRA_FULL_ERROR=1``
+    shows the traceback.
 """
 
 from __future__ import annotations
 
+import difflib
 import errno
 import logging
 import os
@@ -22,15 +26,18 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import prostate_seg.config  # noqa: F401  (registers the ps.* resolvers)
 from prostate_seg.errors import UserError
+from prostate_seg.runs import LOCK_FILE
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_MODULE = "prostate_seg.conf"
@@ -51,6 +58,10 @@ EXIT_USER_ERROR = 2
 # Hydra flags that consume the next argument when written without "=".
 _FLAGS_WITH_VALUE = {"-cp", "-cn", "-cd", "-c", "-p", "--config-path", "--config-name",
                      "--config-dir", "--cfg", "--package", "--experimental-rerun"}
+# Flags after which Hydra only prints (help, the config), and flags that name another config.
+_PRINTING_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i",
+                   "--shell-completion", "-sc"}
+_OTHER_CONFIG_FLAGS = {"-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir"}
 
 log = logging.getLogger(__name__)
 
@@ -75,37 +86,153 @@ def command_line_overrides(argv: list[str]) -> list[str]:
     return overrides
 
 
-def unknown_group_choice(argv: list[str]) -> str | None:
-    """A one-line message for the first ``group=option`` whose option does not exist."""
-    overrides = command_line_overrides(argv)
-    if not overrides:
-        return None
+def command_line_problem(argv: list[str], config_name: str) -> str | None:
+    """One line for the first mistake on a command line, found before Hydra makes any folder:
+    a group option that does not exist, a key that does not exist (with the closest valid
+    keys), or a required value (``???``) not given. None when there is none."""
+    flags = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = OverridesParser.create().parse_overrides(command_line_overrides(argv))
     except HydraException as exc:
         return f"cannot parse the command line: {str(exc).splitlines()[0]}"
+    if flags & _OTHER_CONFIG_FLAGS:
+        return None  # not this tool's config: Hydra checks it
     GlobalHydra.instance().clear()
-    with initialize_configs():
-        loader = GlobalHydra.instance().config_loader()
-        for override in parsed:
-            group = override.key_or_group
-            if override.is_delete() or "." in group:
-                continue
-            options = loader.get_group_options(group)
-            if not options:
-                continue  # a plain value such as seed=1, not a config group
-            if override.is_choice_sweep():
-                values = list(override.sweep_string_iterator())
-            elif override.is_sweep_override():
-                continue  # glob() / range(): Hydra expands and checks these itself
-            else:
-                values = [override.value()]
-            for value in values:
-                if value is not None and str(value) not in options and str(value) != "null":
-                    name = group.split("/")[-1]
-                    return (f"{group}={value}: unknown {name}; valid: {', '.join(sorted(options))}")
-    GlobalHydra.instance().clear()
+    try:
+        with initialize_configs():
+            loader = GlobalHydra.instance().config_loader()
+            groups = [o for o in parsed if _is_group(o.key_or_group, loader)]
+            problem = _unknown_group_choice(groups, loader)
+            if problem or any(o.is_sweep_override() and not o.is_choice_sweep() for o in groups):
+                return problem  # a glob()/range() of options: Hydra expands and checks it
+            try:
+                configs = _compositions(config_name, groups)
+            except (HydraException, OmegaConfBaseException, ValueError):
+                return None  # Hydra reports what it cannot compose itself
+            values = [o for o in parsed if o not in groups]
+            return _unknown_key(values, configs) or (
+                None if flags & _PRINTING_FLAGS else _required_value_missing(configs[0], values))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _is_group(key: str, loader: Any) -> bool:
+    return "/" in key or ("." not in key and bool(loader.get_group_options(key)))
+
+
+def _choices(override: Any) -> list[str]:
+    if override.is_choice_sweep():
+        return list(override.sweep_string_iterator())
+    value = override.value()
+    return ["null" if value is None else str(value)]
+
+
+def _unknown_group_choice(groups: list[Any], loader: Any) -> str | None:
+    for override in groups:
+        group = override.key_or_group
+        options = loader.get_group_options(group)
+        if override.is_delete() or not options or (
+                override.is_sweep_override() and not override.is_choice_sweep()):
+            continue
+        for value in _choices(override):
+            if value not in options:  # null too: Hydra fails on it with a traceback
+                name = group.split("/")[-1]
+                return (f"{group}={value}: unknown {name}; valid: {', '.join(sorted(options))} "
+                        f"(~{group} leaves it out)")
     return None
+
+
+def _compositions(config_name: str, groups: list[Any]) -> list[DictConfig]:
+    """The configs the command line's group choices compose: the first option of every swept
+    group, then each further option of a swept group in turn (``loss=bce,tversky`` composes
+    both, so ``loss.alpha`` is a key of that sweep)."""
+    fixed = [o.input_line for o in groups if o.is_delete()]
+    chosen = [(o.get_key_element(), _choices(o)) for o in groups if not o.is_delete()]
+    first = [f"{key}={values[0]}" for key, values in chosen]
+    variants = [first] + [first[:i] + [f"{key}={value}"] + first[i + 1:]
+                          for i, (key, values) in enumerate(chosen) for value in values[1:]]
+    return [compose(config_name, overrides=[*variant, *fixed], return_hydra_config=True)
+            for variant in variants]
+
+
+def _has_key(cfg: DictConfig, key: str) -> bool:
+    """Whether Hydra could set ``key``: it exists, or its parent is an open mapping."""
+    node: Any = cfg
+    for part in key.split("."):
+        if isinstance(node, ListConfig):
+            if not (part.isdigit() and int(part) < len(node)):
+                return False
+        elif isinstance(node, DictConfig) and not node._is_none():
+            if part not in node.keys():
+                return not OmegaConf.is_struct(node)
+        else:
+            return False
+        node = node._get_node(int(part) if isinstance(node, ListConfig) else part)
+    return True
+
+
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (mappings only, not list items), nodes and leaves."""
+    if not isinstance(node, dict):
+        return []
+    keys = []
+    for name, child in node.items():
+        keys.append(f"{prefix}{name}")
+        keys += _flat_keys(child, f"{prefix}{name}.")
+    return keys
+
+
+def _unknown_key(values: list[Any], configs: list[DictConfig]) -> str | None:
+    for override in values:
+        if override.is_add() or override.is_force_add() or override.package is not None:
+            continue  # +key / ++key add on purpose
+        key = override.key_or_group
+        if any(_has_key(cfg, key) for cfg in configs):
+            continue
+        known = sorted({k for cfg in configs
+                        for k in _flat_keys(OmegaConf.to_container(cfg, resolve=False))
+                        if k.startswith("hydra.") == key.startswith("hydra.")})
+        return f"{key}: no such key; {_closest_keys(key, known)}"
+    return None
+
+
+def _nearest(word: str, candidates: set[str] | list[str], cutoff: float) -> list[str]:
+    """The candidates most like ``word`` (difflib's ratio at least ``cutoff``, and within 0.05
+    of the best one), best first, at most three."""
+    scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates),
+                    reverse=True)
+    if not scored or scored[0][0] < cutoff:
+        return []
+    return [c for ratio, c in scored[:3] if ratio >= max(cutoff, scored[0][0] - 0.05)]
+
+
+def _closest_keys(key: str, known: list[str]) -> str:
+    """``did you mean loss.alpha?`` from the whole key, else from its last part (``lr`` ->
+    ``optimizer.lr``); else what the nearest existing parent holds."""
+    parts = key.split(".")
+    parents = {".".join(parts[:i]) for i in range(1, len(parts))}
+    matches = _nearest(key, [k for k in known if k not in parents], cutoff=0.6)
+    if not matches:
+        leaves = _nearest(parts[-1], {k.rsplit(".", 1)[-1] for k in known}, cutoff=0.75)
+        matches = sorted((k for k in known if k.rsplit(".", 1)[-1] in leaves), key=len)[:3]
+    if matches:
+        return f"did you mean {' or '.join(matches)}?"
+    parent = next((p for p in sorted(parents, key=len, reverse=True) if p in known), "")
+    children = [k.rsplit(".", 1)[-1] for k in known
+                if k.rsplit(".", 1)[0] == parent and k != parent] if parent else \
+        [k for k in known if "." not in k]
+    return f"{parent or 'the config'} has: {', '.join(children)}"
+
+
+def _required_value_missing(cfg: DictConfig, values: list[Any]) -> str | None:
+    given = {o.key_or_group for o in values}
+    missing = [key for key in _flat_keys(OmegaConf.to_container(cfg, resolve=False))
+               if not key.startswith("hydra.") and key not in given
+               and OmegaConf.is_missing(cfg, key)]
+    if not missing:
+        return None
+    example = " ".join(f"{key}=..." for key in missing)
+    return f"{', '.join(missing)}: required, not given (add {example} to the command line)"
 
 
 def _log_traceback_to_files() -> None:
@@ -151,17 +278,18 @@ def error_line(exc: BaseException) -> str | None:
 
 
 @contextmanager
-def one_line_errors() -> Iterator[None]:
+def one_line_errors(show_traceback: bool = False) -> Iterator[None]:
     """Errors that escape Hydra (a run folder or log file it cannot create, a failed job of an
     in-process sweep) are also one line with exit code 2. Hydra passes exceptions on instead of
-    printing them only with HYDRA_FULL_ERROR set; bugs then show their full traceback."""
+    printing them only with HYDRA_FULL_ERROR set; bugs, and every error with
+    ``show_traceback``, then show their full traceback."""
     previous = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - bugs are re-raised below
         line = error_line(exc)
-        if line is None:
+        if line is None or show_traceback:
             raise
         print(f"error: {line}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
@@ -172,27 +300,73 @@ def one_line_errors() -> Iterator[None]:
             os.environ["HYDRA_FULL_ERROR"] = previous
 
 
-def _run(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+# What Hydra writes into every run folder before the task starts (besides the job's log).
+_HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+
+def remove_bookkeeping_folder(run_dir: Path, log_name: str) -> bool:
+    """Remove ``run_dir`` when it holds nothing but Hydra's bookkeeping (``.hydra/``, the
+    job's log) and the run lock, then its parents that this leaves empty, up to the working
+    directory: a command that stopped before its own work leaves no folder (its log only
+    repeated the console). A folder holding anything else is kept whole. True if removed."""
+    hydra_dir = run_dir / ".hydra"
+    try:
+        entries = list(run_dir.iterdir())
+        if any(e.name not in {".hydra", log_name, LOCK_FILE} or e.is_symlink() for e in entries):
+            return False
+        if hydra_dir.is_dir() and any(f.name not in _HYDRA_FILES or not f.is_file()
+                                      for f in hydra_dir.iterdir()):
+            return False
+        for entry in entries:
+            if entry.is_dir():
+                for file in entry.iterdir():
+                    file.unlink()
+                entry.rmdir()
+            else:
+                entry.unlink()
+        run_dir.rmdir()
+    except OSError:
+        return False  # tidying up is a courtesy; the error line is what matters
+    cwd = Path.cwd().resolve()
+    for parent in run_dir.resolve().parents:
+        if cwd not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
+    return True
+
+
+def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, show_traceback: bool = False) -> Any:
     try:
         return task(cfg)
     except (UserError, OSError) as exc:
         _log_traceback_to_files()
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the launcher records the failed job and the sweep goes on
+        if HydraConfig.initialized():
+            hydra_cfg = HydraConfig.get()
+            remove_bookkeeping_folder(Path(hydra_cfg.runtime.output_dir),
+                                      f"{hydra_cfg.job.name}.log")
+        if show_traceback:
+            raise
         print(f"error: {error_line(exc)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
 
 def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
-    """Run ``task(cfg)`` as a Hydra app over ``<config_name>.yaml`` of the project's configs."""
-    problem = unknown_group_choice(sys.argv[1:])
+    """Run ``task(cfg)`` as a Hydra app over ``<config_name>.yaml`` of the project's configs.
+    ``HYDRA_FULL_ERROR=1`` shows the traceback of every error (Hydra's own switch)."""
+    problem = command_line_problem(sys.argv[1:], config_name)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
-        return _run(task, cfg)
+        return _run(task, cfg, show_traceback)
 
-    with one_line_errors():
+    with one_line_errors(show_traceback):
         _main()

@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from prostate_seg.cli import CONF_DIR, unknown_group_choice
+from prostate_seg.cli import CONF_DIR, command_line_problem
 from prostate_seg.config import check_train_config
 from prostate_seg.errors import ConfigError
 from prostate_seg.losses import CombinedLoss, FocalTverskyLoss, TverskyLoss
@@ -157,15 +157,51 @@ def test_launcher_configs_compose(tmp_path):
                      "tversky"),
     (["-m", "model=unet,unet_big"], "model=unet_big: unknown model"),
     (["hydra/launcher=spark"], "hydra/launcher=spark: unknown launcher; valid: basic, gpu_pool"),
+    (["scheduler=null"], "scheduler=null: unknown scheduler; valid: cosine, poly (~scheduler "
+                         "leaves it out)"),
 ])
 def test_unknown_group_options_give_one_line_with_the_valid_names(argv, expected):
-    message = unknown_group_choice(argv)
+    message = command_line_problem(argv, "train")
     assert message.startswith(expected) and "\n" not in message
 
 
-def test_known_options_and_plain_values_pass():
-    assert unknown_group_choice(["loss=bce", "seed=3", "loss.alpha=0.3", "-m",
-                                 "model=unet,unet_small", "+foo=1"]) is None
+@pytest.mark.parametrize("config, argv, expected", [
+    ("train", ["loss.alpa=0.3"], "loss.alpa: no such key; did you mean loss.alpha?"),
+    ("train", ["data.imag_size=64"], "data.imag_size: no such key; did you mean data.image_size?"),
+    ("train", ["lr=1e-3"], "lr: no such key; did you mean optimizer.lr?"),
+    ("train", ["trainer.max_epoch=3"], "trainer.max_epoch: no such key; did you mean "
+                                       "trainer.max_epochs?"),
+    ("train", ["-m", "loss=bce,dice", "loss.alpa=0.3,0.5"],
+     "loss.alpa: no such key; did you mean loss.alpha?"),
+    ("train", ["~callbacks.early_stoping"],
+     "callbacks.early_stoping: no such key; did you mean callbacks.early_stopping?"),
+    ("train", ["hydra/launcher=slurm", "hydra.launcher.partitio=gpu"],
+     "hydra.launcher.partitio: no such key; did you mean hydra.launcher.partition?"),
+    ("train", ["loss.xyz=1"], "loss.xyz: no such key; loss has: _target_, alpha, beta, name, smooth"),
+    ("evaluate", ["ckpt_path=x", "subst=test"], "subst: no such key; did you mean subset?"),
+    ("prepare", ["input_dir=a", "output_dir=b", "image_sise=64"],
+     "image_sise: no such key; did you mean image_size?"),
+    ("evaluate", [], "ckpt_path: required, not given (add ckpt_path=... to the command line)"),
+    ("predict", ["ckpt_path=x"], "input, output: required, not given (add input=... output=... "),
+])
+def test_unknown_keys_name_the_closest_valid_ones_and_never_suggest_adding(config, argv,
+                                                                            expected):
+    message = command_line_problem(argv, config)
+    assert message.startswith(expected) and "\n" not in message and "+" not in message
+
+
+@pytest.mark.parametrize("config, argv", [
+    ("train", ["loss=bce", "seed=3", "-m", "model=unet,unet_small", "+foo=1"]),
+    ("train", ["-m", "loss=bce,tversky", "loss.alpha=0.25,0.5"]),  # a key of one swept option
+    ("train", ["model=monai_unet", "model.net.channels=[8,16]"]),
+    ("train", ["experiment=alpha_search", "hydra.sweeper.n_trials=3"]),
+    ("train", ["data.train_transform.transforms.1.limit=20", "~callbacks.early_stopping"]),
+    ("train", ["~scheduler", "hydra.run.dir=x", "++trainer.gradient_clip_val=1"]),
+    ("evaluate", ["--help"]),  # only prints: the checkpoint is not needed
+    ("predict", ["ckpt_path=x", "input=a", "output=b"]),
+])
+def test_valid_command_lines_pass(config, argv):
+    assert command_line_problem(argv, config) is None
 
 
 def test_every_tool_finds_its_config_from_any_working_directory(tmp_path):

@@ -88,16 +88,17 @@ def test_alpha_plus_beta_not_one_is_a_warning(prepared, tmp_path, caplog):
     assert "not 1" in caplog.text
 
 
-def test_cli_config_error_is_one_line_without_traceback(prepared, tmp_path):
-    run_dir = tmp_path / "run"
-    result = run_cli("train.py", f"data.dir={prepared}", "loss.alpha=1.5",
-                     f"hydra.run.dir={run_dir}", cwd=tmp_path)
+def test_cli_config_error_is_one_line_without_traceback_and_leaves_no_folder(prepared, tmp_path):
+    run_dir = tmp_path / "outputs" / "runs" / "day" / "run"
+    args = ("train.py", f"data.dir={prepared}", "loss.alpha=1.5", f"hydra.run.dir={run_dir}")
+    result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: loss.alpha=1.5: must be a number in [0, 1]"
     assert "Traceback" not in result.stdout + result.stderr
-    log = (run_dir / "train.log").read_text()
-    assert "Traceback" in log and "ConfigError" in log  # the full trace is kept in the log
-    assert not (run_dir / "checkpoints").exists()  # nothing started
+    assert list(tmp_path.iterdir()) == []  # the run folder and the empty ones above it are gone
+    traced = run_cli(*args, cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert traced.returncode != 0 and "Traceback" in traced.stderr
+    assert "ConfigError: loss.alpha=1.5" in traced.stderr and list(tmp_path.iterdir()) == []
 
 
 def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path):
@@ -105,6 +106,58 @@ def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: loss=focal: unknown loss; valid: bce,")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_unknown_key_is_one_line_with_the_closest_key_and_writes_nothing(tmp_path):
+    for args in (["loss.alpa=0.3"], ["-m", "loss.alpa=0.3,0.5"]):
+        result = run_cli("train.py", *args, cwd=tmp_path)
+        assert result.returncode == 2
+        assert result.stderr == "error: loss.alpa: no such key; did you mean loss.alpha?\n"
+        assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-m", "prostate_seg.prepare", "input_dir=nothere", "output_dir=out"],
+     "error: input_dir=nothere: folder not found"),
+    (["-m", "prostate_seg.synthetic", "output_dir=out", "num_patients=0"], "error: num_patients"),
+    (["evaluate.py", "ckpt_path=missing.ckpt"], "error: ckpt_path=missing.ckpt: checkpoint not found"),
+    (["predict.py", "ckpt_path=missing.ckpt", "input=a.nii.gz", "output=b.nii.gz"], "error: "),
+])
+def test_a_tool_that_fails_leaves_no_log_folder(args, message, tmp_path):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(message)
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_a_folder_of_bookkeeping_is_removed(tmp_path, monkeypatch):
+    """Hydra's .hydra/, the job's log and the lock go, with the parents left empty up to the
+    working directory; a folder holding anything else is kept whole, and so is a parent."""
+    from prostate_seg.cli import remove_bookkeeping_folder
+
+    monkeypatch.chdir(tmp_path)
+
+    def hydra_folder(path):
+        (path / ".hydra").mkdir(parents=True)
+        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            (path / ".hydra" / name).write_text("x: 1\n")
+        (path / "train.log").write_text("Traceback ...\n")
+        (path / ".lock").write_text("")
+        return path
+
+    only = hydra_folder(tmp_path / "outputs" / "runs" / "day" / "time")
+    assert remove_bookkeeping_folder(only, "train.log")
+    assert list(tmp_path.iterdir()) == []
+    kept = hydra_folder(tmp_path / "outputs" / "runs" / "day" / "other")
+    (kept / "status.json").write_text("{}")
+    neighbour = hydra_folder(tmp_path / "outputs" / "runs" / "day" / "gone")
+    assert not remove_bookkeeping_folder(kept, "train.log")
+    assert sorted(p.name for p in kept.iterdir()) == [".hydra", ".lock", "status.json", "train.log"]
+    assert remove_bookkeeping_folder(neighbour, "train.log")
+    assert [p.name for p in (tmp_path / "outputs" / "runs" / "day").iterdir()] == ["other"]
+    extra = hydra_folder(tmp_path / "x")
+    (extra / ".hydra" / "notes.txt").write_text("mine")
+    assert not remove_bookkeeping_folder(extra, "train.log") and (extra / ".hydra" / "notes.txt").exists()
 
 
 # --- 2. prepare on bad input -----------------------------------------------------------------

@@ -243,6 +243,7 @@ def test_a_completed_run_is_never_reused_under_another_config(trained_run, prepa
     results = json.loads((trained_run / "results.json").read_text())
     assert status["identity"]["hash"] == results["identity"]
     before = (trained_run / "results.json").read_text()
+    files = sorted(p.relative_to(trained_run) for p in trained_run.rglob("*"))
     result = run_cli("train.py", *TINY, f"data.dir={prepared}", "trainer.max_epochs=8",
                      "callbacks.early_stopping.patience=8", "loss=bce_tversky",
                      "model.net.features=[4,8]", f"hydra.run.dir={trained_run}", cwd=tmp_path)
@@ -250,6 +251,10 @@ def test_a_completed_run_is_never_reused_under_another_config(trained_run, prepa
     assert "model.net.features: [8, 16] -> [4, 8]" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert (trained_run / "results.json").read_text() == before
+    after = sorted(p.relative_to(trained_run) for p in trained_run.rglob("*"))
+    assert set(files) <= set(after)  # the refused command removed nothing
+    assert {str(p) for p in set(after) - set(files)} <= {
+        ".hydra", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log"}
 
 
 def test_last_checkpoint_of_another_config_is_not_resumed(prepared, tmp_path):
