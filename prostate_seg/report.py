@@ -245,8 +245,9 @@ def read_run(folder: Path, sweep_dir: Path) -> Run:
     table = folder / PER_PATIENT_FILE
     if not table.exists():
         run.state = "broken"
-        run.reason = (f"completed, but has no {PER_PATIENT_FILE} (trained by a version that "
-                      "did not write it?)")
+        run.reason = (f"completed, but has no {PER_PATIENT_FILE}: "
+                      + run.results.get("not_evaluated", "trained by a version that did not "
+                                        "write it?"))
         return run
     try:  # checked here as table mode checks them, so one bad run cannot stop the report
         rows = read_rows(table, required=("patient", "dice"))

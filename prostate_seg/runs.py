@@ -46,14 +46,18 @@ LOCK_FILE = ".lock"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
 # Settings that do not change what a run computes: where it writes, on which device, how
-# fast, what it logs. Everything else is part of its identity.
+# fast, what it logs. Everything else is part of its identity, also what a debug= config sets
+# that changes the result (trainer.fast_dev_run, trainer.overfit_batches, trainer.max_epochs),
+# so a debug run is never resumed, skipped or pooled as a real one; its profiler and anomaly
+# detection only measure and check.
 NOT_IDENTITY = (
-    "hydra", "paths", "logger", "ckpt_path", "resume", "evaluate_best", "study", "debug", "report",
+    "hydra", "paths", "logger", "ckpt_path", "resume", "evaluate_best", "study", "report",
     "data.dir", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.cache",
     "model.compile", "model.channels_last", "optimizer.fused",
     "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
     "trainer.sync_batchnorm", "trainer.default_root_dir", "trainer.log_every_n_steps",
     "trainer.enable_progress_bar", "trainer.benchmark", "trainer.num_sanity_val_steps",
+    "trainer.profiler", "trainer.detect_anomaly",
     "callbacks.progress_bar", "callbacks.image_grid", "callbacks.lr_monitor",
     "callbacks.metrics_history", "callbacks.interrupt_checkpoint", "callbacks.finite_loss",
     "callbacks.epoch_log", "callbacks.model_checkpoint.dirpath",

@@ -50,6 +50,8 @@ from prostate_seg.tracking import log_run_files
 
 log = logging.getLogger(__name__)
 PREVIEW_SLICES = 4
+# Why a run has no per_patient.csv (Lightning's fast_dev_run, debug=fast_dev_run, saves none).
+NO_BEST_CHECKPOINT = "no best checkpoint was saved (trainer.fast_dev_run saves none)"
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
@@ -179,8 +181,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _trainer(cfg: DictConfig) -> pl.Trainer:
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    # An entry set to null (callbacks.early_stopping=null, as debug=overfit does) is left out.
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     options: dict[str, Any] = {}
     if not sys.stderr.isatty():
         # A progress bar in a file (a sweep job's log, output piped to a file) is a heap of
@@ -345,6 +348,9 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
             save_preview(module, datamodule, run_dir / PREVIEW_FILE)
             if best:
                 results.update(_evaluate_per_patient(cfg, best, datamodule, run_dir))
+            else:
+                results["not_evaluated"] = NO_BEST_CHECKPOINT
+                log.info("%s: no per-patient evaluation", NO_BEST_CHECKPOINT)
     if trainer.is_global_zero:
         write_json(run_dir / RESULTS_FILE, results)
         log_run_files(trainer.loggers)  # after every file of the run is written

@@ -10,14 +10,14 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from prostate_seg.cli import CONF_DIR, command_line_problem
+from prostate_seg.cli import CONF_DIR, command_line_problem, initialize_configs
 from prostate_seg.config import check_train_config
 from prostate_seg.errors import ConfigError
 from prostate_seg.losses import CombinedLoss, FocalTverskyLoss, TverskyLoss
 from prostate_seg.module import build_loss
 
 GROUPS = ["data", "model", "loss", "optimizer", "scheduler", "trainer", "callbacks", "logger",
-          "paths", "experiment"]
+          "paths", "experiment", "debug"]
 
 
 def options(group: str) -> list[str]:
@@ -240,3 +240,33 @@ def test_poly_schedule_is_nnunets_decay_per_epoch(max_epochs, tmp_path):
         scheduler.step()  # once per epoch, as Lightning does with interval="epoch"
     expected = [0.01 * (1 - e / max_epochs) ** 0.9 for e in range(max_epochs)] + [0.0, 0.0]
     assert used == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
+def test_help_lists_every_group_with_its_options_and_examples_that_compose():
+    import re
+    import shlex
+
+    result = run_cli("train.py", "--help")
+    assert result.returncode == 0 and "powered by Hydra" not in result.stdout
+    for group in GROUPS:
+        if options(group):
+            assert f"{group}: {', '.join(options(group))}" in result.stdout
+    launchers = re.search(r"hydra/launcher=\.\.\.\): (.*?)\.\n", result.stdout, re.S).group(1)
+    GlobalHydra.instance().clear()
+    with initialize_configs():
+        valid = GlobalHydra.instance().config_loader().get_group_options("hydra/launcher")
+    named = [item.split()[0] for item in re.sub(r"\(.*?\)", "", launchers).split(",")]
+    assert len(named) == 4 and set(named) <= set(valid)
+    examples = [line.split("#")[0] for line in result.stdout.splitlines()
+                if line.strip().startswith("python train.py") and "[" not in line]
+    assert len(examples) >= 5
+    for line in examples:
+        assert command_line_problem(shlex.split(line)[2:], "train") is None, line
+
+
+@pytest.mark.parametrize("module, required", [("prostate_seg.prepare", "input_dir: ???"),
+                                              ("prostate_seg.synthetic", "output_dir: ???")])
+def test_tool_help_says_what_to_type_and_lists_the_settings(module, required):
+    result = run_cli("-m", module, "--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith(f"python -m {module} ") and required in result.stdout
