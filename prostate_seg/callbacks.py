@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, OnExceptionCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
@@ -115,15 +117,39 @@ class FirstStepTimer(Callback):
             self.seconds = process_age()
 
 
-class ValidationImageGrid(Callback):
-    """Every ``every_n_epochs``, log validation slices with truth (green) and prediction (red)
-    contours to TensorBoard as ``select/predictions``. The slices are fixed for the whole run:
-    evenly spaced among the selection patients' slices that contain gland."""
+def enlarge(images: Tensor, min_size: int) -> Tensor:
+    """Each pixel repeated k x k (nearest neighbour), with k the smallest integer that makes
+    the images at least ``min_size`` pixels tall: a 64-pixel slice becomes 256 pixels and its
+    one-pixel contours stay sharp instead of blurring away."""
+    factor = max(1, math.ceil(min_size / images.shape[-2]))
+    return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
 
-    def __init__(self, every_n_epochs: int = 5, num_images: int = 8):
-        self.every_n_epochs = every_n_epochs
+
+def tile(images: Tensor, per_row: int, gap: int = 2) -> Tensor:
+    """(N, C, H, W) images as one (C, H', W') picture, ``per_row`` to a row, ``gap`` black
+    pixels between them."""
+    padded = F.pad(images, (0, gap, 0, gap))
+    missing = -len(padded) % per_row
+    if missing:
+        padded = torch.cat([padded, padded.new_zeros((missing, *padded.shape[1:]))])
+    rows = [torch.cat(list(padded[i:i + per_row]), dim=2) for i in range(0, len(padded), per_row)]
+    return torch.cat(rows, dim=1)[:, :-gap, :-gap]
+
+
+class ValidationImageGrid(Callback):
+    """Selection slices with the truth (green) and prediction (red) contours, logged to
+    TensorBoard (and MLflow) as ``select/predictions`` after the first epoch and after the last
+    one, and as ``select/predictions_best`` for the best checkpoint when the run validates it at
+    the end (step: the checkpoint's epoch): where the model started, where it stopped and what
+    the run keeps. Slices are enlarged to at least ``min_size`` pixels. They are the same for
+    the whole run: evenly spaced among the selection patients' slices that contain gland."""
+
+    def __init__(self, num_images: int = 8, min_size: int = 256, per_row: int = 4):
         self.num_images = num_images
+        self.min_size = min_size
+        self.per_row = per_row
         self._indices: list[int] | None = None
+        self._logged_epoch: int | None = None
 
     def _choose(self, dataset: Any) -> list[int]:
         with_gland = [i for i in range(len(dataset)) if dataset.gland_pixels(i) > 0]
@@ -132,9 +158,23 @@ class ValidationImageGrid(Callback):
         return candidates[::step][: self.num_images]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or not trainer.loggers:
+        if trainer.sanity_checking:
             return
-        if trainer.current_epoch % self.every_n_epochs != 0:
+        if trainer.state.fn == TrainerFn.FITTING and trainer.current_epoch == 0:
+            self._log(trainer, pl_module, "select/predictions", 0)
+        elif trainer.state.fn == TrainerFn.VALIDATING and trainer.ckpt_path:
+            checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=False,
+                                    mmap=True)  # mmap: only the epoch is read
+            self._log(trainer, pl_module, "select/predictions_best", int(checkpoint["epoch"]))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        last = trainer.current_epoch - 1  # the epoch counter has moved past the last one
+        if last >= 0 and last != self._logged_epoch:
+            self._log(trainer, pl_module, "select/predictions", last)
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str,
+             step: int) -> None:
+        if not trainer.is_global_zero or not trainer.loggers:
             return
         dataset = trainer.datamodule.select_set
         if self._indices is None:
@@ -142,14 +182,20 @@ class ValidationImageGrid(Callback):
         samples = [dataset[i] for i in self._indices]
         image = torch.stack([s["image"] for s in samples]).to(pl_module.device)
         truth = torch.stack([s["mask"] for s in samples]).to(pl_module.device)
+        training = pl_module.training
+        pl_module.eval()
         with torch.no_grad():
             pred = (pl_module(image) > 0).float()
-        grid = torch.cat(list(overlay(image, truth, pred).cpu()), dim=2)  # one row of slices
+        pl_module.train(training)
+        grid = tile(enlarge(overlay(image, truth, pred).cpu(), self.min_size), self.per_row)
+        if tag == "select/predictions":
+            self._logged_epoch = step
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image("select/predictions", grid, trainer.current_epoch)
+                logger.experiment.add_image(tag, grid, step)
+                logger.experiment.flush()
             elif hasattr(logger, "log_image"):  # MLflow (prostate_seg.tracking)
-                logger.log_image("select/predictions", [grid], trainer.current_epoch)
+                logger.log_image(tag, [grid], step)
 
 
 class FiniteLossGuard(Callback):

@@ -193,8 +193,9 @@ TRAIN_SETTINGS: dict[str, Setting] = {
     "callbacks.early_stopping.patience": Setting(int, 0),
     "callbacks.early_stopping.min_delta": Setting(float, 0.0),
     "callbacks.finite_loss.check_every_n_steps": Setting(int, 1),
-    "callbacks.image_grid.every_n_epochs": Setting(int, 1),
     "callbacks.image_grid.num_images": Setting(int, 1),
+    "callbacks.image_grid.min_size": Setting(int, 1),
+    "callbacks.image_grid.per_row": Setting(int, 1),
     "callbacks.progress_bar.refresh_rate": Setting(int, 0),
 }
 # Yes/no switches: a string such as resume=no would count as true.

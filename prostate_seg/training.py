@@ -24,12 +24,13 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from prostate_seg.callbacks import FirstStepTimer
 from prostate_seg.config import check_ddp_launch, check_train_config, uses_gpu
+from prostate_seg.dashboard import log_settings, log_validation_dice
 from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError
 from prostate_seg.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_means
 from prostate_seg.files import make_folder, replacing, write_csv, write_json
 from prostate_seg.inference import load_checkpoint
-from prostate_seg.module import HP_METRIC, SegmentationModule
+from prostate_seg.module import SegmentationModule
 from prostate_seg.requeue import DeferredRequeue
 from prostate_seg.runs import (
     LAST_CHECKPOINT,
@@ -232,8 +233,7 @@ def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights follow the seed
     module = SegmentationModule(record)
     trainer = _trainer(cfg)
-    for logger in trainer.loggers:
-        logger.log_hyperparams(hparams_of(cfg), metrics={HP_METRIC: 0.0})
+    log_settings(trainer.loggers, hparams_of(cfg))
     return datamodule, module, trainer
 
 
@@ -348,6 +348,8 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
             save_preview(module, datamodule, run_dir / PREVIEW_FILE)
             if best:
                 results.update(_evaluate_per_patient(cfg, best, datamodule, run_dir))
+                if OBJECTIVE in results:
+                    log_validation_dice(trainer.loggers, results[OBJECTIVE], results["best_epoch"])
             else:
                 results["not_evaluated"] = NO_BEST_CHECKPOINT
                 log.info("%s: no per-patient evaluation", NO_BEST_CHECKPOINT)

@@ -20,7 +20,7 @@ REAL_DATA = Path(os.environ.get("PROSTATE_SEG_DATA",
 # Small and fast: a 2-level U-Net on 48x48 slices of 8 phantoms.
 TINY = ["model=unet_small", "model.net.features=[8,16]", "trainer=cpu", "data.image_size=48",
         "data.batch_size=8", "data.num_workers=0", "optimizer.lr=3e-3",
-        "callbacks.image_grid.every_n_epochs=1", "callbacks.progress_bar.refresh_rate=0"]
+        "callbacks.progress_bar.refresh_rate=0"]
 
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:

@@ -96,21 +96,56 @@ def test_predict_writes_a_mask_on_the_scan_grid(trained_run, phantoms, tmp_path)
 
 
 @pytest.mark.slow
-def test_two_value_sweep_makes_two_named_run_folders(prepared_copy, tmp_path):
+def test_two_job_sweep_makes_two_named_runs_compared_in_tensorboard(prepared_copy, tmp_path):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
     sweep = tmp_path / "sweep"
     result = run_cli("train.py", "-m", f"data.dir={prepared_copy}", "experiment=demo",
-                     "loss.alpha=0.25,0.75", f"hydra.sweep.dir={sweep}",
+                     "loss=bce,tversky_a0.75", f"hydra.sweep.dir={sweep}",
                      *[o for o in TINY if not o.startswith(("model=", "trainer="))],
-                     "trainer.max_epochs=1", cwd=tmp_path)
+                     "trainer.max_epochs=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     folders = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "report")
-    assert folders == ["tversky_a0.25-fold0-seed0", "tversky_a0.75-fold0-seed0"]
+    assert folders == ["bce-fold0-seed0", "tversky_a0.75-fold0-seed0"]
     for folder in folders:
         run = sweep / folder
-        assert list(run.glob("events.out.tfevents.*"))
         assert (run / "checkpoints" / "last.ckpt").exists()
         assert (run / ".hydra" / "config.yaml").exists()
     assert (sweep / "report" / "results.md").exists()
+
+    # TensorBoard on the sweep folder: one run per job, named like its folder
+    events = EventMultiplexer().AddRunsFromDirectory(str(sweep)).Reload()
+    assert sorted(events.Runs()) == folders
+    hparams = events.PluginRunToTagToContent(metadata.PLUGIN_NAME)
+    experiments = {hparams[run][metadata.EXPERIMENT_TAG] for run in folders}
+    assert len(experiments) == 1  # the same config in every run, whichever TensorBoard reads
+    experiment = metadata.parse_experiment_plugin_data(experiments.pop())
+    ticked = sorted(experiment.hparam_infos, key=lambda h: (not h.differs, h.name))[:5]
+    assert {h.name for h in ticked} == {"loss", "alpha", "beta", "fold", "seed"}
+    types = {h.name: h.type for h in experiment.hparam_infos}
+    assert types["loss"] == api_pb2.DATA_TYPE_STRING
+    assert types["alpha"] == types["lr"] == types["image_size"] == api_pb2.DATA_TYPE_FLOAT64
+    assert [m.name.tag for m in experiment.metric_infos][:2] == ["hp/val_dice_original",
+                                                               "hp/best_select_dice"]
+    for run in folders:
+        results = json.loads((sweep / run / RESULTS_FILE).read_text())
+        values = metadata.parse_session_start_info_plugin_data(
+            hparams[run][metadata.SESSION_START_INFO_TAG]).hparams
+        assert values["loss"].string_value == results["loss"]
+        assert values["lr"].number_value == pytest.approx(0.003)
+        if run.startswith("bce"):
+            assert "alpha" not in values  # an empty cell, not the text "-"
+        else:
+            assert values["alpha"].number_value == 0.75
+        study_dice = events.Scalars(run, "hp/val_dice_original")
+        assert study_dice[-1].value == pytest.approx(results["val/dice_original"])
+        # contours after the first and the last epoch, and of the best checkpoint, readable
+        grids = events.Images(run, "select/predictions")
+        assert [g.step for g in grids] == [0, 1] and grids[0].height >= 256
+        best = events.Images(run, "select/predictions_best")
+        assert [g.step for g in best] == [results["best_epoch"]]
+
     # the README's evaluate command works with a checkpoint path from the sweep, pasted as is
     best = next((sweep / folders[0] / "checkpoints").glob("best-*.ckpt"))
     evaluated = run_cli("evaluate.py", f"ckpt_path={best}", cwd=tmp_path)
