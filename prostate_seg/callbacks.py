@@ -104,17 +104,21 @@ def process_age() -> float | None:
 
 
 class FirstStepTimer(Callback):
-    """Seconds from the start of the process to the end of its first training step: what a
-    job costs before it trains (imports, data checks, CUDA start, compilation), which decides
-    how many short jobs a GPU can share."""
+    """Seconds from the job's start to the end of its first training step: what a job costs
+    before it trains (imports, data checks, CUDA start, compilation), which decides how many
+    short jobs a GPU can share. A job starts with its process; when one process runs several
+    jobs one after another (Hydra's basic launcher), a later job starts when its task begins
+    (``job_started``, ``time.monotonic()``), not with the process."""
 
-    def __init__(self) -> None:
+    def __init__(self, job_started: float | None = None) -> None:
+        self.job_started = job_started
         self.seconds: float | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.seconds is None:
-            self.seconds = process_age()
+            self.seconds = (process_age() if self.job_started is None
+                            else time.monotonic() - self.job_started)
 
 
 def enlarge(images: Tensor, min_size: int) -> Tensor:

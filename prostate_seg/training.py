@@ -237,8 +237,17 @@ def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
     return datamodule, module, trainer
 
 
+# When this process began its current job, if it ran another before (Hydra's basic launcher
+# runs a sweep's jobs in one process): a later job's start-up is timed from there.
+_later_job_started: float | None = None
+_jobs_in_process = 0
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) one training job in Hydra's output folder; returns its results."""
+    global _later_job_started, _jobs_in_process
+    _jobs_in_process += 1
+    _later_job_started = time.monotonic() if _jobs_in_process > 1 else None
     check_train_config(cfg)
     check_ddp_launch(cfg.trainer, HydraConfig.get())
     run_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -322,7 +331,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
          identity: Identity, requeue: DeferredRequeue | None = None) -> dict[str, Any]:
     started = time.time()
     datamodule, module, trainer = build_run(cfg, datamodule, identity)
-    timer = FirstStepTimer()
+    timer = FirstStepTimer(_later_job_started)
     trainer.callbacks.append(timer)
     if requeue is not None:
         trainer.callbacks.append(requeue)

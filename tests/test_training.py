@@ -113,6 +113,11 @@ def test_two_job_sweep_makes_two_named_runs_compared_in_tensorboard(prepared_cop
         assert (run / "checkpoints" / "last.ckpt").exists()
         assert (run / ".hydra" / "config.yaml").exists()
     assert (sweep / "report" / "results.md").exists()
+    # the basic launcher runs both jobs in one process: the second's start-up is its own
+    # (no imports), not the process's age
+    startup = [json.loads((sweep / f / RESULTS_FILE).read_text())["seconds_to_first_step"]
+               for f in folders]
+    assert 0 < startup[1] < startup[0]
 
     # TensorBoard on the sweep folder: one run per job, named like its folder
     events = EventMultiplexer().AddRunsFromDirectory(str(sweep)).Reload()
@@ -122,7 +127,8 @@ def test_two_job_sweep_makes_two_named_runs_compared_in_tensorboard(prepared_cop
     assert len(experiments) == 1  # the same config in every run, whichever TensorBoard reads
     experiment = metadata.parse_experiment_plugin_data(experiments.pop())
     ticked = sorted(experiment.hparam_infos, key=lambda h: (not h.differs, h.name))[:5]
-    assert {h.name for h in ticked} == {"loss", "alpha", "beta", "fold", "seed"}
+    assert {h.name for h in ticked} == {"loss", "alpha", "lr", "fold", "seed"}
+    assert {"beta", "image_size", "batch_size"} <= {h.name for h in experiment.hparam_infos}
     types = {h.name: h.type for h in experiment.hparam_infos}
     assert types["loss"] == api_pb2.DATA_TYPE_STRING
     assert types["alpha"] == types["lr"] == types["image_size"] == api_pb2.DATA_TYPE_FLOAT64
