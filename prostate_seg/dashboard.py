@@ -4,7 +4,8 @@ Every run writes the same experiment config (the columns, their types, the metri
 own values. Without a config TensorBoard takes one run's, whose columns carry no ``differs``
 mark, and ticks the first five by name (alpha, batch_size, beta, context_slices, features):
 loss, lr and image_size stayed unticked. It ticks at most five hparams, the marked ones
-first, and the first five metrics. A value of another type than its column's (BCE's alpha
+first, and the first five metrics: beta (1 - alpha for every Tversky run) is the one left a
+click away, since alpha says the same. A value of another type than its column's (BCE's alpha
 ``"-"``) is left out, so alpha and beta stay numeric columns and BCE's cells are empty.
 """
 
@@ -21,7 +22,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from prostate_seg.module import HP_METRIC
 
 # Ticked by default: what tells a study's runs apart. The other columns are a click away.
-TICKED = ("loss", "alpha", "beta", "fold", "seed")
+TICKED = ("loss", "alpha", "lr", "fold", "seed")
 TEXT_COLUMNS = ("loss", "net", "features", "scheduler")
 # The study's number (per patient, original size, on the fold's validation patients, logged
 # when the run ends), the selection Dice that chose the checkpoint, and the curves' last values.
