@@ -279,3 +279,25 @@ def loss_curves(curves: dict[str, list[Curve]], colours: dict[str, Any]) -> Figu
     for ax in axes.flat[len(labels):]:
         ax.axis("off")
     return figure
+
+
+def alpha_curve(rows: list[dict[str, Any]], objective: str) -> Figure:
+    """The objective against the Tversky alpha (rows of :func:`prostate_seg.search.alpha_table`):
+    every run a dot, the mean per alpha a line, the highest mean marked. "Highest", not
+    "best": whether it beats its neighbours is the paired comparisons' question."""
+    top = max(rows, key=lambda r: r["mean"])
+    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+    ax = figure.subplots()
+    dots = [(r["alpha"], run["value"]) for r in rows for run in r["runs"]]
+    ax.scatter(*zip(*dots), s=14, color="0.6", label="one run (fold, seed)", zorder=2)
+    ax.plot([r["alpha"] for r in rows], [r["mean"] for r in rows], "-o", color="C0", ms=4,
+            label="mean per alpha", zorder=3)
+    ax.plot(top["alpha"], top["mean"], "*", color="C3", ms=14, zorder=4,
+            label=f"highest mean: alpha = {top['alpha']:.3g} ({top['mean']:.4f})")
+    ax.set_xlabel("Tversky alpha (weight of false positives; beta = 1 - alpha)")
+    ax.set_ylabel(objective)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(*fit_axis([v for _, v in dots]))
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    return figure

@@ -36,7 +36,7 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from prostate_seg import figures
+from prostate_seg import figures, search
 from prostate_seg.errors import DataError, UserError
 from prostate_seg.files import write_csv, write_text
 from prostate_seg.runs import (
@@ -72,7 +72,8 @@ UNIT_INTERVAL = ("dice", "precision", "recall")
 KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
 RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "identity",
                "group")
-FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_curves.png")
+FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_curves.png",
+                search.FIGURE)
 
 
 # --- reading tables ---------------------------------------------------------------------
@@ -561,6 +562,10 @@ def _figures(a: Analysis, rows: list[Row], colours: dict[str, Any], out: Path,
         curves = _curves(counted, sweep)
         if curves:
             drawn["loss_curves.png"] = figures.loss_curves(curves, colours)
+        # a grid of alphas or an Optuna search; the runs the statistics count, each once
+        alphas = search.by_alpha([(r.name, r.results) for r in counted])
+        if len(alphas) > 1:
+            drawn[search.FIGURE] = figures.alpha_curve(alphas, search.OBJECTIVE)
     for name, figure in drawn.items():
         figures.save(figure, out / name)
     return [name for name in FIGURE_FILES if name in drawn]

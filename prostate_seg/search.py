@@ -20,48 +20,36 @@ FIGURE = "alpha_search.png"
 
 
 def alpha_table(sweep_dir: Path, objective: str = OBJECTIVE) -> list[dict[str, Any]]:
-    """One row per alpha, sorted by alpha: the runs (fold, seed, value) and their mean.
-    Runs without an alpha (BCE) or without the objective (failed, unfinished) are left out."""
-    by_alpha: dict[float, list[dict[str, Any]]] = {}
-    for path in sorted(Path(sweep_dir).glob(f"*/{RESULTS_FILE}")):
-        results = read_json(path) or {}
+    """:func:`by_alpha` of the runs in ``sweep_dir`` (their ``results.json``)."""
+    return by_alpha([(path.parent.name, read_json(path) or {})
+                     for path in sorted(Path(sweep_dir).glob(f"*/{RESULTS_FILE}"))], objective)
+
+
+def by_alpha(runs: list[tuple[str, dict[str, Any]]],
+             objective: str = OBJECTIVE) -> list[dict[str, Any]]:
+    """One row per alpha, sorted by alpha, from (folder, results) pairs: the runs (fold, seed,
+    value) and their mean. Runs without an alpha (BCE) or without the objective (failed,
+    unfinished) are left out."""
+    grouped: dict[float, list[dict[str, Any]]] = {}
+    for folder, results in runs:
         alpha, value = results.get("alpha"), results.get(objective)
         if isinstance(alpha, (int, float)) and isinstance(value, (int, float)):
-            by_alpha.setdefault(float(alpha), []).append(
-                {"folder": path.parent.name, "fold": results.get("fold"),
-                 "seed": results.get("seed"), "value": float(value)})
+            grouped.setdefault(float(alpha), []).append(
+                {"folder": folder, "fold": results.get("fold"), "seed": results.get("seed"),
+                 "value": float(value)})
     return [{"alpha": alpha, "runs": runs, "mean": math.fsum(r["value"] for r in runs) / len(runs)}
-            for alpha, runs in sorted(by_alpha.items())]
+            for alpha, runs in sorted(grouped.items())]
 
 
 def plot_alpha_search(sweep_dir: Path, out_dir: Path, objective: str = OBJECTIVE) -> Path | None:
-    """``out_dir/alpha_search.png``: every run's objective against its alpha (dots), the mean
-    per alpha (line), the best mean marked. None when the folder holds fewer than two alphas."""
+    """``out_dir/alpha_search.png`` (:func:`prostate_seg.figures.alpha_curve`); None when the
+    folder holds fewer than two alphas. The sweep report draws it too."""
+    from prostate_seg import figures  # matplotlib only to draw: every training run imports OBJECTIVE
+
     rows = alpha_table(sweep_dir, objective)
     if len(rows) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    best = max(rows, key=lambda r: r["mean"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([r["alpha"] for r in rows for _ in r["runs"]],
-               [run["value"] for r in rows for run in r["runs"]],
-               s=14, color="0.6", label="one run (fold, seed)")
-    ax.plot([r["alpha"] for r in rows], [r["mean"] for r in rows], "-o", color="C0", ms=4,
-            label="mean per alpha")
-    ax.plot(best["alpha"], best["mean"], "*", color="C3", ms=14,
-            label=f"best: alpha = {best['alpha']:.3g} ({best['mean']:.4f})")
-    ax.set_xlabel("Tversky alpha (weight of false positives)")
-    ax.set_ylabel(objective)
-    ax.set_xlim(0, 1)
-    ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FIGURE
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figures.save(figures.alpha_curve(rows, objective), path)
     return path

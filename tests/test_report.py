@@ -50,7 +50,9 @@ def write_run(folder: Path, loss, fold, seed, dice, *, status="completed", group
     (folder / "results.json").write_text(json.dumps({
         "loss": loss, "seed": seed, "fold": fold, "folds": 3, "group": group,
         "identity": identity["hash"], "best_epoch": best_epoch,
-        "epochs_trained": epochs_trained, "max_epochs": 8, "stopped_early": stopped_early}))
+        "epochs_trained": epochs_trained, "max_epochs": 8, "stopped_early": stopped_early,
+        "alpha": float(loss[len("tversky_a"):]) if loss.startswith("tversky_a") else "-",
+        "val/dice_original": float(np.mean(list(dice.values()))) if dice else None}))
     with open(folder / "per_patient.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["patient", "split", "dice", "precision", "recall", "hd95",
@@ -220,6 +222,33 @@ def test_one_broken_folder_is_listed_and_the_rest_reported(tmp_path):
     assert results["bce"]["n_runs"] == "4" and results["tversky_a0.25"]["n_runs"] == "5"
     assert results["tversky_a0.5"]["n_runs"] == "4" and "tversky_a0.75" not in results
     assert (sweep / "report" / "contours.png").exists()
+
+
+def test_dice_against_alpha_is_drawn_from_the_counted_runs_once_each(tmp_path, monkeypatch):
+    sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
+    import shutil
+
+    shutil.copytree(sweep / "tversky_a0.5-fold0-seed0", sweep / "zz-copy")  # a duplicate
+    write_run(sweep / "tversky_a0.75-fold0-seed0", "tversky_a0.75", 0, 0, {}, status="failed")
+    drawn = []
+    monkeypatch.setattr(figures, "alpha_curve",
+                        lambda rows, objective: drawn.append(rows) or figures.Figure())
+    assert main([str(sweep)]) == 0
+    [rows] = drawn
+    assert [r["alpha"] for r in rows] == [0.25, 0.5]  # bce has none; the failed run no result
+    assert [sorted(run["folder"] for run in r["runs"]) for r in rows] == [
+        [f"tversky_a{a}-fold{k}-seed0" for k in range(3)] for a in ("0.25", "0.5")]
+    results = json.loads((sweep / "tversky_a0.5-fold1-seed0" / "results.json").read_text())
+    assert rows[1]["runs"][1]["value"] == results["val/dice_original"]
+    assert (sweep / "report" / "alpha_search.png").exists()
+    assert "![alpha_search](alpha_search.png)" in (sweep / "report" / "results.md").read_text()
+
+    shutil.rmtree(sweep / "tversky_a0.25-fold0-seed0")  # one alpha left: no curve, none stale
+    for fold in (1, 2):
+        shutil.rmtree(sweep / f"tversky_a0.25-fold{fold}-seed0")
+    monkeypatch.undo()
+    assert main([str(sweep)]) == 0
+    assert not (sweep / "report" / "alpha_search.png").exists()
 
 
 def test_a_copied_job_is_counted_once(tmp_path):
