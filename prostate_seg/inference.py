@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from scipy import ndimage
 
 from prostate_seg.data.resize import fit_slice, unfit_slice
-from prostate_seg.errors import DataError
+from prostate_seg.config import check_extras_installed
+from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.module import SegmentationModule, weights_mismatch
 from prostate_seg.prepare import PrepareSettings
 
@@ -39,6 +40,10 @@ def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> Segmentation
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise DataError(f"ckpt_path={path}: not a prostate-seg checkpoint ({exc})") from None
     cfg = OmegaConf.create(cfg)
+    try:
+        check_extras_installed(cfg)  # a MONAI network's checkpoint where MONAI is missing
+    except ConfigError as exc:
+        raise ConfigError(f"ckpt_path={path}: {exc}") from None
     cfg.model.compile = False
     cfg.model.channels_last = False
     module = SegmentationModule(OmegaConf.to_container(cfg))

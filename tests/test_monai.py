@@ -29,6 +29,13 @@ CLASSES = {"monai_unet": monai.networks.nets.UNet,
 SMALL = [o for o in TINY if not o.startswith("model")]
 
 
+def hide_monai(monkeypatch) -> None:
+    """As if the [monai] extra were not installed."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "monai" else find_spec(name, *a))
+
+
 def _config(model: str, tmp_path, *extra: str):
     return compose_train([*SMALL, *NETWORKS[model], *extra], tmp_path)
 
@@ -50,7 +57,7 @@ def test_network_builds_from_config_and_trains_a_step(model, tmp_path):
 
 @pytest.mark.parametrize("model", NETWORKS)
 def test_fit_then_predict_rebuilds_the_network_from_the_checkpoint(model, prepared, phantoms,
-                                                                    tmp_path):
+                                                                    tmp_path, monkeypatch):
     from prostate_seg.inference import load_checkpoint, pick_device
     from prostate_seg.predict import predict_paths
     from prostate_seg.training import train
@@ -62,6 +69,13 @@ def test_fit_then_predict_rebuilds_the_network_from_the_checkpoint(model, prepar
     assert results["features"] == "-"
     (ckpt,) = (run / "checkpoints").glob("best-*.ckpt")
     assert isinstance(load_checkpoint(ckpt, pick_device("cpu")).net, CLASSES[model])
+    with monkeypatch.context() as without_monai:
+        hide_monai(without_monai)
+        with pytest.raises(ConfigError) as error:
+            load_checkpoint(ckpt, pick_device("cpu"))
+    assert str(error.value) == (f"ckpt_path={ckpt}: model.net: monai.networks.nets."
+                                f"{CLASSES[model].__name__} needs monai, which is not installed "
+                                '(pip install "prostate-seg[monai]")')
 
     scan = sorted((phantoms / "images").glob("*.nii.gz"))[0]
     predict_paths(ckpt, scan, tmp_path / "mask.nii.gz")
@@ -81,9 +95,7 @@ def test_an_image_size_the_network_cannot_halve_is_one_line(tmp_path):
 
 
 def test_missing_monai_is_one_line_saying_what_to_install(tmp_path, monkeypatch):
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "monai" else find_spec(name, *a))
+    hide_monai(monkeypatch)
     cfg = _config("monai_segresnet", tmp_path, "data.dir=.")
     with pytest.raises(ConfigError) as error:
         check_train_config(cfg)
