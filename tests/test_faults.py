@@ -422,19 +422,27 @@ def _wait_for(predicate, timeout=120.0):
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exit(signum, prepared, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(_train_command(prepared, run_dir, 50), cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (run_dir / "metrics.csv").exists())  # mid-training, after epoch 0
-    time.sleep(1.0)
-    proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    with open(run_dir / "metrics.csv", newline="") as f:
-        epoch_end_steps = {int(r["step"]) for r in csv.DictReader(f)}
-    assert last["global_step"] > 0 and last["global_step"] not in epoch_end_steps  # mid-epoch
-    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    """Stopped in a training step, the run saves last.ckpt there (mid-epoch). A signal that
+    lands in an epoch's validation instead (a matter of timing on a busy machine) keeps the
+    previous epoch's last.ckpt, by design; then the test signals a new run, up to 3 times."""
+    for attempt in range(3):
+        run_dir = tmp_path / f"run{attempt}"
+        proc = subprocess.Popen(_train_command(prepared, run_dir, 50), cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: (run_dir / "metrics.csv").exists())  # mid-training, after epoch 0
+        time.sleep(1.0)
+        proc.send_signal(signum)
+        proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+        last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+        with open(run_dir / "metrics.csv", newline="") as f:
+            epoch_end_steps = {int(r["step"]) for r in csv.DictReader(f)}
+        if "interrupted during validation" not in (run_dir / "train.log").read_text():
+            assert last["global_step"] > 0 and last["global_step"] not in epoch_end_steps
+            return
+        assert last["global_step"] in epoch_end_steps  # the previous epoch's, whole
+    pytest.fail("3 signals in a row landed in validation: no mid-epoch save was tried")
 
 
 @pytest.mark.slow
