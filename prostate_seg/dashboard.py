@@ -64,6 +64,7 @@ def log_settings(loggers: list[Logger], settings: dict[str, Any]) -> None:
     """The run's settings to every logger: TensorBoard's HPARAMS tab, the others' params."""
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
+            logger.hparams.update(settings)  # its hparams.yaml in the run folder
             _, start, end = hparams_summaries(column_values(settings), {})
             writer = logger.experiment._get_file_writer()
             for summary in (experiment_summary(list(settings)), start, end):
