@@ -7,7 +7,8 @@ and compared with the gland mask stored by prepare at that size. The patients ar
 the split stored in the checkpoint (its fold's validation patients, its test patients, ...),
 and the data folder must be prepared and split as the checkpoint's was, so a checkpoint is
 never scored on patients it trained on or on data preprocessed another way. Writes
-``<checkpoint>.eval.csv`` (refused if it exists, unless overwrite=true). Every training run
+``<checkpoint>.eval.csv`` (``.eval-test.csv`` for subset=test, ``.eval-tta.csv`` with tta=true,
+...; refused if it exists, unless overwrite=true). Every training run
 does the same for its best checkpoint and writes ``per_patient.csv``.
 """
 
@@ -170,8 +171,19 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def default_output(ckpt_path: str | Path, subset: str = "val", keep_largest: bool = False,
+                   tta: bool = False) -> Path:
+    """``<checkpoint>.eval.csv`` for the validation patients as they are; another subset or
+    post-processing adds its name (``.eval-test.csv``, ``.eval-lcc-tta.csv``), so evaluating
+    the test patients after the validation ones neither collides with nor replaces them."""
+    parts = ([subset] if subset != "val" else []) + (["lcc"] if keep_largest else []) \
+        + (["tta"] if tta else [])
+    return Path(f"{ckpt_path}.eval{''.join('-' + part for part in parts)}.csv")
+
+
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
-    output = Path(cfg.output) if cfg.output else Path(f"{cfg.ckpt_path}.eval.csv")
+    output = (Path(cfg.output) if cfg.output
+              else default_output(cfg.ckpt_path, cfg.subset, cfg.largest_component, cfg.tta))
     refuse_existing(output, cfg.overwrite)  # before the work, not after it
     check_name_fits(output)
     check_writable_folder(output.parent)

@@ -3,6 +3,7 @@ evaluate and predict work on its checkpoint, and a 2-value sweep makes 2 run fol
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -75,6 +76,16 @@ def test_run_scores_its_best_checkpoint_per_patient_at_original_size(trained_run
         assert float(theirs["dice"]) == pytest.approx(float(mine["dice"]), abs=1e-9)
     again = run_cli("evaluate.py", f"ckpt_path={ckpt}", cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+    # Another subset (README: `evaluate.py ckpt_path=CKPT subset=test` after the one above)
+    # writes its own file and leaves the validation table alone.
+    val_table = Path(f"{ckpt}.eval.csv").read_text()
+    other = run_cli("evaluate.py", f"ckpt_path={ckpt}", "subset=select", "tta=true",
+                    cwd=tmp_path)
+    assert other.returncode == 0, other.stderr
+    with open(f"{ckpt}.eval-select-tta.csv", newline="") as f:
+        assert {r["split"] for r in csv.DictReader(f)} == {"select", ""}
+    assert Path(f"{ckpt}.eval.csv").read_text() == val_table
 
 
 def test_predict_writes_a_mask_on_the_scan_grid(trained_run, phantoms, tmp_path):
