@@ -387,7 +387,8 @@ def summary_table(a: Analysis) -> list[str]:
         s.loss, str(s.n_patients), str(s.n_runs),
         f"{_number(s.dice_mean)} [{_number(s.dice_ci_low, 3)}, {_number(s.dice_ci_high, 3)}]",
         _number(s.dice_median), _number(s.seed_sd), _number(s.precision_mean),
-        _number(s.recall_mean), _number(s.hd95_median, 2), str(s.hd95_failed),
+        _number(s.recall_mean), _number(s.hd95_median, 2),
+        "—" if s.hd95_failed is None else str(s.hd95_failed),
         "; ".join(s.flags) or "—"] for s in a.summaries))
 
 

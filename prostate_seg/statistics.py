@@ -189,7 +189,7 @@ class LossSummary:
     precision_mean: float
     recall_mean: float
     hd95_median: float
-    hd95_failed: int  # patient-runs whose HD95 was undefined (one mask empty)
+    hd95_failed: int | None  # patient-runs whose HD95 was undefined; None: not in the table
     hd95_unit: str
     flags: tuple[str, ...] = ()
 
@@ -214,7 +214,8 @@ def summarize(loss: str, rows: list[Row], flags: Sequence[str] = ()) -> LossSumm
         precision_mean=_nanmean(per_patient(rows, "precision").values()),
         recall_mean=_nanmean(per_patient(rows, "recall").values()),
         hd95_median=float(np.median(hd95)) if hd95 else math.nan,
-        hd95_failed=int(sum(r.get("hd95_failed") == 1 for r in rows)),
+        hd95_failed=(int(sum(r.get("hd95_failed") == 1 for r in rows))
+                     if any(_present(r, "hd95_failed") for r in rows) else None),
         hd95_unit=units[0] if len(units) == 1 else "/".join(units),
         flags=tuple(flags))
 

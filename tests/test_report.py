@@ -338,6 +338,7 @@ def test_table_mode_with_only_the_required_columns(tmp_path):
     assert float(c["mean_diff"]) == pytest.approx(np.mean(expected))
     md = (out / "results.md").read_text()
     assert "12 val patients (folds not given × seeds not given)" in md
+    assert all(r["hd95_failed"] == "" for r in read_csv(out / "results.csv"))  # not 0: unknown
     assert "## Protocol\n\nThe table's provenance is not known" in md
     assert sorted(p.name for p in out.glob("*.png")) == ["forest.png", "paired.png",
                                                           "scores.png"]
