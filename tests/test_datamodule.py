@@ -24,6 +24,16 @@ def datamodule(data_dir, tmp_path, *overrides) -> SliceDataModule:
     return dm
 
 
+def test_a_network_size_above_the_prepared_size_is_a_loud_warning(prepared, tmp_path, caplog):
+    datamodule(prepared, tmp_path, "data.image_size=32")  # smaller than prepared: a choice
+    datamodule(prepared, tmp_path, "data.image_size=48")
+    assert not caplog.records
+    datamodule(prepared, tmp_path, "data.image_size=64")
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and record.getMessage().startswith(
+        f"data.image_size=64 but {prepared} holds 48 px slices: each is enlarged")
+
+
 def test_fold_splits_by_patient_and_is_shared_by_every_run(prepared_copy, tmp_path):
     first = datamodule(prepared_copy, tmp_path, "data.folds=4", "data.fold=1")
     roles = {name: {r.patient for r in getattr(first, f"{name}_set").records}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from prostate_seg.data.split import (
     load_or_make_folds,
 )
 from prostate_seg.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 class SliceDataModule(pl.LightningDataModule):
@@ -93,7 +96,12 @@ class SliceDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         records = read_manifest(self.dir)
-        check_files(records, prepared_size(self.dir))
+        stored = prepared_size(self.dir)
+        check_files(records, stored)
+        if stored is not None and self.image_size > stored:
+            log.warning("data.image_size=%d but %s holds %d px slices: each is enlarged, which "
+                        "costs time and adds no detail (set data.image_size=%d, or prepare at "
+                        "%d)", self.image_size, self.dir, stored, stored, self.image_size)
         check_masks(records)
         self.folds = load_or_make_folds(self.dir, [r.patient for r in records],
                                         self.split_settings)
