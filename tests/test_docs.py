@@ -27,9 +27,9 @@ def code_lines(text: str) -> list[str]:
         if raw.strip().startswith("```"):
             block = not block and raw.strip() == "```bash"
             continue
-        if not block:
+        if not block or raw.strip().startswith("#"):
             continue
-        line = pending + raw.split(" #")[0].strip()
+        line = pending + raw.strip()
         if line.endswith("\\"):
             pending = line[:-1] + " "
             continue
@@ -43,7 +43,7 @@ def commands() -> list[tuple[str, str, list[str]]]:
     found = []
     for document in DOCUMENTS:
         for line in code_lines(document.read_text()):
-            words = shlex.split(line)
+            words = shlex.split(line, comments=True)
             for i, word in enumerate(words):
                 tool = TOOLS.get(Path(word).name) or TOOLS.get(word)
                 if tool:
