@@ -4,6 +4,7 @@ starts, nothing half-written, runs that resume."""
 import csv
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -423,9 +424,10 @@ def _wait_for(predicate, timeout=120.0):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exit(signum, prepared, tmp_path):
     """Stopped in a training step, the run saves last.ckpt there (mid-epoch). A signal that
-    lands in an epoch's validation instead (a matter of timing on a busy machine) keeps the
-    previous epoch's last.ckpt, by design; then the test signals a new run, up to 3 times."""
-    for attempt in range(3):
+    lands at an epoch's end instead (in its validation, or around its checkpoint; a quarter of
+    the time with these short epochs) leaves that epoch's last.ckpt, by design; then the test
+    signals a new run, up to 5 times."""
+    for attempt in range(5):
         run_dir = tmp_path / f"run{attempt}"
         proc = subprocess.Popen(_train_command(prepared, run_dir, 50), cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -438,11 +440,13 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exit(signum, prepared, tmp_
         last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
         with open(run_dir / "metrics.csv", newline="") as f:
             epoch_end_steps = {int(r["step"]) for r in csv.DictReader(f)}
-        if "interrupted during validation" not in (run_dir / "train.log").read_text():
-            assert last["global_step"] > 0 and last["global_step"] not in epoch_end_steps
+        assert last["global_step"] > 0
+        if last["global_step"] not in epoch_end_steps:  # saved by the interruption, mid-epoch
+            log = (run_dir / "train.log").read_text()
+            assert re.search(rf"interrupted \(.*\): saved .*last.ckpt at epoch \d+, step "
+                             rf"{last['global_step']}\b", log), log[-2000:]
             return
-        assert last["global_step"] in epoch_end_steps  # the previous epoch's, whole
-    pytest.fail("3 signals in a row landed in validation: no mid-epoch save was tried")
+    pytest.fail("5 signals in a row landed at an epoch's end: no mid-epoch save was tried")
 
 
 @pytest.mark.slow
