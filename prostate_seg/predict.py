@@ -73,16 +73,11 @@ def predict_scan(predictor: SlicePredictor, scan: Path, output: Path, keep_large
     stack = predictor.predict_volume(slices)
     prob = from_slices(stack, geometry)
     mask = from_slices(binarize(stack, keep_largest), geometry)
-    output.parent.mkdir(parents=True, exist_ok=True)
     if save_probabilities:  # first: a mask that exists means its run got to the end
         _save(prob, img, np.float32, probability_path(output))
     _save(mask, img, np.uint8, output)
     log.info("%s -> %s (%d gland voxels)", scan, output, int(mask.sum()))
     return output
-
-
-def _within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
 
 
 def _pairs(source: Path, target: Path) -> list[tuple[Path, Path]]:
@@ -93,7 +88,7 @@ def _pairs(source: Path, target: Path) -> list[tuple[Path, Path]]:
             raise DataError(f"output={target}: exists and is not a folder (input={source} is a "
                             "folder, so output names one too)")
         real_in, real_out = source.resolve(), target.resolve()
-        if _within(real_out, real_in):
+        if real_out.is_relative_to(real_in):
             raise ConfigError(f"output={target} {'is' if real_out == real_in else 'lies inside'} "
                               f"input={source}: masks would mix with the scans; choose a folder "
                               "outside it")

@@ -284,10 +284,6 @@ def _move_into_place(tmp: Path, output_dir: Path) -> None:
         tmp.rename(output_dir)
 
 
-def _within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def checked_output_dir(input_dir: Path, output_dir: Path, overwrite: bool) -> Path:
     """The real location to write the dataset to, after refusing every output_dir whose
     writing or replacing could touch the source data or a folder that is not a dataset.
@@ -296,12 +292,12 @@ def checked_output_dir(input_dir: Path, output_dir: Path, overwrite: bool) -> Pa
     the scans' own real locations are checked after they are found (:func:`check_sources`).
     """
     real_in, real_out = input_dir.resolve(), output_dir.resolve()
-    if _within(real_out, real_in):
+    if real_out.is_relative_to(real_in):
         where = "is" if real_out == real_in else "lies inside"
         raise ConfigError(f"output_dir={output_dir} {where} input_dir={input_dir} (real location "
                           f"{real_in}); prepare never writes into its source data: choose a "
                           "folder outside it")
-    if _within(real_in, real_out):
+    if real_in.is_relative_to(real_out):
         raise ConfigError(f"output_dir={output_dir} contains input_dir={input_dir} (real location "
                           f"{real_in}); replacing it would delete the source data: choose "
                           "another folder")
@@ -329,7 +325,7 @@ def check_sources(cases: list[Case], real_out: Path, output_dir: Path) -> None:
             if source is None:
                 continue
             for path in [source, *(source.rglob("*") if source.is_dir() else ())]:
-                if _within(path.resolve(), real_out):
+                if path.resolve().is_relative_to(real_out):
                     raise ConfigError(f"output_dir={output_dir} holds the input scan {path} (real "
                                       f"location {path.resolve()}); replacing it would delete "
                                       "the source data: choose another folder")

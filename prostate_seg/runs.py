@@ -150,7 +150,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            holder = _holder(fd)
             os.close(fd)
             raise ConfigError(f"{self.path.parent}: {self.what} in use by {holder}; wait for it "
                               "to end, or write to another folder") from None
@@ -164,15 +164,24 @@ class RunLock:
             self._fd = None
 
     def held_by_another(self) -> str | None:
-        """Who holds the folder (``pid N on host``), or None when no live process does."""
-        if not self.path.exists():
+        """Who holds the folder (``pid N on host``), or None when no live process does. Only
+        looks: the lock file is opened read-only and never written."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
             return None
         try:
-            self.acquire()
-        except ConfigError:
-            return self.path.read_text().strip() or "another process"
-        self.release()
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd)
+        finally:
+            os.close(fd)
         return None
+
+
+def _holder(fd: int) -> str:
+    """What the holder of a lock file wrote into it."""
+    return os.read(fd, 200).decode(errors="replace").strip() or "another process"
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
