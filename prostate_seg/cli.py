@@ -277,13 +277,20 @@ def error_line(exc: BaseException) -> str | None:
     return None
 
 
+# Whether the user asked for tracebacks, as recorded by the outermost tool (one_line_errors).
+TRACEBACKS = "PROSTATE_SEG_FULL_ERROR"
+
+
 @contextmanager
 def one_line_errors(show_traceback: bool = False) -> Iterator[None]:
     """Errors that escape Hydra (a run folder or log file it cannot create, a failed job of an
     in-process sweep) are also one line with exit code 2. Hydra passes exceptions on instead of
     printing them only with HYDRA_FULL_ERROR set; bugs, and every error with
     ``show_traceback``, then show their full traceback."""
-    previous = os.environ.get("HYDRA_FULL_ERROR")
+    saved = {key: os.environ.get(key) for key in ("HYDRA_FULL_ERROR", TRACEBACKS)}
+    # The user's own choice, for the jobs this process starts (gpu_pool, SLURM): they inherit
+    # the HYDRA_FULL_ERROR=1 set below, which the user did not ask for.
+    os.environ.setdefault(TRACEBACKS, "1" if saved["HYDRA_FULL_ERROR"] == "1" else "0")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         yield
@@ -294,10 +301,17 @@ def one_line_errors(show_traceback: bool = False) -> Iterator[None]:
         print(f"error: {line}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     finally:
-        if previous is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = previous
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def tracebacks_wanted() -> bool:
+    """Did the user ask for full tracebacks (HYDRA_FULL_ERROR=1)? In a job started by a tool
+    of this project, the answer that tool recorded, not the variable it set for Hydra."""
+    return os.environ.get(TRACEBACKS, os.environ.get("HYDRA_FULL_ERROR")) == "1"
 
 
 # What Hydra writes into every run folder before the task starts (besides the job's log).
@@ -362,7 +376,7 @@ def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    show_traceback = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    show_traceback = tracebacks_wanted()
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def _main(cfg: DictConfig) -> Any:

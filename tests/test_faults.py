@@ -102,6 +102,26 @@ def test_cli_config_error_is_one_line_without_traceback_and_leaves_no_folder(pre
     assert "ConfigError: loss.alpha=1.5" in traced.stderr and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("users_choice, child_shows_tracebacks", [(None, "False"), ("1", "True")])
+def test_jobs_a_tool_starts_keep_the_users_traceback_choice(users_choice, child_shows_tracebacks,
+                                                            monkeypatch):
+    """A sweep's launcher sets HYDRA_FULL_ERROR=1 for Hydra in its own process; the jobs it
+    starts (gpu_pool, SLURM) inherit the environment but still end a user error in one line
+    unless the user asked for tracebacks."""
+    from prostate_seg.cli import TRACEBACKS, one_line_errors
+
+    monkeypatch.delenv(TRACEBACKS, raising=False)
+    if users_choice is None:
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    else:
+        monkeypatch.setenv("HYDRA_FULL_ERROR", users_choice)
+    with one_line_errors():
+        job = subprocess.run([sys.executable, "-c", "from prostate_seg.cli import "
+                              "tracebacks_wanted; print(tracebacks_wanted())"],
+                             capture_output=True, text=True, check=True)
+    assert job.stdout.strip() == child_shows_tracebacks
+
+
 def test_cli_unknown_group_option_lists_the_valid_ones(tmp_path):
     result = run_cli("train.py", "loss=focal", cwd=tmp_path)
     assert result.returncode == 2
