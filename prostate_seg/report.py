@@ -46,6 +46,7 @@ from prostate_seg.runs import (
     PREVIEW_FILE,
     RESULTS_FILE,
     STATUS_FILE,
+    load_json_object,
 )
 from prostate_seg.statistics import ALPHA, Analysis, Row, analyse
 
@@ -160,19 +161,6 @@ def read_long_table(path: Path) -> list[Row]:
 
 # --- run folders ------------------------------------------------------------------------
 
-def _load_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """(content, None), (None, None) when absent, or (None, why it is unusable)."""
-    try:
-        content = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None, None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return None, f"{path.name} unreadable ({exc})"
-    if not isinstance(content, dict):
-        return None, f"{path.name} holds a {type(content).__name__}, not an object"
-    return content, None
-
-
 @dataclass
 class Run:
     folder: Path
@@ -227,8 +215,8 @@ def read_run(folder: Path, sweep_dir: Path) -> Run:
     """One run folder, classified; per-patient rows read only for completed runs."""
     name = "." if folder == sweep_dir else str(folder.relative_to(sweep_dir))
     run = Run(folder=folder, name=name, state="completed")
-    status, status_error = _load_json(folder / STATUS_FILE)
-    results, results_error = _load_json(folder / RESULTS_FILE)
+    status, status_error = load_json_object(folder / STATUS_FILE)
+    results, results_error = load_json_object(folder / RESULTS_FILE)
     if status_error or results_error:
         run.state, run.reason = "broken", status_error or results_error
         return run
@@ -237,7 +225,7 @@ def read_run(folder: Path, sweep_dir: Path) -> Run:
     if not isinstance(run.identity, dict):
         run.identity = {}
     if (status or {}).get("status") != "completed" or results is None:
-        launcher, _ = _load_json(folder / LAUNCHER_FILE)
+        launcher, _ = load_json_object(folder / LAUNCHER_FILE)
         run.state, run.reason = _unfinished_reason(folder, status, launcher)
         return run
     if not run.loss:

@@ -184,6 +184,20 @@ def _holder(fd: int) -> str:
     return os.read(fd, 200).decode(errors="replace").strip() or "another process"
 
 
+def load_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """A JSON object file a run or a launcher wrote: (content, None), (None, None) when
+    absent, or (None, why it is unusable) when unreadable or not an object."""
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return None, f"{path.name} unreadable ({exc})"
+    if not isinstance(content, dict):
+        return None, f"{path.name} holds a {type(content).__name__}, not an object"
+    return content, None
+
+
 def read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from prostate_seg.config import available_cpus
 from prostate_seg.files import write_json
+from prostate_seg.runs import load_json_object
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,6 @@ class _Terminated(SystemExit):
 
 def _raise_terminated(signum: int, frame: Optional[FrameType]) -> None:
     raise _Terminated(128 + signum)
-
-
-def read_record(path: Path) -> Dict[str, Any]:
-    """A job's launcher.json, or {} when there is none (or it is unreadable)."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
 
 
 def visible_gpus() -> List[str]:
@@ -323,7 +315,7 @@ class GpuPoolLauncher(Launcher):
     def _start_log(self, job: _Job, record: Dict[str, Any]) -> None:
         """Append to the job's launcher.log (a rerun keeps the earlier attempts' output) after a
         line naming the attempt and its start time."""
-        previous = read_record(job.dir / "launcher.json")
+        previous = load_json_object(job.dir / "launcher.json")[0] or {}
         record["attempt"] = int(previous.get("attempt", 0)) + 1
         log_path = job.dir / "launcher.log"
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["start"]))
