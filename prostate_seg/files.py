@@ -56,6 +56,13 @@ def check_name_fits(path: Path) -> None:
         raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), str(path))
 
 
+def beside(path: Path, tag: str, suffix: str = "") -> Path:
+    """A hidden name next to ``path`` for this process's work on it (``.tag-PID-HASH``): a
+    short hash of the name instead of the name, so it fits wherever ``path``'s name fits."""
+    digest = hashlib.sha1(path.name.encode()).hexdigest()[:10]
+    return path.with_name(f".{tag}-{os.getpid()}-{digest}{suffix}")
+
+
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path`` that replaces it when the block ends without error.
@@ -67,8 +74,7 @@ def replacing(path: Path) -> Iterator[Path]:
     an OSError names ``path``, not the temporary.
     """
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    digest = hashlib.sha1(path.name.encode()).hexdigest()[:10]
-    tmp = path.with_name(f".tmp-{os.getpid()}-{digest}{suffix}")
+    tmp = beside(path, "tmp", suffix)
     try:
         yield tmp
         _flush_to_disk(tmp)

@@ -48,7 +48,7 @@ from prostate_seg.data.volume import (
     window_to_uint8,
 )
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.files import check_name_fits, check_writable_folder, refuse_existing
+from prostate_seg.files import beside, check_name_fits, check_writable_folder, refuse_existing
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def _prepare_case(case: Case, settings: PrepareSettings, out: Path) -> CaseResul
 
 
 def _fresh_folder(output_dir: Path) -> Path:
-    tmp = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
+    tmp = beside(output_dir, "partial")
     if tmp.exists():
         shutil.rmtree(tmp)
     for sub in ("images", "masks", "volumes"):
@@ -276,7 +276,7 @@ def _fresh_folder(output_dir: Path) -> Path:
 
 def _move_into_place(tmp: Path, output_dir: Path) -> None:
     if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        old = beside(output_dir, "old")
         output_dir.rename(old)
         tmp.rename(output_dir)
         shutil.rmtree(old)

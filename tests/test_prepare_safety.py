@@ -126,6 +126,15 @@ def test_overwrite_replaces_only_a_prepared_dataset(source, tmp_path):
     assert not (empty / "my_note.txt").exists()
 
 
+def test_an_output_name_at_the_file_systems_limit_is_prepared_and_replaced(source, tmp_path):
+    """The dataset is built in a temporary folder beside the output and the old one is moved
+    aside: their names must fit wherever the output's name fits."""
+    out = tmp_path / ("d" * os.pathconf(tmp_path, "PC_NAME_MAX"))
+    assert prepare(source, out, SETTINGS)["patients"] == 2
+    assert prepare(source, out, SETTINGS, overwrite=True)["patients"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "data") == [out.name]
+
+
 def test_symlinked_output_folder_is_written_at_its_target(source, tmp_path):
     target = tmp_path / "disk" / "prepared"
     target.parent.mkdir()
