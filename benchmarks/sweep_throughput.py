@@ -40,7 +40,6 @@ class GpuSampler:
     def __init__(self) -> None:
         self.samples: list[float] = []
         self._proc: subprocess.Popen | None = None
-        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> GpuSampler:
         try:
@@ -49,8 +48,7 @@ class GpuSampler:
                  "-lms", "500"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except OSError:
             return self
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._read, daemon=True).start()  # ends with nvidia-smi
         return self
 
     def _read(self) -> None:
