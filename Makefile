@@ -32,8 +32,8 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	$(PY) -m prostate_seg.synthetic output_dir=$(DEMO_DIR)/phantoms num_patients=16 size=96
-	$(PY) -m prostate_seg.prepare input_dir=$(DEMO_DIR)/phantoms output_dir=$(DEMO_DIR)/prepared \
+	$(PY) -m prostate_seg synthetic output_dir=$(DEMO_DIR)/phantoms num_patients=16 size=96
+	$(PY) -m prostate_seg prepare input_dir=$(DEMO_DIR)/phantoms output_dir=$(DEMO_DIR)/prepared \
 	  image_size=64 overwrite=true
 	$(PY) train.py -m experiment=demo data.dir=$(DEMO_DIR)/prepared loss.alpha=0.25,0.5,0.75
 

@@ -37,10 +37,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from prostate_seg.config import compose_config  # noqa: E402
-from prostate_seg.evaluate import evaluate_checkpoint  # noqa: E402
-from prostate_seg.prepare import PrepareSettings, prepare  # noqa: E402
-from prostate_seg.runs import read_json  # noqa: E402
-from prostate_seg.training import train  # noqa: E402
+from prostate_seg.inference.evaluate import evaluate_checkpoint  # noqa: E402
+from prostate_seg.data.prepare import PrepareSettings, prepare  # noqa: E402
+from prostate_seg.study.runs import read_json  # noqa: E402
+from prostate_seg.training.fit import train  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "prostate_t2"
 

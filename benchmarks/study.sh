@@ -19,7 +19,7 @@ data="$out/prepared_$size"
 
 started=$(date +%s.%N)
 if [ ! -f "$data/manifest.csv" ]; then
-  "$python" -m prostate_seg.prepare input_dir="$scans" output_dir="$data" image_size="$size"
+  "$python" -m prostate_seg prepare input_dir="$scans" output_dir="$data" image_size="$size"
 fi
 prepared=$(date +%s.%N)
 

@@ -70,8 +70,8 @@ class GpuSampler:
 
 
 def make_dataset(root: Path, patients: int, size: int) -> Path:
-    from prostate_seg.prepare import PrepareSettings, prepare
-    from prostate_seg.synthetic import generate
+    from prostate_seg.data.prepare import PrepareSettings, prepare
+    from prostate_seg.data.synthetic import generate
 
     workers = min(os.cpu_count() or 1, 16)
     generate(root / "nifti", num_patients=patients, seed=0, size=max(128, size), workers=workers)

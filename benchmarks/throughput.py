@@ -42,9 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prostate_seg.config import compose_config  # noqa: E402
 from prostate_seg.data.dataset import read_manifest  # noqa: E402
 from prostate_seg.models import UNet  # noqa: E402
-from prostate_seg.prepare import PrepareSettings, prepare  # noqa: E402
-from prostate_seg.synthetic import generate  # noqa: E402
-from prostate_seg.training import build_run  # noqa: E402
+from prostate_seg.data.prepare import PrepareSettings, prepare  # noqa: E402
+from prostate_seg.data.synthetic import generate  # noqa: E402
+from prostate_seg.training.fit import build_run  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:

@@ -1,6 +1,7 @@
-"""Shared entry point of the command-line tools: Hydra config, one-line errors, exit codes.
+"""The command-line layer: ``python -m prostate_seg COMMAND [overrides]``, the console scripts
+(``prostate-seg-train`` ...) and the checkout's ``train.py``, ``evaluate.py``, ``predict.py``.
 
-Every tool (train, evaluate, predict, prepare, synthetic) runs through :func:`hydra_entry`:
+Every Hydra tool (train, evaluate, predict, prepare, synthetic) runs through :func:`hydra_entry`:
   * the command line is checked against the configs first, so a mistake is one line before
     any folder is made: a group choice that does not exist (``loss=focal``) lists the valid
     ones, a key that does not exist (``loss.alpa``) names the closest valid keys, a required
@@ -15,6 +16,7 @@ Every tool (train, evaluate, predict, prepare, synthetic) runs through :func:`hy
 from __future__ import annotations
 
 import difflib
+import importlib
 import errno
 import logging
 import os
@@ -35,25 +37,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-import prostate_seg.config  # noqa: F401  (registers the ps.* resolvers)
+from prostate_seg.config import CONFIG_PATH, initialize_configs
 from prostate_seg.errors import UserError
-from prostate_seg.runs import LOCK_FILE
+from prostate_seg.study.runs import LOCK_FILE
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-CONFIG_MODULE = "prostate_seg.conf"
-
-
-def _config_location() -> tuple[Path, str]:
-    """(folder, Hydra config path) of the configs: ``conf/`` beside the package in a checkout
-    (also when installed editable), else the copy that a wheel ships inside the package,
-    which Hydra reads as ``pkg://prostate_seg.conf``."""
-    checkout = PACKAGE_DIR.parent / "conf"
-    if (checkout / "train.yaml").is_file():
-        return checkout, str(checkout)
-    return PACKAGE_DIR / "conf", f"pkg://{CONFIG_MODULE}"
-
-
-CONF_DIR, CONFIG_PATH = _config_location()
 EXIT_USER_ERROR = 2
 # Hydra flags that consume the next argument when written without "=".
 _FLAGS_WITH_VALUE = {"-cp", "-cn", "-cd", "-c", "-p", "--config-path", "--config-name",
@@ -64,13 +51,6 @@ _PRINTING_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i"
 _OTHER_CONFIG_FLAGS = {"-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir"}
 
 log = logging.getLogger(__name__)
-
-
-def initialize_configs() -> Any:
-    """Hydra's compose API over the project's configs (a context manager)."""
-    if CONFIG_PATH.startswith("pkg://"):
-        return hydra.initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3")
-    return hydra.initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
 
 
 def command_line_overrides(argv: list[str]) -> list[str]:
@@ -384,3 +364,52 @@ def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
 
     with one_line_errors(show_traceback):
         _main()
+
+
+def _task(module: str, name: str) -> Callable[[DictConfig], Any]:
+    """``module.name``, imported when the task runs: ``--help`` and a typo answer before the
+    heavy imports (torch, Lightning) of the stage."""
+    def task(cfg: DictConfig) -> Any:
+        return getattr(importlib.import_module(module), name)(cfg)
+    return task
+
+
+def train() -> None:
+    hydra_entry(_task("prostate_seg.training.fit", "train"), config_name="train")
+
+
+def evaluate() -> None:
+    hydra_entry(_task("prostate_seg.inference.evaluate", "run"), config_name="evaluate")
+
+
+def predict() -> None:
+    hydra_entry(_task("prostate_seg.inference.predict", "run"), config_name="predict")
+
+
+def prepare() -> None:
+    hydra_entry(_task("prostate_seg.data.prepare", "run"), config_name="prepare")
+
+
+def synthetic() -> None:
+    hydra_entry(_task("prostate_seg.data.synthetic", "run"), config_name="synthetic")
+
+
+def report() -> None:
+    from prostate_seg.study.report import main as report_main
+
+    sys.exit(report_main())
+
+
+COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "prepare": prepare,
+            "synthetic": synthetic, "report": report}
+
+
+def main() -> None:
+    """``python -m prostate_seg COMMAND ...``: the command's own arguments follow it."""
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        given = f"unknown command {sys.argv[1]!r}; " if len(sys.argv) > 1 else ""
+        print(f"error: {given}usage: python -m prostate_seg {{{','.join(COMMANDS)}}} [...]",
+              file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    command = sys.argv.pop(1)
+    COMMANDS[command]()

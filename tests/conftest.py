@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import TINY, compose_train
 
-from prostate_seg.prepare import PrepareSettings, prepare
-from prostate_seg.synthetic import generate
+from prostate_seg.data.prepare import PrepareSettings, prepare
+from prostate_seg.data.synthetic import generate
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +38,7 @@ def prepared_copy(prepared, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(prepared, tmp_path_factory) -> Path:
     """One run of 8 epochs on the phantoms; the folder holds checkpoints, metrics and events."""
-    from prostate_seg.training import train
+    from prostate_seg.training.fit import train
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     cfg = compose_train([*TINY, f"data.dir={prepared}", "trainer.max_epochs=8",

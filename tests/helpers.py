@@ -30,7 +30,7 @@ def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600,
             env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a project command line (``train.py ...``, ``-m prostate_seg.prepare ...``)."""
+    """Run a project command line (``train.py ...``, ``-m prostate_seg prepare ...``)."""
     full_env = {**os.environ, "PROSTATE_SEG_LOG_ROOT": str(cwd / "outputs"), **(env or {})}
     if args and args[0].endswith(".py"):
         args = (str(REPO / args[0]), *args[1:])

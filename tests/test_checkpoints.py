@@ -7,8 +7,8 @@ import torch
 from helpers import TINY, compose_train
 
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.inference import load_checkpoint
-from prostate_seg.training import train
+from prostate_seg.inference.predictor import load_checkpoint
+from prostate_seg.training.fit import train
 
 
 def test_resuming_from_a_checkpoint_of_another_network_is_one_line(trained_run, prepared,
@@ -33,7 +33,7 @@ def test_checkpoint_whose_weights_do_not_fit_its_own_config_is_one_line(trained_
     doctored = tmp_path / "doctored.ckpt"
     torch.save(checkpoint, doctored)
     with pytest.raises(DataError, match=r"doctored.ckpt: its weights do not match the network "
-                                        r"its own config describes .*: layer net.bottleneck.0."
+                                        r"its own config describes .*: layer bottleneck.0."
                                         r"weight is \[32, 16, 3, 3\] in the checkpoint but "
                                         r"\[64, 32, 3, 3\] in the model$"):
         load_checkpoint(doctored, torch.device("cpu"))

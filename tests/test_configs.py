@@ -10,11 +10,12 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from prostate_seg.cli import CONF_DIR, command_line_problem, initialize_configs
-from prostate_seg.config import check_train_config
+from prostate_seg.cli import command_line_problem
+from prostate_seg.config import CONF_DIR, initialize_configs
+from prostate_seg.training.checks import check_train_config
 from prostate_seg.errors import ConfigError
 from prostate_seg.losses import CombinedLoss, FocalTverskyLoss, TverskyLoss
-from prostate_seg.module import build_loss
+from prostate_seg.training.module import build_loss
 
 GROUPS = ["data", "model", "loss", "optimizer", "scheduler", "trainer", "callbacks", "logger",
           "paths", "experiment", "debug"]
@@ -106,8 +107,7 @@ def test_paper_experiment_sweeps_eight_losses_over_folds_and_seeds(tmp_path, ove
     assert cfg.optimizer.lr == 1e-4 and cfg.trainer.max_epochs == 100
 
 
-SWEEPERS = ["basic", "study", *options("hydra/sweeper")] + (
-    ["optuna"] if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") else [])
+SWEEPERS = ["basic", "study", *options("hydra/sweeper")]
 
 
 @pytest.mark.parametrize("sweeper", SWEEPERS)
@@ -116,20 +116,6 @@ def test_every_sweeper_composes(sweeper, tmp_path):
     refuses keys it does not know)."""
     cfg = compose_train([f"hydra/sweeper={sweeper}", "data.dir=."], tmp_path)
     assert cfg.hydra.sweeper._target_.rsplit(".", 1)[-1].endswith("Sweeper")
-
-
-def test_alpha_search_is_a_stored_tpe_study_over_alpha(tmp_path):
-    cfg = compose_train(["experiment=alpha_search", "data.dir=.",
-                         "hydra.sweep.dir=outputs/sweeps/s"], tmp_path)
-    sweeper = cfg.hydra.sweeper
-    assert sweeper._target_.endswith("RepeatedTrialsSweeper")
-    assert cfg.hydra.mode.name == "MULTIRUN"
-    assert sweeper.params == {"loss.alpha": "interval(0.05, 0.95)"} and cfg.loss.beta is None
-    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler"
-    assert (sweeper.direction, sweeper.n_trials, list(sweeper.folds), list(sweeper.seeds)) == (
-        "maximize", 20, [0], [0])
-    assert (sweeper.storage, sweeper.study_name) == (
-        "sqlite:///outputs/sweeps/s/optuna.db", "alpha_search")
 
 
 @pytest.mark.parametrize("name, overrides", [
@@ -194,7 +180,6 @@ def test_unknown_keys_name_the_closest_valid_ones_and_never_suggest_adding(confi
     ("train", ["loss=bce", "seed=3", "-m", "model=unet,unet_small", "+foo=1"]),
     ("train", ["-m", "loss=bce,tversky", "loss.alpha=0.25,0.5"]),  # a key of one swept option
     ("train", ["model=monai_unet", "model.net.channels=[8,16]"]),
-    ("train", ["experiment=alpha_search", "hydra.sweeper.n_trials=3"]),
     ("train", ["data.train_transform.transforms.1.limit=20", "~callbacks.early_stopping"]),
     ("train", ["~scheduler", "hydra.run.dir=x", "++trainer.gradient_clip_val=1"]),
     ("evaluate", ["--help"]),  # only prints: the checkpoint is not needed
@@ -264,9 +249,9 @@ def test_help_lists_every_group_with_its_options_and_examples_that_compose():
         assert command_line_problem(shlex.split(line)[2:], "train") is None, line
 
 
-@pytest.mark.parametrize("module, required", [("prostate_seg.prepare", "input_dir: ???"),
-                                              ("prostate_seg.synthetic", "output_dir: ???")])
-def test_tool_help_says_what_to_type_and_lists_the_settings(module, required):
-    result = run_cli("-m", module, "--help")
+@pytest.mark.parametrize("tool, required", [("prepare", "input_dir: ???"),
+                                            ("synthetic", "output_dir: ???")])
+def test_tool_help_says_what_to_type_and_lists_the_settings(tool, required):
+    result = run_cli("-m", "prostate_seg", tool, "--help")
     assert result.returncode == 0
-    assert result.stdout.startswith(f"python -m {module} ") and required in result.stdout
+    assert result.stdout.startswith(f"python -m prostate_seg {tool} ") and required in result.stdout

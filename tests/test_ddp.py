@@ -57,7 +57,7 @@ def test_tversky_under_ddp_is_the_loss_and_gradient_of_the_global_batch():
 def test_ddp_cpu_validation_counts_every_slice_once(prepared_copy, tmp_path):
     """Two processes over gloo: select/dice equals one process validating the same weights,
     even where the selection slices do not split evenly (the default sampler pads them)."""
-    from prostate_seg.training import build_run, setup_data
+    from prostate_seg.training.fit import build_run, setup_data
 
     common = [*TINY, f"data.dir={prepared_copy}", "data.select_fraction=0.3"]
     odd = [k for k in range(5) if len(setup_data(compose_train(

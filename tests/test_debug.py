@@ -8,8 +8,8 @@ import json
 import pytest
 from helpers import TINY, compose_train, run_cli
 
-from prostate_seg.runs import config_identity
-from prostate_seg.training import NO_BEST_CHECKPOINT, train
+from prostate_seg.study.runs import config_identity
+from prostate_seg.training.fit import NO_BEST_CHECKPOINT, train
 
 
 def test_debug_runs_write_under_outputs_debug(tmp_path):

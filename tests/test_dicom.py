@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # 
 
 from prostate_seg.data.dicom import load_dicom_series  # noqa: E402
 from prostate_seg.errors import DataError  # noqa: E402
-from prostate_seg.prepare import Case, PrepareSettings, load_case, prepare  # noqa: E402
+from prostate_seg.data.prepare import Case, PrepareSettings, load_case, prepare  # noqa: E402
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 PIXEL_SPACING = (0.6, 0.5)  # (row spacing, column spacing), as DICOM orders them

@@ -19,7 +19,7 @@ from helpers import TINY, compose_train, run_cli
 
 from prostate_seg import cli
 from prostate_seg.files import write_json
-from prostate_seg.training import train
+from prostate_seg.training.fit import train
 
 
 def _within(path, folder: Path) -> bool:
@@ -88,7 +88,7 @@ def test_a_full_disk_never_leaves_a_truncated_checkpoint(full_checkpoint_disk, p
 
 
 def test_checkpoints_go_through_the_atomic_writer(prepared, tmp_path):
-    from prostate_seg.training import AtomicCheckpointIO, build_run
+    from prostate_seg.training.fit import AtomicCheckpointIO, build_run
 
     cfg = compose_train([*TINY, f"data.dir={prepared}"], tmp_path / "run")
     _, _, trainer = build_run(cfg)
@@ -99,7 +99,7 @@ def test_status_that_cannot_be_written_ends_the_run_with_the_error_on_stderr(
         full_checkpoint_disk, prepared, tmp_path, monkeypatch, capsys):
     """The run fails (disk full) and status.json cannot be updated either: the process must
     not end as if nothing happened, leaving "running" behind unexplained."""
-    import prostate_seg.runs as runs
+    import prostate_seg.study.runs as runs
 
     real_write = runs.write_json
 
@@ -166,7 +166,7 @@ def _one_line_exit_2(result, path: Path) -> None:
 
 
 def test_prepare_cli(phantoms, a_file, tmp_path):
-    result = run_cli("-m", "prostate_seg.prepare", f"input_dir={phantoms}",
+    result = run_cli("-m", "prostate_seg", "prepare", f"input_dir={phantoms}",
                      f"output_dir={a_file}/prepared", "image_size=16", cwd=tmp_path)
     _one_line_exit_2(result, a_file)
 

@@ -1,5 +1,5 @@
 """Every command the user documents tell a researcher to type is one the tools accept: each
-`python train.py / evaluate.py / predict.py / -m prostate_seg.<tool>` line of README.md and
+`python train.py / evaluate.py / predict.py / -m prostate_seg <tool>` line of README.md and
 docs/*.md (continuation lines joined) composes with no unknown key, group option or parse
 error. Placeholders (`...`, `CKPT`, paths) are values, which Hydra does not check here."""
 
@@ -14,7 +14,6 @@ from prostate_seg.cli import command_line_problem
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 TOOLS = {"train.py": "train", "evaluate.py": "evaluate", "predict.py": "predict",
-         "prostate_seg.prepare": "prepare", "prostate_seg.synthetic": "synthetic",
          "prostate-seg-train": "train", "prostate-seg-evaluate": "evaluate",
          "prostate-seg-predict": "predict", "prostate-seg-prepare": "prepare",
          "prostate-seg-synthetic": "synthetic"}
@@ -46,6 +45,8 @@ def commands() -> list[tuple[str, str, list[str]]]:
             words = shlex.split(line, comments=True)
             for i, word in enumerate(words):
                 tool = TOOLS.get(Path(word).name) or TOOLS.get(word)
+                if word == "prostate_seg" and words[i + 1:i + 2] and words[i + 1] in TOOLS.values():
+                    tool, i = words[i + 1], i + 1  # python -m prostate_seg prepare ...
                 if tool:
                     argv = [w for w in words[i + 1:] if w != "..."]
                     found.append((f"{document.name}: {line}", tool, argv))

@@ -10,8 +10,8 @@ import torch
 from helpers import REPO, TINY, compose_train, run_cli
 from omegaconf import OmegaConf
 
-from prostate_seg.module import SegmentationModule
-from prostate_seg.training import build_run
+from prostate_seg.training.module import SegmentationModule
+from prostate_seg.training.fit import build_run
 
 # Each of these makes the host wait for the device (a GPU sync) when called on a CUDA tensor.
 _DEVICE_READS = ("item", "tolist", "__bool__", "__float__", "__int__")

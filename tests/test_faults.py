@@ -20,12 +20,12 @@ import torch
 from helpers import REPO, TINY, compose_train, run_cli
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from prostate_seg.config import check_train_config
+from prostate_seg.training.checks import check_train_config
 from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError, DataError, NonFiniteLossError, UserError
-from prostate_seg.prepare import PrepareSettings, prepare
-from prostate_seg import training
-from prostate_seg.training import build_run, setup_data, train
+from prostate_seg.data.prepare import PrepareSettings, prepare
+from prostate_seg.training import fit as training
+from prostate_seg.training.fit import build_run, setup_data, train
 
 
 # --- 1. config checked at start-up -----------------------------------------------------------
@@ -138,9 +138,9 @@ def test_cli_unknown_key_is_one_line_with_the_closest_key_and_writes_nothing(tmp
 
 
 @pytest.mark.parametrize("args, message", [
-    (["-m", "prostate_seg.prepare", "input_dir=nothere", "output_dir=out"],
+    (["-m", "prostate_seg", "prepare", "input_dir=nothere", "output_dir=out"],
      "error: input_dir=nothere: folder not found"),
-    (["-m", "prostate_seg.synthetic", "output_dir=out", "num_patients=0"], "error: num_patients"),
+    (["-m", "prostate_seg", "synthetic", "output_dir=out", "num_patients=0"], "error: num_patients"),
     (["evaluate.py", "ckpt_path=missing.ckpt"], "error: ckpt_path=missing.ckpt: checkpoint not found"),
     (["predict.py", "ckpt_path=missing.ckpt", "input=a.nii.gz", "output=b.nii.gz"], "error: "),
 ])
@@ -247,7 +247,7 @@ def test_each_bad_case_is_named_with_its_problem(case, tmp_path):
 
 def test_skip_mode_lists_every_skipped_case_with_its_reason(tmp_path):
     _broken_cases(tmp_path / "in")
-    result = run_cli("-m", "prostate_seg.prepare", f"input_dir={tmp_path / 'in'}",
+    result = run_cli("-m", "prostate_seg", "prepare", f"input_dir={tmp_path / 'in'}",
                      f"output_dir={tmp_path / 'out'}", "image_size=16", "on_error=skip",
                      "mask_labels=[1]", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -491,7 +491,7 @@ def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(prepared_
 
 # --- 5. outputs are never overwritten --------------------------------------------------------
 def test_predict_refuses_to_overwrite(trained_run, phantoms, tmp_path):
-    from prostate_seg.predict import predict_paths
+    from prostate_seg.inference.predict import predict_paths
 
     out = tmp_path / "mask.nii.gz"
     out.write_bytes(b"precious")
@@ -502,7 +502,7 @@ def test_predict_refuses_to_overwrite(trained_run, phantoms, tmp_path):
 
 
 def test_predict_rejects_non_3d_and_unreadable_input(trained_run, tmp_path):
-    from prostate_seg.predict import predict_paths
+    from prostate_seg.inference.predict import predict_paths
 
     flat = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((8, 8), np.float32), np.eye(4)), str(flat))

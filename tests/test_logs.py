@@ -7,7 +7,7 @@ import pytest
 from helpers import TINY, compose_train, run_cli
 from pytorch_lightning.callbacks import ProgressBar
 
-from prostate_seg.training import build_run
+from prostate_seg.training.fit import build_run
 
 EPOCH_LINE = re.compile(r"epoch (\d+)/2: train/loss \d\.\d{4}, select/loss \d\.\d{4}, "
                         r"select/dice \d\.\d{4}, lr 0\.003, \d+\.\d s")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from prostate_seg.metrics import VolumeConfusion, hd95, scores_from_counts, volume_scores
+from prostate_seg.inference.metrics import VolumeConfusion, hd95, scores_from_counts, volume_scores
 
 
 def test_per_volume_dice_is_averaged_over_patients_not_pixels():

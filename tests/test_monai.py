@@ -11,7 +11,7 @@ import torch
 from helpers import TINY, compose_train
 from hydra.utils import instantiate
 
-from prostate_seg.config import check_train_config
+from prostate_seg.training.checks import check_train_config
 from prostate_seg.errors import ConfigError
 
 monai = pytest.importorskip("monai", reason="MONAI is the optional extra [monai]")
@@ -58,9 +58,9 @@ def test_network_builds_from_config_and_trains_a_step(model, tmp_path):
 @pytest.mark.parametrize("model", NETWORKS)
 def test_fit_then_predict_rebuilds_the_network_from_the_checkpoint(model, prepared, phantoms,
                                                                     tmp_path, monkeypatch):
-    from prostate_seg.inference import load_checkpoint, pick_device
-    from prostate_seg.predict import predict_paths
-    from prostate_seg.training import train
+    from prostate_seg.inference.predictor import load_checkpoint, pick_device
+    from prostate_seg.inference.predict import predict_paths
+    from prostate_seg.training.fit import train
 
     run = tmp_path / "run"
     results = train(_config(model, run, f"data.dir={prepared}", "trainer.max_epochs=1"))

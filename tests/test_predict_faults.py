@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import prostate_seg.predict as predict
+import prostate_seg.inference.predict as predict
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.predict import predict_paths
+from prostate_seg.inference.predict import predict_paths
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from prostate_seg.data.resize import fit_slice, unfit_slice
 from prostate_seg.data.volume import geometry_of, to_slices, window_to_uint8
 from prostate_seg.errors import DataError
-from prostate_seg.prepare import PrepareSettings, prepare
+from prostate_seg.data.prepare import PrepareSettings, prepare
 
 
 def _read(path):

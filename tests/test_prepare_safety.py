@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from prostate_seg.errors import ConfigError, DataError, UserError
-from prostate_seg.prepare import PrepareSettings, prepare
+from prostate_seg.data.prepare import PrepareSettings, prepare
 
 SETTINGS = PrepareSettings(image_size=16)
 

@@ -11,9 +11,9 @@ from helpers import TINY, compose_train, run_cli
 
 from prostate_seg.data.split import SplitSettings, check_folds, make_folds
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.evaluate import evaluate_checkpoint
-from prostate_seg.runs import RunLock
-from prostate_seg.training import identity_of, setup_data, train
+from prostate_seg.inference.evaluate import evaluate_checkpoint
+from prostate_seg.study.runs import RunLock
+from prostate_seg.training.fit import identity_of, setup_data, train
 
 PATIENTS = [f"p{i:02d}" for i in range(23)]
 
@@ -188,7 +188,7 @@ def test_evaluate_uses_the_checkpoint_split_and_refuses_other_data(run_with_test
 def test_val_dice_counts_only_the_volumes_seen(prepared_copy, tmp_path):
     """With limit_val_batches=1 only the first volume's slices are validated: select/dice is
     that volume's Dice, not an average with unseen volumes counted as 1."""
-    from prostate_seg.training import build_run
+    from prostate_seg.training.fit import build_run
 
     cfg = compose_train([*TINY, f"data.dir={prepared_copy}", "data.folds=2",
                          "data.select_fraction=0.5", "+trainer.limit_val_batches=1",

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from helpers import REAL_DATA, TINY, compose_train
 
-from prostate_seg.evaluate import evaluate_checkpoint
-from prostate_seg.predict import predict_paths
-from prostate_seg.prepare import PrepareSettings, prepare
-from prostate_seg.training import train
+from prostate_seg.inference.evaluate import evaluate_checkpoint
+from prostate_seg.inference.predict import predict_paths
+from prostate_seg.data.prepare import PrepareSettings, prepare
+from prostate_seg.training.fit import train
 
 pytestmark = [
     pytest.mark.real_data,

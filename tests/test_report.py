@@ -13,11 +13,11 @@ from helpers import run_cli
 from omegaconf import OmegaConf
 from scipy import stats
 
-from prostate_seg import figures
+from prostate_seg.study import figures
 from prostate_seg.errors import DataError
-from prostate_seg.report import SweepReportCallback, collect_runs, main, report_table
-from prostate_seg.runs import RunLock
-from prostate_seg.statistics import analyse
+from prostate_seg.study.report import SweepReportCallback, collect_runs, main, report_table
+from prostate_seg.study.runs import RunLock
+from prostate_seg.study.statistics import analyse
 
 PATIENTS = [f"case{i:02d}" for i in range(12)]
 TOTAL = 48 * 48 * 10
@@ -196,7 +196,7 @@ def test_one_broken_folder_is_listed_and_the_rest_reported(tmp_path):
     live = RunLock(sweep / "tversky_a0.75-fold1-seed1")
     live.acquire()  # a job still at work there; the other "running" one was killed
     try:
-        result = run_cli("-m", "prostate_seg.report", str(sweep), cwd=tmp_path)
+        result = run_cli("-m", "prostate_seg", "report", str(sweep), cwd=tmp_path)
     finally:
         live.release()
     assert result.returncode == 0, result.stderr
@@ -328,7 +328,7 @@ def minimal_table(path: Path) -> Path:
 def test_table_mode_with_only_the_required_columns(tmp_path):
     table = minimal_table(tmp_path / "results.csv")
     out = tmp_path / "out"
-    result = run_cli("-m", "prostate_seg.report", "--table", str(table), "--out", str(out),
+    result = run_cli("-m", "prostate_seg", "report", "--table", str(table), "--out", str(out),
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (c,) = read_csv(out / "comparisons.csv")
@@ -462,7 +462,7 @@ def test_a_truncated_preview_file_is_a_note_not_a_crash(tmp_path):
 
 
 def test_long_table_reader_names_the_file_and_line(tmp_path):
-    from prostate_seg.report import read_long_table
+    from prostate_seg.study.report import read_long_table
 
     table = write_table(tmp_path / "t.csv", "loss,patient,dice,hd95",
                         ["bce,case00,0.8,", "bce,case01,0.7,abc"])

@@ -26,7 +26,7 @@ import pytest
 from helpers import REPO, TINY, run_cli
 from omegaconf import OmegaConf
 
-from prostate_seg.prepare import PrepareSettings, prepare
+from prostate_seg.data.prepare import PrepareSettings, prepare
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from prostate_seg.statistics import (
+from prostate_seg.study.statistics import (
     ALPHA,
     analyse,
     bootstrap_ci,

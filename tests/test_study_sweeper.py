@@ -5,7 +5,7 @@ import json
 import pytest
 from helpers import TINY, run_cli
 
-from prostate_seg.runs import RunLock
+from prostate_seg.study.runs import RunLock
 
 SMALL = [o for o in TINY if not o.startswith("trainer=")] + ["trainer=cpu", "trainer.max_epochs=1"]
 

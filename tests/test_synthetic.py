@@ -3,7 +3,7 @@
 import nibabel as nib
 import numpy as np
 
-from prostate_seg.synthetic import generate, make_phantom
+from prostate_seg.data.synthetic import generate, make_phantom
 
 
 def test_same_seed_same_phantom_other_seed_other_phantom():

@@ -9,7 +9,7 @@ import json
 import pytest
 from helpers import TINY, compose_train, run_cli
 
-from prostate_seg.config import check_train_config
+from prostate_seg.training.checks import check_train_config
 from prostate_seg.errors import ConfigError
 
 mlflow = pytest.importorskip("mlflow", reason="MLflow is the optional extra [mlflow]")
@@ -65,7 +65,7 @@ def test_sweep_is_one_experiment_with_a_run_per_job_and_the_report(prepared, tmp
 
 
 def test_a_resumed_run_continues_its_mlflow_run(prepared, tmp_path, caplog):
-    from prostate_seg.training import train
+    from prostate_seg.training.fit import train
 
     store = f"sqlite:///{tmp_path}/mlflow.db"
     run_dir = tmp_path / "runs" / "job"
@@ -96,6 +96,6 @@ def test_missing_mlflow_is_one_line_saying_what_to_install(tmp_path, monkeypatch
     del cfg.hydra  # as a run's task sees its config
     with pytest.raises(ConfigError) as error:
         check_train_config(cfg)
-    assert str(error.value) == ("logger.mlflow: prostate_seg.tracking.MLflowRunLogger needs "
+    assert str(error.value) == ("logger.mlflow: prostate_seg.training.tracking.MLflowRunLogger needs "
                                 "mlflow, which is not installed "
                                 '(pip install "prostate-seg[mlflow]")')

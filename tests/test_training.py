@@ -11,7 +11,7 @@ import pytest
 from helpers import TINY, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from prostate_seg.runs import RESULTS_FILE
+from prostate_seg.study.runs import RESULTS_FILE
 
 
 def history(run_dir):
@@ -170,7 +170,7 @@ def test_two_job_sweep_makes_two_named_runs_compared_in_tensorboard(prepared_cop
 
 
 def test_predict_a_folder_of_scans(trained_run, phantoms, tmp_path):
-    from prostate_seg.predict import predict_paths
+    from prostate_seg.inference.predict import predict_paths
 
     scans = tmp_path / "scans"
     scans.mkdir()

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from prostate_seg.config import available_cpus
 from prostate_seg.files import write_json
-from prostate_seg.runs import load_json_object
+from prostate_seg.study.runs import load_json_object
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,10 @@ def forwarded_hydra_overrides(overrides: Sequence[str]) -> List[str]:
 
 
 def entry_command() -> List[str]:
-    """How to start the program the user ran: ``python -m pkg.mod`` or ``python script.py``."""
-    spec = getattr(sys.modules["__main__"], "__spec__", None)
-    if spec is not None and spec.name:
-        return [sys.executable, "-m", spec.name]
-    return [sys.executable, os.path.abspath(sys.argv[0])]
+    """How to start the program the user ran (``python -m prostate_seg train``, ``python
+    train.py``, a console script): this interpreter's command line without Hydra's arguments."""
+    hydra_args = len(sys.argv) - 1
+    return [sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - hydra_args]]
 
 
 def log_tail(path: Path, lines: int = ERROR_TAIL_LINES) -> List[str]:

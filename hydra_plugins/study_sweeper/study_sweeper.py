@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from prostate_seg.cli import exit_on_user_error
 from prostate_seg.errors import ConfigError, UserError
-from prostate_seg.runs import RunLock
-from prostate_seg.sweeps import job_name
+from prostate_seg.study.runs import RunLock
+from prostate_seg.study.sweeps import job_name
 
 log = logging.getLogger(__name__)
 AUTO_SUBDIR = "${ps.job_name:}"  # the default subdir (conf/hydra/default.yaml)
@@ -37,7 +37,7 @@ class StudySweeperConf:
     params: Optional[Dict[str, str]] = None
     # called as check_job(job_config, job_dir) for every job before the first one starts
     # (a default here, not in conf/hydra/default.yaml, where other sweepers would receive it)
-    check_job: Optional[str] = "prostate_seg.sweeps.check_job"
+    check_job: Optional[str] = "prostate_seg.training.fit.check_job"
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudySweeperConf,
@@ -105,18 +105,15 @@ def applicable_jobs(config: DictConfig, hydra_context: Any, jobs: List[List[str]
 
 
 def check_and_name_jobs(config: DictConfig, hydra_context: Any, check_job: Optional[Any],
-                        jobs: List[List[str]], swept_keys: Sequence[str] = ()
-                        ) -> Dict[Tuple[str, ...], List[str]]:
+                        jobs: List[List[str]]) -> Dict[Tuple[str, ...], List[str]]:
     """Per job of ``jobs`` (override lists), the overrides to add (its folder name, when the
-    sweep's subdir is the default); raises on the first bad job. Also used by the Optuna
-    sweeper (hydra_plugins/repeated_trials_sweeper) for each batch of trials, whose searched
-    keys (``swept_keys``) vary between batches and so name every job."""
+    sweep's subdir is the default); raises on the first bad job."""
     values: Dict[str, set] = {}
     for job in jobs:
         for override in job:
             key, _, value = override.partition("=")
             values.setdefault(key, set()).add(value)
-    swept = {key for key, seen in values.items() if len(seen) > 1} | set(swept_keys)
+    swept = {key for key, seen in values.items() if len(seen) > 1}
     auto = OmegaConf.to_container(config.hydra.sweep)["subdir"] == AUTO_SUBDIR
     excluded = set(config.hydra.job.config.override_dirname.exclude_keys or [])
     extra: Dict[Tuple[str, ...], List[str]] = {}

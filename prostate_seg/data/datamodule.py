@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 class SliceDataModule(pl.LightningDataModule):
-    """Loaders over ``dir`` (made by ``python -m prostate_seg.prepare``) for fold ``fold`` of
+    """Loaders over ``dir`` (made by ``python -m prostate_seg prepare``) for fold ``fold`` of
     the dataset's patient split (``dir/split.json``, see :mod:`prostate_seg.data.split`):
     Lightning trains on the fold's ``train`` patients and validates (early stopping,
     checkpoint choice) on its ``select`` patients. The fold's ``val`` patients (``val_set``)

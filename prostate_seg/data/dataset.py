@@ -41,7 +41,7 @@ def read_manifest(data_dir: Path) -> list[SliceRecord]:
     path = data_dir / MANIFEST
     if not path.is_file():
         raise DataError(f"{path}: manifest not found (is {data_dir} made by "
-                        "python -m prostate_seg.prepare?)")
+                        "python -m prostate_seg prepare?)")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]

@@ -1,7 +1,7 @@
 """The study's report: paired per-patient comparisons of losses, from a sweep or any table.
 
-    python -m prostate_seg.report SWEEP_DIR [--baseline bce] [--all-pairs] [--split val]
-    python -m prostate_seg.report --table FILE.csv --out DIR [--baseline ...] [--all-pairs]
+    python -m prostate_seg report SWEEP_DIR [--baseline bce] [--all-pairs] [--split val]
+    python -m prostate_seg report --table FILE.csv --out DIR [--baseline ...] [--all-pairs]
 
 Sweep mode (also run at the end of every multirun) finds every run folder under SWEEP_DIR by
 its status.json / results.json, writes their per-patient rows as one long table,
@@ -12,7 +12,7 @@ for instance exported from nnU-Net or MONAI: columns loss, patient, dice (requir
 fold, seed, split, precision, recall, hd95, hd95_failed, ... (optional).
 
 Writes results.md (verdict first), results.csv (per loss), comparisons.csv (per comparison)
-and figures. The statistics are in :mod:`prostate_seg.statistics`.
+and figures. The statistics are in :mod:`prostate_seg.study.statistics`.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from prostate_seg import figures, search
+from prostate_seg.study import figures
 from prostate_seg.errors import DataError, UserError
 from prostate_seg.files import write_csv, write_text
-from prostate_seg.runs import (
+from prostate_seg.study.runs import (
     METRICS_FILE,
+    OBJECTIVE,
     RunLock,
     PER_PATIENT_FILE,
     PREVIEW_FILE,
@@ -48,7 +49,7 @@ from prostate_seg.runs import (
     STATUS_FILE,
     load_json_object,
 )
-from prostate_seg.statistics import ALPHA, Analysis, Row, analyse
+from prostate_seg.study.statistics import ALPHA, Analysis, Row, analyse
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,9 @@ UNIT_INTERVAL = ("dice", "precision", "recall")
 KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
 RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "identity",
                "group")
+ALPHA_FIGURE = "alpha_search.png"
 FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_curves.png",
-                search.FIGURE)
+                ALPHA_FIGURE)
 
 
 # --- reading tables ---------------------------------------------------------------------
@@ -551,10 +553,10 @@ def _figures(a: Analysis, rows: list[Row], colours: dict[str, Any], out: Path,
         curves = _curves(counted, sweep)
         if curves:
             drawn["loss_curves.png"] = figures.loss_curves(curves, colours)
-        # a grid of alphas or an Optuna search; the runs the statistics count, each once
-        alphas = search.by_alpha([(r.name, r.results) for r in counted])
+        # a grid of alphas: the runs the statistics count, each once
+        alphas = figures.by_alpha([(r.name, r.results) for r in counted], OBJECTIVE)
         if len(alphas) > 1:
-            drawn[search.FIGURE] = figures.alpha_curve(alphas, search.OBJECTIVE)
+            drawn[ALPHA_FIGURE] = figures.alpha_curve(alphas, OBJECTIVE)
     for name, figure in drawn.items():
         figures.save(figure, out / name)
     return [name for name in FIGURE_FILES if name in drawn]
@@ -715,7 +717,7 @@ class SweepReportCallback(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prostate_seg.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m prostate_seg report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", nargs="?", help="a multirun folder, e.g. "
                         "outputs/sweeps/DATE/TIME (writes SWEEP_DIR/report/)")
@@ -746,6 +748,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

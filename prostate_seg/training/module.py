@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from prostate_seg.errors import ConfigError
-from prostate_seg.metrics import VolumeConfusion
+from prostate_seg.inference.metrics import VolumeConfusion
+from prostate_seg.models import weights_mismatch
 
 HP_METRIC = "hp/best_select_dice"
 
@@ -27,24 +28,6 @@ def build_loss(loss_cfg: DictConfig | dict) -> tuple[str, nn.Module]:
     name = str(loss_cfg.get("name", loss_cfg._target_.rsplit(".", 1)[-1]))
     params = OmegaConf.masked_copy(loss_cfg, [k for k in loss_cfg if k != "name"])
     return name, instantiate(params, _convert_="all")
-
-
-def weights_mismatch(model: nn.Module, state_dict: dict[str, Tensor]) -> str | None:
-    """Why ``state_dict`` cannot be loaded into ``model`` (first differing layer shape, or
-    layers missing on either side), in one line; None when it fits."""
-    own = model.state_dict()
-    for key, tensor in state_dict.items():
-        if key in own and own[key].shape != tensor.shape:
-            return (f"layer {key} is {list(tensor.shape)} in the checkpoint but "
-                    f"{list(own[key].shape)} in the model")
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    if missing:
-        return f"{len(missing)} layers of the model are not in the checkpoint ({missing[0]}, ...)"
-    if unexpected:
-        return (f"{len(unexpected)} layers of the checkpoint are not in the model "
-                f"({unexpected[0]}, ...)")
-    return None
 
 
 class SegmentationModule(pl.LightningModule):

@@ -41,6 +41,8 @@ STATUS_FILE = "status.json"
 RESULTS_FILE = "results.json"
 PER_PATIENT_FILE = "per_patient.csv"
 METRICS_FILE = "metrics.csv"
+# results.json: the mean per-patient Dice of the fold's validation patients at original size
+OBJECTIVE = "val/dice_original"
 PREVIEW_FILE = "val_preview.npz"
 LOCK_FILE = ".lock"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"

@@ -37,7 +37,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
 from prostate_seg.files import write_json
-from prostate_seg.runs import RESULTS_FILE, read_json
+from prostate_seg.study.runs import RESULTS_FILE, read_json
 
 log = logging.getLogger(__name__)
 

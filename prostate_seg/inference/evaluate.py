@@ -32,10 +32,15 @@ from prostate_seg.files import (
     refuse_existing,
     write_csv,
 )
-from prostate_seg.inference import SlicePredictor, binarize, load_checkpoint, pick_device
-from prostate_seg.metrics import volume_scores
-from prostate_seg.module import SegmentationModule
-from prostate_seg.prepare import PrepareSettings
+from prostate_seg.data.prepare import PrepareSettings
+from prostate_seg.inference.metrics import volume_scores
+from prostate_seg.inference.predictor import (
+    SlicePredictor,
+    TrainedModel,
+    binarize,
+    load_checkpoint,
+    pick_device,
+)
 
 log = logging.getLogger(__name__)
 SUBSETS = ("val", "test", "select", "train", "all")
@@ -51,7 +56,7 @@ def _reference(data_dir: Path, patient: str) -> tuple[np.ndarray, tuple[float, .
         return stored["mask"].astype(bool), tuple(stored["spacing"]), bool(stored["spacing_known"])
 
 
-def stored_split(module: SegmentationModule, ckpt_path: str | Path) -> PatientSplit:
+def stored_split(module: TrainedModel, ckpt_path: str | Path) -> PatientSplit:
     stored = module.cfg.get("split")
     if not stored:
         raise DataError(f"ckpt_path={ckpt_path}: the checkpoint stores no patient split "
@@ -60,7 +65,7 @@ def stored_split(module: SegmentationModule, ckpt_path: str | Path) -> PatientSp
                         tuple(stored["val"]), tuple(stored["test"]))
 
 
-def check_same_dataset(data_dir: Path, module: SegmentationModule, split: PatientSplit) -> None:
+def check_same_dataset(data_dir: Path, module: TrainedModel, split: PatientSplit) -> None:
     """Refuse a data folder prepared or split otherwise than the checkpoint's training data."""
     stored = module.cfg.get("preprocessing")
     prepare_json = data_dir / "prepare.json"
@@ -86,7 +91,7 @@ def check_same_dataset(data_dir: Path, module: SegmentationModule, split: Patien
                             "patients the model trained on")
 
 
-def evaluate_patients(module: SegmentationModule, data_dir: Path,
+def evaluate_patients(module: TrainedModel, data_dir: Path,
                       patients: Mapping[str, Sequence[str]], keep_largest: bool = False,
                       tta: bool = False, batch_size: int = 32) -> list[dict[str, Any]]:
     """One row per patient (``patients`` maps a split name to its patient ids)."""

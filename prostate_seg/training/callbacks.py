@@ -198,7 +198,7 @@ class ValidationImageGrid(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(tag, grid, step)
                 logger.experiment.flush()
-            elif hasattr(logger, "log_image"):  # MLflow (prostate_seg.tracking)
+            elif hasattr(logger, "log_image"):  # MLflow (prostate_seg.training.tracking)
                 logger.log_image(tag, [grid], step)
 
 

@@ -1,6 +1,6 @@
 """MRI-like pelvis phantoms with a prostate-like gland, so everything runs with no download.
 
-``python -m prostate_seg.synthetic output_dir=DIR num_patients=N [seed=0 size=128]`` writes
+``python -m prostate_seg synthetic output_dir=DIR num_patients=N [seed=0 size=128]`` writes
 ``DIR/images/<id>.nii.gz`` (int16) and ``DIR/masks/<id>.nii.gz`` (uint8, 1 = gland).
 
 Each phantom: body outline with a bright fat rim, muscle, bladder, rectum, femoral heads and
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from omegaconf import DictConfig
 from scipy import ndimage
 
 from prostate_seg.errors import ConfigError
@@ -168,14 +169,6 @@ def generate(output_dir: str | Path, num_patients: int, seed: int = 0, size: int
     return patients
 
 
-def main() -> None:
-    from prostate_seg.cli import hydra_entry
-
-    hydra_entry(
-        lambda cfg: generate(cfg.output_dir, cfg.num_patients, cfg.seed, cfg.size, cfg.workers),
-        config_name="synthetic",
-    )
-
-
-if __name__ == "__main__":
-    main()
+def run(cfg: DictConfig) -> list[str]:
+    """The task of ``python -m prostate_seg synthetic``."""
+    return generate(cfg.output_dir, cfg.num_patients, cfg.seed, cfg.size, cfg.workers)

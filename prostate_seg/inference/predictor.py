@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from scipy import ndimage
+from torch import Tensor, nn
 
-from prostate_seg.data.resize import fit_slice, unfit_slice
 from prostate_seg.config import check_extras_installed
+from prostate_seg.data.resize import fit_slice, unfit_slice
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.module import SegmentationModule, weights_mismatch
-from prostate_seg.prepare import PrepareSettings
+from prostate_seg.data.prepare import PrepareSettings
+from prostate_seg.models import weights_mismatch
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -29,14 +30,31 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> SegmentationModule:
-    """The module of a training checkpoint, uncompiled, in eval mode on ``device``."""
+class TrainedModel(nn.Module):
+    """A training checkpoint's network and the run's config (its data transforms, context
+    slices and preprocessing): all that inference needs of a run."""
+
+    def __init__(self, cfg: DictConfig, net: nn.Module):
+        super().__init__()
+        self.cfg = cfg
+        self.net = net
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+
+def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> TrainedModel:
+    """The network of a training checkpoint, in eval mode on ``device``."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise DataError(f"ckpt_path={path}: checkpoint not found")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        cfg, weights = checkpoint["hyper_parameters"]["cfg"], checkpoint["state_dict"]
+        cfg, state = checkpoint["hyper_parameters"]["cfg"], checkpoint["state_dict"]
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise DataError(f"ckpt_path={path}: not a prostate-seg checkpoint ({exc})") from None
     cfg = OmegaConf.create(cfg)
@@ -44,21 +62,20 @@ def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> Segmentation
         check_extras_installed(cfg)  # a MONAI network's checkpoint where MONAI is missing
     except ConfigError as exc:
         raise ConfigError(f"ckpt_path={path}: {exc}") from None
-    cfg.model.compile = False
-    cfg.model.channels_last = False
-    module = SegmentationModule(OmegaConf.to_container(cfg))
-    problem = weights_mismatch(module, weights)
+    net = instantiate(cfg.model.net)
+    weights = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    problem = weights_mismatch(net, weights)
     if problem:
         raise DataError(f"ckpt_path={path}: its weights do not match the network its own config "
                         f"describes (model.net={OmegaConf.to_container(cfg.model.net)}): {problem}")
-    module.load_state_dict(weights)
-    return module.to(device).eval()
+    net.load_state_dict(weights)
+    return TrainedModel(cfg, net).to(device).eval()
 
 
 class SlicePredictor:
     """Probabilities for stacks of display-oriented uint8 slices ``(Z, rows, cols)``."""
 
-    def __init__(self, module: SegmentationModule, batch_size: int = 32, tta: bool = False):
+    def __init__(self, module: TrainedModel, batch_size: int = 32, tta: bool = False):
         self.module = module
         cfg = module.cfg
         self.transform = instantiate(cfg.data.val_transform)

@@ -43,7 +43,7 @@ from prostate_seg.files import (
     refuse_existing,
     replacing,
 )
-from prostate_seg.inference import SlicePredictor, binarize, load_checkpoint, pick_device
+from prostate_seg.inference.predictor import SlicePredictor, binarize, load_checkpoint, pick_device
 
 log = logging.getLogger(__name__)
 

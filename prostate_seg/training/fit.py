@@ -22,19 +22,21 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from prostate_seg.callbacks import FirstStepTimer
-from prostate_seg.config import check_ddp_launch, check_train_config, uses_gpu
-from prostate_seg.dashboard import log_settings, log_validation_dice
+from prostate_seg.training.callbacks import FirstStepTimer
+from prostate_seg.training.checks import check_ddp_launch, check_train_config
+from prostate_seg.config import uses_gpu
+from prostate_seg.training.dashboard import log_settings, log_validation_dice
 from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError
-from prostate_seg.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_means
+from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_means
 from prostate_seg.files import make_folder, replacing, write_csv, write_json
-from prostate_seg.inference import load_checkpoint
-from prostate_seg.module import SegmentationModule
-from prostate_seg.requeue import DeferredRequeue
-from prostate_seg.runs import (
+from prostate_seg.inference.predictor import load_checkpoint
+from prostate_seg.training.module import SegmentationModule
+from prostate_seg.training.requeue import DeferredRequeue
+from prostate_seg.study.runs import (
     LAST_CHECKPOINT,
     METRICS_FILE,
+    OBJECTIVE,
     PER_PATIENT_FILE,
     PREVIEW_FILE,
     RESULTS_FILE,
@@ -46,8 +48,7 @@ from prostate_seg.runs import (
     read_json,
     split_digest,
 )
-from prostate_seg.search import OBJECTIVE
-from prostate_seg.tracking import log_run_files
+from prostate_seg.training.tracking import log_run_files
 
 log = logging.getLogger(__name__)
 PREVIEW_SLICES = 4
@@ -128,6 +129,15 @@ def refuse_other_config(cfg: DictConfig, run_dir: Path) -> None:
     identity = identity_of(cfg)
     if _completed_results(cfg, run_dir, identity) is None:
         _checkpoint_to_resume(cfg, run_dir, identity)
+
+
+def check_job(cfg: DictConfig, job_dir: Path) -> None:
+    """What a job would refuse at its start, found before any job starts: bad values, a
+    missing or unprepared data folder, a job folder holding a run of another config."""
+    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    check_train_config(task)
+    check_ddp_launch(task.trainer, cfg.hydra)
+    refuse_other_config(task, job_dir)
 
 
 def _best_epoch(metrics_csv: Path) -> int | None:
@@ -303,12 +313,6 @@ def _record_failure(status: RunStatus, exc: BaseException) -> None:
         log.error("run failed (%s: %s) and its status could not be recorded",
                   type(exc).__name__, exc)
         raise write_error from exc
-
-
-def objective(cfg: DictConfig) -> float:
-    """The task of ``train.py``: train, and return the mean per-patient validation Dice at the
-    scans' original size, the number a sweeper (Optuna) maximises."""
-    return float(train(cfg).get(OBJECTIVE, float("nan")))
 
 
 def _evaluate_per_patient(cfg: DictConfig, best: str, datamodule: SliceDataModule,

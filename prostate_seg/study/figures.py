@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from prostate_seg.statistics import Analysis, Row
+from prostate_seg.study.statistics import Analysis, Row
 
 PAD = 0.04  # share of the data range added on each side of an axis
 
@@ -281,8 +281,22 @@ def loss_curves(curves: dict[str, list[Curve]], colours: dict[str, Any]) -> Figu
     return figure
 
 
+def by_alpha(runs: list[tuple[str, dict[str, Any]]], objective: str) -> list[dict[str, Any]]:
+    """One row per alpha, sorted by alpha, from (folder, results) pairs: the runs (fold, seed,
+    value) and their mean. Runs without an alpha (BCE) or without the objective are left out."""
+    grouped: dict[float, list[dict[str, Any]]] = {}
+    for folder, results in runs:
+        alpha, value = results.get("alpha"), results.get(objective)
+        if isinstance(alpha, (int, float)) and isinstance(value, (int, float)):
+            grouped.setdefault(float(alpha), []).append(
+                {"folder": folder, "fold": results.get("fold"), "seed": results.get("seed"),
+                 "value": float(value)})
+    return [{"alpha": alpha, "runs": runs, "mean": math.fsum(r["value"] for r in runs) / len(runs)}
+            for alpha, runs in sorted(grouped.items())]
+
+
 def alpha_curve(rows: list[dict[str, Any]], objective: str) -> Figure:
-    """The objective against the Tversky alpha (rows of :func:`prostate_seg.search.alpha_table`):
+    """The objective against the Tversky alpha (rows of :func:`by_alpha`):
     every run a dot, the mean per alpha a line, the highest mean marked. "Highest", not
     "best": whether it beats its neighbours is the paired comparisons' question."""
     top = max(rows, key=lambda r: r["mean"])

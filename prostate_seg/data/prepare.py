@@ -1,6 +1,6 @@
 """Scans -> the PNG slice dataset every other stage reads.
 
-``python -m prostate_seg.prepare input_dir=DIR output_dir=OUT [image_size=384 fit=resize
+``python -m prostate_seg prepare input_dir=DIR output_dir=OUT [image_size=384 fit=resize
 mask_labels=[1,2] on_error=skip overwrite=true]``
 
 Input layouts: ``images/`` + ``masks/`` or Decathlon's ``imagesTr/`` + ``labelsTr/``, with
@@ -401,16 +401,7 @@ def prepare(
     return report
 
 
-def main() -> None:
-    from prostate_seg.cli import hydra_entry
-
-    def task(cfg: DictConfig) -> dict[str, Any]:
-        settings = PrepareSettings.from_config(cfg)
-        return prepare(cfg.input_dir, cfg.output_dir, settings, cfg.on_error, cfg.overwrite,
-                       cfg.workers)
-
-    hydra_entry(task, config_name="prepare")
-
-
-if __name__ == "__main__":
-    main()
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """The task of ``python -m prostate_seg prepare``."""
+    return prepare(cfg.input_dir, cfg.output_dir, PrepareSettings.from_config(cfg), cfg.on_error,
+                   cfg.overwrite, cfg.workers)

@@ -1,4 +1,4 @@
-"""Sweep jobs: their folder names and the checks every job passes before a sweep starts.
+"""Sweep jobs: their folder names.
 
 A job folder is named after what tells it apart: the loss, the fold, the seed, then any other
 swept setting (``tversky_a0.25-fold0-seed0``, ``bce-fold1-seed2-lr0.001``). The names keep to
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -57,15 +56,3 @@ def job_name_resolver(*, _root_: DictConfig) -> str:
     """``${ps.job_name:}``, the default ``hydra.sweep.subdir``. Any sweeper gets a readable
     name from it; the project's sweeper names jobs by their swept settings only."""
     return job_name(_root_, task_overrides(_root_))
-
-
-def check_job(cfg: DictConfig, job_dir: Path) -> None:
-    """What a job would refuse at its start, found before any job starts: bad values, a
-    missing or unprepared data folder, a job folder holding a run of another config."""
-    from prostate_seg.config import check_ddp_launch, check_train_config
-    from prostate_seg.training import refuse_other_config
-
-    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    check_train_config(task)
-    check_ddp_launch(task.trainer, cfg.hydra)
-    refuse_other_config(task, job_dir)

@@ -19,7 +19,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from prostate_seg.module import HP_METRIC
+from prostate_seg.training.module import HP_METRIC
 
 # Ticked by default: what tells a study's runs apart. The other columns are a click away.
 TICKED = ("loss", "alpha", "lr", "fold", "seed")
