@@ -15,7 +15,13 @@ from scipy import stats
 
 from prostate_seg.study import figures
 from prostate_seg.errors import DataError
-from prostate_seg.study.report import SweepReportCallback, collect_runs, main, report_table
+from prostate_seg.study.report import (
+    SweepReportCallback,
+    collect_runs,
+    main,
+    read_long_table,
+    report_table,
+)
 from prostate_seg.study.runs import RunLock
 from prostate_seg.study.statistics import analyse
 
@@ -26,7 +32,7 @@ TOTAL = 48 * 48 * 10
 def patient_dice(loss_index, seed, fold_patients, effect=0.0):
     """Deterministic Dice: patients spread over 0.70-0.92, a +-0.004 zigzag that flips
     between neighbouring losses, 0.001 per seed, and a small irregular part so that no two
-    differences tie (ties make scipy's exact Wilcoxon a slow permutation)."""
+    differences tie."""
     return {p: round(0.70 + 0.02 * (i := PATIENTS.index(p)) + effect
                      + 0.004 * (-1) ** (i + loss_index) + 0.001 * seed
                      + 0.0001 * math.sqrt(7 * i + 3 * loss_index + 1), 6)
@@ -118,27 +124,34 @@ def test_sweep_report_pairs_patients_across_losses(tmp_path):
         np.mean(list(per_patient["bce"].values())))
     assert results["bce"]["n_patients"] == "12" and results["bce"]["n_runs"] == "6"
     assert results["bce"]["folds"] == "3" and results["bce"]["seeds"] == "2"
-    # seed spread: the per-seed means differ by exactly 0.001
-    assert float(results["bce"]["dice_seed_sd"]) == pytest.approx(0.001 / math.sqrt(2))
+    # a run's shift: within each fold the two seeds' runs differ by exactly 0.001
+    assert float(results["bce"]["run_sd"]) == pytest.approx(0.001 / math.sqrt(2))
 
     comparisons = read_csv(report / "comparisons.csv")
-    assert list(comparisons[0])[:9] == ["loss", "baseline", "n_patients", "mean_diff",
-                                        "ci_low", "ci_high", "p_value", "p_holm",
-                                        "significant"]
+    assert list(comparisons[0])[:11] == ["loss", "baseline", "n_patients", "n_run_pairs",
+                                         "mean_diff", "ci_low", "ci_high", "df", "p_value",
+                                         "p_holm", "significant"]
     by_loss = {c["loss"]: c for c in comparisons}
     d = np.array([per_patient["tversky_a0.5"][p] - per_patient["bce"][p] for p in PATIENTS])
     c = by_loss["tversky_a0.5"]
-    assert c["baseline"] == "bce" and c["n_patients"] == "12"
+    assert c["baseline"] == "bce" and c["n_patients"] == "12" and c["n_run_pairs"] == "6"
     assert float(c["mean_diff"]) == pytest.approx(d.mean())
-    assert float(c["p_value"]) == pytest.approx(stats.wilcoxon(d, zero_method="pratt").pvalue)
+    # by hand: the difference is the same in both seeds (no run shift, no residual), so only
+    # the patients vary: a t-test with the within-fold variance, 12 - 3 degrees of freedom
+    fold = np.arange(12) % 3
+    within = sum(((d[fold == k] - d[fold == k].mean()) ** 2).sum() for k in range(3)) / 9
+    t = d.mean() / math.sqrt(within / 12)
+    assert float(c["df"]) == pytest.approx(9)
+    assert float(c["p_value"]) == pytest.approx(2 * stats.t.sf(abs(t), 9))
     assert float(c["p_holm"]) == pytest.approx(min(1, 2 * float(c["p_value"])))
     assert c["significant"] == "true" and by_loss["tversky_a0.25"]["significant"] == "false"
 
     md = (report / "results.md").read_text()
-    assert md.startswith("**On 12 val patients (3 folds × 2 seeds), per-patient Dice, "
-                         "Wilcoxon signed-rank test with Holm correction over 2 comparisons")
+    assert md.startswith("Training randomness is measured by 2 seeds in each of 3 folds")
+    assert ("**On 12 val patients (3 folds × 2 seeds), paired per-patient Dice differences "
+            "with trained runs as the replicate, Holm over 2 comparisons") in md
     assert "tversky_a0.5 scores higher than bce: ΔDice +0.030" in md
-    assert "equals Dice pooled over the same pixels" in md and "averaged per batch" in md
+    assert "docs/METHOD.md" in md
     assert "## Protocol: what chose what, on which patients" in md
     for name in ("forest", "paired", "scores", "contours", "loss_curves"):
         assert f"![{name}]({name}.png)" in md
@@ -155,8 +168,8 @@ def test_sweep_mode_is_table_mode_on_its_long_table(tmp_path):
         assert (out / name).read_text() == (sweep / "report" / name).read_text()
     assert len(read_csv(out / "comparisons.csv")) == 3  # all pairs of three losses
     # only what the table supports: no run folders, so no contours or loss curves
-    assert sorted(p.name for p in out.glob("*.png")) == ["forest.png", "paired.png",
-                                                          "scores.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["alpha_search.png", "forest.png",
+                                                          "paired.png", "scores.png"]
 
 
 def test_groups_that_share_a_loss_name_are_told_apart(tmp_path):
@@ -232,23 +245,37 @@ def test_dice_against_alpha_is_drawn_from_the_counted_runs_once_each(tmp_path, m
     write_run(sweep / "tversky_a0.75-fold0-seed0", "tversky_a0.75", 0, 0, {}, status="failed")
     drawn = []
     monkeypatch.setattr(figures, "alpha_curve",
-                        lambda rows, objective: drawn.append(rows) or figures.Figure())
+                        lambda a, colours: drawn.append(a) or figures.Figure())
     assert main([str(sweep)]) == 0
-    [rows] = drawn
-    assert [r["alpha"] for r in rows] == [0.25, 0.5]  # bce has none; the failed run no result
-    assert [sorted(run["folder"] for run in r["runs"]) for r in rows] == [
-        [f"tversky_a{a}-fold{k}-seed0" for k in range(3)] for a in ("0.25", "0.5")]
-    results = json.loads((sweep / "tversky_a0.5-fold1-seed0" / "results.json").read_text())
-    assert rows[1]["runs"][1]["value"] == results["val/dice_original"]
+    [a] = drawn
+    with_alpha = [s for s in a.summaries if np.isfinite(s.alpha)]
+    assert [(s.loss, s.alpha, s.n_runs) for s in with_alpha] == [
+        ("tversky_a0.25", 0.25, 3), ("tversky_a0.5", 0.5, 3)]  # bce has none; failed: no result
     assert (sweep / "report" / "alpha_search.png").exists()
     assert "![alpha_search](alpha_search.png)" in (sweep / "report" / "results.md").read_text()
 
-    shutil.rmtree(sweep / "tversky_a0.25-fold0-seed0")  # one alpha left: no curve, none stale
-    for fold in (1, 2):
+    for fold in (0, 1, 2):  # one alpha left: no curve, and none stale
         shutil.rmtree(sweep / f"tversky_a0.25-fold{fold}-seed0")
     monkeypatch.undo()
     assert main([str(sweep)]) == 0
     assert not (sweep / "report" / "alpha_search.png").exists()
+
+
+def test_the_alpha_figure_stars_nothing_without_a_verdict_and_shows_intervals(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep")
+    assert main([str(sweep)]) == 0
+    rows = read_long_table(sweep / "report" / "per_patient.csv")
+    a = analyse(rows, ["bce", "tversky_a0.25", "tversky_a0.5"], "bce")
+    figure = figures.alpha_curve(a, figures.loss_colours(
+        ["bce", "tversky_a0.25", "tversky_a0.5"], {"tversky_a0.25": 0.25, "tversky_a0.5": 0.5}))
+    ax = figure.axes[0]
+    assert "No alpha is called best" in ax.get_title()
+    assert not any(line.get_marker() == "*" for line in ax.get_lines())
+    assert len(ax.collections) >= 2  # the intervals (and the baseline's band)
+    best = analyse(rows, ["bce", "tversky_a0.25", "tversky_a0.5"], "bce", all_pairs=True)
+    figure = figures.alpha_curve(best, {})
+    if any(line.startswith("Best: ") for line in best.verdict):
+        assert any(line.get_marker() == "*" for line in figure.axes[0].get_lines())
 
 
 def test_a_copied_job_is_counted_once(tmp_path):
@@ -410,13 +437,13 @@ def labelled(figure) -> bool:
 
 
 def test_figures_show_every_point_and_have_keys(tmp_path):
-    rows = [{"loss": loss, "patient": p, "seed": "0", "fold": "0", "split": "val",
+    rows = [{"loss": loss, "patient": p, "seed": "0", "fold": str(i % 2), "split": "val",
              "dice": d, "precision": d, "recall": d, "hd95": 1.0, "hd95_failed": 0.0}
             for loss, values in (("bce", [0.85, 0.86, 0.88, 0.09]),
                                  ("tversky_a0.5", [0.87, 0.9, 0.91, 0.1]))
-            for p, d in zip(PATIENTS, values)]
+            for i, (p, d) in enumerate(zip(PATIENTS, values))]
     analysis = analyse(rows, ["bce", "tversky_a0.5"], "bce")
-    colours = figures.loss_colours(["bce", "tversky_a0.5"])
+    colours = figures.loss_colours(["bce", "tversky_a0.5"], {"tversky_a0.5": 0.5})
     for figure in (figures.scores(rows, analysis, colours), figures.paired(analysis, colours),
                    figures.forest(analysis)):
         assert labelled(figure)

@@ -1,8 +1,12 @@
-"""The report's statistics on arrays and rows: hand-computed values, and simulated studies
-that measure how often the verdict claims a difference that is not there, and how often it
-finds one that is."""
+"""The report's statistics: hand-computed values, statsmodels' mixed model as an oracle, and
+simulated studies with the study's structure (5 folds of unequal size, seeds, run shifts)
+that measure how often the verdict claims a difference that is not there and how often it
+finds one that is. The simulation is benchmarks/calibration.py's, decided by the report's own
+vectorised code; the full table is in docs/METHOD.md."""
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,19 +14,22 @@ from scipy import stats
 
 from prostate_seg.study.statistics import (
     ALPHA,
+    Components,
     analyse,
-    bootstrap_ci,
-    cohens_dz,
-    compare,
+    cells,
     comparison_pairs,
+    design_power,
+    grid,
     holm,
     loss_flags,
-    per_patient,
-    rank_biserial,
-    signed_rank_p,
+    nested_mean,
+    seeds_needed,
     summarize,
     tie_flags,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from calibration import claims, fold_sizes, simulate, upper_bound  # noqa: E402
 
 LOSSES = ["bce"] + [f"tversky_a{a}" for a in ("0.25", "0.35", "0.45", "0.5", "0.65", "0.75",
                                               "0.85")]
@@ -31,8 +38,7 @@ LOSSES = ["bce"] + [f"tversky_a{a}" for a in ("0.25", "0.35", "0.45", "0.5", "0.
 def test_holm_by_hand():
     # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max
     assert holm(np.array([0.01, 0.04, 0.03, 0.005])) == pytest.approx([0.03, 0.06, 0.06, 0.02])
-    # a comparison that could not be made does not count in m
-    adjusted = holm(np.array([0.01, math.nan, 0.04]))
+    adjusted = holm(np.array([0.01, math.nan, 0.04]))  # a comparison not made: not in m
     assert adjusted[0] == pytest.approx(0.02) and adjusted[2] == pytest.approx(0.04)
     assert math.isnan(adjusted[1])
     assert holm(np.array([0.5, 0.6])) == pytest.approx([1.0, 1.0])  # capped at 1
@@ -40,49 +46,94 @@ def test_holm_by_hand():
     assert holm(rows) == pytest.approx(np.stack([holm(r) for r in rows]))  # per row
 
 
-def test_signed_rank_p_is_scipys_wilcoxon():
-    d = np.array([0.02, -0.01, 0.03, 0.05, 0.04, -0.005, 0.06, 0.01])
-    assert float(signed_rank_p(d)) == pytest.approx(stats.wilcoxon(d).pvalue)
-    assert float(signed_rank_p(np.full(5, 0.1))) == pytest.approx(2 / 2 ** 5)  # exact, n = 5
-    assert float(signed_rank_p(np.zeros(6))) == 1.0  # nothing to rank: no evidence
+# --- the model by hand --------------------------------------------------------------------
+
+def test_one_run_per_fold_is_a_t_test_over_the_fold_means():
+    # 3 folds of 2 patients, one seed: the folds' means are 0.1, 0.3, 0.2
+    values = np.array([[0.0, 0.2, 0.2, 0.4, 0.1, 0.3]])
+    block = np.array([0, 0, 1, 1, 2, 2])
+    fit = nested_mean(values, block)
+    expected = stats.ttest_1samp([0.1, 0.3, 0.2], 0.0)
+    assert fit["mean"] == pytest.approx(0.2) and fit["df"] == 2
+    assert fit["se"] == pytest.approx(0.1 / math.sqrt(3))  # SD of the fold means 0.1
+    assert fit["p"] == pytest.approx(expected.pvalue)
+    half = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)
+    assert (fit["low"], fit["high"]) == pytest.approx((0.2 - half, 0.2 + half))
+    assert math.isnan(fit["residual_var"])  # not separable from one run per fold
 
 
-def test_effect_sizes_by_hand():
-    assert rank_biserial([1.0, 2.0, -3.0]) == pytest.approx(0.0)  # R+ = 1 + 2 = R- = 3
-    assert rank_biserial([-1.0, 2.0, 3.0, 4.0]) == pytest.approx((9 - 1) / 10)
-    assert rank_biserial([0.1, 0.2, 0.3]) == 1.0 and rank_biserial([-0.1, -0.2]) == -1.0
-    assert cohens_dz([1.0, 2.0, 3.0]) == pytest.approx(2.0)  # mean 2, SD 1
+def test_several_runs_per_fold_use_the_runs_within_each_fold():
+    # 2 folds of 2 patients, 2 runs each; run s of fold k shifts both its patients
+    values = np.array([[0.10, 0.30, 0.00, 0.20],
+                       [0.20, 0.40, 0.20, 0.40]])
+    block = np.array([0, 0, 1, 1])
+    fit = nested_mean(values, block)
+    # run means: fold 0: 0.2, 0.3; fold 1: 0.1, 0.3 -> within-fold variance of the run means
+    runs_var = ((0.05 ** 2) * 2 + (0.1 ** 2) * 2) / 2
+    # no residual (each patient moves with its run); patient means within folds: +-0.1
+    patient_var = (4 * 0.1 ** 2) / 2
+    assert fit["mean"] == pytest.approx(0.225)
+    assert fit["residual_var"] == pytest.approx(0.0, abs=1e-12)
+    se = math.sqrt(runs_var * (0.5 ** 2 / 2) * 2 + patient_var / 4)
+    assert fit["se"] == pytest.approx(se)
+    assert fit["run_var"] == pytest.approx(runs_var)
 
 
-def test_bootstrap_interval_of_the_mean():
-    values = np.random.default_rng(3).normal(0.8, 0.05, 400)
-    low, high = bootstrap_ci(values)
-    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))
-    assert low < values.mean() < high
-    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
-    assert bootstrap_ci(values) == (low, high)  # the same table, the same interval
-    assert bootstrap_ci([0.7, 0.7, 0.7]) == (0.7, 0.7)
-    assert all(math.isnan(v) for v in bootstrap_ci([0.7]))
+@pytest.mark.filterwarnings("ignore::statsmodels.tools.sm_exceptions.ConvergenceWarning")
+def test_the_model_agrees_with_statsmodels_mixedlm():
+    """statsmodels' REML fit of d ~ 1 + (1 | run pair) + (1 | patient), patients and run pairs
+    nested in folds, on balanced data: the same estimate, standard error and components."""
+    smf = pytest.importorskip("statsmodels.formula.api")
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    block = np.repeat(np.arange(5), 8)
+    seeds = 4
+    values = (0.01 + rng.normal(0, 0.02, (seeds, 5))[:, block]
+              + rng.normal(0, 0.02, 40) + rng.normal(0, 0.03, (seeds, 40)))
+    fit = nested_mean(values, block)
+    frame = pd.DataFrame([{"d": values[s, p], "fold": block[p], "run": f"{block[p]}-{s}",
+                           "patient": p} for s in range(seeds) for p in range(40)])
+    model = smf.mixedlm("d ~ 1", frame, groups="fold", re_formula="0",
+                        vc_formula={"run": "0 + C(run)", "patient": "0 + C(patient)"}
+                        ).fit(reml=True)
+    assert fit["mean"] == pytest.approx(model.fe_params["Intercept"], abs=1e-9)
+    assert fit["se"] == pytest.approx(model.bse["Intercept"], rel=0.1)
+    assert fit["residual_var"] == pytest.approx(model.scale, rel=0.1)
 
 
-def row(loss, patient, seed, dice, **extra):
-    return {"loss": loss, "patient": patient, "seed": str(seed), "fold": str(int(patient[1:]) % 2),
-            "split": "val", "dice": dice, "precision": math.nan, "recall": math.nan,
-            "hd95": math.nan, "hd95_failed": 0.0, **extra}
+def test_grid_pairs_runs_and_patients_both_losses_have():
+    a = {("0", "0", "p0"): 0.8, ("0", "1", "p0"): 0.9, ("0", "0", "p1"): 0.7,
+         ("0", "1", "p1"): 0.6, ("1", "0", "p2"): 0.5, ("1", "1", "p2"): 0.4}
+    b = {k: v for k, v in a.items() if k != ("0", "1", "p1")}  # b's seed 1 lacks p1
+    g = grid(a, b)
+    assert g.patients == ("p0", "p2") and list(g.block) == [0, 1] and g.runs == 4
+    # held-out test patients are scored by every run: one block, runs as the axis
+    test = {(f, s, p): 0.5 for f in "01" for s in "01" for p in ("t0", "t1")}
+    crossed = grid(test)
+    assert crossed.values.shape == (4, 2) and set(crossed.block) == {0}
 
 
-def test_summary_averages_each_patient_over_seeds_first():
+# --- rows -------------------------------------------------------------------------------
+
+def row(loss, patient, seed, dice, fold=None, **extra):
+    return {"loss": loss, "patient": patient, "seed": str(seed),
+            "fold": str(int(patient[1:]) % 2 if fold is None else fold), "split": "val",
+            "dice": dice, "precision": math.nan, "recall": math.nan, "hd95": math.nan,
+            "hd95_failed": 0.0, **extra}
+
+
+def test_summary_of_one_loss():
     rows = [row("bce", "p0", 0, 0.80, hd95=4.0), row("bce", "p0", 1, 0.90, hd95=6.0),
             row("bce", "p1", 0, 0.60, hd95=10.0), row("bce", "p1", 1, 0.70, hd95=30.0,
                                                        hd95_failed=1.0),
             row("bce", "p2", 0, 0.95, hd95=2.0), row("bce", "p2", 1, 0.85, hd95=2.0)]
-    assert per_patient(rows) == pytest.approx({"p0": 0.85, "p1": 0.65, "p2": 0.90})
     s = summarize("bce", rows)
     assert s.n_patients == 3 and s.n_runs == 4 and s.seeds == 2 and s.folds == 2
     assert s.dice_mean == pytest.approx(0.8) and s.dice_median == pytest.approx(0.85)
-    # per-seed means: seed 0 (0.8 + 0.6 + 0.95) / 3, seed 1 (0.9 + 0.7 + 0.85) / 3
-    assert s.seed_sd == pytest.approx(np.std([2.35 / 3, 2.45 / 3], ddof=1))
     assert s.hd95_median == pytest.approx(5.0) and s.hd95_failed == 1  # medians of 5, 20, 2
+    fit = nested_mean(grid(cells(rows)).values, grid(cells(rows)).block)
+    assert (s.dice_ci_low, s.dice_ci_high) == pytest.approx((float(fit["low"]), float(fit["high"])))
 
 
 def run_rows(loss, pred, true=100, total=10_000, best=5, trained=10, early=True):
@@ -96,8 +147,7 @@ def test_flags_degenerate_and_unconverged_runs():
     assert "predicts no gland at all" in loss_flags(run_rows("a", pred=0))[0]
     assert "predicts gland in 80% of all voxels" in loss_flags(run_rows("a", pred=8000))[0]
     assert "not converged in 1 of 1 runs" in loss_flags(run_rows("a", 120, best=9, early=False))[0]
-    assert loss_flags(run_rows("a", 120, best=9, trained=10, early=True)) == []  # stopped early
-    # without voxel counts: precision and recall tell
+    assert loss_flags(run_rows("a", 120, best=9, trained=10, early=True)) == []
     everywhere = [{**row("a", f"p{i}", 0, 0.05), "precision": 0.03, "recall": 1.0}
                   for i in range(3)]
     assert "predicts gland nearly everywhere" in loss_flags(everywhere)[0]
@@ -106,9 +156,10 @@ def test_flags_degenerate_and_unconverged_runs():
 
 
 def test_ties_are_identical_per_patient_results():
-    dice = {"a": {"p0": 0.1, "p1": 0.2}, "b": {"p0": 0.1, "p1": 0.2}, "c": {"p0": 0.1, "p1": 0.3}}
-    assert tie_flags(dice) == {"a": ["tie: identical per-patient Dice to b"],
-                               "b": ["tie: identical per-patient Dice to a"]}
+    same = {("0", "0", "p0"): 0.1, ("0", "0", "p1"): 0.2}
+    tables = {"a": same, "b": dict(same), "c": {**same, ("0", "0", "p1"): 0.3}}
+    assert tie_flags(tables) == {"a": ["tie: identical per-patient Dice to b"],
+                                 "b": ["tie: identical per-patient Dice to a"]}
 
 
 def test_comparison_pairs():
@@ -118,100 +169,95 @@ def test_comparison_pairs():
     assert comparison_pairs(["x", "y", "z"], None, False) == [("y", "x"), ("z", "x"), ("z", "y")]
 
 
-def test_comparison_is_paired_on_shared_patients_only():
-    dice = {"bce": {"p0": 0.80, "p1": 0.70, "p2": 0.90, "p3": 0.50},
-            "x": {"p0": 0.85, "p1": 0.74, "p2": 0.93}}
-    seeds = {"bce": {"0": dice["bce"]}, "x": {"0": dice["x"]}}
-    (c,) = compare(dice, [("x", "bce")], seeds)
-    assert c.n_patients == 3 and c.mean_diff == pytest.approx(0.04)
-    assert c.p_value == pytest.approx(stats.wilcoxon([0.05, 0.04, 0.03]).pvalue)
-    assert c.p_holm == c.p_value and c.rank_biserial == 1.0
-    assert c.seed_differences == pytest.approx((0.04,))
-
-
 # --- simulated studies ------------------------------------------------------------------
 
-def simulate(rng, studies, effect=0.0, losses=8, patients=36, seeds=3, seed_shift=0.0):
-    """Per-patient Dice of ``studies`` studies, (studies, losses, patients) after averaging
-    seeds. Patients differ a lot (SD 0.05, shared by every loss); each loss suits each patient
-    a little differently (SD 0.025), every run adds its noise per patient (SD 0.02) and, with
-    ``seed_shift``, a shift of its whole run. Loss 1 gets ``effect``."""
-    patient = rng.normal(0.85, 0.05, (studies, 1, patients, 1))
-    suits = rng.normal(0, 0.025, (studies, losses, patients, 1))
-    run = rng.normal(0, seed_shift, (studies, losses, 1, seeds))
-    noise = rng.normal(0, 0.02, (studies, losses, patients, seeds))
-    dice = patient + suits + run + noise
-    dice[:, 1] += effect
-    return np.clip(dice, 0, 1).mean(axis=-1)
+def test_the_folds_are_the_splits_own():
+    assert sorted(fold_sizes()) == [7, 7, 7, 7, 8]
 
 
-def claims(per_patient_dice):
-    """The verdict's decision, vectorised: Holm over the 7 Wilcoxon tests against loss 0."""
-    differences = per_patient_dice[:, 1:] - per_patient_dice[:, :1]
-    return holm(signed_rank_p(differences)) < ALPHA
+@pytest.mark.parametrize("seeds", [1, 3, 5])
+def test_identical_losses_rarely_claim_a_difference_whatever_the_run_noise(seeds):
+    """The issue's bar: about 5 % of null studies at most claim any difference, with a
+    binomial upper 95 % bound <= 6.5 %, for every run SD and number of seeds (4,000 studies per
+    setting here; 10,000 in benchmarks/calibration.py, whose table docs/METHOD.md quotes)."""
+    rng = np.random.default_rng(seeds)
+    studies = 4000
+    for run_sd in (0.0, 0.005, 0.01, 0.02, 0.03):
+        dice, block = simulate(rng, studies, seeds, run_sd)
+        hits = int(claims(dice, block).any(axis=1).sum())
+        print(f"{seeds} seeds, run SD {run_sd}: {hits / studies:.3f}")
+        assert upper_bound(hits, studies) <= 0.065, run_sd
 
 
-def test_identical_losses_rarely_claim_a_difference():
-    studies = simulate(np.random.default_rng(0), 2000)
-    rate = claims(studies).any(axis=1).mean()
-    print(f"false-positive rate, 8 identical losses, 2000 studies: {rate:.3f}")
-    assert rate <= 0.06
+def test_patients_as_independent_units_would_claim_differences_that_are_not_there():
+    """The simulation can fail: the decision the project replaced (each patient a replicate,
+    its seeds averaged) claims a difference in far more than 5 % of null studies."""
+    dice, block = simulate(np.random.default_rng(9), 1000, 3, 0.02)
+    per_patient = dice.mean(axis=2)
+    differences = per_patient[:, 1:] - per_patient[:, :1]
+    p = stats.ttest_1samp(differences, 0.0, axis=-1).pvalue
+    assert (holm(p) < ALPHA).any(axis=1).mean() > 0.2
+    assert claims(dice, block).any(axis=1).mean() <= 0.06
 
 
-def test_a_small_seed_level_shift_stays_within_the_rate():
-    studies = simulate(np.random.default_rng(1), 2000, seed_shift=0.0025)
-    rate = claims(studies).any(axis=1).mean()
-    print(f"false-positive rate with a run shift of SD 0.0025: {rate:.3f}")
-    assert rate <= 0.06
+def test_more_seeds_find_a_planted_difference_more_often_and_the_plan_predicts_it():
+    rng = np.random.default_rng(11)
+    sizes = fold_sizes()
+    found = {}
+    for seeds in (1, 3, 5):
+        dice, block = simulate(rng, 2000, seeds, 0.02, effect=0.03)
+        found[seeds] = claims(dice, block)[:, 2].mean()  # tversky_a0.45 vs bce
+        # the report's power formula, from the true components of a difference
+        truth = Components(run=2 * 0.02 ** 2, patient=0.0, residual=2 * 0.03 ** 2)
+        predicted = design_power(truth, sizes, seeds, 0.03, comparisons=7)
+        print(f"{seeds} seeds: power {found[seeds]:.2f}, predicted {predicted:.2f}")
+        assert predicted == pytest.approx(found[seeds], abs=0.08)
+    assert found[1] < found[3] < found[5] and found[5] >= 0.8
+    assert seeds_needed(truth, sizes, 0.03, 7) in (3, 4, 5)
+    assert seeds_needed(truth, sizes, 0.02, 7) > seeds_needed(truth, sizes, 0.03, 7)
 
 
-def test_a_planted_three_point_lead_is_found():
-    studies = simulate(np.random.default_rng(2), 2000, effect=0.03)
-    found = claims(studies)[:, 0] & (studies[:, 1].mean(-1) > studies[:, 0].mean(-1))
-    wrong = claims(studies)[:, 1:].any(axis=1).mean()  # the six identical ones
-    print(f"power for +0.03 on 36 patients: {found.mean():.3f}; false claims beside it: {wrong:.3f}")
-    assert found.mean() >= 0.80 and wrong <= 0.06
+def test_each_losss_interval_covers_its_true_mean():
+    dice, block = simulate(np.random.default_rng(12), 2000, 3, 0.02)
+    fit = nested_mean(dice[:, 0], block)
+    covered = ((fit["low"] <= 0.82) & (0.82 <= fit["high"])).mean()
+    assert 0.93 <= covered <= 0.97
 
 
-def test_best_is_almost_never_claimed_among_identical_losses():
-    studies = simulate(np.random.default_rng(3), 1000)
-    pairs = [(i, j) for i in range(8) for j in range(i + 1, 8)]
-    differences = np.stack([studies[:, j] - studies[:, i] for i, j in pairs], axis=1)
-    significant = holm(signed_rank_p(differences)) < ALPHA
-    leader = studies.mean(-1).argmax(-1)
-    best = np.array([all(significant[s, k] for k, pair in enumerate(pairs) if leader[s] in pair)
-                     for s in range(len(studies))])
-    assert best.mean() <= 0.01 and significant.any(axis=1).mean() <= 0.06
+def long_rows(study, seeds, block):
+    return [row(loss, f"p{p:02d}", s, float(study[i, s, p]), fold=str(block[p]))
+            for i, loss in enumerate(LOSSES) for s in range(seeds) for p in range(len(block))]
 
 
-def long_rows(per_patient_dice):
-    """One simulated study as long-table rows (one seed, so rows are the per-patient means)."""
-    return [row(loss, f"p{p:02d}", 0, float(per_patient_dice[i, p]))
-            for i, loss in enumerate(LOSSES) for p in range(per_patient_dice.shape[1])]
-
-
-def test_the_verdict_decides_as_the_vectorised_simulation():
-    studies = simulate(np.random.default_rng(4), 6, effect=0.03)
-    for study, decided in zip(studies, claims(studies)):
-        analysis = analyse(long_rows(study), LOSSES, "bce")
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_the_verdict_decides_as_the_vectorised_simulation(seeds):
+    dice, block = simulate(np.random.default_rng(4), 4, seeds, 0.01, effect=0.03)
+    for study, decided in zip(dice, claims(dice[:, :], block)):
+        analysis = analyse(long_rows(study, seeds, block), LOSSES, "bce")
         assert [c.significant for c in analysis.comparisons] == list(decided)
+
+
+def test_common_random_numbers_are_measured():
+    dice, block = simulate(np.random.default_rng(5), 1, 5, 0.03, shift_correlation=0.8)
+    analysis = analyse(long_rows(dice[0], 5, block), LOSSES, "bce")
+    assert analysis.design.shift_correlation > 0.5
+    assert "run shifts of two losses on the same fold and seed correlate r = " in \
+        "\n".join(analysis.verdict)
 
 
 # --- the verdict ------------------------------------------------------------------------
 
-def study_rows(effects, patients=24, seeds=3, seed_shifts=None):
+def study_rows(effects, patients=24, seeds=3, run_shift=0.004):
     """Deterministic per-patient Dice: patients spread over 0.70-0.92, each loss adds its
-    effect and a zigzag of +-0.004 to +-0.012 whose sign flips every three patients and
-    between neighbouring losses. Two neighbouring losses then differ by a zigzag symmetric
-    around their effects' difference (no difference when the effects are equal: p = 1); two
-    losses one apart differ by exactly that difference. ``seed_shifts[loss]`` moves each of
-    that loss's runs (seeds) as a whole."""
+    effect, each run of a loss a shift of +-run_shift that alternates with seed and fold, and
+    a zigzag of +-0.004 to +-0.012 per patient that flips sign every three patients and
+    between neighbouring losses."""
     rows = []
     for k, (loss, effect) in enumerate(effects.items()):
         for seed in range(seeds):
-            shift = (seed_shifts or {}).get(loss, [0.0] * seeds)[seed]
             for p in range(patients):
                 zigzag = 0.004 * (p % 3 + 1) * (-1) ** (p // 3 + k)
+                shift = run_shift * (-1) ** (seed + p % 2 + k)
                 rows.append(row(loss, f"p{p:02d}", seed,
                                 0.70 + 0.22 * p / patients + effect + zigzag + shift))
     return rows
@@ -222,45 +268,43 @@ def test_verdict_names_the_difference_with_its_size_and_design():
     analysis = analyse(rows, ["bce", "tversky_a0.25", "tversky_a0.5"], "bce")
     text = "\n".join(analysis.verdict)
     c = next(c for c in analysis.comparisons if c.loss == "tversky_a0.5")
-    assert c.significant
+    assert c.significant and c.n_run_pairs == 6
     assert (f"tversky_a0.5 scores higher than bce: ΔDice {c.mean_diff:+.3f} (95 % CI "
             f"{c.ci_low:+.3f} to {c.ci_high:+.3f}") in text
+    assert "higher in 6 of 6 run pairs" in text
     assert "24 val patients (2 folds × 3 seeds)" in text
+    assert "Training randomness is measured by 3 seeds in each of 2 folds" in text
     assert "no difference from bce detected for tversky_a0.25" in text
     assert "equal" not in text and "Best" not in text
     assert "its lead over every other loss was not tested (use --all-pairs)" in text
 
 
-def test_verdict_without_any_difference():
-    rows = study_rows({"bce": 0.0, "tversky_a0.5": 0.0}, patients=12)
+def test_one_seed_per_fold_says_it_cannot_separate_before_anything_else():
+    rows = study_rows({"bce": 0.0, "tversky_a0.5": 0.01}, seeds=1)
     analysis = analyse(rows, ["bce", "tversky_a0.5"], "bce")
-    assert analysis.comparisons[0].p_value == pytest.approx(1.0)
-    assert "no difference from bce detected for tversky_a0.5 at this sample size" in \
-        analysis.verdict[0]
-    assert "No loss is called best" in analysis.verdict[-1]
+    first = analysis.verdict[0]
+    assert first.startswith("This design cannot separate the losses from training luck")
+    assert "a run pair shifts a difference by SD" in first and "patients by SD" in first
+    assert "needs at least" in first and "seeds per fold" in first
+
+
+def test_a_table_without_folds_or_seeds_claims_nothing():
+    rows = [{**r, "fold": "", "seed": ""} for r in study_rows({"bce": 0.0, "x": 0.05}, seeds=1)]
+    analysis = analyse(rows, ["bce", "x"], "bce")
+    assert analysis.verdict[0].startswith("This table holds one run per loss")
+    assert not analysis.comparisons[0].significant and math.isnan(analysis.comparisons[0].p_value)
 
 
 def test_best_only_when_the_lead_over_every_loss_survives():
-    rows = study_rows({"bce": 0.0, "tversky_a0.25": 0.01, "tversky_a0.5": 0.05})
     losses = ["bce", "tversky_a0.25", "tversky_a0.5"]
-    analysis = analyse(rows, losses, "bce", all_pairs=True)
+    analysis = analyse(study_rows({"bce": 0.0, "tversky_a0.25": 0.01, "tversky_a0.5": 0.05}),
+                       losses, "bce", all_pairs=True)
     assert len(analysis.comparisons) == 3
     assert analysis.verdict[-1] == ("Best: tversky_a0.5, whose lead over every other loss "
                                     "survives the Holm correction.")
     close = analyse(study_rows({"bce": 0.0, "tversky_a0.25": 0.03, "tversky_a0.5": 0.0302}),
                     losses, "bce", all_pairs=True)
     assert close.verdict[-1].startswith("No loss is called best: tversky_a0.5")
-
-
-def test_a_difference_that_not_every_seed_shows_is_qualified():
-    rows = study_rows({"bce": 0.0, "tversky_a0.25": 0.0, "tversky_a0.5": 0.0},
-                      seed_shifts={"tversky_a0.5": [0.03, 0.03, -0.02]})
-    analysis = analyse(rows, ["bce", "tversky_a0.25", "tversky_a0.5"], "bce")
-    c = analysis.comparisons[1]
-    assert c.significant and c.seed_differences == pytest.approx((0.03, 0.03, -0.02))
-    assert not c.holds_in_every_seed
-    assert ("but not in every seed (per-seed ΔDice -0.020 to +0.030: training randomness may "
-            "account for part of it)") in analysis.verdict[0]
 
 
 def test_flagged_losses_are_said_first_and_nothing_is_ranked():
@@ -281,9 +325,7 @@ def test_a_seven_way_tie_of_collapsed_runs_ranks_nothing():
     analysis = analyse(rows, LOSSES[1:], None)
     assert analysis.verdict[0].startswith("Caution: 7 of 7 losses")
     assert "(degenerate: " in analysis.verdict[0] and "; tie: " in analysis.verdict[0]
-    assert len(analysis.verdict[0]) < 400  # one readable line: the details are in the table
-    assert all("tie" in "".join(s.flags) and "degenerate" in "".join(s.flags)
-               for s in analysis.summaries)
+    assert len(analysis.verdict[0]) < 400
     assert not any("Best" in line or "scores higher" in line for line in analysis.verdict)
 
 
@@ -293,7 +335,18 @@ def test_between_other_losses_the_higher_one_is_named_first():
     pair = analysis.comparisons[2]
     assert (pair.loss, pair.baseline) == ("tversky_a0.5", "tversky_a0.25")
     assert pair.mean_diff == pytest.approx(-0.04) and pair.significant
-    assert (f"Between the other losses: tversky_a0.25 scores higher than tversky_a0.5: "
-            f"ΔDice +0.040 (95 % CI {-pair.ci_high:+.3f} to {-pair.ci_low:+.3f}") in \
-        analysis.verdict[1]
-    assert analysis.verdict[2].startswith("Best: tversky_a0.25")
+    between = next(line for line in analysis.verdict if line.startswith("Between"))
+    assert between.startswith(f"Between the other losses: tversky_a0.25 scores higher than "
+                              f"tversky_a0.5: ΔDice +0.040 (95 % CI {-pair.ci_high:+.3f} to "
+                              f"{-pair.ci_low:+.3f}")
+    assert analysis.verdict[-1].startswith("Best: tversky_a0.25")
+
+
+def test_best_is_judged_on_the_patients_all_losses_share():
+    rows = study_rows({"bce": 0.005, "x": 0.0})
+    # x lacks its three hardest patients: its own mean is higher, on shared patients bce's is
+    rows = [r for r in rows if not (r["loss"] == "x" and r["patient"] in ("p00", "p01", "p02"))]
+    analysis = analyse(rows, ["bce", "x"], "bce", all_pairs=True)
+    means = {s.loss: s.dice_mean for s in analysis.summaries}
+    assert means["x"] > means["bce"]
+    assert analysis.verdict[-1].startswith("No loss is called best: bce has the highest mean")

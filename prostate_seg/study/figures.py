@@ -9,7 +9,6 @@ grey, Tversky red, lighter for higher alpha, dark red for alpha = 0.5 (the Dice 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import matplotlib
 import numpy as np
+from matplotlib.collections import LineCollection
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -27,17 +27,19 @@ from prostate_seg.study.statistics import Analysis, Row
 PAD = 0.04  # share of the data range added on each side of an axis
 
 
-def loss_colours(losses: Sequence[str]) -> dict[str, Any]:
+def loss_colours(losses: Sequence[str], alphas: dict[str, float]) -> dict[str, Any]:
+    """BCE grey; a loss with an alpha red, lighter for higher alpha, dark red at 0.5 (Dice);
+    the others from tab10."""
     others = iter(matplotlib.colormaps["tab10"].colors)
     colours = {}
     for loss in losses:
-        match = re.match(r"tversky_a([0-9.]+)", loss)
+        alpha = alphas.get(loss, math.nan)
         if loss.split(" ")[0] == "bce":
             colours[loss] = "0.35"
-        elif match and math.isclose(float(match.group(1)), 0.5):
+        elif np.isfinite(alpha) and math.isclose(alpha, 0.5):
             colours[loss] = "darkred"
-        elif match:
-            colours[loss] = matplotlib.colormaps["Reds_r"](0.1 + 0.7 * float(match.group(1)))
+        elif np.isfinite(alpha):
+            colours[loss] = matplotlib.colormaps["Reds_r"](0.1 + 0.7 * alpha)
         else:
             colours[loss] = next(others, "tab:blue")
     return colours
@@ -65,7 +67,7 @@ def _loss_axis(ax: Any, losses: Sequence[str]) -> None:
 
 def scores(rows: list[Row], a: Analysis, colours: dict[str, Any]) -> Figure:
     """Dice, precision and recall per loss: every patient × seed as a point, the mean over
-    patients on top (Dice with its 95 % bootstrap interval). Panels without values (a table
+    patients on top (Dice with its 95 % CI). Panels without values (a table
     without precision) are left out."""
     losses = [s.loss for s in a.summaries]
     metrics = [m for m in ("dice", "precision", "recall")
@@ -94,7 +96,7 @@ def scores(rows: list[Row], a: Analysis, colours: dict[str, Any]) -> Figure:
         ax.grid(axis="y", alpha=0.3)
     key = [Line2D([], [], ls="", marker="o", color="0.5", label="one patient × seed (colour = loss)"),
            Line2D([], [], ls="", marker="D", color="k", label="mean over patient × seed rows"),
-           Line2D([], [], color="k", lw=1.5, label="Dice: 95 % bootstrap CI of the patient mean")]
+           Line2D([], [], color="k", lw=1.5, label="Dice: 95 % CI of the mean (runs and patients)")]
     figure.legend(handles=key, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
     figure.suptitle(f"{a.split} patients: every point shown")
     return figure
@@ -107,10 +109,9 @@ def paired(a: Analysis, colours: dict[str, Any]) -> Figure:
     patients = sorted({p for d in a.patient_dice.values() for p in d})
     figure = Figure(figsize=(max(5.0, 0.9 * len(losses) + 2), 4.6), layout="constrained")
     ax = figure.subplots()
-    for patient in patients:
-        xs = [i for i, loss in enumerate(losses) if patient in a.patient_dice[loss]]
-        ys = [a.patient_dice[losses[i]][patient] for i in xs]
-        ax.plot(xs, ys, color="0.6", lw=0.7, alpha=0.6, zorder=1)
+    lines = [[(i, a.patient_dice[loss][patient]) for i, loss in enumerate(losses)
+              if patient in a.patient_dice[loss]] for patient in patients]
+    ax.add_collection(LineCollection(lines, colors="0.6", linewidths=0.7, alpha=0.6, zorder=1))
     shown: list[float] = []
     for i, loss in enumerate(losses):
         values = list(a.patient_dice[loss].values())
@@ -131,7 +132,7 @@ def paired(a: Analysis, colours: dict[str, Any]) -> Figure:
 
 
 def forest(a: Analysis) -> Figure:
-    """Each comparison's mean per-patient difference with its 95 % bootstrap interval;
+    """Each comparison's mean per-patient difference with its 95 % CI from the mixed model;
     filled: significant after Holm; open: not; grey: a flagged loss (not interpreted)."""
     comparisons = a.comparisons
     flagged = a.flagged
@@ -151,7 +152,7 @@ def forest(a: Analysis) -> Figure:
     low, high = fit_axis(values + [0.0])
     ax.set_xlim(low, high)
     ax.set_ylim(-0.7, len(comparisons) - 0.3)
-    ax.set_xlabel("Δ per-patient Dice (first loss − second), 95 % bootstrap CI")
+    ax.set_xlabel("Δ per-patient Dice (first loss − second), 95 % CI, runs as replicates")
     ax.set_ylabel("comparison")
     ax.set_title(f"Paired differences on {a.split} patients (Holm over {len(comparisons)})")
     ax.legend(handles=[
@@ -281,37 +282,48 @@ def loss_curves(curves: dict[str, list[Curve]], colours: dict[str, Any]) -> Figu
     return figure
 
 
-def by_alpha(runs: list[tuple[str, dict[str, Any]]], objective: str) -> list[dict[str, Any]]:
-    """One row per alpha, sorted by alpha, from (folder, results) pairs: the runs (fold, seed,
-    value) and their mean. Runs without an alpha (BCE) or without the objective are left out."""
-    grouped: dict[float, list[dict[str, Any]]] = {}
-    for folder, results in runs:
-        alpha, value = results.get("alpha"), results.get(objective)
-        if isinstance(alpha, (int, float)) and isinstance(value, (int, float)):
-            grouped.setdefault(float(alpha), []).append(
-                {"folder": folder, "fold": results.get("fold"), "seed": results.get("seed"),
-                 "value": float(value)})
-    return [{"alpha": alpha, "runs": runs, "mean": math.fsum(r["value"] for r in runs) / len(runs)}
-            for alpha, runs in sorted(grouped.items())]
-
-
-def alpha_curve(rows: list[dict[str, Any]], objective: str) -> Figure:
-    """The objective against the Tversky alpha (rows of :func:`by_alpha`):
-    every run a dot, the mean per alpha a line, the highest mean marked. "Highest", not
-    "best": whether it beats its neighbours is the paired comparisons' question."""
-    top = max(rows, key=lambda r: r["mean"])
-    figure = Figure(figsize=(6.0, 4.0), layout="constrained")
+def alpha_curve(a: Analysis, colours: dict[str, Any]) -> Figure:
+    """Each alpha's mean per-patient Dice with its 95 % CI (runs and patients both sampled),
+    the baseline as a band; flagged losses drawn as grey crosses; a star only on a loss the
+    verdict calls best. The y-axis always holds the intervals, so a 0.005 spread between
+    means is not drawn as a landscape."""
+    with_alpha = sorted((s for s in a.summaries if np.isfinite(s.alpha)), key=lambda s: s.alpha)
+    flagged = a.flagged
+    best = next((line.split(":")[1].split(",")[0].strip() for line in a.verdict
+                 if line.startswith("Best: ")), None)
+    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = figure.subplots()
-    dots = [(r["alpha"], run["value"]) for r in rows for run in r["runs"]]
-    ax.scatter(*zip(*dots), s=14, color="0.6", label="one run (fold, seed)", zorder=2)
-    ax.plot([r["alpha"] for r in rows], [r["mean"] for r in rows], "-o", color="C0", ms=4,
-            label="mean per alpha", zorder=3)
-    ax.plot(top["alpha"], top["mean"], "*", color="C3", ms=14, zorder=4,
-            label=f"highest mean: alpha = {top['alpha']:.3g} ({top['mean']:.4f})")
+    shown: list[float] = []
+    base = next((s for s in a.summaries if s.loss == a.baseline), None)
+    if base is not None and base.loss not in flagged:
+        ax.axhspan(base.dice_ci_low, base.dice_ci_high, color="0.85", zorder=0,
+                   label=f"{base.loss}: 95 % CI")
+        ax.axhline(base.dice_mean, color="0.4", lw=1, label=f"{base.loss}: mean")
+        shown += [base.dice_ci_low, base.dice_ci_high]
+    for s in with_alpha:
+        grey = s.loss in flagged
+        colour = "0.6" if grey else colours.get(s.loss, "C0")
+        if np.isfinite(s.dice_ci_low):
+            ax.vlines(s.alpha, s.dice_ci_low, s.dice_ci_high, color=colour, lw=2)
+            shown += [s.dice_ci_low, s.dice_ci_high]
+        ax.plot(s.alpha, s.dice_mean, "x" if grey else "o", color=colour, ms=7)
+        shown.append(s.dice_mean)
+    clean = [s for s in with_alpha if s.loss not in flagged]
+    ax.plot([s.alpha for s in clean], [s.dice_mean for s in clean], "-", color="0.5", lw=0.8)
+    if best is not None:
+        star = next((s for s in with_alpha if s.loss == best), None)
+        if star is not None:
+            ax.plot(star.alpha, star.dice_mean, "*", color="gold", mec="k", ms=16, zorder=4,
+                    label=f"best (survives Holm): {best}")
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], marker="o", color="C3", label="mean per-patient Dice, 95 % CI"),
+                Line2D([], [], marker="x", ls="", color="0.6", label="flagged: not interpreted")]
+    ax.legend(handles=handles, loc="best", fontsize=7)
     ax.set_xlabel("Tversky alpha (weight of false positives; beta = 1 - alpha)")
-    ax.set_ylabel(objective)
+    ax.set_ylabel(f"per-patient Dice ({a.split}), mean and 95 % CI")
     ax.set_xlim(0, 1)
-    ax.set_ylim(*fit_axis([v for _, v in dots]))
-    ax.legend(loc="best", fontsize=8)
+    ax.set_ylim(*fit_axis(shown))
+    ax.set_title(("Best: " + best if best else "No alpha is called best (see the verdict)")
+                 + "; each mean's CI here, the paired differences in forest.png", fontsize=8)
     ax.grid(alpha=0.3)
     return figure

@@ -41,7 +41,6 @@ from prostate_seg.errors import DataError, UserError
 from prostate_seg.files import write_csv, write_text
 from prostate_seg.study.runs import (
     METRICS_FILE,
-    OBJECTIVE,
     RunLock,
     PER_PATIENT_FILE,
     PREVIEW_FILE,
@@ -49,7 +48,7 @@ from prostate_seg.study.runs import (
     STATUS_FILE,
     load_json_object,
 )
-from prostate_seg.study.statistics import ALPHA, Analysis, Row, analyse
+from prostate_seg.study.statistics import ALPHA, MEASURED, Analysis, Row, analyse
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +60,17 @@ PRIMARY_SPLIT = "val"
 
 # The long table: identifying columns, per-patient scores, then the run's own columns
 # (the flags need them) and where each row comes from.
-LONG_COLUMNS = ("loss", "fold", "seed", "patient", "split", "dice", "precision", "recall",
+LONG_COLUMNS = ("loss", "alpha", "beta", "fold", "seed", "patient", "split", "dice",
+                "precision", "recall",
                 "hd95", "hd95_failed", "hd95_unit", "voxels_pred", "voxels_true",
                 "voxels_total", "best_epoch", "epochs_trained", "max_epochs", "stopped_early",
                 "identity", "group", "run")
 REQUIRED = ("loss", "patient", "dice")
 TEXT = ("loss", "fold", "seed", "patient", "split", "hd95_unit", "identity", "group", "run")
-NUMBERS = ("dice", "precision", "recall", "hd95", "hd95_failed", "voxels_pred", "voxels_true",
+NUMBERS = ("alpha", "beta", "dice", "precision", "recall", "hd95", "hd95_failed", "voxels_pred", "voxels_true",
            "voxels_total", "best_epoch", "epochs_trained", "max_epochs")
 FLAGS = ("stopped_early",)
-UNIT_INTERVAL = ("dice", "precision", "recall")
+UNIT_INTERVAL = ("alpha", "beta", "dice", "precision", "recall")
 KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
 RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "identity",
                "group")
@@ -300,9 +300,15 @@ def label_groups(runs: list[Run]) -> None:
                 run.label = labels[group]
 
 
+def _number_or_nan(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) \
+        else math.nan
+
+
 def long_rows(run: Run) -> list[Row]:
     """The run's per-patient rows as long-table rows: its label, fold, seed and run columns."""
-    fixed = {"loss": run.label, "fold": _text(run.results.get("fold")),
+    fixed = {"loss": run.label, "alpha": _number_or_nan(run.results.get("alpha")),
+             "beta": _number_or_nan(run.results.get("beta")), "fold": _text(run.results.get("fold")),
              "seed": _text(run.results.get("seed")), "run": run.name, **run.columns}
     return [{**row, **fixed} for row in run.rows]
 
@@ -342,12 +348,20 @@ def write_long_table(path: Path, rows: Iterable[Row]) -> None:
 
 # --- ordering, outputs ------------------------------------------------------------------
 
-def loss_order(name: str) -> tuple[int, float, str]:
-    """bce first, then Tversky by alpha, then the rest by name."""
+def loss_order(name: str, alpha: float = math.nan) -> tuple[int, float, str]:
+    """bce first, then the losses with an alpha by alpha, then the rest by name."""
     if name == DEFAULT_BASELINE or name.startswith(DEFAULT_BASELINE + " "):
         return (0, 0.0, name)
-    match = re.match(r"tversky_a([0-9.]+)", name)
-    return (1, float(match.group(1)), name) if match else (2, 0.0, name)
+    return (1, alpha, name) if np.isfinite(alpha) else (2, 0.0, name)
+
+
+def alphas_of(rows: Iterable[Row]) -> dict[str, float]:
+    """Each loss's alpha from the rows' alpha column (NaN when absent or not one value)."""
+    found: dict[str, set[float]] = defaultdict(set)
+    for row in rows:
+        value = row.get("alpha", math.nan)
+        found[row["loss"]].add(value if np.isfinite(value) else math.nan)
+    return {loss: next(iter(v)) if len(v) == 1 else math.nan for loss, v in found.items()}
 
 
 def _number(value: float, digits: int = 4) -> str:
@@ -371,97 +385,69 @@ def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> lis
 def summary_table(a: Analysis) -> list[str]:
     units = {s.hd95_unit for s in a.summaries if s.hd95_unit}
     hd_title = f"HD95 median ({'/'.join(sorted(units))})" if units else "HD95 median"
-    header = ["Loss", "Patients", "Runs", "Dice mean [95 % CI]", "Median", "Seed SD",
+    header = ["Loss", "α", "Patients", "Runs", "Dice mean [95 % CI]", "Median", "Run SD",
               "Precision", "Recall", hd_title, "HD95 failed", "Flags"]
     return _markdown_table(header, ([
-        s.loss, str(s.n_patients), str(s.n_runs),
+        s.loss, _number(s.alpha, 2), str(s.n_patients), str(s.n_runs),
         f"{_number(s.dice_mean)} [{_number(s.dice_ci_low, 3)}, {_number(s.dice_ci_high, 3)}]",
-        _number(s.dice_median), _number(s.seed_sd), _number(s.precision_mean),
+        _number(s.dice_median), _number(s.run_sd, 3), _number(s.precision_mean),
         _number(s.recall_mean), _number(s.hd95_median, 2),
         "—" if s.hd95_failed is None else str(s.hd95_failed),
         "; ".join(s.flags) or "—"] for s in a.summaries))
 
 
 def comparison_table(a: Analysis) -> list[str]:
-    header = ["Loss", "vs", "Patients", "ΔDice [95 % CI]", "p (Wilcoxon)", "p (Holm)",
-              "Significant", "Rank-biserial r", "d_z", "Per-seed ΔDice"]
+    header = ["Loss", "vs", "Patients", "Run pairs", "ΔDice [95 % CI]", "df", "p", "p (Holm)",
+              "Significant", "d_z", "Favouring: run pairs, patients", "SD: run pair, patient"]
     flagged = a.flagged
     rows = []
     for c in a.comparisons:
         significant = "yes" if c.significant else "no"
         if c.loss in flagged or c.baseline in flagged:
             significant += " (flagged: not interpreted)"
-        rows.append([c.loss, c.baseline, str(c.n_patients),
+        leader = c.higher_first().loss
+        rows.append([c.loss, c.baseline, str(c.n_patients), str(c.n_run_pairs),
                      f"{_signed(c.mean_diff, 4)} [{_signed(c.ci_low, 3)}, "
-                     f"{_signed(c.ci_high, 3)}]",
-                     _p(c.p_value), _p(c.p_holm), significant, _number(c.rank_biserial, 2),
-                     _number(c.cohens_dz, 2),
-                     ", ".join(f"{d:+.3f}" for d in c.seed_differences) or "—"])
+                     f"{_signed(c.ci_high, 3)}]", _number(c.df, 1),
+                     _p(c.p_value), _p(c.p_holm), significant, _number(c.cohens_dz, 2),
+                     f"{leader}: {c.runs_favouring}/{c.n_run_pairs}, "
+                     f"{c.patients_favouring:.0%}",
+                     f"{_number(c.run_sd, 3)}, {_number(c.patient_sd, 3)}"])
     return _markdown_table(header, rows)
 
 
 def summary_rows(a: Analysis) -> list[dict[str, Any]]:
-    return [{"loss": s.loss, "split": a.split, "n_patients": s.n_patients, "n_runs": s.n_runs,
-             "folds": s.folds, "seeds": s.seeds, "dice_mean": s.dice_mean,
+    return [{"loss": s.loss, "alpha": s.alpha, "split": a.split, "n_patients": s.n_patients,
+             "n_runs": s.n_runs, "folds": s.folds, "seeds": s.seeds, "dice_mean": s.dice_mean,
              "dice_ci_low": s.dice_ci_low, "dice_ci_high": s.dice_ci_high,
-             "dice_median": s.dice_median, "dice_seed_sd": s.seed_sd,
+             "dice_median": s.dice_median, "run_sd": s.run_sd, "patient_sd": s.patient_sd,
              "precision_mean": s.precision_mean, "recall_mean": s.recall_mean,
              "hd95_median": s.hd95_median, "hd95_unit": s.hd95_unit,
              "hd95_failed": s.hd95_failed, "flags": "; ".join(s.flags)} for s in a.summaries]
 
 
-COMPARISON_COLUMNS = ["loss", "baseline", "n_patients", "mean_diff", "ci_low", "ci_high",
-                      "p_value", "p_holm", "significant", "rank_biserial", "cohens_dz",
-                      "seed_diff_min", "seed_diff_max", "flagged", "split"]
+COMPARISON_COLUMNS = ["loss", "baseline", "n_patients", "n_run_pairs", "mean_diff", "ci_low",
+                      "ci_high", "df", "p_value", "p_holm", "significant", "cohens_dz",
+                      "runs_favouring", "patients_favouring", "run_sd", "patient_sd",
+                      "residual_sd", "shift_correlation", "flagged", "split"]
 
 
 def comparison_rows(a: Analysis) -> list[dict[str, Any]]:
     flagged = a.flagged
-    return [{"loss": c.loss, "baseline": c.baseline, "n_patients": c.n_patients,
-             "mean_diff": c.mean_diff, "ci_low": c.ci_low, "ci_high": c.ci_high,
-             "p_value": c.p_value, "p_holm": c.p_holm, "significant": c.significant,
-             "rank_biserial": c.rank_biserial, "cohens_dz": c.cohens_dz,
-             "seed_diff_min": min(c.seed_differences, default=math.nan),
-             "seed_diff_max": max(c.seed_differences, default=math.nan),
+    return [{**{k: getattr(c, k) for k in COMPARISON_COLUMNS[:-2]},
              "flagged": c.loss in flagged or c.baseline in flagged, "split": a.split}
             for c in a.comparisons]
 
 
-METHODS = f"""\
-## How these numbers are made
+METHOD_PAGE = Path(__file__).resolve().parents[2] / "docs" / "METHOD.md"
+METHODS = f"""## How these numbers are made
 
-- **Unit of evidence: the patient.** Each patient's Dice is first averaged over the seeds
-  (with cross-validation every patient is validated once per seed, by the fold that holds it
-  out; a held-out test patient is scored by every fold's model, averaged too). Per loss: the
-  mean over patients with a 95 % BCa bootstrap interval resampling patients, the median, the
-  seed-to-seed spread (SD of the per-seed means), HD95 (median over patients; an undefined
-  HD95, one mask empty, counts as the volume's diagonal and as a failure), precision and
-  recall (means over patients).
-- **Comparisons are paired**: on the patients both losses have, the per-patient differences
-  give the mean difference, its 95 % BCa bootstrap interval (resampling patients), the
-  two-sided Wilcoxon signed-rank p-value (zero differences ranked, then dropped: Pratt), and
-  two effect sizes: the matched-pairs rank-biserial correlation r (the signed-rank test's own:
-  +1 when every patient does better, −1 when every patient does worse) and Cohen's d_z (mean
-  difference over the SD of the differences).
-- **Multiplicity**: the p-values of all comparisons made are adjusted by Holm's method, which
-  keeps the chance of any false claim at α = {ALPHA} whatever the correlation between them;
-  a difference is claimed only where the adjusted p < {ALPHA}. The bootstrap intervals show
-  the size of a difference and are not adjusted. "No difference detected" means the data
-  cannot tell: it is not evidence that two losses perform alike.
-- **Training randomness**: the test treats the trained models as given and the patients as
-  the sample. A shift of a whole run (seed) is averaged over the seeds but not tested; the
-  per-seed differences are listed so a reader sees whether a difference holds in every seed.
-- **Best** is said only of a loss whose lead over every other loss was tested and survives
-  the correction (usually that needs --all-pairs).
-- **Flags** (never ranked, left out of the verdict): *degenerate*, a run that predicts no
-  gland at all or gland in at least half of all voxels (from the voxel counts; without them,
-  recall 0 with precision 0 everywhere, or mean recall ≥ 0.99 with mean precision ≤ 0.1);
-  *not converged*, a run whose best epoch is its last one without an early stop (it was still
-  improving); *tie*, two losses with identical per-patient Dice (the same predictions).
-- **Dice and F1**: per-volume Dice pools one patient's pixels; pixel F1 pooled over a set of
-  pixels equals Dice pooled over the same pixels (2PR/(P+R) = 2TP/(2TP+FP+FN)), so reporting
-  both says nothing new. The original study's Dice and F1 differed only because its Dice was
-  averaged per batch and its F1 pooled.
+Per-patient Dice at the scan's original size; each loss's mean and each paired difference with
+its 95 % CI from a mixed model in which the trained run is the replicate of training
+randomness and the patient that of the population; Holm over the comparisons (α = {ALPHA});
+"no difference detected" is not "the same"; flagged runs are never ranked. The method, its
+assumptions and its calibration by simulation: docs/METHOD.md of prostate-seg
+({METHOD_PAGE if METHOD_PAGE.is_file() else "in the project's repository"}).
 """
 
 SWEEP_PROTOCOL = """\
@@ -519,12 +505,13 @@ def report_table(table: Path, out: Path, baseline: str | None = None, all_pairs:
     splits = sorted({r["split"] for r in rows}, key=lambda s: (s != split, s))
     if splits[0] != split:
         raise DataError(f"{table}: no rows with split={split} (splits: {', '.join(splits)})")
-    losses = sorted({r["loss"] for r in rows}, key=loss_order)
+    alphas = alphas_of(rows)
+    losses = sorted(alphas, key=lambda loss: loss_order(loss, alphas[loss]))
     baseline = _resolve_baseline(baseline, losses, str(table))
     analyses = [analyse([r for r in rows if r["split"] == s], losses, baseline, all_pairs, s)
                 for s in splits]
     out.mkdir(parents=True, exist_ok=True)
-    colours = figures.loss_colours(losses)
+    colours = figures.loss_colours(losses, alphas)
     written = _figures(analyses[0], [r for r in rows if r["split"] == split], colours, out,
                        sweep)
     for stale in set(FIGURE_FILES) - set(written):
@@ -545,6 +532,8 @@ def _figures(a: Analysis, rows: list[Row], colours: dict[str, Any], out: Path,
         drawn["paired.png"] = figures.paired(a, colours)
     if a.comparisons:
         drawn["forest.png"] = figures.forest(a)
+    if sum(np.isfinite(s.alpha) for s in a.summaries) > 1:
+        drawn[ALPHA_FIGURE] = figures.alpha_curve(a, colours)
     if sweep is not None:
         counted = [r for r in sweep.runs if r.state == "completed"]
         columns = _contour_columns(counted, sweep)
@@ -553,10 +542,6 @@ def _figures(a: Analysis, rows: list[Row], colours: dict[str, Any], out: Path,
         curves = _curves(counted, sweep)
         if curves:
             drawn["loss_curves.png"] = figures.loss_curves(curves, colours)
-        # a grid of alphas: the runs the statistics count, each once
-        alphas = figures.by_alpha([(r.name, r.results) for r in counted], OBJECTIVE)
-        if len(alphas) > 1:
-            drawn[ALPHA_FIGURE] = figures.alpha_curve(alphas, OBJECTIVE)
     for name, figure in drawn.items():
         figures.save(figure, out / name)
     return [name for name in FIGURE_FILES if name in drawn]
@@ -566,8 +551,8 @@ def _markdown(analyses: list[Analysis], table: Path, written: list[str],
               sweep: SweepExtras | None) -> str:
     primary = analyses[0]
     md = []
-    for i, line in enumerate(primary.verdict):
-        md += [f"**{line}**" if i == 0 else line, ""]
+    for line in primary.verdict:  # what was decided in bold; what the runs measured plain
+        md += [line if line.startswith(MEASURED) else f"**{line}**", ""]
     md += [f"Source: `{sweep.sweep_dir if sweep else table}` "
                f"({'sweep; long table ' + str(table.name) if sweep else 'table'})."]
     for a in analyses:
@@ -594,6 +579,12 @@ def _markdown(analyses: list[Analysis], table: Path, written: list[str],
     return "\n".join(md) + "\n"
 
 
+def _run_order(runs: list[Run], label: str) -> tuple[int, float, str]:
+    alpha = next((_number_or_nan(r.results.get("alpha")) for r in runs if r.label == label),
+                 math.nan)
+    return loss_order(label, alpha)
+
+
 def _contour_columns(runs: list[Run], sweep: SweepExtras) -> list[figures.ContourColumn]:
     """One model per loss, all on the same fold and seed where possible (so on the same
     validation slices): the fold and seed that most losses have, the lowest first. Every
@@ -603,7 +594,7 @@ def _contour_columns(runs: list[Run], sweep: SweepExtras) -> list[figures.Contou
                  for run in runs}
     common = Counter(fold_seed[run.name] for run in runs if previews[run.name] is not None)
     columns = []
-    for label in sorted({run.label for run in runs}, key=loss_order):
+    for label in sorted({run.label for run in runs}, key=lambda label: _run_order(runs, label)):
         drawable = [run for run in runs if run.label == label and previews[run.name] is not None]
         if not drawable:
             continue
@@ -634,7 +625,7 @@ def _load_preview(run: Run, sweep: SweepExtras) -> dict[str, np.ndarray] | None:
 
 def _curves(runs: list[Run], sweep: SweepExtras) -> dict[str, list[figures.Curve]]:
     curves: dict[str, list[figures.Curve]] = defaultdict(list)
-    for run in sorted(runs, key=lambda r: loss_order(r.label)):
+    for run in sorted(runs, key=lambda r: _run_order(runs, r.label)):
         path = run.folder / METRICS_FILE
         if not path.exists():
             continue

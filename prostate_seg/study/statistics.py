@@ -1,31 +1,16 @@
-"""The study's statistics on per-patient results: no files are read or written here.
+"""The study's statistics on per-patient results; no files are read or written here.
 
-The unit of evidence is the patient. Seeds (and, for held-out test patients, the folds'
-models) are repetitions: each patient's score is first averaged over them, then:
-
-* per loss: mean over patients with a patient-bootstrap 95 % confidence interval (BCa), the
-  median, the seed-to-seed spread (standard deviation of the per-seed means), HD95 median and
-  failures, precision and recall;
-* per comparison (every loss against a baseline, or all pairs): the mean of the per-patient
-  differences on the patients both losses have, its paired bootstrap 95 % CI (resampling
-  patients, i.e. their differences), the two-sided Wilcoxon signed-rank p-value, the
-  Holm-adjusted p-value over the comparisons made, and two effect sizes: the matched-pairs
-  rank-biserial correlation (the effect size of the signed-rank test: +1 when every patient
-  does better, -1 when every patient does worse) and Cohen's d_z (mean difference over the
-  standard deviation of the differences);
-* flags for runs that cannot support a conclusion (degenerate, not converged, ties), which
-  keep a loss out of the verdict.
-
-The decision is the Holm-corrected Wilcoxon test; the bootstrap intervals describe the size
-of a difference and are not adjusted for multiplicity.
+The decision treats the trained run as the replicate of training randomness and the patient
+as the replicate of who happened to be scanned: a mean over patients nested in runs
+(:func:`nested_mean`), the same model for a loss's mean and for the paired difference of two
+losses, Holm over the comparisons made. docs/METHOD.md explains the method and its checks.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -34,8 +19,9 @@ from scipy import stats
 
 ALPHA = 0.05  # family-wise error rate of the comparisons made (Holm)
 CONFIDENCE = 0.95
-BOOTSTRAP_RESAMPLES = 9999
-BOOTSTRAP_SEED = 0  # the same table always gives the same intervals
+POWER = 0.80  # what "would detect" means when the report says how many seeds a question needs
+PLANNING_DIFFERENCE = 0.02  # the Dice difference the seeds-needed sentence is written for
+MAX_SEEDS = 100
 # A model that calls at least this share of every voxel gland "predicts gland everywhere"
 # (the prostate fills a few percent of a scan; recall is then ~1 and precision ~ prevalence).
 EVERYWHERE_FRACTION = 0.5
@@ -43,107 +29,267 @@ EVERYWHERE_FRACTION = 0.5
 EVERYWHERE_RECALL = 0.99
 EVERYWHERE_PRECISION = 0.1
 TIE_MIN_PATIENTS = 2  # identical per-patient Dice on this many patients is no coincidence
-DIFFERENCE_DECIMALS = 12  # differences rounded so float noise does not break rank ties
+DIFFERENCE_DECIMALS = 12  # differences rounded so float noise does not make a tie a difference
 
 Row = dict[str, Any]
+Cells = dict[tuple[str, str, str], float]  # (fold, seed, patient) -> value
 
 
-# --- primitives on arrays ---------------------------------------------------------------
+# --- the model: patients nested in trained runs (vectorised) ------------------------------
 
-def bootstrap_ci(values: Sequence[float], seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """95 % BCa bootstrap interval of the mean, resampling the values (patients).
+def nested_mean(values: np.ndarray, block: np.ndarray,
+                present: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Mean over patients of ``values`` (..., runs, patients) and its uncertainty when
+    patients sit in blocks (folds) and each block is scored by several trained runs.
 
-    NaN with fewer than two values; a single point when every value is the same (the
-    bootstrap distribution has no spread, which BCa cannot correct).
+    Model: ``y[s, p] = mu + u[block(p), s] + v[p] + e[s, p]``: a shift per run (training
+    randomness), one per patient, and a residual. ``present`` (..., runs, blocks) says which
+    run of each block exists (default: all). The estimate is the mean over patients of each
+    patient's mean over its runs. Its variance comes from the spread of the runs within a
+    block (runs are the replicate of training randomness) plus the patient term, with
+    Satterthwaite's degrees of freedom; where every block has a single run, run and block
+    cannot be told apart and the spread of the block means is used (blocks - 1 degrees of
+    freedom). Vectorised over the leading axes, so a simulation decides exactly as a report.
     """
-    data = np.asarray(values, dtype=float)
-    data = data[np.isfinite(data)]
-    if len(data) < 2:
-        return math.nan, math.nan
-    if np.ptp(data) == 0:
-        return float(data[0]), float(data[0])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # BCa on few distinct values warns, then is NaN
-        for method in ("BCa", "percentile"):
-            result = stats.bootstrap((data,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES,
-                                     confidence_level=CONFIDENCE, method=method,
-                                     rng=np.random.default_rng(seed))
-            low, high = result.confidence_interval
-            if np.isfinite(low) and np.isfinite(high):
-                return float(low), float(high)
-    return math.nan, math.nan
+    values = np.asarray(values, dtype=float)
+    block = np.asarray(block, dtype=int)
+    onehot = np.eye(int(block.max()) + 1)[block]  # (N, K)
+    n = onehot.sum(0)
+    if present is None:
+        present = np.ones(values.shape[:-1] + (len(n),), dtype=bool)
+    runs = present.astype(float)  # (..., S, K)
+    cell = runs @ onehot.T  # (..., S, N): 1 where the patient's run exists
+    y = np.where(cell > 0, values, 0.0)
+    run_mean = (y @ onehot) / n  # (..., S, K)
+    seeds = runs.sum(-2)  # (..., K): runs per block
+    used = seeds > 0
+    block_mean = (run_mean * runs).sum(-2) / np.maximum(seeds, 1)
+    patient_mean = y.sum(-2) / np.maximum(seeds @ onehot.T, 1)  # (..., N)
+    patients = (used * n).sum(-1)
+    weight = used * n / patients[..., None]
+    mean = (weight * block_mean).sum(-1)
 
+    block_of_patient = block_mean @ onehot.T
+    used_patient = used @ onehot.T
+    df_runs = np.clip(seeds - 1, 0, None).sum(-1)
+    runs_var = (((run_mean - block_mean[..., None, :]) ** 2) * runs).sum((-2, -1)) \
+        / np.maximum(df_runs, 1)
+    df_patients = (np.clip(n - 1, 0, None) * used).sum(-1)
+    patients_var = (((patient_mean - block_of_patient) ** 2) * used_patient).sum(-1) \
+        / np.maximum(df_patients, 1)
+    residual = (y - run_mean @ onehot.T - patient_mean[..., None, :]
+                + block_of_patient[..., None, :]) * cell
+    df_residual = (np.clip(seeds - 1, 0, None) * np.clip(n - 1, 0, None)).sum(-1)
+    residual_var = (residual ** 2).sum((-2, -1)) / np.maximum(df_residual, 1)
+    # E[patients_var] = patient_var + residual_var * c: a patient's mean averages its runs
+    c = (np.clip(n - 1, 0, None) * used / np.maximum(seeds, 1)).sum(-1) \
+        / np.maximum(df_patients, 1)
+    patient_var = np.maximum(0.0, patients_var - c * residual_var)
+    inverse_n = (used / n).sum(-1) / np.maximum(used.sum(-1), 1)
+    a = (weight ** 2 / np.maximum(seeds, 1)).sum(-1)
 
-def signed_rank_p(differences: np.ndarray) -> np.ndarray:
-    """Two-sided Wilcoxon signed-rank p-values of paired differences along the last axis.
+    # within blocks: runs_var estimates u-variance + residual/n per run
+    var_within = a * runs_var + patient_var / patients
+    terms = [(a * runs_var, df_runs), (patients_var / patients, df_patients),
+             (c * residual_var / patients, df_residual)]
+    truncated = patient_var <= 0
+    denominator = terms[0][0] ** 2 / np.maximum(terms[0][1], 1) + np.where(
+        truncated, 0.0, sum(x ** 2 / np.maximum(d, 1) for x, d in terms[1:]))
+    df_within = np.where(denominator > 0, var_within ** 2 / np.where(denominator > 0,
+                                                                     denominator, 1), df_runs)
+    # between blocks: one run each, so the block means' spread is all there is
+    blocks = used.sum(-1)
+    spread = ((block_mean - mean[..., None]) ** 2 * used)
+    var_between = (weight ** 2 * spread).sum(-1) * blocks / np.maximum(blocks - 1, 1)
+    between_var = spread.sum(-1) / np.maximum(blocks - 1, 1)
 
-    Zero differences are ranked and then dropped (Pratt), which keeps patients on which two
-    losses agree in the test instead of discarding them; exact p-values when there are no
-    zeros or ties and at most 50 patients, the normal approximation otherwise (scipy's
-    choice). Where every difference is zero there is nothing to test: p = 1.
-    """
-    d = np.round(np.asarray(differences, dtype=float), DIFFERENCE_DECIMALS)
-    all_zero = np.all(d == 0, axis=-1)
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-        warnings.simplefilter("ignore")  # scipy warns about zeros / small samples
-        p = stats.wilcoxon(d, zero_method="pratt", axis=-1).pvalue
-    return np.where(all_zero, 1.0, p)
+    within = df_runs > 0
+    var = np.where(within, var_within, var_between)
+    df = np.where(within, df_within, blocks - 1.0)
+    se = np.sqrt(var)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = 2 * stats.t.sf(np.abs(mean / se), df)
+        half = stats.t.ppf(0.5 + CONFIDENCE / 2, df) * se
+    p = np.where(se > 0, p, np.where(np.round(mean, DIFFERENCE_DECIMALS) == 0, 1.0, 0.0))
+    testable = df >= 1
+    run_var = np.where(within, np.maximum(0.0, runs_var - residual_var * inverse_n),
+                       np.maximum(0.0, between_var - patients_var * inverse_n))
+    return {
+        "mean": mean, "se": np.where(testable, se, np.nan), "df": df,
+        "p": np.where(testable, p, np.nan),
+        "low": np.where(testable, mean - half, np.nan),
+        "high": np.where(testable, mean + half, np.nan),
+        "run_var": np.where(within | (blocks > 1), run_var, np.nan),
+        # with one run per block the patient term holds the residual too
+        "patient_var": np.where(within, patient_var, patients_var),
+        "residual_var": np.where(within, residual_var, np.nan),
+        "within": within,
+    }
 
 
 def holm(p_values: np.ndarray) -> np.ndarray:
-    """Holm's step-down adjusted p-values along the last axis (Holm 1979).
-
-    The k-th smallest of m p-values is multiplied by m - k + 1, a running maximum keeps the
-    order, and the result is capped at 1; rejecting where the adjusted p < alpha controls the
-    family-wise error rate at alpha under any dependence between the tests (the comparisons
-    with one baseline are correlated). NaN p-values (comparisons that could not be made) are
-    not counted in m and stay NaN. scipy.stats offers only false-discovery-rate adjustments
-    (``false_discovery_control``: Benjamini-Hochberg/-Yekutieli), hence these few lines.
-    """
+    """Holm's step-down adjusted p-values along the last axis (Holm 1979): the k-th smallest
+    of m times m - k + 1, kept monotone, capped at 1; family-wise error control under any
+    dependence. NaN p-values (comparisons that could not be made) are not counted in m and
+    stay NaN. (scipy.stats adjusts only for the false discovery rate.)"""
     p = np.asarray(p_values, dtype=float)
     order = np.argsort(p, axis=-1)  # NaN sort last
     ranked = np.take_along_axis(p, order, axis=-1)
     m = np.sum(np.isfinite(p), axis=-1, keepdims=True)
-    factor = m - np.arange(p.shape[-1])
-    adjusted = np.fmax.accumulate(np.minimum(1.0, ranked * factor), axis=-1)
+    adjusted = np.fmax.accumulate(np.minimum(1.0, ranked * (m - np.arange(p.shape[-1]))),
+                                  axis=-1)
     adjusted = np.where(np.isfinite(ranked), adjusted, np.nan)
     result = np.empty_like(adjusted)
     np.put_along_axis(result, order, adjusted, axis=-1)
     return result
 
 
-def rank_biserial(differences: Sequence[float]) -> float:
-    """Matched-pairs rank-biserial correlation (Kerby 2014): the rank sum of the positive
-    differences minus that of the negative ones, over the total (ranks of |d|, zeros left
-    out). +1: every patient does better; -1: every patient does worse."""
-    d = np.round(np.asarray(differences, dtype=float), DIFFERENCE_DECIMALS)
-    d = d[d != 0]
-    if len(d) == 0:
-        return 0.0 if len(differences) else math.nan
-    ranks = stats.rankdata(np.abs(d))
-    return float((ranks[d > 0].sum() - ranks[d < 0].sum()) / ranks.sum())
+# --- planning: how many seeds a question needs --------------------------------------------
+
+@dataclass(frozen=True)
+class Components:
+    """Variances of one paired difference (or one loss): a run's shift, a patient's own
+    term, the residual (NaN when one run per fold cannot separate it from the patient's)."""
+
+    run: float
+    patient: float
+    residual: float
+
+    @property
+    def lower_bound(self) -> bool:
+        """Seeds needed from these are a lower bound: the residual is not separated."""
+        return math.isnan(self.residual)
 
 
-def cohens_dz(differences: Sequence[float]) -> float:
-    """Mean of the paired differences over their standard deviation (Cohen's d_z)."""
-    d = np.asarray(differences, dtype=float)
-    if len(d) < 2:
+def design_power(c: Components, sizes: Sequence[int], seeds: int, difference: float,
+                 comparisons: int) -> float:
+    """Power of the nested test for ``difference`` with ``seeds`` runs per fold of the given
+    sizes, at level ALPHA / comparisons (Holm's first step), two-sided."""
+    n = np.asarray(sizes, dtype=float)
+    weight = n / n.sum()
+    # one run per fold cannot split the patient term from the residual: all of it is taken
+    # as residual, which more seeds average away (an optimistic plan, hence "at least")
+    patient, residual = (0.0, c.patient) if c.lower_bound else (c.patient, c.residual)
+    var = float((weight ** 2 * (c.run + residual / n)).sum() / seeds + patient / n.sum())
+    if seeds == 1:
+        df = len(n) - 1.0
+    else:
+        runs_var = float((weight ** 2 / seeds).sum())
+        parts = [(runs_var * (c.run + residual / n.mean()), len(n) * (seeds - 1)),
+                 ((patient + residual / seeds) / n.sum(), n.sum() - len(n))]
+        denominator = sum(x ** 2 / d for x, d in parts if d > 0)
+        df = var ** 2 / denominator if denominator > 0 else math.inf
+    if var <= 0:
+        return 1.0  # no variation at all: any difference shows
+    if df < 1:
         return math.nan
-    sd = d.std(ddof=1)
-    return float(d.mean() / sd) if sd > 0 else math.nan
+    critical = stats.t.ppf(1 - ALPHA / comparisons / 2, df)
+    shift = abs(difference) / math.sqrt(var)
+    return float(stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift))
 
 
-# --- per loss ---------------------------------------------------------------------------
+def seeds_needed(c: Components, sizes: Sequence[int], difference: float,
+                 comparisons: int) -> int | None:
+    """The fewest seeds per fold whose power for ``difference`` reaches POWER; None when no
+    number up to MAX_SEEDS does (the patients, not the runs, then limit the precision)."""
+    for seeds in range(1, MAX_SEEDS + 1):
+        if design_power(c, sizes, seeds, difference, comparisons) >= POWER:
+            return seeds
+    return None
+
+
+# --- rows to the model's grid -------------------------------------------------------------
+
+def _present(row: Row, key: str) -> bool:
+    value = row.get(key)
+    return value not in (None, "") and not (isinstance(value, float) and math.isnan(value))
+
+
+def cells(rows: Iterable[Row], metric: str = "dice") -> Cells:
+    return {(str(r.get("fold", "")), str(r.get("seed", "")), str(r["patient"])): float(r[metric])
+            for r in rows if _present(r, metric)}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Values on runs x patients: ``values`` (runs, patients) NaN where absent, ``block``
+    per patient, ``present`` (runs, blocks). Cross-validation nests patients in folds (a run
+    axis of seeds); held-out test patients are scored by every run (one block, a run axis of
+    every fold and seed)."""
+
+    values: np.ndarray
+    block: np.ndarray
+    present: np.ndarray
+    patients: tuple[str, ...]
+    runs: int  # run cells that exist
+
+    @property
+    def sizes(self) -> list[int]:
+        return [int(n) for n in np.bincount(self.block)]
+
+
+def grid(table: Cells, *others: Cells) -> Grid | None:
+    """``table`` on the runs and patients that every one of ``others`` has too (the pairing
+    of a comparison). A patient is kept when every run of its fold scored it. None when
+    nothing is left."""
+    keys = set(table).intersection(*others) if others else set(table)
+    folds_of: dict[str, set[str]] = defaultdict(set)
+    for fold, _, patient in keys:
+        folds_of[patient].add(fold)
+    nested = all(len(f) == 1 for f in folds_of.values())
+
+    def place(key: tuple[str, str, str]) -> tuple[str, Any]:  # (block, run)
+        fold, seed, _ = key
+        return (fold, seed) if nested else ("", (fold, seed))
+
+    runs_of: dict[str, set] = defaultdict(set)
+    block_of: dict[str, str] = {}
+    value: dict[tuple, float] = {}
+    for key in keys:
+        b, r = place(key)
+        runs_of[b].add(r)
+        block_of[key[2]] = b
+        value[(r, key[2])] = table[key]
+    kept = [p for p in sorted(block_of) if all((r, p) in value for r in runs_of[block_of[p]])]
+    if not kept:
+        return None
+    blocks = sorted({block_of[p] for p in kept})
+    run_axis = sorted({r for b in blocks for r in runs_of[b]})
+    values = np.full((len(run_axis), len(kept)), np.nan)
+    present = np.zeros((len(run_axis), len(blocks)), dtype=bool)
+    for j, patient in enumerate(kept):
+        k = blocks.index(block_of[patient])
+        for s, run in enumerate(run_axis):
+            if (run, patient) in value:
+                values[s, j] = value[(run, patient)]
+                present[s, k] = True
+    return Grid(values, np.array([blocks.index(block_of[p]) for p in kept]), present,
+                tuple(kept), int(present.sum()))
+
+
+def estimate(g: Grid) -> dict[str, float]:
+    return {k: float(v) for k, v in nested_mean(g.values, g.block, g.present).items()}
+
+
+def run_shifts(g: Grid) -> dict[tuple[int, int], float]:
+    """Each run's mean minus its fold's mean over runs (folds with two runs or more)."""
+    out = {}
+    for k in range(g.present.shape[1]):
+        runs = np.flatnonzero(g.present[:, k])
+        if len(runs) < 2:
+            continue
+        means = np.nanmean(g.values[np.ix_(runs, g.block == k)], axis=1)
+        for s, m in zip(runs, means - means.mean()):
+            out[(int(s), k)] = float(m)
+    return out
+
+
+# --- per loss -----------------------------------------------------------------------------
 
 def _nanmean(values: Iterable[float]) -> float:
     data = np.asarray(list(values), dtype=float)
     data = data[~np.isnan(data)]
     return float(data.mean()) if len(data) else math.nan
-
-
-def _present(row: Row, key: str) -> bool:
-    value = row.get(key)
-    return value not in (None, "") and not (isinstance(value, float) and math.isnan(value))
 
 
 def run_key(row: Row) -> str:
@@ -154,20 +300,11 @@ def run_key(row: Row) -> str:
 
 
 def per_patient(rows: Iterable[Row], metric: str = "dice") -> dict[str, float]:
-    """Each patient's mean over its rows (its seeds), NaN values left out."""
+    """Each patient's mean over its rows (its runs), NaN values left out."""
     values: dict[str, list[float]] = defaultdict(list)
     for row in rows:
         values[str(row["patient"])].append(row.get(metric, math.nan))
     return {patient: _nanmean(v) for patient, v in values.items()}
-
-
-def per_seed_patient(rows: Iterable[Row], metric: str = "dice") -> dict[str, dict[str, float]]:
-    """seed -> patient -> mean over that seed's rows of the patient (one row, or one per fold
-    for held-out test patients)."""
-    by_seed: dict[str, list[Row]] = defaultdict(list)
-    for row in rows:
-        by_seed[str(row.get("seed", ""))].append(row)
-    return {seed: per_patient(r, metric) for seed, r in by_seed.items()}
 
 
 def _distinct(rows: Iterable[Row], key: str) -> list[str]:
@@ -182,45 +319,46 @@ class LossSummary:
     folds: int  # distinct folds (0 when the table does not say)
     seeds: int
     dice_mean: float
-    dice_ci_low: float
+    dice_ci_low: float  # from the nested model: runs and patients both sampled
     dice_ci_high: float
     dice_median: float
-    seed_sd: float  # SD of the per-seed mean Dice (NaN with one seed)
+    run_sd: float  # a whole run's shift (training randomness); NaN when not measurable
+    patient_sd: float
     precision_mean: float
     recall_mean: float
     hd95_median: float
     hd95_failed: int | None  # patient-runs whose HD95 was undefined; None: not in the table
     hd95_unit: str
+    alpha: float = math.nan  # the Tversky alpha, when the rows carry one
     flags: tuple[str, ...] = ()
 
 
 def summarize(loss: str, rows: list[Row], flags: Sequence[str] = ()) -> LossSummary:
     """Per-loss summary; ``rows`` are this loss's rows of one split."""
     dice = per_patient(rows, "dice")
-    values = list(dice.values())
-    low, high = bootstrap_ci(values)
-    by_seed: dict[str, list[float]] = defaultdict(list)
-    for row in rows:
-        by_seed[str(row.get("seed", ""))].append(row["dice"])
-    seed_means = [float(np.mean(v)) for v in by_seed.values()]
+    g = grid(cells(rows))
+    fit = estimate(g) if g is not None else {}
     hd95 = [v for v in per_patient(rows, "hd95").values() if not math.isnan(v)]
     units = _distinct(rows, "hd95_unit")
+    alphas = {float(r["alpha"]) for r in rows if _present(r, "alpha")}
     return LossSummary(
         loss=loss, n_patients=len(dice), n_runs=len({run_key(r) for r in rows}),
         folds=len(_distinct(rows, "fold")), seeds=len(_distinct(rows, "seed")),
-        dice_mean=float(np.mean(values)), dice_ci_low=low, dice_ci_high=high,
-        dice_median=float(np.median(values)),
-        seed_sd=float(np.std(seed_means, ddof=1)) if len(seed_means) > 1 else math.nan,
+        dice_mean=float(np.mean(list(dice.values()))),
+        dice_ci_low=fit.get("low", math.nan), dice_ci_high=fit.get("high", math.nan),
+        dice_median=float(np.median(list(dice.values()))),
+        run_sd=math.sqrt(fit["run_var"]) if fit and fit["within"] else math.nan,
+        patient_sd=float(np.std(list(dice.values()), ddof=1)) if len(dice) > 1 else math.nan,
         precision_mean=_nanmean(per_patient(rows, "precision").values()),
         recall_mean=_nanmean(per_patient(rows, "recall").values()),
         hd95_median=float(np.median(hd95)) if hd95 else math.nan,
         hd95_failed=(int(sum(r.get("hd95_failed") == 1 for r in rows))
                      if any(_present(r, "hd95_failed") for r in rows) else None),
         hd95_unit=units[0] if len(units) == 1 else "/".join(units),
-        flags=tuple(flags))
+        alpha=alphas.pop() if len(alphas) == 1 else math.nan, flags=tuple(flags))
 
 
-# --- flags ------------------------------------------------------------------------------
+# --- flags ----------------------------------------------------------------------------------
 
 def _sum(rows: list[Row], key: str) -> float | None:
     if not all(_present(r, key) for r in rows):
@@ -230,7 +368,6 @@ def _sum(rows: list[Row], key: str) -> float | None:
 
 def degenerate_reason(rows: list[Row]) -> str | None:
     """Why one run's predictions are degenerate (nothing, or gland everywhere), or None.
-
     From voxel counts when the rows have them, else from precision and recall."""
     predicted, total = _sum(rows, "voxels_pred"), _sum(rows, "voxels_total")
     if predicted is not None and total:
@@ -245,7 +382,7 @@ def degenerate_reason(rows: list[Row]) -> str | None:
         return None
     if max(recall) == 0 and max(precision) == 0:
         return "finds no gland voxel in any patient"
-    if (np.mean(recall) >= EVERYWHERE_RECALL and np.mean(precision) <= EVERYWHERE_PRECISION):
+    if np.mean(recall) >= EVERYWHERE_RECALL and np.mean(precision) <= EVERYWHERE_PRECISION:
         return (f"recall {np.mean(recall):.2f} with precision {np.mean(precision):.2f}: "
                 "predicts gland nearly everywhere")
     return None
@@ -253,8 +390,8 @@ def degenerate_reason(rows: list[Row]) -> str | None:
 
 def not_converged(rows: list[Row]) -> bool:
     """A run whose best epoch is its last one and that did not stop early: it was still
-    improving when the epochs ran out. Epochs count from 0 (``best_epoch`` is an index,
-    ``epochs_trained`` a count); False when the table does not say."""
+    improving when the epochs ran out (``best_epoch`` counts from 0, ``epochs_trained`` is a
+    count); False when the table does not say."""
     row = rows[0]
     if not (_present(row, "best_epoch") and _present(row, "epochs_trained")):
         return False
@@ -281,46 +418,52 @@ def loss_flags(rows: list[Row]) -> list[str]:
     return flags
 
 
-def tie_flags(patient_dice: dict[str, dict[str, float]]) -> dict[str, list[str]]:
-    """Losses whose per-patient Dice is identical on every shared patient (at least
-    TIE_MIN_PATIENTS): the same predictions under two names, e.g. two collapsed models."""
+def tie_flags(tables: Mapping[str, Cells]) -> dict[str, list[str]]:
+    """Losses whose Dice is identical on every shared patient-run (at least TIE_MIN_PATIENTS):
+    the same predictions under two names, e.g. two collapsed models."""
     ties: dict[str, list[str]] = defaultdict(list)
-    names = list(patient_dice)
+    names = list(tables)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            shared = set(patient_dice[a]) & set(patient_dice[b])
-            if len(shared) >= TIE_MIN_PATIENTS and all(
-                    round(patient_dice[a][p] - patient_dice[b][p], DIFFERENCE_DECIMALS) == 0
-                    for p in shared):
+            shared = set(tables[a]) & set(tables[b])
+            if len({k[2] for k in shared}) >= TIE_MIN_PATIENTS and all(
+                    round(tables[a][k] - tables[b][k], DIFFERENCE_DECIMALS) == 0 for k in shared):
                 ties[a].append(b)
                 ties[b].append(a)
     return {loss: [f"tie: identical per-patient Dice to {', '.join(others)}"]
             for loss, others in ties.items()}
 
 
-# --- comparisons ------------------------------------------------------------------------
+# --- comparisons ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Comparison:
     loss: str
     baseline: str
     n_patients: int
+    n_run_pairs: int
     mean_diff: float  # loss minus baseline: positive = the loss scores higher
     ci_low: float
     ci_high: float
+    df: float
     p_value: float
     p_holm: float
     significant: bool
-    rank_biserial: float
-    cohens_dz: float
-    # The mean difference within each seed shared by both losses: the patient-level test
-    # treats the trained models as given, so a reader sees here whether the difference
-    # holds in every seed (training randomness) or not.
-    seed_differences: tuple[float, ...] = ()
+    cohens_dz: float  # mean over the SD of the per-patient differences
+    runs_favouring: int  # run pairs whose mean difference has the sign of mean_diff
+    patients_favouring: float  # share of patients whose difference has that sign
+    run_sd: float  # a run pair's shift of the difference
+    patient_sd: float
+    residual_sd: float
+    shift_correlation: float  # of the two losses' run shifts (common random numbers)
 
-    @property
-    def holds_in_every_seed(self) -> bool:
-        return all(np.sign(d) == np.sign(self.mean_diff) for d in self.seed_differences)
+    def turned(self) -> Comparison:
+        """The same comparison with the other loss first."""
+        return replace(self, loss=self.baseline, baseline=self.loss, mean_diff=-self.mean_diff,
+                       ci_low=-self.ci_high, ci_high=-self.ci_low, cohens_dz=-self.cohens_dz)
+
+    def higher_first(self) -> Comparison:
+        return self if self.mean_diff >= 0 else self.turned()
 
 
 def comparison_pairs(losses: Sequence[str], baseline: str | None,
@@ -334,44 +477,106 @@ def comparison_pairs(losses: Sequence[str], baseline: str | None,
     return pairs
 
 
-def seed_differences(a: dict[str, dict[str, float]],
-                     b: dict[str, dict[str, float]]) -> tuple[float, ...]:
-    """Mean difference a - b within each seed both have (seed -> patient -> score), on the
-    patients both have in that seed."""
+def _correlation(a: dict, b: dict) -> float:
+    shared = sorted(set(a) & set(b))
+    if len(shared) < 3:
+        return math.nan
+    x, y = np.array([a[k] for k in shared]), np.array([b[k] for k in shared])
+    if x.std() == 0 or y.std() == 0:
+        return math.nan
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _sd(var: float) -> float:
+    return math.sqrt(var) if np.isfinite(var) else math.nan
+
+
+def compare(tables: Mapping[str, Cells], pairs: Sequence[tuple[str, str]]) -> list[Comparison]:
+    """Paired comparisons on the run pairs and patients both losses have, Holm over
+    ``pairs``."""
     found = []
-    for seed in sorted(set(a) & set(b)):
-        shared = set(a[seed]) & set(b[seed])
-        if shared:
-            found.append(float(np.mean([a[seed][p] - b[seed][p] for p in shared])))
-    return tuple(found)
-
-
-def compare(patient_dice: dict[str, dict[str, float]], pairs: Sequence[tuple[str, str]],
-            seed_dice: dict[str, dict[str, dict[str, float]]] | None = None
-            ) -> list[Comparison]:
-    """Paired comparisons on the patients both losses have, Holm-adjusted over ``pairs``;
-    ``seed_dice`` (loss -> seed -> patient -> Dice) adds the per-seed differences."""
-    differences = []
     for loss, reference in pairs:
-        shared = sorted(set(patient_dice[loss]) & set(patient_dice[reference]))
-        differences.append(np.array([patient_dice[loss][p] - patient_dice[reference][p]
-                                     for p in shared]))
-    p_values = np.array([float(signed_rank_p(d)) if len(d) else math.nan for d in differences])
-    adjusted = holm(p_values) if len(p_values) else p_values
-    comparisons = []
-    for (loss, reference), d, p, p_adj in zip(pairs, differences, p_values, adjusted):
-        low, high = bootstrap_ci(d)
-        comparisons.append(Comparison(
-            loss=loss, baseline=reference, n_patients=len(d),
-            mean_diff=float(d.mean()) if len(d) else math.nan, ci_low=low, ci_high=high,
-            p_value=float(p), p_holm=float(p_adj), significant=bool(p_adj < ALPHA),
-            rank_biserial=rank_biserial(d), cohens_dz=cohens_dz(d),
-            seed_differences=(seed_differences(seed_dice[loss], seed_dice[reference])
-                              if seed_dice else ())))
-    return comparisons
+        g = grid(tables[loss], tables[reference])
+        if g is None:
+            found.append(None)
+            continue
+        other = grid(tables[reference], tables[loss])
+        diff = replace(g, values=g.values - other.values)
+        fit = estimate(diff)
+        per_patient_diff = np.nanmean(diff.values, axis=0)
+        run_means = [np.nanmean(diff.values[s, diff.block == k])
+                     for s, k in zip(*np.nonzero(diff.present))]
+        sign = np.sign(fit["mean"]) or 1.0
+        sd = per_patient_diff.std(ddof=1) if len(per_patient_diff) > 1 else math.nan
+        found.append(dict(
+            loss=loss, baseline=reference, n_patients=len(g.patients), n_run_pairs=g.runs,
+            mean_diff=fit["mean"], ci_low=fit["low"], ci_high=fit["high"], df=fit["df"],
+            p_value=fit["p"], cohens_dz=float(fit["mean"] / sd) if sd and sd > 0 else math.nan,
+            runs_favouring=int(sum(np.sign(m) == sign for m in run_means)),
+            patients_favouring=float(np.mean(np.sign(per_patient_diff) == sign)),
+            run_sd=_sd(fit["run_var"]), patient_sd=_sd(fit["patient_var"]),
+            residual_sd=_sd(fit["residual_var"]),
+            shift_correlation=_correlation(run_shifts(g), run_shifts(other))))
+    p = np.array([f["p_value"] if f else math.nan for f in found])
+    adjusted = holm(p) if len(p) else p
+    return [Comparison(**f, p_holm=float(q), significant=bool(q < ALPHA))
+            for f, q in zip(found, adjusted) if f is not None]
 
 
-# --- one split, start to end ------------------------------------------------------------
+# --- the design: can these runs tell the losses apart? --------------------------------------
+
+@dataclass(frozen=True)
+class Design:
+    patients: int
+    folds: int
+    seeds: int  # runs per fold (the most any fold has)
+    within: bool  # training randomness measured by several runs per fold
+    components: Components | None  # pooled over the comparisons
+    sizes: tuple[int, ...]
+    comparisons: int
+    shift_correlation: float
+    power: float  # for PLANNING_DIFFERENCE at this design
+    seeds_for_planning: int | None
+    largest: Comparison | None
+    seeds_for_largest: int | None
+
+    @property
+    def separates(self) -> bool:
+        return self.within and np.isfinite(self.power) and self.power >= POWER
+
+
+def design_of(comparisons: Sequence[Comparison], tables: Mapping[str, Cells]) -> Design | None:
+    if not comparisons:
+        return None
+    first = next(iter(tables.values()))
+    g = grid(first)
+    within = g is not None and bool((g.present.sum(0) > 1).any())
+    usable = [c for c in comparisons if np.isfinite(c.run_sd) or np.isfinite(c.patient_sd)]
+    components = None
+    if usable:
+        def mean_var(key: str) -> float:
+            found = [getattr(c, key) ** 2 for c in usable if np.isfinite(getattr(c, key))]
+            return float(np.mean(found)) if found else math.nan
+
+        components = Components(run=mean_var("run_sd"), patient=mean_var("patient_sd"),
+                                residual=mean_var("residual_sd") if within else math.nan)
+    sizes = tuple(g.sizes) if g is not None else ()
+    seeds = int(g.present.sum(0).max()) if g is not None else 0
+    m = len(comparisons)
+    largest = max(comparisons, key=lambda c: abs(c.mean_diff))
+    plan = lambda d: seeds_needed(components, sizes, d, m) if components and sizes else None  # noqa: E731
+    power = (design_power(components, sizes, max(seeds, 1), PLANNING_DIFFERENCE, m)
+             if components and sizes else math.nan)
+    return Design(
+        patients=len(g.patients) if g else 0, folds=len(sizes), seeds=seeds, within=within,
+        components=components, sizes=sizes, comparisons=m,
+        shift_correlation=float(np.nanmean([c.shift_correlation for c in comparisons]))
+        if any(np.isfinite(c.shift_correlation) for c in comparisons) else math.nan,
+        power=power, seeds_for_planning=plan(PLANNING_DIFFERENCE), largest=largest,
+        seeds_for_largest=plan(largest.mean_diff) if largest.mean_diff else None)
+
+
+# --- one split, start to end ----------------------------------------------------------------
 
 @dataclass
 class Analysis:
@@ -381,6 +586,7 @@ class Analysis:
     summaries: list[LossSummary]
     comparisons: list[Comparison]
     patient_dice: dict[str, dict[str, float]]
+    design: Design | None
     n_patients: int
     folds: int
     seeds: int
@@ -393,68 +599,106 @@ class Analysis:
 
 def analyse(rows: list[Row], losses: Sequence[str], baseline: str | None,
             all_pairs: bool = False, split: str = "val") -> Analysis:
-    """Summaries, comparisons and verdict of ``rows`` (one split) for ``losses`` in order."""
+    """Summaries, comparisons, design and verdict of ``rows`` (one split), losses in order."""
     by_loss: dict[str, list[Row]] = {loss: [] for loss in losses}
     for row in rows:
         by_loss.setdefault(row["loss"], []).append(row)
     by_loss = {loss: r for loss, r in by_loss.items() if r}
-    patient_dice = {loss: per_patient(r) for loss, r in by_loss.items()}
-    ties = tie_flags(patient_dice)
+    tables = {loss: cells(r) for loss, r in by_loss.items()}
+    ties = tie_flags(tables)
     summaries = [summarize(loss, r, loss_flags(r) + ties.get(loss, []))
                  for loss, r in by_loss.items()]
     if baseline not in by_loss:
         baseline = None
-    comparisons = compare(patient_dice, comparison_pairs(list(by_loss), baseline, all_pairs),
-                          {loss: per_seed_patient(r) for loss, r in by_loss.items()})
+    comparisons = compare(tables, comparison_pairs(list(by_loss), baseline, all_pairs))
     analysis = Analysis(
         split=split, baseline=baseline, all_pairs=all_pairs, summaries=summaries,
-        comparisons=comparisons, patient_dice=patient_dice,
+        comparisons=comparisons, patient_dice={l: per_patient(r) for l, r in by_loss.items()},
+        design=design_of(comparisons, tables),
         n_patients=len({str(r["patient"]) for r in rows}),
         folds=len(_distinct(rows, "fold")), seeds=len(_distinct(rows, "seed")))
     analysis.verdict = verdict(analysis)
     return analysis
 
 
-# --- verdict ----------------------------------------------------------------------------
+# --- verdict --------------------------------------------------------------------------------
 
 def _signed(value: float) -> str:
     return f"{value:+.3f}"
 
 
 def _difference(c: Comparison) -> str:
-    text = (f"ΔDice {_signed(c.mean_diff)} (95 % CI {_signed(c.ci_low)} to "
-            f"{_signed(c.ci_high)}, Holm-adjusted p = {c.p_holm:.2g}, {c.n_patients} patients)")
-    if len(c.seed_differences) > 1 and not c.holds_in_every_seed:
-        text += (f", but not in every seed (per-seed ΔDice {_signed(min(c.seed_differences))} "
-                 f"to {_signed(max(c.seed_differences))}: training randomness may account "
-                 "for part of it)")
-    return text
+    return (f"ΔDice {_signed(c.mean_diff)} (95 % CI {_signed(c.ci_low)} to "
+            f"{_signed(c.ci_high)}, Holm-adjusted p = {c.p_holm:.2g}; higher in "
+            f"{c.runs_favouring} of {c.n_run_pairs} run pairs, {c.n_patients} patients)")
 
 
-def _higher_first(c: Comparison) -> Comparison:
-    """The comparison turned so that the loss that scores higher comes first."""
-    if c.mean_diff >= 0:
-        return c
-    return replace(c, loss=c.baseline, baseline=c.loss, mean_diff=-c.mean_diff,
-                   ci_low=-c.ci_high, ci_high=-c.ci_low,
-                   rank_biserial=-c.rank_biserial, cohens_dz=-c.cohens_dz,
-                   seed_differences=tuple(-d for d in c.seed_differences))
+def _seeds(n: int | None, lower_bound: bool) -> str:
+    if n is None:
+        return f"no number of seeds up to {MAX_SEEDS} would: the patients limit the precision"
+    return f"{'at least ' if lower_bound else ''}{n} seed{'s' if n != 1 else ''} per fold"
+
+
+MEASURED = ("Training randomness is measured", "These runs detect", "The seeds are too few")
+
+
+def design_lines(a: Analysis) -> list[str]:
+    """What the runs can and cannot tell, before any table: the variance components, the
+    correlation of run shifts, and how many seeds a question needs."""
+    d = a.design
+    if d is None or d.components is None:
+        return []
+    c = d.components
+    folds = f"{d.folds} fold{'s' if d.folds != 1 else ''}"
+    plan = (f"Detecting a difference of {PLANNING_DIFFERENCE} with {POWER:.0%} power (Holm "
+            f"over {d.comparisons}) needs {_seeds(d.seeds_for_planning, c.lower_bound)}")
+    if d.largest is not None and d.largest.mean_diff:
+        plan += (f"; the largest observed difference ({_signed(d.largest.mean_diff)}, "
+                 f"{d.largest.loss} vs {d.largest.baseline}) needs "
+                 f"{_seeds(d.seeds_for_largest, c.lower_bound)}")
+    if d.folds < 2 and not d.within:
+        return [f"This table holds one run per loss (no fold or seed to tell runs apart): "
+                "training randomness cannot be measured, so no difference can be claimed. "
+                "Give each row its fold and seed, and train several seeds per fold."]
+    if not d.within:
+        return [f"This design cannot separate the losses from training luck: with one seed "
+                f"per fold a lucky run and a better loss look the same, and only the spread "
+                f"of the {folds}' means measures training randomness ({d.folds - 1} degrees "
+                f"of freedom). Estimated from them: a run pair shifts a difference by SD "
+                f"{math.sqrt(c.run):.3f}, patients by SD {math.sqrt(c.patient):.3f}. "
+                f"{plan} (study.seeds=[0,1,2,...])."]
+    lines = [f"Training randomness is measured by {d.seeds} seeds in each of {folds} "
+             f"({d.patients} patients): a run pair shifts a difference by SD "
+             f"{math.sqrt(c.run):.3f}, a patient by SD {math.sqrt(c.patient):.3f}, the residual "
+             f"is SD {math.sqrt(c.residual):.3f}"
+             + (f"; run shifts of two losses on the same fold and seed correlate r = "
+                f"{d.shift_correlation:.2f}" if np.isfinite(d.shift_correlation) else "") + "."]
+    if d.separates:
+        lines.append(f"These runs detect a difference of {PLANNING_DIFFERENCE} with "
+                     f"{d.power:.0%} power. {plan}.")
+    else:
+        lines.append(f"The seeds are too few to tell small differences: a difference of "
+                     f"{PLANNING_DIFFERENCE} is detected with {d.power:.0%} power. {plan}.")
+    return lines
 
 
 def _design(a: Analysis) -> str:
     folds = f"{a.folds} fold{'s' if a.folds != 1 else ''}" if a.folds else "folds not given"
-    seeds = (f"{a.seeds} seeds" if a.seeds > 1 else
-             "1 seed: run-to-run variation not measured" if a.seeds == 1 else
-             "seeds not given")
+    seeds = f"{a.seeds} seed{'s' if a.seeds != 1 else ''}" if a.seeds else "seeds not given"
     return f"{a.n_patients} {a.split} patients ({folds} × {seeds})"
 
 
+def _common_means(a: Analysis, losses: Sequence[str]) -> dict[str, float]:
+    """Each loss's mean Dice over the patients every one of ``losses`` has."""
+    shared = set.intersection(*(set(a.patient_dice[l]) for l in losses))
+    return {l: float(np.mean([a.patient_dice[l][p] for p in shared])) for l in losses}
+
+
 def _best(a: Analysis, usable: list[str]) -> str:
-    """The 'best' sentence: a loss is best only if its lead over every other loss was tested
-    and survives the correction."""
+    """'Best' only for a loss whose lead over every other loss was tested and survives."""
     if len(usable) < 2:
         return ""
-    means = {s.loss: s.dice_mean for s in a.summaries}
+    means = _common_means(a, usable)
     leader = max(usable, key=lambda loss: means[loss])
     leads, missing = [], []
     for other in usable:
@@ -465,29 +709,28 @@ def _best(a: Analysis, usable: list[str]) -> str:
             missing.append(other)
         else:
             c = found[0]
-            leads.append((other, c.significant and _higher_first(c).loss == leader, c.p_holm))
+            leads.append((other, c.significant and c.higher_first().loss == leader, c.p_holm))
     if missing:
-        return (f"No loss is called best: {leader} has the highest mean Dice, but its lead "
-                "over every other loss was not tested (use --all-pairs).")
+        return (f"No loss is called best: {leader} has the highest mean Dice on the patients "
+                "all losses share, but its lead over every other loss was not tested "
+                "(use --all-pairs).")
     if all(ok for _, ok, _ in leads):
-        return (f"Best: {leader}, whose lead over every other loss survives the Holm "
-                "correction.")
+        return f"Best: {leader}, whose lead over every other loss survives the Holm correction."
     weak = ", ".join(f"{other} (p_holm = {p:.2g})" for other, ok, p in leads if not ok)
-    return (f"No loss is called best: {leader} has the highest mean Dice, but its lead over "
-            f"{weak} is not significant after correction.")
+    return (f"No loss is called best: {leader} has the highest mean Dice on the patients all "
+            f"losses share, but its lead over {weak} is not significant after correction.")
 
 
 def verdict(a: Analysis) -> list[str]:
-    """Lines that state what the comparisons show. A report with flagged runs says so first
-    and ranks nothing; 'no difference detected' is never read as 'the same'."""
+    """What the comparisons show: flagged runs first (nothing ranked then), then what the
+    design can tell, then the comparisons; 'no difference detected' is never 'the same'."""
     lines = []
     flagged = a.flagged
     if flagged:
         kinds: dict[str, list[str]] = {}
         for loss, flags in flagged.items():
             for flag in flags:  # "degenerate in 2 of 2 runs (...)", "tie: identical ..."
-                kind = flag.split(" in ", 1)[0].split(":", 1)[0]
-                kinds.setdefault(kind, []).append(loss)
+                kinds.setdefault(flag.split(" in ", 1)[0].split(":", 1)[0], []).append(loss)
         detail = "; ".join(f"{kind}: {', '.join(losses)}" for kind, losses in kinds.items())
         lines.append(f"Caution: {len(flagged)} of {len(a.summaries)} losses have runs that "
                      f"cannot support a conclusion ({detail}; the table's flags say which runs "
@@ -496,10 +739,11 @@ def verdict(a: Analysis) -> list[str]:
         only = a.summaries[0].loss if a.summaries else "none"
         lines.append(f"Only one loss ({only}) on {_design(a)}: nothing to compare.")
         return lines
+    lines += design_lines(a)
     usable = [s.loss for s in a.summaries if s.loss not in flagged]
     interpreted = [c for c in a.comparisons if c.loss in usable and c.baseline in usable]
-    head = (f"On {_design(a)}, per-patient Dice, Wilcoxon signed-rank test with Holm "
-            f"correction over {len(a.comparisons)} comparisons (α = {ALPHA}):")
+    head = (f"On {_design(a)}, paired per-patient Dice differences with trained runs as the "
+            f"replicate, Holm over {len(a.comparisons)} comparisons (α = {ALPHA}):")
     if a.baseline is not None and a.baseline in flagged:
         lines.append(f"{head} the baseline {a.baseline} is flagged, so no comparison with it "
                      "is interpreted.")
@@ -507,23 +751,24 @@ def verdict(a: Analysis) -> list[str]:
     if a.baseline is not None:
         against = [c for c in interpreted if c.baseline == a.baseline]
         parts = [f"{c.loss} scores {'higher' if c.mean_diff > 0 else 'lower'} than "
-                 f"{a.baseline}: {_difference(c)}" for c in against if c.significant]
+                 f"{a.baseline}: {_difference(c)}"
+                 for c in against if c.significant]
         alike = [c.loss for c in against if not c.significant]
         if alike:
             parts.append(f"no difference from {a.baseline} detected for {', '.join(alike)} "
-                         "at this sample size (not evidence that they perform alike)")
+                         "(not evidence that they perform alike)")
         lines.append(f"{head} {'; '.join(parts)}." if parts else
                      f"{head} no unflagged loss to compare with {a.baseline}.")
     others = [c for c in interpreted if c.baseline != a.baseline]
     if others:
         found = "; ".join(f"{h.loss} scores higher than {h.baseline}: {_difference(h)}"
-                          for h in map(_higher_first, others) if h.significant)
+                          for h in map(Comparison.higher_first, others) if h.significant)
         if a.baseline is not None:
             lines.append(f"Between the other losses: {found or 'no difference detected'}.")
         else:
             lines.append(f"{head} {found}." if found else
-                         f"{head} no difference detected between any two losses at this "
-                         "sample size (not evidence that they perform alike).")
+                         f"{head} no difference detected between any two losses (not "
+                         "evidence that they perform alike).")
     if not flagged:
         best = _best(a, usable)
         if best:
