@@ -387,12 +387,49 @@ def test_table_mode_with_only_the_required_columns(tmp_path):
     ("loss,patient,dice", ["bce,case00,0.5,extra"], "line 2: more fields than the header has"),
     ("loss,patient,dice,split", ["bce,case00,0.5,test"], "no rows with split=val (splits: test)"),
     ("loss,patient,dice", [], "no rows below the header"),
+    # a row mislabelled with another fold, or the same fold as "0.0", is not a new patient
+    ("loss,fold,seed,patient,dice", ["bce,0,0,case00,0.8", "bce,0.0,0,case00,0.7"],
+     "line 3: duplicate of line 2 (loss=bce, fold=0, seed=0, patient=case00, split=val)"),
+    ("loss,fold,seed,patient,dice", ["bce,0,0,case00,0.8", "bce,1,0,case00,0.7"],
+     "line 3: patient case00 of bce seed 0 is in fold 1 here and in fold 0 on line 2; a "
+     "validation patient belongs to one fold"),
+    ("loss,fold,seed,patient,dice", ["bce,0.5,0,case00,0.8"],
+     "line 2: fold='0.5' is not a whole number >= 0"),
+    ("loss,fold,seed,patient,dice", ["bce,0,x,case00,0.8"],
+     "line 2: seed='x' is not a whole number >= 0"),
+    ("loss,patient,dice,hd95,hd95_failed", ["bce,case00,0.8,-5,0"],
+     "line 2: hd95=-5 is negative (a distance)"),
+    ("loss,patient,dice,hd95,hd95_failed", ["bce,case00,0.8,inf,0"],
+     "line 2: hd95=inf without hd95_failed=1 (an undefined HD95 is flagged as failed)"),
+    ("loss,patient,dice,hd95_failed", ["bce,case00,0.8,0.5"],
+     "line 2: hd95_failed=0.5 is not a whole number >= 0"),
+    ("loss,patient,dice,hd95_failed", ["bce,case00,0.8,2"],
+     "line 2: hd95_failed=2 is not 0 or 1"),
+    ("loss,patient,dice,voxels_pred", ["bce,case00,0.8,-3"],
+     "line 2: voxels_pred=-3 is not a whole number >= 0"),
+    ("loss,patient,dice,alpha", ["bce,case00,0.8,1.5"], "line 2: alpha=1.5 is outside [0, 1]"),
 ])
 def test_bad_tables_are_one_line_naming_file_and_row(tmp_path, capsys, header, lines, message):
     table = write_table(tmp_path / "bad.csv", header, lines)
     assert main(["--table", str(table), "--out", str(tmp_path / "out")]) == 2
     where = f"{table} " if message.startswith("line") else f"{table}: "
     assert capsys.readouterr().err == f"error: {where}{message}\n"
+
+
+def test_a_spreadsheet_csv_with_a_byte_order_mark_is_read(tmp_path):
+    table = minimal_table(tmp_path / "t.csv")
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + table.read_bytes())
+    assert main(["--table", str(tmp_path / "bom.csv"), "--out", str(tmp_path / "o")]) == 0
+
+
+@pytest.mark.parametrize("lines", [["bce,0,0,case00,0.8", "x,0,0,case00,0.8"],
+                                   ["bce,0,0,case00,0.8", "x,0,0,case00,0.7",
+                                    "bce,1,0,case01,0.6", "x,1,0,case01,0.6"]])
+def test_a_single_or_tied_patient_is_reported_not_a_traceback(tmp_path, capsys, lines):
+    table = write_table(tmp_path / "t.csv", "loss,fold,seed,patient,dice", lines)
+    assert main(["--table", str(table), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "no difference from bce detected for x" in out and "Traceback" not in out
 
 
 def test_table_mode_refusals(tmp_path, capsys):

@@ -291,7 +291,7 @@ def test_one_seed_per_fold_says_it_cannot_separate_before_anything_else():
 def test_a_table_without_folds_or_seeds_claims_nothing():
     rows = [{**r, "fold": "", "seed": ""} for r in study_rows({"bce": 0.0, "x": 0.05}, seeds=1)]
     analysis = analyse(rows, ["bce", "x"], "bce")
-    assert analysis.verdict[0].startswith("This table holds one run per loss")
+    assert analysis.verdict[0].startswith("Each loss has a single run here")
     assert not analysis.comparisons[0].significant and math.isnan(analysis.comparisons[0].p_value)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import csv
-import io
 import json
 import logging
 import math
@@ -71,6 +70,9 @@ NUMBERS = ("alpha", "beta", "dice", "precision", "recall", "hd95", "hd95_failed"
            "voxels_total", "best_epoch", "epochs_trained", "max_epochs")
 FLAGS = ("stopped_early",)
 UNIT_INTERVAL = ("alpha", "beta", "dice", "precision", "recall")
+INTEGERS = ("fold", "seed")  # text columns that hold integers (an Excel "0.0" is 0)
+COUNTS = ("hd95_failed", "voxels_pred", "voxels_true", "voxels_total", "best_epoch",
+          "epochs_trained", "max_epochs")  # whole numbers >= 0
 KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
 RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "identity",
                "group")
@@ -83,6 +85,14 @@ FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_
 
 def _cell(raw: dict[str, Any], column: str, where: str) -> Any:
     text = (raw.get(column) or "").strip()
+    if column in INTEGERS and text:
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number.is_integer() and number >= 0):
+            raise DataError(f"{where}: {column}={text!r} is not a whole number >= 0")
+        return str(int(number))
     if column in TEXT:
         if not text and column in REQUIRED:
             raise DataError(f"{where}: {column} is empty")
@@ -107,6 +117,12 @@ def _cell(raw: dict[str, Any], column: str, where: str) -> Any:
         raise DataError(f"{where}: {column}={text!r} is not a finite number")
     if column in UNIT_INTERVAL and not 0.0 <= value <= 1.0:
         raise DataError(f"{where}: {column}={text} is outside [0, 1]")
+    if column in COUNTS and not (math.isfinite(value) and value.is_integer() and value >= 0):
+        raise DataError(f"{where}: {column}={text} is not a whole number >= 0")
+    if column == "hd95_failed" and value not in (0, 1):
+        raise DataError(f"{where}: hd95_failed={text} is not 0 or 1")
+    if column == "hd95" and value < 0:
+        raise DataError(f"{where}: hd95={text} is negative (a distance)")
     return value
 
 
@@ -114,12 +130,15 @@ def read_rows(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]:
     """Rows of a per-patient CSV with their known columns typed; one DataError naming the
     file, the line and the problem for anything wrong."""
     try:
-        text = path.read_text()
+        with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM is no column
+            return _typed_rows(csv.DictReader(f), path, required)
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a text (CSV) file") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    reader = csv.DictReader(io.StringIO(text))
+
+
+def _typed_rows(reader: csv.DictReader, path: Path, required: Sequence[str]) -> list[Row]:
     header = reader.fieldnames or []
     if not header:
         raise DataError(f"{path}: empty; expected a header with the columns "
@@ -129,26 +148,45 @@ def read_rows(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]:
         raise DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
                         f"{', '.join(missing)} (it has: {', '.join(header)})")
     known = [c for c in LONG_COLUMNS if c in header]
+    shared: dict[str, str] = {}  # one object per distinct text: a long table repeats them
     rows = []
     for raw in reader:
         where = f"{path} line {reader.line_num}"
         if None in raw:
             raise DataError(f"{where}: more fields than the header has")
         row = {"split": PRIMARY_SPLIT} | {c: _cell(raw, c, where) for c in known}
+        for column in TEXT:
+            if column in row and column != "patient":
+                row[column] = shared.setdefault(row[column], row[column])
+        if row.get("hd95") == math.inf and row.get("hd95_failed") != 1:
+            raise DataError(f"{where}: hd95=inf without hd95_failed=1 (an undefined HD95 is "
+                            "flagged as failed)")
         rows.append(row | {"line": reader.line_num})
     return rows
 
 
 def check_unique(rows: list[Row], source: str) -> None:
-    """One row per (loss, fold, seed, patient, split): a second one would be counted twice."""
+    """One row per (loss, fold, seed, patient, split): a second one would be counted twice;
+    and in cross-validation (the val split) a patient sits in one fold per loss and seed: a
+    second fold for it is a mislabelled row, which would be averaged into the patient."""
     seen: dict[tuple, int] = {}
+    fold_of: dict[tuple, tuple[str, int]] = {}
     for row in rows:
         key = tuple(row.get(k, "") for k in KEY)
+        described = ", ".join(f"{k}={row[k]}" for k in KEY if k in row)
         if key in seen:
-            described = ", ".join(f"{k}={row[k]}" for k in KEY if k in row)
             raise DataError(f"{source} line {row['line']}: duplicate of line {seen[key]} "
                             f"({described})")
         seen[key] = row["line"]
+        if row.get("split") != PRIMARY_SPLIT:
+            continue  # held-out test patients are scored by every fold's model
+        who = (row.get("loss", ""), row.get("seed", ""), row["patient"])
+        fold, line = fold_of.setdefault(who, (row.get("fold", ""), row["line"]))
+        if fold != row.get("fold", ""):
+            raise DataError(f"{source} line {row['line']}: patient {row['patient']} of "
+                            f"{row.get('loss', '')} seed {row.get('seed', '')} is in fold "
+                            f"{row.get('fold', '')} here and in fold {fold} on line {line}; "
+                            "a validation patient belongs to one fold")
 
 
 def read_long_table(path: Path) -> list[Row]:

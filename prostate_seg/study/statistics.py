@@ -206,8 +206,8 @@ def _present(row: Row, key: str) -> bool:
 
 
 def cells(rows: Iterable[Row], metric: str = "dice") -> Cells:
-    return {(str(r.get("fold", "")), str(r.get("seed", "")), str(r["patient"])): float(r[metric])
-            for r in rows if _present(r, metric)}
+    return {(str(r.get("fold", "")), str(r.get("seed", "")), str(r["patient"])): float(v)
+            for r in rows if (v := r.get(metric)) is not None and v == v}
 
 
 @dataclass(frozen=True)
@@ -237,34 +237,34 @@ def grid(table: Cells, *others: Cells) -> Grid | None:
     for fold, _, patient in keys:
         folds_of[patient].add(fold)
     nested = all(len(f) == 1 for f in folds_of.values())
-
-    def place(key: tuple[str, str, str]) -> tuple[str, Any]:  # (block, run)
-        fold, seed, _ = key
-        return (fold, seed) if nested else ("", (fold, seed))
-
+    run_of = (lambda key: key[1]) if nested else (lambda key: (key[0], key[1]))  # noqa: E731
+    block_of = {p: next(iter(f)) if nested else "" for p, f in folds_of.items()}
     runs_of: dict[str, set] = defaultdict(set)
-    block_of: dict[str, str] = {}
-    value: dict[tuple, float] = {}
     for key in keys:
-        b, r = place(key)
-        runs_of[b].add(r)
-        block_of[key[2]] = b
-        value[(r, key[2])] = table[key]
-    kept = [p for p in sorted(block_of) if all((r, p) in value for r in runs_of[block_of[p]])]
-    if not kept:
+        runs_of[block_of[key[2]]].add(run_of(key))
+    run_axis = sorted(set().union(*runs_of.values())) if runs_of else []
+    blocks = sorted(runs_of)
+    patients = sorted(block_of, key=lambda p: (block_of[p], p))
+    row = {r: i for i, r in enumerate(run_axis)}
+    column = {p: j for j, p in enumerate(patients)}
+    values = np.full((len(run_axis), len(patients)), np.nan)
+    order = list(keys)
+    values[np.fromiter((row[run_of(k)] for k in order), int, len(order)),
+           np.fromiter((column[k[2]] for k in order), int, len(order))] = \
+        np.fromiter((table[k] for k in order), float, len(order))
+    index = {b: k for k, b in enumerate(blocks)}
+    block = np.fromiter((index[block_of[p]] for p in patients), int, len(patients))
+    expected = np.zeros((len(run_axis), len(blocks)), dtype=bool)
+    for k, b in enumerate(blocks):
+        expected[[row[r] for r in runs_of[b]], k] = True
+    kept = ~(expected[:, block] & np.isnan(values)).any(axis=0) if len(patients) else []
+    if not np.any(kept):
         return None
-    blocks = sorted({block_of[p] for p in kept})
-    run_axis = sorted({r for b in blocks for r in runs_of[b]})
-    values = np.full((len(run_axis), len(kept)), np.nan)
-    present = np.zeros((len(run_axis), len(blocks)), dtype=bool)
-    for j, patient in enumerate(kept):
-        k = blocks.index(block_of[patient])
-        for s, run in enumerate(run_axis):
-            if (run, patient) in value:
-                values[s, j] = value[(run, patient)]
-                present[s, k] = True
-    return Grid(values, np.array([blocks.index(block_of[p]) for p in kept]), present,
-                tuple(kept), int(present.sum()))
+    values, block = values[:, kept], block[kept]
+    used = np.unique(block)
+    block = np.searchsorted(used, block)
+    present = expected[:, used]
+    return Grid(values, block, present, tuple(np.array(patients)[kept]), int(present.sum()))
 
 
 def estimate(g: Grid) -> dict[str, float]:
@@ -287,9 +287,8 @@ def run_shifts(g: Grid) -> dict[tuple[int, int], float]:
 # --- per loss -----------------------------------------------------------------------------
 
 def _nanmean(values: Iterable[float]) -> float:
-    data = np.asarray(list(values), dtype=float)
-    data = data[~np.isnan(data)]
-    return float(data.mean()) if len(data) else math.nan
+    data = [v for v in values if v == v]  # NaN is not equal to itself
+    return math.fsum(data) / len(data) if data else math.nan
 
 
 def run_key(row: Row) -> str:
@@ -308,7 +307,7 @@ def per_patient(rows: Iterable[Row], metric: str = "dice") -> dict[str, float]:
 
 
 def _distinct(rows: Iterable[Row], key: str) -> list[str]:
-    return sorted({str(r[key]) for r in rows if _present(r, key)})
+    return sorted({str(v) for r in rows if (v := r.get(key)) not in (None, "") and v == v})
 
 
 @dataclass(frozen=True)
@@ -623,6 +622,10 @@ def analyse(rows: list[Row], losses: Sequence[str], baseline: str | None,
 
 # --- verdict --------------------------------------------------------------------------------
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _signed(value: float) -> str:
     return f"{value:+.3f}"
 
@@ -649,22 +652,22 @@ def design_lines(a: Analysis) -> list[str]:
     if d is None or d.components is None:
         return []
     c = d.components
-    folds = f"{d.folds} fold{'s' if d.folds != 1 else ''}"
+    folds = _count(d.folds, "fold")
     plan = (f"Detecting a difference of {PLANNING_DIFFERENCE} with {POWER:.0%} power (Holm "
-            f"over {d.comparisons}) needs {_seeds(d.seeds_for_planning, c.lower_bound)}")
+            f"over {_count(d.comparisons, 'comparison')}) needs {_seeds(d.seeds_for_planning, c.lower_bound)}")
     if d.largest is not None and d.largest.mean_diff:
         plan += (f"; the largest observed difference ({_signed(d.largest.mean_diff)}, "
                  f"{d.largest.loss} vs {d.largest.baseline}) needs "
                  f"{_seeds(d.seeds_for_largest, c.lower_bound)}")
     if d.folds < 2 and not d.within:
-        return [f"This table holds one run per loss (no fold or seed to tell runs apart): "
-                "training randomness cannot be measured, so no difference can be claimed. "
-                "Give each row its fold and seed, and train several seeds per fold."]
+        return ["Each loss has a single run here (one fold, one seed, or no fold and seed "
+                "columns): training randomness cannot be measured, so no difference can be "
+                "claimed. Give each row its fold and seed, and train several seeds per fold."]
     if not d.within:
         return [f"This design cannot separate the losses from training luck: with one seed "
                 f"per fold a lucky run and a better loss look the same, and only the spread "
-                f"of the {folds}' means measures training randomness ({d.folds - 1} degrees "
-                f"of freedom). Estimated from them: a run pair shifts a difference by SD "
+                f"of the {folds}' means measures training randomness "
+                f"({_count(d.folds - 1, 'degree')} of freedom). Estimated from them: a run pair shifts a difference by SD "
                 f"{math.sqrt(c.run):.3f}, patients by SD {math.sqrt(c.patient):.3f}. "
                 f"{plan} (study.seeds=[0,1,2,...])."]
     lines = [f"Training randomness is measured by {d.seeds} seeds in each of {folds} "
@@ -683,9 +686,9 @@ def design_lines(a: Analysis) -> list[str]:
 
 
 def _design(a: Analysis) -> str:
-    folds = f"{a.folds} fold{'s' if a.folds != 1 else ''}" if a.folds else "folds not given"
-    seeds = f"{a.seeds} seed{'s' if a.seeds != 1 else ''}" if a.seeds else "seeds not given"
-    return f"{a.n_patients} {a.split} patients ({folds} × {seeds})"
+    folds = _count(a.folds, "fold") if a.folds else "folds not given"
+    seeds = _count(a.seeds, "seed") if a.seeds else "seeds not given"
+    return f"{_count(a.n_patients, a.split + ' patient')} ({folds} × {seeds})"
 
 
 def _common_means(a: Analysis, losses: Sequence[str]) -> dict[str, float]:
@@ -698,6 +701,8 @@ def _best(a: Analysis, usable: list[str]) -> str:
     """'Best' only for a loss whose lead over every other loss was tested and survives."""
     if len(usable) < 2:
         return ""
+    if not any(np.isfinite(c.p_value) for c in a.comparisons):
+        return "No loss is called best: no comparison could be tested."
     means = _common_means(a, usable)
     leader = max(usable, key=lambda loss: means[loss])
     leads, missing = [], []
@@ -743,7 +748,7 @@ def verdict(a: Analysis) -> list[str]:
     usable = [s.loss for s in a.summaries if s.loss not in flagged]
     interpreted = [c for c in a.comparisons if c.loss in usable and c.baseline in usable]
     head = (f"On {_design(a)}, paired per-patient Dice differences with trained runs as the "
-            f"replicate, Holm over {len(a.comparisons)} comparisons (α = {ALPHA}):")
+            f"replicate, Holm over {_count(len(a.comparisons), 'comparison')} (α = {ALPHA}):")
     if a.baseline is not None and a.baseline in flagged:
         lines.append(f"{head} the baseline {a.baseline} is flagged, so no comparison with it "
                      "is interpreted.")
