@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from helpers import TINY, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -185,3 +186,21 @@ def test_predict_a_folder_of_scans(trained_run, phantoms, tmp_path):
         from scipy import ndimage
 
         assert ndimage.label(mask)[1] <= 1  # largest connected component only
+
+
+def test_predict_says_which_scans_the_checkpoint_has_seen(trained_run, phantoms, tmp_path, caplog):
+    from prostate_seg.inference.predict import predict_paths
+    from prostate_seg.inference.predictor import load_checkpoint
+
+    split = load_checkpoint(trained_run / "checkpoints" / "last.ckpt", torch.device("cpu")).cfg.split
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    chosen = [split.train[0], split.select[0], split.val[0]]
+    for name in chosen:
+        (scans / f"{name}_0000.nii.gz").symlink_to(phantoms / "images" / f"{name}.nii.gz")
+    with caplog.at_level("WARNING"):
+        predict_paths(trained_run / "checkpoints" / "last.ckpt", scans, tmp_path / "masks")
+    [line] = [r.getMessage() for r in caplog.records if "has seen" in r.getMessage()]
+    assert line.startswith("2 of 3 scans are patients this checkpoint has seen: ")
+    assert f"1 trained on ({split.train[0]})" in line and f"1 chose its epoch ({split.select[0]})" in line
+    assert split.val[0] not in line

@@ -116,7 +116,8 @@ class CaseResult:
     error: str | None = None
 
 
-def _patient_id(path: Path) -> str:
+def patient_id(path: Path) -> str:
+    """The patient a scan file belongs to: its name without .nii(.gz) and nnU-Net's _0000."""
     name = strip_nifti_suffix(path.name)
     return name[:-5] if name.endswith("_0000") else name
 
@@ -126,7 +127,7 @@ def _by_patient(paths: list[Path]) -> tuple[dict[str, Path], dict[str, list[Path
     ``y`` and ``y_0000``, a DICOM folder ``z/`` and ``z.nii.gz``)."""
     groups: dict[str, list[Path]] = {}
     for path in paths:
-        groups.setdefault(_patient_id(path), []).append(path)
+        groups.setdefault(patient_id(path), []).append(path)
     unique = {patient: found[0] for patient, found in groups.items() if len(found) == 1}
     return unique, {patient: found for patient, found in groups.items() if len(found) > 1}
 

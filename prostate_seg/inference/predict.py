@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 from omegaconf import DictConfig
 
+from prostate_seg.data.prepare import patient_id
 from prostate_seg.data.volume import (
     from_slices,
     geometry_of,
@@ -43,7 +44,13 @@ from prostate_seg.files import (
     refuse_existing,
     replacing,
 )
-from prostate_seg.inference.predictor import SlicePredictor, binarize, load_checkpoint, pick_device
+from prostate_seg.inference.predictor import (
+    SlicePredictor,
+    TrainedModel,
+    binarize,
+    load_checkpoint,
+    pick_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +135,21 @@ def _check_outputs(pairs: list[tuple[Path, Path]], save_probabilities: bool) -> 
         check_writable_folder(folder)
 
 
+def warn_seen_patients(scans: list[Path], model: TrainedModel) -> None:
+    """One line when scans are patients the checkpoint trained on or chose its epoch with
+    (matched by patient id): their masks look better than a new patient's would."""
+    split = model.cfg.get("split") or {}
+    ids = [patient_id(scan) for scan in scans]
+    seen = {role: sorted(set(ids) & set(split.get(role) or [])) for role in ("train", "select")}
+    if any(seen.values()):
+        parts = [f"{len(ids)} {'trained on' if role == 'train' else 'chose its epoch'} "
+                 f"({', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})"
+                 for role, ids in seen.items() if ids]
+        log.warning("%d of %d scans are patients this checkpoint has seen: %s; their masks are "
+                    "no test of how it does on new patients", sum(map(len, seen.values())),
+                    len(scans), "; ".join(parts))
+
+
 def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
                   keep_largest: bool = False, save_probabilities: bool = False,
                   tta: bool = False, overwrite: bool = False, device: str = "auto",
@@ -158,7 +180,9 @@ def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
                  len(pairs))
     if not todo:
         return [t for _, t in pairs]
-    predictor = SlicePredictor(load_checkpoint(ckpt_path, pick_device(device)), batch_size, tta)
+    model = load_checkpoint(ckpt_path, pick_device(device))
+    warn_seen_patients([scan for scan, _ in pairs], model)
+    predictor = SlicePredictor(model, batch_size, tta)
     written, skipped = [], []
     for scan, target in todo:
         try:
