@@ -3,6 +3,7 @@ Hydra app (tests, benchmarks, notebooks)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -82,6 +83,28 @@ def default_num_workers(accelerator: str = "cpu") -> int:
     return 0 if cpus <= 2 else min(cpus - 2, 16)
 
 
+DEFAULT_IMAGE_SIZE = 384  # the study's slices
+
+
+def prepared_size(data_dir: str | Path) -> int | None:
+    """The image_size prepare recorded in ``data_dir``/prepare.json (None without one)."""
+    path = Path(data_dir) / "prepare.json"
+    if not path.is_file():
+        return None
+    try:
+        return int(json.loads(path.read_text())["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: unreadable ({exc})") from None
+
+
+def network_size(data_dir: str) -> int:
+    """``data.image_size`` by default: the size the chosen dataset was prepared at."""
+    try:
+        return prepared_size(data_dir) or DEFAULT_IMAGE_SIZE
+    except ConfigError:
+        return DEFAULT_IMAGE_SIZE  # the data check at start-up names the broken file
+
+
 def tversky_name(alpha: float, beta: float | None, gamma: float | None = None) -> str:
     """``tversky_a0.25``; the beta is added only when it is not ``1 - alpha``; with a focal
     exponent ``gamma``: ``focal_tversky_a0.3_g1.333``."""
@@ -110,6 +133,7 @@ def _register_resolvers() -> None:
         "ps.num_workers": default_num_workers,
         "ps.in_channels": lambda context: 1 + 2 * int(context),
         "ps.tversky_name": tversky_name,
+        "ps.prepared_size": network_size,
         "ps.sweep_values": sweep_values,
         "ps.job_name": job_name_resolver,
         "ps.product": lambda values: math.prod(int(v) for v in values),

@@ -34,6 +34,15 @@ def test_a_network_size_above_the_prepared_size_is_a_loud_warning(prepared, tmp_
         f"data.image_size=64 but {prepared} holds 48 px slices: each is enlarged")
 
 
+def test_the_network_size_defaults_to_the_size_prepare_made(prepared, tmp_path):
+    untold = [o for o in TINY if not o.startswith("data.image_size=")]
+    cfg = compose_train([*untold, f"data.dir={prepared}"], tmp_path / "run")
+    assert cfg.data.image_size == 48  # tests/conftest.py prepares at 48
+    assert compose_train([*untold, "data.dir=nowhere"], tmp_path / "r2").data.image_size == 384
+    assert compose_train([*TINY, f"data.dir={prepared}", "data.image_size=32"],
+                         tmp_path / "r3").data.image_size == 32
+
+
 def test_fold_splits_by_patient_and_is_shared_by_every_run(prepared_copy, tmp_path):
     first = datamodule(prepared_copy, tmp_path, "data.folds=4", "data.fold=1")
     roles = {name: {r.patient for r in getattr(first, f"{name}_set").records}

@@ -18,7 +18,6 @@ from prostate_seg.data.dataset import (
     check_files,
     check_masks,
     init_worker,
-    prepared_size,
     read_manifest,
 )
 from prostate_seg.data.split import (
@@ -27,6 +26,7 @@ from prostate_seg.data.split import (
     SplitSettings,
     load_or_make_folds,
 )
+from prostate_seg.config import prepared_size
 from prostate_seg.errors import ConfigError
 
 log = logging.getLogger(__name__)

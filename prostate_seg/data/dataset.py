@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,17 +134,6 @@ def check_masks(records: list[SliceRecord]) -> None:
     if gland == 0:
         raise DataError(f"{records[0].mask.parent}: no mask of the dataset holds a gland pixel; "
                         "a network trained on it would only learn to predict nothing")
-
-
-def prepared_size(data_dir: Path) -> int | None:
-    """The image_size recorded in prepare.json (None for a dataset without one)."""
-    path = data_dir / "prepare.json"
-    if not path.exists():
-        return None
-    try:
-        return int(json.loads(path.read_text())["image_size"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: unreadable ({exc})") from None
 
 
 def read_png(path: Path) -> np.ndarray:
