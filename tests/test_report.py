@@ -432,6 +432,17 @@ def test_a_single_or_tied_patient_is_reported_not_a_traceback(tmp_path, capsys, 
     assert "no difference from bce detected for x" in out and "Traceback" not in out
 
 
+def test_without_bce_the_report_says_how_to_add_the_baseline(tmp_path, capsys):
+    lines = [f"{loss},{i % 2},0,case{i:02d},{0.7 + 0.01 * i + 0.02 * k}"
+             for k, loss in enumerate(("tversky_a0.25", "tversky_a0.5", "tversky_a0.75"))
+             for i in range(6)]
+    table = write_table(tmp_path / "t.csv", "loss,fold,seed,patient,dice", lines)
+    assert main(["--table", str(table), "--out", str(tmp_path / "o")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("No bce baseline here, so every pair of losses is compared (3 ")
+    assert "python train.py -m loss=bce,tversky loss.alpha=..." in first
+
+
 def test_table_mode_refusals(tmp_path, capsys):
     table = minimal_table(tmp_path / "t.csv")
     assert main(["--table", str(table), "--out", str(tmp_path / "o"), "--baseline", "bce"]) == 2

@@ -525,6 +525,12 @@ class SweepExtras:
         return [r for r in self.runs if r.state != "completed"]
 
 
+NO_BASELINE = (f"No {DEFAULT_BASELINE} baseline here, so every pair of losses is compared "
+               "({pairs} comparisons share the Holm correction, which costs power). To compare "
+               f"each loss with the baseline, sweep it too: python train.py -m "
+               f"loss={DEFAULT_BASELINE},tversky loss.alpha=..., or name another with --baseline.")
+
+
 def _resolve_baseline(baseline: str | None, losses: Sequence[str], source: str) -> str | None:
     if baseline is None:
         return DEFAULT_BASELINE if DEFAULT_BASELINE in losses else None
@@ -548,6 +554,8 @@ def report_table(table: Path, out: Path, baseline: str | None = None, all_pairs:
     baseline = _resolve_baseline(baseline, losses, str(table))
     analyses = [analyse([r for r in rows if r["split"] == s], losses, baseline, all_pairs, s)
                 for s in splits]
+    if baseline is None and len(losses) > 2:
+        analyses[0].verdict.insert(0, NO_BASELINE.format(pairs=len(analyses[0].comparisons)))
     out.mkdir(parents=True, exist_ok=True)
     colours = figures.loss_colours(losses, alphas)
     written = _figures(analyses[0], [r for r in rows if r["split"] == split], colours, out,

@@ -637,9 +637,11 @@ def _difference(c: Comparison) -> str:
 
 
 def _seeds(n: int | None, lower_bound: bool) -> str:
+    """What a question needs: ``needs 4 seeds per fold`` or why no number of seeds will do."""
     if n is None:
-        return f"no number of seeds up to {MAX_SEEDS} would: the patients limit the precision"
-    return f"{'at least ' if lower_bound else ''}{n} seed{'s' if n != 1 else ''} per fold"
+        return (f"is out of reach of any number of seeds up to {MAX_SEEDS} (the patients limit "
+                "the precision: more patients are needed)")
+    return f"needs {'at least ' if lower_bound else ''}{_count(n, 'seed')} per fold"
 
 
 MEASURED = ("Training randomness is measured", "These runs detect", "The seeds are too few")
@@ -654,10 +656,10 @@ def design_lines(a: Analysis) -> list[str]:
     c = d.components
     folds = _count(d.folds, "fold")
     plan = (f"Detecting a difference of {PLANNING_DIFFERENCE} with {POWER:.0%} power (Holm "
-            f"over {_count(d.comparisons, 'comparison')}) needs {_seeds(d.seeds_for_planning, c.lower_bound)}")
+            f"over {_count(d.comparisons, 'comparison')}) {_seeds(d.seeds_for_planning, c.lower_bound)}")
     if d.largest is not None and d.largest.mean_diff:
         plan += (f"; the largest observed difference ({_signed(d.largest.mean_diff)}, "
-                 f"{d.largest.loss} vs {d.largest.baseline}) needs "
+                 f"{d.largest.loss} vs {d.largest.baseline}) "
                  f"{_seeds(d.seeds_for_largest, c.lower_bound)}")
     if d.folds < 2 and not d.within:
         return ["Each loss has a single run here (one fold, one seed, or no fold and seed "
