@@ -53,6 +53,19 @@ class NaNAfterLoss(torch.nn.Module):
         return loss * float("nan") if self.calls > self.steps else loss
 
 
+class DrawingBCE(torch.nn.BCEWithLogitsLoss):
+    """BCE that draws from the global random stream when built and at every call, as a
+    stochastic loss would."""
+
+    def __init__(self):
+        super().__init__()
+        torch.rand(1)
+
+    def forward(self, logits, target):
+        torch.rand(1)
+        return super().forward(logits, target)
+
+
 class Pace(pl.Callback):
     """Each training batch takes at least ``seconds``: a run that lasts as long as a test needs
     (for instance to be inside a SLURM time-limit check, every 30 s) on any machine."""

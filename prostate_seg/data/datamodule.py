@@ -42,6 +42,9 @@ class SliceDataModule(pl.LightningDataModule):
     ``setup`` checks the whole dataset in the main process (manifest, every file present, a
     complete PNG of the right size, masks of only 0 and 255 holding some gland), so a bad file
     is named before any worker starts.
+
+    ``seed`` (the run's seed, given by the trainer code rather than the data config) alone
+    decides the order, the augmentation draws and the worker seeds of the loaders.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class SliceDataModule(pl.LightningDataModule):
         cache: bool = False,
         train_transform: A.BasicTransform | None = None,
         val_transform: A.BasicTransform | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.dir = Path(dir)
@@ -79,6 +83,7 @@ class SliceDataModule(pl.LightningDataModule):
         self.cache = cache
         self.train_transform = train_transform
         self.val_transform = val_transform
+        self.seed = seed
         self.folds: CrossValidation | None = None
         self.split: PatientSplit | None = None
         self.train_set: SliceDataset | None = None
@@ -133,10 +138,13 @@ class SliceDataModule(pl.LightningDataModule):
         batch_size = self.batch_size // world
         sampler = None if train or world == 1 else UnrepeatedDistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=False)
-        # The main-process stream (num_workers=0) follows the global seed and the rank;
-        # workers reseed themselves (init_worker).
-        drawn = int(torch.randint(2**31 - 1, ()).item())
-        dataset.reseed(int(np.random.SeedSequence([drawn, rank]).generate_state(1)[0]))
+        # The data's randomness comes from the seed, the rank and the loader alone, never from
+        # the global stream that building and training the model draw from, so the runs of
+        # one seed see the same batches whatever their loss (common random numbers). The
+        # generator orders the slices and seeds the workers, which reseed their augmentation
+        # (init_worker); the main-process stream (num_workers=0) is the dataset's own.
+        streams = np.random.SeedSequence([self.seed, rank, int(train)]).generate_state(2)
+        dataset.reseed(int(streams[0]))
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -148,6 +156,7 @@ class SliceDataModule(pl.LightningDataModule):
             persistent_workers=self.persistent_workers,
             worker_init_fn=init_worker,
             prefetch_factor=4 if self.num_workers > 0 else None,
+            generator=torch.Generator().manual_seed(int(streams[1])),
         )
 
     def train_dataloader(self) -> DataLoader:

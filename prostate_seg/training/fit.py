@@ -212,7 +212,7 @@ def _trainer(cfg: DictConfig) -> pl.Trainer:
 def setup_data(cfg: DictConfig) -> SliceDataModule:
     """The run's data, checked whole (manifest, every file, the split) before any model work."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule: SliceDataModule = instantiate(cfg.data)
+    datamodule: SliceDataModule = instantiate(cfg.data, seed=cfg.seed)
     datamodule.setup("fit")
     return datamodule
 
