@@ -23,7 +23,7 @@ if [ ! -f "$data/manifest.csv" ]; then
 fi
 prepared=$(date +%s.%N)
 
-# The whole study: 8 losses x 5 folds (x study.seeds), jobs sharing the GPU.
+# The whole study: 8 losses x 5 folds x 3 seeds (study.seeds), jobs sharing the GPU.
 "$python" "$here/train.py" -m experiment=paper data.dir="$data" data.image_size="$size" \
   hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=4 \
   model=unet model.net.features='[32,64,128,256]' model.compile=false \

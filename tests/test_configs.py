@@ -92,9 +92,9 @@ def test_gpu_defaults_are_fast_and_cpu_defaults_plain(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, folds, seeds", [
-    ([], "0,1,2,3,4", "0"),
-    (["study.seeds=[0,1,2]", "data.folds=3"], "0,1,2", "0,1,2"),
-    (["study.folds=[1,3]"], "1,3", "0"),
+    ([], "0,1,2,3,4", "0,1,2"),
+    (["study.seeds=[0]", "data.folds=3"], "0,1,2", "0"),
+    (["study.folds=[1,3]"], "1,3", "0,1,2"),
 ])
 def test_paper_experiment_sweeps_eight_losses_over_folds_and_seeds(tmp_path, overrides, folds,
                                                                     seeds):

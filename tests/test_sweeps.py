@@ -13,7 +13,7 @@ SMALL = [o for o in TINY if not o.startswith(("model=", "trainer="))]
 def test_paper_experiment_at_demo_size_and_its_report(prepared_copy, tmp_path):
     sweep = tmp_path / "paper"
     result = run_cli("train.py", "-m", "experiment=paper", f"data.dir={prepared_copy}",
-                     "model=unet_small", "trainer=cpu", *SMALL, "data.folds=2",
+                     "model=unet_small", "trainer=cpu", *SMALL, "data.folds=2", "study.seeds=[0]",
                      "trainer.max_epochs=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     folders = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name != "report")
