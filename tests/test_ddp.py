@@ -53,6 +53,38 @@ def test_tversky_under_ddp_is_the_loss_and_gradient_of_the_global_batch():
     assert abs(sum(local) / 2 - whole.item()) > 1e-3  # what the naive mean would have been
 
 
+def _sync_batchnorm_on_cpu(rank: int, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.nn.SyncBatchNorm(2).train()(torch.randn(4, 2, 3, 3))
+    except ValueError as exc:
+        out[rank] = float("expected input tensor to be on GPU" in str(exc))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cpu_processes_cannot_share_batchnorm_statistics():
+    """Why trainer=ddp_cpu keeps BatchNorm per process: torch's SyncBatchNorm refuses CPU
+    tensors. (Should this fail, torch can: set sync_batchnorm: true in ddp_cpu.yaml and let
+    the config check allow it.)"""
+    out = torch.zeros(2).share_memory_()
+    mp.spawn(_sync_batchnorm_on_cpu, args=(_free_port(), out), nprocs=2)
+    assert out.tolist() == [1.0, 1.0]
+
+
+def test_synced_batchnorm_on_cpu_processes_is_refused_in_one_line(prepared_copy, tmp_path):
+    result = run_cli("train.py", *TINY, f"data.dir={prepared_copy}", "trainer=ddp_cpu",
+                     "+trainer.sync_batchnorm=true", f"hydra.run.dir={tmp_path / 'run'}",
+                     cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: trainer.sync_batchnorm=True: torch "
+                                                   "shares BatchNorm statistics between GPU "
+                                                   "processes only"), result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 @pytest.mark.slow
 def test_ddp_cpu_validation_counts_every_slice_once(prepared_copy, tmp_path):
     """Two processes over gloo: select/dice equals one process validating the same weights,

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 
 import cv2
 import nibabel as nib
@@ -11,7 +12,7 @@ import pytest
 from prostate_seg.data.resize import fit_slice, unfit_slice
 from prostate_seg.data.volume import geometry_of, to_slices, window_to_uint8
 from prostate_seg.errors import DataError
-from prostate_seg.data.prepare import PrepareSettings, prepare
+from prostate_seg.data.prepare import PrepareSettings, content_digest, prepare
 
 
 def _read(path):
@@ -174,3 +175,33 @@ def test_prepared_masks_sit_on_their_images_and_map_back(tmp_path, fit, size):
     # within 0.1 of a pixel of the coarser of the two grids (a downscale loses detail)
     coarse = np.maximum(1.0, np.array([160, 130] if fit == "resize" else [160, 160]) / size)
     assert (np.abs(_centroid(back) - _centroid(gland)) / coarse).max() < 0.1
+
+
+def test_prepare_records_the_digest_of_every_file_it_wrote(prepared, tmp_path):
+    """A run's identity takes the data by this digest; a dataset prepared before it was
+    recorded gets the same one, computed from its files, and is never written to."""
+    from prostate_seg.study.runs import dataset_fingerprint
+
+    settings = json.loads((prepared / "prepare.json").read_text())
+    assert settings["content_digest"] == content_digest(prepared)
+    older = tmp_path / "older"
+    shutil.copytree(prepared, older)
+    (older / "prepare.json").write_text(json.dumps(
+        {k: v for k, v in settings.items() if k != "content_digest"}))
+    before = (older / "prepare.json").read_bytes()
+    assert dataset_fingerprint(older) == dataset_fingerprint(prepared)
+    assert (older / "prepare.json").read_bytes() == before
+    # one pixel of one slice, one renamed volume: other content
+    for change in ("pixel", "rename"):
+        copy = tmp_path / change
+        shutil.copytree(older, copy)
+        if change == "pixel":
+            path = sorted((copy / "images").iterdir())[3]
+            pixels = _read(path)
+            pixels[0, 0] ^= 1
+            cv2.imwrite(str(path), pixels)
+        else:
+            volume = sorted((copy / "volumes").iterdir())[0]
+            volume.rename(volume.with_name("x" + volume.name))
+        assert content_digest(copy) != settings["content_digest"], change
+        assert dataset_fingerprint(copy) != dataset_fingerprint(older), change

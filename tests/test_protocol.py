@@ -207,7 +207,7 @@ def test_val_dice_counts_only_the_volumes_seen(prepared_copy, tmp_path):
 
 
 # --- config identity ------------------------------------------------------------------------
-def test_identity_ignores_paths_devices_and_logging_but_not_settings(prepared, tmp_path):
+def test_identity_ignores_paths_speed_and_logging_but_not_settings(prepared, tmp_path):
     def identity(*overrides, data=prepared):
         cfg = compose_train([*TINY, f"data.dir={data}", *overrides], tmp_path / "run")
         return identity_of(cfg, setup_data(cfg))
@@ -215,13 +215,17 @@ def test_identity_ignores_paths_devices_and_logging_but_not_settings(prepared, t
     base = identity()
     moved = tmp_path / "moved"
     shutil.copytree(prepared, moved)
-    same = [identity("data.num_workers=1", "trainer.devices=1", "data.cache=true",
+    same = [identity("data.num_workers=1", "data.cache=true", "+trainer.strategy=ddp",
+                     "+trainer.sync_batchnorm=true",  # one process: no statistics to share
                      "callbacks.progress_bar.refresh_rate=5", "paths.output_root=elsewhere",
-                     "resume=false"),
+                     "resume=false", "callbacks.model_checkpoint.save_top_k=2",
+                     "callbacks.model_checkpoint.auto_insert_metric_name=true",
+                     "callbacks.model_checkpoint.save_weights_only=false"),
             identity(data=moved)]
     assert all(i.hash == base.hash for i in same)
     for override in ("optimizer.lr=0.01", "model.net.features=[4,8]", "loss=bce",
-                     "trainer.max_epochs=7", "seed=3", "data.fold=2"):
+                     "trainer.max_epochs=7", "seed=3", "data.fold=2", "trainer.devices=2",
+                     "trainer=ddp_cpu"):
         other = identity(override)
         assert other.hash != base.hash, override
         assert (other.group == base.group) == (override in ("seed=3", "data.fold=2")), override

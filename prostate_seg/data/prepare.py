@@ -14,13 +14,15 @@ around the input, and ``overwrite=true`` replaces only a folder that prepare mad
     OUT/masks/<patient>_<slice:03d>.png    0/255
     OUT/volumes/<patient>.npz              the gland mask at the original in-plane size
     OUT/manifest.csv                       one row per slice (original size, spacing, source)
-    OUT/prepare.json                       the settings, so predict can preprocess identically
+    OUT/prepare.json                       the settings, so predict can preprocess identically,
+                                           and the digest of every file above (content_digest)
     OUT/prepare_report.json                cases skipped with on_error=skip, and why
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -62,6 +64,9 @@ PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 AFFINE_TOLERANCE_MM = 1e-2
 # Files that mark a folder as a dataset made by prepare: only such a folder is replaced.
 DATASET_MARKERS = ("prepare.json", "manifest.csv")
+# prepare.json: the digest of every file of CONTENT_FOLDERS, which a run's identity takes
+CONTENT_DIGEST = "content_digest"
+CONTENT_FOLDERS = ("images", "masks", "volumes")
 
 
 @dataclass(frozen=True)
@@ -266,6 +271,22 @@ def _prepare_case(case: Case, settings: PrepareSettings, out: Path) -> CaseResul
     return result
 
 
+def content_digest(data_dir: Path) -> str:
+    """SHA-256 over the name and bytes of every slice, mask and volume file, in name order:
+    data prepared again from changed scans or with other settings differ here even where
+    their names, sizes and gland areas do not. (A folder made by hand may lack volumes/.)"""
+    digest = hashlib.sha256()
+    for folder in CONTENT_FOLDERS:
+        if not (data_dir / folder).is_dir():
+            continue
+        for path in sorted((data_dir / folder).iterdir()):
+            digest.update(f"{folder}/{path.name}\0{path.stat().st_size}\0".encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
 def _fresh_folder(output_dir: Path) -> Path:
     tmp = beside(output_dir, "partial")
     if tmp.exists():
@@ -386,7 +407,8 @@ def prepare(
                   "seconds": round(time.time() - started, 2)}
         (tmp / "prepare.json").write_text(json.dumps(
             {**settings.to_dict(), "orientation": "display: row 0 anterior, column 0 patient right",
-             "patients": len(patients), "slices": len(rows)}, indent=2))
+             "patients": len(patients), "slices": len(rows), CONTENT_DIGEST: content_digest(tmp)},
+            indent=2))
         (tmp / "prepare_report.json").write_text(json.dumps(report, indent=2))
         _move_into_place(tmp, real_out)
     except BaseException:

@@ -12,28 +12,33 @@
     <run>/.lock                  held by the process working in the folder
 
 A run's **identity** is a hash of every setting that changes its result (not output paths,
-devices, launcher, logging or speed settings); the dataset enters by its content, not its
-path. Its **group** is the same without the seed and the fold: runs of one group are
-repetitions of one configuration, which the report pools.
+launcher, logging or speed settings), of the code that computes it (package version, git
+commit, uncommitted changes) and of the number of processes it trains on; the dataset enters
+by its content, not its path. Its **group** is the same without the seed and the fold: runs
+of one group are repetitions of one configuration, which the report pools.
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
+import functools
 import hashlib
 import json
 import os
 import socket
+import subprocess
 import time
 import traceback
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+import prostate_seg
 from prostate_seg.errors import ConfigError
 from prostate_seg.files import write_json
 
@@ -47,26 +52,32 @@ PREVIEW_FILE = "val_preview.npz"
 LOCK_FILE = ".lock"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
-# Settings that do not change what a run computes: where it writes, on which device, how
-# fast, what it logs. Everything else is part of its identity, also what a debug= config sets
-# that changes the result (trainer.fast_dev_run, trainer.overfit_batches, trainer.max_epochs),
-# so a debug run is never resumed, skipped or pooled as a real one; its profiler and anomaly
-# detection only measure and check.
+# Settings that do not change what a run computes: where it writes, how fast, what it logs,
+# how many checkpoints it keeps. Everything else is part of its identity, also what a debug=
+# config sets that changes the result (trainer.fast_dev_run, trainer.overfit_batches,
+# trainer.max_epochs), so a debug run is never resumed, skipped or pooled as a real one; its
+# profiler and anomaly detection only measure and check. The devices enter as the number of
+# processes and sync_batchnorm only where there are several (``processes``): devices=-1 on
+# 4 GPUs is devices=4.
 NOT_IDENTITY = (
     "hydra", "paths", "logger", "ckpt_path", "resume", "evaluate_best", "study", "report",
     "data.dir", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.cache",
     "model.compile", "model.channels_last", "optimizer.fused",
-    "trainer.accelerator", "trainer.devices", "trainer.strategy", "trainer.num_nodes",
-    "trainer.sync_batchnorm", "trainer.default_root_dir", "trainer.log_every_n_steps",
+    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.sync_batchnorm",
+    "trainer.strategy", "trainer.default_root_dir", "trainer.log_every_n_steps",
     "trainer.enable_progress_bar", "trainer.benchmark", "trainer.num_sanity_val_steps",
     "trainer.profiler", "trainer.detect_anomaly",
     "callbacks.progress_bar", "callbacks.image_grid", "callbacks.lr_monitor",
     "callbacks.metrics_history", "callbacks.interrupt_checkpoint", "callbacks.finite_loss",
     "callbacks.epoch_log", "callbacks.model_checkpoint.dirpath",
-    "callbacks.model_checkpoint.filename", "callbacks.last_checkpoint",
+    "callbacks.model_checkpoint.filename", "callbacks.model_checkpoint.save_top_k",
+    "callbacks.model_checkpoint.auto_insert_metric_name",
+    "callbacks.model_checkpoint.save_weights_only", "callbacks.last_checkpoint",
     "preprocessing", "split", "identity",
 )
 REPEAT_KEYS = ("seed", "data.fold")  # what tells the runs of one group apart
+CODE_PREFIX = "code."  # the identity's entries of code_version()
+WORLD_SIZE = "trainer.world_size"  # the identity's number of processes (see processes)
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -88,17 +99,101 @@ def _digest(values: Mapping[str, Any]) -> str:
 
 
 def dataset_fingerprint(data_dir: Path) -> str:
-    """The prepared dataset by content (its settings and every slice's patient, index, size
-    and gland area), so a moved copy is the same data and a re-prepared one is not."""
+    """The prepared dataset by content: its settings, every slice's patient, index, size and
+    gland area, and the digest of every slice, mask and volume file that prepare recorded
+    (computed here for a dataset prepared before prepare recorded it, and not written back:
+    a run never changes its data folder). A moved copy is the same data; data prepared again
+    with other intensities are not."""
+    from prostate_seg.data.prepare import CONTENT_DIGEST, content_digest  # only where data are
+
+    settings = read_json(data_dir / "prepare.json") or {}
     digest = hashlib.sha256()
-    settings = data_dir / "prepare.json"
-    if settings.exists():
-        digest.update(json.dumps(json.loads(settings.read_text()), sort_keys=True).encode())
+    digest.update(json.dumps({k: v for k, v in settings.items() if k != CONTENT_DIGEST},
+                             sort_keys=True).encode())
+    digest.update(str(settings.get(CONTENT_DIGEST) or content_digest(data_dir)).encode())
     with open(data_dir / "manifest.csv", newline="") as f:
         for row in csv.DictReader(f):
             digest.update("|".join(str(row.get(k)) for k in (
                 "patient", "slice", "height", "width", "gland_pixels")).encode())
     return digest.hexdigest()[:12]
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                          check=True, timeout=30, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+                          ).stdout
+
+
+@functools.cache
+def code_version() -> dict[str, Any]:
+    """The code that computes a run: the package version and, when the package is imported
+    from a git checkout, its commit, whether tracked files differ from it (``dirty``) and a
+    digest of that difference (``changes``). Read once per process, as the code is loaded; no
+    git, or a folder git refuses, leaves the version alone."""
+    code: dict[str, Any] = {"version": prostate_seg.__version__}
+    root = Path(prostate_seg.__file__).resolve().parent.parent
+    if not (root / ".git").exists():  # an installed package, not a checkout
+        return code
+    try:
+        commit = _git(root, "rev-parse", "HEAD").strip()
+        diff = _git(root, "diff", "HEAD", "--binary", "--no-color", "--no-ext-diff")
+    except (OSError, subprocess.SubprocessError):
+        return code
+    code.update(commit=commit, dirty=bool(diff))
+    if diff:
+        code["changes"] = hashlib.sha256(diff.encode()).hexdigest()[:12]
+    return code
+
+
+def describe_code(code: Mapping[str, Any]) -> str:
+    """``0.1.0 commit 73910b3c0a1e``, ``... with uncommitted changes 5e0c2d9a41f7``."""
+    if not code:
+        return "unrecorded code"
+    text = str(code.get("version"))
+    if code.get("commit"):
+        text += f" commit {str(code['commit'])[:12]}"
+    if code.get("dirty"):
+        text += f" with uncommitted changes {code.get('changes')}"
+    return text
+
+
+def mixed_code(identities: Iterable[Mapping[str, Any] | None]) -> str | None:
+    """One line naming the code versions, with their numbers of runs, when the runs of one
+    comparison were made by different code (None when all agree): pooling them would compare
+    code as well as losses. ``identities``: the ``identity`` entries of the runs' status.json."""
+    made_by = Counter(describe_code(identity.code if identity else {})
+                      for identity in map(Identity.from_dict, identities))
+    if len(made_by) < 2:
+        return None
+    return "runs made by different code: " + "; ".join(
+        f"{n} by {version}" for version, n in made_by.most_common())
+
+
+def processes(trainer: Mapping[str, Any]) -> dict[str, Any]:
+    """How many processes a run trains on (devices x nodes; "all visible", devices=-1 or
+    "auto", counted on this machine, one on the CPU) and whether they share BatchNorm
+    statistics. A world size of None: GPUs to be counted on a machine that shows none (a host
+    that only submits the jobs)."""
+    import torch  # not for the launchers' and the report's imports of this module
+
+    devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes") or 1
+    if isinstance(devices, str) and "," in devices:  # "0,1": these GPUs
+        devices = [d for d in devices.split(",") if d.strip()]
+    try:
+        if isinstance(devices, (list, tuple, ListConfig)):
+            count: int | None = len(devices)
+        elif str(devices).strip() in ("-1", "auto"):
+            count = (1 if trainer.get("accelerator") == "cpu"
+                     else torch.cuda.device_count() or None)
+        else:
+            count = int(devices)
+        world = None if count is None else count * int(nodes)
+    except (TypeError, ValueError):
+        raise ConfigError(f"trainer.devices={devices}, trainer.num_nodes={nodes}: a number of "
+                          "devices (-1 or auto: all visible), a list of GPU ids, and a number "
+                          "of nodes") from None
+    return {WORLD_SIZE: world,
+            "trainer.sync_batchnorm": bool(trainer.get("sync_batchnorm")) and world != 1}
 
 
 @dataclass(frozen=True)
@@ -116,19 +211,37 @@ class Identity:
             return None
         return cls(stored["hash"], stored.get("group", ""), dict(stored.get("config") or {}))
 
+    @property
+    def code(self) -> dict[str, Any]:
+        """The code_version() the run was made with ({} when not recorded)."""
+        return {k[len(CODE_PREFIX):]: v for k, v in self.config.items()
+                if k.startswith(CODE_PREFIX)}
+
+    def _entries(self) -> dict[str, Any]:
+        """The config with the code as one entry."""
+        entries = {k: v for k, v in self.config.items() if not k.startswith(CODE_PREFIX)}
+        return {**entries, "code": describe_code(self.code)}
+
     def differences(self, other: Identity) -> list[str]:
-        """``key: old -> new`` for every setting that differs (``other`` is the old one)."""
-        keys = sorted(set(self.config) | set(other.config))
-        return [f"{k}: {other.config.get(k, '(unset)')} -> {self.config.get(k, '(unset)')}"
-                for k in keys if self.config.get(k) != other.config.get(k)]
+        """``key: old -> new`` for every setting that differs (``other`` is the old one), the
+        code as one ``code: old -> new``. A world size this machine cannot know (None) is
+        taken to be the stored one."""
+        new, old = self._entries(), other._entries()
+        return [f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
+                for k in sorted(set(new) | set(old))
+                if new.get(k, "(unset)") != old.get(k, "(unset)")
+                and not (k == WORLD_SIZE and k in new and new[k] is None)]
 
 
 def config_identity(cfg: DictConfig | Mapping[str, Any], dataset: str, split: str) -> Identity:
-    """Identity of a run from its config, the dataset fingerprint and the split's hash."""
+    """Identity of a run from its config, the dataset fingerprint, the split's hash, the code
+    and the processes it trains on."""
     container = (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig)
                  else dict(cfg))
     values = {k: v for k, v in _flatten(container).items() if not _excluded(k, NOT_IDENTITY)}
-    values.update({"data.dataset": dataset, "data.split": split})
+    values.update({"data.content": dataset, "data.split": split,
+                   **processes(container.get("trainer") or {}),
+                   **{CODE_PREFIX + k: v for k, v in code_version().items()}})
     group = {k: v for k, v in values.items() if k not in REPEAT_KEYS}
     return Identity(_digest(values), _digest(group), values)
 
@@ -229,7 +342,7 @@ class RunStatus:
     def running(self, resumed_from: str | None, identity: Identity) -> None:
         self._write(status="running", started=time.time(), host=socket.gethostname(),
                     pid=os.getpid(), resumed_from=resumed_from, error=None, traceback=None,
-                    identity=identity.to_dict())
+                    code=identity.code, identity=identity.to_dict())
 
     def completed(self) -> None:
         self._write(status="completed", finished=time.time())

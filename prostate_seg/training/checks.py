@@ -11,8 +11,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from prostate_seg.config import check_extras_installed
+from prostate_seg.config import check_extras_installed, uses_gpu
 from prostate_seg.errors import ConfigError
+from prostate_seg.study.runs import processes
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,11 @@ def check_train_config(cfg: DictConfig) -> None:
     except Exception as exc:  # noqa: BLE001 - Hydra wraps the loss's own ValueError
         raise ConfigError(f"loss: {exc.__cause__ or exc}") from None
     check_settings(cfg, TRAIN_SETTINGS, TRAIN_SWITCHES)
+    sync = cfg.trainer.get("sync_batchnorm")
+    _require(not processes(cfg.trainer)["trainer.sync_batchnorm"]
+             or uses_gpu(str(cfg.trainer.get("accelerator"))), "trainer.sync_batchnorm", sync,
+             "torch shares BatchNorm statistics between GPU processes only (SyncBatchNorm); on "
+             "the CPU set it false, and each process normalises with its own")
     data = cfg.data
     devices = cfg.trainer.get("devices")
     _require(not isinstance(devices, int) or devices < 1 or data.batch_size % devices == 0,

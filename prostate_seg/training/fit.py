@@ -85,8 +85,9 @@ def _refuse_other_identity(identity: Identity, stored: Identity | None, what: st
     if stored is None:
         raise ConfigError(f"{what} records no config identity (made by an older version); "
                           "write this run to another folder, or resume=false to train anew")
-    if stored.hash != identity.hash:
-        raise ConfigError(f"{what} was made with another config ({'; '.join(identity.differences(stored))}); "
+    changes = identity.differences(stored)
+    if changes:
+        raise ConfigError(f"{what} was made with another config or code ({'; '.join(changes)}); "
                           "write this run to another folder, or resume=false to train anew")
 
 
@@ -121,6 +122,13 @@ def _completed_results(cfg: DictConfig, run_dir: Path, identity: Identity) -> di
         return None
     _refuse_other_identity(identity, status.identity, f"the completed run in {run_dir}")
     return done
+
+
+def _unscored(cfg: DictConfig, run_dir: Path, done: dict[str, Any]) -> bool:
+    """A completed run without the per-patient results asked for (trained with
+    evaluate_best=false), which could have them (a best checkpoint was saved)."""
+    return bool(cfg.evaluate_best) and "not_evaluated" not in done and not (
+        run_dir / PER_PATIENT_FILE).exists()
 
 
 def refuse_other_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -274,11 +282,23 @@ def _train_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     datamodule = setup_data(cfg)
     identity = identity_of(cfg, datamodule)
     done = _completed_results(cfg, run_dir, identity)
-    if done is not None:
+    if done is None:
+        ckpt_path = _checkpoint_to_resume(cfg, run_dir, identity)
+    elif not _unscored(cfg, run_dir, done):
         log.info("%s already completed; nothing to do (resume=false to train again)", run_dir)
         return done
+    elif done.get("best_checkpoint") and Path(done["best_checkpoint"]).is_file():
+        log.info("%s completed without %s: scoring its best checkpoint", run_dir, PER_PATIENT_FILE)
+        return _score_completed(cfg, run_dir, datamodule, identity, done)
+    else:
+        log.info("%s completed without %s or a best checkpoint to score: training again",
+                 run_dir, PER_PATIENT_FILE)
+        ckpt_path = None
+    if ckpt_path is None:
+        # Given none, Lightning's fit continues from a last.ckpt it finds in the folder (as it
+        # does for an on-exception checkpoint): a run trained anew removes the one it replaces.
+        (run_dir / LAST_CHECKPOINT).unlink(missing_ok=True)
     status = RunStatus(run_dir)
-    ckpt_path = _checkpoint_to_resume(cfg, run_dir, identity)
     if rank_zero_only.rank == 0:
         status.running(resumed_from=ckpt_path, identity=identity)
     requeue = DeferredRequeue.take_over()  # under submitit: SLURM's time-limit signal
@@ -347,30 +367,54 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
     stopped = [cb.stopped_epoch for cb in trainer.early_stopping_callbacks]
     results: dict[str, Any] = {
         **hparams_of(cfg), "identity": identity.hash, "group": identity.group,
-        "epochs_trained": trainer.current_epoch, "stopped_early": any(e > 0 for e in stopped),
-        "fit_seconds": round(fit_seconds, 1), "seconds_to_first_step": timer.seconds}
+        "code": identity.code, "epochs_trained": trainer.current_epoch,
+        "stopped_early": any(e > 0 for e in stopped), "fit_seconds": round(fit_seconds, 1),
+        "seconds_to_first_step": timer.seconds}
     best_keeper = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)),
                        None)
-    if cfg.evaluate_best and best_keeper is not None:
-        best = best_keeper.best_model_path
-        metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
-                                   verbose=False)[0]
-        results.update({k: float(v) for k, v in metrics.items() if k.startswith("select/")})
-        results.update(best_checkpoint=best, best_epoch=_best_epoch(run_dir / METRICS_FILE))
-        if trainer.is_global_zero:
-            save_preview(module, datamodule, run_dir / PREVIEW_FILE)
-            if best:
-                results.update(_evaluate_per_patient(cfg, best, datamodule, run_dir))
-                if OBJECTIVE in results:
-                    log_validation_dice(trainer.loggers, results[OBJECTIVE], results["best_epoch"])
-            else:
-                results["not_evaluated"] = NO_BEST_CHECKPOINT
-                log.info("%s: no per-patient evaluation", NO_BEST_CHECKPOINT)
+    if best_keeper is not None:
+        results.update(best_checkpoint=best_keeper.best_model_path,
+                       best_epoch=_best_epoch(run_dir / METRICS_FILE))
+        if cfg.evaluate_best:
+            results.update(_evaluate_best(cfg, run_dir, datamodule, module, trainer, results))
+    return _finish(trainer, run_dir, results)
+
+
+def _score_completed(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
+                     identity: Identity, done: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation a completed run skipped (evaluate_best=false), of its best checkpoint,
+    as at the end of its fit and without training again."""
+    datamodule, module, trainer = build_run(cfg, datamodule, identity)
+    return _finish(trainer, run_dir,
+                   {**done, **_evaluate_best(cfg, run_dir, datamodule, module, trainer, done)})
+
+
+def _evaluate_best(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
+                   module: SegmentationModule, trainer: pl.Trainer,
+                   results: dict[str, Any]) -> dict[str, Any]:
+    """The best checkpoint's selection metrics, preview and per-patient scores."""
+    best = results["best_checkpoint"]
+    metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
+                               verbose=False)[0]
+    scores = {k: float(v) for k, v in metrics.items() if k.startswith("select/")}
+    if trainer.is_global_zero:
+        save_preview(module, datamodule, run_dir / PREVIEW_FILE)
+        if best:
+            scores.update(_evaluate_per_patient(cfg, best, datamodule, run_dir))
+            if OBJECTIVE in scores:
+                log_validation_dice(trainer.loggers, scores[OBJECTIVE], results["best_epoch"])
+        else:
+            scores["not_evaluated"] = NO_BEST_CHECKPOINT
+            log.info("%s: no per-patient evaluation", NO_BEST_CHECKPOINT)
+    return scores
+
+
+def _finish(trainer: pl.Trainer, run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json(run_dir / RESULTS_FILE, results)
         log_run_files(trainer.loggers)  # after every file of the run is written
         log.info("best select/dice %.4f (epoch %s) after %d epochs; validation patients at "
                  "original size %.4f; results in %s", results.get("select/dice", float("nan")),
                  results.get("best_epoch"), results["epochs_trained"],
-                 results.get("val/dice_original", float("nan")), run_dir)
+                 results.get(OBJECTIVE, float("nan")), run_dir)
     return results
