@@ -45,12 +45,18 @@ def _code_version_of(package_parent):
     return json.loads(out[1])
 
 
+NEEDS_GIT = pytest.mark.skipif(shutil.which("git") is None, reason="no git on this machine")
+
+
+@NEEDS_GIT
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="the project is not a git checkout here")
 def test_the_code_version_is_the_checkout_commit_and_its_uncommitted_changes():
     here = code_version()
     assert here["commit"] == _git(REPO, "rev-parse", "HEAD")
     assert here["dirty"] == bool(_git(REPO, "status", "--porcelain", "--untracked-files=no"))
 
 
+@NEEDS_GIT
 def test_the_code_version_follows_every_change_of_a_checkout_and_is_the_version_installed(
         tmp_path):
     checkout = tmp_path / "checkout"
