@@ -543,3 +543,26 @@ def test_long_table_reader_names_the_file_and_line(tmp_path):
                         ["bce,case00,0.8,", "bce,case01,0.7,abc"])
     with pytest.raises(DataError, match=r"t\.csv line 3: hd95='abc' is not a number"):
         read_long_table(table)
+
+
+def test_runs_of_different_code_are_refused_unless_pooled_on_request(tmp_path, capsys):
+    sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
+    folder = sweep / "bce-fold1-seed0"
+    status = json.loads((folder / "status.json").read_text())
+    for path in sweep.glob("*/status.json"):
+        other = json.loads(path.read_text())
+        commit = "bbbbbbbbbbbb" if path.parent == folder else "aaaaaaaaaaaa"
+        other["identity"]["config"].update({"code.version": "0.1.0", "code.commit": commit,
+                                            "code.dirty": False})
+        path.write_text(json.dumps(other))
+    assert status["status"] == "completed"
+    assert main([str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {sweep}: runs made by different code: 8 by 0.1.0 commit "
+                          "aaaaaaaaaaaa; 1 by 0.1.0 commit bbbbbbbbbbbb;")
+    assert "--allow-mixed-code" in err and err.count("\n") == 1
+    assert main([str(sweep), "--allow-mixed-code"]) == 0
+    md = (sweep / "report" / "results.md").read_text()
+    assert md.startswith("**Pooled on request (--allow-mixed-code): runs made by different code")
+    results = {r["loss"]: r for r in read_csv(sweep / "report" / "results.csv")}
+    assert results["bce"]["n_runs"] == "3"  # one bce, not two groups told apart by their code

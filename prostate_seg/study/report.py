@@ -39,13 +39,16 @@ from prostate_seg.study import figures
 from prostate_seg.errors import DataError, UserError
 from prostate_seg.files import write_csv, write_text
 from prostate_seg.study.runs import (
+    CODE_PREFIX,
     METRICS_FILE,
-    RunLock,
     PER_PATIENT_FILE,
     PREVIEW_FILE,
     RESULTS_FILE,
     STATUS_FILE,
+    RunLock,
+    group_across_code,
     load_json_object,
+    mixed_code,
 )
 from prostate_seg.study.statistics import ALPHA, MEASURED, Analysis, Row, analyse
 
@@ -212,6 +215,7 @@ class Run:
     rows: list[Row] = field(default_factory=list)
     columns: dict[str, Any] = field(default_factory=dict)  # RUN_COLUMNS, typed
     label: str = ""  # the loss as the report names it (see label_groups)
+    across_code: bool = False  # pooled with runs of the same settings made by other code
 
     @property
     def loss(self) -> str:
@@ -219,6 +223,8 @@ class Run:
 
     @property
     def group(self) -> str:
+        if self.across_code:
+            return group_across_code(self.identity) or f"loss {self.loss}"
         return str(self.results.get("group") or self.identity.get("group") or
                    f"loss {self.loss}")
 
@@ -325,8 +331,8 @@ def label_groups(runs: list[Run]) -> None:
                                       json.dumps(configs[0][k], sort_keys=True, default=str)
                                       for c in configs)}
         shared_keys = set.intersection(*(set(c) for c in constant.values()))
-        differing = sorted(k for k in shared_keys
-                           if len({json.dumps(c[k], default=str) for c in constant.values()}) > 1)
+        differing = sorted(k for k in shared_keys if not k.startswith(CODE_PREFIX)
+                           and len({json.dumps(c[k], default=str) for c in constant.values()}) > 1)
         labels = {}
         for group in by_group:
             settings = ", ".join(f"{k}={constant[group][k]}" for k in differing[:3])
@@ -351,11 +357,18 @@ def long_rows(run: Run) -> list[Row]:
     return [{**row, **fixed} for row in run.rows]
 
 
-def collect_runs(sweep_dir: Path) -> list[Run]:
+def collect_runs(sweep_dir: Path, allow_mixed_code: bool = False) -> list[Run]:
     """Every run folder of the sweep, classified and labelled; a second completed run of the
-    same group, fold and seed (a copied or re-run job) is marked as a duplicate."""
+    same group, fold and seed (a copied or re-run job) is marked as a duplicate. Runs made by
+    different code are refused unless ``allow_mixed_code`` pools them."""
     runs = [read_run(folder, sweep_dir) for folder in find_run_folders(sweep_dir)]
     completed = [r for r in runs if r.state == "completed"]
+    mixed = mixed_code(r.identity for r in completed)
+    if mixed and not allow_mixed_code:
+        raise DataError(f"{sweep_dir}: {mixed}; comparing them would compare code as well as "
+                        "losses: train them with one version, or pass --allow-mixed-code")
+    for run in completed:
+        run.across_code = allow_mixed_code
     label_groups(completed)
     first: dict[tuple, Run] = {}
     for run in completed:
@@ -520,6 +533,7 @@ class SweepExtras:
     sweep_dir: Path
     runs: list[Run]
     notes: list[str] = field(default_factory=list)  # problems met while drawing figures
+    caution: list[str] = field(default_factory=list)  # said before the verdict
 
     def not_counted(self) -> list[Run]:
         return [r for r in self.runs if r.state != "completed"]
@@ -597,6 +611,8 @@ def _markdown(analyses: list[Analysis], table: Path, written: list[str],
               sweep: SweepExtras | None) -> str:
     primary = analyses[0]
     md = []
+    for line in (sweep.caution if sweep else []):
+        md += [f"**{line}**", ""]
     for line in primary.verdict:  # what was decided in bold; what the runs measured plain
         md += [line if line.startswith(MEASURED) else f"**{line}**", ""]
     md += [f"Source: `{sweep.sweep_dir if sweep else table}` "
@@ -691,12 +707,12 @@ def _curves(runs: list[Run], sweep: SweepExtras) -> dict[str, list[figures.Curve
 
 
 def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: bool = False,
-                 split: str = PRIMARY_SPLIT) -> Path:
+                 split: str = PRIMARY_SPLIT, allow_mixed_code: bool = False) -> Path:
     """SWEEP_DIR/report/: the long table, then the table mode on it. Returns results.md."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise DataError(f"{sweep_dir}: sweep folder not found")
-    runs = collect_runs(sweep_dir)
+    runs = collect_runs(sweep_dir, allow_mixed_code)
     if not runs:
         raise DataError(f"{sweep_dir}: no run folders inside (none holds {STATUS_FILE} or "
                         f"{RESULTS_FILE})")
@@ -704,6 +720,10 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
     out.mkdir(exist_ok=True)
     sweep = SweepExtras(sweep_dir, runs)
     counted = [r for r in runs if r.state == "completed"]
+    mixed = mixed_code(r.identity for r in counted)
+    if mixed:
+        sweep.caution.append(f"Pooled on request (--allow-mixed-code): {mixed}. A difference "
+                             "between losses may be one between code versions.")
     if not counted:
         listing = [f"- `{r.name}`: {r.state} — {r.reason}" for r in runs]
         write_text(out / "results.md", f"**No completed run with per-patient results in "
@@ -714,7 +734,7 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
     table = out / LONG_TABLE
     write_long_table(table, (row for run in counted for row in long_rows(run)))
     verdict = report_table(table, out, baseline, all_pairs, split, sweep)
-    print("\n".join(verdict))
+    print("\n".join(sweep.caution + verdict))
     print(f"report: {out / 'results.md'}\nTensorBoard: tensorboard --logdir {sweep_dir}")
     return out / "results.md"
 
@@ -765,6 +785,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{DEFAULT_BASELINE} when present, else all pairs)")
     parser.add_argument("--all-pairs", action="store_true", help="compare every pair of losses "
                         "too (needed to call one loss best)")
+    parser.add_argument("--allow-mixed-code", action="store_true", help="pool runs made by "
+                        "different code versions (refused otherwise; the report says so)")
     parser.add_argument("--split", default=PRIMARY_SPLIT, help="the split the verdict is on "
                         "(default: val; every other split is reported separately)")
     args = parser.parse_args(argv)
@@ -779,7 +801,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(verdict))
             print(f"report: {args.out / 'results.md'}")
         else:
-            write_report(args.sweep_dir, args.baseline, args.all_pairs, args.split)
+            write_report(args.sweep_dir, args.baseline, args.all_pairs, args.split,
+                         args.allow_mixed_code)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

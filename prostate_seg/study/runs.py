@@ -169,6 +169,16 @@ def mixed_code(identities: Iterable[Mapping[str, Any] | None]) -> str | None:
         f"{n} by {version}" for version, n in made_by.most_common())
 
 
+def group_across_code(identity: Mapping[str, Any] | None) -> str | None:
+    """The run's group with the code left out: what pools runs of one configuration made by
+    different code, when the user asks for it."""
+    stored = Identity.from_dict(identity)
+    if stored is None or not stored.config:
+        return None
+    return _digest({k: v for k, v in stored.config.items()
+                    if k not in REPEAT_KEYS and not k.startswith(CODE_PREFIX)})
+
+
 def processes(trainer: Mapping[str, Any]) -> dict[str, Any]:
     """How many processes a run trains on (devices x nodes; "all visible", devices=-1 or
     "auto", counted on this machine, one on the CPU) and whether they share BatchNorm
