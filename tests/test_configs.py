@@ -91,6 +91,24 @@ def test_gpu_defaults_are_fast_and_cpu_defaults_plain(tmp_path):
     assert cpu.trainer.precision == "32-true" and cpu.model.compile is False
 
 
+def test_auto_asks_torch_only_where_a_gpu_may_be(monkeypatch):
+    """torch's answer wherever it is asked; no GPU (and no torch import) where none can be:
+    every GPU hidden, or no NVIDIA driver device on the machine."""
+    import torch
+
+    from prostate_seg import config
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    may_have_one = any(Path(p).exists() for p in config._CUDA_DEVICE_FILES)
+    assert config.uses_gpu("auto") == (may_have_one and torch.cuda.is_available())
+    monkeypatch.setattr(config, "_CUDA_DEVICE_FILES", ("/nonexistent/nvidiactl",))
+    assert config.uses_gpu("auto") is False and config.uses_gpu("gpu") is True
+    monkeypatch.undo()
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert config.uses_gpu("auto") is False and config.default_precision("auto") == "32-true"
+
+
 @pytest.mark.parametrize("overrides, folds, seeds", [
     ([], "0,1,2,3,4", "0"),
     (["study.seeds=[0,1,2]", "data.folds=3"], "0,1,2", "0,1,2"),
