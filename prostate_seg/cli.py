@@ -68,16 +68,23 @@ def is_command_line_error(exc: BaseException) -> bool:
         frames[-1].filename).is_relative_to(Path(hydra.__file__).parent)
 
 
-def _compose(config_name: str, overrides: list[str], multirun: bool) -> DictConfig:
-    """The config Hydra composes first for this command line: the run's, or a sweep's own
-    (swept values left out)."""
+@contextmanager
+def _config_loader() -> Iterator[Any]:
+    """Hydra's config loader over the project's configs, outside a Hydra app."""
     GlobalHydra.instance().clear()
     try:
         with initialize_configs():
-            return GlobalHydra.instance().config_loader().load_configuration(
-                config_name, overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
+            yield GlobalHydra.instance().config_loader()
     finally:
         GlobalHydra.instance().clear()
+
+
+def _compose(config_name: str, overrides: list[str], multirun: bool) -> DictConfig:
+    """The config Hydra composes first for this command line: the run's, or a sweep's own
+    (swept values left out)."""
+    with _config_loader() as loader:
+        return loader.load_configuration(
+            config_name, overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
 
 
 def config_problem(config_name: str, argv: list[str]) -> str | None:
@@ -109,10 +116,9 @@ def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> s
     key = _unknown_key(exc)
     if key is not None:
         return unknown_key_line(key, _composed_without(config_name, args, key))
-    if isinstance(exc, ValueError):
-        null_group = _null_group_choice(config_name, args)
-        if null_group:
-            return null_group
+    null_group = _null_group_choice(args) if isinstance(exc, ValueError) else None
+    if null_group:
+        return null_group
     cause = exc.__cause__
     return _message(exc) + (f": {_message(cause).split('; ')[0]}" if isinstance(
         cause, OmegaConfBaseException) else "")
@@ -166,18 +172,13 @@ def unknown_key_line(key: str, configs: list[DictConfig]) -> str:
     return f"{key}: no such key" + (f"; {_closest_keys(key, known)}" if known else "")
 
 
-def _null_group_choice(config_name: str, args: argparse.Namespace) -> str | None:
+def _null_group_choice(args: argparse.Namespace) -> str | None:
     """``scheduler=null``: Hydra says only that a group choice may not be null."""
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_configs():
-            loader = GlobalHydra.instance().config_loader()
-            for override in OverridesParser.create().parse_overrides(args.overrides):
-                options = loader.get_group_options(override.key_or_group)
-                if override.value() is None and not override.is_delete() and options:
-                    return _unknown_option(override.key_or_group, "null", options)
-    finally:
-        GlobalHydra.instance().clear()
+    with _config_loader() as loader:
+        for override in OverridesParser.create().parse_overrides(args.overrides):
+            options = loader.get_group_options(override.key_or_group)
+            if override.value() is None and not override.is_delete() and options:
+                return _unknown_option(override.key_or_group, "null", options)
     return None
 
 
