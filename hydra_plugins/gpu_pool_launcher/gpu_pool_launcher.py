@@ -10,7 +10,6 @@ pack tightly.
 """
 
 import copy
-import json
 import logging
 import os
 import queue
