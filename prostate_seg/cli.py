@@ -2,10 +2,10 @@
 (``prostate-seg-train`` ...) and the checkout's ``train.py``, ``evaluate.py``, ``predict.py``.
 
 Every Hydra tool (train, evaluate, predict, prepare, synthetic) runs through :func:`hydra_entry`:
-  * the command line is checked against the configs first, so a mistake is one line before
-    any folder is made: a group choice that does not exist (``loss=focal``) lists the valid
-    ones, a key that does not exist (``loss.alpa``) names the closest valid keys, a required
-    value that is missing (``ckpt_path``) is named;
+  * Hydra composes the config once; what it refuses, before any folder is made, becomes one
+    line built from its own exception: a group choice that does not exist (``loss=focal``)
+    lists the valid ones, a key that does not exist (``loss.alpa``) names the closest valid
+    keys. A required value that is missing (``ckpt_path``) is named before the task starts;
   * a :class:`~prostate_seg.errors.UserError` raised by the tool, and an ``OSError`` (disk
     full, read-only, not a directory, name too long, no permission), print ``error: ...`` on
     one line naming the file and exit with status 2. A single command that stops so, before
@@ -15,11 +15,13 @@ Every Hydra tool (train, evaluate, predict, prepare, synthetic) runs through :fu
 
 from __future__ import annotations
 
+import argparse
 import difflib
-import importlib
 import errno
+import importlib
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -28,152 +30,168 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra import compose
+from hydra._internal.utils import get_args_parser  # what hydra.main reads sys.argv with
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
+from hydra.errors import (
+    ConfigCompositionException,
+    MissingConfigException,
+    OverrideParseException,
+    SearchPathException,
+)
 from hydra.types import RunMode
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from prostate_seg.config import CONFIG_PATH, initialize_configs
-from prostate_seg.errors import UserError
+from prostate_seg.errors import ConfigError, UserError
 from prostate_seg.study.runs import LOCK_FILE
 
 EXIT_USER_ERROR = 2
-# Hydra flags that consume the next argument when written without "=".
-_FLAGS_WITH_VALUE = {"-cp", "-cn", "-cd", "-c", "-p", "--config-path", "--config-name",
-                     "--config-dir", "--cfg", "--package", "--experimental-rerun"}
-# Flags after which Hydra only prints (help, the config), and flags that name another config.
-_PRINTING_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i",
-                   "--shell-completion", "-sc"}
-_OTHER_CONFIG_FLAGS = {"-cp", "-cn", "-cd", "--config-path", "--config-name", "--config-dir"}
 
 log = logging.getLogger(__name__)
 
 
-def command_line_overrides(argv: list[str]) -> list[str]:
-    """The ``key=value`` arguments of a Hydra command line (flags and their values dropped)."""
-    overrides, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg.startswith("-"):
-            skip = arg in _FLAGS_WITH_VALUE
-        else:
-            overrides.append(arg)
-    return overrides
+def _hydra_args(argv: list[str]) -> argparse.Namespace:
+    """A command line as Hydra's own parser reads it (flags, ``args.overrides``)."""
+    return get_args_parser().parse_args(argv)
 
 
-def command_line_problem(argv: list[str], config_name: str) -> str | None:
-    """One line for the first mistake on a command line, found before Hydra makes any folder:
-    a group option that does not exist, a key that does not exist (with the closest valid
-    keys), or a required value (``???``) not given. None when there is none."""
-    flags = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
-    try:
-        parsed = OverridesParser.create().parse_overrides(command_line_overrides(argv))
-    except HydraException as exc:
-        return f"cannot parse the command line: {str(exc).splitlines()[0]}"
-    if flags & _OTHER_CONFIG_FLAGS:
-        return None  # not this tool's config: Hydra checks it
+def is_command_line_error(exc: BaseException) -> bool:
+    """Whether Hydra stopped on the command line or the configs it names (an unknown key or
+    group option, an override it cannot parse, a flag it refuses) rather than in the task."""
+    if isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException)):
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    return isinstance(exc, ValueError) and bool(frames) and Path(
+        frames[-1].filename).is_relative_to(Path(hydra.__file__).parent)
+
+
+@contextmanager
+def _config_loader() -> Iterator[Any]:
+    """Hydra's config loader over the project's configs, outside a Hydra app."""
     GlobalHydra.instance().clear()
     try:
         with initialize_configs():
-            loader = GlobalHydra.instance().config_loader()
-            groups = [o for o in parsed if _is_group(o.key_or_group, loader)]
-            problem = _unknown_group_choice(groups, loader)
-            if problem or any(o.is_sweep_override() and not o.is_choice_sweep() for o in groups):
-                return problem  # a glob()/range() of options: Hydra expands and checks it
-            try:
-                configs = _compositions(config_name, groups)
-            except (HydraException, OmegaConfBaseException, ValueError):
-                return None  # Hydra reports what it cannot compose itself
-            values = [o for o in parsed if o not in groups]
-            return _unknown_key(values, configs) or (
-                None if flags & _PRINTING_FLAGS else _required_value_missing(configs[0], values))
+            yield GlobalHydra.instance().config_loader()
     finally:
         GlobalHydra.instance().clear()
 
 
-def _is_group(key: str, loader: Any) -> bool:
-    return "/" in key or ("." not in key and bool(loader.get_group_options(key)))
+def _compose(config_name: str, overrides: list[str], multirun: bool) -> DictConfig:
+    """The config Hydra composes first for this command line: the run's, or a sweep's own
+    (swept values left out)."""
+    with _config_loader() as loader:
+        return loader.load_configuration(
+            config_name, overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
 
 
-def _choices(override: Any) -> list[str]:
-    if override.is_choice_sweep():
-        return list(override.sweep_string_iterator())
-    value = override.value()
-    return ["null" if value is None else str(value)]
+def config_problem(config_name: str, argv: list[str]) -> str | None:
+    """The one line ``python <tool> *argv`` stops with because Hydra cannot compose its config,
+    or (a run) a required value is missing; None when there is none. Nothing is run."""
+    args = _hydra_args(argv)
+    try:
+        cfg = _compose(args.config_name or config_name, args.overrides, args.multirun)
+    except Exception as exc:  # noqa: BLE001 - what is not the command line's is re-raised
+        if not is_command_line_error(exc):
+            raise
+        return hydra_error_line(exc, config_name, argv)
+    printing = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
+    if args.multirun or printing:
+        return None
+    return required_values_problem(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
 
 
-def _unknown_group_choice(groups: list[Any], loader: Any) -> str | None:
-    for override in groups:
-        group = override.key_or_group
-        options = loader.get_group_options(group)
-        if override.is_delete() or not options or (
-                override.is_sweep_override() and not override.is_choice_sweep()):
-            continue
-        for value in _choices(override):
-            if value not in options:  # null too: Hydra fails on it with a traceback
-                name = group.split("/")[-1]
-                return (f"{group}={value}: unknown {name}; valid: {', '.join(sorted(options))} "
-                        f"(~{group} leaves it out)")
+def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> str:
+    """One line for Hydra's error ``exc`` on ``python <tool> *argv``: an unknown group option
+    lists the valid ones, an unknown key names the closest ones (from the config composed
+    without it, on this error path only)."""
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse the command line: {_message(exc)}"
+    if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
+        group, _, value = exc.missing_cfg_file.rpartition("/")
+        return _unknown_option(group, value, exc.options)
+    args = _hydra_args(argv)
+    key = _unknown_key(exc)
+    if key is not None:
+        return unknown_key_line(key, _composed_without(config_name, args, key))
+    null_group = _null_group_choice(args) if isinstance(exc, ValueError) else None
+    if null_group:
+        return null_group
+    cause = exc.__cause__
+    return _message(exc) + (f": {_message(cause).split('; ')[0]}" if isinstance(
+        cause, OmegaConfBaseException) else "")
+
+
+def _message(exc: BaseException) -> str:
+    """Hydra's message on one line, without the config search path it may list."""
+    text = str(exc).split("Config search path:")[0]
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip()) or type(
+        exc).__name__
+
+
+def _unknown_option(group: str, value: str, options: list[str]) -> str:
+    return (f"{group}={value}: unknown {group.split('/')[-1]}; valid: "
+            f"{', '.join(sorted(options))} (~{group} leaves it out)")
+
+
+def _unknown_key(exc: BaseException) -> str | None:
+    """The key Hydra's error says does not exist (set, or deleted with ``~``), if it says so."""
+    if isinstance(exc.__cause__, (ConfigAttributeError, ConfigKeyError)):
+        return exc.__cause__.full_key
+    deleted = re.fullmatch(r"Could not delete from config\. '(.+)' does not exist\.", str(exc))
+    return deleted.group(1) if deleted else None
+
+
+def _composed_without(config_name: str, args: argparse.Namespace, key: str) -> list[DictConfig]:
+    """The command's config composed without the override of ``key`` (nor of other keys that
+    do not exist); none when it names another config folder or fails otherwise."""
+    if args.config_path or args.config_dir:
+        return []
+    parsed = OverridesParser.create().parse_overrides(args.overrides)
+    left_out = {key}
+    while True:
+        try:
+            return [_compose(args.config_name or config_name,
+                             [o.input_line for o in parsed if o.key_or_group not in left_out],
+                             args.multirun)]
+        except Exception as exc:  # noqa: BLE001 - then there is no suggestion, just the error
+            other = _unknown_key(exc)
+            if other is None or other in left_out:
+                return []
+            left_out.add(other)
+
+
+def unknown_key_line(key: str, configs: list[DictConfig]) -> str:
+    """``loss.alpa: no such key; did you mean loss.alpha?``, from the keys of ``configs`` (the
+    command's own, composed without ``key``)."""
+    known = sorted({k for cfg in configs
+                    for k, _ in _flat_items(OmegaConf.to_container(cfg, resolve=False))
+                    if k.startswith("hydra.") == key.startswith("hydra.")})
+    return f"{key}: no such key" + (f"; {_closest_keys(key, known)}" if known else "")
+
+
+def _null_group_choice(args: argparse.Namespace) -> str | None:
+    """``scheduler=null``: Hydra says only that a group choice may not be null."""
+    with _config_loader() as loader:
+        for override in OverridesParser.create().parse_overrides(args.overrides):
+            options = loader.get_group_options(override.key_or_group)
+            if override.value() is None and not override.is_delete() and options:
+                return _unknown_option(override.key_or_group, "null", options)
     return None
 
 
-def _compositions(config_name: str, groups: list[Any]) -> list[DictConfig]:
-    """The configs the command line's group choices compose: the first option of every swept
-    group, then each further option of a swept group in turn (``loss=bce,tversky`` composes
-    both, so ``loss.alpha`` is a key of that sweep)."""
-    fixed = [o.input_line for o in groups if o.is_delete()]
-    chosen = [(o.get_key_element(), _choices(o)) for o in groups if not o.is_delete()]
-    first = [f"{key}={values[0]}" for key, values in chosen]
-    variants = [first] + [first[:i] + [f"{key}={value}"] + first[i + 1:]
-                          for i, (key, values) in enumerate(chosen) for value in values[1:]]
-    return [compose(config_name, overrides=[*variant, *fixed], return_hydra_config=True)
-            for variant in variants]
-
-
-def _has_key(cfg: DictConfig, key: str) -> bool:
-    """Whether Hydra could set ``key``: it exists, or its parent is an open mapping."""
-    node: Any = cfg
-    for part in key.split("."):
-        if isinstance(node, ListConfig):
-            if not (part.isdigit() and int(part) < len(node)):
-                return False
-        elif isinstance(node, DictConfig) and not node._is_none():
-            if part not in node.keys():
-                return not OmegaConf.is_struct(node)
-        else:
-            return False
-        node = node._get_node(int(part) if isinstance(node, ListConfig) else part)
-    return True
-
-
-def _flat_keys(node: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of a config (mappings only, not list items), nodes and leaves."""
+def _flat_items(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every node and leaf of a config's container (mappings only, not
+    list items)."""
     if not isinstance(node, dict):
         return []
-    keys = []
+    items = []
     for name, child in node.items():
-        keys.append(f"{prefix}{name}")
-        keys += _flat_keys(child, f"{prefix}{name}.")
-    return keys
-
-
-def _unknown_key(values: list[Any], configs: list[DictConfig]) -> str | None:
-    for override in values:
-        if override.is_add() or override.is_force_add() or override.package is not None:
-            continue  # +key / ++key add on purpose
-        key = override.key_or_group
-        if any(_has_key(cfg, key) for cfg in configs):
-            continue
-        known = sorted({k for cfg in configs
-                        for k in _flat_keys(OmegaConf.to_container(cfg, resolve=False))
-                        if k.startswith("hydra.") == key.startswith("hydra.")})
-        return f"{key}: no such key; {_closest_keys(key, known)}"
-    return None
+        items.append((f"{prefix}{name}", child))
+        items += _flat_items(child, f"{prefix}{name}.")
+    return items
 
 
 def _nearest(word: str, candidates: set[str] | list[str], cutoff: float) -> list[str]:
@@ -198,17 +216,17 @@ def _closest_keys(key: str, known: list[str]) -> str:
     if matches:
         return f"did you mean {' or '.join(matches)}?"
     parent = next((p for p in sorted(parents, key=len, reverse=True) if p in known), "")
-    children = [k.rsplit(".", 1)[-1] for k in known
-                if k.rsplit(".", 1)[0] == parent and k != parent] if parent else \
-        [k for k in known if "." not in k]
+    children = sorted(k.rsplit(".", 1)[-1] for k in known
+                      if k.rsplit(".", 1)[0] == parent and k != parent) if parent else \
+        sorted(k for k in known if "." not in k)
     return f"{parent or 'the config'} has: {', '.join(children)}"
 
 
-def _required_value_missing(cfg: DictConfig, values: list[Any]) -> str | None:
-    given = {o.key_or_group for o in values}
-    missing = [key for key in _flat_keys(OmegaConf.to_container(cfg, resolve=False))
-               if not key.startswith("hydra.") and key not in given
-               and OmegaConf.is_missing(cfg, key)]
+def required_values_problem(cfg: DictConfig) -> str | None:
+    """``ckpt_path: required, not given (...)`` for the values a config leaves ``???`` (found
+    without resolving the others, which may take seconds)."""
+    missing = [key for key, value in _flat_items(OmegaConf.to_container(cfg, resolve=False))
+               if value == "???"]
     if not missing:
         return None
     example = " ".join(f"{key}=..." for key in missing)
@@ -262,11 +280,13 @@ TRACEBACKS = "PROSTATE_SEG_FULL_ERROR"
 
 
 @contextmanager
-def one_line_errors(show_traceback: bool = False) -> Iterator[None]:
-    """Errors that escape Hydra (a run folder or log file it cannot create, a failed job of an
-    in-process sweep) are also one line with exit code 2. Hydra passes exceptions on instead of
-    printing them only with HYDRA_FULL_ERROR set; bugs, and every error with
-    ``show_traceback``, then show their full traceback."""
+def one_line_errors(show_traceback: bool = False, config_name: str | None = None
+                    ) -> Iterator[None]:
+    """Errors that escape Hydra (a command line it cannot compose ``config_name`` from, a run
+    folder or log file it cannot create, a failed job of an in-process sweep) are also one line
+    with exit code 2. Hydra passes exceptions on instead of printing them only with
+    HYDRA_FULL_ERROR set; bugs, and every error with ``show_traceback``, then show their full
+    traceback."""
     saved = {key: os.environ.get(key) for key in ("HYDRA_FULL_ERROR", TRACEBACKS)}
     # The user's own choice, for the jobs this process starts (gpu_pool, SLURM): they inherit
     # the HYDRA_FULL_ERROR=1 set below, which the user did not ask for.
@@ -275,7 +295,8 @@ def one_line_errors(show_traceback: bool = False) -> Iterator[None]:
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - bugs are re-raised below
-        line = error_line(exc)
+        line = (hydra_error_line(exc, config_name, sys.argv[1:])
+                if config_name and is_command_line_error(exc) else error_line(exc))
         if line is None or show_traceback:
             raise
         print(f"error: {line}", file=sys.stderr)
@@ -334,6 +355,9 @@ def remove_bookkeeping_folder(run_dir: Path, log_name: str) -> bool:
 
 def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, show_traceback: bool = False) -> Any:
     try:
+        missing = required_values_problem(cfg)
+        if missing:
+            raise ConfigError(missing)
         return task(cfg)
     except (UserError, OSError) as exc:
         _log_traceback_to_files()
@@ -352,17 +376,13 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, show_traceback: boo
 def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
     """Run ``task(cfg)`` as a Hydra app over ``<config_name>.yaml`` of the project's configs.
     ``HYDRA_FULL_ERROR=1`` shows the traceback of every error (Hydra's own switch)."""
-    problem = command_line_problem(sys.argv[1:], config_name)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
     show_traceback = tracebacks_wanted()
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
         return _run(task, cfg, show_traceback)
 
-    with one_line_errors(show_traceback):
+    with one_line_errors(show_traceback, config_name):
         _main()
 
 
@@ -374,8 +394,18 @@ def _task(module: str, name: str) -> Callable[[DictConfig], Any]:
     return task
 
 
+def _train(cfg: DictConfig) -> Any:
+    """A missing data folder is named before the seconds of importing torch and Lightning."""
+    from prostate_seg.training.checks import check_data_dir
+
+    check_data_dir(cfg.data.dir)
+    from prostate_seg.training.fit import train as fit
+
+    return fit(cfg)
+
+
 def train() -> None:
-    hydra_entry(_task("prostate_seg.training.fit", "train"), config_name="train")
+    hydra_entry(_train, config_name="train")
 
 
 def evaluate() -> None:

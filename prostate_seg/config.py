@@ -42,15 +42,22 @@ def initialize_configs() -> Any:
     return hydra.initialize_config_dir(config_dir=CONFIG_PATH, version_base="1.3")
 
 
+# Device files of an NVIDIA driver (Linux; WSL2's GPU). Without one CUDA cannot be there.
+_CUDA_DEVICE_FILES = ("/dev/nvidiactl", "/dev/dxg")
+
+
 def uses_gpu(accelerator: str) -> bool:
-    """Whether a Trainer with this ``accelerator`` setting will run on a CUDA GPU."""
+    """Whether a Trainer with this ``accelerator`` setting will run on a CUDA GPU. ``auto``
+    asks torch only where a GPU may be: with no driver, or every GPU hidden, the answer is no
+    without the seconds of importing torch."""
     if accelerator in ("gpu", "cuda"):
         return True
-    if accelerator == "auto":
-        import torch
+    if accelerator != "auto" or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1") or not any(
+            os.path.exists(path) for path in _CUDA_DEVICE_FILES):
+        return False
+    import torch
 
-        return torch.cuda.is_available()
-    return False
+    return torch.cuda.is_available()
 
 
 def default_precision(accelerator: str) -> str:

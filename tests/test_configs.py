@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from prostate_seg.cli import command_line_problem
+from prostate_seg.cli import config_problem
 from prostate_seg.config import CONF_DIR, initialize_configs
 from prostate_seg.training.checks import check_train_config
 from prostate_seg.errors import ConfigError
@@ -91,6 +91,24 @@ def test_gpu_defaults_are_fast_and_cpu_defaults_plain(tmp_path):
     assert cpu.trainer.precision == "32-true" and cpu.model.compile is False
 
 
+def test_auto_asks_torch_only_where_a_gpu_may_be(monkeypatch):
+    """torch's answer wherever it is asked; no GPU (and no torch import) where none can be:
+    every GPU hidden, or no NVIDIA driver device on the machine."""
+    import torch
+
+    from prostate_seg import config
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    may_have_one = any(Path(p).exists() for p in config._CUDA_DEVICE_FILES)
+    assert config.uses_gpu("auto") == (may_have_one and torch.cuda.is_available())
+    monkeypatch.setattr(config, "_CUDA_DEVICE_FILES", ("/nonexistent/nvidiactl",))
+    assert config.uses_gpu("auto") is False and config.uses_gpu("gpu") is True
+    monkeypatch.undo()
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert config.uses_gpu("auto") is False and config.default_precision("auto") == "32-true"
+
+
 @pytest.mark.parametrize("overrides, folds, seeds", [
     ([], "0,1,2,3,4", "0,1,2"),
     (["study.seeds=[0]", "data.folds=3"], "0,1,2", "0"),
@@ -141,13 +159,19 @@ def test_launcher_configs_compose(tmp_path):
 @pytest.mark.parametrize("argv, expected", [
     (["loss=focal"], "loss=focal: unknown loss; valid: bce, bce_tversky, dice, focal_tversky, "
                      "tversky"),
-    (["-m", "model=unet,unet_big"], "model=unet_big: unknown model"),
     (["hydra/launcher=spark"], "hydra/launcher=spark: unknown launcher; valid: basic, gpu_pool"),
     (["scheduler=null"], "scheduler=null: unknown scheduler; valid: cosine, poly (~scheduler "
                          "leaves it out)"),
+    (["model=unet,unet_big"], "Ambiguous value for argument 'model=unet,unet_big'; 1. To use it "
+                              "as a list"),  # all of Hydra's message, on one line
+    (["data.image_size=[1"], "cannot parse the command line: no viable alternative at input "
+                             "'[1'; See https://hydra.cc/"),
+    (["hydra/launcher=gpu_pool", "hydra.launcher.jobs_per_gpu=two"],
+     "Error merging override hydra.launcher.jobs_per_gpu=two: Value 'two' of type 'str' could "
+     "not be converted to Integer"),
 ])
 def test_unknown_group_options_give_one_line_with_the_valid_names(argv, expected):
-    message = command_line_problem(argv, "train")
+    message = config_problem("train", argv)
     assert message.startswith(expected) and "\n" not in message
 
 
@@ -157,13 +181,15 @@ def test_unknown_group_options_give_one_line_with_the_valid_names(argv, expected
     ("train", ["lr=1e-3"], "lr: no such key; did you mean optimizer.lr?"),
     ("train", ["trainer.max_epoch=3"], "trainer.max_epoch: no such key; did you mean "
                                        "trainer.max_epochs?"),
-    ("train", ["-m", "loss=bce,dice", "loss.alpa=0.3,0.5"],
+    ("train", ["-m", "seed=0,1", "loss.alpa=0.3"],
      "loss.alpa: no such key; did you mean loss.alpha?"),
     ("train", ["~callbacks.early_stoping"],
      "callbacks.early_stoping: no such key; did you mean callbacks.early_stopping?"),
     ("train", ["hydra/launcher=slurm", "hydra.launcher.partitio=gpu"],
      "hydra.launcher.partitio: no such key; did you mean hydra.launcher.partition?"),
     ("train", ["loss.xyz=1"], "loss.xyz: no such key; loss has: _target_, alpha, beta, name, smooth"),
+    ("train", ["loss.alpa=0.3", "optimizer.l=1"],  # each named with the other left out
+     "loss.alpa: no such key; did you mean loss.alpha?"),
     ("evaluate", ["ckpt_path=x", "subst=test"], "subst: no such key; did you mean subset?"),
     ("prepare", ["input_dir=a", "output_dir=b", "image_sise=64"],
      "image_sise: no such key; did you mean image_size?"),
@@ -172,12 +198,27 @@ def test_unknown_group_options_give_one_line_with_the_valid_names(argv, expected
 ])
 def test_unknown_keys_name_the_closest_valid_ones_and_never_suggest_adding(config, argv,
                                                                             expected):
-    message = command_line_problem(argv, config)
+    message = config_problem(config, argv)
     assert message.startswith(expected) and "\n" not in message and "+" not in message
 
 
+@pytest.mark.parametrize("argv, expected", [
+    (["model=unet,unet_big"], "model=unet_big: unknown model; valid: monai_segresnet, "
+                              "monai_unet, unet, unet_small (~model leaves it out)"),
+    (["loss=bce,dice", "loss.alpa=0.3,0.5"], "loss.alpa: no such key; did you mean loss.alpha?"),
+    (["loss=bce,focal_tversky", "loss.gama=1,2"],  # a key of an option that is not the default
+     "loss.gama: no such key; did you mean loss.gamma?"),
+])
+def test_a_sweep_names_a_wrong_option_or_key_of_any_job_before_checking_one(argv, expected,
+                                                                            tmp_path):
+    """Every job is composed before the first is checked (data.dir is not even looked at)."""
+    result = run_cli("train.py", "-m", *argv, "data.dir=nowhere", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == f"error: {expected}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("config, argv", [
-    ("train", ["loss=bce", "seed=3", "-m", "model=unet,unet_small", "+foo=1"]),
+    ("train", ["-m", "loss=bce", "seed=3", "model=unet,unet_small", "+foo=1"]),
     ("train", ["-m", "loss=bce,tversky", "loss.alpha=0.25,0.5"]),  # a key of one swept option
     ("train", ["model=monai_unet", "model.net.channels=[8,16]"]),
     ("train", ["data.train_transform.transforms.1.limit=20", "~callbacks.early_stopping"]),
@@ -186,7 +227,7 @@ def test_unknown_keys_name_the_closest_valid_ones_and_never_suggest_adding(confi
     ("predict", ["ckpt_path=x", "input=a", "output=b"]),
 ])
 def test_valid_command_lines_pass(config, argv):
-    assert command_line_problem(argv, config) is None
+    assert config_problem(config, argv) is None
 
 
 def test_every_tool_finds_its_config_from_any_working_directory(tmp_path):
@@ -246,7 +287,7 @@ def test_help_lists_every_group_with_its_options_and_examples_that_compose():
                 if line.strip().startswith("python train.py") and "[" not in line]
     assert len(examples) >= 5
     for line in examples:
-        assert command_line_problem(shlex.split(line)[2:], "train") is None, line
+        assert config_problem("train", shlex.split(line)[2:]) is None, line
 
 
 @pytest.mark.parametrize("tool, required", [("prepare", "input_dir: ???"),

@@ -137,6 +137,31 @@ def test_cli_unknown_key_is_one_line_with_the_closest_key_and_writes_nothing(tmp
         assert list(tmp_path.iterdir()) == []
 
 
+# What takes seconds to import; a command that only answers (help, a mistake) needs none of it.
+HEAVY_IMPORTS = {"torch", "pytorch_lightning", "lightning", "torchmetrics", "albumentations",
+                 "cv2", "matplotlib", "scipy", "numpy", "mlflow", "monai", "tensorboard"}
+
+
+@pytest.mark.parametrize("args, answer", [
+    (["--help"], "python train.py [group=option ...] [key=value ...]"),
+    (["loss.alpa=0.3"], "error: loss.alpa: no such key; did you mean loss.alpha?"),
+    (["data.dir=missing"], "error: data.dir=missing: folder not found"),
+])
+def test_help_and_mistakes_answer_without_the_heavy_imports(args, answer, tmp_path):
+    """Within seconds (about 1 s on an idle core; 9 s when they imported torch): none of the
+    stage's libraries is imported (Python's own -X importtime lists every import)."""
+    start = time.monotonic()
+    result = run_cli("-X", "importtime", str(REPO / "train.py"), *args, cwd=tmp_path)
+    took = time.monotonic() - start
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+                for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "hydra" in imported and not imported & HEAVY_IMPORTS, imported & HEAVY_IMPORTS
+    output = [line for line in (result.stdout + result.stderr).splitlines()
+              if not line.startswith("import time:")]
+    assert any(line.startswith(answer) for line in output), output
+    assert took < 5.0 and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["-m", "prostate_seg", "prepare", "input_dir=nothere", "output_dir=out"],
      "error: input_dir=nothere: folder not found"),

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from hydra_plugins.gpu_pool_launcher.gpu_pool_launcher import (
-    GpuPoolLauncher,
-    config_flags,
-    forwarded_hydra_overrides,
-)
+from omegaconf import OmegaConf
+
+from hydra_plugins.gpu_pool_launcher.gpu_pool_launcher import GpuPoolLauncher
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +46,13 @@ def main(cfg):
         json.dump(record, f)
     if cfg.fail:
         raise RuntimeError(f"job {cfg.name} was told to fail")
+    if cfg.user_error:  # ended as the project's tools end a user's mistake
+        from prostate_seg.cli import _run
+        from prostate_seg.errors import ConfigError
+
+        def task(cfg):
+            raise ConfigError(f"name={cfg.name}: not a name this job takes")
+        _run(task, cfg)
 
 if __name__ == "__main__":
     main()
@@ -63,6 +68,7 @@ hydra:
 duration: 0.1
 durations: {{a: 5.0, b: 0.2, c: 0.2, d: 0.2}}
 fail: false
+user_error: false
 name: x
 on_term_s: 0
 die: false
@@ -154,15 +160,80 @@ def test_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert GpuPoolLauncher(accelerator="cpu").slots == ["0"]
 
 
-def test_child_command_line_keeps_config_choice_and_hydra_settings() -> None:
-    argv = ["-m", "-cn", "train", "--config-dir=extra", "loss=dice", "--config-path", "conf"]
-    assert config_flags(argv) == ["-cn", "train", "--config-dir=extra", "--config-path", "conf"]
-    parent = ["hydra/launcher=gpu_pool", "hydra.launcher.devices=[0,1]", "hydra.mode=MULTIRUN",
-              "hydra.sweep.dir=x", "hydra.job.chdir=true", "+hydra.searchpath=[file://y]",
-              "hydra.run.dir=z", "hydra.sweeper.max_batch_size=2"]
-    assert forwarded_hydra_overrides(parent) == ["hydra.job.chdir=true",
-                                                 "+hydra.searchpath=[file://y]"]
+# Records every process that starts and every config Hydra composes in it, in the sweep's
+# process and in every job's (Python imports sitecustomize from the PYTHONPATH at start-up).
+COUNT_COMPOSITIONS = '''
+import json, os
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 
+def record(**entry):
+    with open(os.environ["COMPOSITIONS"], "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), **entry}) + "\\n")
+
+_load = ConfigLoaderImpl.load_configuration
+
+def load_configuration(self, config_name, overrides, *args, **kwargs):
+    record(overrides=list(overrides))
+    return _load(self, config_name, overrides, *args, **kwargs)
+
+ConfigLoaderImpl.load_configuration = load_configuration
+record()
+'''
+
+
+def test_each_job_is_composed_once_and_its_process_runs_that_config(tmp_path):
+    """The study sweeper composes and checks every job; the launcher and the job's own process
+    use that config: one composition per job in all, none from the command line again."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(COUNT_COMPOSITIONS)
+    counts = tmp_path / "compositions.jsonl"
+    env = {**os.environ, "COMPOSITIONS": str(counts), "PYTHONPATH": os.pathsep.join(
+        [str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    done = subprocess.run(sweep_command(tmp_path, "name=a,b,c", "hydra/sweeper=study",
+                                        "hydra.sweeper.check_job=null",
+                                        "hydra.sweep.subdir=${ps.job_name:}"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    folders = {json.loads((p / "launcher.json").read_text())["job"]: p
+               for p in (tmp_path / "sweep").iterdir() if (p / "launcher.json").exists()}
+    jobs = {f"name={name}": json.loads((folders[num] / "record.json").read_text())
+            for num, name in enumerate("abc")}
+    lines = [json.loads(line) for line in counts.read_text().splitlines()]
+    started = [line["pid"] for line in lines if "overrides" not in line]
+    compositions = [line for line in lines if "overrides" in line]
+    sweep_pid = started[0]
+    for override, record in jobs.items():
+        assert [c["pid"] for c in compositions if override in c["overrides"]] == [sweep_pid]
+        assert record["pid"] in started  # counted there too,
+        assert record["pid"] not in {c["pid"] for c in compositions}  # and composed nothing
+    for num, folder in folders.items():  # what Hydra records of the job: the sweeper's config
+        hydra_cfg = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra
+        assert hydra_cfg.sweep.subdir == folder.name and hydra_cfg.job.num == num
+        assert OmegaConf.load(folder / ".hydra" / "overrides.yaml") == [f"name={'abc'[num]}"]
+
+
+def test_a_job_runs_again_from_its_file_with_overrides_set_on_its_config(tmp_path):
+    """What Lightning's DDP does to start a job's other processes: the job's command line again,
+    plus overrides (here a log of another name, no second .hydra/, and a task setting)."""
+    assert sweep(tmp_path).returncode == 0
+    job = tmp_path / "sweep" / "0"
+    (job / ".hydra" / "config.yaml").unlink()
+    again = subprocess.run([*json.loads((job / "launcher.json").read_text())["command"],
+                            "hydra.job.name=again", "hydra.output_subdir=null", "fail=true"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PROSTATE_SEG_SLOT": "0"})
+    assert again.returncode == 1 and "RuntimeError: job x was told to fail" in again.stderr
+    assert (job / "again.log").exists() and not (job / ".hydra" / "config.yaml").exists()
+
+
+def test_a_user_error_in_a_job_is_its_one_line_and_exit_code_2(tmp_path):
+    done = sweep(tmp_path, "user_error=false,true")
+    assert done.returncode != 0
+    info, _ = job_files(tmp_path, 1)
+    assert info["status"] == "failed" and info["returncode"] == 2
+    log = (tmp_path / "sweep" / "1" / "launcher.log").read_text()
+    assert log.splitlines()[1:] == ["error: name=x: not a name this job takes"]
+    assert info["error"].splitlines()[-1] == "error: name=x: not a name this job takes"
 
 
 # --- interrupts and kills --------------------------------------------------------------------

@@ -81,8 +81,9 @@ def test_wheel_runs_the_pipeline_from_an_empty_folder(tmp_path):
 
     run("prostate-seg-synthetic", "output_dir=phantoms", "num_patients=4", "size=48")
     run("prostate-seg-prepare", "input_dir=phantoms", "output_dir=prepared", "image_size=32")
-    # One job through the gpu_pool launcher (a plugin shipped in the wheel), which starts the
-    # job as a fresh `prostate-seg-train` process; the sweep report is written at the end.
+    # One job through the gpu_pool launcher (a plugin shipped in the wheel), which runs the
+    # job in a fresh process (hydra_plugins.gpu_pool_launcher.job); the sweep report is written
+    # at the end.
     run("prostate-seg-train", "-m", "hydra/launcher=gpu_pool", "hydra.launcher.accelerator=cpu",
         "hydra.sweep.dir=sweep", "hydra.sweep.subdir=job", "data.dir=prepared", "model=unet_small",
         "model.net.features=[8,16]", "trainer=cpu", "trainer.max_epochs=1",

@@ -61,3 +61,36 @@ def test_bce_and_several_tversky_alphas_in_one_sweep(prepared_copy, tmp_path):
     alphas = {f: json.loads((sweep / f / "results.json").read_text())["alpha"] for f in folders}
     assert alphas == {"bce-fold0-seed0": "-", "tversky_a0.25-fold0-seed0": 0.25,
                       "tversky_a0.75-fold0-seed0": 0.75}
+
+
+def test_a_named_job_is_the_config_hydra_composes_with_its_name(tmp_path):
+    """The sweeper composes each job once and adds its folder name to that config; the
+    launcher gets this config back: the same as Hydra's own composition with the name."""
+    import pickle
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from prostate_seg.config import initialize_configs
+
+    GlobalHydra.instance().clear()
+    with initialize_configs():  # (Hydra's plugin scan imports the sweeper module anew)
+        from hydra_plugins.study_sweeper.study_sweeper import ComposedJobs, check_and_name_jobs
+
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration(
+            "train", ["data.dir=.", f"hydra.sweep.dir={tmp_path}"], RunMode.MULTIRUN)
+        composed = ComposedJobs(loader)
+        jobs = check_and_name_jobs(master, composed, None,
+                                   [["loss=bce", "seed=0"], ["loss=tversky", "seed=0"]])
+        assert jobs == [["loss=bce", "seed=0", "hydra.sweep.subdir=bce-fold0-seed0"],
+                        ["loss=tversky", "seed=0", "hydra.sweep.subdir=tversky_a0.5-fold0-seed0"]]
+        for job in jobs:
+            given = composed.load_sweep_config(master, job)
+            assert OmegaConf.to_yaml(given) == OmegaConf.to_yaml(
+                loader.load_sweep_config(master, job))
+            given.seed = 7  # a copy: the next launcher gets the checked config again
+            assert composed.load_sweep_config(master, job).seed == 0
+    GlobalHydra.instance().clear()
+    assert pickle.loads(pickle.dumps(composed)).jobs == {}  # not shipped with every SLURM task

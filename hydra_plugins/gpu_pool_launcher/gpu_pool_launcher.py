@@ -1,13 +1,15 @@
 """Launcher that runs a sweep's jobs concurrently over a pool of device slots.
 
-Each job runs as a fresh ``python <script> <overrides>`` single run whose output folder is the
-job's sweep folder, with ``CUDA_VISIBLE_DEVICES`` set before the child starts: CUDA is never
-initialised in this (parent) process, and a job cannot touch another job's GPU. Slots take the
-next queued job the moment their previous job exits, so short and long jobs pack tightly.
+Each job runs in a fresh process (:mod:`.job`) as a single run in the job's sweep folder, on
+the config composed here (by the sweeper, which checked it, or by this launcher): the launcher
+writes the config, the task and Hydra's state to the folder's ``launcher.pickle`` and the child
+runs them without composing again. ``CUDA_VISIBLE_DEVICES`` is set before the child starts:
+CUDA is never initialised in this (parent) process, and a job cannot touch another job's GPU.
+Slots take the next queued job the moment their previous job exits, so short and long jobs
+pack tightly.
 """
 
 import copy
-import json
 import logging
 import os
 import queue
@@ -21,16 +23,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Dict, List, Optional, Sequence
 
+import cloudpickle
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.types import Quote, QuotedString
+from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides, setup_globals
 from hydra.plugins.launcher import Launcher
-from hydra.types import HydraContext, TaskFunction
+from hydra.types import HydraContext, RunMode, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from prostate_seg.config import available_cpus
-from prostate_seg.files import write_json
+from prostate_seg.files import replacing, write_json
 from prostate_seg.study.runs import load_json_object
 
 log = logging.getLogger(__name__)
@@ -38,11 +41,7 @@ log = logging.getLogger(__name__)
 ACCELERATORS = ("gpu", "cpu")
 ERROR_TAIL_LINES = 40
 TERMINATE_GRACE_S = 60.0
-# Command-line flags of the parent that pick the config; the children need the same ones.
-_CONFIG_FLAGS = ("--config-path", "--config-name", "--config-dir", "-cp", "-cn", "-cd")
-# Parent hydra overrides that only concern the sweep itself; the launcher sets the child's own.
-_SWEEP_ONLY_KEYS = ("hydra/launcher", "hydra/sweeper", "hydra.launcher", "hydra.sweeper",
-                    "hydra.sweep", "hydra.run", "hydra.mode", "hydra.job.num", "hydra.job.id")
+JOB_FILE = "launcher.pickle"  # in the job's folder: what its process runs (see .job)
 
 
 @dataclass
@@ -102,35 +101,6 @@ def visible_gpus() -> List[str]:
     except ImportError:
         return []
     return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def config_flags(argv: Sequence[str]) -> List[str]:
-    """The flags of ``argv`` that choose the config (``-cn train``, ``--config-dir=x``)."""
-    flags: List[str] = []
-    args = iter(argv)
-    for arg in args:
-        if arg in _CONFIG_FLAGS:
-            flags += [arg, next(args, "")]
-        elif arg.split("=", 1)[0] in _CONFIG_FLAGS:
-            flags.append(arg)
-    return flags
-
-
-def forwarded_hydra_overrides(overrides: Sequence[str]) -> List[str]:
-    """The parent's ``hydra.*`` overrides that shape each job (searchpath, job.chdir, logging)."""
-    kept = []
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if not any(key == k or key.startswith(k + ".") for k in _SWEEP_ONLY_KEYS):
-            kept.append(override)
-    return kept
-
-
-def entry_command() -> List[str]:
-    """How to start the program the user ran (``python -m prostate_seg train``, ``python
-    train.py``, a console script): this interpreter's command line without Hydra's arguments."""
-    hydra_args = len(sys.argv) - 1
-    return [sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - hydra_args]]
 
 
 def log_tail(path: Path, lines: int = ERROR_TAIL_LINES) -> List[str]:
@@ -203,6 +173,7 @@ class GpuPoolLauncher(Launcher):
         self.slots = self.slot_devices()  # here, so a bad setting stops the sweep early
         self.config: Optional[DictConfig] = None
         self.hydra_context: Optional[HydraContext] = None
+        self.task_function: Optional[TaskFunction] = None
         self._lock = threading.Lock()
         self._running: Dict[int, subprocess.Popen] = {}
         self._stopping = False
@@ -213,6 +184,7 @@ class GpuPoolLauncher(Launcher):
               config: DictConfig) -> None:
         self.config = config
         self.hydra_context = hydra_context
+        self.task_function = task_function
 
     def slot_devices(self) -> List[str]:
         """One entry per slot: the device id, each device ``jobs_per_gpu`` times, interleaved
@@ -262,7 +234,9 @@ class GpuPoolLauncher(Launcher):
         return returns
 
     def _prepare(self, idx: int, overrides: List[str]) -> _Job:
-        """The job's config and its output folder, exactly as the BasicLauncher computes them."""
+        """The job's config (the sweeper's, when it composed the job already) and its output
+        folder, exactly as the BasicLauncher computes them, written to the folder for the
+        job's process: a single run there."""
         assert self.config is not None and self.hydra_context is not None
         config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config):
@@ -278,13 +252,16 @@ class GpuPoolLauncher(Launcher):
         job_dir = Path(os.path.abspath(job_dir))
         with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
             config.hydra.runtime.output_dir = str(job_dir)
+        run = copy.deepcopy(config)  # the job's process: a single run in the job's folder
+        with read_write(run.hydra):
+            run.hydra.mode = RunMode.RUN
+            run.hydra.run.dir = str(job_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
-        # The child is a plain single run of the same program, writing into the job's folder.
-        run_dir = QuotedString(text=str(job_dir), quote=Quote.single).with_quotes()
-        command = (entry_command() + config_flags(sys.argv[1:])
-                   + forwarded_hydra_overrides(self.config.hydra.overrides.hydra) + overrides
-                   + ["hydra.mode=RUN", f"hydra.run.dir={run_dir}",
-                      f"hydra.job.num={idx}", f"hydra.job.id={idx}"])
+        with replacing(job_dir / JOB_FILE) as tmp:
+            tmp.write_bytes(cloudpickle.dumps({
+                "config": run, "task_function": self.task_function,
+                "callbacks": self.hydra_context.callbacks, "singletons": Singleton.get_state()}))
+        command = [sys.executable, "-m", f"{__package__}.job", str(job_dir / JOB_FILE)]
         return _Job(idx=idx, overrides=overrides, config=config, dir=job_dir, command=command)
 
     def _env(self, device: str, cpus: int) -> Dict[str, str]:
@@ -292,6 +269,9 @@ class GpuPoolLauncher(Launcher):
         env["CUDA_VISIBLE_DEVICES"] = device if self.accelerator == "gpu" else ""
         env["PROSTATE_SEG_SLOT"] = device
         env["PROSTATE_SEG_CPUS"] = str(cpus)
+        # The job imports what this process did (the task's modules), from the same places.
+        env["PYTHONPATH"] = os.pathsep.join(
+            [sys.path[0] or os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH")])])
         env.setdefault("OMP_NUM_THREADS", str(cpus))
         env.setdefault("PYTHONUNBUFFERED", "1")  # the log stays in order, and complete if killed
         return env

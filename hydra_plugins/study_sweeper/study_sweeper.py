@@ -2,26 +2,30 @@
 
 Before anything is written or launched, every job's config is composed and checked
 (``check_job``: values in range, data present, a job folder never reused for another config)
-and its folder named; two jobs that would share a folder stop the sweep. A sweep folder is
-locked while its sweep runs, so a second sweep started into it is refused instead of
-training every job twice.
+and its folder named; two jobs that would share a folder stop the sweep. That composition is
+the job's only one: the launcher gets it from the config loader instead of composing again.
+A sweep folder is locked while its sweep runs, so a second sweep started into it is refused
+instead of training every job twice.
 
 A setting of a swept group's options applies to the options that have it:
 ``loss=bce,tversky loss.alpha=0.25,0.75`` runs bce once and Tversky with each alpha.
 """
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.config_loader import ConfigLoader
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
-from prostate_seg.cli import exit_on_user_error
+from prostate_seg.cli import exit_on_user_error, unknown_key_line
 from prostate_seg.errors import ConfigError, UserError
 from prostate_seg.study.runs import RunLock
 from prostate_seg.study.sweeps import job_name
@@ -44,12 +48,59 @@ ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudySwee
                              provider="prostate_seg")
 
 
+class ComposedJobs(ConfigLoader):
+    """Hydra's config loader, except that a job the sweeper composed and checked is answered
+    with (a copy of) that config: the launcher, in this process or a child's, runs exactly what
+    was checked, composed once. Everything else is the loader's own work."""
+
+    def __init__(self, loader: ConfigLoader) -> None:
+        self.loader = loader
+        self.jobs: Dict[Tuple[str, ...], DictConfig] = {}
+
+    def __getstate__(self) -> Dict[str, Any]:
+        # A SLURM launcher pickles the loader with every task: not every job's config with it.
+        return {"loader": self.loader, "jobs": {}}
+
+    def load_sweep_config(self, master_config: DictConfig, sweep_overrides: List[str]
+                          ) -> DictConfig:
+        composed = self.jobs.get(tuple(sweep_overrides))
+        if composed is None:
+            return self.loader.load_sweep_config(master_config, sweep_overrides)
+        return copy.deepcopy(composed)
+
+    def load_configuration(self, *args: Any, **kwargs: Any) -> DictConfig:
+        return self.loader.load_configuration(*args, **kwargs)
+
+    def get_search_path(self) -> Any:
+        return self.loader.get_search_path()
+
+    def get_sources(self) -> Any:
+        return self.loader.get_sources()
+
+    def list_groups(self, parent_name: str) -> List[str]:
+        return self.loader.list_groups(parent_name)
+
+    def get_group_options(self, *args: Any, **kwargs: Any) -> List[str]:
+        return self.loader.get_group_options(*args, **kwargs)
+
+    def compute_defaults_list(self, *args: Any, **kwargs: Any) -> Any:
+        return self.loader.compute_defaults_list(*args, **kwargs)
+
+
 class StudySweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int] = None,
                  params: Optional[Dict[str, str]] = None, check_job: Optional[str] = None):
         super().__init__(max_batch_size=max_batch_size, params=params)
-        self.check_job = get_method(check_job) if check_job else None
+        self.check_job = check_job  # imported when the jobs are checked (torch, for training)
+        self.composed: Optional[ComposedJobs] = None
         self._lock: Optional[RunLock] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.composed = ComposedJobs(hydra_context.config_loader)
+        super().setup(hydra_context=HydraContext(config_loader=self.composed,
+                                                 callbacks=hydra_context.callbacks),
+                      task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
         try:
@@ -61,14 +112,13 @@ class StudySweeper(BasicSweeper):
     def split_arguments(self, overrides: List[Any],  # type: ignore[override]
                         max_batch_size: Optional[int]) -> List[List[List[str]]]:
         """The jobs of the grid, each checked and named, before the sweep folder is made."""
-        assert self.config is not None and self.hydra_context is not None
+        assert self.config is not None and self.composed is not None
         jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
         with exit_on_user_error():
-            jobs = applicable_jobs(self.config, self.hydra_context, jobs)
-            extra = check_and_name_jobs(self.config, self.hydra_context, self.check_job, jobs)
+            jobs = applicable_jobs(self.config, self.composed, jobs)
+            jobs = check_and_name_jobs(self.config, self.composed, self.check_job, jobs)
             self._lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
             self._lock.acquire()
-        jobs = [job + extra[tuple(job)] for job in jobs]
         size = max_batch_size if max_batch_size and max_batch_size > 0 else max(len(jobs), 1)
         return [jobs[i:i + size] for i in range(0, len(jobs), size)]
 
@@ -79,57 +129,75 @@ class StudySweeper(BasicSweeper):
 _ABSENT = object()
 
 
-def applicable_jobs(config: DictConfig, hydra_context: Any, jobs: List[List[str]]
-                    ) -> List[List[str]]:
-    """The jobs with each setting of a swept group (``loss.alpha`` while ``loss`` takes several
-    options) kept only where the chosen option has that setting; jobs that then coincide (bce
-    with each alpha) run once. A setting no option has stays, so a typo is still an error."""
-    options: Dict[str, set] = {}
-    for job in jobs:
-        for override in job:
-            key, _, value = override.partition("=")
-            if "." not in key and not key.startswith(("+", "~")):
-                options.setdefault(key, set()).add(value)
-    swept = {group for group, values in options.items() if len(values) > 1}
-    kept: Dict[Tuple[str, ...], None] = {}
-    for job in jobs:
-        dependent = [o for o in job if "." in o.split("=", 1)[0]
-                     and o.split("=", 1)[0].split(".", 1)[0] in swept]
-        if dependent:
-            base = hydra_context.config_loader.load_sweep_config(
-                config, [o for o in job if o not in dependent])
-            job = [o for o in job if o not in dependent or OmegaConf.select(
-                base, o.split("=", 1)[0], default=_ABSENT) is not _ABSENT]
-        kept.setdefault(tuple(job))
-    return [list(job) for job in kept]
+def _key(override: str) -> str:
+    return override.split("=", 1)[0]
 
 
-def check_and_name_jobs(config: DictConfig, hydra_context: Any, check_job: Optional[Any],
-                        jobs: List[List[str]]) -> Dict[Tuple[str, ...], List[str]]:
-    """Per job of ``jobs`` (override lists), the overrides to add (its folder name, when the
-    sweep's subdir is the default); raises on the first bad job."""
+def _swept(jobs: List[List[str]]) -> set:
+    """The keys that take more than one value over the jobs."""
     values: Dict[str, set] = {}
     for job in jobs:
         for override in job:
             key, _, value = override.partition("=")
             values.setdefault(key, set()).add(value)
-    swept = {key for key, seen in values.items() if len(seen) > 1}
+    return {key for key, seen in values.items() if len(seen) > 1}
+
+
+def applicable_jobs(config: DictConfig, loader: ConfigLoader, jobs: List[List[str]]
+                    ) -> List[List[str]]:
+    """The jobs with each setting of a swept group (``loss.alpha`` while ``loss`` takes several
+    options) kept only where the chosen option has that setting; jobs that then coincide (bce
+    with each alpha) run once; a setting no option has is an error (a typo). Which keys an
+    option has is read from one config per combination of swept options."""
+    swept = _swept(jobs)
+    groups = {key for key in swept if "." not in key and not key.startswith(("+", "~"))}
+    dependent = {_key(o) for job in jobs for o in job
+                 if "." in _key(o) and _key(o).split(".", 1)[0] in groups}
+    if not dependent:
+        return jobs
+    parents = {key.split(".", 1)[0] for key in dependent}
+    options: Dict[Tuple[str, ...], DictConfig] = {}
+
+    def has(job: List[str], key: str) -> bool:
+        chosen = tuple(o for o in job if _key(o) not in dependent
+                       and (_key(o) not in swept or _key(o) in parents))
+        if chosen not in options:
+            options[chosen] = loader.load_sweep_config(config, list(chosen))
+        return OmegaConf.select(options[chosen], key, default=_ABSENT) is not _ABSENT
+
+    somewhere = {_key(o) for job in jobs for o in job if _key(o) in dependent and has(job, _key(o))}
+    if dependent - somewhere:
+        raise ConfigError(unknown_key_line(min(dependent - somewhere), list(options.values())))
+    kept: Dict[Tuple[str, ...], None] = {}
+    for job in jobs:
+        kept.setdefault(tuple(o for o in job if _key(o) not in dependent or has(job, _key(o))))
+    return [list(job) for job in kept]
+
+
+def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Optional[str],
+                        jobs: List[List[str]]) -> List[List[str]]:
+    """The jobs (override lists), each with its folder name added when the sweep's subdir is the
+    default, composed once into ``loader``, then checked by ``check_job`` (imported after every
+    job composed: a typo in any job is found before the check's imports); raises on the first
+    bad job."""
+    swept = _swept(jobs)
     auto = OmegaConf.to_container(config.hydra.sweep)["subdir"] == AUTO_SUBDIR
     excluded = set(config.hydra.job.config.override_dirname.exclude_keys or [])
-    extra: Dict[Tuple[str, ...], List[str]] = {}
+    named: List[Tuple[List[str], List[str], Path]] = []
     folders: Dict[Path, int] = {}
     parent = HydraConfig.instance().cfg
     try:
         for index, job in enumerate(jobs):
-            job_config = hydra_context.config_loader.load_sweep_config(config, job)
-            HydraConfig.instance().set_config(job_config)  # for ${hydra:...} in the names
-            added = []
-            subdir = job_config.hydra.sweep.subdir
+            job_config = loader.load_sweep_config(config, job)
+            _set_hydra_config(job_config)  # for ${hydra:...} in the names
+            subdir, added = job_config.hydra.sweep.subdir, []
             if auto:
-                varying = [tuple(o.split("=", 1)) for o in job
-                           if o.split("=", 1)[0] in swept - excluded]
-                subdir = job_name(job_config, varying)
+                subdir = job_name(job_config, [tuple(o.split("=", 1)) for o in job
+                                               if _key(o) in swept - excluded])
                 added = [f"hydra.sweep.subdir={subdir}"]
+                with read_write(job_config.hydra):  # as if composed with that override
+                    job_config.hydra.sweep.subdir = subdir
+                    job_config.hydra.overrides.hydra.extend(added)
             folder = Path(job_config.hydra.sweep.dir) / str(subdir)
             if folder in folders:
                 raise ConfigError(
@@ -137,14 +205,27 @@ def check_and_name_jobs(config: DictConfig, hydra_context: Any, check_job: Optio
                     f"({' '.join(jobs[folders[folder]])} / {' '.join(job)}); name the "
                     "setting that tells them apart in hydra.sweep.subdir")
             folders[folder] = index
-            if check_job is not None:
-                named = [o for o in job if o.split("=", 1)[0] in swept] or job
+            loader.jobs[tuple(job + added)] = job_config
+            named.append((job, added, folder))
+        check = get_method(check_job) if check_job else None
+        for job, added, folder in named:
+            job_config = loader.jobs[tuple(job + added)]
+            if check is not None:
+                _set_hydra_config(job_config)
                 try:
-                    check_job(job_config, folder)
+                    check(job_config, folder)
                 except UserError as exc:
-                    raise type(exc)(f"job {' '.join(named)}: {exc}") from None
-            extra[tuple(job)] = added
+                    varying = [o for o in job if _key(o) in swept] or job
+                    raise type(exc)(f"job {' '.join(varying)}: {exc}") from None
     finally:
         HydraConfig.instance().cfg = parent
     log.info(f"Checked {len(jobs)} jobs before launch")
-    return extra
+    return [job + added for job, added, _ in named]
+
+
+def _set_hydra_config(job_config: DictConfig) -> None:
+    """The job's config as HydraConfig's, leaving its ``hydra`` node writable as composed
+    (``set_config`` makes it read-only; a launcher sets the job's number there)."""
+    read_only = OmegaConf.is_readonly(job_config.hydra)
+    HydraConfig.instance().set_config(job_config)
+    OmegaConf.set_readonly(job_config.hydra, read_only)

@@ -164,6 +164,15 @@ def check_input_size(model: DictConfig, image_size: object) -> None:
              f"must be an integer >= 2^depth = {2**depth} for a U-Net with {depth} levels")
 
 
+def check_data_dir(data_dir: object) -> None:
+    """``data.dir`` is a prepared dataset (torch-free: the command line checks it first)."""
+    folder = Path(str(data_dir))
+    _require(folder.is_dir(), "data.dir", data_dir,
+             "folder not found (make one with python -m prostate_seg prepare)")
+    _require((folder / "manifest.csv").is_file(), "data.dir", data_dir,
+             "not a prepared dataset (no manifest.csv; make one with python -m prostate_seg prepare)")
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key, on values that cannot work."""
     check_extras_installed(cfg)
@@ -189,8 +198,4 @@ def check_train_config(cfg: DictConfig) -> None:
     epochs = cfg.trainer.get("max_epochs")
     _require(epochs != -1 or not cfg.get("scheduler"), "trainer.max_epochs", epochs,
              "a learning-rate schedule decays over a finite number of epochs; set one")
-    folder = Path(str(data.dir))
-    _require(folder.is_dir(), "data.dir", data.dir,
-             "folder not found (make one with python -m prostate_seg prepare)")
-    _require((folder / "manifest.csv").is_file(), "data.dir", data.dir,
-             "not a prepared dataset (no manifest.csv; make one with python -m prostate_seg prepare)")
+    check_data_dir(data.dir)
