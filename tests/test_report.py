@@ -16,7 +16,6 @@ from scipy import stats
 from prostate_seg.study import figures
 from prostate_seg.errors import DataError
 from prostate_seg.study.report import (
-    SweepReportCallback,
     collect_runs,
     main,
     read_long_table,
@@ -24,6 +23,7 @@ from prostate_seg.study.report import (
 )
 from prostate_seg.study.runs import RunLock
 from prostate_seg.study.statistics import analyse
+from prostate_seg.study.sweep_report import SweepReport
 
 PATIENTS = [f"case{i:02d}" for i in range(12)]
 TOTAL = 48 * 48 * 10
@@ -321,17 +321,17 @@ def test_a_sweep_without_completed_runs_lists_them(tmp_path):
 
 
 def test_callback_never_fails_the_sweep_and_reads_the_report_settings(tmp_path, caplog):
-    callback = SweepReportCallback()
-    callback._sweep_dir = tmp_path / "empty"
-    callback._sweep_dir.mkdir()
-    callback._report()  # no exception: logged
+    callback = SweepReport()
+    callback.sweep_dir = tmp_path / "empty"
+    callback.sweep_dir.mkdir()
+    callback.write()  # no exception: logged
     assert "could not write the sweep report" in caplog.text
     sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
-    callback = SweepReportCallback()
+    callback = SweepReport()
     callback.on_multirun_start(OmegaConf.create({
         "report": {"baseline": "tversky_a0.25", "all_pairs": True},
         "hydra": {"sweep": {"dir": str(sweep)}}}))
-    callback._report()
+    callback.write()
     pairs = {(c["loss"], c["baseline"]) for c in read_csv(sweep / "report" / "comparisons.csv")}
     assert pairs == {("bce", "tversky_a0.25"), ("tversky_a0.5", "tversky_a0.25"),
                      ("tversky_a0.5", "bce")}

@@ -18,7 +18,6 @@ and figures. The statistics are in :mod:`prostate_seg.study.statistics`.
 from __future__ import annotations
 
 import argparse
-import atexit
 import csv
 import json
 import logging
@@ -32,8 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 from prostate_seg.study import figures
 from prostate_seg.errors import DataError, UserError
@@ -51,13 +48,13 @@ from prostate_seg.study.runs import (
     mixed_code,
 )
 from prostate_seg.study.statistics import ALPHA, MEASURED, Analysis, Row, analyse
+from prostate_seg.study.sweep_report import DEFAULT_BASELINE
 
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 LONG_TABLE = "per_patient.csv"
 LAUNCHER_FILE = "launcher.json"
-DEFAULT_BASELINE = "bce"
 PRIMARY_SPLIT = "val"
 
 # The long table: identifying columns, per-patient scores, then the run's own columns
@@ -737,40 +734,6 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
     print("\n".join(sweep.caution + verdict))
     print(f"report: {out / 'results.md'}\nTensorBoard: tensorboard --logdir {sweep_dir}")
     return out / "results.md"
-
-
-class SweepReportCallback(Callback):
-    """Hydra callback: write the report when a multirun ends. Hydra skips ``on_multirun_end``
-    when a job failed, so the report is also written at exit in that case; a report problem is
-    logged, never raised (it must not turn a finished sweep into a failed one).
-
-    Settings, in the sweep's config: ``report.baseline=NAME`` (bce by default; all pairs
-    when the sweep has no such loss) and ``report.all_pairs=true``."""
-
-    def __init__(self) -> None:
-        self.baseline: str | None = None
-        self.all_pairs = False
-        self._sweep_dir: Path | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        settings = config.get("report") or {}
-        baseline = settings.get("baseline", DEFAULT_BASELINE)
-        self.baseline = None if baseline == DEFAULT_BASELINE else baseline  # bce, if there
-        self.all_pairs = bool(settings.get("all_pairs", False))
-        self._sweep_dir = Path(config.hydra.sweep.dir)
-        atexit.register(self._report)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._report()
-
-    def _report(self) -> None:
-        if self._sweep_dir is None or not self._sweep_dir.is_dir():
-            return  # no job started (stopped by the checks before launch)
-        sweep_dir, self._sweep_dir = self._sweep_dir, None
-        try:
-            write_report(sweep_dir, self.baseline, self.all_pairs)
-        except Exception as exc:  # noqa: BLE001 - a report problem must not hide the sweep's
-            log.error("could not write the sweep report for %s: %s", sweep_dir, exc)
 
 
 def main(argv: list[str] | None = None) -> int:
