@@ -20,7 +20,6 @@ repetitions of one configuration, which the report pools.
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import json
 import os
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout, lock_descriptor
 from omegaconf import DictConfig, OmegaConf
 
 from prostate_seg.errors import ConfigError
@@ -137,33 +137,33 @@ def split_digest(split: Mapping[str, Any]) -> str:
     return _digest(split)
 
 
+def _stamp_holder(fd: int) -> None:
+    """Who holds a lock, written into its file for the message of a process it refuses."""
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+
+
 class RunLock:
-    """An exclusive lock on a run folder for the life of the process that holds it (released
-    by the kernel when the process dies, so a killed job never leaves a stale lock)."""
+    """An exclusive lock on a run (or sweep) folder for the life of the process that holds it:
+    filelock's native lock, released by the kernel when the process dies, so a killed job never
+    leaves a stale lock. The file stays, with the last holder's name in it."""
 
     def __init__(self, run_dir: Path, what: str = "run folder"):
         self.path = run_dir / LOCK_FILE
         self.what = what
-        self._fd: int | None = None
+        self._lock = FileLock(self.path, blocking=False, preserve_lock_file=True,
+                              on_acquired=_stamp_holder)
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise ConfigError(f"{self.path.parent}: {self.what} in use by {holder}; wait for it "
-                              "to end, or write to another folder") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        self._fd = fd
+            self._lock.acquire()
+        except Timeout:
+            raise ConfigError(f"{self.path.parent}: {self.what} in use by {self._holder()}; wait "
+                              "for it to end, or write to another folder") from None
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()
 
     def held_by_another(self) -> str | None:
         """Who holds the folder (``pid N on host``), or None when no live process does. Only
@@ -173,17 +173,15 @@ class RunLock:
         except FileNotFoundError:
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _holder(fd)
+            return None if lock_descriptor(fd, blocking=False) else self._holder()
         finally:
-            os.close(fd)
-        return None
+            os.close(fd)  # and with it the lock it may have taken
 
-
-def _holder(fd: int) -> str:
-    """What the holder of a lock file wrote into it."""
-    return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text(errors="replace").strip() or "another process"
+        except OSError:
+            return "another process"
 
 
 def load_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
