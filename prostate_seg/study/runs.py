@@ -198,19 +198,12 @@ def load_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return content, None
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 class RunStatus:
     """Keeps ``status.json`` of a run folder current."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / STATUS_FILE
-        self.record: dict[str, Any] = read_json(self.path) or {}
+        self.record: dict[str, Any] = load_json_object(self.path)[0] or {}
 
     @property
     def state(self) -> str | None:

@@ -45,7 +45,7 @@ from prostate_seg.study.runs import (
     RunStatus,
     config_identity,
     dataset_fingerprint,
-    read_json,
+    load_json_object,
     split_digest,
 )
 from prostate_seg.training.tracking import log_run_files
@@ -116,7 +116,7 @@ def _completed_results(cfg: DictConfig, run_dir: Path, identity: Identity) -> di
     """The results of a completed run of this config in ``run_dir`` (a job started again has
     nothing to do), or None."""
     status = RunStatus(run_dir)
-    done = read_json(run_dir / RESULTS_FILE)
+    done = load_json_object(run_dir / RESULTS_FILE)[0]
     if not (cfg.resume and status.state == "completed" and done is not None) or cfg.ckpt_path:
         return None
     _refuse_other_identity(identity, status.identity, f"the completed run in {run_dir}")
@@ -238,7 +238,7 @@ def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
                                     resolve=True)
     # What the model was trained on travels with the checkpoint: predict preprocesses new
     # scans so, and evaluate scores the patients this fold never trained on.
-    record.update(preprocessing=read_json(datamodule.dir / "prepare.json"),
+    record.update(preprocessing=load_json_object(datamodule.dir / "prepare.json")[0],
                   split=datamodule.split.to_dict(), identity=identity.to_dict())
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights follow the seed
     module = SegmentationModule(record)
