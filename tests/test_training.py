@@ -71,7 +71,7 @@ def test_run_scores_its_best_checkpoint_per_patient_at_original_size(trained_run
     assert result.returncode == 0, result.stderr
     with open(f"{ckpt}.eval.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert [r["patient"] for r in table] == [r["patient"] for r in rows] + ["mean"]
+    assert [r["patient"] for r in table] == [r["patient"] for r in rows] + ["summary"]
     for mine, theirs in zip(rows, table):
         assert float(theirs["dice"]) == pytest.approx(float(mine["dice"]), abs=1e-9)
     again = run_cli("evaluate.py", f"ckpt_path={ckpt}", cwd=tmp_path)

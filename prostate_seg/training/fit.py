@@ -28,7 +28,7 @@ from prostate_seg.config import uses_gpu
 from prostate_seg.training.dashboard import log_settings, log_validation_dice
 from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError
-from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_means
+from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_scores
 from prostate_seg.files import make_folder, replacing, write_csv, write_json
 from prostate_seg.inference.predictor import load_checkpoint
 from prostate_seg.training.module import SegmentationModule
@@ -318,17 +318,14 @@ def _record_failure(status: RunStatus, exc: BaseException) -> None:
 def _evaluate_per_patient(cfg: DictConfig, best: str, datamodule: SliceDataModule,
                           run_dir: Path) -> dict[str, Any]:
     """Score the best checkpoint per patient at original size on the fold's validation
-    patients and the test patients; writes per_patient.csv, returns the means."""
+    patients and the test patients; writes per_patient.csv, returns each split's scores."""
     device = "cuda" if uses_gpu(cfg.trainer.accelerator) else "cpu"
     module = load_checkpoint(best, torch.device(device))
     split = datamodule.split
     patients = {"val": split.val, **({"test": split.test} if split.test else {})}
     rows = evaluate_patients(module, datamodule.dir, patients)
     write_csv(run_dir / PER_PATIENT_FILE, rows, PER_PATIENT_FIELDS)
-    means: dict[str, Any] = {}
-    for name in patients:
-        means.update(split_means(rows, name))
-    return means
+    return {key: value for name in patients for key, value in split_scores(rows, name).items()}
 
 
 def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: SliceDataModule,
