@@ -57,7 +57,7 @@ def write_run(folder: Path, loss, fold, seed, dice, *, status="completed", group
         "loss": loss, "seed": seed, "fold": fold, "folds": 3, "group": group,
         "identity": identity["hash"], "best_epoch": best_epoch,
         "epochs_trained": epochs_trained, "max_epochs": 8, "stopped_early": stopped_early,
-        "alpha": float(loss[len("tversky_a"):]) if loss.startswith("tversky_a") else "-",
+        "alpha": float(loss[len("tversky_a"):]) if loss.startswith("tversky_a") else None,
         "val/dice_original": float(np.mean(list(dice.values()))) if dice else None}))
     with open(folder / "per_patient.csv", "w", newline="") as f:
         writer = csv.writer(f)

@@ -70,8 +70,8 @@ def data32(phantoms, tmp_path_factory) -> Path:
 
 def sweep_overrides(data: Path, *more: str) -> list[str]:
     """experiment=paper at test size, the losses swept on fold 0 (no launcher, no folder)."""
-    return ["experiment=paper", f"loss={','.join(LOSSES)}", "study.folds=[0]", *SMALL,
-            "data.image_size=32", f"data.dir={data}", *more]
+    return ["experiment=paper", "loss=bce,tversky", "loss.alpha=0.25,0.75", "study.folds=[0]",
+            *SMALL, "data.image_size=32", f"data.dir={data}", *more]
 
 
 def slurm(*command: str) -> str:

@@ -113,7 +113,7 @@ def test_two_job_sweep_makes_two_named_runs_compared_in_tensorboard(prepared_cop
 
     sweep = tmp_path / "sweep"
     result = run_cli("train.py", "-m", f"data.dir={prepared_copy}", "experiment=demo",
-                     "loss=bce,tversky_a0.75", f"hydra.sweep.dir={sweep}",
+                     "loss=bce,tversky", "loss.alpha=0.75", f"hydra.sweep.dir={sweep}",
                      *[o for o in TINY if not o.startswith(("model=", "trainer="))],
                      "trainer.max_epochs=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from prostate_seg.cli import exit_on_user_error
 from prostate_seg.errors import ConfigError, UserError
 from prostate_seg.study.runs import RunLock
-from prostate_seg.study.sweeps import job_name
+from prostate_seg.study.sweeps import job_name, parse_overrides, task_overrides
 
 log = logging.getLogger(__name__)
 AUTO_SUBDIR = "${ps.job_name:}"  # the default subdir (conf/hydra/default.yaml)
@@ -110,12 +110,10 @@ def check_and_name_jobs(config: DictConfig, hydra_context: Any, check_job: Optio
     sweep's subdir is the default); raises on the first bad job."""
     values: Dict[str, set] = {}
     for job in jobs:
-        for override in job:
-            key, _, value = override.partition("=")
-            values.setdefault(key, set()).add(value)
+        for key, value in parse_overrides(job):
+            values.setdefault(key, set()).add(str(value))
     swept = {key for key, seen in values.items() if len(seen) > 1}
     auto = OmegaConf.to_container(config.hydra.sweep)["subdir"] == AUTO_SUBDIR
-    excluded = set(config.hydra.job.config.override_dirname.exclude_keys or [])
     extra: Dict[Tuple[str, ...], List[str]] = {}
     folders: Dict[Path, int] = {}
     parent = HydraConfig.instance().cfg
@@ -126,9 +124,8 @@ def check_and_name_jobs(config: DictConfig, hydra_context: Any, check_job: Optio
             added = []
             subdir = job_config.hydra.sweep.subdir
             if auto:
-                varying = [tuple(o.split("=", 1)) for o in job
-                           if o.split("=", 1)[0] in swept - excluded]
-                subdir = job_name(job_config, varying)
+                subdir = job_name(job_config, [(key, value) for key, value
+                                               in task_overrides(job_config) if key in swept])
                 added = [f"hydra.sweep.subdir={subdir}"]
             folder = Path(job_config.hydra.sweep.dir) / str(subdir)
             if folder in folders:

@@ -121,6 +121,12 @@ class FirstStepTimer(Callback):
                             else time.monotonic() - self.job_started)
 
 
+def checkpoint_epoch(path: str | Path) -> int:
+    """The epoch a checkpoint was saved at: for the best checkpoint, the run's best epoch
+    (whatever ModelCheckpoint monitors). mmap: only that number is read."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+
+
 def enlarge(images: Tensor, min_size: int) -> Tensor:
     """Each pixel repeated k x k (nearest neighbour), with k the smallest integer that makes
     the images at least ``min_size`` pixels tall: a 64-pixel slice becomes 256 pixels and its
@@ -167,9 +173,8 @@ class ValidationImageGrid(Callback):
         if trainer.state.fn == TrainerFn.FITTING and trainer.current_epoch == 0:
             self._log(trainer, pl_module, "select/predictions", 0)
         elif trainer.state.fn == TrainerFn.VALIDATING and trainer.ckpt_path:
-            checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=False,
-                                    mmap=True)  # mmap: only the epoch is read
-            self._log(trainer, pl_module, "select/predictions_best", int(checkpoint["epoch"]))
+            self._log(trainer, pl_module, "select/predictions_best",
+                      checkpoint_epoch(trainer.ckpt_path))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         last = trainer.current_epoch - 1  # the epoch counter has moved past the last one

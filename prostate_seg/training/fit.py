@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import signal
 import sys
@@ -22,7 +21,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from prostate_seg.training.callbacks import FirstStepTimer
+from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch
 from prostate_seg.training.checks import check_ddp_launch, check_train_config
 from prostate_seg.config import uses_gpu
 from prostate_seg.training.dashboard import log_settings, log_validation_dice
@@ -35,7 +34,6 @@ from prostate_seg.training.module import SegmentationModule
 from prostate_seg.training.requeue import DeferredRequeue
 from prostate_seg.study.runs import (
     LAST_CHECKPOINT,
-    METRICS_FILE,
     OBJECTIVE,
     PER_PATIENT_FILE,
     PREVIEW_FILE,
@@ -57,14 +55,15 @@ NO_BEST_CHECKPOINT = "no best checkpoint was saved (trainer.fast_dev_run saves n
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
-    """The few settings that tell runs apart in TensorBoard's HPARAMS tab."""
+    """The settings that tell runs apart (results.json, hparams.yaml, MLflow's params); alpha and
+    beta are numbers, or None for a loss without them."""
     alpha, beta = cfg.loss.get("alpha"), cfg.loss.get("beta")
     if alpha is not None and beta is None:
         beta = round(1.0 - alpha, 6)  # the Tversky default, stated explicitly
     return {
         "loss": str(cfg.loss.get("name")),
-        "alpha": "-" if alpha is None else alpha,
-        "beta": "-" if beta is None else beta,
+        "alpha": alpha,
+        "beta": beta,
         "seed": cfg.seed,
         "fold": cfg.data.fold,
         "folds": cfg.data.folds,
@@ -138,17 +137,6 @@ def check_job(cfg: DictConfig, job_dir: Path) -> None:
     check_train_config(task)
     check_ddp_launch(task.trainer, cfg.hydra)
     refuse_other_config(task, job_dir)
-
-
-def _best_epoch(metrics_csv: Path) -> int | None:
-    if not metrics_csv.exists():
-        return None
-    with open(metrics_csv, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("select/dice")]
-    if not rows:
-        return None
-    best = max(rows, key=lambda r: float(r["select/dice"]))  # first of ties, as ModelCheckpoint
-    return int(best["epoch"])
 
 
 def save_preview(module: SegmentationModule, datamodule: SliceDataModule, path: Path) -> None:
@@ -353,7 +341,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
         metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
                                    verbose=False)[0]
         results.update({k: float(v) for k, v in metrics.items() if k.startswith("select/")})
-        results.update(best_checkpoint=best, best_epoch=_best_epoch(run_dir / METRICS_FILE))
+        results.update(best_checkpoint=best, best_epoch=checkpoint_epoch(best) if best else None)
         if trainer.is_global_zero:
             save_preview(module, datamodule, run_dir / PREVIEW_FILE)
             if best:
