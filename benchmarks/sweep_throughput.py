@@ -16,7 +16,6 @@ compilation) and the GPU's mean utilisation while the sweep ran (nvidia-smi, eve
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -82,9 +81,10 @@ def make_dataset(root: Path, patients: int, size: int) -> Path:
 
 def job_figures(job_dir: Path, batch_size: int) -> dict[str, float]:
     """Images trained and start-up seconds of one finished job, from the files it wrote."""
+    from prostate_seg.study.runs import read_history
+
     results = json.loads((job_dir / "results.json").read_text())
-    with open(job_dir / "metrics.csv", newline="") as f:
-        steps = max(int(row["step"]) for row in csv.DictReader(f))
+    steps = max(int(row["step"]) for row in read_history(job_dir))
     return {"images": steps * batch_size,
             "startup_s": float(results.get("seconds_to_first_step", float("nan")))}
 

@@ -2,13 +2,12 @@
 run and a sweep's report cleanly without a best checkpoint; overfit fits a few batches; what
 changes a result is part of the run's identity, what only measures is not."""
 
-import csv
 import json
 
 import pytest
 from helpers import TINY, compose_train, run_cli
 
-from prostate_seg.study.runs import config_identity
+from prostate_seg.study.runs import config_identity, read_history
 from prostate_seg.training.fit import NO_BEST_CHECKPOINT, train
 
 
@@ -45,8 +44,7 @@ def test_overfit_drives_the_training_loss_down_on_a_few_batches(prepared, tmp_pa
                          "loss=bce", "optimizer.lr=1e-2"], tmp_path)
     results = train(cfg)
     assert results["epochs_trained"] == 12 and not results["stopped_early"]  # no early stop
-    with open(tmp_path / "metrics.csv", newline="") as f:
-        losses = [float(row["train/loss"]) for row in csv.DictReader(f)]
+    losses = [row["train/loss"] for row in read_history(tmp_path)]
     assert losses[-1] < 0.4 * losses[0], losses  # 0.79 -> 0.20 when written
 
 

@@ -47,6 +47,7 @@ from prostate_seg.study.runs import (
     RESULTS_FILE,
     STATUS_FILE,
     load_json_object,
+    read_history,
 )
 from prostate_seg.study.statistics import ALPHA, MEASURED, Analysis, Row, analyse
 
@@ -626,16 +627,13 @@ def _load_preview(run: Run, sweep: SweepExtras) -> dict[str, np.ndarray] | None:
 def _curves(runs: list[Run], sweep: SweepExtras) -> dict[str, list[figures.Curve]]:
     curves: dict[str, list[figures.Curve]] = defaultdict(list)
     for run in sorted(runs, key=lambda r: _run_order(runs, r.label)):
-        path = run.folder / METRICS_FILE
-        if not path.exists():
-            continue
         try:
-            with open(path, newline="") as f:
-                history = [{k: float(v) for k, v in row.items() if k and v not in ("", None)}
-                           for row in csv.DictReader(f)]
+            history = read_history(run.folder)
         except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
             sweep.notes.append(f"`{run.name}`: {METRICS_FILE} unreadable ({exc}); its loss "
                                "curve is not drawn")
+            continue
+        if not history:
             continue
         name = f"fold {_text(run.results.get('fold')) or '?'}, seed " \
                f"{_text(run.results.get('seed')) or '?'}"

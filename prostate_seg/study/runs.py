@@ -5,7 +5,8 @@
                                  and the run's config identity
     <run>/results.json           metrics of the best checkpoint, epochs trained, identity
     <run>/per_patient.csv        the best checkpoint per patient at the scan's original size
-    <run>/metrics.csv            every epoch's logged metrics
+    <run>/metrics/version_N/metrics.csv   every epoch's logged metrics (Lightning's
+                                 CSVLogger; each start of the run writes a version)
     <run>/val_preview.npz        the best model's output on fixed validation slices
     <run>/checkpoints/           best-*.ckpt, last.ckpt
     <run>/events.out.tfevents.*  TensorBoard
@@ -41,6 +42,7 @@ STATUS_FILE = "status.json"
 RESULTS_FILE = "results.json"
 PER_PATIENT_FILE = "per_patient.csv"
 METRICS_FILE = "metrics.csv"
+METRICS_DIR = "metrics"  # CSVLogger's: metrics/version_N/metrics.csv, one version per start
 # results.json: the mean per-patient Dice of the fold's validation patients at original size
 OBJECTIVE = "val/dice_original"
 PREVIEW_FILE = "val_preview.npz"
@@ -196,6 +198,24 @@ def load_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     if not isinstance(content, dict):
         return None, f"{path.name} holds a {type(content).__name__}, not an object"
     return content, None
+
+
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    """One row per epoch with every metric Lightning's CSVLogger wrote for it (its rows of the
+    epoch merged), read from every start's version: an epoch run again after a resume is the
+    latest version's. Raises OSError, ValueError or csv.Error on an unreadable file."""
+    versions = [p for p in run_dir.glob(f"{METRICS_DIR}/version_*/{METRICS_FILE}")
+                if p.parent.name.removeprefix("version_").isdigit()]
+    epochs: dict[int, dict[str, float]] = {}
+    for path in sorted(versions, key=lambda p: int(p.parent.name.removeprefix("version_"))):
+        started: dict[int, dict[str, float]] = {}
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                values = {k: float(v) for k, v in row.items() if k and v not in ("", None)}
+                if "epoch" in values:  # not the learning-rate rows, logged by step only
+                    started.setdefault(int(values["epoch"]), {}).update(values)
+        epochs.update(started)
+    return [epochs[epoch] for epoch in sorted(epochs)]
 
 
 class RunStatus:

@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
@@ -338,6 +339,8 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
                        None)
     if cfg.evaluate_best and best_keeper is not None:
         best = best_keeper.best_model_path
+        # The CSV history holds the epochs trained; this re-validation is results.json's.
+        trainer.loggers = [lg for lg in trainer.loggers if not isinstance(lg, CSVLogger)]
         metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
                                    verbose=False)[0]
         results.update({k: float(v) for k, v in metrics.items() if k.startswith("select/")})
