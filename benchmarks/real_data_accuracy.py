@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from prostate_seg.config import compose_config  # noqa: E402
 from prostate_seg.inference.evaluate import evaluate_checkpoint  # noqa: E402
 from prostate_seg.data.prepare import PrepareSettings, prepare  # noqa: E402
-from prostate_seg.study.runs import read_json  # noqa: E402
+from prostate_seg.study.runs import load_json_object  # noqa: E402
 from prostate_seg.training.fit import train  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "prostate_t2"
@@ -114,7 +114,7 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
         "",
         f"- command: `{command}`",
         f"- machine: {machine()}; date: {datetime.date.today().isoformat()}; {versions}",
-        f"- data: {data_dir} (prepared: {read_json(data_dir / 'prepare.json')})",
+        f"- data: {data_dir} (prepared: {load_json_object(data_dir / 'prepare.json')[0]})",
         f"- total time (prepare, all runs, evaluation): {seconds / 60:.1f} min",
         "",
         f"Per-volume Dice on fold 0's {len(rows[0]['plain_patients'])} held-out patients at "

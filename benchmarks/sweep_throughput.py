@@ -16,7 +16,6 @@ compilation) and the GPU's mean utilisation while the sweep ran (nvidia-smi, eve
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -31,7 +30,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-LOSSES = "bce,tversky_a0.25,tversky_a0.35,tversky_a0.45,tversky_a0.5,tversky_a0.65,tversky_a0.75,tversky_a0.85"
+LOSSES = "bce,tversky"  # the study's 8: bce once, Tversky once per alpha (the sweeper)
+ALPHAS = "0.25,0.35,0.45,0.5,0.65,0.75,0.85"
 
 
 class GpuSampler:
@@ -81,9 +81,10 @@ def make_dataset(root: Path, patients: int, size: int) -> Path:
 
 def job_figures(job_dir: Path, batch_size: int) -> dict[str, float]:
     """Images trained and start-up seconds of one finished job, from the files it wrote."""
+    from prostate_seg.study.runs import read_history
+
     results = json.loads((job_dir / "results.json").read_text())
-    with open(job_dir / "metrics.csv", newline="") as f:
-        steps = max(int(row["step"]) for row in csv.DictReader(f))
+    steps = max(int(row["step"]) for row in read_history(job_dir))
     return {"images": steps * batch_size,
             "startup_s": float(results.get("seconds_to_first_step", float("nan")))}
 
@@ -91,6 +92,7 @@ def job_figures(job_dir: Path, batch_size: int) -> dict[str, float]:
 def run_sweep(data: Path, sweep_dir: Path, jobs_per_gpu: int, args: argparse.Namespace) -> dict:
     overrides = [f"data.dir={data}", "hydra/launcher=gpu_pool",
                  f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}", f"loss={args.losses}",
+                 f"loss.alpha={args.alphas}",
                  f"data.image_size={args.size}", f"data.batch_size={args.batch}",
                  f"trainer.max_epochs={args.epochs}", "callbacks.early_stopping.patience=1000",
                  f"hydra.sweep.dir={sweep_dir}", *args.override]
@@ -123,6 +125,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--losses", default=LOSSES)
+    parser.add_argument("--alphas", default=ALPHAS, help="loss.alpha of the losses that have one")
     parser.add_argument("--jobs-per-gpu", default="1,2,4")
     parser.add_argument("--override", action="append", default=[],
                         help="an extra override for every job (repeatable)")
@@ -132,14 +135,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.patients, args.size, args.batch, args.epochs = 6, 32, 4, 1
-        args.losses, args.jobs_per_gpu = "bce,dice", "1,2"
+        args.losses, args.alphas, args.jobs_per_gpu = "bce,dice", "0.5", "1,2"
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sweep_throughput_"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = args.prepared or make_dataset(args.workdir / "data", args.patients, args.size)
     rows = [run_sweep(data.resolve(), args.workdir / f"sweep_j{j}", j, args)
             for j in (int(x) for x in args.jobs_per_gpu.split(","))]
 
-    print(f"\nsweep throughput: {args.losses.count(',') + 1} jobs of {args.epochs} epochs, "
+    print(f"\nsweep throughput: {rows[0]['jobs']} jobs of {args.epochs} epochs, "
           f"{args.size} px, batch {args.batch}, data {data}")
     print(f"{'jobs/GPU':>9} {'wall s':>8} {'images/s':>9} {'start-up s (mean/max)':>22} "
           f"{'GPU util %':>10}")

@@ -1,7 +1,6 @@
 """Bad input and faults (one test or more per point): clear one-line errors before work
 starts, nothing half-written, runs that resume."""
 
-import csv
 import json
 import os
 import re
@@ -25,6 +24,7 @@ from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError, DataError, NonFiniteLossError, UserError
 from prostate_seg.data.prepare import PrepareSettings, prepare
 from prostate_seg.training import fit as training
+from prostate_seg.study.runs import read_history
 from prostate_seg.training.fit import build_run, setup_data, train
 
 
@@ -373,8 +373,7 @@ def test_interrupt_after_a_nan_loss_saves_no_checkpoint(prepared, tmp_path):
 
 
 def _epochs(run_dir):
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [int(r["epoch"]) for r in csv.DictReader(f)]
+    return [int(r["epoch"]) for r in read_history(run_dir)]
 
 
 class _SigtermInValidation(pl.Callback):
@@ -439,14 +438,14 @@ def test_resume_continues_with_optimizer_scheduler_and_early_stopping_state(prep
 
 
 def test_completed_job_is_not_trained_again(trained_run, prepared):
-    before = (trained_run / "metrics.csv").read_text()
+    before = read_history(trained_run)
     last = trained_run / "checkpoints" / "last.ckpt"
     stamp = last.stat().st_mtime_ns
     cfg = compose_train([*TINY, f"data.dir={prepared}", "trainer.max_epochs=8",
                          "callbacks.early_stopping.patience=8", "loss=bce_tversky"], trained_run)
     results = train(cfg)  # started again (a resubmitted sweep): nothing to do
     assert results == json.loads((trained_run / "results.json").read_text())
-    assert (trained_run / "metrics.csv").read_text() == before
+    assert read_history(trained_run) == before
     assert last.stat().st_mtime_ns == stamp
 
 
@@ -476,15 +475,14 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exit(signum, prepared, tmp_
         run_dir = tmp_path / f"run{attempt}"
         proc = subprocess.Popen(_train_command(prepared, run_dir, 50), cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        _wait_for(lambda: (run_dir / "metrics.csv").exists())  # mid-training, after epoch 0
+        _wait_for(lambda: _epochs(run_dir))  # mid-training, after epoch 0
         time.sleep(1.0)
         proc.send_signal(signum)
         proc.communicate(timeout=120)
         assert proc.returncode != 0
         assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
         last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-        with open(run_dir / "metrics.csv", newline="") as f:
-            epoch_end_steps = {int(r["step"]) for r in csv.DictReader(f)}
+        epoch_end_steps = {int(r["step"]) for r in read_history(run_dir)}
         assert last["global_step"] > 0
         if last["global_step"] not in epoch_end_steps:  # saved by the interruption, mid-epoch
             log = (run_dir / "train.log").read_text()
@@ -500,8 +498,7 @@ def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(prepared_
     command = _train_command(prepared_copy, run_dir, 4)
     proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    _wait_for(lambda: (run_dir / "metrics.csv").exists()
-              and len(_epochs(run_dir)) >= 2)
+    _wait_for(lambda: len(_epochs(run_dir)) >= 2)
     time.sleep(0.7)  # into epoch 2
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()

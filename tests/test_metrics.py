@@ -130,3 +130,20 @@ def test_volumes_not_seen_in_a_pass_do_not_count():
     scores = metric.compute()
     assert scores["dice"].item() == pytest.approx(0.5)
     assert scores["precision"].item() == pytest.approx(0.5)
+
+
+def test_hd95_is_the_median_over_patients_in_results_and_in_the_eval_table():
+    from prostate_seg.inference.evaluate import split_scores, summarize
+
+    rows = [{"patient": p, "split": "val", "dice": d, "precision": 0.9, "recall": r, "hd95": h,
+             "hd95_failed": f, "slices": 4}
+            for p, d, r, h, f in (("a", 0.8, 0.7, 2.0, 0), ("b", 0.9, 0.8, 3.0, 0),
+                                  ("c", 0.0, 0.0, 90.0, 1))]
+    table = summarize(rows)
+    assert (table["hd95"], table["hd95_failed"], table["slices"]) == (3.0, 1, 12)  # not 31.67
+    assert table["dice"] == pytest.approx(1.7 / 3) and table["recall"] == pytest.approx(0.5)
+    assert split_scores(rows, "val") == {
+        "val/dice_original": table["dice"], "val/precision_original": table["precision"],
+        "val/recall_original": table["recall"], "val/hd95_original": 3.0, "val/hd95_failed": 1,
+        "val/patients": 3}
+    assert split_scores(rows, "test") == {}

@@ -21,7 +21,7 @@ from prostate_seg.study.report import (
     read_long_table,
     report_table,
 )
-from prostate_seg.study.runs import RunLock
+from prostate_seg.study.runs import RunLock, read_history
 from prostate_seg.study.statistics import analyse
 from prostate_seg.study.sweep_report import SweepReport
 
@@ -57,7 +57,7 @@ def write_run(folder: Path, loss, fold, seed, dice, *, status="completed", group
         "loss": loss, "seed": seed, "fold": fold, "folds": 3, "group": group,
         "identity": identity["hash"], "best_epoch": best_epoch,
         "epochs_trained": epochs_trained, "max_epochs": 8, "stopped_early": stopped_early,
-        "alpha": float(loss[len("tversky_a"):]) if loss.startswith("tversky_a") else "-",
+        "alpha": float(loss[len("tversky_a"):]) if loss.startswith("tversky_a") else None,
         "val/dice_original": float(np.mean(list(dice.values()))) if dice else None}))
     with open(folder / "per_patient.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -68,11 +68,8 @@ def write_run(folder: Path, loss, fold, seed, dice, *, status="completed", group
             writer.writerow([patient, split, value, min(1.0, value + 0.05), max(0.0, value - 0.05),
                              round(20 * (1 - value), 3), 0, "mm", int(TOTAL * pred_fraction),
                              int(TOTAL * 0.02), TOTAL, 10])
-    with open(folder / "metrics.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["epoch", "step", "train/loss", "select/loss", "select/dice"])
-        for epoch in range(epochs_trained):
-            writer.writerow([epoch, 5 * epoch, 1 / (epoch + 1), 1.2 / (epoch + 1), 0.5])
+    write_history(folder / "metrics" / "version_0",
+                  [(e, 5 * e + 5, 1 / (e + 1), 1.2 / (e + 1), 0.5) for e in range(epochs_trained)])
     if preview:
         yy, xx = np.mgrid[:32, :32]
         mask = (((yy - 16) ** 2 + (xx - 16) ** 2) < 49).astype(np.uint8)[None].repeat(2, 0)
@@ -81,6 +78,31 @@ def write_run(folder: Path, loss, fold, seed, dice, *, status="completed", group
             prob = mask.astype(np.float16)
         np.savez_compressed(folder / "val_preview.npz", image=(mask * 0.5).astype(np.float16),
                             mask=mask, prob=prob, names=np.array(["case00_z3", "case03_z4"]))
+
+
+def write_history(version: Path, epochs):
+    """metrics.csv as Lightning's CSVLogger writes it: per epoch the learning rate (by step
+    only), the selection metrics and the training loss, each a row of its own."""
+    version.mkdir(parents=True)
+    with open(version / "metrics.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch", "lr-Adam", "select/dice", "select/loss", "step", "train/loss"])
+        for epoch, step, train, select, dice in epochs:
+            writer.writerows([["", 0.001, "", "", step - 5, ""],
+                              [epoch, "", dice, select, step, ""], [epoch, "", "", "", step, train]])
+
+
+def test_history_is_one_row_per_epoch_and_a_resumed_epoch_is_the_latest_start(tmp_path):
+    """Started, interrupted in epoch 2 after its validation, resumed from epoch 1's last.ckpt:
+    epoch 2 is the second start's, no epoch lost or twice."""
+    write_history(tmp_path / "metrics" / "version_0",
+                  [(0, 5, 0.9, 1.0, 0.5), (1, 10, 0.8, 0.9, 0.6), (2, 15, 0.7, 0.8, 0.7)])
+    write_history(tmp_path / "metrics" / "version_1",
+                  [(2, 15, 0.65, 0.75, 0.72), (3, 20, 0.6, 0.7, 0.8)])
+    history = read_history(tmp_path)
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert history[2] == {"epoch": 2, "select/dice": 0.72, "select/loss": 0.75, "step": 15,
+                          "train/loss": 0.65}
 
 
 def make_sweep(root: Path, effects=None, seeds=(0, 1), folds=3, **kwargs) -> Path:

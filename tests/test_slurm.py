@@ -27,6 +27,7 @@ from helpers import REPO, TINY, run_cli
 from omegaconf import OmegaConf
 
 from prostate_seg.data.prepare import PrepareSettings, prepare
+from prostate_seg.study.runs import read_history
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -71,7 +72,8 @@ def data32(phantoms, tmp_path_factory) -> Path:
 def sweep_overrides(data: Path, *more: str) -> list[str]:
     """experiment=paper at test size, the losses swept on fold 0, one seed (no launcher, no
     folder)."""
-    return ["experiment=paper", f"loss={','.join(LOSSES)}", "study.folds=[0]", "study.seeds=[0]",
+    return ["experiment=paper", "loss=bce,tversky", "loss.alpha=0.25,0.75", "study.folds=[0]",
+            "study.seeds=[0]",
             *SMALL, "data.image_size=32", f"data.dir={data}", *more]
 
 
@@ -107,10 +109,7 @@ def job_folders(sweep: Path) -> set[str]:
 
 
 def epochs(run: Path | None) -> list[int]:
-    if run is None or not (run / "metrics.csv").exists():
-        return []
-    with open(run / "metrics.csv", newline="") as f:
-        return [int(row["epoch"]) for row in csv.DictReader(f)]
+    return [] if run is None else [int(row["epoch"]) for row in read_history(run)]
 
 
 def report(sweep: Path) -> tuple[dict[str, dict], str]:
@@ -242,8 +241,7 @@ def _assert_resumed_to_the_end(run: Path, max_epochs: int) -> None:
     assert status["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
     assert json.loads((run / "results.json").read_text())["epochs_trained"] == max_epochs
     assert epochs(run) == list(range(max_epochs))  # as an uninterrupted run
-    with open(run / "metrics.csv", newline="") as f:
-        epoch_end_steps = {int(row["step"]) for row in csv.DictReader(f)}
+    epoch_end_steps = {int(row["step"]) for row in read_history(run)}
     epoch, step = _interruption(run)
     assert step not in epoch_end_steps and 0 < epoch < max_epochs  # saved at the signal
     assert "continuing from" in (run / "train.log").read_text()

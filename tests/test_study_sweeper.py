@@ -59,7 +59,7 @@ def test_bce_and_several_tversky_alphas_in_one_sweep(prepared_copy, tmp_path):
     folders = sorted(p.name for p in sweep.iterdir() if (p / "results.json").exists())
     assert folders == ["bce-fold0-seed0", "tversky_a0.25-fold0-seed0", "tversky_a0.75-fold0-seed0"]
     alphas = {f: json.loads((sweep / f / "results.json").read_text())["alpha"] for f in folders}
-    assert alphas == {"bce-fold0-seed0": "-", "tversky_a0.25-fold0-seed0": 0.25,
+    assert alphas == {"bce-fold0-seed0": None, "tversky_a0.25-fold0-seed0": 0.25,
                       "tversky_a0.75-fold0-seed0": 0.75}
 
 

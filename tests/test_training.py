@@ -5,24 +5,25 @@ import csv
 import json
 from pathlib import Path
 
+import cv2
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, run_cli
+import yaml
+from helpers import TINY, compose_train, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata
 
-from prostate_seg.study.runs import RESULTS_FILE
-
-
-def history(run_dir):
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return list(csv.DictReader(f))
+from prostate_seg.study.runs import RESULTS_FILE, read_history
+from prostate_seg.training.callbacks import CONTOURS
+from prostate_seg.training.dashboard import COLUMNS
+from prostate_seg.training.fit import train
 
 
 def test_short_fit_improves_validation_dice(trained_run):
-    rows = history(trained_run)
-    assert [int(r["epoch"]) for r in rows] == list(range(8))
+    rows = read_history(trained_run)
+    assert [r["epoch"] for r in rows] == list(range(8))
     dice = [float(r["select/dice"]) for r in rows]
     assert max(dice[3:]) > dice[0] + 0.1, dice
     assert float(rows[-1]["train/loss"]) < float(rows[0]["train/loss"])
@@ -30,7 +31,7 @@ def test_short_fit_improves_validation_dice(trained_run):
 
 def test_run_folder_holds_checkpoints_events_results(trained_run):
     results = json.loads((trained_run / RESULTS_FILE).read_text())
-    rows = history(trained_run)
+    rows = read_history(trained_run)
     best = max(rows, key=lambda r: float(r["select/dice"]))
     # results.json = the best checkpoint re-validated = the best epoch's logged metrics
     assert results["best_epoch"] == int(best["epoch"])
@@ -46,6 +47,42 @@ def test_run_folder_holds_checkpoints_events_results(trained_run):
     assert "select/f1" not in events.Tags()["scalars"] and "select/f1" not in results
     assert "select/predictions" in events.Tags()["images"]
     assert json.loads((trained_run / "status.json").read_text())["status"] == "completed"
+
+
+def test_tensorboard_opens_on_the_curves_the_study_columns_and_readable_contours(trained_run):
+    events = EventAccumulator(str(trained_run), size_guidance={"images": 0}).Reload()
+    # Time Series: no "epoch" card before the curves (the CSV history keeps the epoch)
+    assert "epoch" not in events.Tags()["scalars"] and "epoch" in read_history(trained_run)[0]
+    # HPARAMS: the five columns TensorBoard shows, beside the study's Dice; hparams.yaml: all
+    content = events.PluginTagToContent(metadata.PLUGIN_NAME)
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    assert sorted(h.name for h in experiment.hparam_infos) == sorted(COLUMNS)
+    assert [m.name.tag for m in experiment.metric_infos] == ["hp/val_dice_original",
+                                                             "hp/best_select_dice"]
+    results = json.loads((trained_run / RESULTS_FILE).read_text())
+    settings = yaml.safe_load((trained_run / "hparams.yaml").read_text())
+    assert {"loss", "alpha", "beta", "fold", "seed", "lr", "batch_size", "image_size"} <= set(
+        settings) and settings.items() <= results.items()
+    # the contours, at least 256 pixels a slice, over a legend of their colours
+    for image in events.Images("select/predictions"):
+        grid = cv2.imdecode(np.frombuffer(image.encoded_image_string, np.uint8),
+                            cv2.IMREAD_COLOR)[..., ::-1]
+        assert grid.shape[0] >= 2 * 256 + 32  # 8 slices, 4 a row
+        for colour in CONTOURS.values():
+            assert (grid[-32:] == np.array(colour) * 255).all(-1).sum() > 20, colour
+
+
+def test_the_best_epoch_is_the_best_checkpoints_whatever_it_monitors(prepared, tmp_path):
+    """One rule for results.json and the dashboard's best-checkpoint image: the epoch of the
+    checkpoint ModelCheckpoint kept (here, configured so, the lowest selection Dice)."""
+    run_dir = tmp_path / "run"
+    results = train(compose_train([*TINY, f"data.dir={prepared}", "trainer.max_epochs=3",
+                                   "callbacks.early_stopping.patience=10",
+                                   "callbacks.model_checkpoint.mode=min"], run_dir))
+    dice = [row["select/dice"] for row in read_history(run_dir)]
+    assert results["best_epoch"] == dice.index(min(dice)) != dice.index(max(dice)), dice
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert [g.step for g in events.Images("select/predictions_best")] == [results["best_epoch"]]
 
 
 def test_run_scores_its_best_checkpoint_per_patient_at_original_size(trained_run, prepared,
@@ -72,7 +109,7 @@ def test_run_scores_its_best_checkpoint_per_patient_at_original_size(trained_run
     assert result.returncode == 0, result.stderr
     with open(f"{ckpt}.eval.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert [r["patient"] for r in table] == [r["patient"] for r in rows] + ["mean"]
+    assert [r["patient"] for r in table] == [r["patient"] for r in rows] + ["summary"]
     for mine, theirs in zip(rows, table):
         assert float(theirs["dice"]) == pytest.approx(float(mine["dice"]), abs=1e-9)
     again = run_cli("evaluate.py", f"ckpt_path={ckpt}", cwd=tmp_path)
@@ -110,11 +147,10 @@ def test_predict_writes_a_mask_on_the_scan_grid(trained_run, phantoms, tmp_path)
 @pytest.mark.slow
 def test_two_job_sweep_makes_two_named_runs_compared_in_tensorboard(prepared_copy, tmp_path):
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
-    from tensorboard.plugins.hparams import api_pb2, metadata
 
     sweep = tmp_path / "sweep"
     result = run_cli("train.py", "-m", f"data.dir={prepared_copy}", "experiment=demo",
-                     "loss=bce,tversky_a0.75", f"hydra.sweep.dir={sweep}",
+                     "loss=bce,tversky", "loss.alpha=0.75", f"hydra.sweep.dir={sweep}",
                      *[o for o in TINY if not o.startswith(("model=", "trainer="))],
                      "trainer.max_epochs=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -135,32 +171,26 @@ def test_two_job_sweep_makes_two_named_runs_compared_in_tensorboard(prepared_cop
     events = EventMultiplexer().AddRunsFromDirectory(str(sweep)).Reload()
     assert sorted(events.Runs()) == folders
     hparams = events.PluginRunToTagToContent(metadata.PLUGIN_NAME)
-    experiments = {hparams[run][metadata.EXPERIMENT_TAG] for run in folders}
-    assert len(experiments) == 1  # the same config in every run, whichever TensorBoard reads
-    experiment = metadata.parse_experiment_plugin_data(experiments.pop())
-    ticked = sorted(experiment.hparam_infos, key=lambda h: (not h.differs, h.name))[:5]
-    assert {h.name for h in ticked} == {"loss", "alpha", "lr", "fold", "seed"}
-    assert {"beta", "image_size", "batch_size"} <= {h.name for h in experiment.hparam_infos}
-    types = {h.name: h.type for h in experiment.hparam_infos}
-    assert types["loss"] == api_pb2.DATA_TYPE_STRING
-    assert types["alpha"] == types["lr"] == types["image_size"] == api_pb2.DATA_TYPE_FLOAT64
-    assert [m.name.tag for m in experiment.metric_infos][:2] == ["hp/val_dice_original",
-                                                               "hp/best_select_dice"]
     for run in folders:
+        # whichever run's columns TensorBoard takes: the same five, the study's Dice first
+        experiment = metadata.parse_experiment_plugin_data(hparams[run][metadata.EXPERIMENT_TAG])
+        assert sorted(h.name for h in experiment.hparam_infos) == sorted(COLUMNS)
+        assert [m.name.tag for m in experiment.metric_infos] == ["hp/val_dice_original",
+                                                                 "hp/best_select_dice"]
         results = json.loads((sweep / run / RESULTS_FILE).read_text())
         values = metadata.parse_session_start_info_plugin_data(
             hparams[run][metadata.SESSION_START_INFO_TAG]).hparams
         assert values["loss"].string_value == results["loss"]
         assert values["lr"].number_value == pytest.approx(0.003)
         if run.startswith("bce"):
-            assert "alpha" not in values  # an empty cell, not the text "-"
+            assert results["alpha"] is None and values["alpha"].string_value == "None"
         else:
-            assert values["alpha"].number_value == 0.75
+            assert results["alpha"] == values["alpha"].number_value == 0.75
         study_dice = events.Scalars(run, "hp/val_dice_original")
         assert study_dice[-1].value == pytest.approx(results["val/dice_original"])
-        # contours after the first and the last epoch, and of the best checkpoint, readable
+        # contours after the first and the last epoch, and of the best checkpoint
         grids = events.Images(run, "select/predictions")
-        assert [g.step for g in grids] == [0, 1] and grids[0].height >= 256
+        assert [g.step for g in grids] == [0, 1]
         best = events.Images(run, "select/predictions_best")
         assert [g.step for g in best] == [results["best_epoch"]]
 

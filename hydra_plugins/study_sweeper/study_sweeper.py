@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from prostate_seg.cli import exit_on_user_error, unknown_key_line
 from prostate_seg.errors import ConfigError, UserError
 from prostate_seg.study.runs import RunLock
-from prostate_seg.study.sweeps import job_name
+from prostate_seg.study.sweeps import job_name, task_overrides
 
 log = logging.getLogger(__name__)
 AUTO_SUBDIR = "${ps.job_name:}"  # the default subdir (conf/hydra/default.yaml)
@@ -182,7 +182,6 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
     bad job."""
     swept = _swept(jobs)
     auto = OmegaConf.to_container(config.hydra.sweep)["subdir"] == AUTO_SUBDIR
-    excluded = set(config.hydra.job.config.override_dirname.exclude_keys or [])
     named: List[Tuple[List[str], List[str], Path]] = []
     folders: Dict[Path, int] = {}
     parent = HydraConfig.instance().cfg
@@ -192,8 +191,8 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
             _set_hydra_config(job_config)  # for ${hydra:...} in the names
             subdir, added = job_config.hydra.sweep.subdir, []
             if auto:
-                subdir = job_name(job_config, [tuple(o.split("=", 1)) for o in job
-                                               if _key(o) in swept - excluded])
+                subdir = job_name(job_config, [(key, value) for key, value
+                                               in task_overrides(job_config) if key in swept])
                 added = [f"hydra.sweep.subdir={subdir}"]
                 with read_write(job_config.hydra):  # as if composed with that override
                     job_config.hydra.sweep.subdir = subdir

@@ -119,18 +119,24 @@ def evaluate_patients(module: TrainedModel, data_dir: Path,
     return [{k: row[k] for k in PER_PATIENT_FIELDS} for row in rows]
 
 
-def split_means(rows: list[dict[str, Any]], split: str) -> dict[str, float | int]:
-    """Means over one split's patients (HD95: the median, failures counted, never dropped)."""
+def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
+    """Over patients: the mean Dice, precision and recall; HD95 as the median (a patient scored
+    at the image diagonal would dominate a mean), its failures counted, never dropped."""
+    column = lambda key: np.array([float(r[key]) for r in rows])  # noqa: E731
+    return {"dice": float(column("dice").mean()), "precision": float(column("precision").mean()),
+            "recall": float(column("recall").mean()), "hd95": float(np.median(column("hd95"))),
+            "hd95_failed": int(column("hd95_failed").sum())}
+
+
+def split_scores(rows: list[dict[str, Any]], split: str) -> dict[str, float | int]:
+    """One split's ``aggregate``, named as results.json holds it (``val/dice_original``, ...)."""
     chosen = [r for r in rows if r["split"] == split]
     if not chosen:
         return {}
-    column = lambda key: np.array([float(r[key]) for r in chosen])  # noqa: E731
-    return {f"{split}/dice_original": float(column("dice").mean()),
-            f"{split}/precision_original": float(column("precision").mean()),
-            f"{split}/recall_original": float(column("recall").mean()),
-            f"{split}/hd95_original": float(np.median(column("hd95"))),
-            f"{split}/hd95_failed": int(column("hd95_failed").sum()),
-            f"{split}/patients": len(chosen)}
+    scores = aggregate(chosen)
+    failed = scores.pop("hd95_failed")
+    return {**{f"{split}/{key}_original": value for key, value in scores.items()},
+            f"{split}/hd95_failed": failed, f"{split}/patients": len(chosen)}
 
 
 def evaluate_checkpoint(
@@ -158,13 +164,9 @@ def evaluate_checkpoint(
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """A last row: the mean over patients of every score (HD95 with its worst cases)."""
-    summary: dict[str, Any] = {"patient": "mean", "split": "",
-                               "slices": sum(r["slices"] for r in rows)}
-    for key in ("dice", "precision", "recall", "hd95", "hd95_failed"):
-        summary[key] = float(np.mean([float(r[key]) for r in rows]))
-    summary["hd95_failed"] = int(sum(r["hd95_failed"] for r in rows))
-    return summary
+    """A last row over the patients, as ``aggregate`` (and results.json) has it."""
+    return {"patient": "summary", "split": "", **aggregate(rows),
+            "slices": sum(r["slices"] for r in rows)}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -46,6 +46,7 @@ from prostate_seg.study.runs import (
     group_across_code,
     load_json_object,
     mixed_code,
+    read_history,
 )
 from prostate_seg.study.statistics import ALPHA, MEASURED, Analysis, Row, analyse
 from prostate_seg.study.sweep_report import DEFAULT_BASELINE
@@ -685,16 +686,13 @@ def _load_preview(run: Run, sweep: SweepExtras) -> dict[str, np.ndarray] | None:
 def _curves(runs: list[Run], sweep: SweepExtras) -> dict[str, list[figures.Curve]]:
     curves: dict[str, list[figures.Curve]] = defaultdict(list)
     for run in sorted(runs, key=lambda r: _run_order(runs, r.label)):
-        path = run.folder / METRICS_FILE
-        if not path.exists():
-            continue
         try:
-            with open(path, newline="") as f:
-                history = [{k: float(v) for k, v in row.items() if k and v not in ("", None)}
-                           for row in csv.DictReader(f)]
+            history = read_history(run.folder)
         except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
             sweep.notes.append(f"`{run.name}`: {METRICS_FILE} unreadable ({exc}); its loss "
                                "curve is not drawn")
+            continue
+        if not history:
             continue
         name = f"fold {_text(run.results.get('fold')) or '?'}, seed " \
                f"{_text(run.results.get('seed')) or '?'}"

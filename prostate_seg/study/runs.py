@@ -5,7 +5,8 @@
                                  and the run's config identity
     <run>/results.json           metrics of the best checkpoint, epochs trained, identity
     <run>/per_patient.csv        the best checkpoint per patient at the scan's original size
-    <run>/metrics.csv            every epoch's logged metrics
+    <run>/metrics/version_N/metrics.csv   every epoch's logged metrics (Lightning's
+                                 CSVLogger; each start of the run writes a version)
     <run>/val_preview.npz        the best model's output on fixed validation slices
     <run>/checkpoints/           best-*.ckpt, last.ckpt
     <run>/events.out.tfevents.*  TensorBoard
@@ -21,7 +22,6 @@ of one group are repetitions of one configuration, which the report pools.
 from __future__ import annotations
 
 import csv
-import fcntl
 import functools
 import hashlib
 import json
@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout, lock_descriptor
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import prostate_seg
@@ -46,6 +47,7 @@ STATUS_FILE = "status.json"
 RESULTS_FILE = "results.json"
 PER_PATIENT_FILE = "per_patient.csv"
 METRICS_FILE = "metrics.csv"
+METRICS_DIR = "metrics"  # CSVLogger's: metrics/version_N/metrics.csv, one version per start
 # results.json: the mean per-patient Dice of the fold's validation patients at original size
 OBJECTIVE = "val/dice_original"
 PREVIEW_FILE = "val_preview.npz"
@@ -260,33 +262,33 @@ def split_digest(split: Mapping[str, Any]) -> str:
     return _digest(split)
 
 
+def _stamp_holder(fd: int) -> None:
+    """Who holds a lock, written into its file for the message of a process it refuses."""
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+
+
 class RunLock:
-    """An exclusive lock on a run folder for the life of the process that holds it (released
-    by the kernel when the process dies, so a killed job never leaves a stale lock)."""
+    """An exclusive lock on a run (or sweep) folder for the life of the process that holds it:
+    filelock's native lock, released by the kernel when the process dies, so a killed job never
+    leaves a stale lock. The file stays, with the last holder's name in it."""
 
     def __init__(self, run_dir: Path, what: str = "run folder"):
         self.path = run_dir / LOCK_FILE
         self.what = what
-        self._fd: int | None = None
+        self._lock = FileLock(self.path, blocking=False, preserve_lock_file=True,
+                              on_acquired=_stamp_holder)
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(fd)
-            os.close(fd)
-            raise ConfigError(f"{self.path.parent}: {self.what} in use by {holder}; wait for it "
-                              "to end, or write to another folder") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        self._fd = fd
+            self._lock.acquire()
+        except Timeout:
+            raise ConfigError(f"{self.path.parent}: {self.what} in use by {self._holder()}; wait "
+                              "for it to end, or write to another folder") from None
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()
 
     def held_by_another(self) -> str | None:
         """Who holds the folder (``pid N on host``), or None when no live process does. Only
@@ -296,17 +298,15 @@ class RunLock:
         except FileNotFoundError:
             return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return _holder(fd)
+            return None if lock_descriptor(fd, blocking=False) else self._holder()
         finally:
-            os.close(fd)
-        return None
+            os.close(fd)  # and with it the lock it may have taken
 
-
-def _holder(fd: int) -> str:
-    """What the holder of a lock file wrote into it."""
-    return os.read(fd, 200).decode(errors="replace").strip() or "another process"
+    def _holder(self) -> str:
+        try:
+            return self.path.read_text(errors="replace").strip() or "another process"
+        except OSError:
+            return "another process"
 
 
 def load_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -323,11 +323,22 @@ def load_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     return content, None
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    """One row per epoch with every metric Lightning's CSVLogger wrote for it (its rows of the
+    epoch merged), read from every start's version: an epoch run again after a resume is the
+    latest version's. Raises OSError, ValueError or csv.Error on an unreadable file."""
+    versions = [p for p in run_dir.glob(f"{METRICS_DIR}/version_*/{METRICS_FILE}")
+                if p.parent.name.removeprefix("version_").isdigit()]
+    epochs: dict[int, dict[str, float]] = {}
+    for path in sorted(versions, key=lambda p: int(p.parent.name.removeprefix("version_"))):
+        started: dict[int, dict[str, float]] = {}
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                values = {k: float(v) for k, v in row.items() if k and v not in ("", None)}
+                if "epoch" in values:  # not the learning-rate rows, logged by step only
+                    started.setdefault(int(values["epoch"]), {}).update(values)
+        epochs.update(started)
+    return [epochs[epoch] for epoch in sorted(epochs)]
 
 
 class RunStatus:
@@ -335,7 +346,7 @@ class RunStatus:
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / STATUS_FILE
-        self.record: dict[str, Any] = read_json(self.path) or {}
+        self.record: dict[str, Any] = load_json_object(self.path)[0] or {}
 
     @property
     def state(self) -> str | None:

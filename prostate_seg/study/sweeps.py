@@ -41,18 +41,24 @@ def job_name(cfg: DictConfig, varying: Iterable[tuple[str, Any]]) -> str:
     return "-".join(parts)
 
 
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
+    """(key, value) of command-line overrides as Hydra parses them (``1e-3`` is 0.001),
+    deletions left out."""
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [(o.key_or_group, o.value()) for o in parsed if not o.is_delete()]
+
+
 def task_overrides(cfg: DictConfig) -> list[tuple[str, Any]]:
     """(key, value) of the job's command-line overrides, minus the keys Hydra is told to keep
     out of folder names (``hydra.job.config.override_dirname.exclude_keys``)."""
     excluded = set(OmegaConf.select(cfg, "hydra.job.config.override_dirname.exclude_keys",
                                     default=[]) or [])
-    parsed = OverridesParser.create().parse_overrides(
-        list(OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or []))
-    return [(o.key_or_group, o.value()) for o in parsed
-            if o.key_or_group not in excluded and not o.is_delete()]
+    return [(key, value) for key, value in parse_overrides(
+        OmegaConf.select(cfg, "hydra.overrides.task", default=[]) or []) if key not in excluded]
 
 
 def job_name_resolver(*, _root_: DictConfig) -> str:
-    """``${ps.job_name:}``, the default ``hydra.sweep.subdir``. Any sweeper gets a readable
-    name from it; the project's sweeper names jobs by their swept settings only."""
+    """``${ps.job_name:}``, the default ``hydra.sweep.subdir``: a name from every override of the
+    job. The project's sweeper, which sees the whole grid, names a job by its swept settings
+    only (the same ``job_name`` of the same ``task_overrides``)."""
     return job_name(_root_, task_overrides(_root_))

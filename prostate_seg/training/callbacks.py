@@ -1,9 +1,8 @@
 """Lightning callbacks: progress bar, epoch log line, image grids, divergence guard, interrupt
-checkpoints, metric history."""
+checkpoints."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -11,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,6 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from prostate_seg.errors import NonFiniteLossError
-from prostate_seg.files import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -32,18 +32,34 @@ def contour(mask: Tensor) -> Tensor:
     return (mask - eroded).clamp(0, 1)
 
 
+# The contours' colours (RGB in [0, 1]), drawn by ``overlay`` and named by ``legend``.
+CONTOURS = {"truth": (0.0, 1.0, 0.0), "prediction": (1.0, 0.0, 0.0), "both": (1.0, 1.0, 0.0)}
+
+
 def overlay(image: Tensor, truth: Tensor, pred: Tensor) -> Tensor:
-    """RGB (N, 3, H, W): the image in grey, truth contour green, prediction contour red."""
+    """RGB (N, 3, H, W): the image in grey, the truth's and the prediction's contours in the
+    ``CONTOURS`` colours."""
     grey = image[:, :1].float()
     grey = (grey - grey.amin((2, 3), keepdim=True)) / (
         grey.amax((2, 3), keepdim=True) - grey.amin((2, 3), keepdim=True) + 1e-6)
     rgb = grey.repeat(1, 3, 1, 1)
-    truth_edge, pred_edge = contour(truth.float()), contour(pred.float())
-    rgb[:, 1:2] = torch.where(truth_edge > 0, 1.0, rgb[:, 1:2])
-    rgb[:, 0:1] = torch.where(pred_edge > 0, 1.0, rgb[:, 0:1])
-    rgb[:, 2:3] = torch.where((truth_edge + pred_edge) > 0, 0.0, rgb[:, 2:3])
-    rgb[:, 1:2] = torch.where((pred_edge > 0) & (truth_edge == 0), 0.0, rgb[:, 1:2])
+    truth_edge, pred_edge = contour(truth.float()) > 0, contour(pred.float()) > 0
+    for where, name in ((truth_edge & ~pred_edge, "truth"), (pred_edge & ~truth_edge, "prediction"),
+                        (truth_edge & pred_edge, "both")):
+        rgb = torch.where(where, rgb.new_tensor(CONTOURS[name]).view(1, 3, 1, 1), rgb)
     return rgb
+
+
+def legend(width: int, height: int = 32) -> Tensor:
+    """A (3, height, width) strip naming the contour colours, for under a grid of overlays
+    (TensorBoard shows an image without a caption)."""
+    strip = np.zeros((height, width, 3), np.uint8)
+    font, scale, x, y = cv2.FONT_HERSHEY_SIMPLEX, 0.6, 10, height // 2
+    for name, colour in CONTOURS.items():
+        cv2.line(strip, (x, y), (x + 24, y), tuple(int(255 * c) for c in colour), 3)
+        cv2.putText(strip, name, (x + 32, y + 6), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
+        x += 32 + cv2.getTextSize(name, font, scale, 1)[0][0] + 24
+    return torch.from_numpy(strip).permute(2, 0, 1).float() / 255
 
 
 class LossProgressBar(TQDMProgressBar):
@@ -121,6 +137,12 @@ class FirstStepTimer(Callback):
                             else time.monotonic() - self.job_started)
 
 
+def checkpoint_epoch(path: str | Path) -> int:
+    """The epoch a checkpoint was saved at: for the best checkpoint, the run's best epoch
+    (whatever ModelCheckpoint monitors). mmap: only that number is read."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+
+
 def enlarge(images: Tensor, min_size: int) -> Tensor:
     """Each pixel repeated k x k (nearest neighbour), with k the smallest integer that makes
     the images at least ``min_size`` pixels tall: a 64-pixel slice becomes 256 pixels and its
@@ -141,7 +163,8 @@ def tile(images: Tensor, per_row: int, gap: int = 2) -> Tensor:
 
 
 class ValidationImageGrid(Callback):
-    """Selection slices with the truth (green) and prediction (red) contours, logged to
+    """Selection slices with the truth (green) and prediction (red) contours and a legend of
+    their colours, logged to
     TensorBoard (and MLflow) as ``select/predictions`` after the first epoch and after the last
     one, and as ``select/predictions_best`` for the best checkpoint when the run validates it at
     the end (step: the checkpoint's epoch): where the model started, where it stopped and what
@@ -167,9 +190,8 @@ class ValidationImageGrid(Callback):
         if trainer.state.fn == TrainerFn.FITTING and trainer.current_epoch == 0:
             self._log(trainer, pl_module, "select/predictions", 0)
         elif trainer.state.fn == TrainerFn.VALIDATING and trainer.ckpt_path:
-            checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=False,
-                                    mmap=True)  # mmap: only the epoch is read
-            self._log(trainer, pl_module, "select/predictions_best", int(checkpoint["epoch"]))
+            self._log(trainer, pl_module, "select/predictions_best",
+                      checkpoint_epoch(trainer.ckpt_path))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         last = trainer.current_epoch - 1  # the epoch counter has moved past the last one
@@ -192,6 +214,7 @@ class ValidationImageGrid(Callback):
             pred = (pl_module(image) > 0).float()
         pl_module.train(training)
         grid = tile(enlarge(overlay(image, truth, pred).cpu(), self.min_size), self.per_row)
+        grid = torch.cat([grid, legend(grid.shape[-1])], dim=1)
         if tag == "select/predictions":
             self._logged_epoch = step
         for logger in trainer.loggers:
@@ -287,36 +310,3 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Keep the file: it is ``last.ckpt``, not a leftover of an exception."""
-
-
-class MetricsHistory(Callback):
-    """One CSV row per epoch with every logged epoch metric (what the report's curves read).
-
-    The file is rewritten atomically; on resume, rows of epochs that are run again are replaced.
-    """
-
-    def __init__(self, path: str):
-        self.path = Path(path)
-        self.rows: dict[int, dict[str, Any]] = {}
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.path.exists():
-            with open(self.path, newline="") as f:
-                self.rows = {int(r["epoch"]): r for r in csv.DictReader(f)}
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        metrics = trainer.callback_metrics  # on every process: it syncs the epoch's metrics
-        if not trainer.is_global_zero or trainer.sanity_checking:
-            return
-        epoch = trainer.current_epoch
-        row: dict[str, Any] = {"epoch": epoch, "step": trainer.global_step}
-        for key, value in sorted(metrics.items()):
-            if "/" in key:
-                row[key] = float(value)
-        row["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
-        self.rows = {e: r for e, r in self.rows.items() if e < epoch}
-        self.rows[epoch] = row
-        fields: list[str] = []
-        for r in self.rows.values():
-            fields += [k for k in r if k not in fields]
-        write_csv(self.path, [self.rows[e] for e in sorted(self.rows)], fields)

@@ -1,75 +1,51 @@
-"""TensorBoard's HPARAMS tab: each run's settings as columns beside its headline numbers.
+"""TensorBoard as it opens: the study's few settings beside its metrics in HPARAMS, and the
+Dice and loss curves first in Time Series.
 
-Every run writes the same experiment config (the columns, their types, the metrics) and its
-own values. Without a config TensorBoard takes one run's, whose columns carry no ``differs``
-mark, and ticks the first five by name (alpha, batch_size, beta, context_slices, features):
-loss, lr and image_size stayed unticked. It ticks at most five hparams, the marked ones
-first, and the first five metrics: beta (1 - alpha for every Tversky run) is the one left a
-click away, since alpha says the same. A value of another type than its column's (BCE's alpha
-``"-"``) is left out, so alpha and beta stay numeric columns and BCE's cells are empty.
+HPARAMS shows the first five columns of a run's settings (by name, when none is marked as
+differing, as Lightning's ``log_hyperparams`` marks none), so a run logs five: loss, alpha,
+fold, seed, lr; beta (1 - alpha in the study, spelled in the loss name otherwise) and the rest
+are in the run folder's hparams.yaml. TensorBoard takes the columns of one run's record: a loss
+without an alpha (bce) records alpha as the text "None", so the column is there whichever run
+it reads, and is numeric when it reads a Tversky run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from pytorch_lightning.loggers import Logger, TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
-from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
-from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from prostate_seg.training.module import HP_METRIC
 
-# Ticked by default: what tells a study's runs apart. The other columns are a click away.
-TICKED = ("loss", "alpha", "lr", "fold", "seed")
-TEXT_COLUMNS = ("loss", "net", "features", "scheduler")
+COLUMNS = ("loss", "alpha", "fold", "seed", "lr")
 # The study's number (per patient, original size, on the fold's validation patients, logged
-# when the run ends), the selection Dice that chose the checkpoint, and the curves' last values.
+# when the run ends) and the selection Dice that chose the checkpoint; 0 until measured.
 VALIDATION_DICE = "hp/val_dice_original"
-METRICS = (VALIDATION_DICE, HP_METRIC, "select/dice", "select/loss", "train/loss")
+METRICS = {VALIDATION_DICE: 0.0, HP_METRIC: 0.0}
 
 
-def experiment_summary(columns: list[str]) -> Summary:
-    """The HPARAMS tab's config: the same for every run with these columns."""
-    infos = [api_pb2.HParamInfo(
-        name=name, differs=name in TICKED,
-        type=api_pb2.DATA_TYPE_STRING if name in TEXT_COLUMNS else api_pb2.DATA_TYPE_FLOAT64)
-        for name in columns]
-    experiment = api_pb2.Experiment(
-        hparam_infos=infos,
-        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag)) for tag in METRICS])
-    content = plugin_data_pb2.HParamsPluginData(experiment=experiment,
-                                                version=metadata.PLUGIN_DATA_VERSION)
-    plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME,
-                                        content=content.SerializeToString())
-    return Summary(value=[Summary.Value(tag=metadata.EXPERIMENT_TAG,
-                                        metadata=SummaryMetadata(plugin_data=plugin))])
+class TensorBoardDashboard(TensorBoardLogger):
+    """Lightning's TensorBoardLogger without the ``epoch`` scalar Lightning adds to every log:
+    TensorBoard's Time Series would open on its card, before the Dice and loss curves. (The CSV
+    history keeps the epoch.)"""
 
-
-def column_values(settings: dict[str, Any]) -> dict[str, Any]:
-    """Each setting as its column's type; one of another type (``"-"`` for no alpha) is left
-    out."""
-    values: dict[str, Any] = {}
-    for name, value in settings.items():
-        if name in TEXT_COLUMNS:
-            values[name] = str(value)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            values[name] = value
-    return values
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
 
 
 @rank_zero_only
 def log_settings(loggers: list[Logger], settings: dict[str, Any]) -> None:
-    """The run's settings to every logger: TensorBoard's HPARAMS tab, the others' params."""
+    """The run's settings to every logger: TensorBoard's hparams.yaml (all) and HPARAMS tab
+    (``COLUMNS``), the others' params. The CSV history gets none (its hparams.yaml would repeat
+    TensorBoard's)."""
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.hparams.update(settings)  # its hparams.yaml in the run folder
-            _, start, end = hparams_summaries(column_values(settings), {})
-            writer = logger.experiment._get_file_writer()
-            for summary in (experiment_summary(list(settings)), start, end):
-                writer.add_summary(summary)
-        else:
+            logger.log_hyperparams(settings)  # without metrics: hparams.yaml only
+            logger.log_hyperparams({k: settings[k] for k in COLUMNS}, metrics=METRICS)
+        elif not isinstance(logger, CSVLogger):
             logger.log_hyperparams(settings)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import signal
 import sys
@@ -17,25 +16,25 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from prostate_seg.training.callbacks import FirstStepTimer
+from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch
 from prostate_seg.training.checks import check_ddp_launch, check_train_config
 from prostate_seg.config import uses_gpu
 from prostate_seg.training.dashboard import log_settings, log_validation_dice
 from prostate_seg.data import SliceDataModule
 from prostate_seg.errors import ConfigError
-from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_means
+from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_scores
 from prostate_seg.files import make_folder, replacing, write_csv, write_json
 from prostate_seg.inference.predictor import load_checkpoint
 from prostate_seg.training.module import SegmentationModule
 from prostate_seg.training.requeue import DeferredRequeue
 from prostate_seg.study.runs import (
     LAST_CHECKPOINT,
-    METRICS_FILE,
     OBJECTIVE,
     PER_PATIENT_FILE,
     PREVIEW_FILE,
@@ -45,7 +44,7 @@ from prostate_seg.study.runs import (
     RunStatus,
     config_identity,
     dataset_fingerprint,
-    read_json,
+    load_json_object,
     split_digest,
 )
 from prostate_seg.training.tracking import log_run_files
@@ -57,14 +56,15 @@ NO_BEST_CHECKPOINT = "no best checkpoint was saved (trainer.fast_dev_run saves n
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
-    """The few settings that tell runs apart in TensorBoard's HPARAMS tab."""
+    """The settings that tell runs apart (results.json, hparams.yaml, MLflow's params); alpha and
+    beta are numbers, or None for a loss without them."""
     alpha, beta = cfg.loss.get("alpha"), cfg.loss.get("beta")
     if alpha is not None and beta is None:
         beta = round(1.0 - alpha, 6)  # the Tversky default, stated explicitly
     return {
         "loss": str(cfg.loss.get("name")),
-        "alpha": "-" if alpha is None else alpha,
-        "beta": "-" if beta is None else beta,
+        "alpha": alpha,
+        "beta": beta,
         "seed": cfg.seed,
         "fold": cfg.data.fold,
         "folds": cfg.data.folds,
@@ -117,7 +117,7 @@ def _completed_results(cfg: DictConfig, run_dir: Path, identity: Identity) -> di
     """The results of a completed run of this config in ``run_dir`` (a job started again has
     nothing to do), or None."""
     status = RunStatus(run_dir)
-    done = read_json(run_dir / RESULTS_FILE)
+    done = load_json_object(run_dir / RESULTS_FILE)[0]
     if not (cfg.resume and status.state == "completed" and done is not None) or cfg.ckpt_path:
         return None
     _refuse_other_identity(identity, status.identity, f"the completed run in {run_dir}")
@@ -146,17 +146,6 @@ def check_job(cfg: DictConfig, job_dir: Path) -> None:
     check_train_config(task)
     check_ddp_launch(task.trainer, cfg.hydra)
     refuse_other_config(task, job_dir)
-
-
-def _best_epoch(metrics_csv: Path) -> int | None:
-    if not metrics_csv.exists():
-        return None
-    with open(metrics_csv, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("select/dice")]
-    if not rows:
-        return None
-    best = max(rows, key=lambda r: float(r["select/dice"]))  # first of ties, as ModelCheckpoint
-    return int(best["epoch"])
 
 
 def save_preview(module: SegmentationModule, datamodule: SliceDataModule, path: Path) -> None:
@@ -246,7 +235,7 @@ def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
                                     resolve=True)
     # What the model was trained on travels with the checkpoint: predict preprocesses new
     # scans so, and evaluate scores the patients this fold never trained on.
-    record.update(preprocessing=read_json(datamodule.dir / "prepare.json"),
+    record.update(preprocessing=load_json_object(datamodule.dir / "prepare.json")[0],
                   split=datamodule.split.to_dict(), identity=identity.to_dict())
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights follow the seed
     module = SegmentationModule(record)
@@ -338,17 +327,14 @@ def _record_failure(status: RunStatus, exc: BaseException) -> None:
 def _evaluate_per_patient(cfg: DictConfig, best: str, datamodule: SliceDataModule,
                           run_dir: Path) -> dict[str, Any]:
     """Score the best checkpoint per patient at original size on the fold's validation
-    patients and the test patients; writes per_patient.csv, returns the means."""
+    patients and the test patients; writes per_patient.csv, returns each split's scores."""
     device = "cuda" if uses_gpu(cfg.trainer.accelerator) else "cpu"
     module = load_checkpoint(best, torch.device(device))
     split = datamodule.split
     patients = {"val": split.val, **({"test": split.test} if split.test else {})}
     rows = evaluate_patients(module, datamodule.dir, patients)
     write_csv(run_dir / PER_PATIENT_FILE, rows, PER_PATIENT_FIELDS)
-    means: dict[str, Any] = {}
-    for name in patients:
-        means.update(split_means(rows, name))
-    return means
+    return {key: value for name in patients for key, value in split_scores(rows, name).items()}
 
 
 def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: SliceDataModule,
@@ -373,8 +359,8 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
     best_keeper = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)),
                        None)
     if best_keeper is not None:
-        results.update(best_checkpoint=best_keeper.best_model_path,
-                       best_epoch=_best_epoch(run_dir / METRICS_FILE))
+        best = best_keeper.best_model_path
+        results.update(best_checkpoint=best, best_epoch=checkpoint_epoch(best) if best else None)
         if cfg.evaluate_best:
             results.update(_evaluate_best(cfg, run_dir, datamodule, module, trainer, results))
     return _finish(trainer, run_dir, results)
@@ -394,6 +380,8 @@ def _evaluate_best(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
                    results: dict[str, Any]) -> dict[str, Any]:
     """The best checkpoint's selection metrics, preview and per-patient scores."""
     best = results["best_checkpoint"]
+    # The CSV history holds the epochs trained; this re-validation is results.json's.
+    trainer.loggers = [lg for lg in trainer.loggers if not isinstance(lg, CSVLogger)]
     metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
                                verbose=False)[0]
     scores = {k: float(v) for k, v in metrics.items() if k.startswith("select/")}

@@ -37,7 +37,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
 from prostate_seg.files import write_json
-from prostate_seg.study.runs import RESULTS_FILE, read_json
+from prostate_seg.study.runs import RESULTS_FILE, load_json_object
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class MLflowRunLogger(MLFlowLogger):
 
     def _earlier_run(self, tracking_uri: str) -> str | None:
         """The MLflow run this folder logged to before (a resumed job), if it still exists."""
-        earlier = read_json(self.run_dir / RUN_FILE) or {}
+        earlier = load_json_object(self.run_dir / RUN_FILE)[0] or {}
         if earlier.get("tracking_uri") != tracking_uri or not earlier.get("run_id"):
             return None
         from mlflow.exceptions import MlflowException
@@ -166,7 +166,7 @@ class MLflowRunLogger(MLFlowLogger):
         """results.json's numbers and identity, and the run folder's result files."""
         from mlflow.entities import Metric, Param
 
-        results = read_json(self.run_dir / RESULTS_FILE) or {}
+        results = load_json_object(self.run_dir / RESULTS_FILE)[0] or {}
         params = [Param(k, str(v)) for k, v in self._unchanged(
             {k: results[k] for k in RESULT_PARAMS if k in results and k not in self._params}
         ).items()]
