@@ -180,7 +180,7 @@ def test_prepared_masks_sit_on_their_images_and_map_back(tmp_path, fit, size):
 def test_prepare_records_the_digest_of_every_file_it_wrote(prepared, tmp_path):
     """A run's identity takes the data by this digest; a dataset prepared before it was
     recorded gets the same one, computed from its files, and is never written to."""
-    from prostate_seg.study.runs import dataset_fingerprint
+    from prostate_seg.data.prepare import dataset_fingerprint
 
     settings = json.loads((prepared / "prepare.json").read_text())
     assert settings["content_digest"] == content_digest(prepared)

@@ -287,6 +287,26 @@ def content_digest(data_dir: Path) -> str:
     return digest.hexdigest()
 
 
+
+def dataset_fingerprint(data_dir: Path) -> str:
+    """The prepared dataset by content: its settings, every slice's patient, index, size and
+    gland area, and the digest of every slice, mask and volume file that prepare recorded
+    (computed here for a dataset prepared before prepare recorded it, and not written back:
+    a run never changes its data folder). A moved copy is the same data; data prepared again
+    with other intensities are not."""
+    path = data_dir / "prepare.json"
+    settings = json.loads(path.read_text()) if path.is_file() else {}
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in settings.items() if k != CONTENT_DIGEST},
+                             sort_keys=True).encode())
+    digest.update(str(settings.get(CONTENT_DIGEST) or content_digest(data_dir)).encode())
+    with open(data_dir / "manifest.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            digest.update("|".join(str(row.get(k)) for k in (
+                "patient", "slice", "height", "width", "gland_pixels")).encode())
+    return digest.hexdigest()[:12]
+
+
 def _fresh_folder(output_dir: Path) -> Path:
     tmp = beside(output_dir, "partial")
     if tmp.exists():

@@ -49,7 +49,7 @@ from prostate_seg.study.runs import (
     read_history,
 )
 from prostate_seg.study.statistics import ALPHA, MEASURED, Analysis, Row, analyse
-from prostate_seg.study.sweep_report import DEFAULT_BASELINE
+from prostate_seg.study.sweeps import DEFAULT_BASELINE
 
 log = logging.getLogger(__name__)
 

@@ -100,26 +100,6 @@ def _digest(values: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def dataset_fingerprint(data_dir: Path) -> str:
-    """The prepared dataset by content: its settings, every slice's patient, index, size and
-    gland area, and the digest of every slice, mask and volume file that prepare recorded
-    (computed here for a dataset prepared before prepare recorded it, and not written back:
-    a run never changes its data folder). A moved copy is the same data; data prepared again
-    with other intensities are not."""
-    from prostate_seg.data.prepare import CONTENT_DIGEST, content_digest  # only where data are
-
-    settings = read_json(data_dir / "prepare.json") or {}
-    digest = hashlib.sha256()
-    digest.update(json.dumps({k: v for k, v in settings.items() if k != CONTENT_DIGEST},
-                             sort_keys=True).encode())
-    digest.update(str(settings.get(CONTENT_DIGEST) or content_digest(data_dir)).encode())
-    with open(data_dir / "manifest.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            digest.update("|".join(str(row.get(k)) for k in (
-                "patient", "slice", "height", "width", "gland_pixels")).encode())
-    return digest.hexdigest()[:12]
-
-
 def _git(root: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                           check=True, timeout=30, env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"}

@@ -13,8 +13,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from prostate_seg.study.sweeps import DEFAULT_BASELINE
+
 log = logging.getLogger(__name__)
-DEFAULT_BASELINE = "bce"
 
 
 class SweepReport(Callback):

@@ -15,6 +15,7 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+DEFAULT_BASELINE = "bce"  # the loss every other is compared with, when a sweep has it
 ALWAYS_NAMED = ("loss", "data.fold", "seed")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+@-]+")
 

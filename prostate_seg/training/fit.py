@@ -27,6 +27,7 @@ from prostate_seg.training.checks import check_ddp_launch, check_train_config
 from prostate_seg.config import uses_gpu
 from prostate_seg.training.dashboard import log_settings, log_validation_dice
 from prostate_seg.data import SliceDataModule
+from prostate_seg.data.prepare import dataset_fingerprint
 from prostate_seg.errors import ConfigError
 from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_scores
 from prostate_seg.files import make_folder, replacing, write_csv, write_json
@@ -43,7 +44,6 @@ from prostate_seg.study.runs import (
     RunLock,
     RunStatus,
     config_identity,
-    dataset_fingerprint,
     load_json_object,
     split_digest,
 )
