@@ -373,10 +373,36 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, show_traceback: boo
         sys.exit(EXIT_USER_ERROR)
 
 
+class QuietConsole(logging.Filter):
+    """The console's filter (conf/hydra/job_logging/quiet.yaml): Lightning's banners, tips and
+    model table, Hydra's launcher listing and the warnings known to be harmless stay in the log
+    file only; ``verbose=true`` shows them."""
+
+    NOISY = ("pytorch_lightning", "lightning", "lightning_fabric",
+             "hydra._internal.core_plugins.basic_launcher")
+    HARMLESS = ("does not have many workers", "GPU available but not used", "srun",
+                "is smaller than the logging interval", "exists and is not empty",
+                "was called without a model", "there is no last checkpoint available",
+                "is deprecated", "ckpt_path", "The number of training batches",
+                "Consider setting `persistent_workers", "LeafSpec")
+
+    def __init__(self, verbose: bool = False) -> None:
+        super().__init__()
+        self.verbose = verbose
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbose:
+            return True
+        if record.name == "py.warnings":
+            return not any(text in record.getMessage() for text in self.HARMLESS)
+        return record.levelno >= logging.WARNING or not record.name.startswith(self.NOISY)
+
+
 def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
     """Run ``task(cfg)`` as a Hydra app over ``<config_name>.yaml`` of the project's configs.
     ``HYDRA_FULL_ERROR=1`` shows the traceback of every error (Hydra's own switch)."""
     show_traceback = tracebacks_wanted()
+    logging.captureWarnings(True)  # warnings go to the log file; the console keeps the useful
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def _main(cfg: DictConfig) -> Any:

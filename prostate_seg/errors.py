@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class NonFiniteLossError(UserError):
     """Training diverged: the loss became NaN or infinite."""
+
+
+class JobFailed(UserError):
+    """A job of a sweep failed; the line names it and its log, which says why."""

@@ -27,14 +27,16 @@ import cloudpickle
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, RunMode, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from prostate_seg.config import available_cpus
+from prostate_seg.errors import JobFailed
 from prostate_seg.files import replacing, write_json
 from prostate_seg.study.runs import load_json_object
+from prostate_seg.study.sweeps import JOB_ENV, Progress, duration
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,11 @@ class _Job:
     dir: Path
     command: List[str] = field(default_factory=list)
     record: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def place(self) -> str:
+        """``k/N`` as the study sweeper numbered the job (else its index)."""
+        return str(self.config.hydra.job.env_set.get(JOB_ENV) or f"#{self.idx}")
 
 
 class _Terminated(SystemExit):
@@ -214,8 +221,7 @@ class GpuPoolLauncher(Launcher):
         cpus = max(1, available_cpus() // max(1, len(slots)))
         log.info(f"Launching {len(jobs)} jobs on {len(slots)} {self.accelerator} slots "
                  f"(devices {', '.join(sorted(set(slots)))}; {cpus} CPUs each)")
-        for job in jobs:
-            log.info(f"\t#{job.idx} : {' '.join(filter_overrides(job.overrides))}")
+        self._progress = Progress(total=len(jobs), slots=len(slots))
 
         pending: queue.Queue[_Job] = queue.Queue()
         for job in jobs:
@@ -314,6 +320,7 @@ class GpuPoolLauncher(Launcher):
         with self._lock:
             if self._stopping:
                 return
+            log.info(f"job {job.place} started on {self.accelerator} {device}: {job.dir.name}")
             try:
                 self._start_log(job, record)
                 with open(log_path, "ab") as log_file:  # the child keeps its own handle
@@ -346,12 +353,15 @@ class GpuPoolLauncher(Launcher):
                                    else "\n".join([reason, *tail]))
                 record["log_tail"] = tail
         self._record(job, record)
-        took = f"{record['end'] - record['start']:.1f} s"
+        seconds = record["end"] - record["start"]
+        with self._lock:
+            so_far = self._progress.finished(seconds)
         if record["status"] == "completed":
-            log.info(f"#{job.idx} completed in {took} on {self.accelerator} {device}: {job.dir}")
+            log.info(f"job {job.place} done in {duration(seconds)} on {self.accelerator} "
+                     f"{device}: {job.dir.name}; {so_far}")
         else:
-            log.error(f"#{job.idx} {record['status'].upper()} ({record['error'].splitlines()[0]}) "
-                      f"after {took} on {self.accelerator} {device}; see {log_path}")
+            log.error(f"job {job.place} {record['status'].upper()} after {duration(seconds)}: "
+                      f"{record['error'].splitlines()[-1]} (log: {log_path}); {so_far}")
 
     @staticmethod
     def _record(job: _Job, record: Dict[str, Any]) -> None:
@@ -428,10 +438,11 @@ class GpuPoolLauncher(Launcher):
         else:
             returncode = record.get("returncode")
             reason = exit_reason(returncode) if returncode is not None else record["error"]
-            message = f"job #{job.idx} {record['status']} ({reason}) in {job.dir}"
+            message = (f"job {job.place} {record['status']} ({reason}); log: "
+                       f"{job.dir / 'launcher.log'}")
             tail = [line for line in record.get("log_tail", []) if "HYDRA_FULL_ERROR" not in line]
             if returncode is not None and returncode > 0 and tail:
                 message += f": {tail[-1]}"  # the job's own error line
             ret.status = JobStatus.FAILED
-            ret.return_value = RuntimeError(message)
+            ret.return_value = JobFailed(message)
         return ret

@@ -21,14 +21,15 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf, read_write
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from prostate_seg.cli import exit_on_user_error, unknown_key_line
-from prostate_seg.errors import ConfigError, UserError
+from prostate_seg.errors import ConfigError, JobFailed, UserError
 from prostate_seg.study.runs import RunLock
-from prostate_seg.study.sweeps import job_name, task_overrides
+from prostate_seg.study.sweeps import JOB_ENV, job_name, task_overrides
 
 log = logging.getLogger(__name__)
 AUTO_SUBDIR = "${ps.job_name:}"  # the default subdir (conf/hydra/default.yaml)
@@ -87,6 +88,24 @@ class ComposedJobs(ConfigLoader):
         return self.loader.compute_defaults_list(*args, **kwargs)
 
 
+class _Outcomes:
+    """The sweep's launcher, keeping the failed jobs' errors for the sweep's one line instead
+    of letting Hydra stop at the first (it prints the job's overrides and raises)."""
+
+    def __init__(self, launcher: Any) -> None:
+        self.launcher = launcher
+        self.failed: List[BaseException] = []
+
+    def launch(self, job_overrides: Sequence[Sequence[str]],
+               initial_job_idx: int) -> Sequence[JobReturn]:
+        returns = self.launcher.launch(job_overrides, initial_job_idx)
+        for ret in returns:
+            if ret.status == JobStatus.FAILED:
+                self.failed.append(ret._return_value)
+                ret.status, ret.return_value = JobStatus.COMPLETED, None
+        return returns
+
+
 class StudySweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int] = None,
                  params: Optional[Dict[str, str]] = None, check_job: Optional[str] = None):
@@ -103,11 +122,21 @@ class StudySweeper(BasicSweeper):
                       task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
+        """The sweep; every job runs whatever another's fate, each failure is said in one line
+        as it happens (SweepProgress, the gpu_pool launcher), then once for the sweep."""
+        assert self.launcher is not None
+        self.launcher = _Outcomes(self.launcher)
         try:
-            return super().sweep(arguments)
+            returns = super().sweep(arguments)
         finally:
             if self._lock is not None:
                 self._lock.release()
+        failed = self.launcher.failed
+        if failed:
+            total = sum(len(batch) for batch in returns)
+            raise JobFailed(f"{len(failed)} of {total} jobs failed (each named above with its "
+                            f"log); the first: {str(failed[0]).strip().splitlines()[-1]}")
+        return returns
 
     def split_arguments(self, overrides: List[Any],  # type: ignore[override]
                         max_batch_size: Optional[int]) -> List[List[List[str]]]:
@@ -197,6 +226,11 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
                 with read_write(job_config.hydra):  # as if composed with that override
                     job_config.hydra.sweep.subdir = subdir
                     job_config.hydra.overrides.hydra.extend(added)
+            place = f"{index + 1}/{len(jobs)}"  # job k/N, in the job's environment
+            added.append(f"hydra.job.env_set.{JOB_ENV}={place}")
+            with read_write(job_config.hydra), open_dict(job_config.hydra.job.env_set):
+                job_config.hydra.job.env_set[JOB_ENV] = place
+                job_config.hydra.overrides.hydra.append(added[-1])
             folder = Path(job_config.hydra.sweep.dir) / str(subdir)
             if folder in folders:
                 raise ConfigError(

@@ -63,6 +63,7 @@ LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # 4 GPUs is devices=4.
 NOT_IDENTITY = (
     "hydra", "paths", "logger", "ckpt_path", "resume", "evaluate_best", "study", "report",
+    "verbose",
     "data.dir", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.cache",
     "model.compile", "model.channels_last", "optimizer.fused",
     "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.sync_batchnorm",

@@ -1,4 +1,4 @@
-"""Sweep jobs: their folder names.
+"""Sweep jobs: their folder names, and the console line of each job's start and end.
 
 A job folder is named after what tells it apart: the loss, the fold, the seed, then any other
 swept setting (``tversky_a0.25-fold0-seed0``, ``bce-fold1-seed2-lr0.001``). The names keep to
@@ -8,12 +8,23 @@ be pasted into ``ckpt_path=...`` as it is.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+# "k/N": a job's place in its sweep, set by the study sweeper in the job's environment
+# (hydra.job.env_set), so every launcher and the job itself can say it.
+JOB_ENV = "PROSTATE_SEG_JOB"
 
 DEFAULT_BASELINE = "bce"  # the loss every other is compared with, when a sweep has it
 ALWAYS_NAMED = ("loss", "data.fold", "seed")
@@ -63,3 +74,65 @@ def job_name_resolver(*, _root_: DictConfig) -> str:
     job. The project's sweeper, which sees the whole grid, names a job by its swept settings
     only (the same ``job_name`` of the same ``task_overrides``)."""
     return job_name(_root_, task_overrides(_root_))
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``3 min 12 s``, ``1 h 05 min``."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+class Progress:
+    """Elapsed time and the time left of a sweep: the mean job so far times the jobs left,
+    shared by ``slots`` running at once."""
+
+    def __init__(self, total: int, slots: int = 1) -> None:
+        self.started = time.monotonic()
+        self.total, self.slots = total, max(1, slots)
+        self.durations: list[float] = []
+
+    def finished(self, seconds: float) -> str:
+        self.durations.append(seconds)
+        done, total = len(self.durations), self.total
+        left = (total - done) * sum(self.durations) / done / self.slots
+        return (f"elapsed {duration(time.monotonic() - self.started)}"
+                + (f", about {duration(left)} left" if done < total else ""))
+
+
+class SweepProgress(Callback):
+    """Hydra callback: one console line when each job of a sweep starts and one when it ends
+    (``job 3/7``, its folder, its time, the sweep's elapsed time and time left, or why it failed
+    and where its log is). Jobs run by the gpu_pool launcher report from the launcher."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.place, self.job_started = "", 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.progress = Progress(total=0)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.place = os.environ.get(JOB_ENV, "")  # Hydra sets it around the task only
+        if self.progress is not None and self.place:
+            self.progress.total = int(self.place.split("/")[1])
+            self.job_started = time.monotonic()
+            log.info("job %s started: %s", self.place, Path(config.hydra.runtime.output_dir).name)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        place = self.place
+        if self.progress is None or not place:
+            return
+        took = time.monotonic() - self.job_started
+        folder = Path(config.hydra.runtime.output_dir)
+        if job_return.status == JobStatus.COMPLETED:
+            log.info("job %s done in %s: %s; %s", place, duration(took), folder.name,
+                     self.progress.finished(took))
+        else:
+            error = str(job_return._return_value).strip().splitlines() or ["failed"]
+            log.error("job %s FAILED after %s: %s (log: %s); %s", place, duration(took),
+                      error[-1], folder / f"{config.hydra.job.name}.log",
+                      self.progress.finished(took))
