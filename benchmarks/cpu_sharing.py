@@ -6,7 +6,7 @@ most 2.5 x the idle one (fair sharing of 2 cores with one busy process gives 2 x
 
 Run it with nothing else on the machine. Each measurement is a fresh process that trains
 unet_small on 64-px batches of 8 for --steps steps through the project's own CPU settings
-(prostate_seg.config.cpu_threads: torch's threads and OpenMP's wait policy), after 3 warm-up
+(prostate_seg.config: configure_cpu_threads and openmp_yields), after 3 warm-up
 steps; the time is the median of 3 such processes.
 """
 
@@ -22,9 +22,10 @@ import time
 
 CHILD = """
 import sys, time
-from prostate_seg.config import configure_cpu_threads
-threads = configure_cpu_threads(workers=0)
+from prostate_seg.config import configure_cpu_threads, openmp_yields
+openmp_yields()
 import torch
+threads = configure_cpu_threads(workers=0)
 from prostate_seg.models import UNet
 torch.manual_seed(0)
 net = UNet(1, 1, [16, 32, 64, 128])

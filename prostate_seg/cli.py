@@ -44,7 +44,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from prostate_seg.config import CONFIG_PATH, initialize_configs
+from prostate_seg.config import CONFIG_PATH, initialize_configs, openmp_yields
 from prostate_seg.errors import ConfigError, UserError
 from prostate_seg.study.runs import LOCK_FILE
 
@@ -403,6 +403,7 @@ def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
     ``HYDRA_FULL_ERROR=1`` shows the traceback of every error (Hydra's own switch)."""
     show_traceback = tracebacks_wanted()
     logging.captureWarnings(True)  # warnings go to the log file; the console keeps the useful
+    openmp_yields()  # before any task imports torch
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def _main(cfg: DictConfig) -> Any:

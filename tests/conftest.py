@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
+from prostate_seg.config import openmp_yields
+
+openmp_yields()  # before torch loads (tests run many short CPU fits beside each other's work)
+
+import shutil  # noqa: E402
 from pathlib import Path
 
 import pytest

@@ -1,6 +1,6 @@
 """Every config in conf/ composes, and the objects it describes can be built."""
 
-import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -293,3 +293,20 @@ def test_tool_help_says_what_to_type_and_lists_the_settings(tool, required):
     result = run_cli("-m", "prostate_seg", tool, "--help")
     assert result.returncode == 0
     assert result.stdout.startswith(f"python -m prostate_seg {tool} ") and required in result.stdout
+
+
+def test_cpu_threads_follow_the_idle_cores_less_the_loader_workers(monkeypatch):
+    import prostate_seg.config as config
+
+    measured = config.idle_cpus(0.05)
+    assert 0.0 <= measured <= (os.cpu_count() or 1) + 1e-9
+    monkeypatch.setenv("PROSTATE_SEG_CPUS", "4")
+    monkeypatch.setattr(config, "idle_cpus", lambda: 3.8)
+    assert config.configure_cpu_threads(workers=0) == 4
+    assert config.configure_cpu_threads(workers=1) == 3
+    monkeypatch.setattr(config, "idle_cpus", lambda: 1.2)  # another process holds the rest
+    assert config.configure_cpu_threads(workers=0) == 1
+    assert config.configure_cpu_threads(workers=2) == 1  # never none
+    import torch
+
+    assert torch.get_num_threads() == 1

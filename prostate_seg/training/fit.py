@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch
 from prostate_seg.training.checks import check_ddp_launch, check_train_config
-from prostate_seg.config import uses_gpu
+from prostate_seg.config import configure_cpu_threads, uses_gpu
 from prostate_seg.training.dashboard import log_settings, log_validation_dice
 from prostate_seg.data import SliceDataModule
 from prostate_seg.data.prepare import dataset_fingerprint
@@ -257,6 +257,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     _later_job_started = time.monotonic() if _jobs_in_process > 1 else None
     check_train_config(cfg)
     check_ddp_launch(cfg.trainer, HydraConfig.get())
+    if not uses_gpu(cfg.trainer.accelerator):
+        log.info("%d CPU threads", configure_cpu_threads(cfg.data.num_workers))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     lock = RunLock(run_dir)
     if rank_zero_only.rank == 0:
