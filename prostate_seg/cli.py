@@ -46,7 +46,6 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from prostate_seg.config import CONFIG_PATH, initialize_configs, openmp_yields
 from prostate_seg.errors import ConfigError, UserError
-from prostate_seg.study.runs import LOCK_FILE
 
 EXIT_USER_ERROR = 2
 
@@ -224,21 +223,13 @@ def _closest_keys(key: str, known: list[str]) -> str:
 
 def required_values_problem(cfg: DictConfig) -> str | None:
     """``ckpt_path: required, not given (...)`` for the values a config leaves ``???`` (found
-    without resolving the others, which may take seconds)."""
+    without resolving the others, which may take seconds); Hydra's own node is not the user's."""
     missing = [key for key, value in _flat_items(OmegaConf.to_container(cfg, resolve=False))
-               if value == "???"]
+               if value == "???" and not key.startswith("hydra.")]
     if not missing:
         return None
     example = " ".join(f"{key}=..." for key in missing)
     return f"{', '.join(missing)}: required, not given (add {example} to the command line)"
-
-
-def _log_traceback_to_files() -> None:
-    text = traceback.format_exc()
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.stream.write(text)
-            handler.flush()
 
 
 @contextmanager
@@ -315,30 +306,17 @@ def tracebacks_wanted() -> bool:
     return os.environ.get(TRACEBACKS, os.environ.get("HYDRA_FULL_ERROR")) == "1"
 
 
-# What Hydra writes into every run folder before the task starts (besides the job's log).
-_HYDRA_FILES = {"config.yaml", "hydra.yaml", "overrides.yaml"}
-
-
 def remove_bookkeeping_folder(run_dir: Path, log_name: str) -> bool:
-    """Remove ``run_dir`` when it holds nothing but Hydra's bookkeeping (``.hydra/``, the
-    job's log) and the run lock, then its parents that this leaves empty, up to the working
-    directory: a command that stopped before its own work leaves no folder (its log only
-    repeated the console). A folder holding anything else is kept whole. True if removed."""
-    hydra_dir = run_dir / ".hydra"
+    """Remove ``run_dir`` when it holds nothing or only the command's log (which repeated the
+    console; a training run's log is only written once it claimed the folder), then its
+    parents that this leaves empty, up to the working directory: a command that stopped before
+    its own work leaves no folder. A folder holding anything else is kept whole."""
     try:
         entries = list(run_dir.iterdir())
-        if any(e.name not in {".hydra", log_name, LOCK_FILE} or e.is_symlink() for e in entries):
-            return False
-        if hydra_dir.is_dir() and any(f.name not in _HYDRA_FILES or not f.is_file()
-                                      for f in hydra_dir.iterdir()):
+        if any(e.name != log_name or not e.is_file() or e.is_symlink() for e in entries):
             return False
         for entry in entries:
-            if entry.is_dir():
-                for file in entry.iterdir():
-                    file.unlink()
-                entry.rmdir()
-            else:
-                entry.unlink()
+            entry.unlink()
         run_dir.rmdir()
     except OSError:
         return False  # tidying up is a courtesy; the error line is what matters
@@ -360,7 +338,6 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, show_traceback: boo
             raise ConfigError(missing)
         return task(cfg)
     except (UserError, OSError) as exc:
-        _log_traceback_to_files()
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the launcher records the failed job and the sweep goes on
         if HydraConfig.initialized():

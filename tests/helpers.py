@@ -75,3 +75,15 @@ class Pace(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         time.sleep(self.seconds)
+
+
+class SignalAt(pl.Callback):
+    """Sends ``signum`` to its own process as training batch ``batch`` of epoch ``epoch``
+    starts: an interruption at a chosen step, the same on every machine."""
+
+    def __init__(self, signum: int, epoch: int, batch: int):
+        self.signum, self.epoch, self.batch = signum, epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            os.kill(os.getpid(), self.signum)

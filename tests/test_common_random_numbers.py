@@ -43,7 +43,7 @@ def _same(a, b):
 def test_two_losses_of_one_seed_start_alike_and_see_the_same_batches(prepared, tmp_path):
     bce_weights, bce_batches = _start(prepared, tmp_path, "loss=bce")
     assert not torch.equal(bce_batches[0]["image"], bce_batches[1]["image"])
-    for loss in (["loss=tversky_a0.25"],
+    for loss in (["loss=tversky", "loss.alpha=0.25"],
                  # a loss that draws random numbers shifts neither the data nor the weights
                  ["loss=bce", "loss._target_=helpers.DrawingBCE"]):
         weights, batches = _start(prepared, tmp_path, *loss)
@@ -51,6 +51,6 @@ def test_two_losses_of_one_seed_start_alike_and_see_the_same_batches(prepared, t
         # epoch 1's batch follows a step each loss took its own way: the data do not
         assert all(_same(a, b) for a, b in zip(batches, bce_batches, strict=True)), loss
     # the comparison can tell: another seed starts elsewhere and draws other batches
-    other_weights, other_batches = _start(prepared, tmp_path, "loss=tversky_a0.25", "seed=1")
+    other_weights, other_batches = _start(prepared, tmp_path, "loss=tversky", "loss.alpha=0.25", "seed=1")
     assert not _same(bce_weights, other_weights)
     assert not torch.equal(bce_batches[0]["image"], other_batches[0]["image"])

@@ -243,7 +243,7 @@ def test_every_tool_finds_its_config_from_any_working_directory(tmp_path):
     result = run_cli("train.py", "--cfg", "job", "data.dir=x", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     job = OmegaConf.create(result.stdout)
-    assert job.seed == 0 and job.data._target_ == "prostate_seg.data.SliceDataModule"
+    assert job.seed == 0 and job.data._target_ == "prostate_seg.data.datamodule.SliceDataModule"
 
 
 @pytest.mark.parametrize("max_epochs", [5, 7])

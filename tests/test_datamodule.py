@@ -12,7 +12,7 @@ from helpers import TINY, compose_train
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from prostate_seg.data import SliceDataModule
+from prostate_seg.data.datamodule import SliceDataModule
 from prostate_seg.data.dataset import SliceDataset, SliceRecord, init_worker, read_png
 from prostate_seg.errors import ConfigError, DataError
 

@@ -20,7 +20,7 @@ from helpers import REPO, TINY, compose_train, run_cli
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from prostate_seg.training.checks import check_train_config
-from prostate_seg.data import SliceDataModule
+from prostate_seg.data.datamodule import SliceDataModule
 from prostate_seg.errors import ConfigError, DataError, NonFiniteLossError, UserError
 from prostate_seg.data.prepare import PrepareSettings, prepare
 from prostate_seg.training import fit as training
@@ -177,33 +177,33 @@ def test_a_tool_that_fails_leaves_no_log_folder(args, message, tmp_path):
 
 
 def test_only_a_folder_of_bookkeeping_is_removed(tmp_path, monkeypatch):
-    """Hydra's .hydra/, the job's log and the lock go, with the parents left empty up to the
-    working directory; a folder holding anything else is kept whole, and so is a parent."""
+    """A folder holding only the command's log goes, with the parents left empty up to the
+    working directory; a folder holding anything else (a claimed run's .hydra/) is kept whole,
+    and so is a parent that holds another folder."""
     from prostate_seg.cli import remove_bookkeeping_folder
 
     monkeypatch.chdir(tmp_path)
 
-    def hydra_folder(path):
-        (path / ".hydra").mkdir(parents=True)
-        for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-            (path / ".hydra" / name).write_text("x: 1\n")
-        (path / "train.log").write_text("Traceback ...\n")
-        (path / ".lock").write_text("")
+    def log_only(path):
+        path.mkdir(parents=True)
+        (path / "train.log").write_text("[12:00:00] error: ...\n")
         return path
 
-    only = hydra_folder(tmp_path / "outputs" / "runs" / "day" / "time")
+    only = log_only(tmp_path / "outputs" / "runs" / "day" / "time")
     assert remove_bookkeeping_folder(only, "train.log")
     assert list(tmp_path.iterdir()) == []
-    kept = hydra_folder(tmp_path / "outputs" / "runs" / "day" / "other")
-    (kept / "status.json").write_text("{}")
-    neighbour = hydra_folder(tmp_path / "outputs" / "runs" / "day" / "gone")
+    kept = log_only(tmp_path / "outputs" / "runs" / "day" / "other")
+    (kept / ".hydra").mkdir()
+    (kept / ".hydra" / "config.yaml").write_text("x: 1\n")
+    neighbour = log_only(tmp_path / "outputs" / "runs" / "day" / "gone")
     assert not remove_bookkeeping_folder(kept, "train.log")
-    assert sorted(p.name for p in kept.iterdir()) == [".hydra", ".lock", "status.json", "train.log"]
+    assert sorted(p.name for p in kept.iterdir()) == [".hydra", "train.log"]
     assert remove_bookkeeping_folder(neighbour, "train.log")
     assert [p.name for p in (tmp_path / "outputs" / "runs" / "day").iterdir()] == ["other"]
-    extra = hydra_folder(tmp_path / "x")
-    (extra / ".hydra" / "notes.txt").write_text("mine")
-    assert not remove_bookkeeping_folder(extra, "train.log") and (extra / ".hydra" / "notes.txt").exists()
+    other_log = log_only(tmp_path / "x")
+    (other_log / "evaluate.log").write_text("mine")
+    assert not remove_bookkeeping_folder(other_log, "train.log")
+    assert (other_log / "evaluate.log").exists()
 
 
 # --- 2. prepare on bad input -----------------------------------------------------------------
@@ -464,32 +464,27 @@ def _wait_for(predicate, timeout=120.0):
     raise TimeoutError("condition not reached")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exit(signum, prepared, tmp_path):
-    """Stopped in a training step, the run saves last.ckpt there (mid-epoch). A signal that
-    lands at an epoch's end instead (in its validation, or around its checkpoint; a quarter of
-    the time with these short epochs) leaves that epoch's last.ckpt, by design; then the test
-    signals a new run, up to 5 times."""
-    for attempt in range(5):
-        run_dir = tmp_path / f"run{attempt}"
-        proc = subprocess.Popen(_train_command(prepared, run_dir, 50), cwd=tmp_path,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        _wait_for(lambda: _epochs(run_dir))  # mid-training, after epoch 0
-        time.sleep(1.0)
-        proc.send_signal(signum)
-        proc.communicate(timeout=120)
-        assert proc.returncode != 0
-        assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
-        last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-        epoch_end_steps = {int(r["step"]) for r in read_history(run_dir)}
-        assert last["global_step"] > 0
-        if last["global_step"] not in epoch_end_steps:  # saved by the interruption, mid-epoch
-            log = (run_dir / "train.log").read_text()
-            assert re.search(rf"interrupted \(.*\): saved .*last.ckpt at epoch \d+, step "
-                             rf"{last['global_step']}\b", log), log[-2000:]
-            return
-    pytest.fail("5 signals in a row landed at an epoch's end: no mid-epoch save was tried")
+    """Stopped in a training step (at batch 2 of epoch 1), the run saves last.ckpt there,
+    mid-epoch, says so in its log and is recorded as interrupted."""
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        [*_train_command(prepared, run_dir, 3), f"+callbacks.stop._target_=helpers.SignalAt",
+         f"+callbacks.stop.signum={int(signum)}", "+callbacks.stop.epoch=1",
+         "+callbacks.stop.batch=2"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    assert result.returncode != 0
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "interrupted"
+    (epoch0,) = read_history(run_dir)
+    # epoch 0's steps (logged at its last, counted from 0), then batches 0 and 1 of epoch 1;
+    # on SIGTERM Lightning finishes the batch in progress (2) before it stops
+    step = int(epoch0["step"]) + 1 + 2 + (signum == signal.SIGTERM)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt",
+                      weights_only=False)["global_step"] == step
+    assert re.search(rf"interrupted \(.*\): saved .*last.ckpt at epoch 1, step {step}\b",
+                     (run_dir / "train.log").read_text())
 
 
 @pytest.mark.slow

@@ -346,6 +346,7 @@ def test_callback_never_fails_the_sweep_and_reads_the_report_settings(tmp_path, 
     callback = SweepReport()
     callback.sweep_dir = tmp_path / "empty"
     callback.sweep_dir.mkdir()
+    (callback.sweep_dir / "multirun.yaml").write_text("{}\n")  # Hydra's: the sweep launched
     callback.write()  # no exception: logged
     assert "could not write the sweep report" in caplog.text
     sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
@@ -353,6 +354,9 @@ def test_callback_never_fails_the_sweep_and_reads_the_report_settings(tmp_path, 
     callback.on_multirun_start(OmegaConf.create({
         "report": {"baseline": "tversky_a0.25", "all_pairs": True},
         "hydra": {"sweep": {"dir": str(sweep)}}}))
+    callback.write()  # refused before launch (no multirun.yaml of its own): nothing written
+    assert not (sweep / "report").exists()
+    (sweep / "multirun.yaml").write_text("{}\n")
     callback.write()
     pairs = {(c["loss"], c["baseline"]) for c in read_csv(sweep / "report" / "comparisons.csv")}
     assert pairs == {("bce", "tversky_a0.25"), ("tversky_a0.5", "tversky_a0.25"),

@@ -200,14 +200,15 @@ def test_a_completed_run_gets_its_per_patient_results_when_they_are_asked_for(pr
     train(compose_train([*common, "evaluate_best=false"], run_dir))
     first = json.loads((run_dir / "results.json").read_text())
     assert not (run_dir / "per_patient.csv").exists() and "val/dice_original" not in first
-    trained = {p: (run_dir / p).read_bytes() for p in ("metrics.csv", "checkpoints/last.ckpt")}
+    trained = {p: p.read_bytes() for p in [*run_dir.glob("metrics/*/metrics.csv"),
+                                            run_dir / "checkpoints" / "last.ckpt"]}
 
     results = train(compose_train(common, run_dir))  # scored, not trained again
     assert (run_dir / "per_patient.csv").exists()
     stored = json.loads((run_dir / "results.json").read_text())
     assert stored == results and 0.0 <= stored["val/dice_original"] <= 1.0
     assert stored["epochs_trained"] == first["epochs_trained"] and "select/dice" in stored
-    assert {p: (run_dir / p).read_bytes() for p in trained} == trained
+    assert {p: p.read_bytes() for p in trained} == trained
     assert train(compose_train(common, run_dir)) == stored  # now complete: nothing to do
 
     # without a best checkpoint to score, the run is trained again (not continued from the
@@ -226,8 +227,9 @@ def test_a_run_trained_anew_does_not_continue_the_last_checkpoint_it_replaces(pr
     run_dir = tmp_path / "run"
     common = [*TINY, f"data.dir={prepared}", "trainer.max_epochs=2"]
     train(compose_train([*common, "trainer.max_epochs=1"], run_dir))
-    first = (run_dir / "metrics.csv").read_text().splitlines()
+    (first,) = runs.read_history(run_dir)
     train(compose_train([*common, "seed=1", "resume=false"], run_dir))
-    again = (run_dir / "metrics.csv").read_text().splitlines()
-    assert len(again) == 3 and again[1] != first[1]  # epoch 0 trained again, from seed 1
+    again = runs.read_history(run_dir)
+    # epoch 0 trained again, from seed 1, then epoch 1
+    assert len(again) == 2 and again[0]["train/loss"] != first["train/loss"]
     assert json.loads((run_dir / "status.json").read_text())["resumed_from"] is None

@@ -1,14 +1,3 @@
-"""Data stage: scans -> display slices (volume, resize), PNG dataset, patient split, loaders."""
-
-from prostate_seg.data.datamodule import SliceDataModule
-from prostate_seg.data.dataset import SliceDataset, read_manifest
-from prostate_seg.data.split import (
-    CrossValidation,
-    PatientSplit,
-    SplitSettings,
-    load_or_make_folds,
-    make_folds,
-)
-
-__all__ = ["CrossValidation", "PatientSplit", "SliceDataModule", "SliceDataset", "SplitSettings",
-           "load_or_make_folds", "make_folds", "read_manifest"]
+"""Data stage: scans -> display slices (volume, resize, dicom, prepare), the PNG dataset, the
+patient split and the loaders (datamodule). Nothing is imported here: ``prepare`` and the
+split must not pay for torch and Lightning."""

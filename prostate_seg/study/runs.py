@@ -25,6 +25,8 @@ import csv
 import functools
 import hashlib
 import json
+import logging
+import logging.handlers
 import os
 import socket
 import subprocess
@@ -41,7 +43,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import prostate_seg
 from prostate_seg.errors import ConfigError
-from prostate_seg.files import write_json
+from prostate_seg.files import write_json, write_text
 
 STATUS_FILE = "status.json"
 RESULTS_FILE = "results.json"
@@ -52,6 +54,7 @@ METRICS_DIR = "metrics"  # CSVLogger's: metrics/version_N/metrics.csv, one versi
 OBJECTIVE = "val/dice_original"
 PREVIEW_FILE = "val_preview.npz"
 LOCK_FILE = ".lock"
+HYDRA_DIR = ".hydra"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
 # Settings that do not change what a run computes: where it writes, how fast, what it logs,
@@ -254,19 +257,33 @@ class RunLock:
     filelock's native lock, released by the kernel when the process dies, so a killed job never
     leaves a stale lock. The file stays, with the last holder's name in it."""
 
-    def __init__(self, run_dir: Path, what: str = "run folder"):
+    def __init__(self, run_dir: Path, what: str = "run folder", stamp: bool = True):
+        """``stamp=False``: the holder's name is written later (:meth:`stamp`), so a command
+        that takes the lock and is then refused leaves the file as it found it."""
         self.path = run_dir / LOCK_FILE
         self.what = what
+        self.made = False  # whether this process created the lock file
         self._lock = FileLock(self.path, blocking=False, preserve_lock_file=True,
-                              on_acquired=_stamp_holder)
+                              on_acquired=_stamp_holder if stamp else None)
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.made = not self.path.exists()
         try:
             self._lock.acquire()
         except Timeout:
             raise ConfigError(f"{self.path.parent}: {self.what} in use by {self._holder()}; wait "
                               "for it to end, or write to another folder") from None
+
+    def stamp(self) -> None:
+        with open(self.path, "r+b") as f:
+            _stamp_holder(f.fileno())
+
+    def release_unused(self) -> None:
+        """Release, removing the lock file if this process made it for nothing."""
+        self.release()
+        if self.made:
+            self.path.unlink(missing_ok=True)
 
     def release(self) -> None:
         self._lock.release()
@@ -288,6 +305,36 @@ class RunLock:
             return self.path.read_text(errors="replace").strip() or "another process"
         except OSError:
             return "another process"
+
+
+def claim(run_dir: Path, cfg: DictConfig, lock: RunLock) -> None:
+    """From here the folder is this run's. Until now a command that may still be refused
+    (another config's run here, another process in it) wrote nothing: the log records of the
+    run are held (conf/hydra/job_logging/quiet.yaml) and Hydra's record of the config is not
+    written (hydra.output_subdir: null). Now the log file starts with them, the lock names its
+    holder, and .hydra/ records the config, the Hydra config and the command-line overrides."""
+    from hydra.core.hydra_config import HydraConfig
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.handlers.MemoryHandler):
+            handler.flushLevel = logging.NOTSET
+            handler.flush()
+    lock.stamp()
+    hydra = HydraConfig.get()
+    (run_dir / HYDRA_DIR).mkdir(exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", OmegaConf.create({"hydra": hydra})),
+                       ("overrides.yaml", hydra.overrides.task)):
+        write_text(run_dir / HYDRA_DIR / name, OmegaConf.to_yaml(node))
+
+
+def forget_held_log() -> None:
+    """A command refused before it claimed its folder: the log records held for the folder's
+    log file are dropped, so the file is never opened."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.handlers.MemoryHandler) and \
+                handler.flushLevel > logging.CRITICAL:
+            with handler.lock:
+                handler.buffer.clear()
 
 
 def load_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:

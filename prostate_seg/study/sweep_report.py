@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ class SweepReport(Callback):
     def __init__(self) -> None:
         self.settings: dict[str, Any] = {}
         self.sweep_dir: Path | None = None
+        self.started = 0.0
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy for a job's own process (gpu_pool): the report is the sweep process's.
@@ -40,13 +42,20 @@ class SweepReport(Callback):
                          "all_pairs": bool(settings.get("all_pairs", False)),
                          "allow_mixed_code": bool(settings.get("allow_mixed_code", False))}
         self.sweep_dir = Path(config.hydra.sweep.dir)
+        self.started = time.time()
         atexit.register(self.write)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self.write()
 
+    def launched(self) -> bool:
+        """Whether this sweep got past its checks: Hydra writes multirun.yaml only then (a
+        refused sweep must not rewrite the report of the sweep running in the folder)."""
+        record = self.sweep_dir / "multirun.yaml" if self.sweep_dir else None
+        return record is not None and record.is_file() and record.stat().st_mtime >= self.started
+
     def write(self) -> None:
-        if self.sweep_dir is None or not self.sweep_dir.is_dir():
+        if not self.launched():
             return  # no job started (stopped by the checks before launch)
         sweep_dir, self.sweep_dir = self.sweep_dir, None
         try:

@@ -26,7 +26,7 @@ from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch
 from prostate_seg.training.checks import check_ddp_launch, check_train_config
 from prostate_seg.config import configure_cpu_threads, uses_gpu
 from prostate_seg.training.dashboard import log_settings, log_validation_dice
-from prostate_seg.data import SliceDataModule
+from prostate_seg.data.datamodule import SliceDataModule
 from prostate_seg.data.prepare import dataset_fingerprint
 from prostate_seg.errors import ConfigError
 from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_scores
@@ -43,7 +43,9 @@ from prostate_seg.study.runs import (
     Identity,
     RunLock,
     RunStatus,
+    claim,
     config_identity,
+    forget_held_log,
     load_json_object,
     split_digest,
 )
@@ -251,40 +253,52 @@ _jobs_in_process = 0
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or continue) one training job in Hydra's output folder; returns its results."""
+    """Run (or continue) one training job in Hydra's output folder; returns its results.
+    Until every refusal is behind it the job writes nothing into the folder (study/runs.py
+    claim), so a refused command leaves another run's folder as it was."""
     global _later_job_started, _jobs_in_process
     _jobs_in_process += 1
     _later_job_started = time.monotonic() if _jobs_in_process > 1 else None
-    check_train_config(cfg)
-    check_ddp_launch(cfg.trainer, HydraConfig.get())
-    if not uses_gpu(cfg.trainer.accelerator):
-        log.info("%d CPU threads", configure_cpu_threads(cfg.data.num_workers))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    lock = RunLock(run_dir)
-    if rank_zero_only.rank == 0:
-        lock.acquire()
+    lock = RunLock(run_dir, stamp=False)
+    locked = claimed = False
     try:
-        return _train_locked(cfg, run_dir)
+        check_train_config(cfg)
+        check_ddp_launch(cfg.trainer, HydraConfig.get())
+        if not uses_gpu(cfg.trainer.accelerator):
+            log.info("CPU threads: %d", configure_cpu_threads(cfg.data.num_workers))
+        if rank_zero_only.rank == 0:
+            lock.acquire()
+            locked = True
+        datamodule = setup_data(cfg)
+        identity = identity_of(cfg, datamodule)
+        done = _completed_results(cfg, run_dir, identity)
+        if done is not None and not _unscored(cfg, run_dir, done):
+            log.info("%s already completed; nothing to do (resume=false to train again)",
+                     run_dir)
+            return done
+        ckpt_path = _checkpoint_to_resume(cfg, run_dir, identity) if done is None else None
+        if rank_zero_only.rank == 0:
+            claim(run_dir, cfg, lock)
+        claimed = True
+        return _train_claimed(cfg, run_dir, datamodule, identity, done, ckpt_path)
     finally:
-        lock.release()
+        if not claimed:
+            forget_held_log()
+        if locked:
+            lock.release() if claimed else lock.release_unused()
 
 
-def _train_locked(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    datamodule = setup_data(cfg)
-    identity = identity_of(cfg, datamodule)
-    done = _completed_results(cfg, run_dir, identity)
-    if done is None:
-        ckpt_path = _checkpoint_to_resume(cfg, run_dir, identity)
-    elif not _unscored(cfg, run_dir, done):
-        log.info("%s already completed; nothing to do (resume=false to train again)", run_dir)
-        return done
-    elif done.get("best_checkpoint") and Path(done["best_checkpoint"]).is_file():
-        log.info("%s completed without %s: scoring its best checkpoint", run_dir, PER_PATIENT_FILE)
-        return _score_completed(cfg, run_dir, datamodule, identity, done)
-    else:
+def _train_claimed(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
+                   identity: Identity, done: dict[str, Any] | None,
+                   ckpt_path: str | None) -> dict[str, Any]:
+    if done is not None:
+        if done.get("best_checkpoint") and Path(done["best_checkpoint"]).is_file():
+            log.info("%s completed without %s: scoring its best checkpoint", run_dir,
+                     PER_PATIENT_FILE)
+            return _score_completed(cfg, run_dir, datamodule, identity, done)
         log.info("%s completed without %s or a best checkpoint to score: training again",
                  run_dir, PER_PATIENT_FILE)
-        ckpt_path = None
     if ckpt_path is None:
         # Given none, Lightning's fit continues from a last.ckpt it finds in the folder (as it
         # does for an on-exception checkpoint): a run trained anew removes the one it replaces.
