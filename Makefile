@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 DEMO_DIR ?= outputs/demo
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast check-extra demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,12 +24,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install
-	$(PY) -m pytest -q --durations=15
+# One pytest worker per core (the tests are mostly single-threaded: process starts, tiny
+# models); a module's tests stay on one worker, which builds its fixtures once.
+PYTEST := $(PY) -m pytest -q -n auto --dist loadscope
 
-# Everything but the tests marked slow (multi-process sweeps, DDP, resume).
+test: install
+	$(PYTEST) -m "not extra" --durations=15
+
+# Everything but the tests marked slow.
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PYTEST) -m "not extra and not slow"
+
+# Benchmark smoke runs, the wheel build, DDP through the command line and the SLURM cluster's
+# sweeps (skipped without scripts/local_slurm.sh's cluster); CI runs it after `make test`.
+check-extra: install
+	$(PYTEST) -m extra --durations=5
 
 demo: install
 	$(PY) -m prostate_seg synthetic output_dir=$(DEMO_DIR)/phantoms num_patients=16 size=96

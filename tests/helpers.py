@@ -79,11 +79,14 @@ class Pace(pl.Callback):
 
 class SignalAt(pl.Callback):
     """Sends ``signum`` to its own process as training batch ``batch`` of epoch ``epoch``
-    starts: an interruption at a chosen step, the same on every machine."""
+    starts: an interruption at a chosen step, the same on every machine. Once per working
+    directory (it leaves ``signal.sent``), so the run can be restarted with the same config."""
 
     def __init__(self, signum: int, epoch: int, batch: int):
         self.signum, self.epoch, self.batch = signum, epoch, batch
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+        sent = Path("signal.sent")
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch) and not sent.exists():
+            sent.touch()
             os.kill(os.getpid(), self.signum)

@@ -85,7 +85,64 @@ def test_synced_batchnorm_on_cpu_processes_is_refused_in_one_line(prepared_copy,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.slow
+def _validation_on_rank(rank: int, port: int, data: dict, out) -> None:
+    """One of two processes: the select loader the data module gives this rank, and the
+    validation metric over it, synced as Lightning does at the epoch's end."""
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        out[rank, 4] = _validate(instantiate(data), SimpleNamespace(world_size=2,
+                                                                     global_rank=rank), out[rank])
+    finally:
+        dist.destroy_process_group()
+
+
+def _validate(datamodule, trainer, out) -> int:
+    """select/dice, precision, recall and dice_global of a fixed rule (image > 0.5) into
+    ``out``; returns the number of slices this process saw."""
+    from prostate_seg.inference.metrics import VolumeConfusion
+
+    datamodule.trainer = trainer
+    datamodule.setup("fit")
+    metric = VolumeConfusion(len(datamodule.select_set.patients))
+    seen = 0
+    for batch in datamodule.val_dataloader():
+        metric.update((batch["image"][:, :1] - 0.5) * 10, batch["mask"], batch["volume"])
+        seen += len(batch["volume"])
+    scores = metric.compute()
+    out[:4] = torch.stack([scores[k] for k in ("dice", "precision", "recall", "dice_global")])
+    return seen
+
+
+def test_ddp_validation_sees_every_slice_once_and_syncs_to_the_one_process_scores(prepared,
+                                                                                  tmp_path):
+    """Two gloo processes, each with the select slices the data module deals it (an odd number
+    in all, which the default sampler would pad with a repeat) and the metric synced over them:
+    the scores of one process over all slices, every slice counted once."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    single = torch.zeros(5)
+    for fold in range(5):  # a fold whose selection slices do not split evenly
+        cfg = compose_train([*TINY, f"data.dir={prepared}", "data.batch_size=4",
+                             "data.select_fraction=0.3", f"data.fold={fold}"], tmp_path)
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        total = _validate(instantiate(data), None, single)
+        if total % 2:
+            break
+    assert total % 2, "needs a fold with an odd number of selection slices"
+    out = torch.zeros(2, 5).share_memory_()
+    mp.spawn(_validation_on_rank, args=(_free_port(), data, out), nprocs=2)
+    assert out[:, 4].sum().item() == total  # each slice once, none padded in
+    for rank in range(2):
+        assert torch.allclose(out[rank, :4], single[:4], atol=1e-6), (out, single)
+
+
+@pytest.mark.extra
 def test_ddp_cpu_validation_counts_every_slice_once(prepared_copy, tmp_path):
     """Two processes over gloo: select/dice equals one process validating the same weights,
     even where the selection slices do not split evenly (the default sampler pads them)."""

@@ -39,7 +39,7 @@ def test_fast_path_gives_the_plain_fp32_loss_within_bf16_rounding(prepared, tmp_
     assert torch.allclose(logits.float(), plain(image), atol=0.1)
 
 
-@pytest.mark.slow
+@pytest.mark.extra
 def test_throughput_benchmark_smoke_run(tmp_path):
     out = tmp_path / "throughput.json"
     result = run_cli(str(REPO / "benchmarks" / "throughput.py"), "--smoke", "--profile", "2",
@@ -54,7 +54,7 @@ def test_throughput_benchmark_smoke_run(tmp_path):
     assert "convolution" in (tmp_path / "throughput_profile.txt").read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.extra
 def test_sweep_throughput_benchmark_smoke_run(tmp_path):
     """The jobs-per-GPU benchmark at CPU smoke size: each setting ran the whole sweep, and its
     figures come from the files the jobs wrote."""

@@ -455,22 +455,13 @@ def _train_command(prepared, run_dir, epochs):
             "callbacks.early_stopping.patience=100", f"hydra.run.dir={run_dir}"]
 
 
-def _wait_for(predicate, timeout=120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise TimeoutError("condition not reached")
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exit(signum, prepared, tmp_path):
     """Stopped in a training step (at batch 2 of epoch 1), the run saves last.ckpt there,
     mid-epoch, says so in its log and is recorded as interrupted."""
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [*_train_command(prepared, run_dir, 3), f"+callbacks.stop._target_=helpers.SignalAt",
+        [*_train_command(prepared, run_dir, 3), "+callbacks.stop._target_=helpers.SignalAt",
          f"+callbacks.stop.signum={int(signum)}", "+callbacks.stop.epoch=1",
          "+callbacks.stop.batch=2"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
@@ -490,15 +481,15 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exit(signum, prepared, tmp_
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(prepared_copy, tmp_path):
     run_dir = tmp_path / "run"
-    command = _train_command(prepared_copy, run_dir, 4)
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    _wait_for(lambda: len(_epochs(run_dir)) >= 2)
-    time.sleep(0.7)  # into epoch 2
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    command = [*_train_command(prepared_copy, run_dir, 4),
+               "+callbacks.stop._target_=helpers.SignalAt",
+               f"+callbacks.stop.signum={int(signal.SIGKILL)}", "+callbacks.stop.epoch=2",
+               "+callbacks.stop.batch=2"]  # once: the restart runs on
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    killed = subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=300, env=env)
+    assert killed.returncode == -signal.SIGKILL
     assert not (run_dir / "results.json").exists()
-    restarted = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True)
+    restarted = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env)
     assert restarted.returncode == 0, restarted.stderr[-2000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["epochs_trained"] == 4 and _epochs(run_dir) == [0, 1, 2, 3]

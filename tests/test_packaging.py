@@ -61,7 +61,7 @@ def _venv_with_wheel(tmp: Path, wheel: Path) -> Path:
     return env
 
 
-@pytest.mark.slow
+@pytest.mark.extra
 def test_wheel_runs_the_pipeline_from_an_empty_folder(tmp_path):
     env = _venv_with_wheel(tmp_path, _build_wheel(tmp_path))
     work = tmp_path / "work"

@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from prostate_seg.data.prepare import PrepareSettings, prepare
 from prostate_seg.study.runs import read_history
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.extra]
 
 CLUSTER = REPO / "scripts" / "local_slurm.sh"
 LOCAL_CONF_MARK = "Written by prostate-seg scripts/local_slurm.sh"
