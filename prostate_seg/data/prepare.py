@@ -21,26 +21,12 @@ import numpy as np
 from omegaconf import DictConfig
 
 from prostate_seg.data.resize import FIT_MODES, fit_slice
-from prostate_seg.data.volume import (
-    VolumeGeometry,
-    display_affine,
-    geometry_of,
-    is_nifti,
-    load_nifti,
-    strip_nifti_suffix,
-    to_slices,
-    voxel_array,
-    window_to_uint8,
-)
+from prostate_seg.data.volume import (VolumeGeometry, display_affine, geometry_of, is_nifti,
+                                      load_nifti, strip_nifti_suffix, to_slices, voxel_array,
+                                      window_to_uint8)
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.files import (
-    beside,
-    check_name_fits,
-    check_writable_folder,
-    refuse_existing,
-    write_csv,
-    write_json,
-)
+from prostate_seg.files import (beside, check_name_fits, check_writable_folder, refuse_existing,
+                                write_csv, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +150,13 @@ def _gland_mask(labels: np.ndarray, path: Path, mask_labels: tuple[int, ...] | N
     return np.isin(labels, mask_labels).astype(np.uint8)
 
 
+def scan_slices(img: Any, path: Path, settings: PrepareSettings) -> tuple[np.ndarray, VolumeGeometry]:
+    """A scan as the windowed uint8 display slices that the network's input is made of."""
+    data = voxel_array(img, path, settings.image_channel)
+    geometry = geometry_of(img, data.shape)
+    return window_to_uint8(to_slices(data, geometry), path, *settings.window), geometry
+
+
 def load_case(case: Case, settings: PrepareSettings) -> tuple[np.ndarray, np.ndarray, VolumeGeometry]:
     """Both volumes as display slices ``(Z, rows, cols)``: uint8 image, {0,1} mask."""
     if case.mask is None:
@@ -175,29 +168,26 @@ def load_case(case: Case, settings: PrepareSettings) -> tuple[np.ndarray, np.nda
         image_nii = load_dicom_series(case.image)
     else:
         image_nii = load_nifti(case.image)
-    image = voxel_array(image_nii, case.image, settings.image_channel)
-    geometry = geometry_of(image_nii, image.shape)
+    image, geometry = scan_slices(image_nii, case.image, settings)
     mask_nii = load_nifti(case.mask)
     labels = voxel_array(mask_nii, case.mask)
     mask_geometry = geometry_of(mask_nii, labels.shape)
     if not (geometry.spacing_known and mask_geometry.spacing_known):
         # A header without orientation: the mask is read in the image's own stored grid.
-        if labels.shape != image.shape:
-            raise DataError(f"{case.mask}: mask shape {labels.shape} != image shape {image.shape} "
-                            f"({case.image})")
+        if labels.shape != geometry.source_shape:
+            raise DataError(f"{case.mask}: mask shape {labels.shape} != image shape "
+                            f"{geometry.source_shape} ({case.image})")
         mask_geometry = geometry
-    slices_img = to_slices(image, geometry)
     slices_mask = to_slices(labels, mask_geometry)
-    if slices_img.shape != slices_mask.shape:
+    if image.shape != slices_mask.shape:
         raise DataError(f"{case.mask}: mask grid {slices_mask.shape} does not match image grid "
-                        f"{slices_img.shape} ({case.image}) after reorientation")
+                        f"{image.shape} ({case.image}) after reorientation")
     if geometry.spacing_known:
         a, b = display_affine(image_nii, geometry), display_affine(mask_nii, mask_geometry)
         if not np.allclose(a, b, atol=AFFINE_TOLERANCE_MM):
             raise DataError(f"{case.mask}: mask affine does not match the image affine of "
                             f"{case.image} (max difference {np.abs(a - b).max():.3g} mm)")
-    gland = _gland_mask(slices_mask, case.mask, settings.mask_labels)
-    return window_to_uint8(slices_img, case.image, *settings.window), gland, geometry
+    return image, _gland_mask(slices_mask, case.mask, settings.mask_labels), geometry
 
 
 def write_png(path: Path, pixels: np.ndarray) -> None:

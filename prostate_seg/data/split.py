@@ -1,17 +1,9 @@
-"""Patient-level k-fold cross-validation, made once per dataset and shared by every run.
+"""Patient-level k-fold cross-validation, made once per dataset (``split.json``) and shared by
+every run, so a study compares its losses on the same patients (docs/STUDY.md).
 
-Slices of one patient are strongly correlated; the original study split slices at random,
-so the same patient sat in both sets. Here the unit is the patient. As in nnU-Net, the
-patients are dealt into ``folds`` validation folds, so each patient is validated exactly once,
-by the model of the fold that holds it out. Unlike a plain k-fold with early stopping, the
-validation patients choose nothing: in each fold a few of the *training* patients
-(``select_fraction``) are set aside as **selection** patients, on which the epoch (early
-stopping) and the best checkpoint are chosen. Optional held-out **test** patients sit outside
-every fold. Everything is seeded and stored as ``<dataset>/split.json``, so every run of a
-study compares on the same patients.
-
-Roles in fold k: ``train`` (gradients), ``select`` (epoch and checkpoint), ``val`` (fold k's
-patients: scored once, at the end), ``test`` (scored by every fold's model).
+Roles in fold k: ``train`` (gradients), ``select`` (epoch and checkpoint: a few training
+patients, so the validation patients choose nothing), ``val`` (fold k's patients, each
+validated exactly once), ``test`` (outside every fold, scored by every fold's model).
 """
 
 from __future__ import annotations
@@ -19,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +34,6 @@ class SplitSettings:
     select_fraction: float = 0.15
     test_patients: tuple[str, ...] | None = None
     test_fraction: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"folds": self.folds, "split_seed": self.split_seed,
-                "select_fraction": self.select_fraction,
-                "test_patients": None if self.test_patients is None else list(self.test_patients),
-                "test_fraction": self.test_fraction}
 
 
 @dataclass(frozen=True)
@@ -83,7 +69,7 @@ class CrossValidation:
 
     def to_dict(self) -> dict[str, Any]:
         # "splits": one entry per fold, as in nnU-Net's splits_final.json (plus "select").
-        return {"format": SPLIT_FORMAT, **self.settings.to_dict(), "test": list(self.test),
+        return {"format": SPLIT_FORMAT, **asdict(self.settings), "test": list(self.test),
                 "splits": [{role: list(getattr(fold, role)) for role in ROLES}
                            for fold in self.folds]}
 
@@ -154,7 +140,8 @@ def check_folds(cv: CrossValidation, source: str) -> None:
                             "the other folds' validation patients; fix or delete the file")
 
 
-def _from_file(path: Path) -> CrossValidation:
+def read_folds(path: Path) -> CrossValidation:
+    """A stored split, held to the rules of :func:`check_folds`."""
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -184,7 +171,7 @@ def _from_file(path: Path) -> CrossValidation:
 
 
 def _differences(stored: SplitSettings, wanted: SplitSettings) -> list[str]:
-    ours, theirs = wanted.to_dict(), stored.to_dict()
+    ours, theirs = asdict(wanted), asdict(stored)
     return [f"data.{key}={ours[key]} (stored: {theirs[key]})" for key in ours
             if not (ours[key] == theirs[key] or (isinstance(ours[key], float)
                     and math.isclose(ours[key], theirs[key])))]
@@ -200,7 +187,7 @@ def load_or_make_folds(data_dir: Path, patients: Sequence[str],
         check_folds(cv, "the new split")
         write_json(path, cv.to_dict())
         return cv
-    cv = _from_file(path)
+    cv = read_folds(path)
     differences = _differences(cv.settings, settings)
     if differences:
         raise ConfigError(f"{'; '.join(differences)} differ from the split stored in {path}; "
