@@ -13,8 +13,7 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from prostate_seg.data.dataset import (SliceDataset, check_files, check_masks, init_worker,
-                                       read_manifest)
+from prostate_seg.data.dataset import SliceDataset, check_files, init_worker, read_manifest
 from prostate_seg.data.split import CrossValidation, PatientSplit, SplitSettings, load_or_make_folds
 from prostate_seg.config import prepared_size
 from prostate_seg.errors import ConfigError
@@ -27,26 +26,13 @@ class SliceDataModule(pl.LightningDataModule):
     validates (early stopping, checkpoint) on its ``select`` ones; ``val_set`` and the test
     patients are scored only at the end. ``seed`` (the run's) alone decides the data's draws."""
 
-    def __init__(
-        self,
-        dir: str,
-        image_size: int = 384,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        folds: int = 5,
-        fold: int = 0,
-        split_seed: int = 0,
-        select_fraction: float = 0.15,
-        test_patients: Sequence[str] | None = None,
-        test_fraction: float = 0.0,
-        context_slices: int = 0,
-        cache: bool = False,
-        train_transform: A.BasicTransform | None = None,
-        val_transform: A.BasicTransform | None = None,
-        seed: int = 0,
-    ):
+    def __init__(self, dir: str, image_size: int = 384, batch_size: int = 16,
+                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = True,
+                 folds: int = 5, fold: int = 0, split_seed: int = 0, select_fraction: float = 0.15,
+                 test_patients: Sequence[str] | None = None, test_fraction: float = 0.0,
+                 context_slices: int = 0, cache: bool = False,
+                 train_transform: A.BasicTransform | None = None,
+                 val_transform: A.BasicTransform | None = None, seed: int = 0):
         super().__init__()
         self.dir = Path(dir)
         self.image_size = image_size
@@ -86,10 +72,7 @@ class SliceDataModule(pl.LightningDataModule):
             log.warning("data.image_size=%d but %s holds %d px slices: each is enlarged, which "
                         "costs time and adds no detail (set data.image_size=%d, or prepare at "
                         "%d)", self.image_size, self.dir, stored, stored, self.image_size)
-        check_masks(records)
-        self.folds = load_or_make_folds(self.dir, [r.patient for r in records],
-                                        self.split_settings)
-        self.split = self.folds.fold(self.fold)
+        self.split = self.load_folds().fold(self.fold)
 
         def subset(patients: Sequence[str], transform: A.BasicTransform | None) -> SliceDataset:
             chosen = set(patients)
@@ -115,19 +98,12 @@ class SliceDataModule(pl.LightningDataModule):
         # see the same batches whatever their loss (common random numbers).
         streams = np.random.SeedSequence([self.seed, rank, int(train)]).generate_state(2)
         dataset.reseed(int(streams[0]))
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            sampler=sampler,
-            drop_last=train and len(dataset) > batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            worker_init_fn=init_worker,
-            prefetch_factor=4 if self.num_workers > 0 else None,
-            generator=torch.Generator().manual_seed(int(streams[1])),
-        )
+        return DataLoader(dataset, batch_size, shuffle=train, sampler=sampler,
+                          drop_last=train and len(dataset) > batch_size,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers, worker_init_fn=init_worker,
+                          prefetch_factor=4 if self.num_workers > 0 else None,
+                          generator=torch.Generator().manual_seed(int(streams[1])))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

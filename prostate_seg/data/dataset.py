@@ -96,11 +96,10 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def check_files(records: list[SliceRecord], expected_size: int | None) -> None:
-    """Complete image and mask PNGs of one size: fail here, not in a loader worker."""
-    sizes = set()
+    """Complete PNGs of one size, masks of only 0 and 255 (a 0/1 or label-valued mask would read
+    as empty or wrong) and some gland: fail here, not in a loader worker."""
+    sizes, gland = set(), 0
     for record in records:
-        if not record.image.exists():
-            raise DataError(f"{record.image}: image listed in the manifest is missing")
         if not record.mask.exists():
             raise DataError(f"{record.mask}: mask missing for image {record.image.name}")
         image_size, mask_size = png_size(record.image), png_size(record.mask)
@@ -111,15 +110,6 @@ def check_files(records: list[SliceRecord], expected_size: int | None) -> None:
             raise DataError(f"{record.image}: {image_size[0]}x{image_size[1]} pixels, but the "
                             f"dataset was prepared at {expected_size}x{expected_size}")
         sizes.add(image_size)
-    if len(sizes) > 1:
-        raise DataError(f"slices of different sizes {sorted(sizes)} in one dataset")
-
-
-def check_masks(records: list[SliceRecord]) -> None:
-    """Masks of only 0 and 255 (a 0/1 or label-valued mask would read as empty or wrong), and
-    some gland in the dataset."""
-    gland = 0
-    for record in records:
         mask = read_png(record.mask)
         full = np.count_nonzero(mask == 255)
         if np.count_nonzero(mask) != full:
@@ -128,6 +118,8 @@ def check_masks(records: list[SliceRecord]) -> None:
                             f"{'...' if len(values) > 8 else ''}; a mask PNG must hold only 0 and "
                             "255 (prepare writes them so)")
         gland += full
+    if len(sizes) > 1:
+        raise DataError(f"slices of different sizes {sorted(sizes)} in one dataset")
     if gland == 0:
         raise DataError(f"{records[0].mask.parent}: no mask of the dataset holds a gland pixel; "
                         "a network trained on it would only learn to predict nothing")

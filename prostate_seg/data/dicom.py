@@ -54,7 +54,8 @@ def _read_folder(folder: Path) -> dict[str, Slices]:
         except InvalidDicomError:
             continue
         except Exception as exc:  # pydicom raises many types for truncated or corrupt files
-            raise DataError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from None
+            raise DataError(f"{path}: unreadable DICOM file ({type(exc).__name__}: "
+                            f"{exc})") from None
         uid = ds.get("SeriesInstanceUID")
         if uid and "PixelData" in ds:
             groups.setdefault(str(uid), []).append((path, ds))
@@ -124,7 +125,8 @@ def _pixels(ds: Any, path: Path, rows: int, cols: int) -> np.ndarray:
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     except Exception as exc:  # missing decoder, bad pixel tags, malformed rescale values
-        raise DataError(f"{path}: cannot decode the pixel data ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: cannot decode the pixel data ({type(exc).__name__}: "
+                        f"{exc})") from None
     if pixels.shape != (rows, cols):
         raise DataError(f"{path}: pixel data of shape {pixels.shape}, expected a single "
                         f"{rows}x{cols} frame (multi-frame and colour images are not supported)")

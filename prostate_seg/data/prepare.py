@@ -91,14 +91,11 @@ def patient_id(path: Path) -> str:
     return name[:-5] if name.endswith("_0000") else name
 
 
-def _by_patient(paths: list[Path]) -> tuple[dict[str, Path], dict[str, list[Path]]]:
-    """Paths by patient id, and the ids several paths claim (``x.nii`` and ``x.nii.gz``, ``y``
-    and ``y_0000``, a DICOM folder ``z/`` and ``z.nii.gz``)."""
+def _by_patient(paths: list[Path]) -> dict[str, list[Path]]:
     groups: dict[str, list[Path]] = {}
     for path in paths:
         groups.setdefault(patient_id(path), []).append(path)
-    unique = {patient: found[0] for patient, found in groups.items() if len(found) == 1}
-    return unique, {patient: found for patient, found in groups.items() if len(found) > 1}
+    return groups
 
 
 def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
@@ -119,19 +116,20 @@ def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
     if ignored:
         log.warning("%s: ignored %d files that are neither NIfTI nor a DICOM folder: %s",
                     images_dir, len(ignored), ", ".join(ignored[:10]))
-    images, image_twice = _by_patient([p for p in visible if is_nifti(p) or p.is_dir()])
-    masks, mask_twice = _by_patient([p for p in sorted(masks_dir.iterdir())
-                                     if is_nifti(p) and not p.name.startswith(".")])
-    if not images and not image_twice:
+    images = _by_patient([p for p in visible if is_nifti(p) or p.is_dir()])
+    masks = _by_patient([p for p in sorted(masks_dir.iterdir())
+                         if is_nifti(p) and not p.name.startswith(".")])
+    if not images:
         raise DataError(f"{images_dir}: no NIfTI files or DICOM folders in it")
-    # Which of two files is meant cannot be guessed: neither is used.
+    # Which of two files of one patient (x.nii and x.nii.gz, y and y_0000, a DICOM folder z/
+    # and z.nii.gz) is meant cannot be guessed: neither is used.
+    twice = sorted((p, found) for p, found in [*images.items(), *masks.items()] if len(found) > 1)
     problems = [f"{found[0]}: {' and '.join(p.name for p in found)} in {found[0].parent} are "
-                f"both patient {patient!r}; keep one of them"
-                for patient, found in sorted([*image_twice.items(), *mask_twice.items()])]
-    claimed_twice = set(image_twice) | set(mask_twice)
-    problems += [f"{masks[p]}: mask without image (no {p} in {images_dir})"
+                f"both patient {patient!r}; keep one of them" for patient, found in twice]
+    claimed_twice = {patient for patient, _ in twice}
+    problems += [f"{masks[p][0]}: mask without image (no {p} in {images_dir})"
                  for p in sorted(set(masks) - set(images) - claimed_twice)]
-    cases = [Case(p, images[p], masks.get(p)) for p in sorted(images)
+    cases = [Case(p, images[p][0], masks.get(p, [None])[0]) for p in sorted(images)
              if p not in claimed_twice]
     return cases, problems
 
@@ -150,14 +148,16 @@ def _gland_mask(labels: np.ndarray, path: Path, mask_labels: tuple[int, ...] | N
     return np.isin(labels, mask_labels).astype(np.uint8)
 
 
-def scan_slices(img: Any, path: Path, settings: PrepareSettings) -> tuple[np.ndarray, VolumeGeometry]:
+def scan_slices(img: Any, path: Path,
+                settings: PrepareSettings) -> tuple[np.ndarray, VolumeGeometry]:
     """A scan as the windowed uint8 display slices that the network's input is made of."""
     data = voxel_array(img, path, settings.image_channel)
     geometry = geometry_of(img, data.shape)
     return window_to_uint8(to_slices(data, geometry), path, *settings.window), geometry
 
 
-def load_case(case: Case, settings: PrepareSettings) -> tuple[np.ndarray, np.ndarray, VolumeGeometry]:
+def load_case(case: Case,
+              settings: PrepareSettings) -> tuple[np.ndarray, np.ndarray, VolumeGeometry]:
     """Both volumes as display slices ``(Z, rows, cols)``: uint8 image, {0,1} mask."""
     if case.mask is None:
         raise DataError(f"{case.image}: image without mask (no {case.patient}.nii.gz in the "

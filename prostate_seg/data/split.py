@@ -47,8 +47,7 @@ class PatientSplit:
     test: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fold": self.fold, "train": list(self.train), "select": list(self.select),
-                "val": list(self.val), "test": list(self.test)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -56,10 +55,6 @@ class CrossValidation:
     settings: SplitSettings
     test: tuple[str, ...]
     folds: tuple[PatientSplit, ...]
-
-    @property
-    def patients(self) -> set[str]:
-        return set(self.test).union(*(fold.val for fold in self.folds))
 
     def fold(self, k: int) -> PatientSplit:
         if not 0 <= k < len(self.folds):
@@ -145,24 +140,25 @@ def read_folds(path: Path) -> CrossValidation:
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable split file ({exc}); delete it to make a new one") from None
+        raise DataError(f"{path}: unreadable split file ({exc}); delete it to make a new "
+                        "one") from None
     if not isinstance(stored, dict) or stored.get("format") != SPLIT_FORMAT:
         old = isinstance(stored, dict) and ({"train", "val"} <= set(stored) or "format" in stored)
-        raise DataError(f"{path}: {'a split file of an older format' if old else 'not a split file'}"
-                        "; this version splits patients into cross-validation folds with "
-                        "selection patients: delete it to make a new one")
+        kind = "a split file of an older format" if old else "not a split file"
+        raise DataError(f"{path}: {kind}; this version splits patients into cross-validation "
+                        "folds with selection patients: delete it to make a new one")
     try:
         test_patients = stored["test_patients"]
-        settings = SplitSettings(
-            folds=int(stored["folds"]), split_seed=int(stored["split_seed"]),
-            select_fraction=float(stored["select_fraction"]),
-            test_patients=None if test_patients is None else tuple(test_patients),
-            test_fraction=float(stored["test_fraction"]))
+        settings = SplitSettings(int(stored["folds"]), int(stored["split_seed"]),
+                                 float(stored["select_fraction"]),
+                                 None if test_patients is None else tuple(test_patients),
+                                 float(stored["test_fraction"]))
         test = tuple(stored["test"])
         folds = tuple(PatientSplit(k, *(tuple(entry[role]) for role in ROLES), test)
                       for k, entry in enumerate(stored["splits"]))
     except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path}: not a valid split file ({exc}); delete it to make a new one") from None
+        raise DataError(f"{path}: not a valid split file ({exc}); delete it to make a new "
+                        "one") from None
     if len(folds) != settings.folds:
         raise DataError(f"{path}: says folds={settings.folds} but lists {len(folds)}")
     cv = CrossValidation(settings, test, folds)
@@ -184,7 +180,6 @@ def load_or_make_folds(data_dir: Path, patients: Sequence[str],
     path = data_dir / SPLIT_FILE
     if not path.exists():
         cv = make_folds(patients, settings)
-        check_folds(cv, "the new split")
         write_json(path, cv.to_dict())
         return cv
     cv = read_folds(path)
@@ -193,9 +188,9 @@ def load_or_make_folds(data_dir: Path, patients: Sequence[str],
         raise ConfigError(f"{'; '.join(differences)} differ from the split stored in {path}; "
                           "every run on a dataset shares its split: use the stored settings, or "
                           "delete the file to make a new split")
-    wanted = set(patients)
-    if cv.patients != wanted:
-        missing, new = sorted(cv.patients - wanted), sorted(wanted - cv.patients)
+    stored, wanted = set(cv.test).union(*(fold.val for fold in cv.folds)), set(patients)
+    if stored != wanted:
+        missing, new = sorted(stored - wanted), sorted(wanted - stored)
         raise DataError(f"{path}: its patients no longer match the dataset ({len(missing)} "
                         f"gone{': ' + ', '.join(missing[:3]) if missing else ''}; {len(new)} new"
                         f"{': ' + ', '.join(new[:3]) if new else ''}); the dataset was prepared "

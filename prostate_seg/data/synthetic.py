@@ -35,7 +35,8 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
     return field / (field.std() + 1e-8)
 
 
-def _ellipse(y: np.ndarray, x: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+def _ellipse(y: np.ndarray, x: np.ndarray, cy: float, cx: float, ry: float,
+             rx: float) -> np.ndarray:
     return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
 
 

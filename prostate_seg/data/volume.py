@@ -71,7 +71,8 @@ def voxel_array(img: nib.Nifti1Image, path: Path, channel: int | None = None) ->
                                 "volumes along its 4th axis; a mask must be one 3D label map")
             channel = 0
         if not 0 <= channel < data.shape[3]:
-            raise DataError(f"{path}: 4D image has {data.shape[3]} channels, image_channel={channel}")
+            raise DataError(f"{path}: 4D image has {data.shape[3]} channels, "
+                            f"image_channel={channel}")
         data = data[..., channel]
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")

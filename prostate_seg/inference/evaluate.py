@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from prostate_seg.data.dataset import read_manifest, read_png
-from prostate_seg.data.split import SPLIT_FILE, PatientSplit, read_folds
+from prostate_seg.data.split import ROLES, SPLIT_FILE, PatientSplit, read_folds
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import check_name_fits, check_writable_folder, refuse_existing, write_csv
 from prostate_seg.data.prepare import PrepareSettings
@@ -39,8 +40,7 @@ def stored_split(module: TrainedModel, ckpt_path: str | Path) -> PatientSplit:
     if not stored:
         raise DataError(f"ckpt_path={ckpt_path}: the checkpoint stores no patient split "
                         "(made by an older version); train it again to evaluate it per patient")
-    return PatientSplit(int(stored["fold"]), tuple(stored["train"]), tuple(stored["select"]),
-                        tuple(stored["val"]), tuple(stored["test"]))
+    return PatientSplit(int(stored["fold"]), *(tuple(stored[role]) for role in ROLES + ("test",)))
 
 
 def check_same_dataset(data_dir: Path, module: TrainedModel, split: PatientSplit) -> None:
@@ -50,7 +50,7 @@ def check_same_dataset(data_dir: Path, module: TrainedModel, split: PatientSplit
     if stored and prepare_json.exists():
         here = asdict(PrepareSettings.from_config(json.loads(prepare_json.read_text())))
         trained = asdict(PrepareSettings.from_config(stored))
-        differ = [f"{k}={here[k]} (checkpoint: {trained[k]})" for k in here if here[k] != trained[k]]
+        differ = [f"{k}={v} (checkpoint: {trained[k]})" for k, v in here.items() if v != trained[k]]
         if differ:
             raise DataError(f"data.dir={data_dir}: prepared with {', '.join(differ)}; the "
                             "checkpoint was trained on data prepared otherwise")
@@ -68,10 +68,7 @@ def evaluate_patients(module: TrainedModel, data_dir: Path,
                       patients: Mapping[str, Sequence[str]], keep_largest: bool = False,
                       tta: bool = False, batch_size: int = 32) -> list[dict[str, Any]]:
     """One row per patient (``patients`` maps a split name to its patient ids)."""
-    records = read_manifest(data_dir)
-    by_patient: dict[str, list] = {}
-    for record in records:
-        by_patient.setdefault(record.patient, []).append(record)
+    by_patient = {p: list(g) for p, g in groupby(read_manifest(data_dir), lambda r: r.patient)}
     predictor = SlicePredictor(module, batch_size=batch_size, tta=tta)
     rows = []
     for split, ids in patients.items():
@@ -112,15 +109,9 @@ def split_scores(rows: list[dict[str, Any]], split: str) -> dict[str, float | in
             f"{split}/hd95_failed": failed, f"{split}/patients": len(chosen)}
 
 
-def evaluate_checkpoint(
-    ckpt_path: str | Path,
-    data_dir: str | Path | None = None,
-    subset: str = "val",
-    keep_largest: bool = False,
-    tta: bool = False,
-    device: str = "auto",
-    batch_size: int = 32,
-) -> list[dict[str, Any]]:
+def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path | None = None,
+                        subset: str = "val", keep_largest: bool = False, tta: bool = False,
+                        device: str = "auto", batch_size: int = 32) -> list[dict[str, Any]]:
     """One row per patient of ``subset`` of the checkpoint's own split."""
     if subset not in SUBSETS:
         raise ConfigError(f"subset={subset}: choose one of {', '.join(SUBSETS)}")

@@ -37,6 +37,10 @@ def probability_path(output: Path) -> Path:
     return output.with_name(f"{strip_nifti_suffix(output.name)}_prob.nii.gz")
 
 
+def _outputs(mask: Path, save_probabilities: bool) -> list[Path]:
+    return [mask, probability_path(mask)] if save_probabilities else [mask]
+
+
 def predict_scan(predictor: SlicePredictor, scan: Path, output: Path, keep_largest: bool,
                  save_probabilities: bool) -> Path:
     img = load_nifti(scan)
@@ -84,7 +88,7 @@ def _check_outputs(pairs: list[tuple[Path, Path]], save_probabilities: bool) -> 
     scans = {scan.resolve(): scan for scan, _ in pairs}
     written: dict[Path, Path] = {}
     for scan, output in pairs:
-        for target in [output] + ([probability_path(output)] if save_probabilities else []):
+        for target in _outputs(output, save_probabilities):
             real = target.resolve()
             if real in scans:
                 raise ConfigError(f"output {target} would replace the input scan {scans[real]}")
@@ -125,11 +129,11 @@ def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
                           "outputs, or keep them and predict only the missing ones)")
     pairs = _pairs(Path(input), Path(output))
     _check_outputs(pairs, save_probabilities)
-    done = [(s, t) for s, t in pairs if skip_existing and t.exists()
-            and (not save_probabilities or probability_path(t).exists())]
+    done = [(s, t) for s, t in pairs
+            if skip_existing and all(p.exists() for p in _outputs(t, save_probabilities))]
     todo = [pair for pair in pairs if pair not in done]
     for _, target in todo:
-        for path in [target] + ([probability_path(target)] if save_probabilities else []):
+        for path in _outputs(target, save_probabilities):
             refuse_existing(path, overwrite or skip_existing)
     if done:
         log.info("%d of %d scans have their outputs already (skip_existing=true)", len(done),
@@ -142,12 +146,10 @@ def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
     written, skipped = [], []
     for scan, target in todo:
         try:
-            written.append(predict_scan(predictor, scan, target, keep_largest,
-                                        save_probabilities))
+            written.append(predict_scan(predictor, scan, target, keep_largest, save_probabilities))
         except DataError as exc:
             if on_error == "raise":
                 raise
-            log.warning("skipped %s: %s", scan, exc)
             skipped.append((scan, str(exc)))
     if skipped:
         for scan, reason in skipped:
