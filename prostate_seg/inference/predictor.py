@@ -113,16 +113,10 @@ class SlicePredictor:
         return self.predict_fitted(fitted, rows, cols)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest 3D connected component (6-connectivity) of a boolean volume."""
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == sizes.argmax()
-
-
 def binarize(prob: np.ndarray, keep_largest: bool) -> np.ndarray:
+    """``prob > 0.5``; with ``keep_largest`` only its largest 3D connected component."""
     mask = prob > 0.5
-    return largest_component(mask) if keep_largest else mask
+    if not keep_largest:
+        return mask
+    labels, count = ndimage.label(mask)
+    return labels == np.bincount(labels.ravel())[1:].argmax() + 1 if count > 1 else mask
