@@ -37,10 +37,6 @@ class TrainedModel(nn.Module):
     def forward(self, image: Tensor) -> Tensor:
         return self.net(image)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
-
 
 def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> TrainedModel:
     """The network of a training checkpoint, in eval mode on ``device``."""
@@ -90,7 +86,7 @@ class SlicePredictor:
 
     @torch.no_grad()
     def _probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
-        device = self.module.device
+        device = next(self.module.parameters()).device
         outputs = []
         for start in range(0, len(inputs), self.batch_size):
             batch = inputs[start : start + self.batch_size].to(device)
