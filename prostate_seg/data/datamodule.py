@@ -13,19 +13,8 @@ import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
-from prostate_seg.data.dataset import (
-    SliceDataset,
-    check_files,
-    check_masks,
-    init_worker,
-    read_manifest,
-)
-from prostate_seg.data.split import (
-    CrossValidation,
-    PatientSplit,
-    SplitSettings,
-    load_or_make_folds,
-)
+from prostate_seg.data.dataset import SliceDataset, check_files, init_worker, read_manifest
+from prostate_seg.data.split import CrossValidation, PatientSplit, SplitSettings, load_or_make_folds
 from prostate_seg.config import prepared_size
 from prostate_seg.errors import ConfigError
 
@@ -33,40 +22,17 @@ log = logging.getLogger(__name__)
 
 
 class SliceDataModule(pl.LightningDataModule):
-    """Loaders over ``dir`` (made by ``python -m prostate_seg prepare``) for fold ``fold`` of
-    the dataset's patient split (``dir/split.json``, see :mod:`prostate_seg.data.split`):
-    Lightning trains on the fold's ``train`` patients and validates (early stopping,
-    checkpoint choice) on its ``select`` patients. The fold's ``val`` patients (``val_set``)
-    and the test patients are never seen during fit; the run scores them at the end.
+    """Fold ``fold`` of a prepared dataset: Lightning trains on its ``train`` patients and
+    validates (early stopping, checkpoint) on its ``select`` ones; ``val_set`` and the test
+    patients are scored only at the end. ``seed`` (the run's) alone decides the data's draws."""
 
-    ``setup`` checks the whole dataset in the main process (manifest, every file present, a
-    complete PNG of the right size, masks of only 0 and 255 holding some gland), so a bad file
-    is named before any worker starts.
-
-    ``seed`` (the run's seed, given by the trainer code rather than the data config) alone
-    decides the order, the augmentation draws and the worker seeds of the loaders.
-    """
-
-    def __init__(
-        self,
-        dir: str,
-        image_size: int = 384,
-        batch_size: int = 16,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        folds: int = 5,
-        fold: int = 0,
-        split_seed: int = 0,
-        select_fraction: float = 0.15,
-        test_patients: Sequence[str] | None = None,
-        test_fraction: float = 0.0,
-        context_slices: int = 0,
-        cache: bool = False,
-        train_transform: A.BasicTransform | None = None,
-        val_transform: A.BasicTransform | None = None,
-        seed: int = 0,
-    ):
+    def __init__(self, dir: str, image_size: int = 384, batch_size: int = 16,
+                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = True,
+                 folds: int = 5, fold: int = 0, split_seed: int = 0, select_fraction: float = 0.15,
+                 test_patients: Sequence[str] | None = None, test_fraction: float = 0.0,
+                 context_slices: int = 0, cache: bool = False,
+                 train_transform: A.BasicTransform | None = None,
+                 val_transform: A.BasicTransform | None = None, seed: int = 0):
         super().__init__()
         self.dir = Path(dir)
         self.image_size = image_size
@@ -91,8 +57,7 @@ class SliceDataModule(pl.LightningDataModule):
         self.val_set: SliceDataset | None = None
 
     def load_folds(self) -> CrossValidation:
-        """The dataset's cross-validation split (made and stored on first use); reads only
-        the manifest."""
+        """The dataset's split (made and stored on first use); reads only the manifest."""
         patients = [r.patient for r in read_manifest(self.dir)]
         self.folds = load_or_make_folds(self.dir, patients, self.split_settings)
         return self.folds
@@ -100,17 +65,14 @@ class SliceDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        records = read_manifest(self.dir)
+        records = read_manifest(self.dir)  # the whole dataset checked before any worker starts
         stored = prepared_size(self.dir)
         check_files(records, stored)
         if stored is not None and self.image_size > stored:
             log.warning("data.image_size=%d but %s holds %d px slices: each is enlarged, which "
                         "costs time and adds no detail (set data.image_size=%d, or prepare at "
                         "%d)", self.image_size, self.dir, stored, stored, self.image_size)
-        check_masks(records)
-        self.folds = load_or_make_folds(self.dir, [r.patient for r in records],
-                                        self.split_settings)
-        self.split = self.folds.fold(self.fold)
+        self.split = self.load_folds().fold(self.fold)
 
         def subset(patients: Sequence[str], transform: A.BasicTransform | None) -> SliceDataset:
             chosen = set(patients)
@@ -121,43 +83,27 @@ class SliceDataModule(pl.LightningDataModule):
         self.select_set = subset(self.split.select, self.val_transform)
         self.val_set = subset(self.split.val, self.val_transform)
 
-    def _processes(self) -> tuple[int, int]:
-        """(world size, global rank) of the trainer using this module; (1, 0) without one."""
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
     def _loader(self, dataset: SliceDataset, train: bool) -> DataLoader:
-        """``batch_size`` is the global batch: under DDP each of the W processes loads
-        ``batch_size / W`` slices per step, so a step sees what one device would. Validation
-        slices are dealt out without the padding of Lightning's default sampler, so each is
-        counted exactly once."""
-        world, rank = self._processes()
+        """``batch_size`` is the global batch, divided over the DDP processes; validation slices
+        are dealt out without the default sampler's padding, so each counts exactly once."""
+        world, rank = (1, 0) if self.trainer is None else (self.trainer.world_size,
+                                                            self.trainer.global_rank)
         if self.batch_size % world:
             raise ConfigError(f"data.batch_size={self.batch_size}: the global batch must divide "
                               f"evenly over the {world} DDP processes")
         batch_size = self.batch_size // world
         sampler = None if train or world == 1 else UnrepeatedDistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=False)
-        # The data's randomness comes from the seed, the rank and the loader alone, never from
-        # the global stream that building and training the model draw from, so the runs of
-        # one seed see the same batches whatever their loss (common random numbers). The
-        # generator orders the slices and seeds the workers, which reseed their augmentation
-        # (init_worker); the main-process stream (num_workers=0) is the dataset's own.
+        # Seed, rank and loader alone, never the model's global stream: the runs of one seed
+        # see the same batches whatever their loss (common random numbers).
         streams = np.random.SeedSequence([self.seed, rank, int(train)]).generate_state(2)
         dataset.reseed(int(streams[0]))
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            sampler=sampler,
-            drop_last=train and len(dataset) > batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            worker_init_fn=init_worker,
-            prefetch_factor=4 if self.num_workers > 0 else None,
-            generator=torch.Generator().manual_seed(int(streams[1])),
-        )
+        return DataLoader(dataset, batch_size, shuffle=train, sampler=sampler,
+                          drop_last=train and len(dataset) > batch_size,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers, worker_init_fn=init_worker,
+                          prefetch_factor=4 if self.num_workers > 0 else None,
+                          generator=torch.Generator().manual_seed(int(streams[1])))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

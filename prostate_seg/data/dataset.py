@@ -17,7 +17,6 @@ from torch.utils.data import Dataset
 
 from prostate_seg.errors import DataError
 
-MANIFEST = "manifest.csv"
 REQUIRED_COLUMNS = ("patient", "slice", "image", "mask", "height", "width")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_END = b"IEND\xaeB`\x82"
@@ -37,7 +36,7 @@ def read_manifest(data_dir: Path) -> list[SliceRecord]:
     """All slices of a prepared dataset, sorted by patient and slice index."""
     if not data_dir.is_dir():
         raise DataError(f"data.dir={data_dir}: folder not found")
-    path = data_dir / MANIFEST
+    path = data_dir / "manifest.csv"
     if not path.is_file():
         raise DataError(f"{path}: manifest not found (is {data_dir} made by "
                         "python -m prostate_seg prepare?)")
@@ -60,8 +59,7 @@ def read_manifest(data_dir: Path) -> list[SliceRecord]:
 
 
 def _check_slice_indices(records: list[SliceRecord], path: Path) -> None:
-    """Each patient's slices are 0 ... n-1, once each: the 2.5D neighbours and the volumes
-    rebuilt for evaluation are found by position, so a gap or a repeat would shift them."""
+    """0 ... n-1 once each: 2.5D neighbours and rebuilt volumes are found by position."""
     by_patient: dict[str, list[int]] = {}
     for record in records:
         by_patient.setdefault(record.patient, []).append(record.slice)
@@ -98,11 +96,10 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def check_files(records: list[SliceRecord], expected_size: int | None) -> None:
-    """Every image has its mask, both are complete PNGs of one size: fail here, not in a worker."""
-    sizes = set()
+    """Complete PNGs of one size, masks of only 0 and 255 (a 0/1 or label-valued mask would read
+    as empty or wrong) and some gland: fail here, not in a loader worker."""
+    sizes, gland = set(), 0
     for record in records:
-        if not record.image.exists():
-            raise DataError(f"{record.image}: image listed in the manifest is missing")
         if not record.mask.exists():
             raise DataError(f"{record.mask}: mask missing for image {record.image.name}")
         image_size, mask_size = png_size(record.image), png_size(record.mask)
@@ -113,24 +110,16 @@ def check_files(records: list[SliceRecord], expected_size: int | None) -> None:
             raise DataError(f"{record.image}: {image_size[0]}x{image_size[1]} pixels, but the "
                             f"dataset was prepared at {expected_size}x{expected_size}")
         sizes.add(image_size)
-    if len(sizes) > 1:
-        raise DataError(f"slices of different sizes {sorted(sizes)} in one dataset")
-
-
-def check_masks(records: list[SliceRecord]) -> None:
-    """Every mask PNG holds only 0 and 255 (as prepare writes them; a 0/1 or label-valued mask
-    would read as empty or wrong), and the dataset holds some gland: reads each mask once."""
-    gland = 0
-    for record in records:
         mask = read_png(record.mask)
-        foreground = np.count_nonzero(mask)
         full = np.count_nonzero(mask == 255)
-        if foreground != full:
+        if np.count_nonzero(mask) != full:
             values = np.unique(mask)
             raise DataError(f"{record.mask}: mask values {values[:8].tolist()} "
                             f"{'...' if len(values) > 8 else ''}; a mask PNG must hold only 0 and "
                             "255 (prepare writes them so)")
         gland += full
+    if len(sizes) > 1:
+        raise DataError(f"slices of different sizes {sorted(sizes)} in one dataset")
     if gland == 0:
         raise DataError(f"{records[0].mask.parent}: no mask of the dataset holds a gland pixel; "
                         "a network trained on it would only learn to predict nothing")
@@ -146,37 +135,29 @@ def read_png(path: Path) -> np.ndarray:
     return image
 
 
-class SliceDataset(Dataset):
-    """Slices of a set of patients. Item: ``image`` (C, H, W) float, ``mask`` (1, H, W) float in
-    {0, 1}, ``volume`` (index of the patient in ``patients``) and ``slice``.
+def context_window(pos: int, count: int, context: int) -> list[int]:
+    """2.5D input: slice ``pos`` and ``context`` neighbours each side, repeated at the ends."""
+    return [min(max(pos + d, 0), count - 1) for d in range(-context, context + 1)]
 
-    With ``context_slices = k`` the image has ``2k + 1`` channels: the slice and its k
-    neighbours on each side (repeated at the ends of the volume), i.e. 2.5D input.
-    """
+
+class SliceDataset(Dataset):
+    """Items: ``image`` (2k + 1, H, W) for k context slices, ``mask`` (1, H, W) in {0, 1},
+    ``volume`` (index of the patient in ``patients``) and ``slice``."""
 
     def __init__(self, records: list[SliceRecord], transform: A.BasicTransform | None,
                  context_slices: int = 0, cache: bool = False):
         self.records = records
         self.transform = transform
-        self.context = context_slices
         self.patients = sorted({r.patient for r in records})
         volume_of = {p: i for i, p in enumerate(self.patients)}
         self.volume_index = [volume_of[r.patient] for r in records]
-        # Position of each slice's neighbours within `records` (records are sorted).
-        by_patient: dict[str, list[int]] = {}
+        by_patient: dict[str, list[int]] = {}  # positions in the sorted records
         for i, r in enumerate(records):
             by_patient.setdefault(r.patient, []).append(i)
-        self.neighbours: list[list[int]] = []
-        for indices in by_patient.values():
-            for pos in range(len(indices)):
-                window = [indices[min(max(pos + d, 0), len(indices) - 1)]
-                          for d in range(-context_slices, context_slices + 1)]
-                self.neighbours.append(window)
-        self._images: list[np.ndarray] | None = None
-        self._masks: list[np.ndarray] | None = None
-        if cache:
-            self._images = [read_png(r.image) for r in records]
-            self._masks = [read_png(r.mask) for r in records]
+        self.neighbours = [[at[j] for j in context_window(pos, len(at), context_slices)]
+                           for at in by_patient.values() for pos in range(len(at))]
+        self._images = [read_png(r.image) for r in records] if cache else None
+        self._masks = [read_png(r.mask) for r in records] if cache else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -197,8 +178,7 @@ class SliceDataset(Dataset):
         return int(np.count_nonzero(self._mask(index) > 127))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        channels = [self._image(i) for i in self.neighbours[index]]
-        image = channels[0][..., None] if len(channels) == 1 else np.stack(channels, axis=-1)
+        image = np.stack([self._image(i) for i in self.neighbours[index]], axis=-1)
         mask = (self._mask(index) > 127).astype(np.uint8)
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
@@ -216,10 +196,8 @@ class SliceDataset(Dataset):
 
 
 def init_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: a distinct augmentation stream per worker, per epoch and per
-    DDP process (Lightning's own worker seeding, which mixes in the global rank), and OpenCV
-    single-threaded (the workers are the parallelism; a thread pool of every core in every
-    worker oversubscribes the CPU, including the core that feeds the GPU)."""
+    """A distinct augmentation stream per worker, epoch and DDP rank (Lightning's seeding), and
+    OpenCV single-threaded: the workers are the parallelism, a pool per worker oversubscribes."""
     cv2.setNumThreads(0)
     pl_worker_init_function(worker_id)
     info = torch.utils.data.get_worker_info()

@@ -1,10 +1,8 @@
-"""Read one DICOM MR series from a folder into a NIfTI image in memory.
+"""One DICOM MR series from a folder -> a NIfTI image in memory, which prepare treats as a file.
 
-``prepare`` treats the result exactly like a NIfTI file, so the array layout and the RAS affine
-follow what DICOM-to-NIfTI converters produce for a slice stack: axis 0 runs along the row
-cosine (column index), axis 1 along the column cosine (row index), axis 2 along the slice
-normal ``row x col`` in increasing position. The gland masks are NIfTI files on that grid and
-their affine is compared with this one, so any error in sorting or orientation shows there.
+Layout and RAS affine as DICOM-to-NIfTI converters make them: axis 0 along the row cosine,
+axis 1 along the column cosine, axis 2 along the normal ``row x col`` in increasing position.
+The masks' affine is compared with it, so a sorting or orientation error shows there.
 """
 
 from __future__ import annotations
@@ -22,6 +20,7 @@ SPACING_TOLERANCE_MM = 0.01
 SPACING_TOLERANCE_REL = 0.01
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 T2_AXIAL_WORDS = ("tra", "ax")
+Slices = list[tuple[Path, Any]]
 
 
 def _floats(ds: Any, path: Path, keyword: str, count: int) -> np.ndarray:
@@ -37,8 +36,8 @@ def _floats(ds: Any, path: Path, keyword: str, count: int) -> np.ndarray:
     return values
 
 
-def _read_folder(folder: Path) -> tuple[dict[str, list[tuple[Path, Any]]], int, int]:
-    """Every DICOM image under ``folder`` by SeriesInstanceUID, plus files seen and skipped."""
+def _read_folder(folder: Path) -> dict[str, Slices]:
+    """Every DICOM image under ``folder`` by SeriesInstanceUID."""
     try:
         import pydicom
         from pydicom.errors import InvalidDicomError
@@ -48,43 +47,42 @@ def _read_folder(folder: Path) -> tuple[dict[str, list[tuple[Path, Any]]], int, 
     if not folder.is_dir():
         raise DataError(f"{folder}: DICOM folder not found")
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    groups: dict[str, list[tuple[Path, Any]]] = {}
-    skipped = 0
+    groups: dict[str, Slices] = {}
     for path in files:
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=False)
+            ds = pydicom.dcmread(path)
         except InvalidDicomError:
-            skipped += 1
             continue
         except Exception as exc:  # pydicom raises many types for truncated or corrupt files
-            raise DataError(f"{path}: unreadable DICOM file ({type(exc).__name__}: {exc})") from None
+            raise DataError(f"{path}: unreadable DICOM file ({type(exc).__name__}: "
+                            f"{exc})") from None
         uid = ds.get("SeriesInstanceUID")
-        if not uid or "PixelData" not in ds:
-            # pydicom reads a truncated file without complaint, so an image class tells it
-            # apart from DICOM that is no image (DICOMDIR, reports, presentation states).
-            sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
-            if "Image Storage" in getattr(sop_class, "name", ""):
-                raise DataError(f"{path}: DICOM image without SeriesInstanceUID or pixel data "
-                                "(truncated file?)")
-            skipped += 1
+        if uid and "PixelData" in ds:
+            groups.setdefault(str(uid), []).append((path, ds))
             continue
-        groups.setdefault(str(uid), []).append((path, ds))
-    return groups, len(files), skipped
+        # pydicom reads a truncated file without complaint: an image class tells it apart from
+        # DICOM that is no image (DICOMDIR, reports, presentation states).
+        sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+        if "Image Storage" in getattr(sop_class, "name", ""):
+            raise DataError(f"{path}: DICOM image without SeriesInstanceUID or pixel data "
+                            "(truncated file?)")
+    if not groups:
+        raise DataError(f"{folder}: no DICOM image series found ({len(files)} files, "
+                        f"{len(files)} not DICOM images)")
+    return groups
 
 
-def _description(slices: list[tuple[Path, Any]]) -> str:
+def _description(slices: Slices) -> str:
     return str(slices[0][1].get("SeriesDescription", "") or "")
 
 
-def _choose_series(folder: Path, groups: dict[str, list[tuple[Path, Any]]],
-                   series: str | None) -> list[tuple[Path, Any]]:
+def _choose_series(folder: Path, groups: dict[str, Slices], series: str | None) -> Slices:
     """The requested series, the only one, or the only T2 axial one (PROSTATEx's t2_tse_tra)."""
     found = "; ".join(f"{_description(s)!r} ({len(s)} files, SeriesInstanceUID {uid})"
                       for uid, s in sorted(groups.items(), key=lambda item: _description(item[1])))
     if series is not None:
-        wanted = series.lower()
         matches = [uid for uid, s in groups.items()
-                   if uid == series or wanted in _description(s).lower()]
+                   if uid == series or series.lower() in _description(s).lower()]
         if len(matches) != 1:
             which = "no series" if not matches else f"{len(matches)} series"
             raise DataError(f"{folder}: series={series!r} matches {which}; found: {found}")
@@ -114,8 +112,7 @@ def _slice_spacing(folder: Path, positions: np.ndarray, first: Any) -> float:
         raise DataError(f"{folder}: duplicate slice position {positions[k]:.3f} mm along the "
                         "slice normal (two images of the same slice)")
     spacing = float((positions[-1] - positions[0]) / (len(positions) - 1))
-    worst = float(np.abs(steps - spacing).max())
-    if worst > max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing):
+    if np.abs(steps - spacing).max() > max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * spacing):
         raise DataError(f"{folder}: uneven slice spacing (steps from {steps.min():.3f} to "
                         f"{steps.max():.3f} mm; a missing slice?)")
     return spacing
@@ -128,7 +125,8 @@ def _pixels(ds: Any, path: Path, rows: int, cols: int) -> np.ndarray:
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     except Exception as exc:  # missing decoder, bad pixel tags, malformed rescale values
-        raise DataError(f"{path}: cannot decode the pixel data ({type(exc).__name__}: {exc})") from None
+        raise DataError(f"{path}: cannot decode the pixel data ({type(exc).__name__}: "
+                        f"{exc})") from None
     if pixels.shape != (rows, cols):
         raise DataError(f"{path}: pixel data of shape {pixels.shape}, expected a single "
                         f"{rows}x{cols} frame (multi-frame and colour images are not supported)")
@@ -136,45 +134,35 @@ def _pixels(ds: Any, path: Path, rows: int, cols: int) -> np.ndarray:
 
 
 def load_dicom_series(folder: Path, series: str | None = None) -> nib.Nifti1Image:
-    """One DICOM series under ``folder`` (searched recursively) as a RAS NIfTI image.
-
-    ``series`` picks a series by SeriesInstanceUID or part of its SeriesDescription when the
-    folder holds several; without it the only series, or the only T2 axial one, is taken.
-    """
+    """One series under ``folder`` (searched recursively) as a RAS NIfTI image; ``series`` (a
+    SeriesInstanceUID or part of a SeriesDescription) picks one of several."""
     folder = Path(folder)
-    groups, num_files, skipped = _read_folder(folder)
-    if not groups:
-        raise DataError(f"{folder}: no DICOM image series found ({num_files} files, "
-                        f"{skipped} not DICOM images)")
-    slices = _choose_series(folder, groups, series)
-
+    slices = _choose_series(folder, _read_folder(folder), series)
     first_path, first = slices[0]
-    orientation = _floats(first, first_path, "ImageOrientationPatient", 6)
-    pixel_spacing = _floats(first, first_path, "PixelSpacing", 2)
     rows, cols = int(first.get("Rows") or 0), int(first.get("Columns") or 0)
+    for keyword, count in (("ImageOrientationPatient", 6), ("PixelSpacing", 2)):
+        wanted = _floats(first, first_path, keyword, count)
+        for path, ds in slices:
+            if not np.allclose(_floats(ds, path, keyword, count), wanted,
+                               atol=ORIENTATION_TOLERANCE, rtol=0):
+                raise DataError(f"{folder}: slices with different {keyword} "
+                                f"({first_path.name} vs {path.name})")
     for path, ds in slices:
-        if not np.allclose(_floats(ds, path, "ImageOrientationPatient", 6), orientation,
-                           atol=ORIENTATION_TOLERANCE, rtol=0):
-            raise DataError(f"{folder}: slices with different ImageOrientationPatient "
-                            f"({first_path.name} vs {path.name})")
-        if not np.allclose(_floats(ds, path, "PixelSpacing", 2), pixel_spacing):
-            raise DataError(f"{folder}: slices with different PixelSpacing "
-                            f"({first_path.name} vs {path.name})")
         if (int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)) != (rows, cols):
             raise DataError(f"{folder}: slices of different size ({first_path.name} is "
                             f"{rows}x{cols}, {path.name} is {ds.get('Rows')}x{ds.get('Columns')})")
+    orientation = _floats(first, first_path, "ImageOrientationPatient", 6)
     row_cosine, col_cosine = orientation[:3], orientation[3:]
-    if (abs(np.linalg.norm(row_cosine) - 1) > 1e-3 or abs(np.linalg.norm(col_cosine) - 1) > 1e-3
-            or abs(row_cosine @ col_cosine) > 1e-3):
+    if not np.allclose([row_cosine @ row_cosine, col_cosine @ col_cosine, row_cosine @ col_cosine],
+                       [1, 1, 0], atol=1e-3):
         raise DataError(f"{first_path}: ImageOrientationPatient {orientation.tolist()} is not "
                         "two orthogonal unit vectors")
     normal = np.cross(row_cosine, col_cosine)
 
     origins = np.stack([_floats(ds, path, "ImagePositionPatient", 3) for path, ds in slices])
+    order = np.argsort(origins @ normal, kind="stable")
+    origins, slices = origins[order], [slices[k] for k in order]
     positions = origins @ normal
-    order = np.argsort(positions, kind="stable")
-    positions, origins = positions[order], origins[order]
-    slices = [slices[k] for k in order]
     slice_spacing = _slice_spacing(folder, positions, first)
     off_normal = origins - origins[0] - np.outer(positions - positions[0], normal)
     if np.abs(off_normal).max() > max(SPACING_TOLERANCE_MM, SPACING_TOLERANCE_REL * slice_spacing):
@@ -182,15 +170,13 @@ def load_dicom_series(folder: Path, series: str | None = None) -> nib.Nifti1Imag
                         "(a sheared stack, e.g. gantry tilt, is not supported)")
 
     volume = np.stack([_pixels(ds, path, rows, cols).T for path, ds in slices], axis=2)
-    row_spacing, col_spacing = pixel_spacing
+    row_spacing, col_spacing = _floats(first, first_path, "PixelSpacing", 2)
     lps = np.eye(4)
-    lps[:3, 0] = row_cosine * col_spacing
-    lps[:3, 1] = col_cosine * row_spacing
-    lps[:3, 2] = normal * slice_spacing
+    lps[:3, :3] = np.column_stack([row_cosine * col_spacing, col_cosine * row_spacing,
+                                   normal * slice_spacing])
     lps[:3, 3] = origins[0]
-    affine = LPS_TO_RAS @ lps
-    img = nib.Nifti1Image(volume, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    img = nib.Nifti1Image(volume, LPS_TO_RAS @ lps)
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
     img.header.set_xyzt_units(xyz="mm")
     return img

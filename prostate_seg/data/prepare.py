@@ -1,22 +1,6 @@
-"""Scans -> the PNG slice dataset every other stage reads.
+"""Scans -> the PNG slice dataset every other stage reads (layout and options: docs/USAGE.md).
 
-``python -m prostate_seg prepare input_dir=DIR output_dir=OUT [image_size=384 fit=resize
-mask_labels=[1,2] on_error=skip overwrite=true]``
-
-Input layouts: ``images/`` + ``masks/`` or Decathlon's ``imagesTr/`` + ``labelsTr/``, with
-NIfTI files (nnU-Net's ``_0000`` channel suffix is understood; 4D images give
-``image_channel``) or, under ``images/``, one DICOM folder per patient (needs ``pydicom``).
-
-Output (built in a temporary folder, moved into place only when complete; never inside or
-around the input, and ``overwrite=true`` replaces only a folder that prepare made)::
-
-    OUT/images/<patient>_<slice:03d>.png   8-bit, windowed to the volume's 0.5-99.5 percentiles
-    OUT/masks/<patient>_<slice:03d>.png    0/255
-    OUT/volumes/<patient>.npz              the gland mask at the original in-plane size
-    OUT/manifest.csv                       one row per slice (original size, spacing, source)
-    OUT/prepare.json                       the settings, so predict can preprocess identically,
-                                           and the digest of every file above (content_digest)
-    OUT/prepare_report.json                cases skipped with on_error=skip, and why
+The dataset is built beside its place and renamed into it, so it is whole or absent.
 """
 
 from __future__ import annotations
@@ -25,11 +9,10 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,28 +21,21 @@ import numpy as np
 from omegaconf import DictConfig
 
 from prostate_seg.data.resize import FIT_MODES, fit_slice
-from prostate_seg.data.volume import (
-    VolumeGeometry,
-    display_affine,
-    geometry_of,
-    is_nifti,
-    load_nifti,
-    strip_nifti_suffix,
-    to_slices,
-    voxel_array,
-    window_to_uint8,
-)
+from prostate_seg.data.volume import (VolumeGeometry, display_affine, geometry_of, is_nifti,
+                                      load_nifti, strip_nifti_suffix, to_slices, voxel_array,
+                                      window_to_uint8)
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.files import beside, check_name_fits, check_writable_folder, refuse_existing
+from prostate_seg.files import (beside, check_name_fits, check_writable_folder, refuse_existing,
+                                write_csv, write_json)
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = (("images", "masks"), ("imagesTr", "labelsTr"))
-MANIFEST_FIELDS = (
+MANIFEST_FIELDS = [
     "patient", "slice", "image", "mask", "height", "width", "num_slices",
     "spacing_slice", "spacing_row", "spacing_col", "spacing_known", "gland_pixels",
     "source_image", "source_mask",
-)
+]
 PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 AFFINE_TOLERANCE_MM = 1e-2
 # Files that mark a folder as a dataset made by prepare: only such a folder is replaced.
@@ -79,20 +55,7 @@ class PrepareSettings:
     image_channel: int = 0
     mask_labels: tuple[int, ...] | None = None
 
-    @classmethod
-    def from_config(cls, cfg: DictConfig | dict) -> PrepareSettings:
-        labels = cfg.get("mask_labels")
-        settings = cls(
-            image_size=int(cfg.get("image_size", 384)),
-            fit=str(cfg.get("fit", "resize")),
-            window=tuple(float(w) for w in cfg.get("window", (0.5, 99.5))),
-            image_channel=int(cfg.get("image_channel", 0)),
-            mask_labels=None if labels is None else tuple(int(x) for x in labels),
-        )
-        settings.check()
-        return settings
-
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.image_size < 8:
             raise ConfigError(f"image_size={self.image_size}: must be >= 8")
         if self.fit not in FIT_MODES:
@@ -101,10 +64,13 @@ class PrepareSettings:
         if not 0.0 <= low < high <= 100.0:
             raise ConfigError(f"window=[{low}, {high}]: need 0 <= low < high <= 100 (percentiles)")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "fit": self.fit, "window": list(self.window),
-                "image_channel": self.image_channel,
-                "mask_labels": None if self.mask_labels is None else list(self.mask_labels)}
+    @classmethod
+    def from_config(cls, cfg: DictConfig | dict) -> PrepareSettings:
+        labels = cfg.get("mask_labels")
+        return cls(int(cfg.get("image_size", 384)), str(cfg.get("fit", "resize")),
+                   tuple(float(w) for w in cfg.get("window", (0.5, 99.5))),
+                   int(cfg.get("image_channel", 0)),
+                   None if labels is None else tuple(int(x) for x in labels))
 
 
 @dataclass(frozen=True)
@@ -114,11 +80,9 @@ class Case:
     mask: Path | None
 
 
-@dataclass
-class CaseResult:
-    patient: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
+def check_on_error(on_error: str) -> None:
+    if on_error not in ("raise", "skip"):
+        raise ConfigError(f"on_error={on_error}: choose raise or skip")
 
 
 def patient_id(path: Path) -> str:
@@ -127,19 +91,15 @@ def patient_id(path: Path) -> str:
     return name[:-5] if name.endswith("_0000") else name
 
 
-def _by_patient(paths: list[Path]) -> tuple[dict[str, Path], dict[str, list[Path]]]:
-    """Paths by patient id, and the ids that several paths claim (``x.nii`` and ``x.nii.gz``,
-    ``y`` and ``y_0000``, a DICOM folder ``z/`` and ``z.nii.gz``)."""
+def _by_patient(paths: list[Path]) -> dict[str, list[Path]]:
     groups: dict[str, list[Path]] = {}
     for path in paths:
         groups.setdefault(patient_id(path), []).append(path)
-    unique = {patient: found[0] for patient, found in groups.items() if len(found) == 1}
-    return unique, {patient: found for patient, found in groups.items() if len(found) > 1}
+    return groups
 
 
 def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
-    """Pair images with masks; returns the cases and one problem line per unpaired file or
-    patient id claimed twice."""
+    """Images paired with masks, and one problem line per unpaired file or doubly claimed id."""
     if not input_dir.is_dir():
         raise DataError(f"input_dir={input_dir}: folder not found")
     for image_folder, mask_folder in LAYOUTS:
@@ -156,29 +116,22 @@ def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
     if ignored:
         log.warning("%s: ignored %d files that are neither NIfTI nor a DICOM folder: %s",
                     images_dir, len(ignored), ", ".join(ignored[:10]))
-    images, image_twice = _by_patient([p for p in visible if is_nifti(p) or p.is_dir()])
-    masks, mask_twice = _by_patient([p for p in sorted(masks_dir.iterdir())
-                                     if is_nifti(p) and not p.name.startswith(".")])
-    if not images and not image_twice:
+    images = _by_patient([p for p in visible if is_nifti(p) or p.is_dir()])
+    masks = _by_patient([p for p in sorted(masks_dir.iterdir())
+                         if is_nifti(p) and not p.name.startswith(".")])
+    if not images:
         raise DataError(f"{images_dir}: no NIfTI files or DICOM folders in it")
-    # Which of two files is meant cannot be guessed: neither is used.
+    # Which of two files of one patient (x.nii and x.nii.gz, y and y_0000, a DICOM folder z/
+    # and z.nii.gz) is meant cannot be guessed: neither is used.
+    twice = sorted((p, found) for p, found in [*images.items(), *masks.items()] if len(found) > 1)
     problems = [f"{found[0]}: {' and '.join(p.name for p in found)} in {found[0].parent} are "
-                f"both patient {patient!r}; keep one of them"
-                for patient, found in sorted([*image_twice.items(), *mask_twice.items()])]
-    claimed_twice = set(image_twice) | set(mask_twice)
-    problems += [f"{masks[p]}: mask without image (no {p} in {images_dir})"
+                f"both patient {patient!r}; keep one of them" for patient, found in twice]
+    claimed_twice = {patient for patient, _ in twice}
+    problems += [f"{masks[p][0]}: mask without image (no {p} in {images_dir})"
                  for p in sorted(set(masks) - set(images) - claimed_twice)]
-    cases = [Case(p, images[p], masks.get(p)) for p in sorted(images)
+    cases = [Case(p, images[p][0], masks.get(p, [None])[0]) for p in sorted(images)
              if p not in claimed_twice]
     return cases, problems
-
-
-def _load_image(path: Path):
-    if path.is_dir():
-        from prostate_seg.data.dicom import load_dicom_series
-
-        return load_dicom_series(path)
-    return load_nifti(path)
 
 
 def _gland_mask(labels: np.ndarray, path: Path, mask_labels: tuple[int, ...] | None) -> np.ndarray:
@@ -186,81 +139,81 @@ def _gland_mask(labels: np.ndarray, path: Path, mask_labels: tuple[int, ...] | N
         raise DataError(f"{path}: mask has NaN or infinite values")
     if (labels < 0).any() or (labels != np.round(labels)).any():
         raise DataError(f"{path}: mask values must be non-negative integers")
-    present = {int(v) for v in np.unique(labels) if v != 0}
     if mask_labels is None:
         return (labels > 0).astype(np.uint8)
-    unexpected = sorted(present - set(mask_labels))
+    unexpected = sorted({int(v) for v in np.unique(labels) if v != 0} - set(mask_labels))
     if unexpected:
         raise DataError(f"{path}: unexpected mask labels {unexpected} "
                         f"(mask_labels={list(mask_labels)}; add them there to count as gland)")
     return np.isin(labels, mask_labels).astype(np.uint8)
 
 
-def load_case(case: Case, settings: PrepareSettings) -> tuple[np.ndarray, np.ndarray, VolumeGeometry]:
+def scan_slices(img: Any, path: Path,
+                settings: PrepareSettings) -> tuple[np.ndarray, VolumeGeometry]:
+    """A scan as the windowed uint8 display slices that the network's input is made of."""
+    data = voxel_array(img, path, settings.image_channel)
+    geometry = geometry_of(img, data.shape)
+    return window_to_uint8(to_slices(data, geometry), path, *settings.window), geometry
+
+
+def load_case(case: Case,
+              settings: PrepareSettings) -> tuple[np.ndarray, np.ndarray, VolumeGeometry]:
     """Both volumes as display slices ``(Z, rows, cols)``: uint8 image, {0,1} mask."""
     if case.mask is None:
         raise DataError(f"{case.image}: image without mask (no {case.patient}.nii.gz in the "
                         "mask folder)")
-    image_nii = _load_image(case.image)
-    image = voxel_array(image_nii, case.image, settings.image_channel)
-    geometry = geometry_of(image_nii, image.shape)
+    if case.image.is_dir():
+        from prostate_seg.data.dicom import load_dicom_series  # pydicom is optional
+
+        image_nii = load_dicom_series(case.image)
+    else:
+        image_nii = load_nifti(case.image)
+    image, geometry = scan_slices(image_nii, case.image, settings)
     mask_nii = load_nifti(case.mask)
     labels = voxel_array(mask_nii, case.mask)
     mask_geometry = geometry_of(mask_nii, labels.shape)
     if not (geometry.spacing_known and mask_geometry.spacing_known):
         # A header without orientation: the mask is read in the image's own stored grid.
-        if labels.shape != image.shape:
-            raise DataError(f"{case.mask}: mask shape {labels.shape} != image shape {image.shape} "
-                            f"({case.image})")
+        if labels.shape != geometry.source_shape:
+            raise DataError(f"{case.mask}: mask shape {labels.shape} != image shape "
+                            f"{geometry.source_shape} ({case.image})")
         mask_geometry = geometry
-    slices_img = to_slices(image, geometry)
     slices_mask = to_slices(labels, mask_geometry)
-    if slices_img.shape != slices_mask.shape:
+    if image.shape != slices_mask.shape:
         raise DataError(f"{case.mask}: mask grid {slices_mask.shape} does not match image grid "
-                        f"{slices_img.shape} ({case.image}) after reorientation")
+                        f"{image.shape} ({case.image}) after reorientation")
     if geometry.spacing_known:
         a, b = display_affine(image_nii, geometry), display_affine(mask_nii, mask_geometry)
         if not np.allclose(a, b, atol=AFFINE_TOLERANCE_MM):
             raise DataError(f"{case.mask}: mask affine does not match the image affine of "
                             f"{case.image} (max difference {np.abs(a - b).max():.3g} mm)")
-    gland = _gland_mask(slices_mask, case.mask, settings.mask_labels)
-    windowed = window_to_uint8(slices_img, case.image, *settings.window)
-    return windowed, gland, geometry
-
-
-def _without_gland(rows: list[dict[str, Any]]) -> list[str]:
-    """Patients whose mask has no gland voxel on any slice."""
-    gland: dict[str, int] = {}
-    for row in rows:
-        gland[row["patient"]] = gland.get(row["patient"], 0) + row["gland_pixels"]
-    return sorted(patient for patient, pixels in gland.items() if pixels == 0)
+    return image, _gland_mask(slices_mask, case.mask, settings.mask_labels), geometry
 
 
 def write_png(path: Path, pixels: np.ndarray) -> None:
-    """Encode, then write with Python: ``cv2.imwrite`` reports a failed write (full disk, name
-    too long, no such folder) only by returning False, and without the reason."""
+    """Written by Python: ``cv2.imwrite`` reports a failed write only by returning False."""
     ok, encoded = cv2.imencode(".png", pixels, PNG_FLAGS)
     if not ok:
         raise DataError(f"{path}: OpenCV could not encode this slice as PNG")
     path.write_bytes(encoded.tobytes())
 
 
-def _prepare_case(case: Case, settings: PrepareSettings, out: Path) -> CaseResult:
-    result = CaseResult(case.patient)
+def _prepare_case(case: Case, settings: PrepareSettings, out: Path) -> list[dict] | str:
+    """The case's manifest rows, or why it cannot be used."""
     try:
         image, gland, geometry = load_case(case, settings)
     except DataError as exc:
-        result.error = str(exc)
-        return result
+        return str(exc)
     num_slices, rows, cols = image.shape
     np.savez_compressed(out / "volumes" / f"{case.patient}.npz", mask=gland,
                         spacing=np.asarray(geometry.spacing), spacing_known=geometry.spacing_known)
+    result = []
     for k in range(num_slices):
         name = f"{case.patient}_{k:03d}.png"
         write_png(out / "images" / name, fit_slice(image[k], settings.image_size, settings.fit))
         write_png(out / "masks" / name,
                   fit_slice(gland[k] * 255, settings.image_size, settings.fit, nearest=True))
-        result.rows.append({
+        result.append({
             "patient": case.patient, "slice": k, "image": f"images/{name}",
             "mask": f"masks/{name}", "height": rows, "width": cols, "num_slices": num_slices,
             "spacing_slice": geometry.spacing[0], "spacing_row": geometry.spacing[1],
@@ -273,11 +226,10 @@ def _prepare_case(case: Case, settings: PrepareSettings, out: Path) -> CaseResul
 
 def content_digest(data_dir: Path) -> str:
     """SHA-256 over the name and bytes of every slice, mask and volume file, in name order:
-    data prepared again from changed scans or with other settings differ here even where
-    their names, sizes and gland areas do not. (A folder made by hand may lack volumes/.)"""
+    data prepared from changed scans or with other settings differ here, whatever their sizes."""
     digest = hashlib.sha256()
     for folder in CONTENT_FOLDERS:
-        if not (data_dir / folder).is_dir():
+        if not (data_dir / folder).is_dir():  # a folder made by hand may lack volumes/
             continue
         for path in sorted((data_dir / folder).iterdir()):
             digest.update(f"{folder}/{path.name}\0{path.stat().st_size}\0".encode())
@@ -287,13 +239,9 @@ def content_digest(data_dir: Path) -> str:
     return digest.hexdigest()
 
 
-
 def dataset_fingerprint(data_dir: Path) -> str:
-    """The prepared dataset by content: its settings, every slice's patient, index, size and
-    gland area, and the digest of every slice, mask and volume file that prepare recorded
-    (computed here for a dataset prepared before prepare recorded it, and not written back:
-    a run never changes its data folder). A moved copy is the same data; data prepared again
-    with other intensities are not."""
+    """The dataset by content (settings, slices, file digest), not by place: a moved copy is the
+    same data. A missing digest is computed, never written back: a run never changes its data."""
     path = data_dir / "prepare.json"
     settings = json.loads(path.read_text()) if path.is_file() else {}
     digest = hashlib.sha256()
@@ -307,32 +255,9 @@ def dataset_fingerprint(data_dir: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def _fresh_folder(output_dir: Path) -> Path:
-    tmp = beside(output_dir, "partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    for sub in ("images", "masks", "volumes"):
-        (tmp / sub).mkdir(parents=True)
-    return tmp
-
-
-def _move_into_place(tmp: Path, output_dir: Path) -> None:
-    if output_dir.exists():
-        old = beside(output_dir, "old")
-        output_dir.rename(old)
-        tmp.rename(output_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(output_dir)
-
-
 def checked_output_dir(input_dir: Path, output_dir: Path, overwrite: bool) -> Path:
-    """The real location to write the dataset to, after refusing every output_dir whose
-    writing or replacing could touch the source data or a folder that is not a dataset.
-
-    Paths are compared by their real locations (symlinks, ``..``, relative paths resolved);
-    the scans' own real locations are checked after they are found (:func:`check_sources`).
-    """
+    """The real place to write to, after refusing any whose writing or replacing could touch
+    the source data or a folder that is not a dataset (real locations: symlinks resolved)."""
     real_in, real_out = input_dir.resolve(), output_dir.resolve()
     if real_out.is_relative_to(real_in):
         where = "is" if real_out == real_in else "lies inside"
@@ -358,14 +283,11 @@ def checked_output_dir(input_dir: Path, output_dir: Path, overwrite: bool) -> Pa
 
 
 def check_sources(cases: list[Case], real_out: Path, output_dir: Path) -> None:
-    """Refuse when a scan's real location (through symlinked files or folders) lies inside the
-    output folder that is about to be replaced."""
+    """Refuse when a scan's real location (through symlinks) lies in the folder to replace."""
     if not real_out.exists():
         return
     for case in cases:
-        for source in (case.image, case.mask):
-            if source is None:
-                continue
+        for source in filter(None, (case.image, case.mask)):
             for path in [source, *(source.rglob("*") if source.is_dir() else ())]:
                 if path.resolve().is_relative_to(real_out):
                     raise ConfigError(f"output_dir={output_dir} holds the input scan {path} (real "
@@ -373,17 +295,11 @@ def check_sources(cases: list[Case], real_out: Path, output_dir: Path) -> None:
                                       "the source data: choose another folder")
 
 
-def prepare(
-    input_dir: str | Path,
-    output_dir: str | Path,
-    settings: PrepareSettings = PrepareSettings(),
-    on_error: str = "raise",
-    overwrite: bool = False,
-    workers: int = 0,
-) -> dict[str, Any]:
+def prepare(input_dir: str | Path, output_dir: str | Path,
+            settings: PrepareSettings = PrepareSettings(), on_error: str = "raise",
+            overwrite: bool = False, workers: int = 0) -> dict[str, Any]:
     """Build the PNG dataset; returns the report (counts and skipped cases)."""
-    if on_error not in ("raise", "skip"):
-        raise ConfigError(f"on_error={on_error}: choose raise or skip")
+    check_on_error(on_error)
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     real_out = checked_output_dir(input_dir, output_dir, overwrite)
     started = time.time()
@@ -393,44 +309,48 @@ def prepare(
     if problems and on_error == "raise":
         raise DataError(problems[0])
 
-    tmp = _fresh_folder(real_out)
+    tmp = beside(real_out, "partial")
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        for sub in CONTENT_FOLDERS:
+            (tmp / sub).mkdir(parents=True)
+        jobs = (cases, [settings] * len(cases), [tmp] * len(cases))
         if workers > 1:
             with ProcessPoolExecutor(workers) as pool:
-                results = list(pool.map(_prepare_case, cases, [settings] * len(cases),
-                                        [tmp] * len(cases)))
+                results = list(pool.map(_prepare_case, *jobs))
         else:
-            results = [_prepare_case(case, settings, tmp) for case in cases]
-        rows = []
-        for result in results:
-            if result.error is None:
-                rows.extend(result.rows)
-            elif on_error == "raise":
-                raise DataError(result.error)
-            else:
-                skipped.append({"case": result.patient, "reason": result.error})
+            results = list(map(_prepare_case, *jobs))
+        rows, empty = [], []
+        for case, result in zip(cases, results):
+            if isinstance(result, str) and on_error == "raise":
+                raise DataError(result)
+            if isinstance(result, str):
+                skipped.append({"case": case.patient, "reason": result})
+                continue
+            rows.extend(result)
+            if not any(row["gland_pixels"] for row in result):
+                empty.append(case.patient)
         if not rows:
             raise DataError(f"input_dir={input_dir}: no usable case "
                             f"({len(skipped)} skipped: {skipped[0]['reason'] if skipped else ''})")
-        patients = sorted({row["patient"] for row in rows})
-        empty = _without_gland(rows)
-        if len(empty) == len(patients):
+        patients = len({row["patient"] for row in rows})
+        if len(empty) == patients:
             raise DataError(f"input_dir={input_dir}: no mask holds a single gland voxel "
-                            f"(mask_labels={settings.to_dict()['mask_labels']}); a network "
+                            f"(mask_labels={asdict(settings)['mask_labels']}); a network "
                             "trained on it would only learn to predict nothing")
-        with open(tmp / "manifest.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        report = {"input_dir": str(input_dir), "patients": len(patients), "slices": len(rows),
+        write_csv(tmp / "manifest.csv", rows, MANIFEST_FIELDS)
+        report = {"input_dir": str(input_dir), "patients": patients, "slices": len(rows),
                   "skipped": skipped, "empty_masks": empty,
                   "seconds": round(time.time() - started, 2)}
-        (tmp / "prepare.json").write_text(json.dumps(
-            {**settings.to_dict(), "orientation": "display: row 0 anterior, column 0 patient right",
-             "patients": len(patients), "slices": len(rows), CONTENT_DIGEST: content_digest(tmp)},
-            indent=2))
-        (tmp / "prepare_report.json").write_text(json.dumps(report, indent=2))
-        _move_into_place(tmp, real_out)
+        write_json(tmp / "prepare.json", {
+            **asdict(settings), "orientation": "display: row 0 anterior, column 0 patient right",
+            "patients": patients, "slices": len(rows), CONTENT_DIGEST: content_digest(tmp)})
+        write_json(tmp / "prepare_report.json", report)
+        old = beside(real_out, "old")
+        if real_out.exists():
+            real_out.rename(old)
+        tmp.rename(real_out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -438,8 +358,8 @@ def prepare(
         log.warning("skipped %s: %s", item["case"], item["reason"])
     if empty:
         log.warning("%d of %d patients have an empty mask (no gland voxel): %s", len(empty),
-                    len(patients), ", ".join(empty))
-    log.info("prepared %d patients, %d slices into %s (%d skipped, %.1f s)", len(patients),
+                    patients, ", ".join(empty))
+    log.info("prepared %d patients, %d slices into %s (%d skipped, %.1f s)", patients,
              len(rows), output_dir, len(skipped), report["seconds"])
     return report
 

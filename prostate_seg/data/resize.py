@@ -1,8 +1,7 @@
-"""Bring slices of any in-plane size to the network's square size, and map outputs back.
+"""Slices of any in-plane size <-> the network's square size, reversibly from (rows, cols).
 
-``fit="resize"`` stretches each slice to ``size x size`` (the original study's choice);
-``fit="pad"`` first zero-pads to a centred square, keeping the aspect ratio. Either way the
-original ``(rows, cols)`` is enough to undo it exactly (up to interpolation).
+``fit="resize"`` stretches (the original study's choice); ``fit="pad"`` zero-pads to a centred
+square first, keeping the aspect ratio. PrepareSettings checks ``fit``.
 """
 
 from __future__ import annotations
@@ -20,29 +19,23 @@ def _square_padding(rows: int, cols: int) -> tuple[int, int, int]:
 
 def fit_slice(image: np.ndarray, size: int, fit: str, nearest: bool = False) -> np.ndarray:
     """(rows, cols[, C]) -> (size, size[, C]); masks use nearest-neighbour interpolation."""
-    if fit not in FIT_MODES:
-        raise ValueError(f"fit={fit!r}; choose one of {FIT_MODES}")
     if fit == "pad":
         rows, cols = image.shape[:2]
         side, top, left = _square_padding(rows, cols)
         padded = np.zeros((side, side) + image.shape[2:], dtype=image.dtype)
         padded[top : top + rows, left : left + cols] = image
         image = padded
-    if image.shape[0] == size and image.shape[1] == size:
+    if image.shape[:2] == (size, size):
         return image.copy()
     if nearest:  # sampled at pixel centres: INTER_NEAREST is shifted by up to half a pixel
         interpolation = cv2.INTER_NEAREST_EXACT
-    elif image.shape[0] > size:
-        interpolation = cv2.INTER_AREA
     else:
-        interpolation = cv2.INTER_LINEAR
+        interpolation = cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_LINEAR
     return cv2.resize(image, (size, size), interpolation=interpolation)
 
 
 def unfit_slice(output: np.ndarray, rows: int, cols: int, fit: str) -> np.ndarray:
     """Inverse of :func:`fit_slice` for a float map (probabilities): back to (rows, cols)."""
-    if fit not in FIT_MODES:
-        raise ValueError(f"fit={fit!r}; choose one of {FIT_MODES}")
     output = np.asarray(output, dtype=np.float32)
     if fit == "resize":
         return cv2.resize(output, (cols, rows), interpolation=cv2.INTER_LINEAR)

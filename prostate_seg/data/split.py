@@ -1,17 +1,9 @@
-"""Patient-level k-fold cross-validation, made once per dataset and shared by every run.
+"""Patient-level k-fold cross-validation, made once per dataset (``split.json``) and shared by
+every run, so a study compares its losses on the same patients (docs/STUDY.md).
 
-Slices of one patient are strongly correlated; the original study split slices at random,
-so the same patient sat in both sets. Here the unit is the patient. As in nnU-Net, the
-patients are dealt into ``folds`` validation folds, so each patient is validated exactly once,
-by the model of the fold that holds it out. Unlike a plain k-fold with early stopping, the
-validation patients choose nothing: in each fold a few of the *training* patients
-(``select_fraction``) are set aside as **selection** patients, on which the epoch (early
-stopping) and the best checkpoint are chosen. Optional held-out **test** patients sit outside
-every fold. Everything is seeded and stored as ``<dataset>/split.json``, so every run of a
-study compares on the same patients.
-
-Roles in fold k: ``train`` (gradients), ``select`` (epoch and checkpoint), ``val`` (fold k's
-patients: scored once, at the end), ``test`` (scored by every fold's model).
+Roles in fold k: ``train`` (gradients), ``select`` (epoch and checkpoint: a few training
+patients, so the validation patients choose nothing), ``val`` (fold k's patients, each
+validated exactly once), ``test`` (outside every fold, scored by every fold's model).
 """
 
 from __future__ import annotations
@@ -19,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +35,6 @@ class SplitSettings:
     test_patients: tuple[str, ...] | None = None
     test_fraction: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"folds": self.folds, "split_seed": self.split_seed,
-                "select_fraction": self.select_fraction,
-                "test_patients": None if self.test_patients is None else list(self.test_patients),
-                "test_fraction": self.test_fraction}
-
 
 @dataclass(frozen=True)
 class PatientSplit:
@@ -61,8 +47,7 @@ class PatientSplit:
     test: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"fold": self.fold, "train": list(self.train), "select": list(self.select),
-                "val": list(self.val), "test": list(self.test)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -70,10 +55,6 @@ class CrossValidation:
     settings: SplitSettings
     test: tuple[str, ...]
     folds: tuple[PatientSplit, ...]
-
-    @property
-    def patients(self) -> set[str]:
-        return set(self.test).union(*(fold.val for fold in self.folds))
 
     def fold(self, k: int) -> PatientSplit:
         if not 0 <= k < len(self.folds):
@@ -83,7 +64,7 @@ class CrossValidation:
 
     def to_dict(self) -> dict[str, Any]:
         # "splits": one entry per fold, as in nnU-Net's splits_final.json (plus "select").
-        return {"format": SPLIT_FORMAT, **self.settings.to_dict(), "test": list(self.test),
+        return {"format": SPLIT_FORMAT, **asdict(self.settings), "test": list(self.test),
                 "splits": [{role: list(getattr(fold, role)) for role in ROLES}
                            for fold in self.folds]}
 
@@ -154,28 +135,30 @@ def check_folds(cv: CrossValidation, source: str) -> None:
                             "the other folds' validation patients; fix or delete the file")
 
 
-def _from_file(path: Path) -> CrossValidation:
+def read_folds(path: Path) -> CrossValidation:
+    """A stored split, held to the rules of :func:`check_folds`."""
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable split file ({exc}); delete it to make a new one") from None
+        raise DataError(f"{path}: unreadable split file ({exc}); delete it to make a new "
+                        "one") from None
     if not isinstance(stored, dict) or stored.get("format") != SPLIT_FORMAT:
         old = isinstance(stored, dict) and ({"train", "val"} <= set(stored) or "format" in stored)
-        raise DataError(f"{path}: {'a split file of an older format' if old else 'not a split file'}"
-                        "; this version splits patients into cross-validation folds with "
-                        "selection patients: delete it to make a new one")
+        kind = "a split file of an older format" if old else "not a split file"
+        raise DataError(f"{path}: {kind}; this version splits patients into cross-validation "
+                        "folds with selection patients: delete it to make a new one")
     try:
         test_patients = stored["test_patients"]
-        settings = SplitSettings(
-            folds=int(stored["folds"]), split_seed=int(stored["split_seed"]),
-            select_fraction=float(stored["select_fraction"]),
-            test_patients=None if test_patients is None else tuple(test_patients),
-            test_fraction=float(stored["test_fraction"]))
+        settings = SplitSettings(int(stored["folds"]), int(stored["split_seed"]),
+                                 float(stored["select_fraction"]),
+                                 None if test_patients is None else tuple(test_patients),
+                                 float(stored["test_fraction"]))
         test = tuple(stored["test"])
         folds = tuple(PatientSplit(k, *(tuple(entry[role]) for role in ROLES), test)
                       for k, entry in enumerate(stored["splits"]))
     except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{path}: not a valid split file ({exc}); delete it to make a new one") from None
+        raise DataError(f"{path}: not a valid split file ({exc}); delete it to make a new "
+                        "one") from None
     if len(folds) != settings.folds:
         raise DataError(f"{path}: says folds={settings.folds} but lists {len(folds)}")
     cv = CrossValidation(settings, test, folds)
@@ -184,7 +167,7 @@ def _from_file(path: Path) -> CrossValidation:
 
 
 def _differences(stored: SplitSettings, wanted: SplitSettings) -> list[str]:
-    ours, theirs = wanted.to_dict(), stored.to_dict()
+    ours, theirs = asdict(wanted), asdict(stored)
     return [f"data.{key}={ours[key]} (stored: {theirs[key]})" for key in ours
             if not (ours[key] == theirs[key] or (isinstance(ours[key], float)
                     and math.isclose(ours[key], theirs[key])))]
@@ -197,18 +180,17 @@ def load_or_make_folds(data_dir: Path, patients: Sequence[str],
     path = data_dir / SPLIT_FILE
     if not path.exists():
         cv = make_folds(patients, settings)
-        check_folds(cv, "the new split")
         write_json(path, cv.to_dict())
         return cv
-    cv = _from_file(path)
+    cv = read_folds(path)
     differences = _differences(cv.settings, settings)
     if differences:
         raise ConfigError(f"{'; '.join(differences)} differ from the split stored in {path}; "
                           "every run on a dataset shares its split: use the stored settings, or "
                           "delete the file to make a new split")
-    wanted = set(patients)
-    if cv.patients != wanted:
-        missing, new = sorted(cv.patients - wanted), sorted(wanted - cv.patients)
+    stored, wanted = set(cv.test).union(*(fold.val for fold in cv.folds)), set(patients)
+    if stored != wanted:
+        missing, new = sorted(stored - wanted), sorted(wanted - stored)
         raise DataError(f"{path}: its patients no longer match the dataset ({len(missing)} "
                         f"gone{': ' + ', '.join(missing[:3]) if missing else ''}; {len(new)} new"
                         f"{': ' + ', '.join(new[:3]) if new else ''}); the dataset was prepared "

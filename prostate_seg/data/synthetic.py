@@ -1,13 +1,8 @@
 """MRI-like pelvis phantoms with a prostate-like gland, so everything runs with no download.
 
-``python -m prostate_seg synthetic output_dir=DIR num_patients=N [seed=0 size=128]`` writes
-``DIR/images/<id>.nii.gz`` (int16) and ``DIR/masks/<id>.nii.gz`` (uint8, 1 = gland).
-
-Each phantom: body outline with a bright fat rim, muscle, bladder, rectum, femoral heads and
-a lobulated gland with a brighter peripheral zone and a nodular transition zone, whose
-contrast to the surrounding muscle is low; then a smooth multiplicative bias field and Rician
-noise. 15-25 axial slices, the gland absent from a few slices at either end. Phantom ``i`` of
-seed ``s`` is the same on every machine.
+Fat rim, muscle, bladder, rectum, femoral heads and a lobulated gland of low contrast (brighter
+peripheral zone, nodular transition zone); a bias field and Rician noise. Phantom ``i`` of seed
+``s`` is the same on every machine.
 """
 
 from __future__ import annotations
@@ -40,7 +35,8 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: float
     return field / (field.std() + 1e-8)
 
 
-def _ellipse(y: np.ndarray, x: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+def _ellipse(y: np.ndarray, x: np.ndarray, cy: float, cx: float, ry: float,
+             rx: float) -> np.ndarray:
     return ((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2 <= 1.0
 
 
@@ -101,9 +97,7 @@ def make_phantom(seed: int, index: int, size: int = 128) -> Phantom:
         image[z] = sl
 
     image = ndimage.gaussian_filter(image, (0.0, 0.7, 0.7))  # partial-volume blur
-    zz, yy, xx = np.meshgrid(
-        np.linspace(-1, 1, num_slices), coords, coords, indexing="ij"
-    )
+    zz, yy, xx = np.meshgrid(np.linspace(-1, 1, num_slices), coords, coords, indexing="ij")
     c = rng.uniform(-0.25, 0.25, size=4)
     bias = np.exp(c[0] * xx + c[1] * yy + c[2] * xx * yy + c[3] * zz).astype(np.float32)
     sigma = rng.uniform(0.08, 0.16)
@@ -112,28 +106,17 @@ def make_phantom(seed: int, index: int, size: int = 128) -> Phantom:
     image = np.sqrt(real**2 + imag**2) * 600.0  # Rician magnitude, scanner-like range
 
     pixel = float(rng.uniform(0.5, 0.8)) * 128.0 / size
-    return Phantom(
-        patient=f"phantom{index:03d}",
-        image=image.astype(np.float32),
-        mask=mask,
-        spacing=(float(rng.uniform(3.0, 3.6)), pixel, pixel),
-    )
+    return Phantom(f"phantom{index:03d}", image.astype(np.float32), mask,
+                   (float(rng.uniform(3.0, 3.6)), pixel, pixel))
 
 
-def phantom_affine(spacing: tuple[float, float, float]) -> np.ndarray:
-    """LPS-stored axes (like most DICOM-derived NIfTI): x to the left, y to posterior."""
-    slice_mm, row_mm, col_mm = spacing
-    return np.diag([-col_mm, -row_mm, slice_mm, 1.0])
-
-
-def write_phantom(phantom: Phantom, output_dir: Path) -> tuple[Path, Path]:
-    """Write the phantom as NIfTI pair; stored axes (x, y, z) = display (cols, rows, slices)."""
-    affine = phantom_affine(phantom.spacing)
-    paths = []
-    for folder, array, dtype in (
-        ("images", np.rint(phantom.image), np.int16),
-        ("masks", phantom.mask, np.uint8),
-    ):
+def write_phantom(phantom: Phantom, output_dir: Path) -> None:
+    """A NIfTI pair with stored axes (x, y, z) = display (cols, rows, slices), LPS like most
+    DICOM-derived NIfTI: x to the left, y to posterior."""
+    slice_mm, row_mm, col_mm = phantom.spacing
+    affine = np.diag([-col_mm, -row_mm, slice_mm, 1.0])
+    for folder, array, dtype in (("images", np.rint(phantom.image), np.int16),
+                                 ("masks", phantom.mask, np.uint8)):
         img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)).astype(dtype), affine)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
@@ -141,8 +124,6 @@ def write_phantom(phantom: Phantom, output_dir: Path) -> tuple[Path, Path]:
         path = output_dir / folder / f"{phantom.patient}.nii.gz"
         path.parent.mkdir(parents=True, exist_ok=True)
         nib.save(img, str(path))
-        paths.append(path)
-    return paths[0], paths[1]
 
 
 def _make_and_write(seed: int, index: int, size: int, output_dir: Path) -> str:

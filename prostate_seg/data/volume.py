@@ -1,10 +1,7 @@
-"""Reading scans and turning them into display-oriented axial slices, and back.
+"""Scans <-> axial display slices ``(Z, rows, cols)``, one convention for every stage.
 
-One convention for every stage (prepare, predict, evaluate): a volume becomes a stack of
-axial slices ``(Z, rows, cols)`` in radiological display orientation — the scan is
-reoriented to LPS from its affine, so row 0 is anterior and column 0 the patient's right.
-Scans whose header has no orientation (qform and sform codes 0) are taken as already stored
-that way (as DICOM-derived arrays are) and their spacing is reported as unknown.
+Reoriented to LPS from the affine (row 0 anterior, column 0 the patient's right); a header
+without orientation (qform and sform codes 0) is taken as stored so, with unknown spacing.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ from nibabel import orientations as ornt_lib
 
 from prostate_seg.errors import DataError
 
-DISPLAY_AXCODES = ("L", "P", "S")
+DISPLAY_ORNT = ornt_lib.axcodes2ornt(("L", "P", "S"))
 MAX_VOXELS = 2**30  # 1 G voxels: far beyond any MRI volume, well inside this machine's memory
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -33,15 +30,8 @@ class VolumeGeometry:
     spacing_known: bool
 
 
-def _to_display(source_ornt: np.ndarray) -> np.ndarray:
-    return ornt_lib.ornt_transform(source_ornt, ornt_lib.axcodes2ornt(DISPLAY_AXCODES))
-
-
 def strip_nifti_suffix(name: str) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    return name.removesuffix(".gz").removesuffix(".nii") if is_nifti(Path(name)) else name
 
 
 def is_nifti(path: Path) -> bool:
@@ -49,11 +39,8 @@ def is_nifti(path: Path) -> bool:
 
 
 def load_nifti(path: Path) -> nib.Nifti1Image:
-    """Open a NIfTI file and read its voxels, turning every failure into a one-line DataError.
-
-    Whatever a damaged file makes nibabel, gzip or numpy raise is the same problem for the
-    user (this file cannot be read), so every exception is reported as such.
-    """
+    """A NIfTI file with its voxels read: whatever a damaged file makes nibabel, gzip or numpy
+    raise is one problem for the user (this file cannot be read), so one DataError."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -73,15 +60,9 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
     return img
 
 
-def orientation_known(img: nib.Nifti1Image) -> bool:
-    header = img.header
-    return int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
-
-
 def voxel_array(img: nib.Nifti1Image, path: Path, channel: int | None = None) -> np.ndarray:
-    """The image's 3D array. A 4D image contributes ``channel`` (as in Decathlon's T2+ADC);
-    with ``channel=None`` (masks) its 4th axis must have length 1: taking the first of several
-    label volumes would silently pick one."""
+    """The 3D array; a 4D image gives ``channel``. A mask (``channel=None``) must have one
+    volume along a 4th axis: taking the first of several label maps would pick one silently."""
     data = img.get_fdata(dtype=np.float32)
     if data.ndim == 4:
         if channel is None:
@@ -90,51 +71,43 @@ def voxel_array(img: nib.Nifti1Image, path: Path, channel: int | None = None) ->
                                 "volumes along its 4th axis; a mask must be one 3D label map")
             channel = 0
         if not 0 <= channel < data.shape[3]:
-            raise DataError(f"{path}: 4D image has {data.shape[3]} channels, image_channel={channel}")
+            raise DataError(f"{path}: 4D image has {data.shape[3]} channels, "
+                            f"image_channel={channel}")
         data = data[..., channel]
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
-    if min(data.shape) < 1 or data.size == 0:
+    if data.size == 0:
         raise DataError(f"{path}: empty volume of shape {data.shape}")
     return data
 
 
 def geometry_of(img: nib.Nifti1Image, shape: tuple[int, ...]) -> VolumeGeometry:
-    known = orientation_known(img)
-    source_ornt = (
-        ornt_lib.io_orientation(img.affine) if known else ornt_lib.axcodes2ornt(DISPLAY_AXCODES)
-    )
-    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    known = int(img.header["qform_code"]) > 0 or int(img.header["sform_code"]) > 0
+    source_ornt = ornt_lib.io_orientation(img.affine) if known else DISPLAY_ORNT
+    zooms = img.header.get_zooms()[:3]
     lps_spacing = [0.0, 0.0, 0.0]
-    for axis, (new_axis, _) in enumerate(_to_display(source_ornt)):
-        lps_spacing[int(new_axis)] = zooms[axis]
-    return VolumeGeometry(
-        source_shape=tuple(int(s) for s in shape[:3]),
-        source_ornt=source_ornt,
-        spacing=(lps_spacing[2], lps_spacing[1], lps_spacing[0]),
-        spacing_known=known,
-    )
+    for axis, (new_axis, _) in enumerate(ornt_lib.ornt_transform(source_ornt, DISPLAY_ORNT)):
+        lps_spacing[int(new_axis)] = float(zooms[axis])
+    return VolumeGeometry(tuple(int(s) for s in shape[:3]), source_ornt,
+                          (lps_spacing[2], lps_spacing[1], lps_spacing[0]), known)
 
 
-def display_affine(img: nib.Nifti1Image, geometry: VolumeGeometry) -> np.ndarray | None:
-    """World affine of the reoriented array (None when the header has no orientation)."""
-    if not geometry.spacing_known:
-        return None
-    to_display = _to_display(geometry.source_ornt)
+def display_affine(img: nib.Nifti1Image, geometry: VolumeGeometry) -> np.ndarray:
+    """World affine of the reoriented array."""
+    to_display = ornt_lib.ornt_transform(geometry.source_ornt, DISPLAY_ORNT)
     return img.affine @ ornt_lib.inv_ornt_aff(to_display, geometry.source_shape)
 
 
 def to_slices(array: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
     """Stored 3D array -> (Z, rows, cols) display slices."""
-    lps = ornt_lib.apply_orientation(array, _to_display(geometry.source_ornt))
-    return np.ascontiguousarray(lps.transpose(2, 1, 0))
+    to_display = ornt_lib.ornt_transform(geometry.source_ornt, DISPLAY_ORNT)
+    return np.ascontiguousarray(ornt_lib.apply_orientation(array, to_display).transpose(2, 1, 0))
 
 
 def from_slices(slices: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
     """(Z, rows, cols) display slices -> the stored array layout (inverse of ``to_slices``)."""
-    lps = slices.transpose(2, 1, 0)
-    back = ornt_lib.ornt_transform(ornt_lib.axcodes2ornt(DISPLAY_AXCODES), geometry.source_ornt)
-    return np.ascontiguousarray(ornt_lib.apply_orientation(lps, back))
+    back = ornt_lib.ornt_transform(DISPLAY_ORNT, geometry.source_ornt)
+    return np.ascontiguousarray(ornt_lib.apply_orientation(slices.transpose(2, 1, 0), back))
 
 
 def window_to_uint8(volume: np.ndarray, path: Path, low_pct: float, high_pct: float) -> np.ndarray:

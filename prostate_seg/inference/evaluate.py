@@ -1,22 +1,12 @@
-"""Per-patient evaluation of a checkpoint at the scan's original size.
-
-``python evaluate.py ckpt_path=PATH [data.dir=DIR subset=val largest_component=false tta=false]``
-
-Slice predictions are put back together per patient, mapped back to the scan's in-plane size,
-and compared with the gland mask stored by prepare at that size. The patients are those of
-the split stored in the checkpoint (its fold's validation patients, its test patients, ...),
-and the data folder must be prepared and split as the checkpoint's was, so a checkpoint is
-never scored on patients it trained on or on data preprocessed another way. Writes
-``<checkpoint>.eval.csv`` (``.eval-test.csv`` for subset=test, ``.eval-tta.csv`` with tta=true,
-...; refused if it exists, unless overwrite=true). Every training run
-does the same for its best checkpoint and writes ``per_patient.csv``.
-"""
+"""Per-patient scores of a checkpoint at the scan's original size, on the patients of the split
+it stores and data prepared and split as its own were: never on patients it trained on."""
 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -24,25 +14,14 @@ import numpy as np
 from omegaconf import DictConfig
 
 from prostate_seg.data.dataset import read_manifest, read_png
-from prostate_seg.data.split import SPLIT_FILE, PatientSplit
+from prostate_seg.data.split import ROLES, SPLIT_FILE, PatientSplit, read_folds
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.files import (
-    check_name_fits,
-    check_writable_folder,
-    refuse_existing,
-    write_csv,
-)
+from prostate_seg.files import check_name_fits, check_writable_folder, refuse_existing, write_csv
 from prostate_seg.data.prepare import PrepareSettings
 from prostate_seg.inference.metrics import volume_scores
-from prostate_seg.inference.predictor import (
-    SlicePredictor,
-    TrainedModel,
-    binarize,
-    load_checkpoint,
-    pick_device,
-)
+from prostate_seg.inference.predictor import (SlicePredictor, TrainedModel, binarize,
+                                              load_checkpoint, pick_device)
 
-log = logging.getLogger(__name__)
 SUBSETS = ("val", "test", "select", "train", "all")
 PER_PATIENT_FIELDS = ["patient", "split", "dice", "precision", "recall", "hd95", "hd95_failed",
                       "hd95_unit", "voxels_pred", "voxels_true", "voxels_total", "slices"]
@@ -61,8 +40,7 @@ def stored_split(module: TrainedModel, ckpt_path: str | Path) -> PatientSplit:
     if not stored:
         raise DataError(f"ckpt_path={ckpt_path}: the checkpoint stores no patient split "
                         "(made by an older version); train it again to evaluate it per patient")
-    return PatientSplit(int(stored["fold"]), tuple(stored["train"]), tuple(stored["select"]),
-                        tuple(stored["val"]), tuple(stored["test"]))
+    return PatientSplit(int(stored["fold"]), *(tuple(stored[role]) for role in ROLES + ("test",)))
 
 
 def check_same_dataset(data_dir: Path, module: TrainedModel, split: PatientSplit) -> None:
@@ -70,22 +48,17 @@ def check_same_dataset(data_dir: Path, module: TrainedModel, split: PatientSplit
     stored = module.cfg.get("preprocessing")
     prepare_json = data_dir / "prepare.json"
     if stored and prepare_json.exists():
-        here = PrepareSettings.from_config(json.loads(prepare_json.read_text())).to_dict()
-        trained = PrepareSettings.from_config(stored).to_dict()
-        differ = [f"{k}={here[k]} (checkpoint: {trained[k]})" for k in here if here[k] != trained[k]]
+        here = asdict(PrepareSettings.from_config(json.loads(prepare_json.read_text())))
+        trained = asdict(PrepareSettings.from_config(stored))
+        differ = [f"{k}={v} (checkpoint: {trained[k]})" for k, v in here.items() if v != trained[k]]
         if differ:
             raise DataError(f"data.dir={data_dir}: prepared with {', '.join(differ)}; the "
                             "checkpoint was trained on data prepared otherwise")
     split_json = data_dir / SPLIT_FILE
     if split_json.exists():
-        try:
-            stored_here = json.loads(split_json.read_text())
-            here_val = set(stored_here["splits"][split.fold]["val"])
-            here_test = set(stored_here["test"])
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise DataError(f"{split_json}: not the cross-validation split this checkpoint "
-                            f"was trained with (fold {split.fold})") from None
-        if here_val != set(split.val) or here_test != set(split.test):  # who may be scored
+        here = read_folds(split_json)
+        if (split.fold >= len(here.folds) or set(here.test) != set(split.test)
+                or set(here.folds[split.fold].val) != set(split.val)):  # who may be scored
             raise DataError(f"{split_json}: fold {split.fold} differs from the split the "
                             "checkpoint was trained with; evaluating with it would score "
                             "patients the model trained on")
@@ -95,10 +68,7 @@ def evaluate_patients(module: TrainedModel, data_dir: Path,
                       patients: Mapping[str, Sequence[str]], keep_largest: bool = False,
                       tta: bool = False, batch_size: int = 32) -> list[dict[str, Any]]:
     """One row per patient (``patients`` maps a split name to its patient ids)."""
-    records = read_manifest(data_dir)
-    by_patient: dict[str, list] = {}
-    for record in records:
-        by_patient.setdefault(record.patient, []).append(record)
+    by_patient = {p: list(g) for p, g in groupby(read_manifest(data_dir), lambda r: r.patient)}
     predictor = SlicePredictor(module, batch_size=batch_size, tta=tta)
     rows = []
     for split, ids in patients.items():
@@ -139,15 +109,9 @@ def split_scores(rows: list[dict[str, Any]], split: str) -> dict[str, float | in
             f"{split}/hd95_failed": failed, f"{split}/patients": len(chosen)}
 
 
-def evaluate_checkpoint(
-    ckpt_path: str | Path,
-    data_dir: str | Path | None = None,
-    subset: str = "val",
-    keep_largest: bool = False,
-    tta: bool = False,
-    device: str = "auto",
-    batch_size: int = 32,
-) -> list[dict[str, Any]]:
+def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path | None = None,
+                        subset: str = "val", keep_largest: bool = False, tta: bool = False,
+                        device: str = "auto", batch_size: int = 32) -> list[dict[str, Any]]:
     """One row per patient of ``subset`` of the checkpoint's own split."""
     if subset not in SUBSETS:
         raise ConfigError(f"subset={subset}: choose one of {', '.join(SUBSETS)}")
@@ -180,11 +144,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def default_output(ckpt_path: str | Path, subset: str = "val", keep_largest: bool = False,
                    tta: bool = False) -> Path:
-    """``<checkpoint>.eval.csv`` for the validation patients as they are; another subset or
-    post-processing adds its name (``.eval-test.csv``, ``.eval-lcc-tta.csv``), so evaluating
-    the test patients after the validation ones neither collides with nor replaces them."""
-    parts = ([subset] if subset != "val" else []) + (["lcc"] if keep_largest else []) \
-        + (["tta"] if tta else [])
+    """``<checkpoint>.eval.csv``, named after any other subset or post-processing
+    (``.eval-test-lcc-tta.csv``), so no evaluation replaces another."""
+    parts = [subset] * (subset != "val") + ["lcc"] * keep_largest + ["tta"] * tta
     return Path(f"{ckpt_path}.eval{''.join('-' + part for part in parts)}.csv")
 
 

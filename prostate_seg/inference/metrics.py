@@ -1,20 +1,8 @@
-"""Segmentation metrics, with the conventions that matter for the science spelled out.
+"""Segmentation metrics; their conventions are the science's (docs/METHOD.md).
 
-* Predictions are ``sigmoid(logit) > 0.5`` (equivalently ``logit > 0``).
-* **Per-volume** metrics pool the pixels of one patient's slices, then average over the
-  patients seen in that pass (a volume none of whose slices was validated, e.g. under
-  ``limit_val_batches``, does not count); per-volume Dice is the headline number
-  (``select/dice`` during training). Dice is 1 when prediction and truth
-  are both empty; precision (recall) is 1 when there is nothing predicted (nothing to find)
-  and nothing missed (nothing wrongly predicted), else 0 when its denominator is 0.
-* **Pooled** Dice (``select/dice_global``) counts every pixel of the split at once. Pixel F1
-  pooled over the split is the same number: 2PR/(P+R) = 2TP/(2TP+FP+FN). The original study's
-  "Dice" and "F1" differed only because its Dice was averaged per batch.
-* HD95: the larger of the two directed 95th-percentile distances between the surfaces of the
-  prediction and the truth, in mm when the spacing is known. When exactly one of them is
-  empty it is undefined; it is then set to the worst case, the volume's diagonal, and
-  flagged (``hd95_failed``), so a mean over patients never silently drops a failure
-  (Metrics Reloaded's advice for missing values).
+Predictions are ``logit > 0``. Per-volume scores pool a patient's voxels and average over the
+volumes seen; an empty denominator scores 1 when nothing was missed or wrongly found, else 0.
+An undefined HD95 (one mask empty) is the volume's diagonal, flagged, never dropped.
 """
 
 from __future__ import annotations
@@ -50,14 +38,12 @@ def confusion(pred: Tensor, target: Tensor) -> Tensor:
 
 
 class VolumeConfusion(Metric):
-    """Accumulates TP/FP/FN and the number of slices seen per patient volume across batches
-    (and processes, under DDP); means are over the volumes seen."""
+    """TP/FP/FN and slices seen per patient volume, over batches and DDP processes."""
 
     full_state_update = False
 
     def __init__(self, num_volumes: int):
         super().__init__()
-        self.num_volumes = num_volumes
         self.add_state("counts", default=torch.zeros(num_volumes, 3, dtype=torch.long),
                        dist_reduce_fx="sum")
         self.add_state("slices", default=torch.zeros(num_volumes, dtype=torch.long),
@@ -86,10 +72,8 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 
 def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> float:
-    """95th-percentile symmetric Hausdorff distance between two boolean volumes.
-
-    0 when both are empty, ``inf`` when exactly one is (see :func:`volume_scores`).
-    """
+    """95th-percentile symmetric surface distance: 0 when both volumes are empty, ``inf`` when
+    exactly one is."""
     pred, truth = pred.astype(bool), truth.astype(bool)
     if not pred.any() and not truth.any():
         return 0.0
@@ -104,11 +88,7 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> flo
 
 def volume_scores(pred: np.ndarray, truth: np.ndarray,
                   spacing: tuple[float, ...]) -> dict[str, float | int]:
-    """Dice, precision, recall and HD95 of one patient's volume, with the voxel counts.
-
-    An undefined HD95 (one of the masks empty) is the volume's diagonal, the largest
-    distance possible in it, with ``hd95_failed = 1``.
-    """
+    """Dice, precision, recall and HD95 (the diagonal, flagged, when undefined) of a volume."""
     counts = confusion(torch.from_numpy(pred.astype(bool))[None],
                        torch.from_numpy(truth.astype(bool))[None])[0]
     scores: dict[str, float | int] = {k: float(v) for k, v in scores_from_counts(counts).items()}

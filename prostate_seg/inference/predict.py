@@ -1,21 +1,6 @@
-"""Segment new scans: NIfTI in, uint8 gland mask NIfTI out, on the scan's own grid.
-
-``python predict.py ckpt_path=CKPT input=SCAN.nii.gz output=MASK.nii.gz`` (or folders)
-[save_probabilities=true tta=true largest_component=true overwrite=true skip_existing=true
-on_error=skip]
-
-Outputs are checked before the checkpoint is loaded: a mask file name ends in .nii/.nii.gz,
-its folder can be written, no output replaces an input scan or another output, and existing
-outputs are kept unless ``overwrite=true`` (``skip_existing=true`` keeps them and predicts only
-the missing ones, so a rerun finishes an interrupted folder). With ``on_error=skip`` a scan
-that cannot be read is skipped, the others are segmented, and the skipped ones are listed at
-the end with the reason; the command then still exits with status 2, since masks are missing.
-
-The scan is preprocessed exactly like the training data (reoriented to display slices, its
-own 0.5-99.5 percentile window, fitted to the dataset size, the run's validation transform);
-the probabilities are mapped back to the original in-plane size and orientation, and the mask
-is written with the input's shape, affine and header.
-"""
+"""Segment new scans: NIfTI in, uint8 gland mask NIfTI out on the scan's own grid, preprocessed
+as the training data were. Every output is checked before the checkpoint is loaded, and written
+whole or not at all, so ``skip_existing=true`` finishes an interrupted folder."""
 
 from __future__ import annotations
 
@@ -26,31 +11,12 @@ import nibabel as nib
 import numpy as np
 from omegaconf import DictConfig
 
-from prostate_seg.data.prepare import patient_id
-from prostate_seg.data.volume import (
-    from_slices,
-    geometry_of,
-    is_nifti,
-    load_nifti,
-    strip_nifti_suffix,
-    to_slices,
-    voxel_array,
-    window_to_uint8,
-)
+from prostate_seg.data.prepare import check_on_error, patient_id, scan_slices
+from prostate_seg.data.volume import from_slices, is_nifti, load_nifti, strip_nifti_suffix
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.files import (
-    check_name_fits,
-    check_writable_folder,
-    refuse_existing,
-    replacing,
-)
-from prostate_seg.inference.predictor import (
-    SlicePredictor,
-    TrainedModel,
-    binarize,
-    load_checkpoint,
-    pick_device,
-)
+from prostate_seg.files import check_name_fits, check_writable_folder, refuse_existing, replacing
+from prostate_seg.inference.predictor import (SlicePredictor, TrainedModel, binarize,
+                                              load_checkpoint, pick_device)
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +37,14 @@ def probability_path(output: Path) -> Path:
     return output.with_name(f"{strip_nifti_suffix(output.name)}_prob.nii.gz")
 
 
+def _outputs(mask: Path, save_probabilities: bool) -> list[Path]:
+    return [mask, probability_path(mask)] if save_probabilities else [mask]
+
+
 def predict_scan(predictor: SlicePredictor, scan: Path, output: Path, keep_largest: bool,
                  save_probabilities: bool) -> Path:
     img = load_nifti(scan)
-    data = voxel_array(img, scan, predictor.image_channel)
-    geometry = geometry_of(img, data.shape)
-    slices = window_to_uint8(to_slices(data, geometry), scan, *predictor.window)
+    slices, geometry = scan_slices(img, scan, predictor.prep)
     stack = predictor.predict_volume(slices)
     prob = from_slices(stack, geometry)
     mask = from_slices(binarize(stack, keep_largest), geometry)
@@ -88,8 +56,7 @@ def predict_scan(predictor: SlicePredictor, scan: Path, output: Path, keep_large
 
 
 def _pairs(source: Path, target: Path) -> list[tuple[Path, Path]]:
-    """(scan, mask output) pairs for one scan or a folder of scans; the outputs' names and
-    places are checked, nothing is read yet."""
+    """(scan, mask output) for one scan or a folder of scans; names checked, nothing read."""
     if source.is_dir():
         if target.exists() and not target.is_dir():
             raise DataError(f"output={target}: exists and is not a folder (input={source} is a "
@@ -116,13 +83,12 @@ def _pairs(source: Path, target: Path) -> list[tuple[Path, Path]]:
 
 
 def _check_outputs(pairs: list[tuple[Path, Path]], save_probabilities: bool) -> None:
-    """No output replaces an input scan or another output (``x.nii`` and ``x.nii.gz`` both give
-    ``x.nii.gz``; ``a``'s probabilities and ``a_prob``'s mask share a name), and every output
-    folder can be written: all before the checkpoint is loaded."""
+    """No output replaces an input scan or another output (``x.nii`` and ``x.nii.gz``; ``a``'s
+    probabilities and ``a_prob``'s mask), and every output folder can be written."""
     scans = {scan.resolve(): scan for scan, _ in pairs}
     written: dict[Path, Path] = {}
     for scan, output in pairs:
-        for target in [output] + ([probability_path(output)] if save_probabilities else []):
+        for target in _outputs(output, save_probabilities):
             real = target.resolve()
             if real in scans:
                 raise ConfigError(f"output {target} would replace the input scan {scans[real]}")
@@ -136,8 +102,8 @@ def _check_outputs(pairs: list[tuple[Path, Path]], save_probabilities: bool) -> 
 
 
 def warn_seen_patients(scans: list[Path], model: TrainedModel) -> None:
-    """One line when scans are patients the checkpoint trained on or chose its epoch with
-    (matched by patient id): their masks look better than a new patient's would."""
+    """Warn of scans of patients the checkpoint trained or chose its epoch on: their masks
+    look better than a new patient's would."""
     split = model.cfg.get("split") or {}
     ids = [patient_id(scan) for scan in scans]
     seen = {role: sorted(set(ids) & set(split.get(role) or [])) for role in ("train", "select")}
@@ -155,25 +121,19 @@ def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
                   tta: bool = False, overwrite: bool = False, device: str = "auto",
                   batch_size: int = 32, on_error: str = "raise",
                   skip_existing: bool = False) -> list[Path]:
-    """Predict one scan (input and output files) or every NIfTI of a folder (both folders).
-
-    ``skip_existing``: scans whose outputs exist are done already (outputs are written whole or
-    not at all), so a rerun finishes the rest. ``on_error=skip``: a scan that cannot be read is
-    skipped and the others are segmented; the skipped ones are listed at the end and the call
-    then raises, so a script sees that masks are missing.
-    """
-    if on_error not in ("raise", "skip"):
-        raise ConfigError(f"on_error={on_error}: choose raise or skip")
+    """One scan or every NIfTI of a folder. With ``on_error=skip`` the scans that cannot be
+    read are listed at the end and the call still raises, so a script sees masks missing."""
+    check_on_error(on_error)
     if overwrite and skip_existing:
         raise ConfigError("overwrite=true and skip_existing=true: choose one (replace existing "
                           "outputs, or keep them and predict only the missing ones)")
     pairs = _pairs(Path(input), Path(output))
     _check_outputs(pairs, save_probabilities)
-    done = [(s, t) for s, t in pairs if skip_existing and t.exists()
-            and (not save_probabilities or probability_path(t).exists())]
+    done = [(s, t) for s, t in pairs
+            if skip_existing and all(p.exists() for p in _outputs(t, save_probabilities))]
     todo = [pair for pair in pairs if pair not in done]
     for _, target in todo:
-        for path in [target] + ([probability_path(target)] if save_probabilities else []):
+        for path in _outputs(target, save_probabilities):
             refuse_existing(path, overwrite or skip_existing)
     if done:
         log.info("%d of %d scans have their outputs already (skip_existing=true)", len(done),
@@ -186,12 +146,10 @@ def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
     written, skipped = [], []
     for scan, target in todo:
         try:
-            written.append(predict_scan(predictor, scan, target, keep_largest,
-                                        save_probabilities))
+            written.append(predict_scan(predictor, scan, target, keep_largest, save_probabilities))
         except DataError as exc:
             if on_error == "raise":
                 raise
-            log.warning("skipped %s: %s", scan, exc)
             skipped.append((scan, str(exc)))
     if skipped:
         for scan, reason in skipped:

@@ -1,10 +1,5 @@
-"""Run a trained checkpoint on whole volumes, exactly as it saw data in validation.
-
-Shared by ``evaluate`` (prepared PNG slices of the validation patients) and ``predict`` (new
-NIfTI scans): slices go through the run's own validation transform, are predicted in batches
-(optionally averaged with their left-right mirror), and are mapped back to the scan's
-original in-plane size with the dataset's ``fit`` mode.
-"""
+"""A trained checkpoint on whole volumes, exactly as it saw data in validation (its own
+validation transform and preprocessing), for evaluate (prepared slices) and predict (scans)."""
 
 from __future__ import annotations
 
@@ -18,6 +13,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from prostate_seg.config import check_extras_installed
+from prostate_seg.data.dataset import context_window
 from prostate_seg.data.resize import fit_slice, unfit_slice
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.data.prepare import PrepareSettings
@@ -31,8 +27,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 class TrainedModel(nn.Module):
-    """A training checkpoint's network and the run's config (its data transforms, context
-    slices and preprocessing): all that inference needs of a run."""
+    """A checkpoint's network and its run's config: all that inference needs of a run."""
 
     def __init__(self, cfg: DictConfig, net: nn.Module):
         super().__init__()
@@ -41,10 +36,6 @@ class TrainedModel(nn.Module):
 
     def forward(self, image: Tensor) -> Tensor:
         return self.net(image)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
 
 
 def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> TrainedModel:
@@ -81,28 +72,21 @@ class SlicePredictor:
         self.transform = instantiate(cfg.data.val_transform)
         self.context = int(cfg.data.context_slices)
         # How the training data was prepared (older checkpoints: the defaults at image_size).
-        prep = PrepareSettings.from_config({"image_size": cfg.data.image_size,
-                                            **(cfg.get("preprocessing") or {})})
-        self.prep_size, self.fit = prep.image_size, prep.fit
-        self.window, self.image_channel = prep.window, prep.image_channel
+        self.prep = PrepareSettings.from_config({"image_size": cfg.data.image_size,
+                                                 **(cfg.get("preprocessing") or {})})
         self.batch_size = batch_size
         self.tta = tta
 
     def _inputs(self, fitted: np.ndarray) -> torch.Tensor:
         """(Z, S, S) fitted uint8 slices -> (Z, C, H, W) network input via the val transform."""
         z = len(fitted)
-        items = []
-        for k in range(z):
-            channels = [fitted[min(max(k + d, 0), z - 1)]
-                        for d in range(-self.context, self.context + 1)]
-            image = np.stack(channels, axis=-1)
-            image = self.transform(image=image)["image"]
-            items.append(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))))
-        return torch.stack(items).float()
+        images = [np.stack(fitted[context_window(k, z, self.context)], axis=-1) for k in range(z)]
+        items = [self.transform(image=image)["image"] for image in images]
+        return torch.from_numpy(np.ascontiguousarray(np.stack(items).transpose(0, 3, 1, 2))).float()
 
     @torch.no_grad()
     def _probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
-        device = self.module.device
+        device = next(self.module.parameters()).device
         outputs = []
         for start in range(0, len(inputs), self.batch_size):
             batch = inputs[start : start + self.batch_size].to(device)
@@ -116,25 +100,19 @@ class SlicePredictor:
     def predict_fitted(self, fitted: np.ndarray, rows: int, cols: int) -> np.ndarray:
         """Slices already brought to the dataset size (the prepared PNGs) -> (Z, rows, cols)."""
         prob = self._probabilities(self._inputs(fitted)).numpy()
-        return np.stack([unfit_slice(p, rows, cols, self.fit) for p in prob])
+        return np.stack([unfit_slice(p, rows, cols, self.prep.fit) for p in prob])
 
     def predict_volume(self, slices: np.ndarray) -> np.ndarray:
         """Windowed uint8 display slices of one scan -> probabilities of the same shape."""
         _, rows, cols = slices.shape
-        fitted = np.stack([fit_slice(s, self.prep_size, self.fit) for s in slices])
+        fitted = np.stack([fit_slice(s, self.prep.image_size, self.prep.fit) for s in slices])
         return self.predict_fitted(fitted, rows, cols)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest 3D connected component (6-connectivity) of a boolean volume."""
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask.astype(bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == sizes.argmax()
-
-
 def binarize(prob: np.ndarray, keep_largest: bool) -> np.ndarray:
+    """``prob > 0.5``; with ``keep_largest`` only its largest 3D connected component."""
     mask = prob > 0.5
-    return largest_component(mask) if keep_largest else mask
+    if not keep_largest:
+        return mask
+    labels, count = ndimage.label(mask)
+    return labels == np.bincount(labels.ravel())[1:].argmax() + 1 if count > 1 else mask
