@@ -248,9 +248,6 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
     """Lightning's OnExceptionCheckpoint on SIGTERM or Ctrl-C during fit only (not on errors,
     nor after a NaN loss): ``last.ckpt`` to resume from, kept at teardown."""
 
-    def __init__(self, dirpath: str, filename: str = "last"):
-        super().__init__(dirpath, filename)
-
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)):

@@ -29,21 +29,10 @@ from prostate_seg.errors import ConfigError
 from prostate_seg.files import make_folder, replacing, write_csv, write_json
 from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_scores
 from prostate_seg.inference.predictor import load_checkpoint
-from prostate_seg.study.runs import (
-    LAST_CHECKPOINT,
-    OBJECTIVE,
-    PER_PATIENT_FILE,
-    PREVIEW_FILE,
-    RESULTS_FILE,
-    Identity,
-    RunLock,
-    RunStatus,
-    claim,
-    config_identity,
-    forget_held_log,
-    load_json_object,
-    split_digest,
-)
+from prostate_seg.study.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FILE, PREVIEW_FILE,
+                                     RESULTS_FILE, Identity, RunLock, RunStatus, claim,
+                                     config_identity, forget_held_log, load_json_object,
+                                     split_digest)
 from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch
 from prostate_seg.training.checks import check_ddp_launch, check_train_config
 from prostate_seg.training.dashboard import log_settings, log_validation_dice
@@ -55,6 +44,10 @@ log = logging.getLogger(__name__)
 PREVIEW_SLICES = 4
 # Why a run has no per_patient.csv (Lightning's fast_dev_run, debug=fast_dev_run, saves none).
 NO_BEST_CHECKPOINT = "no best checkpoint was saved (trainer.fast_dev_run saves none)"
+# Settings that tell runs apart, beside the loss, its alpha and beta, the network and schedule.
+HPARAMS = {"seed": "seed", "fold": "data.fold", "folds": "data.folds", "lr": "optimizer.lr",
+           "batch_size": "data.batch_size", "image_size": "data.image_size",
+           "context_slices": "data.context_slices", "max_epochs": "trainer.max_epochs"}
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
@@ -62,22 +55,12 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     alpha, beta = cfg.loss.get("alpha"), cfg.loss.get("beta")
     if alpha is not None and beta is None:
         beta = round(1.0 - alpha, 6)  # the Tversky default, stated explicitly
-    return {
-        "loss": str(cfg.loss.get("name")),
-        "alpha": alpha,
-        "beta": beta,
-        "seed": cfg.seed,
-        "fold": cfg.data.fold,
-        "folds": cfg.data.folds,
-        "lr": cfg.optimizer.lr,
-        "batch_size": cfg.data.batch_size,
-        "image_size": cfg.data.image_size,
-        "net": str(cfg.model.net._target_),
-        "features": str(list(cfg.model.net.features)) if "features" in cfg.model.net else "-",
-        "context_slices": cfg.data.context_slices,
-        "scheduler": str((cfg.get("scheduler") or {}).get("_target_", "none")).rsplit(".", 1)[-1],
-        "max_epochs": cfg.trainer.max_epochs,
-    }
+    net, scheduler = cfg.model.net, (cfg.get("scheduler") or {}).get("_target_", "none")
+    features = str(list(net.features)) if "features" in net else "-"
+    return {"loss": str(cfg.loss.get("name")), "alpha": alpha, "beta": beta,
+            **{name: OmegaConf.select(cfg, key) for name, key in HPARAMS.items()},
+            "net": str(net._target_), "features": features,
+            "scheduler": str(scheduler).rsplit(".", 1)[-1]}
 
 
 def _task(cfg: DictConfig) -> DictConfig:
@@ -144,12 +127,10 @@ def save_preview(module: SegmentationModule, datamodule: SliceDataModule, path: 
     """Probabilities on the largest gland slice of the first validation patients: the same
     slices in every run of a sweep, so the report draws every model's contour on them."""
     dataset = datamodule.val_set
-    best: dict[int, tuple[int, int]] = {}
-    for i in range(len(dataset)):
-        area, volume = dataset.gland_pixels(i), dataset.volume_index[i]
-        if area > best.get(volume, (-1, -1))[0]:
-            best[volume] = (area, i)
-    indices = [best[v][1] for v in sorted(best)][:PREVIEW_SLICES]
+    slices = range(len(dataset))
+    indices = [max((i for i in slices if dataset.volume_index[i] == volume),
+                   key=dataset.gland_pixels)
+               for volume in sorted(set(dataset.volume_index))[:PREVIEW_SLICES]]
     samples = [dataset[i] for i in indices]
     image = torch.stack([s["image"] for s in samples])
     module.eval()
@@ -226,18 +207,15 @@ def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
     return datamodule, module, trainer
 
 
-# When this process began its current job, if it ran another before (Hydra's basic launcher
-# runs a sweep's jobs in one process): a later job's start-up is timed from there.
-_later_job_started: float | None = None
-_jobs_in_process = 0
+# When this process began each job (Hydra's basic launcher runs a sweep's jobs in one process):
+# the first job's start-up is timed from the process's start, a later one's from its own.
+_jobs_started: list[float] = []
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) one job in Hydra's output folder; returns its results. Nothing is
     written into the folder until every refusal is behind it (study/runs.py claim)."""
-    global _later_job_started, _jobs_in_process
-    _jobs_in_process += 1
-    _later_job_started = time.monotonic() if _jobs_in_process > 1 else None
+    _jobs_started.append(time.monotonic())
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     lock = RunLock(run_dir, stamp=False)
     locked = claimed = False
@@ -298,7 +276,12 @@ def _train_claimed(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
             raise
     except BaseException as exc:
         if rank_zero_only.rank == 0:
-            _record_failure(status, exc)
+            try:
+                status.failed(exc)
+            except OSError as write_error:  # the same full disk: no "running" status left
+                log.error("run failed (%s: %s) and its status could not be recorded",
+                          type(exc).__name__, exc)
+                raise write_error from exc
         if isinstance(exc, SIGTERMException):  # Lightning's is a SystemExit with status 0
             raise SystemExit(128 + signal.SIGTERM) from exc
         raise
@@ -310,22 +293,11 @@ def _train_claimed(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
     return results
 
 
-def _record_failure(status: RunStatus, exc: BaseException) -> None:
-    """Mark the run failed; if status.json cannot be written either (the same full disk), that
-    error ends the process, so no "running" status is left looking alive."""
-    try:
-        status.failed(exc)
-    except OSError as write_error:
-        log.error("run failed (%s: %s) and its status could not be recorded",
-                  type(exc).__name__, exc)
-        raise write_error from exc
-
-
 def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: SliceDataModule,
          identity: Identity, requeue: DeferredRequeue | None = None) -> dict[str, Any]:
     started = time.time()
     datamodule, module, trainer = build_run(cfg, datamodule, identity)
-    timer = FirstStepTimer(_later_job_started)
+    timer = FirstStepTimer(_jobs_started[-1] if len(_jobs_started) > 1 else None)
     trainer.callbacks.extend([timer] if requeue is None else [timer, requeue])
     if ckpt_path:
         log.info("continuing from %s", ckpt_path)
