@@ -63,9 +63,7 @@ class LossProgressBar(TQDMProgressBar):
     """The tqdm bar with the loss, read from the device only when the bar refreshes (a metric
     logged with ``prog_bar=True`` makes the CPU wait for the GPU every step)."""
 
-    def __init__(self, refresh_rate: int = 10, leave: bool = False):
-        super().__init__(refresh_rate=refresh_rate, leave=leave)
-        self._loss: Tensor | None = None
+    _loss: Tensor | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -85,9 +83,7 @@ class EpochLog(Callback):
     log file shows, where a progress bar would leave frames."""
 
     KEYS = ("train/loss", "select/loss", "select/dice")
-
-    def __init__(self) -> None:
-        self._started = time.monotonic()
+    _started = 0.0  # set when each epoch starts
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.monotonic()

@@ -32,8 +32,7 @@ class SegmentationModule(pl.LightningModule):
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        cfg = OmegaConf.create(cfg)
-        self.cfg = cfg
+        self.cfg = cfg = OmegaConf.create(cfg)
         self.net: nn.Module = instantiate(cfg.model.net)
         self.loss_name, self.loss_fn = build_loss(cfg.loss)
         self.channels_last = bool(cfg.model.get("channels_last", False))
@@ -89,9 +88,7 @@ class SegmentationModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.cfg.optimizer)(params=self.parameters())
-        scheduler_cfg = self.cfg.get("scheduler")
-        if not scheduler_cfg:
+        scheduler = self.cfg.get("scheduler")
+        if not scheduler:
             return optimizer
-        scheduler = instantiate(scheduler_cfg)(optimizer=optimizer)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return [optimizer], [instantiate(scheduler)(optimizer=optimizer)]  # stepped every epoch
