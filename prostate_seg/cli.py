@@ -399,9 +399,10 @@ def _task(module: str, name: str) -> Callable[[DictConfig], Any]:
 
 
 def _train(cfg: DictConfig) -> Any:
-    """A missing data folder is named before the seconds of importing torch and Lightning."""
-    from prostate_seg.training.checks import check_data_dir
+    """A bad tracking store or missing data folder is named before torch and Lightning load."""
+    from prostate_seg.training.checks import check_data_dir, check_tracking_uri
 
+    check_tracking_uri(cfg)
     check_data_dir(cfg.data.dir)
     from prostate_seg.training.fit import train as fit
 

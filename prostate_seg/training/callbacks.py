@@ -1,5 +1,4 @@
-"""Lightning callbacks: progress bar, epoch log line, image grids, divergence guard, interrupt
-checkpoints."""
+"""Lightning callbacks: progress bar, epoch line, contour grids, NaN guard, interrupt checkpoint."""
 
 from __future__ import annotations
 
@@ -24,25 +23,20 @@ from torch import Tensor
 from prostate_seg.errors import NonFiniteLossError
 
 log = logging.getLogger(__name__)
-
-
-def contour(mask: Tensor) -> Tensor:
-    """One-pixel inner boundary of a {0,1} mask batch (N, 1, H, W)."""
-    eroded = -F.max_pool2d(-mask, kernel_size=3, stride=1, padding=1)
-    return (mask - eroded).clamp(0, 1)
-
-
 # The contours' colours (RGB in [0, 1]), drawn by ``overlay`` and named by ``legend``.
 CONTOURS = {"truth": (0.0, 1.0, 0.0), "prediction": (1.0, 0.0, 0.0), "both": (1.0, 1.0, 0.0)}
 
 
+def contour(mask: Tensor) -> Tensor:
+    """One-pixel inner boundary of a {0,1} mask batch (N, 1, H, W)."""
+    return (mask + F.max_pool2d(-mask, kernel_size=3, stride=1, padding=1)).clamp(0, 1)
+
+
 def overlay(image: Tensor, truth: Tensor, pred: Tensor) -> Tensor:
-    """RGB (N, 3, H, W): the image in grey, the truth's and the prediction's contours in the
-    ``CONTOURS`` colours."""
+    """RGB (N, 3, H, W): the image in grey, the contours in the ``CONTOURS`` colours."""
     grey = image[:, :1].float()
-    grey = (grey - grey.amin((2, 3), keepdim=True)) / (
-        grey.amax((2, 3), keepdim=True) - grey.amin((2, 3), keepdim=True) + 1e-6)
-    rgb = grey.repeat(1, 3, 1, 1)
+    low, high = grey.amin((2, 3), keepdim=True), grey.amax((2, 3), keepdim=True)
+    rgb = ((grey - low) / (high - low + 1e-6)).repeat(1, 3, 1, 1)
     truth_edge, pred_edge = contour(truth.float()) > 0, contour(pred.float()) > 0
     for where, name in ((truth_edge & ~pred_edge, "truth"), (pred_edge & ~truth_edge, "prediction"),
                         (truth_edge & pred_edge, "both")):
@@ -51,8 +45,7 @@ def overlay(image: Tensor, truth: Tensor, pred: Tensor) -> Tensor:
 
 
 def legend(width: int, height: int = 32) -> Tensor:
-    """A (3, height, width) strip naming the contour colours, for under a grid of overlays
-    (TensorBoard shows an image without a caption)."""
+    """A (3, height, width) strip naming the contour colours (TensorBoard shows no caption)."""
     strip = np.zeros((height, width, 3), np.uint8)
     font, scale, x, y = cv2.FONT_HERSHEY_SIMPLEX, 0.6, 10, height // 2
     for name, colour in CONTOURS.items():
@@ -62,18 +55,19 @@ def legend(width: int, height: int = 32) -> Tensor:
     return torch.from_numpy(strip).permute(2, 0, 1).float() / 255
 
 
-class LossProgressBar(TQDMProgressBar):
-    """The tqdm bar with the latest training loss, read from the device only when the bar
-    refreshes. (A metric logged with ``prog_bar=True`` is converted to a Python number by
-    Lightning after every step, which makes the CPU wait for the GPU once per step.)"""
+def _loss(outputs: Any) -> Tensor | None:
+    return outputs["loss"] if isinstance(outputs, dict) else outputs
 
-    def __init__(self, refresh_rate: int = 10, leave: bool = False):
-        super().__init__(refresh_rate=refresh_rate, leave=leave)
-        self._loss: Tensor | None = None
+
+class LossProgressBar(TQDMProgressBar):
+    """The tqdm bar with the loss, read from the device only when the bar refreshes (a metric
+    logged with ``prog_bar=True`` makes the CPU wait for the GPU every step)."""
+
+    _loss: Tensor | None = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = _loss(outputs)
         self._loss = loss.detach() if isinstance(loss, Tensor) else None
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
@@ -85,15 +79,11 @@ class LossProgressBar(TQDMProgressBar):
 
 
 class EpochLog(Callback):
-    """One log line per epoch with the key metrics, e.g. ``epoch 3/100: train/loss 0.4123,
-    select/loss 0.3987, select/dice 0.8123, lr 0.0001, 12.3 s``: what ``train.log`` and a
-    sweep job's ``launcher.log`` show, where a progress bar would only leave frames (it is
-    drawn on a terminal only, see ``training._trainer``)."""
+    """One line per epoch (``epoch 3/100: train/loss 0.4123, ..., lr 0.0001, 12.3 s``): what a
+    log file shows, where a progress bar would leave frames."""
 
     KEYS = ("train/loss", "select/loss", "select/dice")
-
-    def __init__(self) -> None:
-        self._started = time.monotonic()
+    _started = 0.0  # set when each epoch starts
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._started = time.monotonic()
@@ -120,11 +110,8 @@ def process_age() -> float | None:
 
 
 class FirstStepTimer(Callback):
-    """Seconds from the job's start to the end of its first training step: what a job costs
-    before it trains (imports, data checks, CUDA start, compilation), which decides how many
-    short jobs a GPU can share. A job starts with its process; when one process runs several
-    jobs one after another (Hydra's basic launcher), a later job starts when its task begins
-    (``job_started``, ``time.monotonic()``), not with the process."""
+    """Seconds from the job's start to its first step's end: what a job costs before it trains.
+    ``job_started`` (``time.monotonic()``) for a later job of a process that runs several."""
 
     def __init__(self, job_started: float | None = None) -> None:
         self.job_started = job_started
@@ -138,51 +125,30 @@ class FirstStepTimer(Callback):
 
 
 def checkpoint_epoch(path: str | Path) -> int:
-    """The epoch a checkpoint was saved at: for the best checkpoint, the run's best epoch
-    (whatever ModelCheckpoint monitors). mmap: only that number is read."""
+    """The epoch a checkpoint was saved at (mmap: only that number is read)."""
     return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
 
 
-def enlarge(images: Tensor, min_size: int) -> Tensor:
-    """Each pixel repeated k x k (nearest neighbour), with k the smallest integer that makes
-    the images at least ``min_size`` pixels tall: a 64-pixel slice becomes 256 pixels and its
-    one-pixel contours stay sharp instead of blurring away."""
+def tile(images: Tensor, per_row: int, min_size: int, gap: int = 2) -> Tensor:
+    """(N, C, H, W) images as one (C, H', W') picture, ``per_row`` to a row, each enlarged by
+    whole pixels (nearest) to at least ``min_size`` rows so that one-pixel contours stay sharp."""
     factor = max(1, math.ceil(min_size / images.shape[-2]))
-    return F.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
-
-
-def tile(images: Tensor, per_row: int, gap: int = 2) -> Tensor:
-    """(N, C, H, W) images as one (C, H', W') picture, ``per_row`` to a row, ``gap`` black
-    pixels between them."""
-    padded = F.pad(images, (0, gap, 0, gap))
+    padded = F.pad(F.interpolate(images, scale_factor=factor, mode="nearest"), (0, gap, 0, gap))
     missing = -len(padded) % per_row
-    if missing:
-        padded = torch.cat([padded, padded.new_zeros((missing, *padded.shape[1:]))])
+    padded = torch.cat([padded, padded.new_zeros((missing, *padded.shape[1:]))])
     rows = [torch.cat(list(padded[i:i + per_row]), dim=2) for i in range(0, len(padded), per_row)]
     return torch.cat(rows, dim=1)[:, :-gap, :-gap]
 
 
 class ValidationImageGrid(Callback):
-    """Selection slices with the truth (green) and prediction (red) contours and a legend of
-    their colours, logged to
-    TensorBoard (and MLflow) as ``select/predictions`` after the first epoch and after the last
-    one, and as ``select/predictions_best`` for the best checkpoint when the run validates it at
-    the end (step: the checkpoint's epoch): where the model started, where it stopped and what
-    the run keeps. Slices are enlarged to at least ``min_size`` pixels. They are the same for
-    the whole run: evenly spaced among the selection patients' slices that contain gland."""
+    """Contours on fixed selection slices with gland (truth green, prediction red), logged as
+    ``select/predictions`` after the first and last epochs and ``select/predictions_best`` when
+    the best checkpoint is validated: where the model started, stopped, and what the run keeps."""
 
     def __init__(self, num_images: int = 8, min_size: int = 256, per_row: int = 4):
-        self.num_images = num_images
-        self.min_size = min_size
-        self.per_row = per_row
+        self.num_images, self.min_size, self.per_row = num_images, min_size, per_row
         self._indices: list[int] | None = None
         self._logged_epoch: int | None = None
-
-    def _choose(self, dataset: Any) -> list[int]:
-        with_gland = [i for i in range(len(dataset)) if dataset.gland_pixels(i) > 0]
-        candidates = with_gland or list(range(len(dataset)))
-        step = max(1, len(candidates) // self.num_images)
-        return candidates[::step][: self.num_images]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -204,7 +170,10 @@ class ValidationImageGrid(Callback):
             return
         dataset = trainer.datamodule.select_set
         if self._indices is None:
-            self._indices = self._choose(dataset)
+            with_gland = [i for i in range(len(dataset)) if dataset.gland_pixels(i) > 0]
+            candidates = with_gland or list(range(len(dataset)))
+            self._indices = candidates[::max(1, len(candidates) // self.num_images)]
+            self._indices = self._indices[:self.num_images]
         samples = [dataset[i] for i in self._indices]
         image = torch.stack([s["image"] for s in samples]).to(pl_module.device)
         truth = torch.stack([s["mask"] for s in samples]).to(pl_module.device)
@@ -213,7 +182,7 @@ class ValidationImageGrid(Callback):
         with torch.no_grad():
             pred = (pl_module(image) > 0).float()
         pl_module.train(training)
-        grid = tile(enlarge(overlay(image, truth, pred).cpu(), self.min_size), self.per_row)
+        grid = tile(overlay(image, truth, pred).cpu(), self.per_row, self.min_size)
         grid = torch.cat([grid, legend(grid.shape[-1])], dim=1)
         if tag == "select/predictions":
             self._logged_epoch = step
@@ -226,12 +195,8 @@ class ValidationImageGrid(Callback):
 
 
 class FiniteLossGuard(Callback):
-    """Stop with a clear message when the training loss becomes NaN or infinite.
-
-    The check stays on the device and is read only every ``check_every_n_steps`` steps and
-    before validation/checkpointing, so it does not stall the GPU every step; no checkpoint is
-    ever written after a bad step, so ``last.ckpt`` stays the last good state.
-    """
+    """Stop with one line when the training loss becomes NaN or infinite, before any checkpoint
+    of a bad step; the flag stays on the device and is read every ``check_every_n_steps``."""
 
     def __init__(self, check_every_n_steps: int = 50):
         self.check_every_n_steps = check_every_n_steps
@@ -239,7 +204,7 @@ class FiniteLossGuard(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = _loss(outputs)
         if loss is None:
             return
         step = trainer.global_step
@@ -264,8 +229,7 @@ class FiniteLossGuard(Callback):
         return divmod(code, 1_000_000_000) if code >= 0 else None
 
     def _raise_if_bad(self, trainer: pl.Trainer) -> None:
-        """Decided by all DDP processes together: a NaN in one stops every one (the others
-        would otherwise wait forever in the next gradient all-reduce)."""
+        # Decided by all DDP processes: the others would wait forever in the next all-reduce.
         bad = self.first_nonfinite()
         if not trainer.strategy.reduce_boolean_decision(bad is not None, all=False):
             return
@@ -277,15 +241,8 @@ class FiniteLossGuard(Callback):
 
 
 class InterruptCheckpoint(OnExceptionCheckpoint):
-    """Lightning's OnExceptionCheckpoint, narrowed to interruptions: on SIGTERM (SLURM
-    preemption, ``kill``, the sweep launcher stopping) or Ctrl-C during fit, save
-    ``last.ckpt`` before exiting, so the job continues from there when started again
-    (``resume=true``). Not on errors, and never after a NaN/inf loss the guard has not reported
-    yet: ``last.ckpt`` stays the last good state. The file is the run's resume point, so it is
-    kept when the run ends (the parent class deletes its file at teardown)."""
-
-    def __init__(self, dirpath: str, filename: str = "last"):
-        super().__init__(dirpath, filename)
+    """Lightning's OnExceptionCheckpoint on SIGTERM or Ctrl-C during fit only (not on errors,
+    nor after a NaN loss): ``last.ckpt`` to resume from, kept at teardown."""
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                      exception: BaseException) -> None:
@@ -298,8 +255,8 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
             log.warning("interrupted after a NaN/inf loss: no checkpoint saved (%s, if there, is "
                         "the last good state)", self.ckpt_path)
             return
-        if trainer.validating:  # the epoch's batches are done; resumed from here, Lightning
-            # would skip this validation and early stopping would find no metric
+        if trainer.validating:  # resumed from here, Lightning would skip this validation and
+            # early stopping would find no metric
             log.warning("interrupted during validation: no checkpoint saved (%s of the previous "
                         "epoch is where the run continues)", self.ckpt_path)
             return
@@ -309,4 +266,4 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
                     trainer.global_step)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Keep the file: it is ``last.ckpt``, not a leftover of an exception."""
+        """Keep the file: it is the run's resume point, not a leftover of an exception."""

@@ -1,13 +1,15 @@
-"""The start-up check of a training config: it runs before any data is read or a GPU
-touched, so a typo costs seconds, not a queued cluster job. Each problem is one line naming
-the key, the value and what is allowed."""
+"""The start-up check of a training config, before any data is read or a GPU touched: each
+problem is one line naming the key, the value and what is allowed."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
+from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,12 +27,11 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
 
 @dataclass(frozen=True)
 class Setting:
-    """What a numeric config value must be: an integer (``kind=int``) or any finite number,
-    within ``[low, high]``; ``high`` may name another key, whose value is then an exclusive
-    bound (``data.fold`` < ``data.folds``); ``also`` lists single extra values (-1)."""
+    """A number (``kind=int``: an integer) in [low, high], open ends exclusive; ``high`` may
+    name another key (data.fold < data.folds); ``also`` lists extra allowed values (-1)."""
 
     kind: type
-    low: float | None = None
+    low: float
     high: float | str | None = None
     open_low: bool = False
     open_high: bool = False
@@ -42,35 +43,28 @@ class Setting:
             return False
         if value in self.also:
             return True
-        if not math.isfinite(value):
-            return False
-        low_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        low_ok = value > self.low if self.open_low else value >= self.low
         high_ok = high is None or (value < high if self.open_high else value <= high)
-        return low_ok and high_ok
+        return math.isfinite(value) and low_ok and high_ok
 
     def describe(self, high: float | None) -> str:
-        """In the words of the other checks: ``an integer in 0..4 (data.folds=5)``, ``an
-        integer >= 1``, ``a number in [0, 1)``, ``> 0``."""
-        bound = f" ({self.high}={high:.10g})" if isinstance(self.high, str) else ""
-        low = None if self.low is None else f"{self.low:.10g}"
-        if self.kind is int and low is not None and high is not None:
-            top = int(high) - 1 if self.open_high else int(high)
-            text = f"an integer in {low}..{top}{bound}"
-        elif low is not None and high is not None:
+        """``an integer in 0..4 (data.folds=5)``, ``an integer >= 1``, ``a number in [0, 1)``."""
+        low = f"{self.low:.10g}"
+        if high is None:
+            kind = "an integer " if self.kind is int else ""
+            text = f"{kind}{'>' if self.open_low else '>='} {low}"
+        elif self.kind is int:
+            bound = f" ({self.high}={high:.10g})" if isinstance(self.high, str) else ""
+            text = f"an integer in {low}..{int(high) - self.open_high}{bound}"
+        else:
             text = (f"a number in {'(' if self.open_low else '['}{low}, {high:.10g}"
                     f"{')' if self.open_high else ']'}")
-        elif low is not None:
-            text = (f"{'an integer ' if self.kind is int else ''}"
-                    f"{'>' if self.open_low else '>='} {low}")
-        else:
-            text = "an integer" if self.kind is int else "a number"
         return text + "".join(f" (or {v})" for v in self.also)
 
 
 SEED = Setting(int, 0, 2**32 - 1)  # numpy's and Lightning's range (Lightning replaces others by 0)
-# Checked at start-up by type and range, one line naming the key: a float seed, a patience of
-# 2.5 or a string batch size would otherwise fail after the data scan or run with another value.
-# Keys absent from the config (a removed callback, a key of another version) are skipped.
+# A float seed or a string batch size would fail after the data scan or run with another value.
+# Keys absent from the config (a removed callback) are skipped.
 TRAIN_SETTINGS: dict[str, Setting] = {
     "seed": SEED,
     "data.split_seed": SEED,
@@ -99,10 +93,9 @@ TRAIN_SWITCHES = ("resume", "evaluate_best", "data.cache")
 _ABSENT = object()
 
 
-def check_settings(cfg: DictConfig, settings: dict[str, Setting],
-                   switches: tuple[str, ...] = ()) -> None:
-    """Every present key of ``settings`` has a value of the right type and range."""
-    for key, setting in settings.items():
+def check_settings(cfg: DictConfig) -> None:
+    """Every present key of ``TRAIN_SETTINGS`` and ``TRAIN_SWITCHES`` has a right value."""
+    for key, setting in TRAIN_SETTINGS.items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is _ABSENT:
             continue
@@ -112,7 +105,7 @@ def check_settings(cfg: DictConfig, settings: dict[str, Setting],
             if not isinstance(high, (int, float)) or isinstance(high, bool):
                 continue  # the bound is wrong itself and named by its own entry
         _require(setting.allows(value, high), key, value, f"must be {setting.describe(high)}")
-    for key in switches:
+    for key in TRAIN_SWITCHES:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         _require(value is _ABSENT or isinstance(value, bool), key, value, "must be true or false")
 
@@ -148,9 +141,8 @@ def check_ddp_launch(trainer: DictConfig, hydra: DictConfig | None) -> None:
 
 
 def check_input_size(model: DictConfig, image_size: object) -> None:
-    """``data.image_size`` against the network. A network that halves its input without padding
-    (MONAI's) declares ``model.input_multiple``; this project's U-Net pads any size but needs
-    2^depth pixels to reach its bottleneck."""
+    """A network that does not pad (MONAI's) declares ``model.input_multiple``; this project's
+    U-Net pads any size but needs 2^depth pixels to reach its bottleneck."""
     multiple = model.get("input_multiple")
     if multiple is not None:
         _require(isinstance(image_size, int) and image_size > 0 and image_size % multiple == 0,
@@ -169,13 +161,46 @@ def check_data_dir(data_dir: object) -> None:
     folder = Path(str(data_dir))
     _require(folder.is_dir(), "data.dir", data_dir,
              "folder not found (make one with python -m prostate_seg prepare)")
-    _require((folder / "manifest.csv").is_file(), "data.dir", data_dir,
-             "not a prepared dataset (no manifest.csv; make one with python -m prostate_seg prepare)")
+    _require((folder / "manifest.csv").is_file(), "data.dir", data_dir, "not a prepared "
+             "dataset (no manifest.csv; make one with python -m prostate_seg prepare)")
+
+
+# The tracking stores MLflow has (mlflow.tracking._tracking_service.utils); plugins add theirs.
+MLFLOW_SCHEMES = ("", "file", "http", "https", "databricks", "databricks-uc", "uc", "sqlite",
+                  "postgresql", "mysql", "mssql")
+_SQLITE = "sqlite:///"
+
+
+def local_store(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for any other store)."""
+    return Path(tracking_uri[len(_SQLITE):]) if tracking_uri.startswith(_SQLITE) else None
+
+
+def check_tracking_uri(cfg: DictConfig) -> None:
+    """``logger.mlflow.tracking_uri`` is a store MLflow has and, when local, one it can write:
+    refused before the data check, not after the run folder was claimed."""
+    uri = OmegaConf.select(cfg, "logger.mlflow.tracking_uri", default=None)
+    if uri is None:
+        return
+    uri, key = str(uri), "logger.mlflow.tracking_uri"
+    scheme = urlparse(uri).scheme.split("+")[0]  # postgresql+psycopg2: the database, a driver
+    plugins = {e.name for e in entry_points(group="mlflow.tracking_store")}
+    _require(scheme in MLFLOW_SCHEMES or scheme in plugins, key, uri,
+             f"MLflow has no tracking store for {scheme}: (use sqlite:///FILE, a folder, "
+             "file:FOLDER or http(s)://HOST:PORT)")
+    if scheme not in ("", "file", "sqlite"):
+        return
+    folder = local_store(uri)
+    folder = Path(urlparse(uri).path) if folder is None else folder.parent
+    made = next(p for p in (folder, *folder.parents) if p.exists())
+    _require(made.is_dir(), key, uri, f"{made} is a file, not a folder")
+    _require(os.access(made, os.W_OK | os.X_OK), key, uri, f"{made} is not writable")
 
 
 def check_train_config(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key, on values that cannot work."""
     check_extras_installed(cfg)
+    check_tracking_uri(cfg)
     check_loss(cfg.loss)
     from prostate_seg.training.module import build_loss  # torch, only when training
 
@@ -183,7 +208,7 @@ def check_train_config(cfg: DictConfig) -> None:
         build_loss(cfg.loss)  # what check_loss cannot see: smooth, weights vs terms, ...
     except Exception as exc:  # noqa: BLE001 - Hydra wraps the loss's own ValueError
         raise ConfigError(f"loss: {exc.__cause__ or exc}") from None
-    check_settings(cfg, TRAIN_SETTINGS, TRAIN_SWITCHES)
+    check_settings(cfg)
     sync = cfg.trainer.get("sync_batchnorm")
     _require(not processes(cfg.trainer)["trainer.sync_batchnorm"]
              or uses_gpu(str(cfg.trainer.get("accelerator"))), "trainer.sync_batchnorm", sync,

@@ -22,68 +22,54 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch
-from prostate_seg.training.checks import check_ddp_launch, check_train_config
 from prostate_seg.config import configure_cpu_threads, uses_gpu
-from prostate_seg.training.dashboard import log_settings, log_validation_dice
 from prostate_seg.data.datamodule import SliceDataModule
 from prostate_seg.data.prepare import dataset_fingerprint
 from prostate_seg.errors import ConfigError
-from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_scores
 from prostate_seg.files import make_folder, replacing, write_csv, write_json
+from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_scores
 from prostate_seg.inference.predictor import load_checkpoint
+from prostate_seg.study.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FILE, PREVIEW_FILE,
+                                     RESULTS_FILE, Identity, RunLock, RunStatus, claim,
+                                     config_identity, forget_held_log, load_json_object,
+                                     split_digest)
+from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch
+from prostate_seg.training.checks import check_ddp_launch, check_train_config
+from prostate_seg.training.dashboard import log_settings, log_validation_dice
 from prostate_seg.training.module import SegmentationModule
 from prostate_seg.training.requeue import DeferredRequeue
-from prostate_seg.study.runs import (
-    LAST_CHECKPOINT,
-    OBJECTIVE,
-    PER_PATIENT_FILE,
-    PREVIEW_FILE,
-    RESULTS_FILE,
-    Identity,
-    RunLock,
-    RunStatus,
-    claim,
-    config_identity,
-    forget_held_log,
-    load_json_object,
-    split_digest,
-)
 from prostate_seg.training.tracking import log_run_files
 
 log = logging.getLogger(__name__)
 PREVIEW_SLICES = 4
 # Why a run has no per_patient.csv (Lightning's fast_dev_run, debug=fast_dev_run, saves none).
 NO_BEST_CHECKPOINT = "no best checkpoint was saved (trainer.fast_dev_run saves none)"
+# Settings that tell runs apart, beside the loss, its alpha and beta, the network and schedule.
+HPARAMS = {"seed": "seed", "fold": "data.fold", "folds": "data.folds", "lr": "optimizer.lr",
+           "batch_size": "data.batch_size", "image_size": "data.image_size",
+           "context_slices": "data.context_slices", "max_epochs": "trainer.max_epochs"}
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
-    """The settings that tell runs apart (results.json, hparams.yaml, MLflow's params); alpha and
-    beta are numbers, or None for a loss without them."""
+    """The settings that tell runs apart (results.json, hparams.yaml, MLflow's params)."""
     alpha, beta = cfg.loss.get("alpha"), cfg.loss.get("beta")
     if alpha is not None and beta is None:
         beta = round(1.0 - alpha, 6)  # the Tversky default, stated explicitly
-    return {
-        "loss": str(cfg.loss.get("name")),
-        "alpha": alpha,
-        "beta": beta,
-        "seed": cfg.seed,
-        "fold": cfg.data.fold,
-        "folds": cfg.data.folds,
-        "lr": cfg.optimizer.lr,
-        "batch_size": cfg.data.batch_size,
-        "image_size": cfg.data.image_size,
-        "net": str(cfg.model.net._target_),
-        "features": str(list(cfg.model.net.features)) if "features" in cfg.model.net else "-",
-        "context_slices": cfg.data.context_slices,
-        "scheduler": str((cfg.get("scheduler") or {}).get("_target_", "none")).rsplit(".", 1)[-1],
-        "max_epochs": cfg.trainer.max_epochs,
-    }
+    net, scheduler = cfg.model.net, (cfg.get("scheduler") or {}).get("_target_", "none")
+    features = str(list(net.features)) if "features" in net else "-"
+    return {"loss": str(cfg.loss.get("name")), "alpha": alpha, "beta": beta,
+            **{name: OmegaConf.select(cfg, key) for name, key in HPARAMS.items()},
+            "net": str(net._target_), "features": features,
+            "scheduler": str(scheduler).rsplit(".", 1)[-1]}
+
+
+def _task(cfg: DictConfig) -> DictConfig:
+    """The config as a run's task sees it (without Hydra's own settings)."""
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
 
 
 def _refuse_other_identity(identity: Identity, stored: Identity | None, what: str) -> None:
-    """A run folder holds one configuration: continuing or skipping it under another would
-    put old results under the new settings."""
+    """A folder holds one config: continuing it under another would mislabel old results."""
     if stored is None:
         raise ConfigError(f"{what} records no config identity (made by an older version); "
                           "write this run to another folder, or resume=false to train anew")
@@ -91,12 +77,6 @@ def _refuse_other_identity(identity: Identity, stored: Identity | None, what: st
     if changes:
         raise ConfigError(f"{what} was made with another config or code ({'; '.join(changes)}); "
                           "write this run to another folder, or resume=false to train anew")
-
-
-def _checkpoint_identity(path: Path) -> Identity | None:
-    # mmap: the tensors are not read, only the stored config
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return Identity.from_dict(checkpoint.get("hyper_parameters", {}).get("cfg", {}).get("identity"))
 
 
 def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, identity: Identity) -> str | None:
@@ -111,13 +91,15 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, identity: Identity) ->
         return str(cfg.ckpt_path)  # the user's own choice of starting point
     elif not (cfg.resume and last.exists()):
         return None
-    _refuse_other_identity(identity, _checkpoint_identity(last), str(last))
+    # mmap: the tensors are not read, only the stored config
+    stored = torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+    stored = stored.get("hyper_parameters", {}).get("cfg", {}).get("identity")
+    _refuse_other_identity(identity, Identity.from_dict(stored), str(last))
     return str(last)
 
 
 def _completed_results(cfg: DictConfig, run_dir: Path, identity: Identity) -> dict[str, Any] | None:
-    """The results of a completed run of this config in ``run_dir`` (a job started again has
-    nothing to do), or None."""
+    """The results of a completed run of this config in ``run_dir``, or None."""
     status = RunStatus(run_dir)
     done = load_json_object(run_dir / RESULTS_FILE)[0]
     if not (cfg.resume and status.state == "completed" and done is not None) or cfg.ckpt_path:
@@ -126,42 +108,29 @@ def _completed_results(cfg: DictConfig, run_dir: Path, identity: Identity) -> di
     return done
 
 
-def _unscored(cfg: DictConfig, run_dir: Path, done: dict[str, Any]) -> bool:
-    """A completed run without the per-patient results asked for (trained with
-    evaluate_best=false), which could have them (a best checkpoint was saved)."""
-    return bool(cfg.evaluate_best) and "not_evaluated" not in done and not (
-        run_dir / PER_PATIENT_FILE).exists()
-
-
 def refuse_other_config(cfg: DictConfig, run_dir: Path) -> None:
-    """Raise the error the job would raise at its start if ``run_dir`` holds a completed run
-    or a last.ckpt of another config (for checks before a sweep starts)."""
+    """Raise what the job would raise at its start for a folder holding another config's run."""
     identity = identity_of(cfg)
     if _completed_results(cfg, run_dir, identity) is None:
         _checkpoint_to_resume(cfg, run_dir, identity)
 
 
 def check_job(cfg: DictConfig, job_dir: Path) -> None:
-    """What a job would refuse at its start, found before any job starts: bad values, a
-    missing or unprepared data folder, a job folder holding a run of another config."""
-    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    """What a job would refuse at its start, found before any job of a sweep starts."""
+    task = _task(cfg)
     check_train_config(task)
     check_ddp_launch(task.trainer, cfg.hydra)
     refuse_other_config(task, job_dir)
 
 
 def save_preview(module: SegmentationModule, datamodule: SliceDataModule, path: Path) -> None:
-    """The model's probabilities on fixed validation slices (the largest gland slice of the
-    first few validation patients): every run of a sweep shares them, so the report can draw
-    every model's contour on the same slice."""
+    """Probabilities on the largest gland slice of the first validation patients: the same
+    slices in every run of a sweep, so the report draws every model's contour on them."""
     dataset = datamodule.val_set
-    best: dict[int, tuple[int, int]] = {}
-    for i in range(len(dataset)):
-        area = dataset.gland_pixels(i)
-        volume = dataset.volume_index[i]
-        if area > best.get(volume, (-1, -1))[0]:
-            best[volume] = (area, i)
-    indices = [best[v][1] for v in sorted(best)][:PREVIEW_SLICES]
+    slices = range(len(dataset))
+    indices = [max((i for i in slices if dataset.volume_index[i] == volume),
+                   key=dataset.gland_pixels)
+               for volume in sorted(set(dataset.volume_index))[:PREVIEW_SLICES]]
     samples = [dataset[i] for i in indices]
     image = torch.stack([s["image"] for s in samples])
     module.eval()
@@ -175,18 +144,15 @@ def save_preview(module: SegmentationModule, datamodule: SliceDataModule, path: 
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written whole or not at all: serialised into a temporary file beside the
-    target, flushed, then renamed over it. (Lightning's own save writes a temporary in the
-    system's temp folder and moves it, which is a copy when that folder is on another disk:
-    a full disk then leaves a truncated last.ckpt that blocks every resume.)"""
+    """Checkpoints written whole or not at all, through a temporary beside the target (Lightning
+    moves one from the system's temp folder: a copy across disks, truncated on a full one)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path,
                         storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        make_folder(path.parent)
-        with replacing(path) as tmp:
+        make_folder(Path(path).parent)
+        with replacing(Path(path)) as tmp:
             torch.save(checkpoint, tmp)
 
 
@@ -195,14 +161,11 @@ def _trainer(cfg: DictConfig) -> pl.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     options: dict[str, Any] = {}
-    if not sys.stderr.isatty():
-        # A progress bar in a file (a sweep job's log, output piped to a file) is a heap of
-        # carriage-return frames; the EpochLog line says what matters once per epoch.
+    if not sys.stderr.isatty():  # in a log file a bar is a heap of frames; EpochLog says it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
         options["enable_progress_bar"] = False
     plugins: list[Any] = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():
-        # Under SLURM the launcher (submitit) requeues; Lightning must not do it a second time.
+    if SLURMEnvironment.detect():  # submitit requeues; Lightning must not do it a second time
         plugins.append(SLURMEnvironment(auto_requeue=False))
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
                        **options)
@@ -223,8 +186,8 @@ def identity_of(cfg: DictConfig, datamodule: SliceDataModule | None = None) -> I
         folds = datamodule.load_folds()
     else:
         folds = datamodule.folds
-    task = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    return config_identity(task, dataset_fingerprint(datamodule.dir), split_digest(folds.to_dict()))
+    return config_identity(_task(cfg), dataset_fingerprint(datamodule.dir),
+                           split_digest(folds.to_dict()))
 
 
 def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
@@ -233,10 +196,8 @@ def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
     """Data (checked), model and Trainer of a run, exactly as ``train`` uses them."""
     datamodule = datamodule or setup_data(cfg)
     identity = identity or identity_of(cfg, datamodule)
-    record = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
-                                    resolve=True)
-    # What the model was trained on travels with the checkpoint: predict preprocesses new
-    # scans so, and evaluate scores the patients this fold never trained on.
+    record = OmegaConf.to_container(_task(cfg), resolve=True)
+    # What the model was trained on travels with the checkpoint, for predict and evaluate.
     record.update(preprocessing=load_json_object(datamodule.dir / "prepare.json")[0],
                   split=datamodule.split.to_dict(), identity=identity.to_dict())
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights follow the seed
@@ -246,19 +207,15 @@ def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
     return datamodule, module, trainer
 
 
-# When this process began its current job, if it ran another before (Hydra's basic launcher
-# runs a sweep's jobs in one process): a later job's start-up is timed from there.
-_later_job_started: float | None = None
-_jobs_in_process = 0
+# When this process began each job (Hydra's basic launcher runs a sweep's jobs in one process):
+# the first job's start-up is timed from the process's start, a later one's from its own.
+_jobs_started: list[float] = []
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or continue) one training job in Hydra's output folder; returns its results.
-    Until every refusal is behind it the job writes nothing into the folder (study/runs.py
-    claim), so a refused command leaves another run's folder as it was."""
-    global _later_job_started, _jobs_in_process
-    _jobs_in_process += 1
-    _later_job_started = time.monotonic() if _jobs_in_process > 1 else None
+    """Run (or continue) one job in Hydra's output folder; returns its results. Nothing is
+    written into the folder until every refusal is behind it (study/runs.py claim)."""
+    _jobs_started.append(time.monotonic())
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     lock = RunLock(run_dir, stamp=False)
     locked = claimed = False
@@ -273,7 +230,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         datamodule = setup_data(cfg)
         identity = identity_of(cfg, datamodule)
         done = _completed_results(cfg, run_dir, identity)
-        if done is not None and not _unscored(cfg, run_dir, done):
+        # A completed run is done unless it lacks the per-patient scores asked for
+        # (evaluate_best=false then) and could have them.
+        if done is not None and not (cfg.evaluate_best and "not_evaluated" not in done
+                                     and not (run_dir / PER_PATIENT_FILE).exists()):
             log.info("%s already completed; nothing to do (resume=false to train again)",
                      run_dir)
             return done
@@ -296,7 +256,7 @@ def _train_claimed(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
         if done.get("best_checkpoint") and Path(done["best_checkpoint"]).is_file():
             log.info("%s completed without %s: scoring its best checkpoint", run_dir,
                      PER_PATIENT_FILE)
-            return _score_completed(cfg, run_dir, datamodule, identity, done)
+            return _finish(cfg, run_dir, *build_run(cfg, datamodule, identity), done)
         log.info("%s completed without %s or a best checkpoint to score: training again",
                  run_dir, PER_PATIENT_FILE)
     if ckpt_path is None:
@@ -316,7 +276,12 @@ def _train_claimed(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
             raise
     except BaseException as exc:
         if rank_zero_only.rank == 0:
-            _record_failure(status, exc)
+            try:
+                status.failed(exc)
+            except OSError as write_error:  # the same full disk: no "running" status left
+                log.error("run failed (%s: %s) and its status could not be recorded",
+                          type(exc).__name__, exc)
+                raise write_error from exc
         if isinstance(exc, SIGTERMException):  # Lightning's is a SystemExit with status 0
             raise SystemExit(128 + signal.SIGTERM) from exc
         raise
@@ -328,92 +293,35 @@ def _train_claimed(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
     return results
 
 
-def _record_failure(status: RunStatus, exc: BaseException) -> None:
-    """Mark the run failed (or interrupted) with its error. When status.json cannot be written
-    either (the same full disk), that error ends the process, naming the file, so that no
-    "running" status is left looking alive without anyone saying so."""
-    try:
-        status.failed(exc)
-    except OSError as write_error:
-        log.error("run failed (%s: %s) and its status could not be recorded",
-                  type(exc).__name__, exc)
-        raise write_error from exc
-
-
-def _evaluate_per_patient(cfg: DictConfig, best: str, datamodule: SliceDataModule,
-                          run_dir: Path) -> dict[str, Any]:
-    """Score the best checkpoint per patient at original size on the fold's validation
-    patients and the test patients; writes per_patient.csv, returns each split's scores."""
-    device = "cuda" if uses_gpu(cfg.trainer.accelerator) else "cpu"
-    module = load_checkpoint(best, torch.device(device))
-    split = datamodule.split
-    patients = {"val": split.val, **({"test": split.test} if split.test else {})}
-    rows = evaluate_patients(module, datamodule.dir, patients)
-    write_csv(run_dir / PER_PATIENT_FILE, rows, PER_PATIENT_FIELDS)
-    return {key: value for name in patients for key, value in split_scores(rows, name).items()}
-
-
 def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: SliceDataModule,
          identity: Identity, requeue: DeferredRequeue | None = None) -> dict[str, Any]:
     started = time.time()
     datamodule, module, trainer = build_run(cfg, datamodule, identity)
-    timer = FirstStepTimer(_later_job_started)
-    trainer.callbacks.append(timer)
-    if requeue is not None:
-        trainer.callbacks.append(requeue)
+    timer = FirstStepTimer(_jobs_started[-1] if len(_jobs_started) > 1 else None)
+    trainer.callbacks.extend([timer] if requeue is None else [timer, requeue])
     if ckpt_path:
         log.info("continuing from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    fit_seconds = time.time() - started
-
-    stopped = [cb.stopped_epoch for cb in trainer.early_stopping_callbacks]
     results: dict[str, Any] = {
         **hparams_of(cfg), "identity": identity.hash, "group": identity.group,
         "code": identity.code, "epochs_trained": trainer.current_epoch,
-        "stopped_early": any(e > 0 for e in stopped), "fit_seconds": round(fit_seconds, 1),
-        "seconds_to_first_step": timer.seconds}
-    best_keeper = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)),
-                       None)
-    if best_keeper is not None:
-        best = best_keeper.best_model_path
+        "stopped_early": any(cb.stopped_epoch > 0 for cb in trainer.early_stopping_callbacks),
+        "fit_seconds": round(time.time() - started, 1), "seconds_to_first_step": timer.seconds}
+    keeper = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+    if keeper is not None:
+        best = keeper.best_model_path
         results.update(best_checkpoint=best, best_epoch=checkpoint_epoch(best) if best else None)
-        if cfg.evaluate_best:
-            results.update(_evaluate_best(cfg, run_dir, datamodule, module, trainer, results))
-    return _finish(trainer, run_dir, results)
+    return _finish(cfg, run_dir, datamodule, module, trainer, results,
+                   evaluate=keeper is not None and cfg.evaluate_best)
 
 
-def _score_completed(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
-                     identity: Identity, done: dict[str, Any]) -> dict[str, Any]:
-    """The evaluation a completed run skipped (evaluate_best=false), of its best checkpoint,
-    as at the end of its fit and without training again."""
-    datamodule, module, trainer = build_run(cfg, datamodule, identity)
-    return _finish(trainer, run_dir,
-                   {**done, **_evaluate_best(cfg, run_dir, datamodule, module, trainer, done)})
-
-
-def _evaluate_best(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
-                   module: SegmentationModule, trainer: pl.Trainer,
-                   results: dict[str, Any]) -> dict[str, Any]:
-    """The best checkpoint's selection metrics, preview and per-patient scores."""
-    best = results["best_checkpoint"]
-    # The CSV history holds the epochs trained; this re-validation is results.json's.
-    trainer.loggers = [lg for lg in trainer.loggers if not isinstance(lg, CSVLogger)]
-    metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
-                               verbose=False)[0]
-    scores = {k: float(v) for k, v in metrics.items() if k.startswith("select/")}
-    if trainer.is_global_zero:
-        save_preview(module, datamodule, run_dir / PREVIEW_FILE)
-        if best:
-            scores.update(_evaluate_per_patient(cfg, best, datamodule, run_dir))
-            if OBJECTIVE in scores:
-                log_validation_dice(trainer.loggers, scores[OBJECTIVE], results["best_epoch"])
-        else:
-            scores["not_evaluated"] = NO_BEST_CHECKPOINT
-            log.info("%s: no per-patient evaluation", NO_BEST_CHECKPOINT)
-    return scores
-
-
-def _finish(trainer: pl.Trainer, run_dir: Path, results: dict[str, Any]) -> dict[str, Any]:
+def _finish(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
+            module: SegmentationModule, trainer: pl.Trainer, results: dict[str, Any],
+            evaluate: bool = True) -> dict[str, Any]:
+    """results.json (with the best checkpoint's scores when ``evaluate``), sent to MLflow."""
+    if evaluate:
+        results = {**results, **_evaluate_best(cfg, run_dir, datamodule, module, trainer,
+                                               results)}
     if trainer.is_global_zero:
         write_json(run_dir / RESULTS_FILE, results)
         log_run_files(trainer.loggers)  # after every file of the run is written
@@ -422,3 +330,32 @@ def _finish(trainer: pl.Trainer, run_dir: Path, results: dict[str, Any]) -> dict
                  results.get("best_epoch"), results["epochs_trained"],
                  results.get(OBJECTIVE, float("nan")), run_dir)
     return results
+
+
+def _evaluate_best(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
+                   module: SegmentationModule, trainer: pl.Trainer,
+                   results: dict[str, Any]) -> dict[str, Any]:
+    """The best checkpoint's selection metrics, preview, and per-patient scores at original
+    size on the fold's validation and the test patients (per_patient.csv)."""
+    best = results["best_checkpoint"]
+    # The CSV history holds the epochs trained; this re-validation is results.json's.
+    trainer.loggers = [lg for lg in trainer.loggers if not isinstance(lg, CSVLogger)]
+    metrics = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None,
+                               verbose=False)[0]
+    scores = {k: float(v) for k, v in metrics.items() if k.startswith("select/")}
+    if not trainer.is_global_zero:
+        return scores
+    save_preview(module, datamodule, run_dir / PREVIEW_FILE)
+    if not best:
+        log.info("%s: no per-patient evaluation", NO_BEST_CHECKPOINT)
+        return {**scores, "not_evaluated": NO_BEST_CHECKPOINT}
+    split = datamodule.split
+    patients = {"val": split.val, **({"test": split.test} if split.test else {})}
+    device = torch.device("cuda" if uses_gpu(cfg.trainer.accelerator) else "cpu")
+    rows = evaluate_patients(load_checkpoint(best, device), datamodule.dir, patients)
+    write_csv(run_dir / PER_PATIENT_FILE, rows, PER_PATIENT_FIELDS)
+    for name in patients:
+        scores.update(split_scores(rows, name))
+    if OBJECTIVE in scores:
+        log_validation_dice(trainer.loggers, scores[OBJECTIVE], results["best_epoch"])
+    return scores

@@ -1,9 +1,5 @@
-"""The LightningModule: U-Net + loss + optimizer, with per-volume validation metrics.
-
-Lightning's validation runs on the fold's *selection* patients (they choose the epoch and
-the checkpoint), so its metrics are logged as ``select/*``; ``val`` is kept for the fold's
-held-out patients, scored once at the end of fit.
-"""
+"""The LightningModule: U-Net + loss + optimizer. Lightning's validation runs on the selection
+patients (``select/*``); ``val`` is the fold's held-out patients, scored once at the end."""
 
 from __future__ import annotations
 
@@ -31,14 +27,12 @@ def build_loss(loss_cfg: DictConfig | dict) -> tuple[str, nn.Module]:
 
 
 class SegmentationModule(pl.LightningModule):
-    """Built from the run's resolved config (stored in the checkpoint, so a checkpoint alone is
-    enough to rebuild the model for evaluation and prediction)."""
+    """Built from the run's resolved config, stored in the checkpoint to rebuild the model."""
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
         self.save_hyperparameters(logger=False)
-        cfg = OmegaConf.create(cfg)
-        self.cfg = cfg
+        self.cfg = cfg = OmegaConf.create(cfg)
         self.net: nn.Module = instantiate(cfg.model.net)
         self.loss_name, self.loss_fn = build_loss(cfg.loss)
         self.channels_last = bool(cfg.model.get("channels_last", False))
@@ -51,7 +45,6 @@ class SegmentationModule(pl.LightningModule):
         # Best select/dice so far, for TensorBoard's HPARAMS tab; a buffer so it survives resume.
         self.register_buffer("best_select_dice", torch.zeros(()))
 
-    # -- model ---------------------------------------------------------------------------
     def forward(self, image: Tensor) -> Tensor:
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
@@ -63,20 +56,18 @@ class SegmentationModule(pl.LightningModule):
             self.val_volumes = VolumeConfusion(len(datamodule.select_set.patients))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint of another network (resume, validate) is one line, not a size-mismatch
-        traceback; Lightning calls this before it loads the weights."""
+        """A checkpoint of another network is one line, not a size-mismatch traceback."""
         problem = weights_mismatch(self, checkpoint["state_dict"])
         if problem:
             source = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
             raise ConfigError(f"ckpt_path={source}: its network does not match model.net="
                               f"{OmegaConf.to_container(self.cfg.model.net)}: {problem}")
 
-    # -- training ------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
         loss = self.loss_fn(logits, batch["mask"])
-        size = batch["image"].shape[0]
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True,
+                 batch_size=batch["image"].shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -97,9 +88,7 @@ class SegmentationModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.cfg.optimizer)(params=self.parameters())
-        scheduler_cfg = self.cfg.get("scheduler")
-        if not scheduler_cfg:
+        scheduler = self.cfg.get("scheduler")
+        if not scheduler:
             return optimizer
-        scheduler = instantiate(scheduler_cfg)(optimizer=optimizer)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return [optimizer], [instantiate(scheduler)(optimizer=optimizer)]  # stepped every epoch

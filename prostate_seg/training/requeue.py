@@ -1,19 +1,5 @@
-"""SLURM's time-limit signal in a submitit job, held back until the run has saved last.ckpt.
-
-``hydra/launcher=slurm`` runs each sweep job through submitit, which asks SLURM to send
-SIGUSR2 ``signal_delay_s`` seconds before the job's time limit (``sbatch --signal=USR2@<s>``)
-and handles it by pickling the job, running ``scontrol requeue`` and exiting on the spot:
-mid-step, without a checkpoint, so the requeued job repeats the epoch. :class:`DeferredRequeue`
-takes that signal over for the duration of a run. The fit stops at the next batch boundary
-the way Lightning stops on SIGTERM (every DDP rank at the same step), ``InterruptCheckpoint``
-saves last.ckpt, and only then does submitit's handler requeue the job, which resumes from
-last.ckpt (``resume=true``). After ``max_num_timeout`` requeues submitit refuses, and the run
-fails for good with that reason.
-
-Preemption and ``scontrol requeue`` need none of this: SLURM sends SIGTERM itself (and
-SIGKILL ``KillWait`` seconds later) and requeues the job; submitit ignores SIGTERM, Lightning
-stops at the next batch and last.ckpt is saved the same way.
-"""
+"""SLURM's time-limit signal in a submitit job, held back until the run has saved last.ckpt:
+submitit would requeue mid-step, and the requeued job repeat the epoch (docs/SWEEPS.md)."""
 
 from __future__ import annotations
 
@@ -36,7 +22,7 @@ class Requeued(SystemExit):
 
 
 class DeferredRequeue(Callback):
-    """Holds submitit's requeue signal until the fit has stopped and saved (see module doc)."""
+    """Holds submitit's requeue signal (SIGUSR2) until the fit has stopped and saved."""
 
     def __init__(self, signum: int, submitit_handler: Callable[[int, FrameType | None], Any]):
         self.signum = signum
@@ -45,10 +31,8 @@ class DeferredRequeue(Callback):
 
     @classmethod
     def take_over(cls) -> DeferredRequeue | None:
-        """In a submitit job, replace submitit's handler of its requeue signal with one that
-        only takes note; None anywhere else (no submitit handler installed)."""
-        # A submitit job has imported it. Not imported here otherwise: importing submitit
-        # reconfigures logging, closing every handler (train.log) of this process.
+        """In a submitit job, take note of its requeue signal instead; None elsewhere."""
+        # Never imported here: importing submitit closes every logging handler (train.log).
         job_environment = sys.modules.get("submitit.core.job_environment")
         if job_environment is None:
             return None
@@ -73,19 +57,15 @@ class DeferredRequeue(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
-        # Lightning stops after this batch, as on preemption; its handler is only installed
-        # while it runs a stage, so the signal is passed on here rather than from _note. Not
-        # at an epoch's last batch: Lightning would stop in the validation after it, where no
-        # checkpoint is taken and the epoch is lost; the next epoch's first batch stops instead.
+        # Lightning stops after this batch, as on preemption (its handler exists only during a
+        # stage). Not at an epoch's last: it would stop in validation, where none is saved.
         last = batch_idx + 1 >= trainer.num_training_batches
         if self.signalled and not trainer.received_sigterm and not last:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def hand_over(self) -> None:
-        """After the fit stopped on the time-limit signal: submitit requeues the job (raises
-        :class:`Requeued`) or refuses, after ``max_num_timeout`` requeues (raises its
-        ``UncompletedJobError``). Returns if the signal never came, or on a DDP rank > 0
-        (rank 0 requeues the job)."""
+        """After the fit stopped on the signal: submitit requeues (:class:`Requeued`) or, after
+        ``max_num_timeout`` requeues, raises its ``UncompletedJobError``."""
         if not self.signalled:
             return
         try:

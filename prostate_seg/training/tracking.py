@@ -1,23 +1,5 @@
-"""MLflow tracking: ``logger=mlflow``, or ``logger=tensorboard_mlflow`` for both.
-
-How runs appear in MLflow (the same names as on disk):
-  * experiment = the folder that holds the run folder: a sweep's folder
-    (``outputs/sweeps/2026-01-01/12-00-00``), or for single runs their date folder
-    (``outputs/runs/2026-01-01``); shown relative to the working directory when inside it;
-  * run = the run folder's name (``tversky_a0.25-fold0-seed0``), tagged with its full path;
-  * params = the settings that tell runs apart (``training.hparams_of``: loss, alpha,
-    beta, seed, fold, ...) and, from ``results.json``, the config identity;
-  * metrics = every logged metric per epoch, and ``results.json``'s numbers (the best
-    checkpoint's, per patient at original size) as ``results/<key>``;
-  * artifacts = ``results.json``, ``per_patient.csv``, the composed config and the
-    validation images;
-  * a sweep's report is the run named ``report`` of the sweep's experiment.
-
-The default store is a SQLite database under ``outputs/`` with the artifacts beside it in
-``outputs/mlartifacts/``; ``logger.mlflow.tracking_uri=http://host:5000`` uses a server. A job
-that resumes (``last.ckpt``) continues its MLflow run, found through ``mlflow_run.json`` in the
-run folder.
-"""
+"""MLflow tracking (``logger=mlflow``): an experiment per sweep folder, a run per run folder,
+named as on disk (docs/USAGE.md, MLflow)."""
 
 from __future__ import annotations
 
@@ -38,6 +20,7 @@ from torch import Tensor
 
 from prostate_seg.files import write_json
 from prostate_seg.study.runs import RESULTS_FILE, load_json_object
+from prostate_seg.training.checks import check_tracking_uri, local_store
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +30,6 @@ REPORT_RUN = "report"
 # results.json entries logged as params (the config identity); its other numbers are metrics.
 RESULT_PARAMS = ("identity", "group")
 RUN_ARTIFACTS = (RESULTS_FILE, "per_patient.csv", ".hydra/config.yaml")
-_SQLITE = "sqlite:///"
 
 
 def experiment_for(folder: Path, configured: str | None = None) -> str:
@@ -58,39 +40,15 @@ def experiment_for(folder: Path, configured: str | None = None) -> str:
     return str(folder.relative_to(Path.cwd())) if folder.is_relative_to(Path.cwd()) else str(folder)
 
 
-def local_store(tracking_uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI (None for a server)."""
-    return Path(tracking_uri[len(_SQLITE):]) if tracking_uri.startswith(_SQLITE) else None
-
-
-def artifact_root(tracking_uri: str, configured: str | None) -> str | None:
-    """``configured``, else ``mlartifacts/`` beside a local database (as a URI, so that every
-    process and ``mlflow ui`` agree), else None: the server's own default."""
-    if configured:
-        return configured
-    database = local_store(tracking_uri)
-    return None if database is None else (database.parent / "mlartifacts").resolve().as_uri()
-
-
-def open_experiment(client: Any, name: str, artifact_location: str | None) -> str:
-    """The id of experiment ``name``, created when missing (or only deleted)."""
-    found = client.get_experiment_by_name(name)
-    if found is not None and found.lifecycle_stage != "deleted":
-        return found.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location)
-
-
-def _make_store_folder(tracking_uri: str) -> None:
+def open_store(tracking_uri: str, artifact_location: str | None) -> str | None:
+    """Make a local database's folder; return the artifact root: ``artifact_location``, else
+    mlartifacts/ beside a local database (a URI: every process and ``mlflow ui`` agree)."""
     database = local_store(tracking_uri)
     if database is not None:
         database.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _client(tracking_uri: str) -> Any:
-    from mlflow import MlflowClient
-
-    _make_store_folder(tracking_uri)
-    return MlflowClient(tracking_uri)
+    if artifact_location or database is None:
+        return artifact_location
+    return (database.parent / "mlartifacts").resolve().as_uri()
 
 
 class MLflowRunLogger(MLFlowLogger):
@@ -101,13 +59,12 @@ class MLflowRunLogger(MLFlowLogger):
                  run_name: str | None = None, artifact_location: str | None = None,
                  tags: dict[str, Any] | None = None):
         self.run_dir = Path(run_dir)
-        _make_store_folder(tracking_uri)
+        artifacts = open_store(tracking_uri, artifact_location)
         super().__init__(
             experiment_name=experiment_for(self.run_dir.parent, experiment_name),
             run_name=run_name or self.run_dir.name, tracking_uri=tracking_uri,
             tags={**(tags or {}), RUN_DIR_TAG: str(self.run_dir.resolve())},
-            artifact_location=artifact_root(tracking_uri, artifact_location),
-            run_id=self._earlier_run(tracking_uri))
+            artifact_location=artifacts, run_id=self._earlier_run(tracking_uri))
         self._params: set[str] = set()
 
     def _earlier_run(self, tracking_uri: str) -> str | None:
@@ -115,10 +72,11 @@ class MLflowRunLogger(MLFlowLogger):
         earlier = load_json_object(self.run_dir / RUN_FILE)[0] or {}
         if earlier.get("tracking_uri") != tracking_uri or not earlier.get("run_id"):
             return None
+        from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
 
         try:
-            _client(tracking_uri).get_run(earlier["run_id"])
+            MlflowClient(tracking_uri).get_run(earlier["run_id"])
         except MlflowException:
             return None
         return earlier["run_id"]
@@ -135,8 +93,7 @@ class MLflowRunLogger(MLFlowLogger):
         return client
 
     def _unchanged(self, params: dict[str, Any]) -> dict[str, Any]:
-        """``params`` less those this run logged before with another value: MLflow params
-        cannot change, so a run continued under another setting keeps its first ones."""
+        """``params`` less those logged before with another value (MLflow params are fixed)."""
         logged = self.experiment.get_run(self.run_id).data.params
         changed = sorted(k for k, v in params.items() if logged.get(k, str(v)) != str(v))
         if changed:
@@ -147,8 +104,6 @@ class MLflowRunLogger(MLFlowLogger):
 
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any], metrics: Any = None) -> None:
-        """As TensorBoard's (``metrics`` there sets the HPARAMS tab's starting value; MLflow
-        needs none)."""
         super().log_hyperparams(self._unchanged(params))
         self._params.update(params)
 
@@ -188,25 +143,25 @@ def log_run_files(loggers: Iterable[Logger]) -> None:
 
 
 class MlflowSweep(Callback):
-    """Hydra callback of ``logger=mlflow`` for sweeps: creates the sweep's experiment before any
-    job starts (parallel jobs would race to set up a new SQLite database) and, when the
-    sweep process exits, uploads ``<sweep>/report/`` as the experiment's run ``report``.
-
-    The upload runs at exit, after the report callback (``hydra/default.yaml``) has written the
-    report, also when a job failed (Hydra then skips ``on_multirun_end``); this callback is
-    listed first, so its exit handler runs after the report's.
-    """
+    """Hydra callback of ``logger=mlflow``: creates the sweep's experiment before any job (they
+    would race to set up a new SQLite database) and uploads ``<sweep>/report/`` at exit, after
+    the report callback wrote it (also when a job failed and Hydra skips on_multirun_end)."""
 
     def __init__(self) -> None:
         self._upload: tuple[Any, str, Path] | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from mlflow import MlflowClient
+
+        check_tracking_uri(config)
         settings = config.logger.mlflow
         sweep_dir = Path(config.hydra.sweep.dir)
-        client = _client(settings.tracking_uri)
-        experiment = open_experiment(
-            client, experiment_for(sweep_dir, settings.get("experiment_name")),
-            artifact_root(settings.tracking_uri, settings.get("artifact_location")))
+        artifacts = open_store(settings.tracking_uri, settings.get("artifact_location"))
+        client = MlflowClient(settings.tracking_uri)
+        name = experiment_for(sweep_dir, settings.get("experiment_name"))
+        found = client.get_experiment_by_name(name)
+        experiment = (found.experiment_id if found and found.lifecycle_stage != "deleted"
+                      else client.create_experiment(name, artifact_location=artifacts))
         self._upload = (client, experiment, sweep_dir)
         atexit.register(self._upload_report)
 
