@@ -84,8 +84,10 @@ def test_a_named_job_is_the_config_hydra_composes_with_its_name(tmp_path):
         composed = ComposedJobs(loader)
         jobs = check_and_name_jobs(master, composed, None,
                                    [["loss=bce", "seed=0"], ["loss=tversky", "seed=0"]])
-        assert jobs == [["loss=bce", "seed=0", "hydra.sweep.subdir=bce-fold0-seed0"],
-                        ["loss=tversky", "seed=0", "hydra.sweep.subdir=tversky_a0.5-fold0-seed0"]]
+        assert jobs == [["loss=bce", "seed=0", "hydra.sweep.subdir=bce-fold0-seed0",
+                         "++hydra.job.env_set.PROSTATE_SEG_JOB=1/2"],
+                        ["loss=tversky", "seed=0", "hydra.sweep.subdir=tversky_a0.5-fold0-seed0",
+                         "++hydra.job.env_set.PROSTATE_SEG_JOB=2/2"]]
         for job in jobs:
             given = composed.load_sweep_config(master, job)
             assert OmegaConf.to_yaml(given) == OmegaConf.to_yaml(

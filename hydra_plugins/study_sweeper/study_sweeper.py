@@ -227,7 +227,7 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
                     job_config.hydra.sweep.subdir = subdir
                     job_config.hydra.overrides.hydra.extend(added)
             place = f"{index + 1}/{len(jobs)}"  # job k/N, in the job's environment
-            added.append(f"hydra.job.env_set.{JOB_ENV}={place}")
+            added.append(f"++hydra.job.env_set.{JOB_ENV}={place}")
             with read_write(job_config.hydra), open_dict(job_config.hydra.job.env_set):
                 job_config.hydra.job.env_set[JOB_ENV] = place
                 job_config.hydra.overrides.hydra.append(added[-1])
