@@ -46,6 +46,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from prostate_seg.config import CONFIG_PATH, initialize_configs, openmp_yields
 from prostate_seg.errors import ConfigError, UserError
+from prostate_seg.settings import check_settings
 
 EXIT_USER_ERROR = 2
 
@@ -331,11 +332,13 @@ def remove_bookkeeping_folder(run_dir: Path, log_name: str) -> bool:
     return True
 
 
-def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, show_traceback: bool = False) -> Any:
+def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, show_traceback: bool = False,
+         command: str = "train") -> Any:
     try:
         missing = required_values_problem(cfg)
         if missing:
             raise ConfigError(missing)
+        check_settings(cfg, command)
         return task(cfg)
     except (UserError, OSError) as exc:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -384,7 +387,7 @@ def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name=config_name)
     def _main(cfg: DictConfig) -> Any:
-        return _run(task, cfg, show_traceback)
+        return _run(task, cfg, show_traceback, config_name)
 
     with one_line_errors(show_traceback, config_name):
         _main()

@@ -7,7 +7,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first: a module may import its own layer or those below, never one above.
 LAYERS = (
-    {"prostate_seg", "errors", "files"},  # the package's base
+    {"prostate_seg", "errors", "files", "settings"},  # the package's base
     {"study"},  # run folders, job names, statistics, the report: reads files, imports no stage
     {"config"},  # composing configs (job names as a resolver)
     {"data", "models", "losses"},

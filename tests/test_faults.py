@@ -176,6 +176,39 @@ def test_a_tool_that_fails_leaves_no_log_folder(args, message, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+PREPARE = ["-m", "prostate_seg", "prepare", "input_dir=in", "output_dir=out"]
+PREDICT = ["predict.py", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz"]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([*PREPARE, "image_size=abc"], "image_size=abc: must be an integer >= 8"),
+    ([*PREPARE, "image_size=[1,2]"], "image_size=[1, 2]: must be an integer >= 8"),
+    ([*PREPARE, "workers=2.5"], "workers=2.5: must be an integer >= 0"),
+    ([*PREPARE, "window=5"], "window=5: must be a list of 2 numbers, each a number in [0, 100]"),
+    ([*PREPARE, "window=[1,2,3]"], "window=[1, 2, 3]: must be a list of 2 numbers"),
+    ([*PREPARE, "mask_labels=1"], "mask_labels=1: must be a list of 1 or more numbers"),
+    ([*PREPARE, "overwrite=yes"], "overwrite=yes: must be true or false"),
+    (["-m", "prostate_seg", "synthetic", "output_dir=out", "size=[3]"],
+     "size=[3]: must be an integer >= 32"),
+    (["-m", "prostate_seg", "synthetic", "output_dir=out", "seed=-1"],
+     "seed=-1: must be an integer in 0..4294967295"),
+    ([*PREDICT, "batch_size=many"], "batch_size=many: must be an integer >= 1"),
+    ([*PREDICT, "tta=maybe"], "tta=maybe: must be true or false"),
+    (["evaluate.py", "ckpt_path=m.ckpt", "batch_size=1.5"], "batch_size=1.5: must be an integer"),
+    (["train.py", "data.dir=.", "data.test_patients=Case00"],
+     "data.test_patients=Case00: must be a list of 1 or more names"),
+    (["train.py", "data.dir=.", "model.net.features=8"],
+     "model.net.features=8: must be a list of 2 or more numbers, each an integer >= 1"),
+    (["train.py", "data.dir=.", "optimizer.lr=fast"], "optimizer.lr=fast: must be > 0"),
+])
+def test_a_value_of_the_wrong_type_is_one_line_before_any_work(args, message, tmp_path):
+    """Any command, any numeric, list or yes/no key: one line naming key and value, exit 2,
+    before a file is read (the inputs named here do not exist) and nothing written."""
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}")
+    assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_only_a_folder_of_bookkeeping_is_removed(tmp_path, monkeypatch):
     """A folder holding only the command's log goes, with the parents left empty up to the
     working directory; a folder holding anything else (a claimed run's .hydra/) is kept whole,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from urllib.parse import urlparse
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prostate_seg.config import check_extras_installed, uses_gpu
 from prostate_seg.errors import ConfigError
+from prostate_seg.settings import check_settings
 from prostate_seg.study.runs import processes
 
 log = logging.getLogger(__name__)
@@ -23,91 +23,6 @@ log = logging.getLogger(__name__)
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value}: {allowed}")
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A number (``kind=int``: an integer) in [low, high], open ends exclusive; ``high`` may
-    name another key (data.fold < data.folds); ``also`` lists extra allowed values (-1)."""
-
-    kind: type
-    low: float
-    high: float | str | None = None
-    open_low: bool = False
-    open_high: bool = False
-    also: tuple[int, ...] = ()
-
-    def allows(self, value: object, high: float | None) -> bool:
-        types = int if self.kind is int else (int, float)
-        if isinstance(value, bool) or not isinstance(value, types):
-            return False
-        if value in self.also:
-            return True
-        low_ok = value > self.low if self.open_low else value >= self.low
-        high_ok = high is None or (value < high if self.open_high else value <= high)
-        return math.isfinite(value) and low_ok and high_ok
-
-    def describe(self, high: float | None) -> str:
-        """``an integer in 0..4 (data.folds=5)``, ``an integer >= 1``, ``a number in [0, 1)``."""
-        low = f"{self.low:.10g}"
-        if high is None:
-            kind = "an integer " if self.kind is int else ""
-            text = f"{kind}{'>' if self.open_low else '>='} {low}"
-        elif self.kind is int:
-            bound = f" ({self.high}={high:.10g})" if isinstance(self.high, str) else ""
-            text = f"an integer in {low}..{int(high) - self.open_high}{bound}"
-        else:
-            text = (f"a number in {'(' if self.open_low else '['}{low}, {high:.10g}"
-                    f"{')' if self.open_high else ']'}")
-        return text + "".join(f" (or {v})" for v in self.also)
-
-
-SEED = Setting(int, 0, 2**32 - 1)  # numpy's and Lightning's range (Lightning replaces others by 0)
-# A float seed or a string batch size would fail after the data scan or run with another value.
-# Keys absent from the config (a removed callback) are skipped.
-TRAIN_SETTINGS: dict[str, Setting] = {
-    "seed": SEED,
-    "data.split_seed": SEED,
-    "data.batch_size": Setting(int, 1),
-    "data.num_workers": Setting(int, 0),
-    "data.context_slices": Setting(int, 0),
-    "data.folds": Setting(int, 2),
-    "data.fold": Setting(int, 0, "data.folds", open_high=True),
-    "data.test_fraction": Setting(float, 0.0, 1.0, open_high=True),
-    # the training patients that choose epoch and checkpoint
-    "data.select_fraction": Setting(float, 0.0, 1.0, open_low=True, open_high=True),
-    "optimizer.lr": Setting(float, 0.0, open_low=True),
-    "optimizer.weight_decay": Setting(float, 0.0),
-    "trainer.max_epochs": Setting(int, 1, also=(-1,)),
-    "trainer.log_every_n_steps": Setting(int, 1),
-    "callbacks.early_stopping.patience": Setting(int, 0),
-    "callbacks.early_stopping.min_delta": Setting(float, 0.0),
-    "callbacks.finite_loss.check_every_n_steps": Setting(int, 1),
-    "callbacks.image_grid.num_images": Setting(int, 1),
-    "callbacks.image_grid.min_size": Setting(int, 1),
-    "callbacks.image_grid.per_row": Setting(int, 1),
-    "callbacks.progress_bar.refresh_rate": Setting(int, 0),
-}
-# Yes/no switches: a string such as resume=no would count as true.
-TRAIN_SWITCHES = ("resume", "evaluate_best", "data.cache")
-_ABSENT = object()
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Every present key of ``TRAIN_SETTINGS`` and ``TRAIN_SWITCHES`` has a right value."""
-    for key, setting in TRAIN_SETTINGS.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is _ABSENT:
-            continue
-        high = setting.high
-        if isinstance(high, str):
-            high = OmegaConf.select(cfg, high, default=None)
-            if not isinstance(high, (int, float)) or isinstance(high, bool):
-                continue  # the bound is wrong itself and named by its own entry
-        _require(setting.allows(value, high), key, value, f"must be {setting.describe(high)}")
-    for key in TRAIN_SWITCHES:
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        _require(value is _ABSENT or isinstance(value, bool), key, value, "must be true or false")
 
 
 def check_loss(loss: DictConfig, prefix: str = "loss") -> None:
@@ -208,7 +123,7 @@ def check_train_config(cfg: DictConfig) -> None:
         build_loss(cfg.loss)  # what check_loss cannot see: smooth, weights vs terms, ...
     except Exception as exc:  # noqa: BLE001 - Hydra wraps the loss's own ValueError
         raise ConfigError(f"loss: {exc.__cause__ or exc}") from None
-    check_settings(cfg)
+    check_settings(cfg, "train")
     sync = cfg.trainer.get("sync_batchnorm")
     _require(not processes(cfg.trainer)["trainer.sync_batchnorm"]
              or uses_gpu(str(cfg.trainer.get("accelerator"))), "trainer.sync_batchnorm", sync,

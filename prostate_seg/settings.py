@@ -1,0 +1,161 @@
+"""What each command's values must be, checked before any file is read or torch imported: a
+string where a number belongs (``image_size=abc``), a list where one value belongs, one patient
+where a list belongs would otherwise end in a traceback, or run with another value."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from prostate_seg.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A number (``kind=int``: an integer) in [low, high], open ends exclusive; ``high`` may
+    name another key (data.fold < data.folds); ``also`` lists extra allowed values (-1)."""
+
+    kind: type
+    low: float
+    high: float | str | None = None
+    open_low: bool = False
+    open_high: bool = False
+    also: tuple[int, ...] = ()
+
+    def allows(self, value: object, high: float | None) -> bool:
+        types = int if self.kind is int else (int, float)
+        if isinstance(value, bool) or not isinstance(value, types):
+            return False
+        if value in self.also:
+            return True
+        low_ok = value > self.low if self.open_low else value >= self.low
+        high_ok = high is None or (value < high if self.open_high else value <= high)
+        return math.isfinite(value) and low_ok and high_ok
+
+    def describe(self, high: float | None) -> str:
+        """``an integer in 0..4 (data.folds=5)``, ``an integer >= 1``, ``a number in [0, 1)``."""
+        low = f"{self.low:.10g}"
+        if high is None:
+            kind = "an integer " if self.kind is int else ""
+            text = f"{kind}{'>' if self.open_low else '>='} {low}"
+        elif self.kind is int:
+            bound = f" ({self.high}={high:.10g})" if isinstance(self.high, str) else ""
+            text = f"an integer in {low}..{int(high) - self.open_high}{bound}"
+        else:
+            text = (f"a number in {'(' if self.open_low else '['}{low}, {high:.10g}"
+                    f"{')' if self.open_high else ']'}")
+        return text + "".join(f" (or {v})" for v in self.also)
+
+
+@dataclass(frozen=True)
+class ListOf:
+    """A list of ``length`` items (a (min, max) pair), each a ``Setting`` or a string (``str``);
+    ``example`` shows the form in the error line."""
+
+    item: Setting | type
+    length: tuple[int, int | None]
+    example: str
+    nullable: bool = False
+
+    def allows(self, value: object) -> bool:
+        if value is None:
+            return self.nullable
+        if not isinstance(value, (list, tuple, ListConfig)):
+            return False
+        low, high = self.length
+        if len(value) < low or (high is not None and len(value) > high):
+            return False
+        if self.item is str:
+            return all(isinstance(v, str) for v in value)
+        return all(self.item.allows(v, self.item.high) for v in value)
+
+    def describe(self) -> str:
+        low, high = self.length
+        count = (f"{low}" if low == high else f"{low} or more" if high is None
+                 else f"{low} to {high}")
+        each = "" if self.item is str else self.item.describe(self.item.high)
+        kind = f"numbers, each {each}" if each else "names"
+        return (f"a list of {count} {kind}, e.g. {self.example}"
+                + (" (or null)" if self.nullable else ""))
+
+
+SEED = Setting(int, 0, 2**32 - 1)  # numpy's and Lightning's range (Lightning replaces others by 0)
+WORKERS = Setting(int, 0)  # 0: in this process
+BATCH = Setting(int, 1)
+# Per command (its config's name): keys absent from a config (a removed callback) are skipped.
+SETTINGS: dict[str, dict[str, Setting | ListOf]] = {
+    "train": {
+        "seed": SEED,
+        "data.split_seed": SEED,
+        "data.batch_size": BATCH,
+        "data.num_workers": Setting(int, 0),
+        "data.context_slices": Setting(int, 0),
+        "data.folds": Setting(int, 2),
+        "data.fold": Setting(int, 0, "data.folds", open_high=True),
+        "data.test_fraction": Setting(float, 0.0, 1.0, open_high=True),
+        "data.test_patients": ListOf(str, (1, None), "[Case00, Case07]", nullable=True),
+        # the training patients that choose epoch and checkpoint
+        "data.select_fraction": Setting(float, 0.0, 1.0, open_low=True, open_high=True),
+        "model.net.features": ListOf(Setting(int, 1), (2, None), "[32, 64, 128, 256]"),
+        "optimizer.lr": Setting(float, 0.0, open_low=True),
+        "optimizer.weight_decay": Setting(float, 0.0),
+        "trainer.max_epochs": Setting(int, 1, also=(-1,)),
+        "trainer.log_every_n_steps": Setting(int, 1),
+        "callbacks.early_stopping.patience": Setting(int, 0),
+        "callbacks.early_stopping.min_delta": Setting(float, 0.0),
+        "callbacks.finite_loss.check_every_n_steps": Setting(int, 1),
+        "callbacks.image_grid.num_images": Setting(int, 1),
+        "callbacks.image_grid.min_size": Setting(int, 1),
+        "callbacks.image_grid.per_row": Setting(int, 1),
+        "callbacks.progress_bar.refresh_rate": Setting(int, 0),
+    },
+    "prepare": {
+        "image_size": Setting(int, 8),
+        "window": ListOf(Setting(float, 0.0, 100.0), (2, 2), "[0.5, 99.5]"),
+        "mask_labels": ListOf(Setting(int, 1), (1, None), "[1, 2]", nullable=True),
+        "image_channel": Setting(int, 0),
+        "workers": WORKERS,
+    },
+    "synthetic": {"num_patients": Setting(int, 1), "seed": SEED, "size": Setting(int, 32),
+                  "workers": WORKERS},
+    "predict": {"batch_size": BATCH},
+    "evaluate": {"batch_size": BATCH},
+}
+# Yes/no switches: a string such as resume=no would count as true.
+SWITCHES: dict[str, tuple[str, ...]] = {
+    "train": ("resume", "evaluate_best", "data.cache", "verbose"),
+    "prepare": ("overwrite",),
+    "predict": ("save_probabilities", "tta", "largest_component", "overwrite", "skip_existing"),
+    "evaluate": ("tta", "largest_component", "overwrite"),
+}
+_ABSENT = object()
+
+
+def check_settings(cfg: DictConfig, command: str) -> None:
+    """Every present key of the command's ``SETTINGS`` and ``SWITCHES`` has a right value."""
+    for key, setting in SETTINGS.get(command, {}).items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        if isinstance(setting, ListOf):
+            if not setting.allows(value):
+                raise ConfigError(f"{key}={_shown(value)}: must be {setting.describe()}")
+            continue
+        high = setting.high
+        if isinstance(high, str):
+            high = OmegaConf.select(cfg, high, default=None)
+            if not isinstance(high, (int, float)) or isinstance(high, bool):
+                continue  # the bound is wrong itself and named by its own entry
+        if not setting.allows(value, high):
+            raise ConfigError(f"{key}={_shown(value)}: must be {setting.describe(high)}")
+    for key in SWITCHES.get(command, ()):
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is not _ABSENT and not isinstance(value, bool):
+            raise ConfigError(f"{key}={_shown(value)}: must be true or false")
+
+
+def _shown(value: object) -> object:
+    """A list as the user typed it (``[1, 2]``), not OmegaConf's repr."""
+    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
