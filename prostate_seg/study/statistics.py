@@ -1,10 +1,5 @@
-"""The study's statistics on per-patient results; no files are read or written here.
-
-The decision treats the trained run as the replicate of training randomness and the patient
-as the replicate of who happened to be scanned: a mean over patients nested in runs
-(:func:`nested_mean`), the same model for a loss's mean and for the paired difference of two
-losses, Holm over the comparisons made. docs/METHOD.md explains the method and its checks.
-"""
+"""The study's statistics on per-patient results (no files): runs and patients both
+replicates, Holm over the comparisons; docs/METHOD.md explains the method and its checks."""
 
 from __future__ import annotations
 
@@ -22,10 +17,7 @@ CONFIDENCE = 0.95
 POWER = 0.80  # what "would detect" means when the report says how many seeds a question needs
 PLANNING_DIFFERENCE = 0.02  # the Dice difference the seeds-needed sentence is written for
 MAX_SEEDS = 100
-# A model that calls at least this share of every voxel gland "predicts gland everywhere"
-# (the prostate fills a few percent of a scan; recall is then ~1 and precision ~ prevalence).
-EVERYWHERE_FRACTION = 0.5
-# Without voxel counts: recall at least this high with precision at most EVERYWHERE_PRECISION.
+EVERYWHERE_FRACTION = 0.5  # of all voxels called gland: "everywhere" (the gland is a few %)
 EVERYWHERE_RECALL = 0.99
 EVERYWHERE_PRECISION = 0.1
 TIE_MIN_PATIENTS = 2  # identical per-patient Dice on this many patients is no coincidence
@@ -39,18 +31,10 @@ Cells = dict[tuple[str, str, str], float]  # (fold, seed, patient) -> value
 
 def nested_mean(values: np.ndarray, block: np.ndarray,
                 present: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Mean over patients of ``values`` (..., runs, patients) and its uncertainty when
-    patients sit in blocks (folds) and each block is scored by several trained runs.
-
-    Model: ``y[s, p] = mu + u[block(p), s] + v[p] + e[s, p]``: a shift per run (training
-    randomness), one per patient, and a residual. ``present`` (..., runs, blocks) says which
-    run of each block exists (default: all). The estimate is the mean over patients of each
-    patient's mean over its runs. Its variance comes from the spread of the runs within a
-    block (runs are the replicate of training randomness) plus the patient term, with
-    Satterthwaite's degrees of freedom; where every block has a single run, run and block
-    cannot be told apart and the spread of the block means is used (blocks - 1 degrees of
-    freedom). Vectorised over the leading axes, so a simulation decides exactly as a report.
-    """
+    """Mean over patients of ``values`` (..., runs, patients), patients in blocks (folds) each
+    scored by its runs, ``present`` (..., runs, blocks) the runs that exist; the model, its
+    variance and degrees of freedom are docs/METHOD.md's. Vectorised, so a simulation decides
+    exactly as a report."""
     values = np.asarray(values, dtype=float)
     block = np.asarray(block, dtype=int)
     onehot = np.eye(int(block.max()) + 1)[block]  # (N, K)
@@ -128,10 +112,8 @@ def nested_mean(values: np.ndarray, block: np.ndarray,
 
 
 def holm(p_values: np.ndarray) -> np.ndarray:
-    """Holm's step-down adjusted p-values along the last axis (Holm 1979): the k-th smallest
-    of m times m - k + 1, kept monotone, capped at 1; family-wise error control under any
-    dependence. NaN p-values (comparisons that could not be made) are not counted in m and
-    stay NaN. (scipy.stats adjusts only for the false discovery rate.)"""
+    """Holm's adjusted p-values along the last axis (scipy adjusts only for the FDR); NaN ones
+    are not counted and stay NaN."""
     p = np.asarray(p_values, dtype=float)
     order = np.argsort(p, axis=-1)  # NaN sort last
     ranked = np.take_along_axis(p, order, axis=-1)
@@ -148,8 +130,7 @@ def holm(p_values: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Components:
-    """Variances of one paired difference (or one loss): a run's shift, a patient's own
-    term, the residual (NaN when one run per fold cannot separate it from the patient's)."""
+    """Variances of one difference: run shift, patient, residual (NaN: one run per fold)."""
 
     run: float
     patient: float
@@ -157,14 +138,14 @@ class Components:
 
     @property
     def lower_bound(self) -> bool:
-        """Seeds needed from these are a lower bound: the residual is not separated."""
+        """Seeds planned from these are a lower bound: the residual is not separated."""
         return math.isnan(self.residual)
 
 
 def design_power(c: Components, sizes: Sequence[int], seeds: int, difference: float,
                  comparisons: int) -> float:
-    """Power of the nested test for ``difference`` with ``seeds`` runs per fold of the given
-    sizes, at level ALPHA / comparisons (Holm's first step), two-sided."""
+    """Power for ``difference`` with ``seeds`` runs per fold at ALPHA / comparisons (Holm's first
+    step), two-sided."""
     n = np.asarray(sizes, dtype=float)
     weight = n / n.sum()
     # one run per fold cannot split the patient term from the residual: all of it is taken
@@ -190,8 +171,7 @@ def design_power(c: Components, sizes: Sequence[int], seeds: int, difference: fl
 
 def seeds_needed(c: Components, sizes: Sequence[int], difference: float,
                  comparisons: int) -> int | None:
-    """The fewest seeds per fold whose power for ``difference`` reaches POWER; None when no
-    number up to MAX_SEEDS does (the patients, not the runs, then limit the precision)."""
+    """The fewest seeds per fold reaching POWER; None when none up to MAX_SEEDS does."""
     for seeds in range(1, MAX_SEEDS + 1):
         if design_power(c, sizes, seeds, difference, comparisons) >= POWER:
             return seeds
@@ -212,10 +192,8 @@ def cells(rows: Iterable[Row], metric: str = "dice") -> Cells:
 
 @dataclass(frozen=True)
 class Grid:
-    """Values on runs x patients: ``values`` (runs, patients) NaN where absent, ``block``
-    per patient, ``present`` (runs, blocks). Cross-validation nests patients in folds (a run
-    axis of seeds); held-out test patients are scored by every run (one block, a run axis of
-    every fold and seed)."""
+    """Values (runs, patients), NaN where absent, ``block`` per patient, ``present`` (runs,
+    blocks). Held-out test patients form one block whose runs are every fold and seed."""
 
     values: np.ndarray
     block: np.ndarray
@@ -229,9 +207,8 @@ class Grid:
 
 
 def grid(table: Cells, *others: Cells) -> Grid | None:
-    """``table`` on the runs and patients that every one of ``others`` has too (the pairing
-    of a comparison). A patient is kept when every run of its fold scored it. None when
-    nothing is left."""
+    """``table`` on the runs and patients every one of ``others`` has too (a comparison's
+    pairing); a patient is kept when every run of its fold scored it. None when nothing is left."""
     keys = set(table).intersection(*others) if others else set(table)
     folds_of: dict[str, set[str]] = defaultdict(set)
     for fold, _, patient in keys:
@@ -333,7 +310,7 @@ class LossSummary:
 
 
 def summarize(loss: str, rows: list[Row], flags: Sequence[str] = ()) -> LossSummary:
-    """Per-loss summary; ``rows`` are this loss's rows of one split."""
+    """Per-loss summary of this loss's rows of one split."""
     dice = per_patient(rows, "dice")
     g = grid(cells(rows))
     fit = estimate(g) if g is not None else {}
@@ -366,8 +343,8 @@ def _sum(rows: list[Row], key: str) -> float | None:
 
 
 def degenerate_reason(rows: list[Row]) -> str | None:
-    """Why one run's predictions are degenerate (nothing, or gland everywhere), or None.
-    From voxel counts when the rows have them, else from precision and recall."""
+    """Why one run predicts nothing or gland everywhere, from voxel counts, else precision and
+    recall; None when it does not."""
     predicted, total = _sum(rows, "voxels_pred"), _sum(rows, "voxels_total")
     if predicted is not None and total:
         if predicted == 0:
@@ -388,9 +365,7 @@ def degenerate_reason(rows: list[Row]) -> str | None:
 
 
 def not_converged(rows: list[Row]) -> bool:
-    """A run whose best epoch is its last one and that did not stop early: it was still
-    improving when the epochs ran out (``best_epoch`` counts from 0, ``epochs_trained`` is a
-    count); False when the table does not say."""
+    """Best epoch (from 0) is the last one (a count) and no early stop: still improving."""
     row = rows[0]
     if not (_present(row, "best_epoch") and _present(row, "epochs_trained")):
         return False
@@ -400,7 +375,7 @@ def not_converged(rows: list[Row]) -> bool:
 
 
 def loss_flags(rows: list[Row]) -> list[str]:
-    """Flags of one loss from its runs: how many are degenerate or not converged."""
+    """Flags of one loss: how many of its runs are degenerate or not converged."""
     runs: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
         runs[run_key(row)].append(row)
@@ -418,8 +393,7 @@ def loss_flags(rows: list[Row]) -> list[str]:
 
 
 def tie_flags(tables: Mapping[str, Cells]) -> dict[str, list[str]]:
-    """Losses whose Dice is identical on every shared patient-run (at least TIE_MIN_PATIENTS):
-    the same predictions under two names, e.g. two collapsed models."""
+    """Losses identical on every shared patient-run: the same predictions under two names."""
     ties: dict[str, list[str]] = defaultdict(list)
     names = list(tables)
     for i, a in enumerate(names):
@@ -467,8 +441,8 @@ class Comparison:
 
 def comparison_pairs(losses: Sequence[str], baseline: str | None,
                      all_pairs: bool) -> list[tuple[str, str]]:
-    """(loss, reference) pairs: each loss against the baseline first, then (all pairs, or
-    no baseline) every other pair, the later loss in ``losses`` against the earlier one."""
+    """(loss, reference): each loss against the baseline, then (all pairs, or no baseline) every
+    other pair, the later loss against the earlier."""
     pairs = [(loss, baseline) for loss in losses if baseline is not None and loss != baseline]
     if all_pairs or baseline is None:
         pairs += [(b, a) for i, a in enumerate(losses) for b in losses[i + 1:]
@@ -491,8 +465,7 @@ def _sd(var: float) -> float:
 
 
 def compare(tables: Mapping[str, Cells], pairs: Sequence[tuple[str, str]]) -> list[Comparison]:
-    """Paired comparisons on the run pairs and patients both losses have, Holm over
-    ``pairs``."""
+    """Paired comparisons on the run pairs and patients both losses have, Holm over ``pairs``."""
     found = []
     for loss, reference in pairs:
         g = grid(tables[loss], tables[reference])
@@ -637,7 +610,7 @@ def _difference(c: Comparison) -> str:
 
 
 def _seeds(n: int | None, lower_bound: bool) -> str:
-    """What a question needs: ``needs 4 seeds per fold`` or why no number of seeds will do."""
+    """``needs 4 seeds per fold``, or why no number of seeds will do."""
     if n is None:
         return (f"is out of reach of any number of seeds up to {MAX_SEEDS} (the patients limit "
                 "the precision: more patients are needed)")
@@ -648,8 +621,7 @@ MEASURED = ("Training randomness is measured", "These runs detect", "The seeds a
 
 
 def design_lines(a: Analysis) -> list[str]:
-    """What the runs can and cannot tell, before any table: the variance components, the
-    correlation of run shifts, and how many seeds a question needs."""
+    """What the runs can and cannot tell, before any table."""
     d = a.design
     if d is None or d.components is None:
         return []
@@ -700,7 +672,7 @@ def _common_means(a: Analysis, losses: Sequence[str]) -> dict[str, float]:
 
 
 def _best(a: Analysis, usable: list[str]) -> str:
-    """'Best' only for a loss whose lead over every other loss was tested and survives."""
+    """'Best' only for a loss whose lead over every other was tested and survives."""
     if len(usable) < 2:
         return ""
     if not any(np.isfinite(c.p_value) for c in a.comparisons):
@@ -729,8 +701,8 @@ def _best(a: Analysis, usable: list[str]) -> str:
 
 
 def verdict(a: Analysis) -> list[str]:
-    """What the comparisons show: flagged runs first (nothing ranked then), then what the
-    design can tell, then the comparisons; 'no difference detected' is never 'the same'."""
+    """Flagged runs first (nothing is ranked then), what the design can tell, the comparisons;
+    'no difference detected' is never 'the same'."""
     lines = []
     flagged = a.flagged
     if flagged:
