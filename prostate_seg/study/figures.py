@@ -135,11 +135,10 @@ def forest(a: Analysis) -> Figure:
     """Each comparison's mean per-patient difference with its 95 % CI from the mixed model;
     filled: significant after Holm; open: not; grey: a flagged loss (not interpreted)."""
     comparisons = a.comparisons
-    flagged = a.flagged
     figure = Figure(figsize=(7.0, 0.45 * len(comparisons) + 1.8), layout="constrained")
     ax = figure.subplots()
     for y, c in enumerate(reversed(comparisons)):
-        grey = c.loss in flagged or c.baseline in flagged
+        grey = a.is_flagged(c)
         colour = "0.6" if grey else ("tab:red" if c.mean_diff < 0 else "tab:blue")
         if np.isfinite(c.ci_low):
             ax.hlines(y, c.ci_low, c.ci_high, color=colour, lw=2)

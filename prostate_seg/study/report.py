@@ -26,7 +26,7 @@ import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,15 @@ from prostate_seg.study.runs import (
     mixed_code,
     read_history,
 )
-from prostate_seg.study.statistics import ALPHA, MEASURED, Analysis, Row, analyse
+from prostate_seg.study.statistics import (
+    ALPHA,
+    MEASURED,
+    Analysis,
+    Comparison,
+    Row,
+    analyse,
+    fmt,
+)
 from prostate_seg.study.sweeps import DEFAULT_BASELINE
 
 log = logging.getLogger(__name__)
@@ -58,22 +66,17 @@ LONG_TABLE = "per_patient.csv"
 LAUNCHER_FILE = "launcher.json"
 PRIMARY_SPLIT = "val"
 
-# The long table: identifying columns, per-patient scores, then the run's own columns
-# (the flags need them) and where each row comes from.
-LONG_COLUMNS = ("loss", "alpha", "beta", "fold", "seed", "patient", "split", "dice",
-                "precision", "recall",
-                "hd95", "hd95_failed", "hd95_unit", "voxels_pred", "voxels_true",
-                "voxels_total", "best_epoch", "epochs_trained", "max_epochs", "stopped_early",
-                "identity", "group", "run")
+# The long table's columns and what their cells hold: text; whole (a text of a whole number,
+# so an Excel "0.0" is fold 0); unit (in [0, 1]); count (whole, >= 0); distance (>= 0);
+# flag (true or false).
+COLUMNS = {"loss": "text", "alpha": "unit", "beta": "unit", "fold": "whole", "seed": "whole",
+           "patient": "text", "split": "text", "dice": "unit", "precision": "unit",
+           "recall": "unit", "hd95": "distance", "hd95_failed": "count", "hd95_unit": "text",
+           "voxels_pred": "count", "voxels_true": "count", "voxels_total": "count",
+           "best_epoch": "count", "epochs_trained": "count", "max_epochs": "count",
+           "stopped_early": "flag", "identity": "text", "group": "text", "run": "text"}
+LONG_COLUMNS = tuple(COLUMNS)
 REQUIRED = ("loss", "patient", "dice")
-TEXT = ("loss", "fold", "seed", "patient", "split", "hd95_unit", "identity", "group", "run")
-NUMBERS = ("alpha", "beta", "dice", "precision", "recall", "hd95", "hd95_failed", "voxels_pred", "voxels_true",
-           "voxels_total", "best_epoch", "epochs_trained", "max_epochs")
-FLAGS = ("stopped_early",)
-UNIT_INTERVAL = ("alpha", "beta", "dice", "precision", "recall")
-INTEGERS = ("fold", "seed")  # text columns that hold integers (an Excel "0.0" is 0)
-COUNTS = ("hd95_failed", "voxels_pred", "voxels_true", "voxels_total", "best_epoch",
-          "epochs_trained", "max_epochs")  # whole numbers >= 0
 KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
 RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "identity",
                "group")
@@ -84,92 +87,85 @@ FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_
 
 # --- reading tables ---------------------------------------------------------------------
 
+def _whole(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value.is_integer() and value >= 0
+
+
 def _cell(raw: dict[str, Any], column: str, where: str) -> Any:
     text = (raw.get(column) or "").strip()
-    if column in INTEGERS and text:
-        try:
-            number = float(text)
-        except ValueError:
-            number = math.nan
-        if not (math.isfinite(number) and number.is_integer() and number >= 0):
-            raise DataError(f"{where}: {column}={text!r} is not a whole number >= 0")
-        return str(int(number))
-    if column in TEXT:
-        if not text and column in REQUIRED:
-            raise DataError(f"{where}: {column} is empty")
-        return text or (PRIMARY_SPLIT if column == "split" else "")
-    if column in FLAGS:
-        if not text:
-            return None
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise DataError(f"{where}: {column}={text!r} is not true or false")
+    kind = COLUMNS[column]
     if not text:
         if column in REQUIRED:
             raise DataError(f"{where}: {column} is empty")
-        return math.nan
+        empty = {"text": PRIMARY_SPLIT if column == "split" else "", "whole": "", "flag": None}
+        return empty.get(kind, math.nan)
+    if kind == "text":
+        return text
+    if kind == "flag":
+        if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
+            raise DataError(f"{where}: {column}={text!r} is not true or false")
+        return text.lower() in ("true", "1", "yes")
     try:
-        value = float(text)
+        value: float | None = float(text)
     except ValueError:
-        raise DataError(f"{where}: {column}={text!r} is not a number") from None
+        value = None
+    if kind == "whole":
+        if not _whole(value):
+            raise DataError(f"{where}: {column}={text!r} is not a whole number >= 0")
+        return str(int(value))
+    if value is None:
+        raise DataError(f"{where}: {column}={text!r} is not a number")
     if column in REQUIRED and not math.isfinite(value):
         raise DataError(f"{where}: {column}={text!r} is not a finite number")
-    if column in UNIT_INTERVAL and not 0.0 <= value <= 1.0:
+    if kind == "unit" and not 0.0 <= value <= 1.0:
         raise DataError(f"{where}: {column}={text} is outside [0, 1]")
-    if column in COUNTS and not (math.isfinite(value) and value.is_integer() and value >= 0):
+    if kind == "count" and not _whole(value):
         raise DataError(f"{where}: {column}={text} is not a whole number >= 0")
     if column == "hd95_failed" and value not in (0, 1):
         raise DataError(f"{where}: hd95_failed={text} is not 0 or 1")
-    if column == "hd95" and value < 0:
-        raise DataError(f"{where}: hd95={text} is negative (a distance)")
+    if kind == "distance" and value < 0:
+        raise DataError(f"{where}: {column}={text} is negative (a distance)")
     return value
 
 
 def read_rows(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]:
-    """Rows of a per-patient CSV with their known columns typed; one DataError naming the
-    file, the line and the problem for anything wrong."""
+    """Rows of a per-patient CSV, typed; one DataError naming file, line and problem."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM is no column
-            return _typed_rows(csv.DictReader(f), path, required)
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if not header:
+                raise DataError(f"{path}: empty; expected a header with the columns "
+                                f"{', '.join(required)}")
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
+                                f"{', '.join(missing)} (it has: {', '.join(header)})")
+            known = [c for c in LONG_COLUMNS if c in header]
+            shared: dict[str, str] = {}  # one object per distinct text: a long table repeats them
+            rows = []
+            for raw in reader:
+                where = f"{path} line {reader.line_num}"
+                if None in raw:
+                    raise DataError(f"{where}: more fields than the header has")
+                row = {"split": PRIMARY_SPLIT} | {c: _cell(raw, c, where) for c in known}
+                for column, value in row.items():
+                    if isinstance(value, str) and column != "patient":
+                        row[column] = shared.setdefault(value, value)
+                if row.get("hd95") == math.inf and row.get("hd95_failed") != 1:
+                    raise DataError(f"{where}: hd95=inf without hd95_failed=1 (an undefined "
+                                    "HD95 is flagged as failed)")
+                rows.append(row | {"line": reader.line_num})
+            return rows
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a text (CSV) file") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
 
 
-def _typed_rows(reader: csv.DictReader, path: Path, required: Sequence[str]) -> list[Row]:
-    header = reader.fieldnames or []
-    if not header:
-        raise DataError(f"{path}: empty; expected a header with the columns "
-                        f"{', '.join(required)}")
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(missing)} (it has: {', '.join(header)})")
-    known = [c for c in LONG_COLUMNS if c in header]
-    shared: dict[str, str] = {}  # one object per distinct text: a long table repeats them
-    rows = []
-    for raw in reader:
-        where = f"{path} line {reader.line_num}"
-        if None in raw:
-            raise DataError(f"{where}: more fields than the header has")
-        row = {"split": PRIMARY_SPLIT} | {c: _cell(raw, c, where) for c in known}
-        for column in TEXT:
-            if column in row and column != "patient":
-                row[column] = shared.setdefault(row[column], row[column])
-        if row.get("hd95") == math.inf and row.get("hd95_failed") != 1:
-            raise DataError(f"{where}: hd95=inf without hd95_failed=1 (an undefined HD95 is "
-                            "flagged as failed)")
-        rows.append(row | {"line": reader.line_num})
-    return rows
-
-
 def check_unique(rows: list[Row], source: str) -> None:
-    """One row per (loss, fold, seed, patient, split): a second one would be counted twice;
-    and in cross-validation (the val split) a patient sits in one fold per loss and seed: a
-    second fold for it is a mislabelled row, which would be averaged into the patient."""
+    """One row per KEY (a second would count twice), and a val patient in one fold per loss
+    and seed (a second fold is a mislabelled row that would be averaged into it)."""
     seen: dict[tuple, int] = {}
     fold_of: dict[tuple, tuple[str, int]] = {}
     for row in rows:
@@ -413,18 +409,6 @@ def alphas_of(rows: Iterable[Row]) -> dict[str, float]:
     return {loss: next(iter(v)) if len(v) == 1 else math.nan for loss, v in found.items()}
 
 
-def _number(value: float, digits: int = 4) -> str:
-    return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def _signed(value: float, digits: int) -> str:
-    return "—" if math.isnan(value) else f"{value:+.{digits}f}"
-
-
-def _p(value: float) -> str:
-    return "—" if math.isnan(value) else f"{value:.2g}"
-
-
 def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
@@ -437,55 +421,37 @@ def summary_table(a: Analysis) -> list[str]:
     header = ["Loss", "α", "Patients", "Runs", "Dice mean [95 % CI]", "Median", "Run SD",
               "Precision", "Recall", hd_title, "HD95 failed", "Flags"]
     return _markdown_table(header, ([
-        s.loss, _number(s.alpha, 2), str(s.n_patients), str(s.n_runs),
-        f"{_number(s.dice_mean)} [{_number(s.dice_ci_low, 3)}, {_number(s.dice_ci_high, 3)}]",
-        _number(s.dice_median), _number(s.run_sd, 3), _number(s.precision_mean),
-        _number(s.recall_mean), _number(s.hd95_median, 2),
-        "—" if s.hd95_failed is None else str(s.hd95_failed),
+        s.loss, fmt(s.alpha, ".2f"), str(s.n_patients), str(s.n_runs),
+        f"{fmt(s.dice_mean)} [{fmt(s.dice_ci_low, '.3f')}, {fmt(s.dice_ci_high, '.3f')}]",
+        fmt(s.dice_median), fmt(s.run_sd, ".3f"), fmt(s.precision_mean),
+        fmt(s.recall_mean), fmt(s.hd95_median, ".2f"), fmt(s.hd95_failed, "d"),
         "; ".join(s.flags) or "—"] for s in a.summaries))
 
 
 def comparison_table(a: Analysis) -> list[str]:
     header = ["Loss", "vs", "Patients", "Run pairs", "ΔDice [95 % CI]", "df", "p", "p (Holm)",
               "Significant", "d_z", "Favouring: run pairs, patients", "SD: run pair, patient"]
-    flagged = a.flagged
-    rows = []
-    for c in a.comparisons:
-        significant = "yes" if c.significant else "no"
-        if c.loss in flagged or c.baseline in flagged:
-            significant += " (flagged: not interpreted)"
-        leader = c.higher_first().loss
-        rows.append([c.loss, c.baseline, str(c.n_patients), str(c.n_run_pairs),
-                     f"{_signed(c.mean_diff, 4)} [{_signed(c.ci_low, 3)}, "
-                     f"{_signed(c.ci_high, 3)}]", _number(c.df, 1),
-                     _p(c.p_value), _p(c.p_holm), significant, _number(c.cohens_dz, 2),
-                     f"{leader}: {c.runs_favouring}/{c.n_run_pairs}, "
-                     f"{c.patients_favouring:.0%}",
-                     f"{_number(c.run_sd, 3)}, {_number(c.patient_sd, 3)}"])
-    return _markdown_table(header, rows)
+    return _markdown_table(header, ([
+        c.loss, c.baseline, str(c.n_patients), str(c.n_run_pairs),
+        f"{fmt(c.mean_diff, '+.4f')} [{fmt(c.ci_low, '+.3f')}, {fmt(c.ci_high, '+.3f')}]",
+        fmt(c.df, ".1f"), fmt(c.p_value, ".2g"), fmt(c.p_holm, ".2g"),
+        ("yes" if c.significant else "no")
+        + (" (flagged: not interpreted)" if a.is_flagged(c) else ""),
+        fmt(c.cohens_dz, ".2f"),
+        f"{c.higher_first().loss}: {c.runs_favouring}/{c.n_run_pairs}, "
+        f"{c.patients_favouring:.0%}",
+        f"{fmt(c.run_sd, '.3f')}, {fmt(c.patient_sd, '.3f')}"] for c in a.comparisons))
 
 
 def summary_rows(a: Analysis) -> list[dict[str, Any]]:
-    return [{"loss": s.loss, "alpha": s.alpha, "split": a.split, "n_patients": s.n_patients,
-             "n_runs": s.n_runs, "folds": s.folds, "seeds": s.seeds, "dice_mean": s.dice_mean,
-             "dice_ci_low": s.dice_ci_low, "dice_ci_high": s.dice_ci_high,
-             "dice_median": s.dice_median, "run_sd": s.run_sd, "patient_sd": s.patient_sd,
-             "precision_mean": s.precision_mean, "recall_mean": s.recall_mean,
-             "hd95_median": s.hd95_median, "hd95_unit": s.hd95_unit,
-             "hd95_failed": s.hd95_failed, "flags": "; ".join(s.flags)} for s in a.summaries]
+    return [asdict(s) | {"split": a.split, "flags": "; ".join(s.flags)} for s in a.summaries]
 
 
-COMPARISON_COLUMNS = ["loss", "baseline", "n_patients", "n_run_pairs", "mean_diff", "ci_low",
-                      "ci_high", "df", "p_value", "p_holm", "significant", "cohens_dz",
-                      "runs_favouring", "patients_favouring", "run_sd", "patient_sd",
-                      "residual_sd", "shift_correlation", "flagged", "split"]
+COMPARISON_COLUMNS = [f.name for f in fields(Comparison)] + ["flagged", "split"]
 
 
 def comparison_rows(a: Analysis) -> list[dict[str, Any]]:
-    flagged = a.flagged
-    return [{**{k: getattr(c, k) for k in COMPARISON_COLUMNS[:-2]},
-             "flagged": c.loss in flagged or c.baseline in flagged, "split": a.split}
-            for c in a.comparisons]
+    return [asdict(c) | {"flagged": a.is_flagged(c), "split": a.split} for c in a.comparisons]
 
 
 METHOD_PAGE = Path(__file__).resolve().parents[2] / "docs" / "METHOD.md"

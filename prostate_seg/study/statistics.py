@@ -568,6 +568,9 @@ class Analysis:
     def flagged(self) -> dict[str, tuple[str, ...]]:
         return {s.loss: s.flags for s in self.summaries if s.flags}
 
+    def is_flagged(self, c: Comparison) -> bool:
+        return c.loss in self.flagged or c.baseline in self.flagged
+
 
 def analyse(rows: list[Row], losses: Sequence[str], baseline: str | None,
             all_pairs: bool = False, split: str = "val") -> Analysis:
@@ -599,13 +602,14 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _signed(value: float) -> str:
-    return f"{value:+.3f}"
+def fmt(value: float | None, spec: str = ".4f") -> str:
+    """A number for the report's text, "—" when it is missing."""
+    return "—" if value is None or math.isnan(value) else format(value, spec)
 
 
 def _difference(c: Comparison) -> str:
-    return (f"ΔDice {_signed(c.mean_diff)} (95 % CI {_signed(c.ci_low)} to "
-            f"{_signed(c.ci_high)}, Holm-adjusted p = {c.p_holm:.2g}; higher in "
+    return (f"ΔDice {fmt(c.mean_diff, '+.3f')} (95 % CI {fmt(c.ci_low, '+.3f')} to "
+            f"{fmt(c.ci_high, '+.3f')}, Holm-adjusted p = {c.p_holm:.2g}; higher in "
             f"{c.runs_favouring} of {c.n_run_pairs} run pairs, {c.n_patients} patients)")
 
 
@@ -630,7 +634,7 @@ def design_lines(a: Analysis) -> list[str]:
     plan = (f"Detecting a difference of {PLANNING_DIFFERENCE} with {POWER:.0%} power (Holm "
             f"over {_count(d.comparisons, 'comparison')}) {_seeds(d.seeds_for_planning, c.lower_bound)}")
     if d.largest is not None and d.largest.mean_diff:
-        plan += (f"; the largest observed difference ({_signed(d.largest.mean_diff)}, "
+        plan += (f"; the largest observed difference ({fmt(d.largest.mean_diff, '+.3f')}, "
                  f"{d.largest.loss} vs {d.largest.baseline}) "
                  f"{_seeds(d.seeds_for_largest, c.lower_bound)}")
     if d.folds < 2 and not d.within:
