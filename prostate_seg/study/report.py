@@ -3,16 +3,8 @@
     python -m prostate_seg report SWEEP_DIR [--baseline bce] [--all-pairs] [--split val]
     python -m prostate_seg report --table FILE.csv --out DIR [--baseline ...] [--all-pairs]
 
-Sweep mode (also run at the end of every multirun) finds every run folder under SWEEP_DIR by
-its status.json / results.json, writes their per-patient rows as one long table,
-SWEEP_DIR/report/per_patient.csv, and then runs exactly the table mode on it, adding what
-only run folders have: loss curves, the contour grid and the runs that failed, did not
-finish or are broken (listed, never silently dropped). Table mode reads a long table alone,
-for instance exported from nnU-Net or MONAI: columns loss, patient, dice (required) and
-fold, seed, split, precision, recall, hd95, hd95_failed, ... (optional).
-
-Writes results.md (verdict first), results.csv (per loss), comparisons.csv (per comparison)
-and figures. The statistics are in :mod:`prostate_seg.study.statistics`.
+A sweep's runs become one long table (SWEEP_DIR/report/per_patient.csv), reported as a table
+is, plus what only run folders have (curves, contours, runs left out). See docs/REPORT.md.
 """
 
 from __future__ import annotations
@@ -216,6 +208,14 @@ class Run:
         return str(self.results.get("loss", ""))
 
     @property
+    def fold(self) -> str:
+        return _text(self.results.get("fold"))
+
+    @property
+    def seed(self) -> str:
+        return _text(self.results.get("seed"))
+
+    @property
     def group(self) -> str:
         if self.across_code:
             return group_across_code(self.identity) or f"loss {self.loss}"
@@ -231,13 +231,11 @@ def _unfinished_reason(folder: Path, status: dict[str, Any] | None,
                        launcher: dict[str, Any] | None) -> tuple[str, str]:
     state = (status or {}).get("status")
     launched = (launcher or {}).get("status")
+    error = str((status or {}).get("error") or (launcher or {}).get("error") or "").strip()
     if state == "failed" or launched == "failed":
-        error = (status or {}).get("error") or (launcher or {}).get("error") or ""
-        last = str(error).strip().splitlines()[-1:] or ["no error recorded"]
-        return "failed", last[0]
+        return "failed", (error.splitlines()[-1:] or ["no error recorded"])[0]
     if state == "interrupted" or launched == "interrupted":
-        error = (status or {}).get("error") or (launcher or {}).get("error") or "interrupted"
-        return "interrupted", str(error).strip().splitlines()[0]
+        return "interrupted", (error.splitlines() or ["interrupted"])[0]
     if state == "running":
         holder = RunLock(folder).held_by_another()
         if holder:
@@ -252,50 +250,46 @@ def _unfinished_reason(folder: Path, status: dict[str, Any] | None,
 
 
 def read_run(folder: Path, sweep_dir: Path) -> Run:
-    """One run folder, classified; per-patient rows read only for completed runs."""
+    """One run folder, classified; per-patient rows read only for completed runs, checked as
+    table mode checks them, so one bad run cannot stop the report."""
     name = "." if folder == sweep_dir else str(folder.relative_to(sweep_dir))
-    run = Run(folder=folder, name=name, state="completed")
+    run = Run(folder=folder, name=name, state="broken")
     status, status_error = load_json_object(folder / STATUS_FILE)
     results, results_error = load_json_object(folder / RESULTS_FILE)
-    if status_error or results_error:
-        run.state, run.reason = "broken", status_error or results_error
-        return run
     run.results = results or {}
-    run.identity = (status or {}).get("identity") or {}
-    if not isinstance(run.identity, dict):
-        run.identity = {}
-    if (status or {}).get("status") != "completed" or results is None:
+    identity = (status or {}).get("identity")
+    run.identity = identity if isinstance(identity, dict) else {}
+    table = folder / PER_PATIENT_FILE
+    if status_error or results_error:
+        run.reason = status_error or results_error
+    elif (status or {}).get("status") != "completed" or results is None:
         launcher, _ = load_json_object(folder / LAUNCHER_FILE)
         run.state, run.reason = _unfinished_reason(folder, status, launcher)
-        return run
-    if not run.loss:
-        run.state, run.reason = "broken", "results.json names no loss"
-        return run
-    table = folder / PER_PATIENT_FILE
-    if not table.exists():
-        run.state = "broken"
+    elif not run.loss:
+        run.reason = "results.json names no loss"
+    elif not table.exists():
         run.reason = (f"completed, but has no {PER_PATIENT_FILE}: "
                       + run.results.get("not_evaluated", "trained by a version that did not "
                                         "write it?"))
-        return run
-    try:  # checked here as table mode checks them, so one bad run cannot stop the report
-        rows = read_rows(table, required=("patient", "dice"))
-        check_unique(rows, PER_PATIENT_FILE)
-        run.columns = {k: _cell({k: str(_csv_value(run.results.get(k)))}, k, RESULTS_FILE)
-                       for k in RUN_COLUMNS}
-    except DataError as exc:
-        run.state, run.reason = "broken", str(exc).replace(str(folder) + "/", "")
-        return run
-    if not rows:
-        run.state, run.reason = "broken", f"{PER_PATIENT_FILE} has no rows"
-        return run
-    run.rows = rows
+    else:
+        try:
+            rows = read_rows(table, required=("patient", "dice"))
+            check_unique(rows, PER_PATIENT_FILE)
+            run.columns = {k: _cell({k: str(_csv_value(run.results.get(k)))}, k, RESULTS_FILE)
+                           for k in RUN_COLUMNS}
+        except DataError as exc:
+            run.reason = str(exc).replace(str(folder) + "/", "")
+            return run
+        if rows:
+            run.state, run.rows = "completed", rows
+        else:
+            run.reason = f"{PER_PATIENT_FILE} has no rows"
     return run
 
 
 def find_run_folders(sweep_dir: Path) -> list[Path]:
-    """Folders holding status.json, results.json or launcher.json, or Hydra's .hydra/ (a job
-    that started but wrote nothing else): every job of the sweep, whatever its fate."""
+    """Every job of the sweep, whatever its fate: folders with a status, results or launcher
+    file, or Hydra's .hydra/ (a job that started but wrote nothing else)."""
     report = sweep_dir / REPORT_DIR
     found = {p.parent for name in (STATUS_FILE, RESULTS_FILE, LAUNCHER_FILE)
              for p in sweep_dir.rglob(name)}
@@ -303,35 +297,30 @@ def find_run_folders(sweep_dir: Path) -> list[Path]:
     return sorted(f for f in found if report not in (f, *f.parents))
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def label_groups(runs: list[Run]) -> None:
-    """Name each group of runs (same configuration but seed and fold) by its loss; groups
-    that share a loss name add the settings that tell them apart, from status.json's
-    identity config (``bce (optimizer.lr=0.001)``), or the group hash when that is absent."""
+    """Name each group of runs by its loss; groups sharing a loss add the settings that tell
+    them apart (``bce (optimizer.lr=0.001)``), or the group hash."""
     groups: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         groups[run.loss][run.group].append(run)
     for loss, by_group in groups.items():
-        if len(by_group) == 1:
-            for members in by_group.values():
-                for run in members:
-                    run.label = loss
-            continue
         constant = {}  # group -> {key: value} for keys with one value in the whole group
         for group, members in by_group.items():
             configs = [m.identity.get("config") or {} for m in members]
-            keys = set.intersection(*(set(c) for c in configs)) if configs else set()
-            constant[group] = {k: configs[0][k] for k in keys
-                               if all(json.dumps(c[k], sort_keys=True, default=str) ==
-                                      json.dumps(configs[0][k], sort_keys=True, default=str)
-                                      for c in configs)}
+            same = set.intersection(*({(k, _json(v)) for k, v in c.items()} for c in configs))
+            constant[group] = {k: configs[0][k] for k, _ in same}
         shared_keys = set.intersection(*(set(c) for c in constant.values()))
         differing = sorted(k for k in shared_keys if not k.startswith(CODE_PREFIX)
-                           and len({json.dumps(c[k], default=str) for c in constant.values()}) > 1)
-        labels = {}
-        for group in by_group:
-            settings = ", ".join(f"{k}={constant[group][k]}" for k in differing[:3])
-            labels[group] = f"{loss} ({settings or 'group ' + group[:8]})"
-        if len(set(labels.values())) < len(labels):  # settings did not tell them apart
+                           and len({_json(c[k]) for c in constant.values()}) > 1)
+        labels = {g: f"{loss} ({', '.join(f'{k}={constant[g][k]}' for k in differing[:3])})"
+                  for g in by_group}
+        if len(by_group) == 1:
+            labels = dict.fromkeys(by_group, loss)
+        elif not differing or len(set(labels.values())) < len(labels):  # not told apart
             labels = {g: f"{loss} (group {g[:8]})" for g in by_group}
         for group, members in by_group.items():
             for run in members:
@@ -346,15 +335,14 @@ def _number_or_nan(value: Any) -> float:
 def long_rows(run: Run) -> list[Row]:
     """The run's per-patient rows as long-table rows: its label, fold, seed and run columns."""
     fixed = {"loss": run.label, "alpha": _number_or_nan(run.results.get("alpha")),
-             "beta": _number_or_nan(run.results.get("beta")), "fold": _text(run.results.get("fold")),
-             "seed": _text(run.results.get("seed")), "run": run.name, **run.columns}
+             "beta": _number_or_nan(run.results.get("beta")), "fold": run.fold,
+             "seed": run.seed, "run": run.name, **run.columns}
     return [{**row, **fixed} for row in run.rows]
 
 
 def collect_runs(sweep_dir: Path, allow_mixed_code: bool = False) -> list[Run]:
-    """Every run folder of the sweep, classified and labelled; a second completed run of the
-    same group, fold and seed (a copied or re-run job) is marked as a duplicate. Runs made by
-    different code are refused unless ``allow_mixed_code`` pools them."""
+    """Every run folder, classified and labelled; a second completed run of one group, fold
+    and seed is a duplicate; runs of different code are refused unless pooled on request."""
     runs = [read_run(folder, sweep_dir) for folder in find_run_folders(sweep_dir)]
     completed = [r for r in runs if r.state == "completed"]
     mixed = mixed_code(r.identity for r in completed)
@@ -366,13 +354,11 @@ def collect_runs(sweep_dir: Path, allow_mixed_code: bool = False) -> list[Run]:
     label_groups(completed)
     first: dict[tuple, Run] = {}
     for run in completed:
-        key = (run.label, _text(run.results.get("fold")), _text(run.results.get("seed")))
-        if key in first:
+        original = first.setdefault((run.label, run.fold, run.seed), run)
+        if original is not run:
             run.state = "duplicate"
-            run.reason = (f"same configuration, fold and seed as {first[key].name}; only that "
+            run.reason = (f"same configuration, fold and seed as {original.name}; only that "
                           "one is counted")
-        else:
-            first[key] = run
     return runs
 
 
@@ -560,10 +546,10 @@ def _figures(a: Analysis, rows: list[Row], colours: dict[str, Any], out: Path,
         drawn[ALPHA_FIGURE] = figures.alpha_curve(a, colours)
     if sweep is not None:
         counted = [r for r in sweep.runs if r.state == "completed"]
-        columns = _contour_columns(counted, sweep)
+        columns = _contour_columns(counted, list(colours), sweep)
         if columns:
             drawn["contours.png"] = figures.contours(columns)
-        curves = _curves(counted, sweep)
+        curves = _curves(counted, list(colours), sweep)
         if curves:
             drawn["loss_curves.png"] = figures.loss_curves(curves, colours)
     for name, figure in drawn.items():
@@ -605,26 +591,18 @@ def _markdown(analyses: list[Analysis], table: Path, written: list[str],
     return "\n".join(md) + "\n"
 
 
-def _run_order(runs: list[Run], label: str) -> tuple[int, float, str]:
-    alpha = next((_number_or_nan(r.results.get("alpha")) for r in runs if r.label == label),
-                 math.nan)
-    return loss_order(label, alpha)
-
-
-def _contour_columns(runs: list[Run], sweep: SweepExtras) -> list[figures.ContourColumn]:
-    """One model per loss, all on the same fold and seed where possible (so on the same
-    validation slices): the fold and seed that most losses have, the lowest first. Every
-    preview is opened, so a broken one is named even when another run is drawn."""
+def _contour_columns(runs: list[Run], losses: list[str],
+                     sweep: SweepExtras) -> list[figures.ContourColumn]:
+    """One model per loss, on the fold and seed most losses have (the same slices), the
+    lowest first. Every preview is opened, so a broken one is named even if not drawn."""
     previews = {run.name: _load_preview(run, sweep) for run in runs}
-    fold_seed = {run.name: (_text(run.results.get("fold")), _text(run.results.get("seed")))
-                 for run in runs}
-    common = Counter(fold_seed[run.name] for run in runs if previews[run.name] is not None)
+    common = Counter((run.fold, run.seed) for run in runs if previews[run.name] is not None)
     columns = []
-    for label in sorted({run.label for run in runs}, key=lambda label: _run_order(runs, label)):
+    for label in losses:
         drawable = [run for run in runs if run.label == label and previews[run.name] is not None]
         if not drawable:
             continue
-        run = min(drawable, key=lambda r: (-common[fold_seed[r.name]], fold_seed[r.name]))
+        run = min(drawable, key=lambda r: (-common[r.fold, r.seed], (r.fold, r.seed)))
         dice = float(np.mean([r["dice"] for r in run.rows if r["split"] == PRIMARY_SPLIT]
                              or [math.nan]))
         columns.append(figures.ContourColumn(label=label, run=run.name, dice=dice,
@@ -649,9 +627,10 @@ def _load_preview(run: Run, sweep: SweepExtras) -> dict[str, np.ndarray] | None:
     return preview
 
 
-def _curves(runs: list[Run], sweep: SweepExtras) -> dict[str, list[figures.Curve]]:
+def _curves(runs: list[Run], losses: list[str],
+            sweep: SweepExtras) -> dict[str, list[figures.Curve]]:
     curves: dict[str, list[figures.Curve]] = defaultdict(list)
-    for run in sorted(runs, key=lambda r: _run_order(runs, r.label)):
+    for run in sorted(runs, key=lambda r: losses.index(r.label)):
         try:
             history = read_history(run.folder)
         except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
@@ -660,8 +639,7 @@ def _curves(runs: list[Run], sweep: SweepExtras) -> dict[str, list[figures.Curve
             continue
         if not history:
             continue
-        name = f"fold {_text(run.results.get('fold')) or '?'}, seed " \
-               f"{_text(run.results.get('seed')) or '?'}"
+        name = f"fold {run.fold or '?'}, seed {run.seed or '?'}"
         curves[run.label].append(figures.Curve(name=name, history=history,
                                                best_epoch=run.results.get("best_epoch")))
     return dict(curves)
