@@ -1,17 +1,11 @@
-"""The report's figures. Each function returns a matplotlib Figure built without pyplot (no
-global state, no GUI backend, safe inside a training process); :func:`save` writes it.
-
-Rules every figure keeps: axis labels, a key for its colours and markers, and axes fitted to
-the data so that no point is ever outside the plot. Colours follow the original study: BCE
-grey, Tversky red, lighter for higher alpha, dark red for alpha = 0.5 (the Dice loss).
-"""
+"""The report's figures, built without pyplot (no global state, no GUI backend, safe in a
+training process): axis labels, a key for colours and markers, axes fitted to the data."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -28,8 +22,7 @@ PAD = 0.04  # share of the data range added on each side of an axis
 
 
 def loss_colours(losses: Sequence[str], alphas: dict[str, float]) -> dict[str, Any]:
-    """BCE grey; a loss with an alpha red, lighter for higher alpha, dark red at 0.5 (Dice);
-    the others from tab10."""
+    """BCE grey; a loss with an alpha red, lighter for higher alpha, dark red at 0.5 (Dice)."""
     others = iter(matplotlib.colormaps["tab10"].colors)
     colours = {}
     for loss in losses:
@@ -46,17 +39,13 @@ def loss_colours(losses: Sequence[str], alphas: dict[str, float]) -> dict[str, A
 
 
 def fit_axis(values: Sequence[float]) -> tuple[float, float]:
-    """Limits that hold every finite value, with a margin (never cut at a guessed floor)."""
+    """Limits holding every finite value with a margin (never cut at a guessed floor)."""
     data = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
     if len(data) == 0:
         return 0.0, 1.0
     low, high = float(data.min()), float(data.max())
     margin = max(high - low, 0.02) * PAD + 1e-3
     return low - margin, high + margin
-
-
-def save(figure: Figure, path: Path) -> None:
-    figure.savefig(path, dpi=110)
 
 
 def _loss_axis(ax: Any, losses: Sequence[str]) -> None:
@@ -66,9 +55,8 @@ def _loss_axis(ax: Any, losses: Sequence[str]) -> None:
 
 
 def scores(rows: list[Row], a: Analysis, colours: dict[str, Any]) -> Figure:
-    """Dice, precision and recall per loss: every patient × seed as a point, the mean over
-    patients on top (Dice with its 95 % CI). Panels without values (a table
-    without precision) are left out."""
+    """Dice, precision and recall per loss: every patient × seed a point, the mean on top (Dice
+    with its 95 % CI); panels without values are left out."""
     losses = [s.loss for s in a.summaries]
     metrics = [m for m in ("dice", "precision", "recall")
                if any(np.isfinite(r.get(m, math.nan)) for r in rows)]
@@ -94,7 +82,8 @@ def scores(rows: list[Row], a: Analysis, colours: dict[str, Any]) -> Figure:
         ax.set_title(metric.capitalize())
         _loss_axis(ax, losses)
         ax.grid(axis="y", alpha=0.3)
-    key = [Line2D([], [], ls="", marker="o", color="0.5", label="one patient × seed (colour = loss)"),
+    key = [Line2D([], [], ls="", marker="o", color="0.5",
+                  label="one patient × seed (colour = loss)"),
            Line2D([], [], ls="", marker="D", color="k", label="mean over patient × seed rows"),
            Line2D([], [], color="k", lw=1.5, label="Dice: 95 % CI of the mean (runs and patients)")]
     figure.legend(handles=key, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
@@ -103,8 +92,7 @@ def scores(rows: list[Row], a: Analysis, colours: dict[str, Any]) -> Figure:
 
 
 def paired(a: Analysis, colours: dict[str, Any]) -> Figure:
-    """Each patient's Dice (mean over seeds) across losses, joined by a line: the pairing
-    the comparisons use."""
+    """Each patient's Dice across losses joined by a line: the pairing the comparisons use."""
     losses = [s.loss for s in a.summaries]
     patients = sorted({p for d in a.patient_dice.values() for p in d})
     figure = Figure(figsize=(max(5.0, 0.9 * len(losses) + 2), 4.6), layout="constrained")
@@ -132,8 +120,7 @@ def paired(a: Analysis, colours: dict[str, Any]) -> Figure:
 
 
 def forest(a: Analysis) -> Figure:
-    """Each comparison's mean per-patient difference with its 95 % CI from the mixed model;
-    filled: significant after Holm; open: not; grey: a flagged loss (not interpreted)."""
+    """Each comparison's difference with its 95 % CI: filled significant, open not, grey flagged."""
     comparisons = a.comparisons
     figure = Figure(figsize=(7.0, 0.45 * len(comparisons) + 1.8), layout="constrained")
     ax = figure.subplots()
@@ -183,17 +170,15 @@ def _slice_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def _outline(ax: Any, mask: np.ndarray, colour: str, width: float) -> None:
-    """Contour of a mask padded with background, so a mask that fills the whole slice still
-    has an outline (at the border) instead of none."""
+    """Contour of a mask padded with background, so a mask filling the slice still has one."""
     padded = np.pad(mask.astype(float), 1)
     rows, cols = np.arange(-1, mask.shape[0] + 1), np.arange(-1, mask.shape[1] + 1)
     ax.contour(cols, rows, padded, levels=[0.5], colors=colour, linewidths=width)
 
 
 def contours(columns: list[ContourColumn]) -> Figure:
-    """Preview slices (rows) × truth and each loss's model (columns): the prediction as a
-    translucent red fill with its outline over the green truth outline; an empty prediction
-    is written out as "predicted nothing"."""
+    """Preview slices × truth and each loss's prediction (red fill and outline over the green
+    truth outline); an empty prediction says so in words."""
     slices = min(len(c.image) for c in columns)
     figure = Figure(figsize=(2.3 * (len(columns) + 1), 2.5 * slices + 0.6), layout="constrained")
     axes = figure.subplots(slices, len(columns) + 1, squeeze=False)
@@ -245,8 +230,7 @@ class Curve:
 
 
 def loss_curves(curves: dict[str, list[Curve]], colours: dict[str, Any]) -> Figure:
-    """One panel per loss: each run's training (solid) and selection (dashed) loss per
-    epoch, the chosen (best) epoch marked."""
+    """One panel per loss: each run's training and selection loss, the chosen epoch marked."""
     labels = list(curves)
     cols = min(4, len(labels))
     rows = math.ceil(len(labels) / cols)
@@ -282,9 +266,8 @@ def loss_curves(curves: dict[str, list[Curve]], colours: dict[str, Any]) -> Figu
 
 
 def alpha_curve(a: Analysis, colours: dict[str, Any]) -> Figure:
-    """Each alpha's mean per-patient Dice with its 95 % CI (runs and patients both sampled),
-    the baseline as a band; flagged losses drawn as grey crosses; a star only on a loss the
-    verdict calls best. The y-axis always holds the intervals, so a 0.005 spread between
+    """Each alpha's mean Dice with its 95 % CI, the baseline a band, flagged losses grey crosses,
+    a star only on the verdict's best; the y-axis holds the intervals, so a tiny spread between
     means is not drawn as a landscape."""
     with_alpha = sorted((s for s in a.summaries if np.isfinite(s.alpha)), key=lambda s: s.alpha)
     flagged = a.flagged

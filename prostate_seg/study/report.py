@@ -553,7 +553,7 @@ def _figures(a: Analysis, rows: list[Row], colours: dict[str, Any], out: Path,
         if curves:
             drawn["loss_curves.png"] = figures.loss_curves(curves, colours)
     for name, figure in drawn.items():
-        figures.save(figure, out / name)
+        figure.savefig(out / name, dpi=110)
     return [name for name in FIGURE_FILES if name in drawn]
 
 

@@ -460,10 +460,6 @@ def _correlation(a: dict, b: dict) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def _sd(var: float) -> float:
-    return math.sqrt(var) if np.isfinite(var) else math.nan
-
-
 def compare(tables: Mapping[str, Cells], pairs: Sequence[tuple[str, str]]) -> list[Comparison]:
     """Paired comparisons on the run pairs and patients both losses have, Holm over ``pairs``."""
     found = []
@@ -486,8 +482,8 @@ def compare(tables: Mapping[str, Cells], pairs: Sequence[tuple[str, str]]) -> li
             p_value=fit["p"], cohens_dz=float(fit["mean"] / sd) if sd and sd > 0 else math.nan,
             runs_favouring=int(sum(np.sign(m) == sign for m in run_means)),
             patients_favouring=float(np.mean(np.sign(per_patient_diff) == sign)),
-            run_sd=_sd(fit["run_var"]), patient_sd=_sd(fit["patient_var"]),
-            residual_sd=_sd(fit["residual_var"]),
+            run_sd=float(np.sqrt(fit["run_var"])), patient_sd=float(np.sqrt(fit["patient_var"])),
+            residual_sd=float(np.sqrt(fit["residual_var"])),
             shift_correlation=_correlation(run_shifts(g), run_shifts(other))))
     p = np.array([f["p_value"] if f else math.nan for f in found])
     adjusted = holm(p) if len(p) else p
@@ -512,10 +508,6 @@ class Design:
     largest: Comparison | None
     seeds_for_largest: int | None
 
-    @property
-    def separates(self) -> bool:
-        return self.within and np.isfinite(self.power) and self.power >= POWER
-
 
 def design_of(comparisons: Sequence[Comparison], tables: Mapping[str, Cells]) -> Design | None:
     if not comparisons:
@@ -536,7 +528,8 @@ def design_of(comparisons: Sequence[Comparison], tables: Mapping[str, Cells]) ->
     seeds = int(g.present.sum(0).max()) if g is not None else 0
     m = len(comparisons)
     largest = max(comparisons, key=lambda c: abs(c.mean_diff))
-    plan = lambda d: seeds_needed(components, sizes, d, m) if components and sizes else None  # noqa: E731
+    plan = lambda d: (seeds_needed(components, sizes, d, m)  # noqa: E731
+                      if components and sizes else None)
     power = (design_power(components, sizes, max(seeds, 1), PLANNING_DIFFERENCE, m)
              if components and sizes else math.nan)
     return Design(
@@ -632,7 +625,8 @@ def design_lines(a: Analysis) -> list[str]:
     c = d.components
     folds = _count(d.folds, "fold")
     plan = (f"Detecting a difference of {PLANNING_DIFFERENCE} with {POWER:.0%} power (Holm "
-            f"over {_count(d.comparisons, 'comparison')}) {_seeds(d.seeds_for_planning, c.lower_bound)}")
+            f"over {_count(d.comparisons, 'comparison')}) "
+            f"{_seeds(d.seeds_for_planning, c.lower_bound)}")
     if d.largest is not None and d.largest.mean_diff:
         plan += (f"; the largest observed difference ({fmt(d.largest.mean_diff, '+.3f')}, "
                  f"{d.largest.loss} vs {d.largest.baseline}) "
@@ -645,7 +639,8 @@ def design_lines(a: Analysis) -> list[str]:
         return [f"This design cannot separate the losses from training luck: with one seed "
                 f"per fold a lucky run and a better loss look the same, and only the spread "
                 f"of the {folds}' means measures training randomness "
-                f"({_count(d.folds - 1, 'degree')} of freedom). Estimated from them: a run pair shifts a difference by SD "
+                f"({_count(d.folds - 1, 'degree')} of freedom). Estimated from them: a run "
+                f"pair shifts a difference by SD "
                 f"{math.sqrt(c.run):.3f}, patients by SD {math.sqrt(c.patient):.3f}. "
                 f"{plan} (study.seeds=[0,1,2,...])."]
     lines = [f"Training randomness is measured by {d.seeds} seeds in each of {folds} "
@@ -654,7 +649,7 @@ def design_lines(a: Analysis) -> list[str]:
              f"is SD {math.sqrt(c.residual):.3f}"
              + (f"; run shifts of two losses on the same fold and seed correlate r = "
                 f"{d.shift_correlation:.2f}" if np.isfinite(d.shift_correlation) else "") + "."]
-    if d.separates:
+    if np.isfinite(d.power) and d.power >= POWER:
         lines.append(f"These runs detect a difference of {PLANNING_DIFFERENCE} with "
                      f"{d.power:.0%} power. {plan}.")
     else:
