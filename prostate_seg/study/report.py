@@ -120,8 +120,11 @@ def _cell(raw: dict[str, Any], column: str, where: str) -> Any:
     return value
 
 
-def read_rows(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]:
-    """Rows of a per-patient CSV, typed; one DataError naming file, line and problem."""
+def read_long_table(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]:
+    """Rows of a per-patient CSV, typed and checked whole; one DataError naming file, line and
+    problem."""
+    if not path.is_file():
+        raise DataError(f"{path}: table not found")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM is no column
             reader = csv.DictReader(f)
@@ -148,11 +151,14 @@ def read_rows(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]:
                     raise DataError(f"{where}: hd95=inf without hd95_failed=1 (an undefined "
                                     "HD95 is flagged as failed)")
                 rows.append(row | {"line": reader.line_num})
-            return rows
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a text (CSV) file") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if not rows:
+        raise DataError(f"{path}: no rows below the header")
+    check_unique(rows, str(path))
+    return rows
 
 
 def check_unique(rows: list[Row], source: str) -> None:
@@ -176,16 +182,6 @@ def check_unique(rows: list[Row], source: str) -> None:
                             f"{row.get('loss', '')} seed {row.get('seed', '')} is in fold "
                             f"{row.get('fold', '')} here and in fold {fold} on line {line}; "
                             "a validation patient belongs to one fold")
-
-
-def read_long_table(path: Path) -> list[Row]:
-    if not path.is_file():
-        raise DataError(f"{path}: table not found")
-    rows = read_rows(path)
-    if not rows:
-        raise DataError(f"{path}: no rows below the header")
-    check_unique(rows, str(path))
-    return rows
 
 
 # --- run folders ------------------------------------------------------------------------
@@ -267,23 +263,18 @@ def read_run(folder: Path, sweep_dir: Path) -> Run:
         run.state, run.reason = _unfinished_reason(folder, status, launcher)
     elif not run.loss:
         run.reason = "results.json names no loss"
-    elif not table.exists():
+    elif not table.is_file():
         run.reason = (f"completed, but has no {PER_PATIENT_FILE}: "
                       + run.results.get("not_evaluated", "trained by a version that did not "
                                         "write it?"))
     else:
         try:
-            rows = read_rows(table, required=("patient", "dice"))
-            check_unique(rows, PER_PATIENT_FILE)
+            rows = read_long_table(table, required=("patient", "dice"))
             run.columns = {k: _cell({k: str(_csv_value(run.results.get(k)))}, k, RESULTS_FILE)
                            for k in RUN_COLUMNS}
+            run.state, run.rows = "completed", rows
         except DataError as exc:
             run.reason = str(exc).replace(str(folder) + "/", "")
-            return run
-        if rows:
-            run.state, run.rows = "completed", rows
-        else:
-            run.reason = f"{PER_PATIENT_FILE} has no rows"
     return run
 
 
@@ -443,13 +434,14 @@ def comparison_rows(a: Analysis) -> list[dict[str, Any]]:
 METHOD_PAGE = Path(__file__).resolve().parents[2] / "docs" / "METHOD.md"
 METHODS = f"""## How these numbers are made
 
-Per-patient Dice at the scan's original size; each loss's mean and each paired difference with
-its 95 % CI from a mixed model in which the trained run is the replicate of training
-randomness and the patient that of the population; Holm over the comparisons (α = {ALPHA});
-"no difference detected" is not "the same"; flagged runs are never ranked. The method, its
-assumptions and its calibration by simulation: docs/METHOD.md of prostate-seg
+Per-patient Dice at the scan's original size; means and paired differences with 95 % CIs from
+a mixed model with trained runs and patients as replicates; Holm over the comparisons
+(α = {ALPHA}). The method, its assumptions and its calibration: docs/METHOD.md of prostate-seg
 ({METHOD_PAGE if METHOD_PAGE.is_file() else "in the project's repository"}).
 """
+FIXED = ("This report chooses nothing after seeing results: the baseline, the primary measure "
+         "(per-patient Dice on the {split} split), the test and the correction are fixed in "
+         "advance.\n")
 
 SWEEP_PROTOCOL = """\
 ## Protocol: what chose what, on which patients
@@ -460,26 +452,21 @@ SWEEP_PROTOCOL = """\
   chose nothing: each is scored once, at its original size, by the model that never saw it.
   Held-out **test** patients, when there are any, chose nothing either and are scored by
   every fold's model.
-- This report chooses nothing after seeing results: the baseline, the primary measure
-  (per-patient Dice on the val split), the test and the correction are fixed in advance.
-"""
+- """ + FIXED.format(split=PRIMARY_SPLIT)
 
 TABLE_PROTOCOL = """\
 ## Protocol
 
 The table's provenance is not known to this report: if the checkpoints (or any setting) were
-chosen on the patients scored here, every loss's score is optimistic. This report chooses
-nothing after seeing results: the baseline, the primary measure (per-patient Dice on the
-{split} split), the test and the correction are fixed in advance.
-"""
+chosen on the patients scored here, every loss's score is optimistic.
+""" + FIXED
 
 
 # --- the report -------------------------------------------------------------------------
 
 @dataclass
 class SweepExtras:
-    """What only a sweep folder gives the report: its runs (for curves, previews, and the
-    list of runs that are not in the statistics)."""
+    """What only a sweep gives the report: runs (curves, previews, those not counted)."""
     sweep_dir: Path
     runs: list[Run]
     notes: list[str] = field(default_factory=list)  # problems met while drawing figures
