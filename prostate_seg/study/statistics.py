@@ -3,6 +3,7 @@ replicates, Holm over the comparisons; docs/METHOD.md explains the method and it
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -201,10 +202,6 @@ class Grid:
     patients: tuple[str, ...]
     runs: int  # run cells that exist
 
-    @property
-    def sizes(self) -> list[int]:
-        return [int(n) for n in np.bincount(self.block)]
-
 
 def grid(table: Cells, *others: Cells) -> Grid | None:
     """``table`` on the runs and patients every one of ``others`` has too (a comparison's
@@ -284,7 +281,7 @@ def per_patient(rows: Iterable[Row], metric: str = "dice") -> dict[str, float]:
 
 
 def _distinct(rows: Iterable[Row], key: str) -> list[str]:
-    return sorted({str(v) for r in rows if (v := r.get(key)) not in (None, "") and v == v})
+    return sorted({str(r[key]) for r in rows if _present(r, key)})
 
 
 @dataclass(frozen=True)
@@ -367,9 +364,8 @@ def degenerate_reason(rows: list[Row]) -> str | None:
 def not_converged(rows: list[Row]) -> bool:
     """Best epoch (from 0) is the last one (a count) and no early stop: still improving."""
     row = rows[0]
-    if not (_present(row, "best_epoch") and _present(row, "epochs_trained")):
-        return False
-    if row.get("stopped_early") is True:
+    if row.get("stopped_early") is True or not all(
+            _present(row, k) for k in ("best_epoch", "epochs_trained")):
         return False
     return row["best_epoch"] >= row["epochs_trained"] - 1
 
@@ -395,14 +391,12 @@ def loss_flags(rows: list[Row]) -> list[str]:
 def tie_flags(tables: Mapping[str, Cells]) -> dict[str, list[str]]:
     """Losses identical on every shared patient-run: the same predictions under two names."""
     ties: dict[str, list[str]] = defaultdict(list)
-    names = list(tables)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            shared = set(tables[a]) & set(tables[b])
-            if len({k[2] for k in shared}) >= TIE_MIN_PATIENTS and all(
-                    round(tables[a][k] - tables[b][k], DIFFERENCE_DECIMALS) == 0 for k in shared):
-                ties[a].append(b)
-                ties[b].append(a)
+    for a, b in itertools.combinations(tables, 2):
+        shared = set(tables[a]) & set(tables[b])
+        if len({k[2] for k in shared}) >= TIE_MIN_PATIENTS and all(
+                round(tables[a][k] - tables[b][k], DIFFERENCE_DECIMALS) == 0 for k in shared):
+            ties[a].append(b)
+            ties[b].append(a)
     return {loss: [f"tie: identical per-patient Dice to {', '.join(others)}"]
             for loss, others in ties.items()}
 
@@ -500,7 +494,6 @@ class Design:
     seeds: int  # runs per fold (the most any fold has)
     within: bool  # training randomness measured by several runs per fold
     components: Components | None  # pooled over the comparisons
-    sizes: tuple[int, ...]
     comparisons: int
     shift_correlation: float
     power: float  # for PLANNING_DIFFERENCE at this design
@@ -524,7 +517,7 @@ def design_of(comparisons: Sequence[Comparison], tables: Mapping[str, Cells]) ->
 
         components = Components(run=mean_var("run_sd"), patient=mean_var("patient_sd"),
                                 residual=mean_var("residual_sd") if within else math.nan)
-    sizes = tuple(g.sizes) if g is not None else ()
+    sizes = tuple(int(n) for n in np.bincount(g.block)) if g is not None else ()
     seeds = int(g.present.sum(0).max()) if g is not None else 0
     m = len(comparisons)
     largest = max(comparisons, key=lambda c: abs(c.mean_diff))
@@ -534,7 +527,7 @@ def design_of(comparisons: Sequence[Comparison], tables: Mapping[str, Cells]) ->
              if components and sizes else math.nan)
     return Design(
         patients=len(g.patients) if g else 0, folds=len(sizes), seeds=seeds, within=within,
-        components=components, sizes=sizes, comparisons=m,
+        components=components, comparisons=m,
         shift_correlation=float(np.nanmean([c.shift_correlation for c in comparisons]))
         if any(np.isfinite(c.shift_correlation) for c in comparisons) else math.nan,
         power=power, seeds_for_planning=plan(PLANNING_DIFFERENCE), largest=largest,
@@ -664,39 +657,28 @@ def _design(a: Analysis) -> str:
     return f"{_count(a.n_patients, a.split + ' patient')} ({folds} × {seeds})"
 
 
-def _common_means(a: Analysis, losses: Sequence[str]) -> dict[str, float]:
-    """Each loss's mean Dice over the patients every one of ``losses`` has."""
-    shared = set.intersection(*(set(a.patient_dice[l]) for l in losses))
-    return {l: float(np.mean([a.patient_dice[l][p] for p in shared])) for l in losses}
-
-
 def _best(a: Analysis, usable: list[str]) -> str:
-    """'Best' only for a loss whose lead over every other was tested and survives."""
+    """'Best' only for a loss whose lead over every other was tested and survives; the
+    highest mean is taken on the patients all losses share."""
     if len(usable) < 2:
         return ""
     if not any(np.isfinite(c.p_value) for c in a.comparisons):
         return "No loss is called best: no comparison could be tested."
-    means = _common_means(a, usable)
-    leader = max(usable, key=lambda loss: means[loss])
-    leads, missing = [], []
-    for other in usable:
-        if other == leader:
-            continue
-        found = [c for c in a.comparisons if {c.loss, c.baseline} == {leader, other}]
-        if not found:
-            missing.append(other)
-        else:
-            c = found[0]
-            leads.append((other, c.significant and c.higher_first().loss == leader, c.p_holm))
-    if missing:
-        return (f"No loss is called best: {leader} has the highest mean Dice on the patients "
-                "all losses share, but its lead over every other loss was not tested "
-                "(use --all-pairs).")
-    if all(ok for _, ok, _ in leads):
+    shared = set.intersection(*(set(a.patient_dice[loss]) for loss in usable))
+    leader = max(usable, key=lambda loss: np.mean([a.patient_dice[loss][p] for p in shared]))
+    leads = {other: next((c for c in a.comparisons if {c.loss, c.baseline} == {leader, other}),
+                         None) for other in usable if other != leader}
+    lost = {other: c for other, c in leads.items()
+            if c is None or not (c.significant and c.higher_first().loss == leader)}
+    if not lost:
         return f"Best: {leader}, whose lead over every other loss survives the Holm correction."
-    weak = ", ".join(f"{other} (p_holm = {p:.2g})" for other, ok, p in leads if not ok)
+    if None in lost.values():
+        why = "every other loss was not tested (use --all-pairs)"
+    else:
+        why = ", ".join(f"{other} (p_holm = {c.p_holm:.2g})" for other, c in lost.items())
+        why += " is not significant after correction"
     return (f"No loss is called best: {leader} has the highest mean Dice on the patients all "
-            f"losses share, but its lead over {weak} is not significant after correction.")
+            f"losses share, but its lead over {why}.")
 
 
 def verdict(a: Analysis) -> list[str]:
