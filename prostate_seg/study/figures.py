@@ -50,8 +50,8 @@ def fit_axis(values: Sequence[float]) -> tuple[float, float]:
 
 def _loss_axis(ax: Any, losses: Sequence[str]) -> None:
     ax.set_xticks(range(len(losses)), losses, rotation=40, ha="right", fontsize=8)
-    ax.set_xlabel("loss (colour: BCE grey; Tversky red, lighter = higher α)")
-    ax.set_xlim(-0.6, len(losses) - 0.4)
+    ax.set(xlabel="loss (colour: BCE grey; Tversky red, lighter = higher α)",
+           xlim=(-0.6, len(losses) - 0.4))
 
 
 def scores(rows: list[Row], a: Analysis, colours: dict[str, Any]) -> Figure:
@@ -77,9 +77,8 @@ def scores(rows: list[Row], a: Analysis, colours: dict[str, Any]) -> Figure:
             for i, s in enumerate(a.summaries):
                 if np.isfinite(s.dice_ci_low):
                     ax.vlines(i, s.dice_ci_low, s.dice_ci_high, color="k", lw=1.5, zorder=3)
-        ax.set_ylim(*fit_axis(shown))
-        ax.set_ylabel(f"{metric} per patient (per volume)")
-        ax.set_title(metric.capitalize())
+        ax.set(ylim=fit_axis(shown), ylabel=f"{metric} per patient (per volume)",
+               title=metric.capitalize())
         _loss_axis(ax, losses)
         ax.grid(axis="y", alpha=0.3)
     key = [Line2D([], [], ls="", marker="o", color="0.5",
@@ -106,10 +105,9 @@ def paired(a: Analysis, colours: dict[str, Any]) -> Figure:
         shown += values
         ax.scatter([i] * len(values), values, s=14, color=colours[loss], zorder=2)
         ax.scatter([i], [np.mean(values)], marker="D", s=40, color="k", zorder=3)
-    ax.set_ylim(*fit_axis(shown))
-    ax.set_ylabel("per-patient Dice (mean over seeds)")
+    ax.set(ylim=fit_axis(shown), ylabel="per-patient Dice (mean over seeds)",
+           title=f"{len(patients)} {a.split} patients, each joined across losses")
     _loss_axis(ax, losses)
-    ax.set_title(f"{len(patients)} {a.split} patients, each joined across losses")
     ax.legend(handles=[
         Line2D([], [], color="0.6", marker="o", markerfacecolor="0.4", lw=0.7,
                label="one patient (colour = loss)"),
@@ -134,13 +132,10 @@ def forest(a: Analysis) -> Figure:
     ax.axvline(0, color="k", lw=0.8, ls="--")
     ax.set_yticks(range(len(comparisons)),
                   [f"{c.loss} − {c.baseline}" for c in reversed(comparisons)], fontsize=8)
-    values = [v for c in comparisons for v in (c.mean_diff, c.ci_low, c.ci_high)]
-    low, high = fit_axis(values + [0.0])
-    ax.set_xlim(low, high)
-    ax.set_ylim(-0.7, len(comparisons) - 0.3)
-    ax.set_xlabel("Δ per-patient Dice (first loss − second), 95 % CI, runs as replicates")
-    ax.set_ylabel("comparison")
-    ax.set_title(f"Paired differences on {a.split} patients (Holm over {len(comparisons)})")
+    values = [v for c in comparisons for v in (0.0, c.mean_diff, c.ci_low, c.ci_high)]
+    ax.set(xlim=fit_axis(values), ylim=(-0.7, len(comparisons) - 0.3), ylabel="comparison",
+           xlabel="Δ per-patient Dice (first loss − second), 95 % CI, runs as replicates",
+           title=f"Paired differences on {a.split} patients (Holm over {len(comparisons)})")
     ax.legend(handles=[
         Line2D([], [], marker="o", color="tab:blue", label="significant after Holm (filled)"),
         Line2D([], [], marker="o", color="tab:blue", markerfacecolor="white",
@@ -209,10 +204,7 @@ def contours(columns: list[ContourColumn]) -> Figure:
             ax.set_title(title, fontsize=7)
     for ax in axes.flat:  # the outline of a full mask lies on the image's edge: keep it in
         height, width = reference.image.shape[1:]
-        ax.set_xlim(-0.5, width - 0.5)
-        ax.set_ylim(height - 0.5, -0.5)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xlim=(-0.5, width - 0.5), ylim=(height - 0.5, -0.5), xticks=[], yticks=[])
     figure.legend(handles=[Line2D([], [], color="lime", label="truth outline"),
                            Patch(facecolor=(1, 0, 0, 0.35), edgecolor="red",
                                  label="prediction (prob > 0.5)")],
@@ -250,8 +242,7 @@ def loss_curves(curves: dict[str, list[Curve]], colours: dict[str, Any]) -> Figu
             if best:
                 ax.plot([curve.best_epoch], best[:1], marker="*", ms=9, color=colour, ls="")
         ax.set_title(label, fontsize=9, color=colours.get(label, "k"))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
+        ax.set(xlabel="epoch", ylabel="loss")
         handles, names = ax.get_legend_handles_labels()
         style = [Line2D([], [], color="k", label="train"),
                  Line2D([], [], color="k", ls="--", label="selection"),
@@ -301,10 +292,9 @@ def alpha_curve(a: Analysis, colours: dict[str, Any]) -> Figure:
     handles += [Line2D([], [], marker="o", color="C3", label="mean per-patient Dice, 95 % CI"),
                 Line2D([], [], marker="x", ls="", color="0.6", label="flagged: not interpreted")]
     ax.legend(handles=handles, loc="best", fontsize=7)
-    ax.set_xlabel("Tversky alpha (weight of false positives; beta = 1 - alpha)")
-    ax.set_ylabel(f"per-patient Dice ({a.split}), mean and 95 % CI")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(*fit_axis(shown))
+    ax.set(xlabel="Tversky alpha (weight of false positives; beta = 1 - alpha)",
+           ylabel=f"per-patient Dice ({a.split}), mean and 95 % CI", xlim=(0, 1),
+           ylim=fit_axis(shown))
     ax.set_title(("Best: " + best if best else "No alpha is called best (see the verdict)")
                  + "; each mean's CI here, the paired differences in forest.png", fontsize=8)
     ax.grid(alpha=0.3)
