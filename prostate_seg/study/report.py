@@ -46,6 +46,7 @@ from prostate_seg.study.statistics import (
     Analysis,
     Comparison,
     Row,
+    alpha_of,
     analyse,
     fmt,
 )
@@ -210,6 +211,10 @@ class Run:
     @property
     def seed(self) -> str:
         return _text(self.results.get("seed"))
+
+    @property
+    def listed(self) -> str:
+        return f"- `{self.name}`: {self.state} — {self.reason}"
 
     @property
     def group(self) -> str:
@@ -378,12 +383,10 @@ def loss_order(name: str, alpha: float = math.nan) -> tuple[int, float, str]:
 
 
 def alphas_of(rows: Iterable[Row]) -> dict[str, float]:
-    """Each loss's alpha from the rows' alpha column (NaN when absent or not one value)."""
-    found: dict[str, set[float]] = defaultdict(set)
+    by_loss: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
-        value = row.get("alpha", math.nan)
-        found[row["loss"]].add(value if np.isfinite(value) else math.nan)
-    return {loss: next(iter(v)) if len(v) == 1 else math.nan for loss, v in found.items()}
+        by_loss[row["loss"]].append(row)
+    return {loss: alpha_of(r) for loss, r in by_loss.items()}
 
 
 def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -572,7 +575,7 @@ def _markdown(analyses: list[Analysis], table: Path, written: list[str],
     md += [SWEEP_PROTOCOL if sweep else TABLE_PROTOCOL.format(split=primary.split)]
     if sweep is not None and (sweep.not_counted() or sweep.notes):
         md += ["## Runs not in the statistics, and other problems", ""]
-        md += [f"- `{r.name}`: {r.state} — {r.reason}" for r in sweep.not_counted()]
+        md += [r.listed for r in sweep.not_counted()]
         md += [f"- {note}" for note in sweep.notes]
         md += [""]
     return "\n".join(md) + "\n"
@@ -651,9 +654,9 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
         sweep.caution.append(f"Pooled on request (--allow-mixed-code): {mixed}. A difference "
                              "between losses may be one between code versions.")
     if not counted:
-        listing = [f"- `{r.name}`: {r.state} — {r.reason}" for r in runs]
         write_text(out / "results.md", f"**No completed run with per-patient results in "
-                   f"{sweep_dir}: nothing to compare.**\n\n" + "\n".join(listing) + "\n")
+                   f"{sweep_dir}: nothing to compare.**\n\n"
+                   + "".join(r.listed + "\n" for r in runs))
         print(f"no completed run with per-patient results in {sweep_dir}; see "
               f"{out / 'results.md'}")
         return out / "results.md"

@@ -280,6 +280,12 @@ def per_patient(rows: Iterable[Row], metric: str = "dice") -> dict[str, float]:
     return {patient: _nanmean(v) for patient, v in values.items()}
 
 
+def alpha_of(rows: Iterable[Row]) -> float:
+    """The rows' Tversky alpha when they carry one value, else NaN."""
+    alphas = {float(r["alpha"]) for r in rows if _present(r, "alpha")}
+    return alphas.pop() if len(alphas) == 1 else math.nan
+
+
 def _distinct(rows: Iterable[Row], key: str) -> list[str]:
     return sorted({str(r[key]) for r in rows if _present(r, key)})
 
@@ -313,7 +319,6 @@ def summarize(loss: str, rows: list[Row], flags: Sequence[str] = ()) -> LossSumm
     fit = estimate(g) if g is not None else {}
     hd95 = [v for v in per_patient(rows, "hd95").values() if not math.isnan(v)]
     units = _distinct(rows, "hd95_unit")
-    alphas = {float(r["alpha"]) for r in rows if _present(r, "alpha")}
     return LossSummary(
         loss=loss, n_patients=len(dice), n_runs=len({run_key(r) for r in rows}),
         folds=len(_distinct(rows, "fold")), seeds=len(_distinct(rows, "seed")),
@@ -328,7 +333,7 @@ def summarize(loss: str, rows: list[Row], flags: Sequence[str] = ()) -> LossSumm
         hd95_failed=(int(sum(r.get("hd95_failed") == 1 for r in rows))
                      if any(_present(r, "hd95_failed") for r in rows) else None),
         hd95_unit=units[0] if len(units) == 1 else "/".join(units),
-        alpha=alphas.pop() if len(alphas) == 1 else math.nan, flags=tuple(flags))
+        alpha=alpha_of(rows), flags=tuple(flags))
 
 
 # --- flags ----------------------------------------------------------------------------------
