@@ -78,8 +78,6 @@ FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_
                 ALPHA_FIGURE)
 
 
-# --- reading tables ---------------------------------------------------------------------
-
 def _whole(value: float | None) -> bool:
     return value is not None and math.isfinite(value) and value.is_integer() and value >= 0
 
@@ -184,8 +182,6 @@ def check_unique(rows: list[Row], source: str) -> None:
                             f"{row.get('fold', '')} here and in fold {fold} on line {line}; "
                             "a validation patient belongs to one fold")
 
-
-# --- run folders ------------------------------------------------------------------------
 
 @dataclass
 class Run:
@@ -373,8 +369,6 @@ def write_long_table(path: Path, rows: Iterable[Row]) -> None:
               list(LONG_COLUMNS))
 
 
-# --- ordering, outputs ------------------------------------------------------------------
-
 def loss_order(name: str, alpha: float = math.nan) -> tuple[int, float, str]:
     """bce first, then the losses with an alpha by alpha, then the rest by name."""
     if name == DEFAULT_BASELINE or name.startswith(DEFAULT_BASELINE + " "):
@@ -464,8 +458,6 @@ The table's provenance is not known to this report: if the checkpoints (or any s
 chosen on the patients scored here, every loss's score is optimistic.
 """ + FIXED
 
-
-# --- the report -------------------------------------------------------------------------
 
 @dataclass
 class SweepExtras:

@@ -28,8 +28,6 @@ Row = dict[str, Any]
 Cells = dict[tuple[str, str, str], float]  # (fold, seed, patient) -> value
 
 
-# --- the model: patients nested in trained runs (vectorised) ------------------------------
-
 def nested_mean(values: np.ndarray, block: np.ndarray,
                 present: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Mean over patients of ``values`` (..., runs, patients), patients in blocks (folds) each
@@ -127,8 +125,6 @@ def holm(p_values: np.ndarray) -> np.ndarray:
     return result
 
 
-# --- planning: how many seeds a question needs --------------------------------------------
-
 @dataclass(frozen=True)
 class Components:
     """Variances of one difference: run shift, patient, residual (NaN: one run per fold)."""
@@ -178,8 +174,6 @@ def seeds_needed(c: Components, sizes: Sequence[int], difference: float,
             return seeds
     return None
 
-
-# --- rows to the model's grid -------------------------------------------------------------
 
 def _present(row: Row, key: str) -> bool:
     value = row.get(key)
@@ -258,8 +252,6 @@ def run_shifts(g: Grid) -> dict[tuple[int, int], float]:
     return out
 
 
-# --- per loss -----------------------------------------------------------------------------
-
 def _nanmean(values: Iterable[float]) -> float:
     data = [v for v in values if v == v]  # NaN is not equal to itself
     return math.fsum(data) / len(data) if data else math.nan
@@ -336,8 +328,6 @@ def summarize(loss: str, rows: list[Row], flags: Sequence[str] = ()) -> LossSumm
         alpha=alpha_of(rows), flags=tuple(flags))
 
 
-# --- flags ----------------------------------------------------------------------------------
-
 def _sum(rows: list[Row], key: str) -> float | None:
     if not all(_present(r, key) for r in rows):
         return None
@@ -405,8 +395,6 @@ def tie_flags(tables: Mapping[str, Cells]) -> dict[str, list[str]]:
     return {loss: [f"tie: identical per-patient Dice to {', '.join(others)}"]
             for loss, others in ties.items()}
 
-
-# --- comparisons ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Comparison:
@@ -490,8 +478,6 @@ def compare(tables: Mapping[str, Cells], pairs: Sequence[tuple[str, str]]) -> li
             for f, q in zip(found, adjusted) if f is not None]
 
 
-# --- the design: can these runs tell the losses apart? --------------------------------------
-
 @dataclass(frozen=True)
 class Design:
     patients: int
@@ -539,8 +525,6 @@ def design_of(comparisons: Sequence[Comparison], tables: Mapping[str, Cells]) ->
         seeds_for_largest=plan(largest.mean_diff) if largest.mean_diff else None)
 
 
-# --- one split, start to end ----------------------------------------------------------------
-
 @dataclass
 class Analysis:
     split: str
@@ -586,8 +570,6 @@ def analyse(rows: list[Row], losses: Sequence[str], baseline: str | None,
     analysis.verdict = verdict(analysis)
     return analysis
 
-
-# --- verdict --------------------------------------------------------------------------------
 
 def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
