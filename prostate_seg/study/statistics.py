@@ -417,13 +417,12 @@ class Comparison:
     residual_sd: float
     shift_correlation: float  # of the two losses' run shifts (common random numbers)
 
-    def turned(self) -> Comparison:
-        """The same comparison with the other loss first."""
+    def higher_first(self) -> Comparison:
+        """The same comparison with the loss that scores higher first."""
+        if self.mean_diff >= 0:
+            return self
         return replace(self, loss=self.baseline, baseline=self.loss, mean_diff=-self.mean_diff,
                        ci_low=-self.ci_high, ci_high=-self.ci_low, cohens_dz=-self.cohens_dz)
-
-    def higher_first(self) -> Comparison:
-        return self if self.mean_diff >= 0 else self.turned()
 
 
 def comparison_pairs(losses: Sequence[str], baseline: str | None,
