@@ -668,7 +668,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="where --table writes its report")
     parser.add_argument("--baseline", help=f"the loss every other is compared with (default: "
                         f"{DEFAULT_BASELINE} when present, else all pairs)")
-    parser.add_argument("--all-pairs", action="store_true", help="also every pair (to call one best)")
+    parser.add_argument("--all-pairs", action="store_true", help="compare every pair of losses "
+                        "too (needed to call one loss best)")
     parser.add_argument("--allow-mixed-code", action="store_true", help="pool runs made by "
                         "different code versions (refused otherwise; the report says so)")
     parser.add_argument("--split", default=PRIMARY_SPLIT, help="the split the verdict is on "
