@@ -495,8 +495,7 @@ class Design:
 def design_of(comparisons: Sequence[Comparison], tables: Mapping[str, Cells]) -> Design | None:
     if not comparisons:
         return None
-    first = next(iter(tables.values()))
-    g = grid(first)
+    g = grid(next(iter(tables.values())))
     within = g is not None and bool((g.present.sum(0) > 1).any())
     usable = [c for c in comparisons if np.isfinite(c.run_sd) or np.isfinite(c.patient_sd)]
     components = None
