@@ -73,9 +73,8 @@ REQUIRED = ("loss", "patient", "dice")
 KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
 RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "identity",
                "group")
-ALPHA_FIGURE = "alpha_search.png"
 FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_curves.png",
-                ALPHA_FIGURE)
+                "alpha_search.png")
 
 
 def _whole(value: float | None) -> bool:
@@ -525,7 +524,7 @@ def _figures(a: Analysis, rows: list[Row], colours: dict[str, Any], out: Path,
     if a.comparisons:
         drawn["forest.png"] = figures.forest(a)
     if sum(np.isfinite(s.alpha) for s in a.summaries) > 1:
-        drawn[ALPHA_FIGURE] = figures.alpha_curve(a, colours)
+        drawn["alpha_search.png"] = figures.alpha_curve(a, colours)
     if sweep is not None:
         counted = [r for r in sweep.runs if r.state == "completed"]
         columns = _contour_columns(counted, list(colours), sweep)
