@@ -1,17 +1,11 @@
-"""The report's figures. Each function returns a matplotlib Figure built without pyplot (no
-global state, no GUI backend, safe inside a training process); :func:`save` writes it.
-
-Rules every figure keeps: axis labels, a key for its colours and markers, and axes fitted to
-the data so that no point is ever outside the plot. Colours follow the original study: BCE
-grey, Tversky red, lighter for higher alpha, dark red for alpha = 0.5 (the Dice loss).
-"""
+"""The report's figures, built without pyplot (no global state, no GUI backend, safe in a
+training process): axis labels, a key for colours and markers, axes fitted to the data."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -28,8 +22,7 @@ PAD = 0.04  # share of the data range added on each side of an axis
 
 
 def loss_colours(losses: Sequence[str], alphas: dict[str, float]) -> dict[str, Any]:
-    """BCE grey; a loss with an alpha red, lighter for higher alpha, dark red at 0.5 (Dice);
-    the others from tab10."""
+    """BCE grey; a loss with an alpha red, lighter for higher alpha, dark red at 0.5 (Dice)."""
     others = iter(matplotlib.colormaps["tab10"].colors)
     colours = {}
     for loss in losses:
@@ -46,7 +39,7 @@ def loss_colours(losses: Sequence[str], alphas: dict[str, float]) -> dict[str, A
 
 
 def fit_axis(values: Sequence[float]) -> tuple[float, float]:
-    """Limits that hold every finite value, with a margin (never cut at a guessed floor)."""
+    """Limits holding every finite value with a margin (never cut at a guessed floor)."""
     data = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
     if len(data) == 0:
         return 0.0, 1.0
@@ -55,20 +48,15 @@ def fit_axis(values: Sequence[float]) -> tuple[float, float]:
     return low - margin, high + margin
 
 
-def save(figure: Figure, path: Path) -> None:
-    figure.savefig(path, dpi=110)
-
-
 def _loss_axis(ax: Any, losses: Sequence[str]) -> None:
     ax.set_xticks(range(len(losses)), losses, rotation=40, ha="right", fontsize=8)
-    ax.set_xlabel("loss (colour: BCE grey; Tversky red, lighter = higher α)")
-    ax.set_xlim(-0.6, len(losses) - 0.4)
+    ax.set(xlabel="loss (colour: BCE grey; Tversky red, lighter = higher α)",
+           xlim=(-0.6, len(losses) - 0.4))
 
 
 def scores(rows: list[Row], a: Analysis, colours: dict[str, Any]) -> Figure:
-    """Dice, precision and recall per loss: every patient × seed as a point, the mean over
-    patients on top (Dice with its 95 % CI). Panels without values (a table
-    without precision) are left out."""
+    """Dice, precision and recall per loss: every patient × seed a point, the mean on top (Dice
+    with its 95 % CI); panels without values are left out."""
     losses = [s.loss for s in a.summaries]
     metrics = [m for m in ("dice", "precision", "recall")
                if any(np.isfinite(r.get(m, math.nan)) for r in rows)]
@@ -89,12 +77,12 @@ def scores(rows: list[Row], a: Analysis, colours: dict[str, Any]) -> Figure:
             for i, s in enumerate(a.summaries):
                 if np.isfinite(s.dice_ci_low):
                     ax.vlines(i, s.dice_ci_low, s.dice_ci_high, color="k", lw=1.5, zorder=3)
-        ax.set_ylim(*fit_axis(shown))
-        ax.set_ylabel(f"{metric} per patient (per volume)")
-        ax.set_title(metric.capitalize())
+        ax.set(ylim=fit_axis(shown), ylabel=f"{metric} per patient (per volume)",
+               title=metric.capitalize())
         _loss_axis(ax, losses)
         ax.grid(axis="y", alpha=0.3)
-    key = [Line2D([], [], ls="", marker="o", color="0.5", label="one patient × seed (colour = loss)"),
+    key = [Line2D([], [], ls="", marker="o", color="0.5",
+                  label="one patient × seed (colour = loss)"),
            Line2D([], [], ls="", marker="D", color="k", label="mean over patient × seed rows"),
            Line2D([], [], color="k", lw=1.5, label="Dice: 95 % CI of the mean (runs and patients)")]
     figure.legend(handles=key, loc="outside lower center", ncol=3, fontsize=8, frameon=False)
@@ -103,8 +91,7 @@ def scores(rows: list[Row], a: Analysis, colours: dict[str, Any]) -> Figure:
 
 
 def paired(a: Analysis, colours: dict[str, Any]) -> Figure:
-    """Each patient's Dice (mean over seeds) across losses, joined by a line: the pairing
-    the comparisons use."""
+    """Each patient's Dice across losses joined by a line: the pairing the comparisons use."""
     losses = [s.loss for s in a.summaries]
     patients = sorted({p for d in a.patient_dice.values() for p in d})
     figure = Figure(figsize=(max(5.0, 0.9 * len(losses) + 2), 4.6), layout="constrained")
@@ -118,10 +105,9 @@ def paired(a: Analysis, colours: dict[str, Any]) -> Figure:
         shown += values
         ax.scatter([i] * len(values), values, s=14, color=colours[loss], zorder=2)
         ax.scatter([i], [np.mean(values)], marker="D", s=40, color="k", zorder=3)
-    ax.set_ylim(*fit_axis(shown))
-    ax.set_ylabel("per-patient Dice (mean over seeds)")
+    ax.set(ylim=fit_axis(shown), ylabel="per-patient Dice (mean over seeds)",
+           title=f"{len(patients)} {a.split} patients, each joined across losses")
     _loss_axis(ax, losses)
-    ax.set_title(f"{len(patients)} {a.split} patients, each joined across losses")
     ax.legend(handles=[
         Line2D([], [], color="0.6", marker="o", markerfacecolor="0.4", lw=0.7,
                label="one patient (colour = loss)"),
@@ -132,14 +118,12 @@ def paired(a: Analysis, colours: dict[str, Any]) -> Figure:
 
 
 def forest(a: Analysis) -> Figure:
-    """Each comparison's mean per-patient difference with its 95 % CI from the mixed model;
-    filled: significant after Holm; open: not; grey: a flagged loss (not interpreted)."""
+    """Each comparison's difference with its 95 % CI: filled significant, open not, grey flagged."""
     comparisons = a.comparisons
-    flagged = a.flagged
     figure = Figure(figsize=(7.0, 0.45 * len(comparisons) + 1.8), layout="constrained")
     ax = figure.subplots()
     for y, c in enumerate(reversed(comparisons)):
-        grey = c.loss in flagged or c.baseline in flagged
+        grey = a.is_flagged(c)
         colour = "0.6" if grey else ("tab:red" if c.mean_diff < 0 else "tab:blue")
         if np.isfinite(c.ci_low):
             ax.hlines(y, c.ci_low, c.ci_high, color=colour, lw=2)
@@ -148,13 +132,10 @@ def forest(a: Analysis) -> Figure:
     ax.axvline(0, color="k", lw=0.8, ls="--")
     ax.set_yticks(range(len(comparisons)),
                   [f"{c.loss} − {c.baseline}" for c in reversed(comparisons)], fontsize=8)
-    values = [v for c in comparisons for v in (c.mean_diff, c.ci_low, c.ci_high)]
-    low, high = fit_axis(values + [0.0])
-    ax.set_xlim(low, high)
-    ax.set_ylim(-0.7, len(comparisons) - 0.3)
-    ax.set_xlabel("Δ per-patient Dice (first loss − second), 95 % CI, runs as replicates")
-    ax.set_ylabel("comparison")
-    ax.set_title(f"Paired differences on {a.split} patients (Holm over {len(comparisons)})")
+    values = [v for c in comparisons for v in (0.0, c.mean_diff, c.ci_low, c.ci_high)]
+    ax.set(xlim=fit_axis(values), ylim=(-0.7, len(comparisons) - 0.3), ylabel="comparison",
+           xlabel="Δ per-patient Dice (first loss − second), 95 % CI, runs as replicates",
+           title=f"Paired differences on {a.split} patients (Holm over {len(comparisons)})")
     ax.legend(handles=[
         Line2D([], [], marker="o", color="tab:blue", label="significant after Holm (filled)"),
         Line2D([], [], marker="o", color="tab:blue", markerfacecolor="white",
@@ -184,17 +165,15 @@ def _slice_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def _outline(ax: Any, mask: np.ndarray, colour: str, width: float) -> None:
-    """Contour of a mask padded with background, so a mask that fills the whole slice still
-    has an outline (at the border) instead of none."""
+    """Contour of a mask padded with background, so a mask filling the slice still has one."""
     padded = np.pad(mask.astype(float), 1)
     rows, cols = np.arange(-1, mask.shape[0] + 1), np.arange(-1, mask.shape[1] + 1)
     ax.contour(cols, rows, padded, levels=[0.5], colors=colour, linewidths=width)
 
 
 def contours(columns: list[ContourColumn]) -> Figure:
-    """Preview slices (rows) × truth and each loss's model (columns): the prediction as a
-    translucent red fill with its outline over the green truth outline; an empty prediction
-    is written out as "predicted nothing"."""
+    """Preview slices × truth and each loss's prediction (red fill and outline over the green
+    truth outline); an empty prediction says so in words."""
     slices = min(len(c.image) for c in columns)
     figure = Figure(figsize=(2.3 * (len(columns) + 1), 2.5 * slices + 0.6), layout="constrained")
     axes = figure.subplots(slices, len(columns) + 1, squeeze=False)
@@ -225,10 +204,7 @@ def contours(columns: list[ContourColumn]) -> Figure:
             ax.set_title(title, fontsize=7)
     for ax in axes.flat:  # the outline of a full mask lies on the image's edge: keep it in
         height, width = reference.image.shape[1:]
-        ax.set_xlim(-0.5, width - 0.5)
-        ax.set_ylim(height - 0.5, -0.5)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xlim=(-0.5, width - 0.5), ylim=(height - 0.5, -0.5), xticks=[], yticks=[])
     figure.legend(handles=[Line2D([], [], color="lime", label="truth outline"),
                            Patch(facecolor=(1, 0, 0, 0.35), edgecolor="red",
                                  label="prediction (prob > 0.5)")],
@@ -246,8 +222,7 @@ class Curve:
 
 
 def loss_curves(curves: dict[str, list[Curve]], colours: dict[str, Any]) -> Figure:
-    """One panel per loss: each run's training (solid) and selection (dashed) loss per
-    epoch, the chosen (best) epoch marked."""
+    """One panel per loss: each run's training and selection loss, the chosen epoch marked."""
     labels = list(curves)
     cols = min(4, len(labels))
     rows = math.ceil(len(labels) / cols)
@@ -267,8 +242,7 @@ def loss_curves(curves: dict[str, list[Curve]], colours: dict[str, Any]) -> Figu
             if best:
                 ax.plot([curve.best_epoch], best[:1], marker="*", ms=9, color=colour, ls="")
         ax.set_title(label, fontsize=9, color=colours.get(label, "k"))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
+        ax.set(xlabel="epoch", ylabel="loss")
         handles, names = ax.get_legend_handles_labels()
         style = [Line2D([], [], color="k", label="train"),
                  Line2D([], [], color="k", ls="--", label="selection"),
@@ -283,9 +257,8 @@ def loss_curves(curves: dict[str, list[Curve]], colours: dict[str, Any]) -> Figu
 
 
 def alpha_curve(a: Analysis, colours: dict[str, Any]) -> Figure:
-    """Each alpha's mean per-patient Dice with its 95 % CI (runs and patients both sampled),
-    the baseline as a band; flagged losses drawn as grey crosses; a star only on a loss the
-    verdict calls best. The y-axis always holds the intervals, so a 0.005 spread between
+    """Each alpha's mean Dice with its 95 % CI, the baseline a band, flagged losses grey crosses,
+    a star only on the verdict's best; the y-axis holds the intervals, so a tiny spread between
     means is not drawn as a landscape."""
     with_alpha = sorted((s for s in a.summaries if np.isfinite(s.alpha)), key=lambda s: s.alpha)
     flagged = a.flagged
@@ -319,10 +292,9 @@ def alpha_curve(a: Analysis, colours: dict[str, Any]) -> Figure:
     handles += [Line2D([], [], marker="o", color="C3", label="mean per-patient Dice, 95 % CI"),
                 Line2D([], [], marker="x", ls="", color="0.6", label="flagged: not interpreted")]
     ax.legend(handles=handles, loc="best", fontsize=7)
-    ax.set_xlabel("Tversky alpha (weight of false positives; beta = 1 - alpha)")
-    ax.set_ylabel(f"per-patient Dice ({a.split}), mean and 95 % CI")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(*fit_axis(shown))
+    ax.set(xlabel="Tversky alpha (weight of false positives; beta = 1 - alpha)",
+           ylabel=f"per-patient Dice ({a.split}), mean and 95 % CI", xlim=(0, 1),
+           ylim=fit_axis(shown))
     ax.set_title(("Best: " + best if best else "No alpha is called best (see the verdict)")
                  + "; each mean's CI here, the paired differences in forest.png", fontsize=8)
     ax.grid(alpha=0.3)

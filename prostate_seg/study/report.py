@@ -3,16 +3,8 @@
     python -m prostate_seg report SWEEP_DIR [--baseline bce] [--all-pairs] [--split val]
     python -m prostate_seg report --table FILE.csv --out DIR [--baseline ...] [--all-pairs]
 
-Sweep mode (also run at the end of every multirun) finds every run folder under SWEEP_DIR by
-its status.json / results.json, writes their per-patient rows as one long table,
-SWEEP_DIR/report/per_patient.csv, and then runs exactly the table mode on it, adding what
-only run folders have: loss curves, the contour grid and the runs that failed, did not
-finish or are broken (listed, never silently dropped). Table mode reads a long table alone,
-for instance exported from nnU-Net or MONAI: columns loss, patient, dice (required) and
-fold, seed, split, precision, recall, hd95, hd95_failed, ... (optional).
-
-Writes results.md (verdict first), results.csv (per loss), comparisons.csv (per comparison)
-and figures. The statistics are in :mod:`prostate_seg.study.statistics`.
+A sweep's runs become one long table (SWEEP_DIR/report/per_patient.csv), reported as a table
+is, plus what only run folders have (curves, contours, runs left out). See docs/REPORT.md.
 """
 
 from __future__ import annotations
@@ -26,7 +18,7 @@ import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +40,16 @@ from prostate_seg.study.runs import (
     mixed_code,
     read_history,
 )
-from prostate_seg.study.statistics import ALPHA, MEASURED, Analysis, Row, analyse
+from prostate_seg.study.statistics import (
+    ALPHA,
+    MEASURED,
+    Analysis,
+    Comparison,
+    Row,
+    alpha_of,
+    analyse,
+    fmt,
+)
 from prostate_seg.study.sweeps import DEFAULT_BASELINE
 
 log = logging.getLogger(__name__)
@@ -58,118 +59,109 @@ LONG_TABLE = "per_patient.csv"
 LAUNCHER_FILE = "launcher.json"
 PRIMARY_SPLIT = "val"
 
-# The long table: identifying columns, per-patient scores, then the run's own columns
-# (the flags need them) and where each row comes from.
-LONG_COLUMNS = ("loss", "alpha", "beta", "fold", "seed", "patient", "split", "dice",
-                "precision", "recall",
-                "hd95", "hd95_failed", "hd95_unit", "voxels_pred", "voxels_true",
-                "voxels_total", "best_epoch", "epochs_trained", "max_epochs", "stopped_early",
-                "identity", "group", "run")
+# The long table's columns and what their cells hold: text; whole (a text of a whole number,
+# so an Excel "0.0" is fold 0); unit (in [0, 1]); count (whole, >= 0); distance (>= 0);
+# flag (true or false).
+COLUMNS = {"loss": "text", "alpha": "unit", "beta": "unit", "fold": "whole", "seed": "whole",
+           "patient": "text", "split": "text", "dice": "unit", "precision": "unit",
+           "recall": "unit", "hd95": "distance", "hd95_failed": "count", "hd95_unit": "text",
+           "voxels_pred": "count", "voxels_true": "count", "voxels_total": "count",
+           "best_epoch": "count", "epochs_trained": "count", "max_epochs": "count",
+           "stopped_early": "flag", "identity": "text", "group": "text", "run": "text"}
+LONG_COLUMNS = tuple(COLUMNS)
 REQUIRED = ("loss", "patient", "dice")
-TEXT = ("loss", "fold", "seed", "patient", "split", "hd95_unit", "identity", "group", "run")
-NUMBERS = ("alpha", "beta", "dice", "precision", "recall", "hd95", "hd95_failed", "voxels_pred", "voxels_true",
-           "voxels_total", "best_epoch", "epochs_trained", "max_epochs")
-FLAGS = ("stopped_early",)
-UNIT_INTERVAL = ("alpha", "beta", "dice", "precision", "recall")
-INTEGERS = ("fold", "seed")  # text columns that hold integers (an Excel "0.0" is 0)
-COUNTS = ("hd95_failed", "voxels_pred", "voxels_true", "voxels_total", "best_epoch",
-          "epochs_trained", "max_epochs")  # whole numbers >= 0
 KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
 RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "identity",
                "group")
-ALPHA_FIGURE = "alpha_search.png"
 FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_curves.png",
-                ALPHA_FIGURE)
+                "alpha_search.png")
 
 
-# --- reading tables ---------------------------------------------------------------------
+def _whole(value: float | None) -> bool:
+    return value is not None and math.isfinite(value) and value.is_integer() and value >= 0
+
 
 def _cell(raw: dict[str, Any], column: str, where: str) -> Any:
     text = (raw.get(column) or "").strip()
-    if column in INTEGERS and text:
-        try:
-            number = float(text)
-        except ValueError:
-            number = math.nan
-        if not (math.isfinite(number) and number.is_integer() and number >= 0):
-            raise DataError(f"{where}: {column}={text!r} is not a whole number >= 0")
-        return str(int(number))
-    if column in TEXT:
-        if not text and column in REQUIRED:
-            raise DataError(f"{where}: {column} is empty")
-        return text or (PRIMARY_SPLIT if column == "split" else "")
-    if column in FLAGS:
-        if not text:
-            return None
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise DataError(f"{where}: {column}={text!r} is not true or false")
+    kind = COLUMNS[column]
     if not text:
         if column in REQUIRED:
             raise DataError(f"{where}: {column} is empty")
-        return math.nan
+        empty = {"text": PRIMARY_SPLIT if column == "split" else "", "whole": "", "flag": None}
+        return empty.get(kind, math.nan)
+    if kind == "text":
+        return text
+    if kind == "flag":
+        if text.lower() not in ("true", "1", "yes", "false", "0", "no"):
+            raise DataError(f"{where}: {column}={text!r} is not true or false")
+        return text.lower() in ("true", "1", "yes")
     try:
-        value = float(text)
+        value: float | None = float(text)
     except ValueError:
-        raise DataError(f"{where}: {column}={text!r} is not a number") from None
+        value = None
+    if kind == "whole":
+        if not _whole(value):
+            raise DataError(f"{where}: {column}={text!r} is not a whole number >= 0")
+        return str(int(value))
+    if value is None:
+        raise DataError(f"{where}: {column}={text!r} is not a number")
     if column in REQUIRED and not math.isfinite(value):
         raise DataError(f"{where}: {column}={text!r} is not a finite number")
-    if column in UNIT_INTERVAL and not 0.0 <= value <= 1.0:
+    if kind == "unit" and not 0.0 <= value <= 1.0:
         raise DataError(f"{where}: {column}={text} is outside [0, 1]")
-    if column in COUNTS and not (math.isfinite(value) and value.is_integer() and value >= 0):
+    if kind == "count" and not _whole(value):
         raise DataError(f"{where}: {column}={text} is not a whole number >= 0")
     if column == "hd95_failed" and value not in (0, 1):
         raise DataError(f"{where}: hd95_failed={text} is not 0 or 1")
-    if column == "hd95" and value < 0:
-        raise DataError(f"{where}: hd95={text} is negative (a distance)")
+    if kind == "distance" and value < 0:
+        raise DataError(f"{where}: {column}={text} is negative (a distance)")
     return value
 
 
-def read_rows(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]:
-    """Rows of a per-patient CSV with their known columns typed; one DataError naming the
-    file, the line and the problem for anything wrong."""
+def read_long_table(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]:
+    """Rows of a per-patient CSV, typed and checked whole; one DataError naming file, line and
+    problem."""
+    if not path.is_file():
+        raise DataError(f"{path}: table not found")
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's BOM is no column
-            return _typed_rows(csv.DictReader(f), path, required)
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if not header:
+                raise DataError(f"{path}: empty; expected a header with the columns "
+                                f"{', '.join(required)}")
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
+                                f"{', '.join(missing)} (it has: {', '.join(header)})")
+            known = [c for c in LONG_COLUMNS if c in header]
+            shared: dict[str, str] = {}  # one object per distinct text: a long table repeats them
+            rows = []
+            for raw in reader:
+                where = f"{path} line {reader.line_num}"
+                if None in raw:
+                    raise DataError(f"{where}: more fields than the header has")
+                row = {"split": PRIMARY_SPLIT} | {c: _cell(raw, c, where) for c in known}
+                for column, value in row.items():
+                    if isinstance(value, str) and column != "patient":
+                        row[column] = shared.setdefault(value, value)
+                if row.get("hd95") == math.inf and row.get("hd95_failed") != 1:
+                    raise DataError(f"{where}: hd95=inf without hd95_failed=1 (an undefined "
+                                    "HD95 is flagged as failed)")
+                rows.append(row | {"line": reader.line_num})
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a text (CSV) file") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-
-
-def _typed_rows(reader: csv.DictReader, path: Path, required: Sequence[str]) -> list[Row]:
-    header = reader.fieldnames or []
-    if not header:
-        raise DataError(f"{path}: empty; expected a header with the columns "
-                        f"{', '.join(required)}")
-    missing = [c for c in required if c not in header]
-    if missing:
-        raise DataError(f"{path}: missing column{'s' if len(missing) > 1 else ''} "
-                        f"{', '.join(missing)} (it has: {', '.join(header)})")
-    known = [c for c in LONG_COLUMNS if c in header]
-    shared: dict[str, str] = {}  # one object per distinct text: a long table repeats them
-    rows = []
-    for raw in reader:
-        where = f"{path} line {reader.line_num}"
-        if None in raw:
-            raise DataError(f"{where}: more fields than the header has")
-        row = {"split": PRIMARY_SPLIT} | {c: _cell(raw, c, where) for c in known}
-        for column in TEXT:
-            if column in row and column != "patient":
-                row[column] = shared.setdefault(row[column], row[column])
-        if row.get("hd95") == math.inf and row.get("hd95_failed") != 1:
-            raise DataError(f"{where}: hd95=inf without hd95_failed=1 (an undefined HD95 is "
-                            "flagged as failed)")
-        rows.append(row | {"line": reader.line_num})
+    if not rows:
+        raise DataError(f"{path}: no rows below the header")
+    check_unique(rows, str(path))
     return rows
 
 
 def check_unique(rows: list[Row], source: str) -> None:
-    """One row per (loss, fold, seed, patient, split): a second one would be counted twice;
-    and in cross-validation (the val split) a patient sits in one fold per loss and seed: a
-    second fold for it is a mislabelled row, which would be averaged into the patient."""
+    """One row per KEY (a second would count twice), and a val patient in one fold per loss
+    and seed (a second fold is a mislabelled row that would be averaged into it)."""
     seen: dict[tuple, int] = {}
     fold_of: dict[tuple, tuple[str, int]] = {}
     for row in rows:
@@ -190,18 +182,6 @@ def check_unique(rows: list[Row], source: str) -> None:
                             "a validation patient belongs to one fold")
 
 
-def read_long_table(path: Path) -> list[Row]:
-    if not path.is_file():
-        raise DataError(f"{path}: table not found")
-    rows = read_rows(path)
-    if not rows:
-        raise DataError(f"{path}: no rows below the header")
-    check_unique(rows, str(path))
-    return rows
-
-
-# --- run folders ------------------------------------------------------------------------
-
 @dataclass
 class Run:
     folder: Path
@@ -220,6 +200,18 @@ class Run:
         return str(self.results.get("loss", ""))
 
     @property
+    def fold(self) -> str:
+        return _text(self.results.get("fold"))
+
+    @property
+    def seed(self) -> str:
+        return _text(self.results.get("seed"))
+
+    @property
+    def listed(self) -> str:
+        return f"- `{self.name}`: {self.state} — {self.reason}"
+
+    @property
     def group(self) -> str:
         if self.across_code:
             return group_across_code(self.identity) or f"loss {self.loss}"
@@ -235,13 +227,11 @@ def _unfinished_reason(folder: Path, status: dict[str, Any] | None,
                        launcher: dict[str, Any] | None) -> tuple[str, str]:
     state = (status or {}).get("status")
     launched = (launcher or {}).get("status")
+    error = str((status or {}).get("error") or (launcher or {}).get("error") or "").strip()
     if state == "failed" or launched == "failed":
-        error = (status or {}).get("error") or (launcher or {}).get("error") or ""
-        last = str(error).strip().splitlines()[-1:] or ["no error recorded"]
-        return "failed", last[0]
+        return "failed", (error.splitlines()[-1:] or ["no error recorded"])[0]
     if state == "interrupted" or launched == "interrupted":
-        error = (status or {}).get("error") or (launcher or {}).get("error") or "interrupted"
-        return "interrupted", str(error).strip().splitlines()[0]
+        return "interrupted", (error.splitlines() or ["interrupted"])[0]
     if state == "running":
         holder = RunLock(folder).held_by_another()
         if holder:
@@ -256,50 +246,41 @@ def _unfinished_reason(folder: Path, status: dict[str, Any] | None,
 
 
 def read_run(folder: Path, sweep_dir: Path) -> Run:
-    """One run folder, classified; per-patient rows read only for completed runs."""
+    """One run folder, classified; per-patient rows read only for completed runs, checked as
+    table mode checks them, so one bad run cannot stop the report."""
     name = "." if folder == sweep_dir else str(folder.relative_to(sweep_dir))
-    run = Run(folder=folder, name=name, state="completed")
+    run = Run(folder=folder, name=name, state="broken")
     status, status_error = load_json_object(folder / STATUS_FILE)
     results, results_error = load_json_object(folder / RESULTS_FILE)
-    if status_error or results_error:
-        run.state, run.reason = "broken", status_error or results_error
-        return run
     run.results = results or {}
-    run.identity = (status or {}).get("identity") or {}
-    if not isinstance(run.identity, dict):
-        run.identity = {}
-    if (status or {}).get("status") != "completed" or results is None:
+    identity = (status or {}).get("identity")
+    run.identity = identity if isinstance(identity, dict) else {}
+    table = folder / PER_PATIENT_FILE
+    if status_error or results_error:
+        run.reason = status_error or results_error
+    elif (status or {}).get("status") != "completed" or results is None:
         launcher, _ = load_json_object(folder / LAUNCHER_FILE)
         run.state, run.reason = _unfinished_reason(folder, status, launcher)
-        return run
-    if not run.loss:
-        run.state, run.reason = "broken", "results.json names no loss"
-        return run
-    table = folder / PER_PATIENT_FILE
-    if not table.exists():
-        run.state = "broken"
+    elif not run.loss:
+        run.reason = "results.json names no loss"
+    elif not table.is_file():
         run.reason = (f"completed, but has no {PER_PATIENT_FILE}: "
                       + run.results.get("not_evaluated", "trained by a version that did not "
                                         "write it?"))
-        return run
-    try:  # checked here as table mode checks them, so one bad run cannot stop the report
-        rows = read_rows(table, required=("patient", "dice"))
-        check_unique(rows, PER_PATIENT_FILE)
-        run.columns = {k: _cell({k: str(_csv_value(run.results.get(k)))}, k, RESULTS_FILE)
-                       for k in RUN_COLUMNS}
-    except DataError as exc:
-        run.state, run.reason = "broken", str(exc).replace(str(folder) + "/", "")
-        return run
-    if not rows:
-        run.state, run.reason = "broken", f"{PER_PATIENT_FILE} has no rows"
-        return run
-    run.rows = rows
+    else:
+        try:
+            rows = read_long_table(table, required=("patient", "dice"))
+            run.columns = {k: _cell({k: str(_csv_value(run.results.get(k)))}, k, RESULTS_FILE)
+                           for k in RUN_COLUMNS}
+            run.state, run.rows = "completed", rows
+        except DataError as exc:
+            run.reason = str(exc).replace(str(folder) + "/", "")
     return run
 
 
 def find_run_folders(sweep_dir: Path) -> list[Path]:
-    """Folders holding status.json, results.json or launcher.json, or Hydra's .hydra/ (a job
-    that started but wrote nothing else): every job of the sweep, whatever its fate."""
+    """Every job of the sweep, whatever its fate: folders with a status, results or launcher
+    file, or Hydra's .hydra/ (a job that started but wrote nothing else)."""
     report = sweep_dir / REPORT_DIR
     found = {p.parent for name in (STATUS_FILE, RESULTS_FILE, LAUNCHER_FILE)
              for p in sweep_dir.rglob(name)}
@@ -307,35 +288,30 @@ def find_run_folders(sweep_dir: Path) -> list[Path]:
     return sorted(f for f in found if report not in (f, *f.parents))
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def label_groups(runs: list[Run]) -> None:
-    """Name each group of runs (same configuration but seed and fold) by its loss; groups
-    that share a loss name add the settings that tell them apart, from status.json's
-    identity config (``bce (optimizer.lr=0.001)``), or the group hash when that is absent."""
+    """Name each group of runs by its loss; groups sharing a loss add the settings that tell
+    them apart (``bce (optimizer.lr=0.001)``), or the group hash."""
     groups: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         groups[run.loss][run.group].append(run)
     for loss, by_group in groups.items():
-        if len(by_group) == 1:
-            for members in by_group.values():
-                for run in members:
-                    run.label = loss
-            continue
         constant = {}  # group -> {key: value} for keys with one value in the whole group
         for group, members in by_group.items():
             configs = [m.identity.get("config") or {} for m in members]
-            keys = set.intersection(*(set(c) for c in configs)) if configs else set()
-            constant[group] = {k: configs[0][k] for k in keys
-                               if all(json.dumps(c[k], sort_keys=True, default=str) ==
-                                      json.dumps(configs[0][k], sort_keys=True, default=str)
-                                      for c in configs)}
+            same = set.intersection(*({(k, _json(v)) for k, v in c.items()} for c in configs))
+            constant[group] = {k: configs[0][k] for k, _ in same}
         shared_keys = set.intersection(*(set(c) for c in constant.values()))
         differing = sorted(k for k in shared_keys if not k.startswith(CODE_PREFIX)
-                           and len({json.dumps(c[k], default=str) for c in constant.values()}) > 1)
-        labels = {}
-        for group in by_group:
-            settings = ", ".join(f"{k}={constant[group][k]}" for k in differing[:3])
-            labels[group] = f"{loss} ({settings or 'group ' + group[:8]})"
-        if len(set(labels.values())) < len(labels):  # settings did not tell them apart
+                           and len({_json(c[k]) for c in constant.values()}) > 1)
+        labels = {g: f"{loss} ({', '.join(f'{k}={constant[g][k]}' for k in differing[:3])})"
+                  for g in by_group}
+        if len(by_group) == 1:
+            labels = dict.fromkeys(by_group, loss)
+        elif not differing or len(set(labels.values())) < len(labels):  # not told apart
             labels = {g: f"{loss} (group {g[:8]})" for g in by_group}
         for group, members in by_group.items():
             for run in members:
@@ -350,15 +326,14 @@ def _number_or_nan(value: Any) -> float:
 def long_rows(run: Run) -> list[Row]:
     """The run's per-patient rows as long-table rows: its label, fold, seed and run columns."""
     fixed = {"loss": run.label, "alpha": _number_or_nan(run.results.get("alpha")),
-             "beta": _number_or_nan(run.results.get("beta")), "fold": _text(run.results.get("fold")),
-             "seed": _text(run.results.get("seed")), "run": run.name, **run.columns}
+             "beta": _number_or_nan(run.results.get("beta")), "fold": run.fold,
+             "seed": run.seed, "run": run.name, **run.columns}
     return [{**row, **fixed} for row in run.rows]
 
 
 def collect_runs(sweep_dir: Path, allow_mixed_code: bool = False) -> list[Run]:
-    """Every run folder of the sweep, classified and labelled; a second completed run of the
-    same group, fold and seed (a copied or re-run job) is marked as a duplicate. Runs made by
-    different code are refused unless ``allow_mixed_code`` pools them."""
+    """Every run folder, classified and labelled; a second completed run of one group, fold
+    and seed is a duplicate; runs of different code are refused unless pooled on request."""
     runs = [read_run(folder, sweep_dir) for folder in find_run_folders(sweep_dir)]
     completed = [r for r in runs if r.state == "completed"]
     mixed = mixed_code(r.identity for r in completed)
@@ -370,13 +345,11 @@ def collect_runs(sweep_dir: Path, allow_mixed_code: bool = False) -> list[Run]:
     label_groups(completed)
     first: dict[tuple, Run] = {}
     for run in completed:
-        key = (run.label, _text(run.results.get("fold")), _text(run.results.get("seed")))
-        if key in first:
+        original = first.setdefault((run.label, run.fold, run.seed), run)
+        if original is not run:
             run.state = "duplicate"
-            run.reason = (f"same configuration, fold and seed as {first[key].name}; only that "
+            run.reason = (f"same configuration, fold and seed as {original.name}; only that "
                           "one is counted")
-        else:
-            first[key] = run
     return runs
 
 
@@ -395,8 +368,6 @@ def write_long_table(path: Path, rows: Iterable[Row]) -> None:
               list(LONG_COLUMNS))
 
 
-# --- ordering, outputs ------------------------------------------------------------------
-
 def loss_order(name: str, alpha: float = math.nan) -> tuple[int, float, str]:
     """bce first, then the losses with an alpha by alpha, then the rest by name."""
     if name == DEFAULT_BASELINE or name.startswith(DEFAULT_BASELINE + " "):
@@ -405,24 +376,10 @@ def loss_order(name: str, alpha: float = math.nan) -> tuple[int, float, str]:
 
 
 def alphas_of(rows: Iterable[Row]) -> dict[str, float]:
-    """Each loss's alpha from the rows' alpha column (NaN when absent or not one value)."""
-    found: dict[str, set[float]] = defaultdict(set)
+    by_loss: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
-        value = row.get("alpha", math.nan)
-        found[row["loss"]].add(value if np.isfinite(value) else math.nan)
-    return {loss: next(iter(v)) if len(v) == 1 else math.nan for loss, v in found.items()}
-
-
-def _number(value: float, digits: int = 4) -> str:
-    return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def _signed(value: float, digits: int) -> str:
-    return "—" if math.isnan(value) else f"{value:+.{digits}f}"
-
-
-def _p(value: float) -> str:
-    return "—" if math.isnan(value) else f"{value:.2g}"
+        by_loss[row["loss"]].append(row)
+    return {loss: alpha_of(r) for loss, r in by_loss.items()}
 
 
 def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -437,67 +394,50 @@ def summary_table(a: Analysis) -> list[str]:
     header = ["Loss", "α", "Patients", "Runs", "Dice mean [95 % CI]", "Median", "Run SD",
               "Precision", "Recall", hd_title, "HD95 failed", "Flags"]
     return _markdown_table(header, ([
-        s.loss, _number(s.alpha, 2), str(s.n_patients), str(s.n_runs),
-        f"{_number(s.dice_mean)} [{_number(s.dice_ci_low, 3)}, {_number(s.dice_ci_high, 3)}]",
-        _number(s.dice_median), _number(s.run_sd, 3), _number(s.precision_mean),
-        _number(s.recall_mean), _number(s.hd95_median, 2),
-        "—" if s.hd95_failed is None else str(s.hd95_failed),
+        s.loss, fmt(s.alpha, ".2f"), str(s.n_patients), str(s.n_runs),
+        f"{fmt(s.dice_mean)} [{fmt(s.dice_ci_low, '.3f')}, {fmt(s.dice_ci_high, '.3f')}]",
+        fmt(s.dice_median), fmt(s.run_sd, ".3f"), fmt(s.precision_mean),
+        fmt(s.recall_mean), fmt(s.hd95_median, ".2f"), fmt(s.hd95_failed, "d"),
         "; ".join(s.flags) or "—"] for s in a.summaries))
 
 
 def comparison_table(a: Analysis) -> list[str]:
     header = ["Loss", "vs", "Patients", "Run pairs", "ΔDice [95 % CI]", "df", "p", "p (Holm)",
               "Significant", "d_z", "Favouring: run pairs, patients", "SD: run pair, patient"]
-    flagged = a.flagged
-    rows = []
-    for c in a.comparisons:
-        significant = "yes" if c.significant else "no"
-        if c.loss in flagged or c.baseline in flagged:
-            significant += " (flagged: not interpreted)"
-        leader = c.higher_first().loss
-        rows.append([c.loss, c.baseline, str(c.n_patients), str(c.n_run_pairs),
-                     f"{_signed(c.mean_diff, 4)} [{_signed(c.ci_low, 3)}, "
-                     f"{_signed(c.ci_high, 3)}]", _number(c.df, 1),
-                     _p(c.p_value), _p(c.p_holm), significant, _number(c.cohens_dz, 2),
-                     f"{leader}: {c.runs_favouring}/{c.n_run_pairs}, "
-                     f"{c.patients_favouring:.0%}",
-                     f"{_number(c.run_sd, 3)}, {_number(c.patient_sd, 3)}"])
-    return _markdown_table(header, rows)
+    return _markdown_table(header, ([
+        c.loss, c.baseline, str(c.n_patients), str(c.n_run_pairs),
+        f"{fmt(c.mean_diff, '+.4f')} [{fmt(c.ci_low, '+.3f')}, {fmt(c.ci_high, '+.3f')}]",
+        fmt(c.df, ".1f"), fmt(c.p_value, ".2g"), fmt(c.p_holm, ".2g"),
+        ("yes" if c.significant else "no")
+        + (" (flagged: not interpreted)" if a.is_flagged(c) else ""),
+        fmt(c.cohens_dz, ".2f"),
+        f"{c.higher_first().loss}: {c.runs_favouring}/{c.n_run_pairs}, "
+        f"{c.patients_favouring:.0%}",
+        f"{fmt(c.run_sd, '.3f')}, {fmt(c.patient_sd, '.3f')}"] for c in a.comparisons))
 
 
 def summary_rows(a: Analysis) -> list[dict[str, Any]]:
-    return [{"loss": s.loss, "alpha": s.alpha, "split": a.split, "n_patients": s.n_patients,
-             "n_runs": s.n_runs, "folds": s.folds, "seeds": s.seeds, "dice_mean": s.dice_mean,
-             "dice_ci_low": s.dice_ci_low, "dice_ci_high": s.dice_ci_high,
-             "dice_median": s.dice_median, "run_sd": s.run_sd, "patient_sd": s.patient_sd,
-             "precision_mean": s.precision_mean, "recall_mean": s.recall_mean,
-             "hd95_median": s.hd95_median, "hd95_unit": s.hd95_unit,
-             "hd95_failed": s.hd95_failed, "flags": "; ".join(s.flags)} for s in a.summaries]
+    return [asdict(s) | {"split": a.split, "flags": "; ".join(s.flags)} for s in a.summaries]
 
 
-COMPARISON_COLUMNS = ["loss", "baseline", "n_patients", "n_run_pairs", "mean_diff", "ci_low",
-                      "ci_high", "df", "p_value", "p_holm", "significant", "cohens_dz",
-                      "runs_favouring", "patients_favouring", "run_sd", "patient_sd",
-                      "residual_sd", "shift_correlation", "flagged", "split"]
+COMPARISON_COLUMNS = [f.name for f in fields(Comparison)] + ["flagged", "split"]
 
 
 def comparison_rows(a: Analysis) -> list[dict[str, Any]]:
-    flagged = a.flagged
-    return [{**{k: getattr(c, k) for k in COMPARISON_COLUMNS[:-2]},
-             "flagged": c.loss in flagged or c.baseline in flagged, "split": a.split}
-            for c in a.comparisons]
+    return [asdict(c) | {"flagged": a.is_flagged(c), "split": a.split} for c in a.comparisons]
 
 
 METHOD_PAGE = Path(__file__).resolve().parents[2] / "docs" / "METHOD.md"
 METHODS = f"""## How these numbers are made
 
-Per-patient Dice at the scan's original size; each loss's mean and each paired difference with
-its 95 % CI from a mixed model in which the trained run is the replicate of training
-randomness and the patient that of the population; Holm over the comparisons (α = {ALPHA});
-"no difference detected" is not "the same"; flagged runs are never ranked. The method, its
-assumptions and its calibration by simulation: docs/METHOD.md of prostate-seg
+Per-patient Dice at the scan's original size; means and paired differences with 95 % CIs from
+a mixed model with trained runs and patients as replicates; Holm over the comparisons
+(α = {ALPHA}). The method, its assumptions and its calibration: docs/METHOD.md of prostate-seg
 ({METHOD_PAGE if METHOD_PAGE.is_file() else "in the project's repository"}).
 """
+FIXED = ("This report chooses nothing after seeing results: the baseline, the primary measure "
+         "(per-patient Dice on the {split} split), the test and the correction are fixed in "
+         "advance.\n")
 
 SWEEP_PROTOCOL = """\
 ## Protocol: what chose what, on which patients
@@ -508,26 +448,19 @@ SWEEP_PROTOCOL = """\
   chose nothing: each is scored once, at its original size, by the model that never saw it.
   Held-out **test** patients, when there are any, chose nothing either and are scored by
   every fold's model.
-- This report chooses nothing after seeing results: the baseline, the primary measure
-  (per-patient Dice on the val split), the test and the correction are fixed in advance.
-"""
+- """ + FIXED.format(split=PRIMARY_SPLIT)
 
 TABLE_PROTOCOL = """\
 ## Protocol
 
 The table's provenance is not known to this report: if the checkpoints (or any setting) were
-chosen on the patients scored here, every loss's score is optimistic. This report chooses
-nothing after seeing results: the baseline, the primary measure (per-patient Dice on the
-{split} split), the test and the correction are fixed in advance.
-"""
+chosen on the patients scored here, every loss's score is optimistic.
+""" + FIXED
 
-
-# --- the report -------------------------------------------------------------------------
 
 @dataclass
 class SweepExtras:
-    """What only a sweep folder gives the report: its runs (for curves, previews, and the
-    list of runs that are not in the statistics)."""
+    """What only a sweep gives the report: runs (curves, previews, those not counted)."""
     sweep_dir: Path
     runs: list[Run]
     notes: list[str] = field(default_factory=list)  # problems met while drawing figures
@@ -591,17 +524,17 @@ def _figures(a: Analysis, rows: list[Row], colours: dict[str, Any], out: Path,
     if a.comparisons:
         drawn["forest.png"] = figures.forest(a)
     if sum(np.isfinite(s.alpha) for s in a.summaries) > 1:
-        drawn[ALPHA_FIGURE] = figures.alpha_curve(a, colours)
+        drawn["alpha_search.png"] = figures.alpha_curve(a, colours)
     if sweep is not None:
         counted = [r for r in sweep.runs if r.state == "completed"]
-        columns = _contour_columns(counted, sweep)
+        columns = _contour_columns(counted, list(colours), sweep)
         if columns:
             drawn["contours.png"] = figures.contours(columns)
-        curves = _curves(counted, sweep)
+        curves = _curves(counted, list(colours), sweep)
         if curves:
             drawn["loss_curves.png"] = figures.loss_curves(curves, colours)
     for name, figure in drawn.items():
-        figures.save(figure, out / name)
+        figure.savefig(out / name, dpi=110)
     return [name for name in FIGURE_FILES if name in drawn]
 
 
@@ -633,32 +566,24 @@ def _markdown(analyses: list[Analysis], table: Path, written: list[str],
     md += [SWEEP_PROTOCOL if sweep else TABLE_PROTOCOL.format(split=primary.split)]
     if sweep is not None and (sweep.not_counted() or sweep.notes):
         md += ["## Runs not in the statistics, and other problems", ""]
-        md += [f"- `{r.name}`: {r.state} — {r.reason}" for r in sweep.not_counted()]
+        md += [r.listed for r in sweep.not_counted()]
         md += [f"- {note}" for note in sweep.notes]
         md += [""]
     return "\n".join(md) + "\n"
 
 
-def _run_order(runs: list[Run], label: str) -> tuple[int, float, str]:
-    alpha = next((_number_or_nan(r.results.get("alpha")) for r in runs if r.label == label),
-                 math.nan)
-    return loss_order(label, alpha)
-
-
-def _contour_columns(runs: list[Run], sweep: SweepExtras) -> list[figures.ContourColumn]:
-    """One model per loss, all on the same fold and seed where possible (so on the same
-    validation slices): the fold and seed that most losses have, the lowest first. Every
-    preview is opened, so a broken one is named even when another run is drawn."""
+def _contour_columns(runs: list[Run], losses: list[str],
+                     sweep: SweepExtras) -> list[figures.ContourColumn]:
+    """One model per loss, on the fold and seed most losses have (the same slices), the
+    lowest first. Every preview is opened, so a broken one is named even if not drawn."""
     previews = {run.name: _load_preview(run, sweep) for run in runs}
-    fold_seed = {run.name: (_text(run.results.get("fold")), _text(run.results.get("seed")))
-                 for run in runs}
-    common = Counter(fold_seed[run.name] for run in runs if previews[run.name] is not None)
+    common = Counter((run.fold, run.seed) for run in runs if previews[run.name] is not None)
     columns = []
-    for label in sorted({run.label for run in runs}, key=lambda label: _run_order(runs, label)):
+    for label in losses:
         drawable = [run for run in runs if run.label == label and previews[run.name] is not None]
         if not drawable:
             continue
-        run = min(drawable, key=lambda r: (-common[fold_seed[r.name]], fold_seed[r.name]))
+        run = min(drawable, key=lambda r: (-common[r.fold, r.seed], (r.fold, r.seed)))
         dice = float(np.mean([r["dice"] for r in run.rows if r["split"] == PRIMARY_SPLIT]
                              or [math.nan]))
         columns.append(figures.ContourColumn(label=label, run=run.name, dice=dice,
@@ -683,9 +608,10 @@ def _load_preview(run: Run, sweep: SweepExtras) -> dict[str, np.ndarray] | None:
     return preview
 
 
-def _curves(runs: list[Run], sweep: SweepExtras) -> dict[str, list[figures.Curve]]:
+def _curves(runs: list[Run], losses: list[str],
+            sweep: SweepExtras) -> dict[str, list[figures.Curve]]:
     curves: dict[str, list[figures.Curve]] = defaultdict(list)
-    for run in sorted(runs, key=lambda r: _run_order(runs, r.label)):
+    for run in sorted(runs, key=lambda r: losses.index(r.label)):
         try:
             history = read_history(run.folder)
         except (OSError, UnicodeDecodeError, ValueError, csv.Error) as exc:
@@ -694,8 +620,7 @@ def _curves(runs: list[Run], sweep: SweepExtras) -> dict[str, list[figures.Curve
             continue
         if not history:
             continue
-        name = f"fold {_text(run.results.get('fold')) or '?'}, seed " \
-               f"{_text(run.results.get('seed')) or '?'}"
+        name = f"fold {run.fold or '?'}, seed {run.seed or '?'}"
         curves[run.label].append(figures.Curve(name=name, history=history,
                                                best_epoch=run.results.get("best_epoch")))
     return dict(curves)
@@ -720,9 +645,9 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
         sweep.caution.append(f"Pooled on request (--allow-mixed-code): {mixed}. A difference "
                              "between losses may be one between code versions.")
     if not counted:
-        listing = [f"- `{r.name}`: {r.state} — {r.reason}" for r in runs]
         write_text(out / "results.md", f"**No completed run with per-patient results in "
-                   f"{sweep_dir}: nothing to compare.**\n\n" + "\n".join(listing) + "\n")
+                   f"{sweep_dir}: nothing to compare.**\n\n"
+                   + "".join(r.listed + "\n" for r in runs))
         print(f"no completed run with per-patient results in {sweep_dir}; see "
               f"{out / 'results.md'}")
         return out / "results.md"
@@ -737,11 +662,9 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prostate_seg report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", nargs="?", help="a multirun folder, e.g. "
-                        "outputs/sweeps/DATE/TIME (writes SWEEP_DIR/report/)")
+    parser.add_argument("sweep_dir", nargs="?", help="a multirun folder (to SWEEP_DIR/report/)")
     parser.add_argument("--table", type=Path, help="a long table (CSV) instead of a sweep")
-    parser.add_argument("--out", type=Path, help="where table mode writes (required with "
-                        "--table)")
+    parser.add_argument("--out", type=Path, help="where --table writes its report")
     parser.add_argument("--baseline", help=f"the loss every other is compared with (default: "
                         f"{DEFAULT_BASELINE} when present, else all pairs)")
     parser.add_argument("--all-pairs", action="store_true", help="compare every pair of losses "

@@ -1,23 +1,5 @@
-"""What a run leaves in its folder, read and written in one place, and what a run is.
-
-    <run>/.hydra/config.yaml     composed config (Hydra; rewritten whenever a job starts here)
-    <run>/status.json            running | completed | failed | interrupted, times, traceback,
-                                 and the run's config identity
-    <run>/results.json           metrics of the best checkpoint, epochs trained, identity
-    <run>/per_patient.csv        the best checkpoint per patient at the scan's original size
-    <run>/metrics/version_N/metrics.csv   every epoch's logged metrics (Lightning's
-                                 CSVLogger; each start of the run writes a version)
-    <run>/val_preview.npz        the best model's output on fixed validation slices
-    <run>/checkpoints/           best-*.ckpt, last.ckpt
-    <run>/events.out.tfevents.*  TensorBoard
-    <run>/.lock                  held by the process working in the folder
-
-A run's **identity** is a hash of every setting that changes its result (not output paths,
-launcher, logging or speed settings), of the code that computes it (package version, git
-commit, uncommitted changes) and of the number of processes it trains on; the dataset enters
-by its content, not its path. Its **group** is the same without the seed and the fold: runs
-of one group are repetitions of one configuration, which the report pools.
-"""
+"""What a run leaves in its folder, read and written in one place, and what a run is
+(its identity and group); the folder layout is in docs/REPORT.md."""
 
 from __future__ import annotations
 
@@ -57,13 +39,8 @@ LOCK_FILE = ".lock"
 HYDRA_DIR = ".hydra"
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
-# Settings that do not change what a run computes: where it writes, how fast, what it logs,
-# how many checkpoints it keeps. Everything else is part of its identity, also what a debug=
-# config sets that changes the result (trainer.fast_dev_run, trainer.overfit_batches,
-# trainer.max_epochs), so a debug run is never resumed, skipped or pooled as a real one; its
-# profiler and anomaly detection only measure and check. The devices enter as the number of
-# processes and sync_batchnorm only where there are several (``processes``): devices=-1 on
-# 4 GPUs is devices=4.
+# Settings that do not change what a run computes (where it writes, how fast, what it logs);
+# the devices enter as the number of processes (``processes``).
 NOT_IDENTITY = (
     "hydra", "paths", "logger", "ckpt_path", "resume", "evaluate_best", "study", "report",
     "verbose",
@@ -112,10 +89,8 @@ def _git(root: Path, *args: str) -> str:
 
 @functools.cache
 def code_version() -> dict[str, Any]:
-    """The code that computes a run: the package version and, when the package is imported
-    from a git checkout, its commit, whether tracked files differ from it (``dirty``) and a
-    digest of that difference (``changes``). Read once per process, as the code is loaded; no
-    git, or a folder git refuses, leaves the version alone."""
+    """The package version and, from a git checkout, its commit and a digest of uncommitted
+    changes; read once per process, as the code is loaded."""
     code: dict[str, Any] = {"version": prostate_seg.__version__}
     root = Path(prostate_seg.__file__).resolve().parent.parent
     if not (root / ".git").exists():  # an installed package, not a checkout
@@ -144,9 +119,8 @@ def describe_code(code: Mapping[str, Any]) -> str:
 
 
 def mixed_code(identities: Iterable[Mapping[str, Any] | None]) -> str | None:
-    """One line naming the code versions, with their numbers of runs, when the runs of one
-    comparison were made by different code (None when all agree): pooling them would compare
-    code as well as losses. ``identities``: the ``identity`` entries of the runs' status.json."""
+    """One line naming the code versions of runs made by different code, else None: pooling them
+    would compare code as well as losses."""
     made_by = Counter(describe_code(identity.code if identity else {})
                       for identity in map(Identity.from_dict, identities))
     if len(made_by) < 2:
@@ -156,8 +130,7 @@ def mixed_code(identities: Iterable[Mapping[str, Any] | None]) -> str | None:
 
 
 def group_across_code(identity: Mapping[str, Any] | None) -> str | None:
-    """The run's group with the code left out: what pools runs of one configuration made by
-    different code, when the user asks for it."""
+    """The run's group without the code: pools one configuration made by different code."""
     stored = Identity.from_dict(identity)
     if stored is None or not stored.config:
         return None
@@ -166,10 +139,8 @@ def group_across_code(identity: Mapping[str, Any] | None) -> str | None:
 
 
 def processes(trainer: Mapping[str, Any]) -> dict[str, Any]:
-    """How many processes a run trains on (devices x nodes; "all visible", devices=-1 or
-    "auto", counted on this machine, one on the CPU) and whether they share BatchNorm
-    statistics. A world size of None: GPUs to be counted on a machine that shows none (a host
-    that only submits the jobs)."""
+    """Processes a run trains on (devices x nodes; None: GPUs to count on a host that shows none)
+    and whether they share BatchNorm statistics."""
     import torch  # not for the launchers' and the report's imports of this module
 
     devices, nodes = trainer.get("devices", "auto"), trainer.get("num_nodes") or 1
@@ -214,14 +185,12 @@ class Identity:
                 if k.startswith(CODE_PREFIX)}
 
     def _entries(self) -> dict[str, Any]:
-        """The config with the code as one entry."""
         entries = {k: v for k, v in self.config.items() if not k.startswith(CODE_PREFIX)}
         return {**entries, "code": describe_code(self.code)}
 
     def differences(self, other: Identity) -> list[str]:
-        """``key: old -> new`` for every setting that differs (``other`` is the old one), the
-        code as one ``code: old -> new``. A world size this machine cannot know (None) is
-        taken to be the stored one."""
+        """``key: old -> new`` per differing setting (``other`` is the old one); a world size this
+        machine cannot know (None) is taken to be the stored one."""
         new, old = self._entries(), other._entries()
         return [f"{k}: {old.get(k, '(unset)')} -> {new.get(k, '(unset)')}"
                 for k in sorted(set(new) | set(old))
@@ -230,8 +199,7 @@ class Identity:
 
 
 def config_identity(cfg: DictConfig | Mapping[str, Any], dataset: str, split: str) -> Identity:
-    """Identity of a run from its config, the dataset fingerprint, the split's hash, the code
-    and the processes it trains on."""
+    """Identity from the config, the dataset fingerprint, the split, the code and the processes."""
     container = (OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig)
                  else dict(cfg))
     values = {k: v for k, v in _flatten(container).items() if not _excluded(k, NOT_IDENTITY)}
@@ -242,8 +210,7 @@ def config_identity(cfg: DictConfig | Mapping[str, Any], dataset: str, split: st
     return Identity(_digest(values), _digest(group), values)
 
 
-def split_digest(split: Mapping[str, Any]) -> str:
-    return _digest(split)
+split_digest = _digest  # the split.json's hash, a part of the identity
 
 
 def _stamp_holder(fd: int) -> None:
@@ -253,13 +220,12 @@ def _stamp_holder(fd: int) -> None:
 
 
 class RunLock:
-    """An exclusive lock on a run (or sweep) folder for the life of the process that holds it:
-    filelock's native lock, released by the kernel when the process dies, so a killed job never
-    leaves a stale lock. The file stays, with the last holder's name in it."""
+    """Exclusive lock on a folder for the life of its process: the kernel releases it when the
+    process dies, so a killed job leaves no stale lock."""
 
     def __init__(self, run_dir: Path, what: str = "run folder", stamp: bool = True):
-        """``stamp=False``: the holder's name is written later (:meth:`stamp`), so a command
-        that takes the lock and is then refused leaves the file as it found it."""
+        """``stamp=False``: the holder is written later (:meth:`stamp`), so a refused command leaves
+        the file as it found it."""
         self.path = run_dir / LOCK_FILE
         self.what = what
         self.made = False  # whether this process created the lock file
@@ -289,8 +255,7 @@ class RunLock:
         self._lock.release()
 
     def held_by_another(self) -> str | None:
-        """Who holds the folder (``pid N on host``), or None when no live process does. Only
-        looks: the lock file is opened read-only and never written."""
+        """Who holds the folder (``pid N on host``), or None; only looks, never writes."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
@@ -308,11 +273,8 @@ class RunLock:
 
 
 def claim(run_dir: Path, cfg: DictConfig, lock: RunLock) -> None:
-    """From here the folder is this run's. Until now a command that may still be refused
-    (another config's run here, another process in it) wrote nothing: the log records of the
-    run are held (conf/hydra/job_logging/quiet.yaml) and Hydra's record of the config is not
-    written (hydra.output_subdir: null). Now the log file starts with them, the lock names its
-    holder, and .hydra/ records the config, the Hydra config and the command-line overrides."""
+    """From here the folder is this run's: the held log records, the lock's holder and .hydra/
+    (the config is not written before: hydra.output_subdir: null) are written now."""
     from hydra.core.hydra_config import HydraConfig
 
     for handler in logging.getLogger().handlers:
@@ -328,8 +290,7 @@ def claim(run_dir: Path, cfg: DictConfig, lock: RunLock) -> None:
 
 
 def forget_held_log() -> None:
-    """A command refused before it claimed its folder: the log records held for the folder's
-    log file are dropped, so the file is never opened."""
+    """A command refused before it claimed its folder drops the held log records."""
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.handlers.MemoryHandler) and \
                 handler.flushLevel > logging.CRITICAL:
@@ -338,8 +299,7 @@ def forget_held_log() -> None:
 
 
 def load_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """A JSON object file a run or a launcher wrote: (content, None), (None, None) when
-    absent, or (None, why it is unusable) when unreadable or not an object."""
+    """(content, None), (None, None) when absent, or (None, why) when unusable or not an object."""
     try:
         content = json.loads(path.read_text())
     except FileNotFoundError:
@@ -352,9 +312,8 @@ def load_json_object(path: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def read_history(run_dir: Path) -> list[dict[str, float]]:
-    """One row per epoch with every metric Lightning's CSVLogger wrote for it (its rows of the
-    epoch merged), read from every start's version: an epoch run again after a resume is the
-    latest version's. Raises OSError, ValueError or csv.Error on an unreadable file."""
+    """One row per epoch merged over the CSVLogger's rows and versions (a resumed epoch is the
+    latest version's). Raises OSError, ValueError or csv.Error on an unreadable file."""
     versions = [p for p in run_dir.glob(f"{METRICS_DIR}/version_*/{METRICS_FILE}")
                 if p.parent.name.removeprefix("version_").isdigit()]
     epochs: dict[int, dict[str, float]] = {}

@@ -1,13 +1,9 @@
-"""The study's statistics on per-patient results; no files are read or written here.
-
-The decision treats the trained run as the replicate of training randomness and the patient
-as the replicate of who happened to be scanned: a mean over patients nested in runs
-(:func:`nested_mean`), the same model for a loss's mean and for the paired difference of two
-losses, Holm over the comparisons made. docs/METHOD.md explains the method and its checks.
-"""
+"""The study's statistics on per-patient results (no files): runs and patients both
+replicates, Holm over the comparisons; docs/METHOD.md explains the method and its checks."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,10 +18,7 @@ CONFIDENCE = 0.95
 POWER = 0.80  # what "would detect" means when the report says how many seeds a question needs
 PLANNING_DIFFERENCE = 0.02  # the Dice difference the seeds-needed sentence is written for
 MAX_SEEDS = 100
-# A model that calls at least this share of every voxel gland "predicts gland everywhere"
-# (the prostate fills a few percent of a scan; recall is then ~1 and precision ~ prevalence).
-EVERYWHERE_FRACTION = 0.5
-# Without voxel counts: recall at least this high with precision at most EVERYWHERE_PRECISION.
+EVERYWHERE_FRACTION = 0.5  # of all voxels called gland: "everywhere" (the gland is a few %)
 EVERYWHERE_RECALL = 0.99
 EVERYWHERE_PRECISION = 0.1
 TIE_MIN_PATIENTS = 2  # identical per-patient Dice on this many patients is no coincidence
@@ -35,22 +28,12 @@ Row = dict[str, Any]
 Cells = dict[tuple[str, str, str], float]  # (fold, seed, patient) -> value
 
 
-# --- the model: patients nested in trained runs (vectorised) ------------------------------
-
 def nested_mean(values: np.ndarray, block: np.ndarray,
                 present: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Mean over patients of ``values`` (..., runs, patients) and its uncertainty when
-    patients sit in blocks (folds) and each block is scored by several trained runs.
-
-    Model: ``y[s, p] = mu + u[block(p), s] + v[p] + e[s, p]``: a shift per run (training
-    randomness), one per patient, and a residual. ``present`` (..., runs, blocks) says which
-    run of each block exists (default: all). The estimate is the mean over patients of each
-    patient's mean over its runs. Its variance comes from the spread of the runs within a
-    block (runs are the replicate of training randomness) plus the patient term, with
-    Satterthwaite's degrees of freedom; where every block has a single run, run and block
-    cannot be told apart and the spread of the block means is used (blocks - 1 degrees of
-    freedom). Vectorised over the leading axes, so a simulation decides exactly as a report.
-    """
+    """Mean over patients of ``values`` (..., runs, patients), patients in blocks (folds) each
+    scored by its runs, ``present`` (..., runs, blocks) the runs that exist; the model, its
+    variance and degrees of freedom are docs/METHOD.md's. Vectorised, so a simulation decides
+    exactly as a report."""
     values = np.asarray(values, dtype=float)
     block = np.asarray(block, dtype=int)
     onehot = np.eye(int(block.max()) + 1)[block]  # (N, K)
@@ -128,10 +111,8 @@ def nested_mean(values: np.ndarray, block: np.ndarray,
 
 
 def holm(p_values: np.ndarray) -> np.ndarray:
-    """Holm's step-down adjusted p-values along the last axis (Holm 1979): the k-th smallest
-    of m times m - k + 1, kept monotone, capped at 1; family-wise error control under any
-    dependence. NaN p-values (comparisons that could not be made) are not counted in m and
-    stay NaN. (scipy.stats adjusts only for the false discovery rate.)"""
+    """Holm's adjusted p-values along the last axis (scipy adjusts only for the FDR); NaN ones
+    are not counted and stay NaN."""
     p = np.asarray(p_values, dtype=float)
     order = np.argsort(p, axis=-1)  # NaN sort last
     ranked = np.take_along_axis(p, order, axis=-1)
@@ -144,12 +125,9 @@ def holm(p_values: np.ndarray) -> np.ndarray:
     return result
 
 
-# --- planning: how many seeds a question needs --------------------------------------------
-
 @dataclass(frozen=True)
 class Components:
-    """Variances of one paired difference (or one loss): a run's shift, a patient's own
-    term, the residual (NaN when one run per fold cannot separate it from the patient's)."""
+    """Variances of one difference: run shift, patient, residual (NaN: one run per fold)."""
 
     run: float
     patient: float
@@ -157,14 +135,14 @@ class Components:
 
     @property
     def lower_bound(self) -> bool:
-        """Seeds needed from these are a lower bound: the residual is not separated."""
+        """Seeds planned from these are a lower bound: the residual is not separated."""
         return math.isnan(self.residual)
 
 
 def design_power(c: Components, sizes: Sequence[int], seeds: int, difference: float,
                  comparisons: int) -> float:
-    """Power of the nested test for ``difference`` with ``seeds`` runs per fold of the given
-    sizes, at level ALPHA / comparisons (Holm's first step), two-sided."""
+    """Power for ``difference`` with ``seeds`` runs per fold at ALPHA / comparisons (Holm's first
+    step), two-sided."""
     n = np.asarray(sizes, dtype=float)
     weight = n / n.sum()
     # one run per fold cannot split the patient term from the residual: all of it is taken
@@ -190,15 +168,12 @@ def design_power(c: Components, sizes: Sequence[int], seeds: int, difference: fl
 
 def seeds_needed(c: Components, sizes: Sequence[int], difference: float,
                  comparisons: int) -> int | None:
-    """The fewest seeds per fold whose power for ``difference`` reaches POWER; None when no
-    number up to MAX_SEEDS does (the patients, not the runs, then limit the precision)."""
+    """The fewest seeds per fold reaching POWER; None when none up to MAX_SEEDS does."""
     for seeds in range(1, MAX_SEEDS + 1):
         if design_power(c, sizes, seeds, difference, comparisons) >= POWER:
             return seeds
     return None
 
-
-# --- rows to the model's grid -------------------------------------------------------------
 
 def _present(row: Row, key: str) -> bool:
     value = row.get(key)
@@ -212,10 +187,8 @@ def cells(rows: Iterable[Row], metric: str = "dice") -> Cells:
 
 @dataclass(frozen=True)
 class Grid:
-    """Values on runs x patients: ``values`` (runs, patients) NaN where absent, ``block``
-    per patient, ``present`` (runs, blocks). Cross-validation nests patients in folds (a run
-    axis of seeds); held-out test patients are scored by every run (one block, a run axis of
-    every fold and seed)."""
+    """Values (runs, patients), NaN where absent, ``block`` per patient, ``present`` (runs,
+    blocks). Held-out test patients form one block whose runs are every fold and seed."""
 
     values: np.ndarray
     block: np.ndarray
@@ -223,15 +196,10 @@ class Grid:
     patients: tuple[str, ...]
     runs: int  # run cells that exist
 
-    @property
-    def sizes(self) -> list[int]:
-        return [int(n) for n in np.bincount(self.block)]
-
 
 def grid(table: Cells, *others: Cells) -> Grid | None:
-    """``table`` on the runs and patients that every one of ``others`` has too (the pairing
-    of a comparison). A patient is kept when every run of its fold scored it. None when
-    nothing is left."""
+    """``table`` on the runs and patients every one of ``others`` has too (a comparison's
+    pairing); a patient is kept when every run of its fold scored it. None when nothing is left."""
     keys = set(table).intersection(*others) if others else set(table)
     folds_of: dict[str, set[str]] = defaultdict(set)
     for fold, _, patient in keys:
@@ -284,8 +252,6 @@ def run_shifts(g: Grid) -> dict[tuple[int, int], float]:
     return out
 
 
-# --- per loss -----------------------------------------------------------------------------
-
 def _nanmean(values: Iterable[float]) -> float:
     data = [v for v in values if v == v]  # NaN is not equal to itself
     return math.fsum(data) / len(data) if data else math.nan
@@ -306,8 +272,14 @@ def per_patient(rows: Iterable[Row], metric: str = "dice") -> dict[str, float]:
     return {patient: _nanmean(v) for patient, v in values.items()}
 
 
+def alpha_of(rows: Iterable[Row]) -> float:
+    """The rows' Tversky alpha when they carry one value, else NaN."""
+    alphas = {float(r["alpha"]) for r in rows if _present(r, "alpha")}
+    return alphas.pop() if len(alphas) == 1 else math.nan
+
+
 def _distinct(rows: Iterable[Row], key: str) -> list[str]:
-    return sorted({str(v) for r in rows if (v := r.get(key)) not in (None, "") and v == v})
+    return sorted({str(r[key]) for r in rows if _present(r, key)})
 
 
 @dataclass(frozen=True)
@@ -333,13 +305,12 @@ class LossSummary:
 
 
 def summarize(loss: str, rows: list[Row], flags: Sequence[str] = ()) -> LossSummary:
-    """Per-loss summary; ``rows`` are this loss's rows of one split."""
+    """Per-loss summary of this loss's rows of one split."""
     dice = per_patient(rows, "dice")
     g = grid(cells(rows))
     fit = estimate(g) if g is not None else {}
     hd95 = [v for v in per_patient(rows, "hd95").values() if not math.isnan(v)]
     units = _distinct(rows, "hd95_unit")
-    alphas = {float(r["alpha"]) for r in rows if _present(r, "alpha")}
     return LossSummary(
         loss=loss, n_patients=len(dice), n_runs=len({run_key(r) for r in rows}),
         folds=len(_distinct(rows, "fold")), seeds=len(_distinct(rows, "seed")),
@@ -354,10 +325,8 @@ def summarize(loss: str, rows: list[Row], flags: Sequence[str] = ()) -> LossSumm
         hd95_failed=(int(sum(r.get("hd95_failed") == 1 for r in rows))
                      if any(_present(r, "hd95_failed") for r in rows) else None),
         hd95_unit=units[0] if len(units) == 1 else "/".join(units),
-        alpha=alphas.pop() if len(alphas) == 1 else math.nan, flags=tuple(flags))
+        alpha=alpha_of(rows), flags=tuple(flags))
 
-
-# --- flags ----------------------------------------------------------------------------------
 
 def _sum(rows: list[Row], key: str) -> float | None:
     if not all(_present(r, key) for r in rows):
@@ -366,8 +335,8 @@ def _sum(rows: list[Row], key: str) -> float | None:
 
 
 def degenerate_reason(rows: list[Row]) -> str | None:
-    """Why one run's predictions are degenerate (nothing, or gland everywhere), or None.
-    From voxel counts when the rows have them, else from precision and recall."""
+    """Why one run predicts nothing or gland everywhere, from voxel counts, else precision and
+    recall; None when it does not."""
     predicted, total = _sum(rows, "voxels_pred"), _sum(rows, "voxels_total")
     if predicted is not None and total:
         if predicted == 0:
@@ -388,19 +357,16 @@ def degenerate_reason(rows: list[Row]) -> str | None:
 
 
 def not_converged(rows: list[Row]) -> bool:
-    """A run whose best epoch is its last one and that did not stop early: it was still
-    improving when the epochs ran out (``best_epoch`` counts from 0, ``epochs_trained`` is a
-    count); False when the table does not say."""
+    """Best epoch (from 0) is the last one (a count) and no early stop: still improving."""
     row = rows[0]
-    if not (_present(row, "best_epoch") and _present(row, "epochs_trained")):
-        return False
-    if row.get("stopped_early") is True:
+    if row.get("stopped_early") is True or not all(
+            _present(row, k) for k in ("best_epoch", "epochs_trained")):
         return False
     return row["best_epoch"] >= row["epochs_trained"] - 1
 
 
 def loss_flags(rows: list[Row]) -> list[str]:
-    """Flags of one loss from its runs: how many are degenerate or not converged."""
+    """Flags of one loss: how many of its runs are degenerate or not converged."""
     runs: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
         runs[run_key(row)].append(row)
@@ -418,22 +384,17 @@ def loss_flags(rows: list[Row]) -> list[str]:
 
 
 def tie_flags(tables: Mapping[str, Cells]) -> dict[str, list[str]]:
-    """Losses whose Dice is identical on every shared patient-run (at least TIE_MIN_PATIENTS):
-    the same predictions under two names, e.g. two collapsed models."""
+    """Losses identical on every shared patient-run: the same predictions under two names."""
     ties: dict[str, list[str]] = defaultdict(list)
-    names = list(tables)
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            shared = set(tables[a]) & set(tables[b])
-            if len({k[2] for k in shared}) >= TIE_MIN_PATIENTS and all(
-                    round(tables[a][k] - tables[b][k], DIFFERENCE_DECIMALS) == 0 for k in shared):
-                ties[a].append(b)
-                ties[b].append(a)
+    for a, b in itertools.combinations(tables, 2):
+        shared = set(tables[a]) & set(tables[b])
+        if len({k[2] for k in shared}) >= TIE_MIN_PATIENTS and all(
+                round(tables[a][k] - tables[b][k], DIFFERENCE_DECIMALS) == 0 for k in shared):
+            ties[a].append(b)
+            ties[b].append(a)
     return {loss: [f"tie: identical per-patient Dice to {', '.join(others)}"]
             for loss, others in ties.items()}
 
-
-# --- comparisons ----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Comparison:
@@ -456,19 +417,18 @@ class Comparison:
     residual_sd: float
     shift_correlation: float  # of the two losses' run shifts (common random numbers)
 
-    def turned(self) -> Comparison:
-        """The same comparison with the other loss first."""
+    def higher_first(self) -> Comparison:
+        """The same comparison with the loss that scores higher first."""
+        if self.mean_diff >= 0:
+            return self
         return replace(self, loss=self.baseline, baseline=self.loss, mean_diff=-self.mean_diff,
                        ci_low=-self.ci_high, ci_high=-self.ci_low, cohens_dz=-self.cohens_dz)
-
-    def higher_first(self) -> Comparison:
-        return self if self.mean_diff >= 0 else self.turned()
 
 
 def comparison_pairs(losses: Sequence[str], baseline: str | None,
                      all_pairs: bool) -> list[tuple[str, str]]:
-    """(loss, reference) pairs: each loss against the baseline first, then (all pairs, or
-    no baseline) every other pair, the later loss in ``losses`` against the earlier one."""
+    """(loss, reference): each loss against the baseline, then (all pairs, or no baseline) every
+    other pair, the later loss against the earlier."""
     pairs = [(loss, baseline) for loss in losses if baseline is not None and loss != baseline]
     if all_pairs or baseline is None:
         pairs += [(b, a) for i, a in enumerate(losses) for b in losses[i + 1:]
@@ -486,13 +446,8 @@ def _correlation(a: dict, b: dict) -> float:
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def _sd(var: float) -> float:
-    return math.sqrt(var) if np.isfinite(var) else math.nan
-
-
 def compare(tables: Mapping[str, Cells], pairs: Sequence[tuple[str, str]]) -> list[Comparison]:
-    """Paired comparisons on the run pairs and patients both losses have, Holm over
-    ``pairs``."""
+    """Paired comparisons on the run pairs and patients both losses have, Holm over ``pairs``."""
     found = []
     for loss, reference in pairs:
         g = grid(tables[loss], tables[reference])
@@ -513,16 +468,14 @@ def compare(tables: Mapping[str, Cells], pairs: Sequence[tuple[str, str]]) -> li
             p_value=fit["p"], cohens_dz=float(fit["mean"] / sd) if sd and sd > 0 else math.nan,
             runs_favouring=int(sum(np.sign(m) == sign for m in run_means)),
             patients_favouring=float(np.mean(np.sign(per_patient_diff) == sign)),
-            run_sd=_sd(fit["run_var"]), patient_sd=_sd(fit["patient_var"]),
-            residual_sd=_sd(fit["residual_var"]),
+            run_sd=float(np.sqrt(fit["run_var"])), patient_sd=float(np.sqrt(fit["patient_var"])),
+            residual_sd=float(np.sqrt(fit["residual_var"])),
             shift_correlation=_correlation(run_shifts(g), run_shifts(other))))
     p = np.array([f["p_value"] if f else math.nan for f in found])
     adjusted = holm(p) if len(p) else p
     return [Comparison(**f, p_holm=float(q), significant=bool(q < ALPHA))
             for f, q in zip(found, adjusted) if f is not None]
 
-
-# --- the design: can these runs tell the losses apart? --------------------------------------
 
 @dataclass(frozen=True)
 class Design:
@@ -531,7 +484,6 @@ class Design:
     seeds: int  # runs per fold (the most any fold has)
     within: bool  # training randomness measured by several runs per fold
     components: Components | None  # pooled over the comparisons
-    sizes: tuple[int, ...]
     comparisons: int
     shift_correlation: float
     power: float  # for PLANNING_DIFFERENCE at this design
@@ -539,16 +491,11 @@ class Design:
     largest: Comparison | None
     seeds_for_largest: int | None
 
-    @property
-    def separates(self) -> bool:
-        return self.within and np.isfinite(self.power) and self.power >= POWER
-
 
 def design_of(comparisons: Sequence[Comparison], tables: Mapping[str, Cells]) -> Design | None:
     if not comparisons:
         return None
-    first = next(iter(tables.values()))
-    g = grid(first)
+    g = grid(next(iter(tables.values())))
     within = g is not None and bool((g.present.sum(0) > 1).any())
     usable = [c for c in comparisons if np.isfinite(c.run_sd) or np.isfinite(c.patient_sd)]
     components = None
@@ -559,23 +506,22 @@ def design_of(comparisons: Sequence[Comparison], tables: Mapping[str, Cells]) ->
 
         components = Components(run=mean_var("run_sd"), patient=mean_var("patient_sd"),
                                 residual=mean_var("residual_sd") if within else math.nan)
-    sizes = tuple(g.sizes) if g is not None else ()
+    sizes = tuple(int(n) for n in np.bincount(g.block)) if g is not None else ()
     seeds = int(g.present.sum(0).max()) if g is not None else 0
     m = len(comparisons)
     largest = max(comparisons, key=lambda c: abs(c.mean_diff))
-    plan = lambda d: seeds_needed(components, sizes, d, m) if components and sizes else None  # noqa: E731
+    plan = lambda d: (seeds_needed(components, sizes, d, m)  # noqa: E731
+                      if components and sizes else None)
     power = (design_power(components, sizes, max(seeds, 1), PLANNING_DIFFERENCE, m)
              if components and sizes else math.nan)
     return Design(
         patients=len(g.patients) if g else 0, folds=len(sizes), seeds=seeds, within=within,
-        components=components, sizes=sizes, comparisons=m,
+        components=components, comparisons=m,
         shift_correlation=float(np.nanmean([c.shift_correlation for c in comparisons]))
         if any(np.isfinite(c.shift_correlation) for c in comparisons) else math.nan,
         power=power, seeds_for_planning=plan(PLANNING_DIFFERENCE), largest=largest,
         seeds_for_largest=plan(largest.mean_diff) if largest.mean_diff else None)
 
-
-# --- one split, start to end ----------------------------------------------------------------
 
 @dataclass
 class Analysis:
@@ -594,6 +540,9 @@ class Analysis:
     @property
     def flagged(self) -> dict[str, tuple[str, ...]]:
         return {s.loss: s.flags for s in self.summaries if s.flags}
+
+    def is_flagged(self, c: Comparison) -> bool:
+        return c.loss in self.flagged or c.baseline in self.flagged
 
 
 def analyse(rows: list[Row], losses: Sequence[str], baseline: str | None,
@@ -620,24 +569,23 @@ def analyse(rows: list[Row], losses: Sequence[str], baseline: str | None,
     return analysis
 
 
-# --- verdict --------------------------------------------------------------------------------
-
 def _count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 
-def _signed(value: float) -> str:
-    return f"{value:+.3f}"
+def fmt(value: float | None, spec: str = ".4f") -> str:
+    """A number for the report's text, "—" when it is missing."""
+    return "—" if value is None or math.isnan(value) else format(value, spec)
 
 
 def _difference(c: Comparison) -> str:
-    return (f"ΔDice {_signed(c.mean_diff)} (95 % CI {_signed(c.ci_low)} to "
-            f"{_signed(c.ci_high)}, Holm-adjusted p = {c.p_holm:.2g}; higher in "
+    return (f"ΔDice {fmt(c.mean_diff, '+.3f')} (95 % CI {fmt(c.ci_low, '+.3f')} to "
+            f"{fmt(c.ci_high, '+.3f')}, Holm-adjusted p = {c.p_holm:.2g}; higher in "
             f"{c.runs_favouring} of {c.n_run_pairs} run pairs, {c.n_patients} patients)")
 
 
 def _seeds(n: int | None, lower_bound: bool) -> str:
-    """What a question needs: ``needs 4 seeds per fold`` or why no number of seeds will do."""
+    """``needs 4 seeds per fold``, or why no number of seeds will do."""
     if n is None:
         return (f"is out of reach of any number of seeds up to {MAX_SEEDS} (the patients limit "
                 "the precision: more patients are needed)")
@@ -648,17 +596,17 @@ MEASURED = ("Training randomness is measured", "These runs detect", "The seeds a
 
 
 def design_lines(a: Analysis) -> list[str]:
-    """What the runs can and cannot tell, before any table: the variance components, the
-    correlation of run shifts, and how many seeds a question needs."""
+    """What the runs can and cannot tell, before any table."""
     d = a.design
     if d is None or d.components is None:
         return []
     c = d.components
     folds = _count(d.folds, "fold")
     plan = (f"Detecting a difference of {PLANNING_DIFFERENCE} with {POWER:.0%} power (Holm "
-            f"over {_count(d.comparisons, 'comparison')}) {_seeds(d.seeds_for_planning, c.lower_bound)}")
+            f"over {_count(d.comparisons, 'comparison')}) "
+            f"{_seeds(d.seeds_for_planning, c.lower_bound)}")
     if d.largest is not None and d.largest.mean_diff:
-        plan += (f"; the largest observed difference ({_signed(d.largest.mean_diff)}, "
+        plan += (f"; the largest observed difference ({fmt(d.largest.mean_diff, '+.3f')}, "
                  f"{d.largest.loss} vs {d.largest.baseline}) "
                  f"{_seeds(d.seeds_for_largest, c.lower_bound)}")
     if d.folds < 2 and not d.within:
@@ -669,7 +617,8 @@ def design_lines(a: Analysis) -> list[str]:
         return [f"This design cannot separate the losses from training luck: with one seed "
                 f"per fold a lucky run and a better loss look the same, and only the spread "
                 f"of the {folds}' means measures training randomness "
-                f"({_count(d.folds - 1, 'degree')} of freedom). Estimated from them: a run pair shifts a difference by SD "
+                f"({_count(d.folds - 1, 'degree')} of freedom). Estimated from them: a run "
+                f"pair shifts a difference by SD "
                 f"{math.sqrt(c.run):.3f}, patients by SD {math.sqrt(c.patient):.3f}. "
                 f"{plan} (study.seeds=[0,1,2,...])."]
     lines = [f"Training randomness is measured by {d.seeds} seeds in each of {folds} "
@@ -678,7 +627,7 @@ def design_lines(a: Analysis) -> list[str]:
              f"is SD {math.sqrt(c.residual):.3f}"
              + (f"; run shifts of two losses on the same fold and seed correlate r = "
                 f"{d.shift_correlation:.2f}" if np.isfinite(d.shift_correlation) else "") + "."]
-    if d.separates:
+    if np.isfinite(d.power) and d.power >= POWER:
         lines.append(f"These runs detect a difference of {PLANNING_DIFFERENCE} with "
                      f"{d.power:.0%} power. {plan}.")
     else:
@@ -693,44 +642,33 @@ def _design(a: Analysis) -> str:
     return f"{_count(a.n_patients, a.split + ' patient')} ({folds} × {seeds})"
 
 
-def _common_means(a: Analysis, losses: Sequence[str]) -> dict[str, float]:
-    """Each loss's mean Dice over the patients every one of ``losses`` has."""
-    shared = set.intersection(*(set(a.patient_dice[l]) for l in losses))
-    return {l: float(np.mean([a.patient_dice[l][p] for p in shared])) for l in losses}
-
-
 def _best(a: Analysis, usable: list[str]) -> str:
-    """'Best' only for a loss whose lead over every other loss was tested and survives."""
+    """'Best' only for a loss whose lead over every other was tested and survives; the
+    highest mean is taken on the patients all losses share."""
     if len(usable) < 2:
         return ""
     if not any(np.isfinite(c.p_value) for c in a.comparisons):
         return "No loss is called best: no comparison could be tested."
-    means = _common_means(a, usable)
-    leader = max(usable, key=lambda loss: means[loss])
-    leads, missing = [], []
-    for other in usable:
-        if other == leader:
-            continue
-        found = [c for c in a.comparisons if {c.loss, c.baseline} == {leader, other}]
-        if not found:
-            missing.append(other)
-        else:
-            c = found[0]
-            leads.append((other, c.significant and c.higher_first().loss == leader, c.p_holm))
-    if missing:
-        return (f"No loss is called best: {leader} has the highest mean Dice on the patients "
-                "all losses share, but its lead over every other loss was not tested "
-                "(use --all-pairs).")
-    if all(ok for _, ok, _ in leads):
+    shared = set.intersection(*(set(a.patient_dice[loss]) for loss in usable))
+    leader = max(usable, key=lambda loss: np.mean([a.patient_dice[loss][p] for p in shared]))
+    leads = {other: next((c for c in a.comparisons if {c.loss, c.baseline} == {leader, other}),
+                         None) for other in usable if other != leader}
+    lost = {other: c for other, c in leads.items()
+            if c is None or not (c.significant and c.higher_first().loss == leader)}
+    if not lost:
         return f"Best: {leader}, whose lead over every other loss survives the Holm correction."
-    weak = ", ".join(f"{other} (p_holm = {p:.2g})" for other, ok, p in leads if not ok)
+    if None in lost.values():
+        why = "every other loss was not tested (use --all-pairs)"
+    else:
+        why = ", ".join(f"{other} (p_holm = {c.p_holm:.2g})" for other, c in lost.items())
+        why += " is not significant after correction"
     return (f"No loss is called best: {leader} has the highest mean Dice on the patients all "
-            f"losses share, but its lead over {weak} is not significant after correction.")
+            f"losses share, but its lead over {why}.")
 
 
 def verdict(a: Analysis) -> list[str]:
-    """What the comparisons show: flagged runs first (nothing ranked then), then what the
-    design can tell, then the comparisons; 'no difference detected' is never 'the same'."""
+    """Flagged runs first (nothing is ranked then), what the design can tell, the comparisons;
+    'no difference detected' is never 'the same'."""
     lines = []
     flagged = a.flagged
     if flagged:

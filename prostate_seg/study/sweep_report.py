@@ -1,7 +1,5 @@
-"""The Hydra callback that writes the study's report when a multirun ends
-(``hydra.callbacks.sweep_report`` in conf/hydra/default.yaml). Hydra instantiates every
-callback in every run, so the report's imports (numpy, scipy, matplotlib) wait until a sweep
-ends: a single run, and a command line that stops on a mistake, start without them."""
+"""Hydra callback writing the study's report when a multirun ends. Every run instantiates
+it, so the report's heavy imports wait until a sweep ends."""
 
 from __future__ import annotations
 
@@ -20,11 +18,8 @@ log = logging.getLogger(__name__)
 
 
 class SweepReport(Callback):
-    """Write the report when a multirun ends. Hydra skips ``on_multirun_end`` when a job
-    failed, so the report is also written at exit then; a report problem is logged, never
-    raised (it must not turn a finished sweep into a failed one). Settings in the sweep's
-    config: ``report.baseline`` (bce; every pair when the sweep has none), ``report.all_pairs``
-    and ``report.allow_mixed_code``."""
+    """Writes the report when a multirun ends, or at exit (Hydra skips ``on_multirun_end`` after
+    a failed job); a report problem is logged, never raised."""
 
     def __init__(self) -> None:
         self.settings: dict[str, Any] = {}
@@ -49,8 +44,8 @@ class SweepReport(Callback):
         self.write()
 
     def launched(self) -> bool:
-        """Whether this sweep got past its checks: Hydra writes multirun.yaml only then (a
-        refused sweep must not rewrite the report of the sweep running in the folder)."""
+        """Hydra writes multirun.yaml only for a sweep past its checks: a refused one must
+        not rewrite the running sweep's report."""
         record = self.sweep_dir / "multirun.yaml" if self.sweep_dir else None
         return record is not None and record.is_file() and record.stat().st_mtime >= self.started
 

@@ -1,10 +1,5 @@
-"""Sweep jobs: their folder names, and the console line of each job's start and end.
-
-A job folder is named after what tells it apart: the loss, the fold, the seed, then any other
-swept setting (``tversky_a0.25-fold0-seed0``, ``bce-fold1-seed2-lr0.001``). The names keep to
-characters Hydra's command-line parser accepts unquoted, so a checkpoint path from a sweep can
-be pasted into ``ckpt_path=...`` as it is.
-"""
+"""Sweep jobs: folder names (``bce-fold1-seed2-lr0.001``, characters Hydra's parser takes
+unquoted, so a checkpoint path pastes into ``ckpt_path=``) and one console line per job."""
 
 from __future__ import annotations
 
@@ -37,9 +32,8 @@ def _token(value: Any) -> str:
 
 
 def job_name(cfg: DictConfig, varying: Iterable[tuple[str, Any]]) -> str:
-    """``<loss>-fold<k>-seed<s>`` plus one ``-<key><value>`` per other varying setting (a group
-    choice such as ``model=unet_small`` adds its value; a loss setting already spelled in the
-    loss name, like alpha in ``tversky_a0.25``, adds nothing)."""
+    """``<loss>-fold<k>-seed<s>`` plus ``-<key><value>`` per other varying setting (none for a
+    loss setting already in the loss name, like alpha in ``tversky_a0.25``)."""
     loss = _token(OmegaConf.select(cfg, "loss.name", default="loss"))
     parts = [f"{loss}-fold{OmegaConf.select(cfg, 'data.fold')}-seed{cfg.get('seed')}"]
     varying = [(k, v) for k, v in varying if k not in ALWAYS_NAMED]
@@ -54,15 +48,13 @@ def job_name(cfg: DictConfig, varying: Iterable[tuple[str, Any]]) -> str:
 
 
 def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
-    """(key, value) of command-line overrides as Hydra parses them (``1e-3`` is 0.001),
-    deletions left out."""
+    """(key, value) of overrides as Hydra parses them (``1e-3`` is 0.001), deletions left out."""
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     return [(o.key_or_group, o.value()) for o in parsed if not o.is_delete()]
 
 
 def task_overrides(cfg: DictConfig) -> list[tuple[str, Any]]:
-    """(key, value) of the job's command-line overrides, minus the keys Hydra is told to keep
-    out of folder names (``hydra.job.config.override_dirname.exclude_keys``)."""
+    """The job's overrides minus Hydra's ``override_dirname.exclude_keys``."""
     excluded = set(OmegaConf.select(cfg, "hydra.job.config.override_dirname.exclude_keys",
                                     default=[]) or [])
     return [(key, value) for key, value in parse_overrides(
@@ -70,9 +62,8 @@ def task_overrides(cfg: DictConfig) -> list[tuple[str, Any]]:
 
 
 def job_name_resolver(*, _root_: DictConfig) -> str:
-    """``${ps.job_name:}``, the default ``hydra.sweep.subdir``: a name from every override of the
-    job. The project's sweeper, which sees the whole grid, names a job by its swept settings
-    only (the same ``job_name`` of the same ``task_overrides``)."""
+    """``${ps.job_name:}``, the default ``hydra.sweep.subdir``; the study sweeper names by its
+    swept settings only."""
     return job_name(_root_, task_overrides(_root_))
 
 
@@ -87,8 +78,7 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """Elapsed time and the time left of a sweep: the mean job so far times the jobs left,
-    shared by ``slots`` running at once."""
+    """Elapsed and remaining time of a sweep: the mean job so far times the jobs left, per slot."""
 
     def __init__(self, total: int, slots: int = 1) -> None:
         self.started = time.monotonic()
@@ -104,9 +94,7 @@ class Progress:
 
 
 class SweepProgress(Callback):
-    """Hydra callback: one console line when each job of a sweep starts and one when it ends
-    (``job 3/7``, its folder, its time, the sweep's elapsed time and time left, or why it failed
-    and where its log is). Jobs run by the gpu_pool launcher report from the launcher."""
+    """One console line per job start and end (the gpu_pool launcher reports its own jobs)."""
 
     def __init__(self) -> None:
         self.progress: Progress | None = None
