@@ -37,12 +37,6 @@ from prostate_seg.errors import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
 
-log = logging.getLogger(__name__)
-
-
-def _hydra_args(argv: list[str]) -> argparse.Namespace:
-    return get_args_parser().parse_args(argv)
-
 
 def is_command_line_error(exc: BaseException) -> bool:
     """Whether Hydra stopped on the command line or the configs it names, not in the task."""
@@ -71,7 +65,7 @@ def _compose(config_name: str, overrides: list[str], multirun: bool) -> DictConf
 
 def config_problem(config_name: str, argv: list[str]) -> str | None:
     """The one line ``python <tool> *argv`` would stop with before its task; None if none."""
-    args = _hydra_args(argv)
+    args = get_args_parser().parse_args(argv)
     try:
         cfg = _compose(args.config_name or config_name, args.overrides, args.multirun)
     except Exception as exc:  # noqa: BLE001 - what is not the command line's is re-raised
@@ -91,7 +85,7 @@ def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> s
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
         group, _, value = exc.missing_cfg_file.rpartition("/")
         return _unknown_option(group, value, exc.options)
-    args = _hydra_args(argv)
+    args = get_args_parser().parse_args(argv)
     key = _unknown_key(exc)
     if key is not None:
         return unknown_key_line(key, _composed_without(config_name, args, key))
