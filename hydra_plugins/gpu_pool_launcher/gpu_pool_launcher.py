@@ -10,11 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cloudpickle
 from hydra.core.config_store import ConfigStore
@@ -166,8 +168,6 @@ class GpuPoolLauncher(Launcher):
         self._lock = threading.Lock()
         self._running: Dict[int, subprocess.Popen] = {}
         self._stopping = False
-        self._active_slots = 0
-        self._all_done = threading.Event()
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -202,12 +202,10 @@ class GpuPoolLauncher(Launcher):
         log.info(f"Launching {len(jobs)} jobs on {len(slots)} {self.accelerator} slots "
                  f"(devices {', '.join(sorted(set(slots)))}; {cpus} CPUs each)")
         self._progress = Progress(total=len(jobs), slots=len(slots))
-        pending: queue.Queue[_Job] = queue.Queue()
-        for job in jobs:
-            pending.put(job)
-        self._wait([threading.Thread(target=self._work, args=(slot, device, pending, cpus),
-                                     name=f"gpu_pool-slot{slot}", daemon=True)
-                    for slot, device in enumerate(slots)])
+        free: queue.Queue[Tuple[int, str]] = queue.Queue()  # a job takes the next free slot
+        for slot in enumerate(slots):
+            free.put(slot)
+        self._wait(jobs, free, cpus)
         failed = [job for job in jobs if job.record["status"] != "completed"]
         summary = f"{len(jobs)} jobs: {len(jobs) - len(failed)} completed, {len(failed)} failed"
         if failed:
@@ -256,22 +254,14 @@ class GpuPoolLauncher(Launcher):
         env.setdefault("PYTHONUNBUFFERED", "1")  # the log stays in order, and complete if killed
         return env
 
-    def _work(self, slot: int, device: str, pending: queue.Queue[_Job], cpus: int) -> None:
-        """One slot: run queued jobs one after another until the queue is empty."""
+    def _run(self, job: _Job, free: queue.Queue[Tuple[int, str]], cpus: int) -> None:
+        slot, device = free.get()
         try:
-            while not self._stopping:
-                try:
-                    job = pending.get_nowait()
-                except queue.Empty:
-                    return
-                self._run(job, slot, device, cpus)
+            self._run_on(job, slot, device, cpus)
         finally:
-            with self._lock:
-                self._active_slots -= 1
-                if self._active_slots == 0:
-                    self._all_done.set()
+            free.put((slot, device))
 
-    def _run(self, job: _Job, slot: int, device: str, cpus: int) -> None:
+    def _run_on(self, job: _Job, slot: int, device: str, cpus: int) -> None:
         """Run one job to its end; launcher.json says how it ended, launcher.log (appended to:
         a rerun keeps the earlier attempts) holds its output."""
         previous = load_json_object(job.dir / "launcher.json")[0] or {}
@@ -340,27 +330,27 @@ class GpuPoolLauncher(Launcher):
         except OSError as exc:
             log.error(f"#{job.idx}: cannot write {job.dir / 'launcher.json'}: {exc}")
 
-    def _wait(self, workers: List[threading.Thread]) -> None:
-        """Run the slots to the end; on Ctrl-C or SIGTERM stop every child, then re-raise. An
-        event, not ``Thread.join``: an interrupted join(timeout) returns at once (Python 3.11)."""
+    def _wait(self, jobs: List[_Job], free: queue.Queue[Tuple[int, str]], cpus: int) -> None:
+        """Run the jobs on the free slots; on Ctrl-C or SIGTERM stop every child, then re-raise.
+        Futures, not ``Thread.join``: an interrupted join(timeout) returns at once (3.11)."""
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
-        self._active_slots = len(workers)
-        self._all_done.clear()
-        if not workers:
-            return
+        pool = ThreadPoolExecutor(max(1, free.qsize()), thread_name_prefix="gpu_pool")
+        futures: List[Future] = []
         try:
-            for worker in workers:
-                worker.start()
-            self._all_done.wait()
+            futures = [pool.submit(self._run, job, free, cpus) for job in jobs]
+            wait_for(futures)
         except BaseException:
-            self._terminate()
+            self._terminate(futures)
             raise
         finally:
+            pool.shutdown(wait=False, cancel_futures=True)
             if in_main:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for future in futures:
+            future.result()  # a bug in a slot is not swallowed
 
-    def _terminate(self) -> None:
+    def _terminate(self, futures: List[Future]) -> None:
         """SIGTERM every running job, give them ``grace_s`` to save their checkpoint, SIGKILL
         what is left (at once on a second Ctrl-C)."""
         with self._lock:
@@ -370,12 +360,12 @@ class GpuPoolLauncher(Launcher):
                     f"(up to {self.grace_s:.0f} s for each to save its checkpoint)")
         self._signal(procs, signal.SIGTERM)
         try:
-            self._all_done.wait(self.grace_s)
+            wait_for(futures, timeout=self.grace_s)
         except (KeyboardInterrupt, _Terminated):
             log.warning("Second interrupt: killing the jobs now")
         finally:
             self._signal([p for p in procs if p.poll() is None], signal.SIGKILL)
-            self._all_done.wait(5.0)  # let the slots record how their jobs ended
+            wait_for(futures, timeout=5.0)  # let the slots record how their jobs ended
 
     @staticmethod
     def _signal(procs: List[subprocess.Popen], signum: int) -> None:
