@@ -1,7 +1,6 @@
 """Each job runs in a fresh process (:mod:`.job`) on the config composed here, from its folder's
 ``launcher.pickle``; CUDA_VISIBLE_DEVICES is set before it starts, CUDA never here."""
 
-import copy
 import logging
 import os
 import queue
@@ -229,16 +228,14 @@ class GpuPoolLauncher(Launcher):
         finally:
             HydraConfig.instance().cfg = parent_hydra_cfg
         job_dir = Path(os.path.abspath(job_dir))
-        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+        with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.runtime.output_dir = str(job_dir)
-        run = copy.deepcopy(config)
-        with read_write(run.hydra):
-            run.hydra.mode = RunMode.RUN
-            run.hydra.run.dir = str(job_dir)
+            config.hydra.mode = RunMode.RUN  # the job's process: a single run in its folder
+            config.hydra.run.dir = str(job_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
         with replacing(job_dir / JOB_FILE) as tmp:
             tmp.write_bytes(cloudpickle.dumps({
-                "config": run, "task_function": self.task_function,
+                "config": config, "task_function": self.task_function,
                 "callbacks": self.hydra_context.callbacks, "singletons": Singleton.get_state()}))
         return _Job(idx=idx, overrides=overrides, config=config, dir=job_dir)
 
