@@ -1,17 +1,5 @@
-"""The command-line layer: ``python -m prostate_seg COMMAND [overrides]``, the console scripts
-(``prostate-seg-train`` ...) and the checkout's ``train.py``, ``evaluate.py``, ``predict.py``.
-
-Every Hydra tool (train, evaluate, predict, prepare, synthetic) runs through :func:`hydra_entry`:
-  * Hydra composes the config once; what it refuses, before any folder is made, becomes one
-    line built from its own exception: a group choice that does not exist (``loss=focal``)
-    lists the valid ones, a key that does not exist (``loss.alpa``) names the closest valid
-    keys. A required value that is missing (``ckpt_path``) is named before the task starts;
-  * a :class:`~prostate_seg.errors.UserError` raised by the tool, and an ``OSError`` (disk
-    full, read-only, not a directory, name too long, no permission), print ``error: ...`` on
-    one line naming the file and exit with status 2. A single command that stops so, before
-    it wrote anything of its own, leaves no output folder behind; ``HYDRA_FULL_ERROR=1``
-    shows the traceback.
-"""
+"""The command line (``python -m prostate_seg COMMAND``, console scripts, ``train.py``): Hydra
+composes once, and what the user must fix is one ``error: ...`` line with exit status 2."""
 
 from __future__ import annotations
 
@@ -50,17 +38,9 @@ from prostate_seg.settings import check_settings
 
 EXIT_USER_ERROR = 2
 
-log = logging.getLogger(__name__)
-
-
-def _hydra_args(argv: list[str]) -> argparse.Namespace:
-    """A command line as Hydra's own parser reads it (flags, ``args.overrides``)."""
-    return get_args_parser().parse_args(argv)
-
 
 def is_command_line_error(exc: BaseException) -> bool:
-    """Whether Hydra stopped on the command line or the configs it names (an unknown key or
-    group option, an override it cannot parse, a flag it refuses) rather than in the task."""
+    """Whether Hydra stopped on the command line or the configs it names, not in the task."""
     if isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException)):
         return True
     frames = traceback.extract_tb(exc.__traceback__)
@@ -70,7 +50,6 @@ def is_command_line_error(exc: BaseException) -> bool:
 
 @contextmanager
 def _config_loader() -> Iterator[Any]:
-    """Hydra's config loader over the project's configs, outside a Hydra app."""
     GlobalHydra.instance().clear()
     try:
         with initialize_configs():
@@ -80,17 +59,14 @@ def _config_loader() -> Iterator[Any]:
 
 
 def _compose(config_name: str, overrides: list[str], multirun: bool) -> DictConfig:
-    """The config Hydra composes first for this command line: the run's, or a sweep's own
-    (swept values left out)."""
     with _config_loader() as loader:
         return loader.load_configuration(
             config_name, overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
 
 
 def config_problem(config_name: str, argv: list[str]) -> str | None:
-    """The one line ``python <tool> *argv`` stops with because Hydra cannot compose its config,
-    or (a run) a required value is missing; None when there is none. Nothing is run."""
-    args = _hydra_args(argv)
+    """The one line ``python <tool> *argv`` would stop with before its task; None if none."""
+    args = get_args_parser().parse_args(argv)
     try:
         cfg = _compose(args.config_name or config_name, args.overrides, args.multirun)
     except Exception as exc:  # noqa: BLE001 - what is not the command line's is re-raised
@@ -104,15 +80,13 @@ def config_problem(config_name: str, argv: list[str]) -> str | None:
 
 
 def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> str:
-    """One line for Hydra's error ``exc`` on ``python <tool> *argv``: an unknown group option
-    lists the valid ones, an unknown key names the closest ones (from the config composed
-    without it, on this error path only)."""
+    """Hydra's error as one line; an unknown option or key names the valid or closest ones."""
     if isinstance(exc, OverrideParseException):
         return f"cannot parse the command line: {_message(exc)}"
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
         group, _, value = exc.missing_cfg_file.rpartition("/")
         return _unknown_option(group, value, exc.options)
-    args = _hydra_args(argv)
+    args = get_args_parser().parse_args(argv)
     key = _unknown_key(exc)
     if key is not None:
         return unknown_key_line(key, _composed_without(config_name, args, key))
@@ -145,8 +119,8 @@ def _unknown_key(exc: BaseException) -> str | None:
 
 
 def _composed_without(config_name: str, args: argparse.Namespace, key: str) -> list[DictConfig]:
-    """The command's config composed without the override of ``key`` (nor of other keys that
-    do not exist); none when it names another config folder or fails otherwise."""
+    """The config composed without the overrides of unknown keys, for suggestions (on this
+    error path only); none when another config folder is named or it fails otherwise."""
     if args.config_path or args.config_dir:
         return []
     parsed = OverridesParser.create().parse_overrides(args.overrides)
@@ -164,8 +138,7 @@ def _composed_without(config_name: str, args: argparse.Namespace, key: str) -> l
 
 
 def unknown_key_line(key: str, configs: list[DictConfig]) -> str:
-    """``loss.alpa: no such key; did you mean loss.alpha?``, from the keys of ``configs`` (the
-    command's own, composed without ``key``)."""
+    """``loss.alpa: no such key; did you mean loss.alpha?``, from the keys of ``configs``."""
     known = sorted({k for cfg in configs
                     for k, _ in _flat_items(OmegaConf.to_container(cfg, resolve=False))
                     if k.startswith("hydra.") == key.startswith("hydra.")})
@@ -183,20 +156,15 @@ def _null_group_choice(args: argparse.Namespace) -> str | None:
 
 
 def _flat_items(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) of every node and leaf of a config's container (mappings only, not
-    list items)."""
+    """(dotted key, value) of every mapping node and leaf of a container (lists not entered)."""
     if not isinstance(node, dict):
         return []
-    items = []
-    for name, child in node.items():
-        items.append((f"{prefix}{name}", child))
-        items += _flat_items(child, f"{prefix}{name}.")
-    return items
+    return [item for name, child in node.items()
+            for item in [(f"{prefix}{name}", child), *_flat_items(child, f"{prefix}{name}.")]]
 
 
 def _nearest(word: str, candidates: set[str] | list[str], cutoff: float) -> list[str]:
-    """The candidates most like ``word`` (difflib's ratio at least ``cutoff``, and within 0.05
-    of the best one), best first, at most three."""
+    """At most three candidates, best first, each within 0.05 of the best ratio (>= cutoff)."""
     scored = sorted(((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in candidates),
                     reverse=True)
     if not scored or scored[0][0] < cutoff:
@@ -205,8 +173,8 @@ def _nearest(word: str, candidates: set[str] | list[str], cutoff: float) -> list
 
 
 def _closest_keys(key: str, known: list[str]) -> str:
-    """``did you mean loss.alpha?`` from the whole key, else from its last part (``lr`` ->
-    ``optimizer.lr``); else what the nearest existing parent holds."""
+    """``did you mean`` the whole key's or its last part's nearest (``lr`` -> ``optimizer.lr``),
+    else what the nearest existing parent holds."""
     parts = key.split(".")
     parents = {".".join(parts[:i]) for i in range(1, len(parts))}
     matches = _nearest(key, [k for k in known if k not in parents], cutoff=0.6)
@@ -223,8 +191,7 @@ def _closest_keys(key: str, known: list[str]) -> str:
 
 
 def required_values_problem(cfg: DictConfig) -> str | None:
-    """``ckpt_path: required, not given (...)`` for the values a config leaves ``???`` (found
-    without resolving the others, which may take seconds); Hydra's own node is not the user's."""
+    """The user's ``???`` values, found without resolving the others (which may take seconds)."""
     missing = [key for key, value in _flat_items(OmegaConf.to_container(cfg, resolve=False))
                if value == "???" and not key.startswith("hydra.")]
     if not missing:
@@ -233,55 +200,33 @@ def required_values_problem(cfg: DictConfig) -> str | None:
     return f"{', '.join(missing)}: required, not given (add {example} to the command line)"
 
 
-@contextmanager
-def exit_on_user_error() -> Iterator[None]:
-    """Outside a job (e.g. a sweeper's checks before launch): a UserError becomes one line on
-    stderr and exit status 2, as in a job."""
-    try:
-        yield
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-
-
-def os_error_line(exc: OSError) -> str:
-    """``PATH: reason (ENOSPC)``: the file and what the system said, on one line."""
-    if exc.filename is None:  # e.g. re-raised from a loader worker: the last line is the error
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        return lines[-1] if lines else type(exc).__name__
-    where = str(exc.filename) + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
-    code = errno.errorcode.get(exc.errno or 0)
-    return f"{where}: {exc.strerror or exc}" + (f" ({code})" if code else "")
-
-
 def error_line(exc: BaseException) -> str | None:
-    """The one line shown for an error that is the user's or the machine's to fix (a
-    UserError, or an OSError such as a full, read-only or missing disk, also as the stated
-    cause of another error); None for anything else, which is a bug and keeps its traceback."""
+    """The line for a UserError or OSError (``PATH: reason (ENOSPC)``), also as another error's
+    cause; None for a bug, which keeps its traceback."""
     while exc is not None:
         if isinstance(exc, UserError):
             return str(exc)
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. from a loader worker
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            return lines[-1] if lines else type(exc).__name__
         if isinstance(exc, OSError):
-            return os_error_line(exc)
+            to = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+            code = errno.errorcode.get(exc.errno or 0)
+            return f"{exc.filename}{to}: {exc.strerror or exc}" + (f" ({code})" if code else "")
         exc = exc.__cause__
     return None
 
 
-# Whether the user asked for tracebacks, as recorded by the outermost tool (one_line_errors).
+# The user's HYDRA_FULL_ERROR, kept for the jobs a tool starts: they inherit the tool's own "1".
 TRACEBACKS = "PROSTATE_SEG_FULL_ERROR"
 
 
 @contextmanager
 def one_line_errors(show_traceback: bool = False, config_name: str | None = None
                     ) -> Iterator[None]:
-    """Errors that escape Hydra (a command line it cannot compose ``config_name`` from, a run
-    folder or log file it cannot create, a failed job of an in-process sweep) are also one line
-    with exit code 2. Hydra passes exceptions on instead of printing them only with
-    HYDRA_FULL_ERROR set; bugs, and every error with ``show_traceback``, then show their full
-    traceback."""
+    """Errors that escape Hydra (it passes them on only with HYDRA_FULL_ERROR set) become one
+    line and exit status 2; bugs, and everything with ``show_traceback``, keep the traceback."""
     saved = {key: os.environ.get(key) for key in ("HYDRA_FULL_ERROR", TRACEBACKS)}
-    # The user's own choice, for the jobs this process starts (gpu_pool, SLURM): they inherit
-    # the HYDRA_FULL_ERROR=1 set below, which the user did not ask for.
     os.environ.setdefault(TRACEBACKS, "1" if saved["HYDRA_FULL_ERROR"] == "1" else "0")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
@@ -302,16 +247,13 @@ def one_line_errors(show_traceback: bool = False, config_name: str | None = None
 
 
 def tracebacks_wanted() -> bool:
-    """Did the user ask for full tracebacks (HYDRA_FULL_ERROR=1)? In a job started by a tool
-    of this project, the answer that tool recorded, not the variable it set for Hydra."""
+    """Whether the user set HYDRA_FULL_ERROR=1 (in a job: as its tool recorded it)."""
     return os.environ.get(TRACEBACKS, os.environ.get("HYDRA_FULL_ERROR")) == "1"
 
 
 def remove_bookkeeping_folder(run_dir: Path, log_name: str) -> bool:
-    """Remove ``run_dir`` when it holds nothing or only the command's log (which repeated the
-    console; a training run's log is only written once it claimed the folder), then its
-    parents that this leaves empty, up to the working directory: a command that stopped before
-    its own work leaves no folder. A folder holding anything else is kept whole."""
+    """Remove ``run_dir`` if it holds only the command's log, and the parents this empties up
+    to the working directory: a command stopped before its work leaves no folder."""
     try:
         entries = list(run_dir.iterdir())
         if any(e.name != log_name or not e.is_file() or e.is_symlink() for e in entries):
@@ -354,9 +296,8 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, show_traceback: boo
 
 
 class QuietConsole(logging.Filter):
-    """The console's filter (conf/hydra/job_logging/quiet.yaml): Lightning's banners, tips and
-    model table, Hydra's launcher listing and the warnings known to be harmless stay in the log
-    file only; ``verbose=true`` shows them."""
+    """The console's filter (conf/hydra/job_logging/quiet.yaml): library banners and harmless
+    warnings go to the log file only, unless ``verbose=true``."""
 
     NOISY = ("pytorch_lightning", "lightning", "lightning_fabric",
              "hydra._internal.core_plugins.basic_launcher")
@@ -379,8 +320,7 @@ class QuietConsole(logging.Filter):
 
 
 def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
-    """Run ``task(cfg)`` as a Hydra app over ``<config_name>.yaml`` of the project's configs.
-    ``HYDRA_FULL_ERROR=1`` shows the traceback of every error (Hydra's own switch)."""
+    """Run ``task(cfg)`` as a Hydra app over the project's ``<config_name>.yaml``."""
     show_traceback = tracebacks_wanted()
     logging.captureWarnings(True)  # warnings go to the log file; the console keeps the useful
     openmp_yields()  # before any task imports torch
@@ -394,8 +334,7 @@ def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
 
 
 def _task(module: str, name: str) -> Callable[[DictConfig], Any]:
-    """``module.name``, imported when the task runs: ``--help`` and a typo answer before the
-    heavy imports (torch, Lightning) of the stage."""
+    """Imported when the task runs: ``--help`` and a typo answer before torch is imported."""
     def task(cfg: DictConfig) -> Any:
         return getattr(importlib.import_module(module), name)(cfg)
     return task

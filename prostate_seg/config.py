@@ -4,30 +4,28 @@ Hydra app (tests, benchmarks, notebooks)."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import sys
 import time
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from prostate_seg.errors import ConfigError
 from prostate_seg.study.sweeps import job_name_resolver
-
-log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_MODULE = "prostate_seg.conf"
 
 
 def _config_location() -> tuple[Path, str]:
-    """(folder, Hydra config path) of the configs: ``conf/`` beside the package in a checkout
-    (also when installed editable), else the copy that a wheel ships inside the package,
-    which Hydra reads as ``pkg://prostate_seg.conf``."""
+    """(folder, Hydra config path): a checkout's ``conf/``, else the copy a wheel ships."""
     checkout = PACKAGE_DIR.parent / "conf"
     if (checkout / "train.yaml").is_file():
         return checkout, str(checkout)
@@ -49,9 +47,8 @@ _CUDA_DEVICE_FILES = ("/dev/nvidiactl", "/dev/dxg")
 
 
 def uses_gpu(accelerator: str) -> bool:
-    """Whether a Trainer with this ``accelerator`` setting will run on a CUDA GPU. ``auto``
-    asks torch only where a GPU may be: with no driver, or every GPU hidden, the answer is no
-    without the seconds of importing torch."""
+    """Whether a Trainer with this ``accelerator`` runs on a CUDA GPU; ``auto`` imports torch
+    (seconds) only where a driver is and a GPU is not hidden."""
     if accelerator in ("gpu", "cuda"):
         return True
     if accelerator != "auto" or os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1") or not any(
@@ -74,8 +71,7 @@ def default_precision(accelerator: str) -> str:
 
 
 def available_cpus() -> int:
-    """CPUs this process may use: its affinity, a container's CPU quota (cgroup v2
-    cpu.max), or what a launcher gave it (PROSTATE_SEG_CPUS)."""
+    """CPUs this process may use: affinity, cgroup v2 quota, or a launcher's PROSTATE_SEG_CPUS."""
     if "PROSTATE_SEG_CPUS" in os.environ:
         return max(1, int(os.environ["PROSTATE_SEG_CPUS"]))
     cpus = len(os.sched_getaffinity(0))
@@ -89,8 +85,7 @@ def available_cpus() -> int:
 
 
 def idle_cpus(seconds: float = 0.25) -> float:
-    """How many cores sat idle over a short look at /proc/stat (Linux; the machine's count
-    elsewhere): other work on the machine takes the rest."""
+    """Cores idle over a short look at /proc/stat (Linux; else all): other work takes the rest."""
     def ticks() -> tuple[int, int]:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
         return fields[3] + fields[4], sum(fields)  # idle + iowait, all
@@ -104,16 +99,13 @@ def idle_cpus(seconds: float = 0.25) -> float:
 
 
 def openmp_yields() -> None:
-    """OpenMP threads that wait yield their core instead of spinning on it, so a job beside
-    other work gets its fair share; read when torch loads OpenMP, so call it before."""
+    """Waiting OpenMP threads yield their core, not spin (read when torch loads: call before)."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def configure_cpu_threads(workers: int = 0) -> int:
-    """torch's intra-op threads for a job on the CPU: the cores this process may use that
-    are idle now, less its loader workers, at least one. Two threads on two cores of which
-    another process holds one wait on each other at every parallel step (a training step
-    took 10 x longer); fewer threads take the free cores. Returns the count."""
+    """torch's threads: the idle cores this process may use less its loader workers. Two
+    threads on two cores, one of them busy, wait on each other at every step (10 x slower)."""
     threads = max(1, min(available_cpus(), int(idle_cpus() + 0.5)) - workers)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
@@ -121,11 +113,8 @@ def configure_cpu_threads(workers: int = 0) -> int:
 
 
 def default_num_workers(accelerator: str = "cpu") -> int:
-    """Loader processes, from the CPUs this job may use (a gpu_pool launcher divides the
-    machine's CPUs among the jobs it runs at once). Training on a GPU: all but two (the main
-    process and the GPU feeder), at least one from two CPUs on, at most 16 — the main process
-    mostly waits for the GPU, so decoding and augmenting belong elsewhere. Training on the
-    CPU: none on a 2-core box (workers would take the cores the model trains on)."""
+    """Loader processes from this job's CPUs: on a GPU all but the main process and the feeder
+    (at most 16); on the CPU none on 2 cores, where workers would take the model's cores."""
     cpus = available_cpus()
     if uses_gpu(accelerator):
         return 0 if cpus < 2 else min(max(cpus - 2, 1), 16)
@@ -155,8 +144,7 @@ def network_size(data_dir: str) -> int:
 
 
 def tversky_name(alpha: float, beta: float | None, gamma: float | None = None) -> str:
-    """``tversky_a0.25``; the beta is added only when it is not ``1 - alpha``; with a focal
-    exponent ``gamma``: ``focal_tversky_a0.3_g1.333``."""
+    """``tversky_a0.25``, with ``_b`` only when beta is not 1 - alpha: ``focal_..._g1.333``."""
     name = f"tversky_a{alpha}"
     if beta is not None and not math.isclose(float(alpha) + float(beta), 1.0, abs_tol=1e-9):
         name += f"_b{beta}"
@@ -164,8 +152,7 @@ def tversky_name(alpha: float, beta: float | None, gamma: float | None = None) -
 
 
 def sweep_values(values: list | None, count: int | None = None) -> str:
-    """A list as the comma-separated values of a Hydra sweep (``[0, 1]`` -> ``0,1``); null with
-    a ``count`` means ``0 .. count-1`` (every fold)."""
+    """A list as a Hydra sweep's values (``[0, 1]`` -> ``0,1``); null: ``0 .. count-1``."""
     if values is None:
         if count is None:
             raise ConfigError("a sweep needs a list of values")
@@ -196,16 +183,10 @@ _register_resolvers()
 
 
 def compose_config(config_name: str, overrides: list[str], output_dir: str | Path) -> DictConfig:
-    """A config composed outside a Hydra app (tests, benchmarks, notebooks), with ``output_dir``
-    as the run folder, so ``${hydra:runtime.output_dir}`` and HydraConfig work as in a run."""
-    from hydra import compose
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
+    """A config composed outside a Hydra app, ``output_dir`` its run folder as in a run."""
     GlobalHydra.instance().clear()
     with initialize_configs():
-        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        cfg = hydra.compose(config_name, overrides=overrides, return_hydra_config=True)
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(output_dir)
@@ -214,8 +195,9 @@ def compose_config(config_name: str, overrides: list[str], output_dir: str | Pat
     return cfg
 
 
-# Objects that come from an optional extra of the package: _target_ prefix -> (module, extra).
-OPTIONAL_EXTRAS = {"monai.": ("monai", "monai"), "prostate_seg.training.tracking.": ("mlflow", "mlflow")}
+# _target_ prefix -> (module, extra) of the objects an optional extra of the package provides.
+OPTIONAL_EXTRAS = {"monai.": ("monai", "monai"),
+                   "prostate_seg.training.tracking.": ("mlflow", "mlflow")}
 
 
 def _targets(node: object, key: str = "") -> list[tuple[str, str]]:
@@ -232,8 +214,6 @@ def _targets(node: object, key: str = "") -> list[tuple[str, str]]:
 
 def check_extras_installed(cfg: DictConfig) -> None:
     """An object from a missing optional package is one line saying what to install."""
-    from importlib.util import find_spec
-
     for key, target in _targets(OmegaConf.to_container(cfg, resolve=False)):
         for prefix, (module, extra) in OPTIONAL_EXTRAS.items():
             if target.startswith(prefix) and find_spec(module) is None:

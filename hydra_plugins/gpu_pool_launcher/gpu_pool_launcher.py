@@ -1,15 +1,6 @@
-"""Launcher that runs a sweep's jobs concurrently over a pool of device slots.
+"""Each job runs in a fresh process (:mod:`.job`) on the config composed here, from its folder's
+``launcher.pickle``; CUDA_VISIBLE_DEVICES is set before it starts, CUDA never here."""
 
-Each job runs in a fresh process (:mod:`.job`) as a single run in the job's sweep folder, on
-the config composed here (by the sweeper, which checked it, or by this launcher): the launcher
-writes the config, the task and Hydra's state to the folder's ``launcher.pickle`` and the child
-runs them without composing again. ``CUDA_VISIBLE_DEVICES`` is set before the child starts:
-CUDA is never initialised in this (parent) process, and a job cannot touch another job's GPU.
-Slots take the next queued job the moment their previous job exits, so short and long jobs
-pack tightly.
-"""
-
-import copy
 import logging
 import os
 import queue
@@ -18,10 +9,13 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cloudpickle
 from hydra.core.config_store import ConfigStore
@@ -42,22 +36,19 @@ log = logging.getLogger(__name__)
 
 ACCELERATORS = ("gpu", "cpu")
 ERROR_TAIL_LINES = 40
-TERMINATE_GRACE_S = 60.0
+GRACE_S = 60.0  # on Ctrl-C or SIGTERM, for each running job to save last.ckpt
 JOB_FILE = "launcher.pickle"  # in the job's folder: what its process runs (see .job)
 
 
 @dataclass
 class GpuPoolLauncherConf:
-    """``hydra/launcher=gpu_pool`` (conf/hydra/launcher/gpu_pool.yaml extends this)."""
+    """``hydra/launcher=gpu_pool`` (conf/hydra/launcher/gpu_pool.yaml sets and explains it)."""
 
     _target_: str = "hydra_plugins.gpu_pool_launcher.gpu_pool_launcher.GpuPoolLauncher"
-    # GPU ids as nvidia-smi numbers them (within CUDA_VISIBLE_DEVICES when that is set);
-    # None = every visible GPU. With accelerator=cpu: slot labels, None = one slot.
     devices: Optional[List[int]] = None
-    jobs_per_gpu: int = 1  # concurrent jobs per device
-    accelerator: str = "gpu"  # gpu | cpu (cpu: children see no GPU)
-    # On Ctrl-C/SIGTERM: seconds each running job gets to save last.ckpt before SIGKILL.
-    grace_s: float = TERMINATE_GRACE_S
+    jobs_per_gpu: int = 1
+    accelerator: str = "gpu"
+    grace_s: float = GRACE_S
 
 
 ConfigStore.instance().store(
@@ -68,13 +59,10 @@ ConfigStore.instance().store(
 
 @dataclass
 class _Job:
-    """One sweep job: what to run and, once it ran, how it went."""
-
     idx: int
     overrides: List[str]
     config: DictConfig
     dir: Path
-    command: List[str] = field(default_factory=list)
     record: Dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -82,9 +70,13 @@ class _Job:
         """``k/N`` as the study sweeper numbered the job (else its index)."""
         return str(self.config.hydra.job.env_set.get(JOB_ENV) or f"#{self.idx}")
 
+    @property
+    def command(self) -> List[str]:
+        return [sys.executable, "-m", f"{__package__}.job", str(self.dir / JOB_FILE)]
+
 
 class _Terminated(SystemExit):
-    """SIGTERM turned into an exception, so the children are stopped before the parent exits."""
+    """SIGTERM as an exception, so the children are stopped before the parent exits."""
 
 
 def _raise_terminated(signum: int, frame: Optional[FrameType]) -> None:
@@ -111,37 +103,28 @@ def visible_gpus() -> List[str]:
 
 
 def log_tail(path: Path, lines: int = ERROR_TAIL_LINES) -> List[str]:
-    """The last ``lines`` lines of a (possibly huge) log file, as a terminal shows them: of the
-    frames a progress bar redraws with carriage returns, only the last of each line."""
+    """The last lines of a (possibly huge) log as a terminal shows them: of a progress bar's
+    carriage-return frames only the last; without Hydra's hint to set HYDRA_FULL_ERROR."""
     with open(path, "rb") as f:
         f.seek(max(0, f.seek(0, os.SEEK_END) - 256 * 1024))
         text = f.read().decode("utf-8", errors="replace")
     shown = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
-    return [line for line in shown if line.strip()][-lines:]
+    return [line for line in shown if line.strip() and "HYDRA_FULL_ERROR" not in line][-lines:]
 
 
 def exit_reason(returncode: int) -> str:
     """``killed by signal 9 (SIGKILL)``, ``exit code 143 (128 + SIGTERM)``, ``exit code 1``."""
+    names = {s.value: s.name for s in signal.Signals}
     if returncode < 0:
-        return f"killed by signal {-returncode} ({_signal_name(-returncode)})"
-    if returncode > 128 and _signal_name(returncode - 128):
-        return f"exit code {returncode} (128 + {_signal_name(returncode - 128)})"
+        return f"killed by signal {-returncode} ({names.get(-returncode, '')})"
+    if returncode - 128 in names:
+        return f"exit code {returncode} (128 + {names[returncode - 128]})"
     return f"exit code {returncode}"
 
 
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return ""
-
-
-# Jobs die with the launcher, even when it is SIGKILLed: the child asks the kernel for SIGTERM
-# when its parent dies (Linux prctl PR_SET_PDEATHSIG), so it saves last.ckpt and exits, then
-# execs the job. This small exec wrapper rather than Popen's preexec_fn, which Python documents
-# as unsafe while other threads run (the slots are threads). The signal follows the thread
-# that started the child; each slot thread waits for its child, so it outlives it. A launcher
-# that died before the prctl is seen by the parent pid check.
+# Jobs die with the launcher, even a SIGKILLed one: the child asks the kernel for SIGTERM when
+# its parent thread dies (Linux prctl PR_SET_PDEATHSIG), then execs the job. A wrapper, as
+# Popen's preexec_fn is unsafe with threads running; the parent pid check sees an early death.
 _DIE_WITH_LAUNCHER = (
     "import ctypes, os, signal, sys\n"
     "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG\n"
@@ -162,7 +145,7 @@ class GpuPoolLauncher(Launcher):
     """Runs each sweep job in its own process on a free device slot."""
 
     def __init__(self, devices: Optional[Sequence[int]] = None, jobs_per_gpu: int = 1,
-                 accelerator: str = "gpu", grace_s: float = TERMINATE_GRACE_S) -> None:
+                 accelerator: str = "gpu", grace_s: float = GRACE_S) -> None:
         if accelerator not in ACCELERATORS:
             raise ValueError(f"hydra.launcher.accelerator={accelerator!r}: "
                              f"expected one of {', '.join(ACCELERATORS)}")
@@ -184,8 +167,6 @@ class GpuPoolLauncher(Launcher):
         self._lock = threading.Lock()
         self._running: Dict[int, subprocess.Popen] = {}
         self._stopping = False
-        self._active_slots = 0
-        self._all_done = threading.Event()
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
               config: DictConfig) -> None:
@@ -194,8 +175,7 @@ class GpuPoolLauncher(Launcher):
         self.task_function = task_function
 
     def slot_devices(self) -> List[str]:
-        """One entry per slot: the device id, each device ``jobs_per_gpu`` times, interleaved
-        so that a sweep smaller than the pool still spreads over the devices."""
+        """Each device ``jobs_per_gpu`` times, interleaved: a small sweep spreads over them."""
         if self.accelerator == "cpu":
             ids = [str(d) for d in self.devices or [0]]
         else:
@@ -214,7 +194,6 @@ class GpuPoolLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
         setup_globals()
-        assert self.config is not None and self.hydra_context is not None
         slots = self.slots[:len(job_overrides)]
         jobs = [self._prepare(initial_job_idx + i, list(overrides))
                 for i, overrides in enumerate(job_overrides)]
@@ -222,27 +201,20 @@ class GpuPoolLauncher(Launcher):
         log.info(f"Launching {len(jobs)} jobs on {len(slots)} {self.accelerator} slots "
                  f"(devices {', '.join(sorted(set(slots)))}; {cpus} CPUs each)")
         self._progress = Progress(total=len(jobs), slots=len(slots))
-
-        pending: queue.Queue[_Job] = queue.Queue()
-        for job in jobs:
-            pending.put(job)
-        workers = [threading.Thread(target=self._work, args=(slot, device, pending, cpus),
-                                    name=f"gpu_pool-slot{slot}", daemon=True)
-                   for slot, device in enumerate(slots)]
-        self._wait(workers)
-
-        returns = [self._job_return(job) for job in jobs]
+        free: queue.Queue[Tuple[int, str]] = queue.Queue()  # a job takes the next free slot
+        for slot in enumerate(slots):
+            free.put(slot)
+        self._wait(jobs, free, cpus)
         failed = [job for job in jobs if job.record["status"] != "completed"]
         summary = f"{len(jobs)} jobs: {len(jobs) - len(failed)} completed, {len(failed)} failed"
         if failed:
             summary += f" (folders: {', '.join(str(job.dir) for job in failed)})"
         log.info(summary)
-        return returns
+        return [self._job_return(job) for job in jobs]
 
     def _prepare(self, idx: int, overrides: List[str]) -> _Job:
-        """The job's config (the sweeper's, when it composed the job already) and its output
-        folder, exactly as the BasicLauncher computes them, written to the folder for the
-        job's process: a single run there."""
+        """The job's config (the sweeper's, if it composed it) and folder, as Hydra's
+        ``run_job`` computes them, written for the job's process: a single run there."""
         assert self.config is not None and self.hydra_context is not None
         config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config):
@@ -256,19 +228,16 @@ class GpuPoolLauncher(Launcher):
         finally:
             HydraConfig.instance().cfg = parent_hydra_cfg
         job_dir = Path(os.path.abspath(job_dir))
-        with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+        with read_write(config.hydra), open_dict(config.hydra):
             config.hydra.runtime.output_dir = str(job_dir)
-        run = copy.deepcopy(config)  # the job's process: a single run in the job's folder
-        with read_write(run.hydra):
-            run.hydra.mode = RunMode.RUN
-            run.hydra.run.dir = str(job_dir)
+            config.hydra.mode = RunMode.RUN  # the job's process: a single run in its folder
+            config.hydra.run.dir = str(job_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
         with replacing(job_dir / JOB_FILE) as tmp:
             tmp.write_bytes(cloudpickle.dumps({
-                "config": run, "task_function": self.task_function,
+                "config": config, "task_function": self.task_function,
                 "callbacks": self.hydra_context.callbacks, "singletons": Singleton.get_state()}))
-        command = [sys.executable, "-m", f"{__package__}.job", str(job_dir / JOB_FILE)]
-        return _Job(idx=idx, overrides=overrides, config=config, dir=job_dir, command=command)
+        return _Job(idx=idx, overrides=overrides, config=config, dir=job_dir)
 
     def _env(self, device: str, cpus: int) -> Dict[str, str]:
         env = dict(os.environ)
@@ -282,39 +251,23 @@ class GpuPoolLauncher(Launcher):
         env.setdefault("PYTHONUNBUFFERED", "1")  # the log stays in order, and complete if killed
         return env
 
-    def _work(self, slot: int, device: str, pending: queue.Queue[_Job], cpus: int) -> None:
-        """One slot: run queued jobs one after another until the queue is empty."""
+    def _run(self, job: _Job, free: queue.Queue[Tuple[int, str]], cpus: int) -> None:
+        slot, device = free.get()
         try:
-            while not self._stopping:
-                try:
-                    job = pending.get_nowait()
-                except queue.Empty:
-                    return
-                self._run(job, slot, device, cpus)
+            self._run_on(job, slot, device, cpus)
         finally:
-            with self._lock:
-                self._active_slots -= 1
-                if self._active_slots == 0:
-                    self._all_done.set()
+            free.put((slot, device))
 
-    def _start_log(self, job: _Job, record: Dict[str, Any]) -> None:
-        """Append to the job's launcher.log (a rerun keeps the earlier attempts' output) after a
-        line naming the attempt and its start time."""
+    def _run_on(self, job: _Job, slot: int, device: str, cpus: int) -> None:
+        """Run one job to its end; launcher.json says how it ended, launcher.log (appended to:
+        a rerun keeps the earlier attempts) holds its output."""
         previous = load_json_object(job.dir / "launcher.json")[0] or {}
-        record["attempt"] = int(previous.get("attempt", 0)) + 1
-        log_path = job.dir / "launcher.log"
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["start"]))
-        with open(log_path, "ab") as log_file:
-            log_file.write(f"===== gpu_pool: job #{job.idx}, attempt {record['attempt']}, "
-                           f"started {started} on {self.accelerator} {record['device']} "
-                           "=====\n".encode())
-
-    def _run(self, job: _Job, slot: int, device: str, cpus: int) -> None:
-        """Run one job to its end and record how it ended in launcher.json."""
         record: Dict[str, Any] = {"job": job.idx, "overrides": job.overrides, "slot": slot,
                                   "device": device, "accelerator": self.accelerator,
                                   "command": job.command, "start": time.time(), "end": None,
-                                  "returncode": None, "status": "running"}
+                                  "returncode": None, "status": "running",
+                                  "attempt": int(previous.get("attempt", 0)) + 1}
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["start"]))
         proc: Optional[subprocess.Popen[bytes]] = None
         log_path = job.dir / "launcher.log"
         with self._lock:
@@ -322,8 +275,11 @@ class GpuPoolLauncher(Launcher):
                 return
             log.info(f"job {job.place} started on {self.accelerator} {device}: {job.dir.name}")
             try:
-                self._start_log(job, record)
                 with open(log_path, "ab") as log_file:  # the child keeps its own handle
+                    log_file.write(f"===== gpu_pool: job #{job.idx}, attempt {record['attempt']}"
+                                   f", started {started} on {self.accelerator} {device} "
+                                   "=====\n".encode())
+                    log_file.flush()
                     proc = subprocess.Popen(dies_with_launcher(job.command),
                                             env=self._env(device, cpus),
                                             stdin=subprocess.DEVNULL, stdout=log_file,
@@ -346,8 +302,7 @@ class GpuPoolLauncher(Launcher):
                 reason = exit_reason(returncode)
                 tail = log_tail(log_path)
                 record["status"] = "interrupted" if stopped else "failed"
-                # A signal explains itself; otherwise the log's last lines hold the error
-                # (the last line of "error" is the job's own error line, as readers expect).
+                # A signal explains itself; else the log's last lines (the last: the job's error)
                 record["error"] = (f"stopped by the launcher: {reason}" if stopped
                                    else reason if returncode < 0
                                    else "\n".join([reason, *tail]))
@@ -365,41 +320,36 @@ class GpuPoolLauncher(Launcher):
 
     @staticmethod
     def _record(job: _Job, record: Dict[str, Any]) -> None:
-        """Keep the record (the sweep's result) and write it to launcher.json; a disk that
-        cannot take it is logged, and the sweep goes on."""
+        """Keep the record (the sweep's result); a disk that cannot take it is logged only."""
         job.record = record
         try:
             write_json(job.dir / "launcher.json", record)
         except OSError as exc:
             log.error(f"#{job.idx}: cannot write {job.dir / 'launcher.json'}: {exc}")
 
-    def _wait(self, workers: List[threading.Thread]) -> None:
-        """Run the slots to the end; on Ctrl-C or SIGTERM stop every child, then re-raise.
-
-        The wait is on an event the slots set, never on ``Thread.join``: after a
-        KeyboardInterrupt, Python 3.11's ``join(timeout)`` returns at once (the interrupted
-        join marks the thread finished), which cut every job's grace period to nothing.
-        """
+    def _wait(self, jobs: List[_Job], free: queue.Queue[Tuple[int, str]], cpus: int) -> None:
+        """Run the jobs on the free slots; on Ctrl-C or SIGTERM stop every child, then re-raise.
+        Futures, not ``Thread.join``: an interrupted join(timeout) returns at once (3.11)."""
         in_main = threading.current_thread() is threading.main_thread()
         previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
-        self._active_slots = len(workers)
-        self._all_done.clear()
-        if not workers:
-            return
+        pool = ThreadPoolExecutor(max(1, free.qsize()), thread_name_prefix="gpu_pool")
+        futures: List[Future] = []
         try:
-            for worker in workers:
-                worker.start()
-            self._all_done.wait()
+            futures = [pool.submit(self._run, job, free, cpus) for job in jobs]
+            wait_for(futures)
         except BaseException:
-            self._terminate()
+            self._terminate(futures)
             raise
         finally:
+            pool.shutdown(wait=False, cancel_futures=True)
             if in_main:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for future in futures:
+            future.result()  # a bug in a slot is not swallowed
 
-    def _terminate(self) -> None:
-        """SIGTERM every running job's process group, give them ``grace_s`` to save their
-        checkpoint and exit, SIGKILL what is left (at once on a second Ctrl-C)."""
+    def _terminate(self, futures: List[Future]) -> None:
+        """SIGTERM every running job, give them ``grace_s`` to save their checkpoint, SIGKILL
+        what is left (at once on a second Ctrl-C)."""
         with self._lock:
             self._stopping = True
             procs = list(self._running.values())
@@ -407,42 +357,31 @@ class GpuPoolLauncher(Launcher):
                     f"(up to {self.grace_s:.0f} s for each to save its checkpoint)")
         self._signal(procs, signal.SIGTERM)
         try:
-            self._all_done.wait(self.grace_s)
+            wait_for(futures, timeout=self.grace_s)
         except (KeyboardInterrupt, _Terminated):
             log.warning("Second interrupt: killing the jobs now")
         finally:
             self._signal([p for p in procs if p.poll() is None], signal.SIGKILL)
-            self._all_done.wait(5.0)  # let the slots record how their jobs ended
+            wait_for(futures, timeout=5.0)  # let the slots record how their jobs ended
 
     @staticmethod
     def _signal(procs: List[subprocess.Popen], signum: int) -> None:
         for proc in procs:
-            try:
+            with suppress(ProcessLookupError):
                 os.killpg(proc.pid, signum)
-            except ProcessLookupError:
-                pass
 
     @staticmethod
     def _job_return(job: _Job) -> JobReturn:
-        """What the BasicLauncher would return, with the child's failure as the exception."""
-        task_cfg = copy.deepcopy(job.config)
-        with read_write(task_cfg), open_dict(task_cfg):
-            del task_cfg["hydra"]
-        ret = JobReturn(overrides=job.overrides, cfg=task_cfg,
-                        hydra_cfg=OmegaConf.masked_copy(job.config, "hydra"),
-                        working_dir=str(job.dir), task_name=job.config.hydra.job.name)
+        """Hydra's result of the job; a failure's exception is its one line."""
+        ret = JobReturn(overrides=job.overrides, working_dir=str(job.dir),
+                        task_name=job.config.hydra.job.name, status=JobStatus.COMPLETED)
         record = job.record
-        if record["status"] == "completed":
-            ret.status = JobStatus.COMPLETED
-            ret.return_value = None
-        else:
-            returncode = record.get("returncode")
-            reason = exit_reason(returncode) if returncode is not None else record["error"]
-            message = (f"job {job.place} {record['status']} ({reason}); log: "
-                       f"{job.dir / 'launcher.log'}")
-            tail = [line for line in record.get("log_tail", []) if "HYDRA_FULL_ERROR" not in line]
-            if returncode is not None and returncode > 0 and tail:
-                message += f": {tail[-1]}"  # the job's own error line
+        if record["status"] != "completed":
+            code = record.get("returncode")
+            reason = exit_reason(code) if code is not None else record["error"]
+            message = f"job {job.place} {record['status']} ({reason}); log: {job.dir}/launcher.log"
+            if code is not None and code > 0 and record["log_tail"]:
+                message += f": {record['log_tail'][-1]}"  # the job's own error line
             ret.status = JobStatus.FAILED
             ret.return_value = JobFailed(message)
         return ret

@@ -1,11 +1,7 @@
-"""One gpu_pool job in its own process: ``python -m hydra_plugins.gpu_pool_launcher.job FILE``.
+"""One gpu_pool job: ``python -m hydra_plugins.gpu_pool_launcher.job FILE [key=value ...]``.
 
-FILE (``launcher.pickle`` in the job's folder) holds what the launcher composed and checked:
-the job's config, the task, the sweep's callbacks and Hydra's global state. They are run as
-Hydra runs any job (``run_job``: ``.hydra/``, logging, callbacks), with no second composition.
-``key=value`` arguments after FILE are set on the config: Lightning's DDP starts its other
-processes with the command line of the first plus such overrides.
-"""
+FILE holds what the launcher composed; Hydra's ``run_job`` runs it without composing again.
+The overrides are set on that config: Lightning's DDP starts its other processes so."""
 
 import pickle
 import sys

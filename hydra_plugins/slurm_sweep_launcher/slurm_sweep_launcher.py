@@ -1,15 +1,6 @@
-"""hydra-submitit-launcher's SLURM launcher, waiting for every task of the sweep.
-
-The upstream launcher collects the tasks' results in order and stops at the first task that
-ended without one (cancelled, killed by the out-of-memory killer, node failure, time limit
-without requeue): the sweep exits while later tasks still run, and its report shows them all
-unfinished. This one waits for every task, records each such task as failed in its folder
-(``launcher.json``, as the gpu_pool launcher does, which the report reads) and returns a failed
-result for it, so Hydra ends the sweep with an error only after the others finished.
-
-A task that raises (a bad config, a NaN loss, too many timeouts) is not affected: Hydra's
-``run_job`` in the task already turns the exception into a failed result.
-"""
+"""hydra-submitit-launcher's SLURM launcher, waiting for every task: upstream stops at the first
+task that ended without a result (cancelled, out of memory, node failure) while others still run.
+Such a task is recorded as failed in its folder's ``launcher.json``, as gpu_pool does."""
 
 import logging
 import os
@@ -31,7 +22,7 @@ _EXECUTOR_KEYS = ("submitit_folder", "max_num_timeout")
 
 
 class SlurmSweepLauncher(SlurmLauncher):
-    """``hydra/launcher=slurm``: one array task per sweep job; see the module doc."""
+    """``hydra/launcher=slurm``: one array task per sweep job, every task waited for."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
@@ -86,8 +77,7 @@ class SlurmSweepLauncher(SlurmLauncher):
 
 
 def _job_folder(sweep_dir: Path, job_id: str) -> Optional[Path]:
-    """The folder where SLURM task ``job_id`` ran its job (Hydra records the id as hydra.job.id
-    in .hydra/hydra.yaml); None if the task died before Hydra made the folder."""
+    """Where SLURM task ``job_id`` ran (its .hydra/hydra.yaml's hydra.job.id); None: no folder."""
     for path in sweep_dir.glob("**/.hydra/hydra.yaml"):
         if str(OmegaConf.select(OmegaConf.load(path), "hydra.job.id")) == job_id:
             return path.parent.parent

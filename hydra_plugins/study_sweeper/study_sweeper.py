@@ -1,14 +1,6 @@
-"""Hydra's basic sweeper, made safe for a study that takes hours of GPU time.
+"""Hydra's basic sweeper, made safe for a study of hours of GPU time (see docs/SWEEPS.md).
 
-Before anything is written or launched, every job's config is composed and checked
-(``check_job``: values in range, data present, a job folder never reused for another config)
-and its folder named; two jobs that would share a folder stop the sweep. That composition is
-the job's only one: the launcher gets it from the config loader instead of composing again.
-A sweep folder is locked while its sweep runs, so a second sweep started into it is refused
-instead of training every job twice.
-
-A setting of a swept group's options applies to the options that have it:
-``loss=bce,tversky loss.alpha=0.25,0.75`` runs bce once and Tversky with each alpha.
+Every job is composed once, checked and named before any starts; its launcher gets that config.
 """
 
 import copy
@@ -26,7 +18,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from prostate_seg.cli import exit_on_user_error, unknown_key_line
+from prostate_seg.cli import unknown_key_line
 from prostate_seg.errors import ConfigError, JobFailed, UserError
 from prostate_seg.study.runs import RunLock
 from prostate_seg.study.sweeps import JOB_ENV, job_name, task_overrides
@@ -40,8 +32,8 @@ class StudySweeperConf:
     _target_: str = "hydra_plugins.study_sweeper.study_sweeper.StudySweeper"
     max_batch_size: Optional[int] = None
     params: Optional[Dict[str, str]] = None
-    # called as check_job(job_config, job_dir) for every job before the first one starts
-    # (a default here, not in conf/hydra/default.yaml, where other sweepers would receive it)
+    # check_job(job_config, job_dir), for every job before the first starts (a default here,
+    # not in conf/hydra/default.yaml, where other sweepers would receive it)
     check_job: Optional[str] = "prostate_seg.training.fit.check_job"
 
 
@@ -49,14 +41,16 @@ ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudySwee
                              provider="prostate_seg")
 
 
-class ComposedJobs(ConfigLoader):
-    """Hydra's config loader, except that a job the sweeper composed and checked is answered
-    with (a copy of) that config: the launcher, in this process or a child's, runs exactly what
-    was checked, composed once. Everything else is the loader's own work."""
+class ComposedJobs:
+    """Hydra's config loader, answering a job the sweeper composed and checked with a copy of
+    that config: the launcher (here or in a child) runs what was checked, composed once."""
 
     def __init__(self, loader: ConfigLoader) -> None:
         self.loader = loader
         self.jobs: Dict[Tuple[str, ...], DictConfig] = {}
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the loader's own work
+        return getattr(vars(self).get("loader"), name)
 
     def __getstate__(self) -> Dict[str, Any]:
         # A SLURM launcher pickles the loader with every task: not every job's config with it.
@@ -69,28 +63,10 @@ class ComposedJobs(ConfigLoader):
             return self.loader.load_sweep_config(master_config, sweep_overrides)
         return copy.deepcopy(composed)
 
-    def load_configuration(self, *args: Any, **kwargs: Any) -> DictConfig:
-        return self.loader.load_configuration(*args, **kwargs)
-
-    def get_search_path(self) -> Any:
-        return self.loader.get_search_path()
-
-    def get_sources(self) -> Any:
-        return self.loader.get_sources()
-
-    def list_groups(self, parent_name: str) -> List[str]:
-        return self.loader.list_groups(parent_name)
-
-    def get_group_options(self, *args: Any, **kwargs: Any) -> List[str]:
-        return self.loader.get_group_options(*args, **kwargs)
-
-    def compute_defaults_list(self, *args: Any, **kwargs: Any) -> Any:
-        return self.loader.compute_defaults_list(*args, **kwargs)
-
 
 class _Outcomes:
-    """The sweep's launcher, keeping the failed jobs' errors for the sweep's one line instead
-    of letting Hydra stop at the first (it prints the job's overrides and raises)."""
+    """The sweep's launcher, keeping every failed job's error for the sweep's one line where
+    Hydra would stop at the first."""
 
     def __init__(self, launcher: Any) -> None:
         self.launcher = launcher
@@ -122,8 +98,7 @@ class StudySweeper(BasicSweeper):
                       task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
-        """The sweep; every job runs whatever another's fate, each failure is said in one line
-        as it happens (SweepProgress, the gpu_pool launcher), then once for the sweep."""
+        """Every job runs whatever another's fate; the failures end the sweep in one line."""
         assert self.launcher is not None
         self.launcher = _Outcomes(self.launcher)
         try:
@@ -143,11 +118,10 @@ class StudySweeper(BasicSweeper):
         """The jobs of the grid, each checked and named, before the sweep folder is made."""
         assert self.config is not None and self.composed is not None
         jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
-        with exit_on_user_error():
-            jobs = applicable_jobs(self.config, self.composed, jobs)
-            jobs = check_and_name_jobs(self.config, self.composed, self.check_job, jobs)
-            self._lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
-            self._lock.acquire()
+        jobs = applicable_jobs(self.config, self.composed, jobs)
+        jobs = check_and_name_jobs(self.config, self.composed, self.check_job, jobs)
+        self._lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
+        self._lock.acquire()
         size = max_batch_size if max_batch_size and max_batch_size > 0 else max(len(jobs), 1)
         return [jobs[i:i + size] for i in range(0, len(jobs), size)]
 
@@ -174,10 +148,8 @@ def _swept(jobs: List[List[str]]) -> set:
 
 def applicable_jobs(config: DictConfig, loader: ConfigLoader, jobs: List[List[str]]
                     ) -> List[List[str]]:
-    """The jobs with each setting of a swept group (``loss.alpha`` while ``loss`` takes several
-    options) kept only where the chosen option has that setting; jobs that then coincide (bce
-    with each alpha) run once; a setting no option has is an error (a typo). Which keys an
-    option has is read from one config per combination of swept options."""
+    """A swept group's setting (``loss.alpha`` over ``loss=bce,tversky``) kept only in the jobs
+    whose option has it; jobs that then coincide run once; a setting no option has is a typo."""
     swept = _swept(jobs)
     groups = {key for key in swept if "." not in key and not key.startswith(("+", "~"))}
     dependent = {_key(o) for job in jobs for o in job
@@ -187,7 +159,7 @@ def applicable_jobs(config: DictConfig, loader: ConfigLoader, jobs: List[List[st
     parents = {key.split(".", 1)[0] for key in dependent}
     options: Dict[Tuple[str, ...], DictConfig] = {}
 
-    def has(job: List[str], key: str) -> bool:
+    def has(job: List[str], key: str) -> bool:  # one config per combination of swept options
         chosen = tuple(o for o in job if _key(o) not in dependent
                        and (_key(o) not in swept or _key(o) in parents))
         if chosen not in options:
@@ -205,10 +177,8 @@ def applicable_jobs(config: DictConfig, loader: ConfigLoader, jobs: List[List[st
 
 def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Optional[str],
                         jobs: List[List[str]]) -> List[List[str]]:
-    """The jobs (override lists), each with its folder name added when the sweep's subdir is the
-    default, composed once into ``loader``, then checked by ``check_job`` (imported after every
-    job composed: a typo in any job is found before the check's imports); raises on the first
-    bad job."""
+    """The jobs, each named (default subdir) and numbered, composed once into ``loader``, then
+    checked by ``check_job`` (imported after all composed: a typo is found before its imports)."""
     swept = _swept(jobs)
     auto = OmegaConf.to_container(config.hydra.sweep)["subdir"] == AUTO_SUBDIR
     named: List[Tuple[List[str], List[str], Path]] = []
@@ -241,15 +211,14 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
             loader.jobs[tuple(job + added)] = job_config
             named.append((job, added, folder))
         check = get_method(check_job) if check_job else None
-        for job, added, folder in named:
+        for job, added, folder in named if check else []:
             job_config = loader.jobs[tuple(job + added)]
-            if check is not None:
-                _set_hydra_config(job_config)
-                try:
-                    check(job_config, folder)
-                except UserError as exc:
-                    varying = [o for o in job if _key(o) in swept] or job
-                    raise type(exc)(f"job {' '.join(varying)}: {exc}") from None
+            _set_hydra_config(job_config)
+            try:
+                check(job_config, folder)
+            except UserError as exc:
+                varying = [o for o in job if _key(o) in swept] or job
+                raise type(exc)(f"job {' '.join(varying)}: {exc}") from None
     finally:
         HydraConfig.instance().cfg = parent
     log.info(f"Checked {len(jobs)} jobs before launch")
@@ -257,8 +226,7 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
 
 
 def _set_hydra_config(job_config: DictConfig) -> None:
-    """The job's config as HydraConfig's, leaving its ``hydra`` node writable as composed
-    (``set_config`` makes it read-only; a launcher sets the job's number there)."""
+    """HydraConfig's ``set_config`` makes ``hydra`` read-only; a launcher sets the job's number."""
     read_only = OmegaConf.is_readonly(job_config.hydra)
     HydraConfig.instance().set_config(job_config)
     OmegaConf.set_readonly(job_config.hydra, read_only)
