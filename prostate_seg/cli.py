@@ -32,7 +32,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from prostate_seg.config import CONFIG_PATH, initialize_configs, openmp_yields
+from prostate_seg.config import (CONFIG_PATH, check_extras_installed, initialize_configs,
+                                 openmp_yields)
 from prostate_seg.errors import ConfigError, UserError
 from prostate_seg.settings import check_settings
 
@@ -341,9 +342,11 @@ def _task(module: str, name: str) -> Callable[[DictConfig], Any]:
 
 
 def _train(cfg: DictConfig) -> Any:
-    """A bad tracking store or missing data folder is named before torch and Lightning load."""
+    """A missing extra, a bad tracking store or a missing data folder is named before torch and
+    Lightning load."""
     from prostate_seg.training.checks import check_data_dir, check_tracking_uri
 
+    check_extras_installed(cfg)
     check_tracking_uri(cfg)
     check_data_dir(cfg.data.dir)
     from prostate_seg.training.fit import train as fit

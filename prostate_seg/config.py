@@ -3,12 +3,12 @@ Hydra app (tests, benchmarks, notebooks)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
 import sys
 import time
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -216,7 +216,7 @@ def check_extras_installed(cfg: DictConfig) -> None:
     """An object from a missing optional package is one line saying what to install."""
     for key, target in _targets(OmegaConf.to_container(cfg, resolve=False)):
         for prefix, (module, extra) in OPTIONAL_EXTRAS.items():
-            if target.startswith(prefix) and find_spec(module) is None:
+            if target.startswith(prefix) and importlib.util.find_spec(module) is None:
                 raise ConfigError(f"{key}: {target} needs {module}, which is not installed "
                                   f"(pip install \"prostate-seg[{extra}]\")")
 

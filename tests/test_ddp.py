@@ -118,8 +118,8 @@ def _validate(datamodule, trainer, out) -> int:
     return seen
 
 
-def test_ddp_validation_sees_every_slice_once_and_syncs_to_the_one_process_scores(prepared,
-                                                                                  tmp_path):
+def test_ddp_validation_sees_every_slice_once_and_syncs_to_the_one_process_scores(
+        prepared_copy, tmp_path):
     """Two gloo processes, each with the select slices the data module deals it (an odd number
     in all, which the default sampler would pad with a repeat) and the metric synced over them:
     the scores of one process over all slices, every slice counted once."""
@@ -128,7 +128,7 @@ def test_ddp_validation_sees_every_slice_once_and_syncs_to_the_one_process_score
 
     single = torch.zeros(5)
     for fold in range(5):  # a fold whose selection slices do not split evenly
-        cfg = compose_train([*TINY, f"data.dir={prepared}", "data.batch_size=4",
+        cfg = compose_train([*TINY, f"data.dir={prepared_copy}", "data.batch_size=4",
                              "data.select_fraction=0.3", f"data.fold={fold}"], tmp_path)
         data = OmegaConf.to_container(cfg.data, resolve=True)
         total = _validate(instantiate(data), None, single)

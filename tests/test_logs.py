@@ -35,30 +35,16 @@ def test_a_run_writes_one_line_per_epoch_and_no_bar_frames(prepared, tmp_path):
     assert "\r" not in result.stdout + result.stderr + log
 
 
-@pytest.mark.slow  # a sweep: the launcher and its child process
-def test_a_sweep_job_log_has_the_epoch_lines(prepared, tmp_path):
-    sweep = tmp_path / "sweep"
-    result = run_cli("train.py", "-m", *TINY, f"data.dir={prepared}", "trainer.max_epochs=2",
-                     "callbacks.progress_bar.refresh_rate=1", "seed=0",
-                     "hydra/launcher=gpu_pool", "hydra.launcher.accelerator=cpu",
-                     "~hydra.callbacks.sweep_report", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    (job,) = [p for p in sweep.iterdir() if (p / "launcher.log").exists()]
-    log = (job / "launcher.log").read_text()
-    assert [int(m.group(1)) for m in EPOCH_LINE.finditer(log)] == [0, 1]
-    assert "\r" not in log
-
-
 NOISE = ("GPU available", "TPU available", "Tip:", "┏", "Trainable params", "srun",
          "Restoring states", "UserWarning")
 
 
-@pytest.mark.slow  # two jobs in this process, then the same sweep under the gpu_pool launcher
+@pytest.mark.slow  # two jobs in this process
 def test_a_sweep_console_says_job_k_of_n_and_keeps_lightnings_noise_in_the_logs(prepared,
                                                                                tmp_path):
-    common = ["-m", "loss=bce,dice", *TINY, f"data.dir={prepared}", "trainer.max_epochs=2",
-              "~hydra.callbacks.sweep_report"]
-    result = run_cli("train.py", *common, f"hydra.sweep.dir={tmp_path / 'a'}", cwd=tmp_path)
+    common = [*TINY, f"data.dir={prepared}", "trainer.max_epochs=2"]
+    result = run_cli("train.py", "-m", "loss=bce,dice", *common, "~hydra.callbacks.sweep_report",
+                     f"hydra.sweep.dir={tmp_path / 'a'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert len(lines) <= 2 * 12 + 1, result.stdout
@@ -72,36 +58,37 @@ def test_a_sweep_console_says_job_k_of_n_and_keeps_lightnings_noise_in_the_logs(
     log = (tmp_path / "a" / "bce-fold0-seed0" / "train.log").read_text()
     assert "GPU available" in log and "Trainable params" in log  # still in the log file
 
-    loud = run_cli("train.py", *common, "verbose=true", f"hydra.sweep.dir={tmp_path / 'b'}",
-                   cwd=tmp_path)
+    loud = run_cli("train.py", *common, "trainer.max_epochs=1", "verbose=true",
+                   f"hydra.run.dir={tmp_path / 'b'}", cwd=tmp_path)
     assert loud.returncode == 0 and "GPU available" in loud.stdout
 
-    pooled = run_cli("train.py", *common, "hydra/launcher=gpu_pool",
-                     "hydra.launcher.accelerator=cpu", f"hydra.sweep.dir={tmp_path / 'c'}",
-                     cwd=tmp_path)
-    assert pooled.returncode == 0, pooled.stderr[-2000:]
-    assert re.search(r"job 1/2 started on cpu 0: bce-fold0-seed0", pooled.stdout)
-    assert re.search(r"job \d/2 done in \d+ s on cpu 0: \w+-fold0-seed0; elapsed",
-                     pooled.stdout)
-    assert len(pooled.stdout.splitlines()) <= 12, pooled.stdout
 
-
-@pytest.mark.slow
-def test_a_failed_job_is_one_line_naming_its_log_while_the_others_finish(prepared, tmp_path):
+@pytest.mark.slow  # the gpu_pool launcher and its child processes
+def test_a_pool_sweep_names_each_job_and_a_failed_one_in_one_line_naming_its_log(prepared,
+                                                                                 tmp_path):
+    """Job k/N on its device, per-epoch lines in each job's log (no bar frames), and a job
+    that fails (it cannot write its checkpoint: a file where its folder should be) is one
+    console line with its log's path while the other finishes; the sweep's error is one line."""
     sweep = tmp_path / "sweep"
-    # the second job cannot write its best checkpoint (a file where its folder should be)
     (tmp_path / "in-the-way").write_text("")
-    result = run_cli("train.py", "-m", *TINY, f"data.dir={prepared}", "trainer.max_epochs=1",
+    result = run_cli("train.py", "-m", *TINY, f"data.dir={prepared}", "trainer.max_epochs=2",
+                     "callbacks.progress_bar.refresh_rate=1",
                      f"callbacks.model_checkpoint.dirpath={tmp_path / 'ok'},"
                      f"{tmp_path / 'in-the-way' / 'ckpt'}",
                      "hydra/launcher=gpu_pool", "hydra.launcher.accelerator=cpu",
                      "~hydra.callbacks.sweep_report", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 2
+    assert re.search(r"job 1/2 started on cpu 0: ", result.stdout)
+    assert len(result.stdout.splitlines()) <= 2 * 12, result.stdout
     failed = [line for line in result.stdout.splitlines() if "FAILED" in line]
     assert len(failed) == 1 and re.search(r"job \d/2 FAILED after \d+ s: .*in-the-way", failed[0])
     (bad,) = [p for p in sweep.iterdir() if p.name.endswith("ckpt")]
     assert f"(log: {bad / 'launcher.log'})" in failed[0]
     errors = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error: 1 of 2 jobs failed (each named above"), result.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: 1 of 2 jobs failed (each named "
+                                                     "above"), result.stderr
     (good,) = [p for p in sweep.iterdir() if p.name.endswith("ok")]
     assert (good / "results.json").exists()  # the other one finished
+    assert re.search(r"job \d/2 done in \d+ s on cpu 0: ", result.stdout)
+    log = (good / "launcher.log").read_text()
+    assert [int(m.group(1)) for m in EPOCH_LINE.finditer(log)] == [0, 1] and "\r" not in log

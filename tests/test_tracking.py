@@ -178,7 +178,7 @@ def _api(base: str, path: str, body: dict | None = None) -> dict:
         return json.loads(response.read())
 
 
-@pytest.mark.slow
+@pytest.mark.extra  # a server process: in make check-extra
 def test_the_mlflow_server_serves_the_trained_run(prepared, tmp_path):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     done = run_cli("train.py", "logger=mlflow", f"logger.mlflow.tracking_uri={store}", *TINY,
