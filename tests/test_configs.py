@@ -14,7 +14,7 @@ from prostate_seg.cli import config_problem
 from prostate_seg.config import CONF_DIR, initialize_configs
 from prostate_seg.training.checks import check_train_config
 from prostate_seg.errors import ConfigError
-from prostate_seg.losses import CombinedLoss, FocalTverskyLoss, TverskyLoss
+from prostate_seg.losses import CombinedLoss, FocalTverskyLoss
 from prostate_seg.training.module import build_loss
 
 GROUPS = ["data", "model", "loss", "optimizer", "scheduler", "trainer", "callbacks", "logger",

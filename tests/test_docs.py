@@ -5,7 +5,6 @@ error: Hydra composes it (a sweep: its own config; the study sweeper composes ea
 it runs), and the line the command would stop with is shown. Placeholders (`...`, `CKPT`,
 paths) are values, which Hydra does not check here."""
 
-import re
 import shlex
 from pathlib import Path
 

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from prostate_seg.errors import ConfigError, DataError, UserError
+from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.data.prepare import PrepareSettings, prepare
 
 SETTINGS = PrepareSettings(image_size=16)

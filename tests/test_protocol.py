@@ -110,15 +110,17 @@ def _drop_a_patient(stored):  # a consistent file, but of one patient fewer than
     (_drop_a_patient, "patients no longer match the dataset"),
 ])
 def test_a_bad_split_file_is_refused_at_start_up_in_one_line(prepared_copy, tmp_path, edit,
-                                                             message):
+                                                             message, capsys):
+    from prostate_seg import cli
+
     cfg = compose_train([*TINY, f"data.dir={prepared_copy}"], tmp_path / "first")
     setup_data(cfg)  # writes split.json
     _edit_split(prepared_copy, edit)
-    result = run_cli("train.py", *TINY, f"data.dir={prepared_copy}",
-                     f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "split.json" in lines[0], result.stderr
+    with pytest.raises(SystemExit) as stopped:  # the command line's own handling of the error
+        cli._run(train, compose_train([*TINY, f"data.dir={prepared_copy}"], tmp_path / "run"))
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "split.json" in lines[0], lines
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -14,7 +14,6 @@ import csv
 import json
 import logging
 import math
-import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence

@@ -3,7 +3,6 @@ named as on disk (docs/USAGE.md, MLflow)."""
 
 from __future__ import annotations
 
-import atexit
 import logging
 import time
 from collections.abc import Iterable
@@ -11,8 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 from pytorch_lightning.loggers import Logger, MLFlowLogger
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
@@ -20,35 +17,14 @@ from torch import Tensor
 
 from prostate_seg.files import write_json
 from prostate_seg.study.runs import RESULTS_FILE, load_json_object
-from prostate_seg.training.checks import check_tracking_uri, local_store
+from prostate_seg.training.mlflow_store import RUN_DIR_TAG, experiment_for, open_store
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "mlflow_run.json"  # in the run folder: which MLflow run holds this run
-RUN_DIR_TAG = "prostate_seg.run_dir"
-REPORT_RUN = "report"
 # results.json entries logged as params (the config identity); its other numbers are metrics.
 RESULT_PARAMS = ("identity", "group")
 RUN_ARTIFACTS = (RESULTS_FILE, "per_patient.csv", ".hydra/config.yaml")
-
-
-def experiment_for(folder: Path, configured: str | None = None) -> str:
-    """``configured``, else ``folder`` relative to the working directory when inside it."""
-    if configured:
-        return configured
-    folder = folder.resolve()
-    return str(folder.relative_to(Path.cwd())) if folder.is_relative_to(Path.cwd()) else str(folder)
-
-
-def open_store(tracking_uri: str, artifact_location: str | None) -> str | None:
-    """Make a local database's folder; return the artifact root: ``artifact_location``, else
-    mlartifacts/ beside a local database (a URI: every process and ``mlflow ui`` agree)."""
-    database = local_store(tracking_uri)
-    if database is not None:
-        database.parent.mkdir(parents=True, exist_ok=True)
-    if artifact_location or database is None:
-        return artifact_location
-    return (database.parent / "mlartifacts").resolve().as_uri()
 
 
 class MLflowRunLogger(MLFlowLogger):
@@ -140,44 +116,3 @@ def log_run_files(loggers: Iterable[Logger]) -> None:
     for logger in loggers:
         if isinstance(logger, MLflowRunLogger):
             logger.log_run_files()
-
-
-class MlflowSweep(Callback):
-    """Hydra callback of ``logger=mlflow``: creates the sweep's experiment before any job (they
-    would race to set up a new SQLite database) and uploads ``<sweep>/report/`` at exit, after
-    the report callback wrote it (also when a job failed and Hydra skips on_multirun_end)."""
-
-    def __init__(self) -> None:
-        self._upload: tuple[Any, str, Path] | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from mlflow import MlflowClient
-
-        check_tracking_uri(config)
-        settings = config.logger.mlflow
-        sweep_dir = Path(config.hydra.sweep.dir)
-        artifacts = open_store(settings.tracking_uri, settings.get("artifact_location"))
-        client = MlflowClient(settings.tracking_uri)
-        name = experiment_for(sweep_dir, settings.get("experiment_name"))
-        found = client.get_experiment_by_name(name)
-        experiment = (found.experiment_id if found and found.lifecycle_stage != "deleted"
-                      else client.create_experiment(name, artifact_location=artifacts))
-        self._upload = (client, experiment, sweep_dir)
-        atexit.register(self._upload_report)
-
-    def _upload_report(self) -> None:
-        if self._upload is None:
-            return
-        (client, experiment, sweep_dir), self._upload = self._upload, None
-        report = sweep_dir / "report"
-        if not report.is_dir():
-            return
-        try:
-            runs = client.search_runs([experiment], f"attributes.run_name = '{REPORT_RUN}'")
-            run_id = runs[0].info.run_id if runs else client.create_run(
-                experiment, run_name=REPORT_RUN, tags={RUN_DIR_TAG: str(sweep_dir.resolve())}
-            ).info.run_id
-            client.log_artifacts(run_id, str(report), "report")
-            client.set_terminated(run_id)
-        except Exception as exc:  # noqa: BLE001 - the sweep's results are on disk regardless
-            log.error("could not upload %s to MLflow: %s", report, exc)
