@@ -23,8 +23,11 @@ class Setting:
     open_low: bool = False
     open_high: bool = False
     also: tuple[int, ...] = ()
+    nullable: bool = False  # null is allowed and not shown (alpha of a loss without one)
 
     def allows(self, value: object, high: float | None) -> bool:
+        if value is None and self.nullable:
+            return True
         types = int if self.kind is int else (int, float)
         if isinstance(value, bool) or not isinstance(value, types):
             return False
@@ -95,6 +98,8 @@ SETTINGS: dict[str, dict[str, Setting | ListOf]] = {
         "data.folds": Setting(int, 2),
         "data.fold": Setting(int, 0, "data.folds", open_high=True),
         "data.test_fraction": Setting(float, 0.0, 1.0, open_high=True),
+        "loss.alpha": Setting(float, 0.0, 1.0, nullable=True),  # weighs FP (check_loss: terms)
+        "loss.beta": Setting(float, 0.0, 1.0, nullable=True),  # weighs FN
         "data.test_patients": ListOf(str, (1, None), "[Case00, Case07]", nullable=True),
         # the training patients that choose epoch and checkpoint
         "data.select_fraction": Setting(float, 0.0, 1.0, open_low=True, open_high=True),

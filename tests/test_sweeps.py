@@ -42,7 +42,7 @@ def test_paper_experiment_at_demo_size_and_its_report(prepared_copy, tmp_path):
     assert "alpha: 0.25" in hparams and "beta: 0.75" in hparams and "fold: 1" in hparams
 
 
-@pytest.mark.slow
+@pytest.mark.extra  # submitit, the SLURM launcher's library, run locally
 def test_submitit_local_sweep(prepared_copy, tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli("train.py", "-m", "hydra/launcher=submitit_local", "experiment=demo",
