@@ -241,9 +241,10 @@ def _assert_resumed_to_the_end(run: Path, max_epochs: int) -> None:
     assert status["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
     assert json.loads((run / "results.json").read_text())["epochs_trained"] == max_epochs
     assert epochs(run) == list(range(max_epochs))  # as an uninterrupted run
-    epoch_end_steps = {int(row["step"]) for row in read_history(run)}
+    # saved at the signal (mid-epoch, or at an epoch's end when SLURM's signal lands there:
+    # the mid-epoch save itself is checked at a chosen batch in test_faults.py)
     epoch, step = _interruption(run)
-    assert step not in epoch_end_steps and 0 < epoch < max_epochs  # saved at the signal
+    assert 0 < epoch < max_epochs and step > 0
     assert "continuing from" in (run / "train.log").read_text()
 
 
@@ -271,7 +272,7 @@ def test_task_killed_for_good_is_failed_while_the_others_finish(interrupted):
     assert record["status"] == "failed" and record["slurm_job_id"] == task
     assert record["slurm_state"] == "FAILED"
     assert interrupted.result.returncode != 0  # the sweep says a job failed ...
-    assert "job #0" in interrupted.result.stderr
+    assert interrupted.result.stderr.startswith("error: 1 of 3 jobs failed")
     rows, text = report(interrupted.sweep)  # ... after the others finished, in its report
     killed, *finished = LOSSES
     assert sorted(rows) == sorted(finished) and all(rows[f]["n_runs"] == "1" for f in finished)
