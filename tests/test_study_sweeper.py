@@ -1,11 +1,9 @@
 """The sweeper: every job checked and named before the first starts, one sweep per folder."""
 
-import json
 
 import pytest
 from helpers import TINY, run_cli
 
-from prostate_seg.study.runs import RunLock
 
 SMALL = [o for o in TINY if not o.startswith("trainer=")] + ["trainer=cpu", "trainer.max_epochs=1"]
 
@@ -35,32 +33,6 @@ def test_missing_or_unprepared_data_stops_the_sweep_in_one_line(phantoms, tmp_pa
         assert lines[-1].startswith("error: job loss.alpha=0.25: data.dir=") and len(
             [line for line in lines if "Traceback" in line]) == 0, result.stderr
         assert not (tmp_path / "sweep").exists()
-
-
-def test_a_second_sweep_into_a_running_sweeps_folder_is_refused(prepared_copy, tmp_path):
-    sweep = tmp_path / "sweep"
-    lock = RunLock(sweep, what="sweep folder")
-    lock.acquire()  # a sweep is running there
-    try:
-        result = run_cli("train.py", "-m", f"data.dir={prepared_copy}", *SMALL,
-                         "loss.alpha=0.25,0.5", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    finally:
-        lock.release()
-    assert result.returncode == 2 and "sweep folder in use by pid" in result.stderr
-    assert [p.name for p in sweep.iterdir()] == [".lock"]
-
-
-def test_bce_and_several_tversky_alphas_in_one_sweep(prepared_copy, tmp_path):
-    """loss.alpha applies to the losses that have an alpha: bce runs once, Tversky per alpha."""
-    sweep = tmp_path / "sweep"
-    result = run_cli("train.py", "-m", f"data.dir={prepared_copy}", *SMALL, "loss=bce,tversky",
-                     "loss.alpha=0.25,0.75", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    folders = sorted(p.name for p in sweep.iterdir() if (p / "results.json").exists())
-    assert folders == ["bce-fold0-seed0", "tversky_a0.25-fold0-seed0", "tversky_a0.75-fold0-seed0"]
-    alphas = {f: json.loads((sweep / f / "results.json").read_text())["alpha"] for f in folders}
-    assert alphas == {"bce-fold0-seed0": None, "tversky_a0.25-fold0-seed0": 0.25,
-                      "tversky_a0.75-fold0-seed0": 0.75}
 
 
 def test_a_named_job_is_the_config_hydra_composes_with_its_name(tmp_path):

@@ -38,6 +38,9 @@ def test_paper_experiment_at_demo_size_and_its_report(prepared_copy, tmp_path):
     assert all(c["baseline"] == "bce" and c["n_patients"] == "8" for c in comparisons)
     md = (sweep / "report" / "results.md").read_text()
     assert "On 8 val patients (2 folds × 1 seed" in md
+    alphas = {f: json.loads((sweep / f / "results.json").read_text())["alpha"] for f in folders}
+    assert {f.split("-")[0]: a for f, a in alphas.items()} == {  # alpha applies where it can
+        "bce": None, "tversky_a0.25": 0.25, "tversky_a0.85": 0.85}
     hparams = (sweep / "tversky_a0.25-fold1-seed0" / "hparams.yaml").read_text()
     assert "alpha: 0.25" in hparams and "beta: 0.75" in hparams and "fold: 1" in hparams
 
