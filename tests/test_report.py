@@ -58,7 +58,8 @@ def write_run(folder: Path, loss, fold, seed, dice, *, status="completed", group
         "identity": identity["hash"], "best_epoch": best_epoch,
         "epochs_trained": epochs_trained, "max_epochs": 8, "stopped_early": stopped_early,
         "alpha": float(loss[len("tversky_a"):]) if loss.startswith("tversky_a") else None,
-        "val/dice_original": float(np.mean(list(dice.values()))) if dice else None}))
+        "val/dice_original": float(np.mean(list(dice.values()))) if dice else None,
+        "patients": {split: list(dice)}}))
     with open(folder / "per_patient.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["patient", "split", "dice", "precision", "recall", "hd95",
@@ -223,6 +224,13 @@ def test_one_broken_folder_is_listed_and_the_rest_reported(tmp_path):
     results.write_text(results.read_text().replace('"best_epoch": 4', '"best_epoch": "soon"'))
     twice = sweep / "tversky_a0.5-fold2-seed1" / "per_patient.csv"
     twice.write_text(twice.read_text() + twice.read_text().splitlines()[1] + "\n")
+    cut = sweep / "tversky_a0.25-fold1-seed0" / "per_patient.csv"
+    cut.write_text("".join(cut.read_text().splitlines(keepends=True)[:-1]))  # last patient gone
+    moved = sweep / "tversky_a0.25-fold2-seed0" / "per_patient.csv"
+    moved.write_text(moved.read_text().replace("case02,", "case01,", 1))  # fold 1's patient
+    extra = sweep / "tversky_a0.25-fold1-seed1" / "per_patient.csv"
+    extra.write_text(extra.read_text() + extra.read_text().splitlines()[1].replace("case01",
+                                                                                 "case00") + "\n")
     write_run(sweep / "tversky_a0.75-fold0-seed0", "tversky_a0.75", 0, 0, {}, status="failed")
     write_run(sweep / "tversky_a0.75-fold1-seed0", "tversky_a0.75", 1, 0, {}, status="running")
     write_run(sweep / "tversky_a0.75-fold1-seed1", "tversky_a0.75", 1, 1, {}, status="running")
@@ -245,6 +253,12 @@ def test_one_broken_folder_is_listed_and_the_rest_reported(tmp_path):
             "number") in problems
     assert ("- `tversky_a0.5-fold2-seed1`: broken — per_patient.csv line 6: duplicate of line 2 "
             "(patient=case02, split=val)") in problems
+    assert ("- `tversky_a0.25-fold1-seed0`: broken — per_patient.csv: 1 val patient(s) missing "
+            "(e.g. case10), against the list in results.json") in problems
+    assert ("- `tversky_a0.25-fold2-seed0`: broken — per_patient.csv: 1 val patient(s) missing "
+            "(e.g. case02), against the list in results.json") in problems
+    assert ("- `tversky_a0.25-fold1-seed1`: broken — per_patient.csv: 1 val patient(s) not of "
+            "this fold (e.g. case00), against the list in results.json") in problems
     assert "- `tversky_a0.75-fold0-seed0`: failed — RuntimeError: CUDA out of memory" in problems
     assert ("- `tversky_a0.75-fold1-seed0`: failed — status.json says running but no process "
             "works in the folder: killed") in problems
@@ -254,7 +268,7 @@ def test_one_broken_folder_is_listed_and_the_rest_reported(tmp_path):
             "its numbers are counted, its contours are not drawn" in problems)
     assert "tversky_a0.5-fold0-seed1" not in problems  # its .hydra is never read
     results = {r["loss"]: r for r in read_csv(sweep / "report" / "results.csv")}
-    assert results["bce"]["n_runs"] == "4" and results["tversky_a0.25"]["n_runs"] == "5"
+    assert results["bce"]["n_runs"] == "4" and results["tversky_a0.25"]["n_runs"] == "2"
     assert results["tversky_a0.5"]["n_runs"] == "4" and "tversky_a0.75" not in results
     assert (sweep / "report" / "contours.png").exists()
 
@@ -264,6 +278,13 @@ def test_dice_against_alpha_is_drawn_from_the_counted_runs_once_each(tmp_path, m
     import shutil
 
     shutil.copytree(sweep / "tversky_a0.5-fold0-seed0", sweep / "zz-copy")  # a duplicate
+    cut = sweep / "tversky_a0.25-fold1-seed0" / "per_patient.csv"
+    cut.write_text("".join(cut.read_text().splitlines(keepends=True)[:-1]))  # last patient gone
+    moved = sweep / "tversky_a0.25-fold2-seed0" / "per_patient.csv"
+    moved.write_text(moved.read_text().replace("case02,", "case01,", 1))  # fold 1's patient
+    extra = sweep / "tversky_a0.25-fold1-seed1" / "per_patient.csv"
+    extra.write_text(extra.read_text() + extra.read_text().splitlines()[1].replace("case01",
+                                                                                 "case00") + "\n")
     write_run(sweep / "tversky_a0.75-fold0-seed0", "tversky_a0.75", 0, 0, {}, status="failed")
     drawn = []
     monkeypatch.setattr(figures, "alpha_curve",

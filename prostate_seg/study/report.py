@@ -269,12 +269,27 @@ def read_run(folder: Path, sweep_dir: Path) -> Run:
     else:
         try:
             rows = read_long_table(table, required=("patient", "dice"))
+            check_patients(rows, run.results.get("patients"), table)
             run.columns = {k: _cell({k: str(_csv_value(run.results.get(k)))}, k, RESULTS_FILE)
                            for k in RUN_COLUMNS}
             run.state, run.rows = "completed", rows
         except DataError as exc:
             run.reason = str(exc).replace(str(folder) + "/", "")
     return run
+
+
+def check_patients(rows: list[Row], listed: Any, table: Path) -> None:
+    """The rows are the fold's patients that results.json lists, each split whole: a table cut
+    short, or another fold's table copied in, would shift the run's mean unnoticed."""
+    if not isinstance(listed, dict):
+        return  # trained by a version that did not list them
+    wanted = {(split, p) for split, ids in listed.items() for p in ids}
+    found = {(r["split"], r["patient"]) for r in rows}
+    for rule, pairs in (("missing", wanted - found), ("not of this fold", found - wanted)):
+        if pairs:
+            split, patient = sorted(pairs)[0]
+            raise DataError(f"{table}: {len(pairs)} {split} patient(s) {rule} (e.g. {patient}), "
+                            f"against the list in {RESULTS_FILE}")
 
 
 def find_run_folders(sweep_dir: Path) -> list[Path]:

@@ -356,6 +356,7 @@ def _evaluate_best(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
     write_csv(run_dir / PER_PATIENT_FILE, rows, PER_PATIENT_FIELDS)
     for name in patients:
         scores.update(split_scores(rows, name))
+    scores["patients"] = {name: list(ids) for name, ids in patients.items()}  # report checks
     if OBJECTIVE in scores:
         log_validation_dice(trainer.loggers, scores[OBJECTIVE], results["best_epoch"])
     return scores
