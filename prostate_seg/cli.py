@@ -30,19 +30,21 @@ from hydra.errors import (
 )
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, InterpolationKeyError,
+                              OmegaConfBaseException)
 
 from prostate_seg.config import (CONFIG_PATH, check_extras_installed, initialize_configs,
                                  openmp_yields)
 from prostate_seg.errors import ConfigError, UserError
-from prostate_seg.settings import check_settings
+from prostate_seg.settings import check_settings, missing_reference
 
 EXIT_USER_ERROR = 2
 
 
 def is_command_line_error(exc: BaseException) -> bool:
     """Whether Hydra stopped on the command line or the configs it names, not in the task."""
-    if isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException)):
+    if isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException,
+                        InterpolationKeyError)):
         return True
     frames = traceback.extract_tb(exc.__traceback__)
     return isinstance(exc, ValueError) and bool(frames) and Path(
@@ -84,6 +86,8 @@ def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> s
     """Hydra's error as one line; an unknown option or key names the valid or closest ones."""
     if isinstance(exc, OverrideParseException):
         return f"cannot parse the command line: {_message(exc)}"
+    if isinstance(exc, InterpolationKeyError):  # hydra.run.dir after ~paths
+        return f"{exc.full_key}: {missing_reference(exc)}"
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
         group, _, value = exc.missing_cfg_file.rpartition("/")
         return _unknown_option(group, value, exc.options)

@@ -5,9 +5,11 @@ where a list belongs would otherwise end in a traceback, or run with another val
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
 
 from prostate_seg.errors import ConfigError
 
@@ -87,6 +89,7 @@ class ListOf:
 SEED = Setting(int, 0, 2**32 - 1)  # numpy's and Lightning's range (Lightning replaces others by 0)
 WORKERS = Setting(int, 0)  # 0: in this process
 BATCH = Setting(int, 1)
+PROBABILITY = Setting(float, 0.0, 1.0)
 # Per command (its config's name): keys absent from a config (a removed callback) are skipped.
 SETTINGS: dict[str, dict[str, Setting | ListOf]] = {
     "train": {
@@ -103,6 +106,10 @@ SETTINGS: dict[str, dict[str, Setting | ListOf]] = {
         "data.test_patients": ListOf(str, (1, None), "[Case00, Case07]", nullable=True),
         # the training patients that choose epoch and checkpoint
         "data.select_fraction": Setting(float, 0.0, 1.0, open_low=True, open_high=True),
+        "augment.scale": ListOf(Setting(float, 0.0, open_low=True), (2, 2), "[0.7, 1.4]"),
+        "augment.scale_p": PROBABILITY,
+        "augment.intensity_p": PROBABILITY,
+        "augment.blur_p": PROBABILITY,
         "model.net.features": ListOf(Setting(int, 1), (2, None), "[32, 64, 128, 256]"),
         "optimizer.lr": Setting(float, 0.0, open_low=True),
         "optimizer.weight_decay": Setting(float, 0.0),
@@ -139,7 +146,8 @@ _ABSENT = object()
 
 
 def check_settings(cfg: DictConfig, command: str) -> None:
-    """Every present key of the command's ``SETTINGS`` and ``SWITCHES`` has a right value."""
+    """Every present key of the command's ``SETTINGS`` and ``SWITCHES`` has a right value, and
+    every ``${key}`` the config refers to exists (``~augment`` removes what data refers to)."""
     for key, setting in SETTINGS.get(command, {}).items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is _ABSENT:
@@ -159,6 +167,18 @@ def check_settings(cfg: DictConfig, command: str) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not isinstance(value, bool):
             raise ConfigError(f"{key}={_shown(value)}: must be true or false")
+    try:
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                               resolve=True)
+    except InterpolationKeyError as exc:
+        raise ConfigError(f"{exc.full_key}: {missing_reference(exc)}") from None
+
+
+def missing_reference(exc: InterpolationKeyError) -> str:
+    """``refers to augment.scale, which the config lacks (...)`` from OmegaConf's message."""
+    found = re.search(r"Interpolation key '(.+?)' not found", str(exc))
+    key = found.group(1) if found else str(exc).splitlines()[0]
+    return f"refers to {key}, which the config lacks (a group or key it needs left out?)"
 
 
 def _shown(value: object) -> object:
