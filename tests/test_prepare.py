@@ -50,6 +50,29 @@ def test_images_are_windowed_per_volume(phantoms, prepared):
     assert windowed.min() == 0 and windowed.max() == 255
 
 
+def test_window_is_linear_between_percentiles_and_landmarks_undo_a_scanners_curve(phantoms):
+    """window (the study's): clip to the 0.5/99.5 percentiles, then linear to 0..255, computed
+    by hand. landmarks: the same volume after another gain, offset and contrast (gamma) gets
+    nearly the same grey levels, where window moves them by tens; both keep tied
+    background at 0."""
+    data = nib.load(phantoms / "images" / "phantom001.nii.gz").get_fdata()
+    low, high = np.percentile(data, [0.5, 99.5])
+    by_hand = np.rint((np.clip(data, low, high) - low) / (high - low) * 255)
+    assert np.array_equal(window_to_uint8(data, "x", 0.5, 99.5), by_hand)
+    data[:, :8] = data.min()  # a band of tied background, as outside a scanner's field of view
+    unit = (data - data.min()) / (data.max() - data.min())
+    for gamma, gain, offset in ((1.8, 40.0, 100.0), (0.5, 0.01, 0.0)):
+        other = gain * unit ** gamma + offset
+        change = {mode: np.abs(window_to_uint8(data, "x", 0.5, 99.5, mode).astype(int)
+                               - window_to_uint8(other, "x", 0.5, 99.5, mode)).mean()
+                  for mode in ("window", "landmarks")}
+        assert change["landmarks"] < 1.5 and change["window"] > 10, change
+    landmarks = window_to_uint8(data, "x", 0.5, 99.5, "landmarks")
+    assert landmarks[:, :8].max() == 0 and landmarks.max() == 255
+    data[:, -8:] = data.max()  # a saturated band at the top reaches 255 as well
+    assert window_to_uint8(data, "x", 0.5, 99.5, "landmarks")[:, -8:].min() == 255
+
+
 def test_prepare_records_settings_and_volumes(prepared):
     settings = json.loads((prepared / "prepare.json").read_text())
     assert settings["image_size"] == 48 and settings["fit"] == "resize"

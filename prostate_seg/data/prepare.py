@@ -21,9 +21,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from prostate_seg.data.resize import FIT_MODES, fit_slice
-from prostate_seg.data.volume import (VolumeGeometry, display_affine, geometry_of, is_nifti,
-                                      load_nifti, strip_nifti_suffix, to_slices, voxel_array,
-                                      window_to_uint8)
+from prostate_seg.data.volume import (INTENSITY_MODES, VolumeGeometry, display_affine,
+                                      geometry_of, is_nifti, load_nifti, strip_nifti_suffix,
+                                      to_slices, voxel_array, window_to_uint8)
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import (beside, check_name_fits, check_writable_folder, refuse_existing,
                                 write_csv, write_json)
@@ -54,6 +54,7 @@ class PrepareSettings:
     window: tuple[float, float] = (0.5, 99.5)
     image_channel: int = 0
     mask_labels: tuple[int, ...] | None = None
+    intensity: str = "window"
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
@@ -63,6 +64,9 @@ class PrepareSettings:
         low, high = self.window
         if not 0.0 <= low < high <= 100.0:
             raise ConfigError(f"window=[{low}, {high}]: need 0 <= low < high <= 100 (percentiles)")
+        if self.intensity not in INTENSITY_MODES:
+            raise ConfigError(f"intensity={self.intensity}: choose one of "
+                              f"{', '.join(INTENSITY_MODES)}")
 
     @classmethod
     def from_config(cls, cfg: DictConfig | dict) -> PrepareSettings:
@@ -70,7 +74,8 @@ class PrepareSettings:
         return cls(int(cfg.get("image_size", 384)), str(cfg.get("fit", "resize")),
                    tuple(float(w) for w in cfg.get("window", (0.5, 99.5))),
                    int(cfg.get("image_channel", 0)),
-                   None if labels is None else tuple(int(x) for x in labels))
+                   None if labels is None else tuple(int(x) for x in labels),
+                   str(cfg.get("intensity", "window")))  # older datasets: window
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,8 @@ def scan_slices(img: Any, path: Path,
     """A scan as the windowed uint8 display slices that the network's input is made of."""
     data = voxel_array(img, path, settings.image_channel)
     geometry = geometry_of(img, data.shape)
-    return window_to_uint8(to_slices(data, geometry), path, *settings.window), geometry
+    return window_to_uint8(to_slices(data, geometry), path, *settings.window,
+                           settings.intensity), geometry
 
 
 def load_case(case: Case,

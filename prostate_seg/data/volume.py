@@ -110,8 +110,20 @@ def from_slices(slices: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:
     return np.ascontiguousarray(ornt_lib.apply_orientation(slices.transpose(2, 1, 0), back))
 
 
-def window_to_uint8(volume: np.ndarray, path: Path, low_pct: float, high_pct: float) -> np.ndarray:
-    """Clip a volume to its own [low_pct, high_pct] percentiles and scale to 0..255."""
+INTENSITY_MODES = ("window", "landmarks")
+LANDMARKS = 21  # percentiles from the window's low to its high end, in equal steps
+
+
+def window_to_uint8(volume: np.ndarray, path: Path, low_pct: float, high_pct: float,
+                    intensity: str = "window") -> np.ndarray:
+    """A volume's grey levels 0..255 from its own percentiles. ``window`` (the study's): linear
+    between the low and high percentile, clipped. ``landmarks``: piecewise linear through 21
+    percentiles from low to high onto equal steps of grey (histogram standardisation as
+    Nyul and Udupa's, onto a fixed scale instead of one learnt from training scans), so that
+    any monotone change of a scanner's intensities (gain, offset, contrast curve) gives nearly
+    the same input: MRI grey levels have no unit across centres and coils."""
+    if intensity not in INTENSITY_MODES:
+        raise ValueError(f"intensity={intensity!r}: one of {INTENSITY_MODES}")
     if not np.isfinite(volume).all():
         bad = int((~np.isfinite(volume)).sum())
         raise DataError(f"{path}: {bad} voxels are NaN or infinite")
@@ -120,5 +132,11 @@ def window_to_uint8(volume: np.ndarray, path: Path, low_pct: float, high_pct: fl
         low, high = float(volume.min()), float(volume.max())
         if high <= low:
             raise DataError(f"{path}: constant image (every voxel is {low:g}); nothing to segment")
+    if intensity == "landmarks":
+        marks = np.percentile(volume, np.linspace(low_pct, high_pct, LANDMARKS))
+        marks, first = np.unique(marks, return_index=True)
+        if len(marks) > 2:  # tied percentiles: the lowest grey (background), the top at 255
+            levels = np.append(np.linspace(0.0, 255.0, LANDMARKS)[first[:-1]], 255.0)
+            return np.rint(np.interp(volume, marks, levels)).astype(np.uint8)
     scaled = (np.clip(volume, low, high) - low) * (255.0 / (high - low))
     return np.rint(scaled).astype(np.uint8)
