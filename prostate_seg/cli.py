@@ -43,9 +43,10 @@ EXIT_USER_ERROR = 2
 
 def is_command_line_error(exc: BaseException) -> bool:
     """Whether Hydra stopped on the command line or the configs it names, not in the task."""
-    if isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException,
-                        InterpolationKeyError)):
+    if isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException)):
         return True
+    if isinstance(exc, InterpolationKeyError):  # Hydra's own keys (hydra.run.dir after ~paths)
+        return str(exc.full_key).startswith("hydra.")
     frames = traceback.extract_tb(exc.__traceback__)
     return isinstance(exc, ValueError) and bool(frames) and Path(
         frames[-1].filename).is_relative_to(Path(hydra.__file__).parent)

@@ -146,8 +146,9 @@ _ABSENT = object()
 
 
 def check_settings(cfg: DictConfig, command: str) -> None:
-    """Every present key of the command's ``SETTINGS`` and ``SWITCHES`` has a right value, and
-    every ``${key}`` the config refers to exists (``~augment`` removes what data refers to)."""
+    """Every present key of the command's ``SETTINGS`` and ``SWITCHES`` has a right value; then
+    every ``${key}`` the config refers to exists (``~augment`` removes what data refers to),
+    found by resolving the config, which reads prepare.json through its resolvers."""
     for key, setting in SETTINGS.get(command, {}).items():
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is _ABSENT:

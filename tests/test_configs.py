@@ -17,8 +17,8 @@ from prostate_seg.errors import ConfigError
 from prostate_seg.losses import CombinedLoss, FocalTverskyLoss
 from prostate_seg.training.module import build_loss
 
-GROUPS = ["data", "model", "loss", "optimizer", "scheduler", "trainer", "callbacks", "logger",
-          "paths", "experiment", "debug"]
+GROUPS = ["data", "augment", "model", "loss", "optimizer", "scheduler", "trainer", "callbacks",
+          "logger", "paths", "experiment", "debug"]
 
 
 def options(group: str) -> list[str]:
@@ -120,6 +120,9 @@ def test_paper_experiment_sweeps_eight_losses_over_folds_and_seeds(tmp_path, ove
     assert params["data.fold"] == folds and params.seed == seeds
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.data.batch_size == 16
     assert cfg.optimizer.lr == 1e-4 and cfg.trainer.max_epochs == 100
+    # the study's augmentation: what acts is resize, rotate, flips and the scaling to [0, 1]
+    acting = [type(t).__name__ for t in instantiate(cfg.data.train_transform).transforms if t.p]
+    assert acting == ["Resize", "Rotate", "HorizontalFlip", "VerticalFlip", "Normalize"]
 
 
 SWEEPERS = ["basic", "study", *options("hydra/sweeper")]

@@ -200,7 +200,8 @@ PREDICT = ["predict.py", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz"
     (["train.py", "data.dir=.", "model.net.features=8"],
      "model.net.features=8: must be a list of 2 or more numbers, each an integer >= 1"),
     (["train.py", "data.dir=.", "optimizer.lr=fast"], "optimizer.lr=fast: must be > 0"),
-    (["train.py", "data.dir=.", "augment.scale_p=2"], "augment.scale_p=2: must be a number in [0, 1]"),
+    (["train.py", "data.dir=.", "augment.scale_p=2"],
+     "augment.scale_p=2: must be a number in [0, 1]"),
     (["train.py", "data.dir=.", "~augment"],  # the transforms refer to what is left out
      "data.train_transform.transforms[4].scale: refers to augment.scale, which the config lacks"),
     (["train.py", "data.dir=.", "~paths"], "hydra.run.dir: refers to paths.output_root, which"),

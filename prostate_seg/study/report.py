@@ -281,14 +281,18 @@ def read_run(folder: Path, sweep_dir: Path) -> Run:
 def check_patients(rows: list[Row], listed: Any, table: Path) -> None:
     """The rows are the fold's patients that results.json lists, each split whole: a table cut
     short, or another fold's table copied in, would shift the run's mean unnoticed."""
-    if not isinstance(listed, dict):
+    if listed is None:
         return  # trained by a version that did not list them
+    if not isinstance(listed, dict) or not all(
+            isinstance(ids, list) and all(isinstance(p, str) for p in ids)
+            for ids in listed.values()):
+        raise DataError(f"{RESULTS_FILE}: patients must map each split to a list of names")
     wanted = {(split, p) for split, ids in listed.items() for p in ids}
     found = {(r["split"], r["patient"]) for r in rows}
     for rule, pairs in (("missing", wanted - found), ("not of this fold", found - wanted)):
-        if pairs:
-            split, patient = sorted(pairs)[0]
-            raise DataError(f"{table}: {len(pairs)} {split} patient(s) {rule} (e.g. {patient}), "
+        for split in sorted({split for split, _ in pairs}):
+            mine = sorted(p for s, p in pairs if s == split)
+            raise DataError(f"{table}: {len(mine)} {split} patient(s) {rule} (e.g. {mine[0]}), "
                             f"against the list in {RESULTS_FILE}")
 
 
