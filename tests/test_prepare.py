@@ -43,7 +43,8 @@ def test_round_trip_masks_equal_the_resized_volume_mask(phantoms, prepared):
 def test_images_are_windowed_per_volume(phantoms, prepared):
     img = nib.load(phantoms / "images" / "phantom001.nii.gz")
     data = img.get_fdata(dtype=np.float32)
-    windowed = window_to_uint8(to_slices(data, geometry_of(img, data.shape)), "x", 0.5, 99.5)
+    windowed = window_to_uint8(to_slices(data, geometry_of(img, data.shape)), "x", 0.5, 99.5,
+                               "landmarks")  # prepare's default
     z = len(windowed) // 2
     assert np.array_equal(_read(prepared / f"images/phantom001_{z:03d}.png"),
                           fit_slice(windowed[z], 48, "resize"))
