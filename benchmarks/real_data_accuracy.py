@@ -1,27 +1,30 @@
-"""Accuracy on real scans: PROMISE12 T2 volumes (../shared/data/prostate_t2), one fold.
+"""Accuracy on real scans: PROMISE12 T2 volumes (../shared/data/prostate_t2), by fold.
 
-    python benchmarks/real_data_accuracy.py --setting cpu            # unet_small, 128x128
-    python benchmarks/real_data_accuracy.py --setting gpu            # full U-Net, 256x256
-    python benchmarks/real_data_accuracy.py --setting cpu --runs recipe   # the headline run only
+    python benchmarks/real_data_accuracy.py --setting cpu --runs recipe     # the bar: fold 0
+    python benchmarks/real_data_accuracy.py --runs generalisation --folds 0,1   # issue 24's table
+    python benchmarks/real_data_accuracy.py --setting gpu --runs recipe,study --folds 0,1,2,3,4
 
-Prepares the scans (location: $PROSTATE_SEG_DATA, default ../shared/data/prostate_t2) unless
---prepared names a folder made by prepare, trains fold 0 of the stored 5-fold patient split
-(split_seed 0: the other folds' patients train, a few of them choose the epoch and
-checkpoint), evaluates the best checkpoint per volume on fold 0's held-out patients at their
-original size, prints the table and writes it into docs/RESULTS.md (or --results) with the
-command, machine, date, time taken and software versions. The whole study, every fold and
-loss with its paired statistics, is docs/STUDY.md's.
+Prepares the scans (location: $PROSTATE_SEG_DATA) at the setting's size under --workdir,
+trains each run on each fold of the stored 5-fold patient split (split_seed 0; a few training
+patients choose the epoch and checkpoint), evaluates it per volume on the fold's held-out
+patients at their original size, and writes the table into docs/RESULTS.md (or --results)
+with the command, machine, date, time taken and software versions. The study itself, every
+loss with paired statistics, is docs/STUDY.md's.
 
-Runs: ``recipe`` (BCE + Dice loss, cosine lr decay, 2.5D input with one neighbour per side);
-``ablations`` (the recipe without each of those three); ``study`` (the original study's
-recipe: Dice loss, Adam 1e-4, constant lr, single slices). Every run is evaluated with and
-without keeping the largest connected component and with flip test-time augmentation.
+Runs (RUNS): the recipe (BCE + Dice loss, Adam 1e-3 with cosine decay, 2.5D input, scale and
+intensity augmentation, landmark intensities); ``generalisation``: the recipe as it was
+before (study augmentation, windowed intensities), each change alone on it, and together;
+``ablations``: the recipe without one of its training choices; ``study``: the original
+study's (Dice loss, Adam 1e-4, constant lr, single slices, study augmentation). Each run is
+evaluated with and without the largest connected component, flip test-time augmentation,
+and with the last epoch's weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import sys
@@ -39,7 +42,6 @@ sys.path.insert(0, str(REPO))
 from prostate_seg.config import compose_config  # noqa: E402
 from prostate_seg.inference.evaluate import evaluate_checkpoint  # noqa: E402
 from prostate_seg.data.prepare import PrepareSettings, prepare  # noqa: E402
-from prostate_seg.study.runs import load_json_object  # noqa: E402
 from prostate_seg.training.fit import train  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "prostate_t2"
@@ -56,22 +58,38 @@ SETTINGS: dict[str, dict[str, Any]] = {
         # compile pays off over hours; for a 2-minute run its compile time would dominate
         "budget": "00:00:05:00",
         "overrides": ["model=unet", "trainer=gpu", "model.compile=false", "data.batch_size=16",
-                      "trainer.max_epochs=100", "callbacks.last_checkpoint.every_n_epochs=25"],
+                      "trainer.max_epochs=100"],
     },
 }
-RECIPE = ["loss=bce_tversky", "optimizer.lr=1e-3", "scheduler=cosine", "data.context_slices=1"]
-RUNS: dict[str, list[str]] = {
-    "recipe": RECIPE,
-    "recipe without combined loss (Dice only)": [o if o != "loss=bce_tversky" else "loss=dice"
-                                                 for o in RECIPE],
-    "recipe without cosine schedule": [o for o in RECIPE if o != "scheduler=cosine"],
-    "recipe without 2.5D (single slices)": [o if o != "data.context_slices=1"
-                                            else "data.context_slices=0" for o in RECIPE],
-    "study recipe (Dice loss, Adam 1e-4)": ["loss=dice", "optimizer.lr=1e-4"],
+BASE = ["loss=bce_tversky", "optimizer.lr=1e-3", "scheduler=cosine", "data.context_slices=1"]
+# What generalises to unseen centres (issue 24), each alone on the recipe as it was (BEFORE)
+# and all together: scale and intensity augmentation (conf/augment) and landmark intensities
+# (prepare intensity=landmarks). A run is (overrides, prepare's intensity).
+NO_SCALE, NO_INTENSITY = ["augment.scale_p=0"], ["augment.intensity_p=0", "augment.blur_p=0"]
+BEFORE = [*BASE, *NO_SCALE, *NO_INTENSITY]
+RECIPE = "recipe: scale + intensity augmentation, landmark intensities"
+RUNS: dict[str, tuple[list[str], str]] = {
+    RECIPE: (BASE, "landmarks"),
+    "before: study augmentation, windowed intensities": (BEFORE, "window"),
+    "before + scale augmentation": ([*BASE, *NO_INTENSITY], "window"),
+    "before + intensity augmentation": ([*BASE, *NO_SCALE], "window"),
+    "before + landmark intensities": (BEFORE, "landmarks"),
+    "before + scale and intensity augmentation": (BASE, "window"),
+    "recipe without combined loss (Dice only)": (["loss=dice", *BASE[1:]], "landmarks"),
+    "recipe without cosine schedule": ([o for o in BASE if o != "scheduler=cosine"], "landmarks"),
+    "recipe without 2.5D (single slices)": ([*BASE[:-1], "data.context_slices=0"], "landmarks"),
+    "study recipe (Dice loss, Adam 1e-4)": (["loss=dice", "optimizer.lr=1e-4", *NO_SCALE,
+                                             *NO_INTENSITY], "window"),
 }
-GROUPS = {"recipe": ["recipe"], "ablations": [k for k in RUNS if k.startswith("recipe without")],
+GROUPS = {"recipe": [RECIPE],
+          # the order runs are trained in (the table keeps RUNS's): the most telling first
+          "generalisation": [k for k in RUNS if k.startswith("before")][::-1] + [RECIPE],
+          "ablations": [k for k in RUNS if k.startswith("recipe without")],
           "study": ["study recipe (Dice loss, Adam 1e-4)"]}
-EVALUATIONS = (("plain", False, False), ("+LCC", True, False), ("+LCC+TTA", True, True))
+TAG = "benchmark_run.json"  # in a run folder: which run and fold it is, and its training time
+LAST = "last epoch +LCC+TTA"
+EVALUATIONS = (("plain", False, False), ("+LCC", True, False), ("+LCC+TTA", True, True),
+               (LAST, True, True))
 
 
 def machine() -> str:
@@ -80,65 +98,108 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores"
 
 
-def run_one(name: str, overrides: list[str], data_dir: Path, workdir: Path,
-            setting: dict[str, Any]) -> dict[str, Any]:
-    folder = workdir / name.split(" ")[0] / f"{len(list(workdir.glob('*/*')))}"
-    cfg = compose_config("train", [f"data.dir={data_dir}", f"data.image_size={setting['image_size']}",
-                                   *setting["overrides"], *overrides,
-                                   f"++trainer.max_time={setting['budget']}",
-                                   "callbacks.early_stopping.patience=1000",
-                                   "callbacks.progress_bar.refresh_rate=0"], folder)
-    started = time.time()
-    results = train(cfg)
-    train_seconds = time.time() - started
-    row: dict[str, Any] = {"run": name, "epochs": results["epochs_trained"],
-                           "train_min": train_seconds / 60,
-                           "select_dice_training": results["select/dice"]}
+def run_one(name: str, fold: int, data_dir: Path, workdir: Path, setting: dict[str, Any],
+            reuse: list[Path], only_reused: bool = False) -> dict[str, Any] | None:
+    """Train (or take a finished run of the same name, fold and overrides from ``reuse``) and
+    evaluate its checkpoints on the fold's held-out patients; None if not reused and
+    ``only_reused``."""
+    overrides = [f"data.image_size={setting['image_size']}", *setting["overrides"],
+                 *RUNS[name][0], f"data.fold={fold}", f"++trainer.max_time={setting['budget']}",
+                 "callbacks.early_stopping.patience=1000", "callbacks.progress_bar.refresh_rate=0"]
+    tag = {"run": name, "fold": fold, "overrides": overrides, "intensity": RUNS[name][1]}
+    recorded = [(f.parent, json.loads(f.read_text())) for f in reuse]
+    done = [(folder, r) for folder, r in recorded if {k: r.get(k) for k in tag} == tag
+            and (folder / "results.json").is_file()]
+    if done:
+        folder, record = done[0]
+        results = json.loads((folder / "results.json").read_text())
+    elif only_reused:
+        print(f"{name}, fold {fold}: not run (no finished run to reuse)", flush=True)
+        return None
+    else:
+        folder = workdir / f"{sum(1 for _ in workdir.glob('*'))}"
+        cfg = compose_config("train", [f"data.dir={data_dir}", *overrides], folder)
+        started = time.time()
+        results = train(cfg)
+        record = {**tag, "seconds": time.time() - started}
+        (folder / TAG).write_text(json.dumps(record))
+    row: dict[str, Any] = {"run": name, "fold": fold, "epochs": results["epochs_trained"],
+                           "train_min": record["seconds"] / 60,
+                           "select_dice_training": results["select/dice"],
+                           "reused": bool(done)}
+    last = Path(results["best_checkpoint"]).with_name("last.ckpt")
     for label, keep_largest, tta in EVALUATIONS:
-        per_patient = evaluate_checkpoint(results["best_checkpoint"], keep_largest=keep_largest,
-                                          tta=tta)
-        dice = np.array([p["dice"] for p in per_patient])
-        row[label] = (float(dice.mean()), float(dice.std(ddof=1)))
-        row[f"{label}_patients"] = per_patient
-    print(f"{name}: " + ", ".join(f"{k} {row[k][0]:.4f}" for k, *_ in EVALUATIONS)
+        checkpoint = last if label == LAST else results["best_checkpoint"]
+        row[label] = evaluate_checkpoint(checkpoint, keep_largest=keep_largest, tta=tta)
+    print(f"{name}, fold {fold}: " + ", ".join(f"{label} {mean(row[label], 'dice'):.4f}"
+                                               for label, *_ in EVALUATIONS)
           + f" ({row['epochs']} epochs, {row['train_min']:.1f} min)", flush=True)
     return row
 
 
-def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, seconds: float,
-             data_dir: Path) -> str:
+def mean(patients: list[dict[str, Any]], key: str) -> float:
+    return float(np.mean([p[key] for p in patients]))
+
+
+def dice_cell(patients: list[dict[str, Any]]) -> str:
+    dice = np.array([p["dice"] for p in patients])
+    return f"{dice.mean():.4f} ± {dice.std(ddof=1):.4f}"
+
+
+def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, seconds: float) -> str:
     versions = (f"torch {torch.__version__}, pytorch-lightning {pl.__version__}, "
                 f"Python {platform.python_version()}")
+    labels = [label for label, *_ in EVALUATIONS]
     lines = [
-        f"### {setting_name.upper()} setting",
+        f"### {setting_name.upper()} setting: {', '.join(dict.fromkeys(r['run'] for r in rows))}",
         "",
         f"- command: `{command}`",
         f"- machine: {machine()}; date: {datetime.date.today().isoformat()}; {versions}",
-        f"- data: {data_dir} (prepared: {load_json_object(data_dir / 'prepare.json')[0]})",
-        f"- total time (prepare, all runs, evaluation): {seconds / 60:.1f} min",
+        "- data: the scans prepared at the setting's size (`window`: linear between each "
+        "scan's 0.5 and 99.5 percentiles, the study's; `landmarks`: `prepare intensity=landmarks`)",
+        f"- this command's time (prepare, runs, evaluation): {seconds / 60:.1f} min"
+        + ("; runs marked * were trained by an earlier command (--reuse) in the time shown"
+           if any(row["reused"] for row in rows) else ""),
         "",
-        f"Per-volume Dice on fold 0's {len(rows[0]['plain_patients'])} held-out patients at "
-        "original size, mean ± std over patients (LCC: largest 3D connected component kept; "
-        "TTA: left-right flip averaged).",
+        "Per-volume Dice on each fold's held-out patients at original size, mean ± SD over "
+        "patients (LCC: largest 3D connected component kept; TTA: left-right flip averaged; "
+        f"{LAST}: the last epoch's weights instead of the checkpoint the selection patients "
+        "chose); precision and recall: means over patients of +LCC+TTA.",
         "",
-        "| run | Dice | Dice +LCC | Dice +LCC+TTA | select/dice (training, network size) | epochs | training min |",
-        "|---|---|---|---|---|---|---|",
+        "| run | fold | " + " | ".join(f"Dice {label}" for label in labels)
+        + " | precision | recall | select/dice (training, network size) | epochs | training min |",
+        "|---|---|" + "---|" * (len(labels) + 5),
     ]
-    for row in rows:
-        cells = [f"{row[k][0]:.4f} ± {row[k][1]:.4f}" for k, *_ in EVALUATIONS]
-        lines.append(f"| {row['run']} | " + " | ".join(cells)
-                     + f" | {row['select_dice_training']:.4f} | {row['epochs']} | {row['train_min']:.1f} |")
+    for row in sorted(rows, key=lambda r: (list(RUNS).index(r["run"]), r["fold"])):
+        chosen = row["+LCC+TTA"]
+        lines.append(f"| {row['run']}{' *' if row['reused'] else ''} | {row['fold']} | "
+                     + " | ".join(dice_cell(row[label]) for label in labels)
+                     + f" | {mean(chosen, 'precision'):.3f} | {mean(chosen, 'recall'):.3f} | "
+                     f"{row['select_dice_training']:.4f} | {row['epochs']} | "
+                     f"{row['train_min']:.1f} |")
+    runs = sorted({row["run"] for row in rows}, key=list(RUNS).index)
+    folds = sorted({row["fold"] for row in rows})
+    if len(folds) > 1:
+        lines += ["", f"Over folds {', '.join(map(str, folds))} (each patient once, +LCC+TTA):",
+                  "", "| run | folds | patients | Dice | precision | recall |",
+                  "|---|---|---|---|---|---|"]
+        for run in runs:
+            mine = [row for row in rows if row["run"] == run]
+            patients = [p for row in mine for p in row["+LCC+TTA"]]
+            lines.append(f"| {run} | {len(mine)} | {len(patients)} | {dice_cell(patients)} | "
+                         f"{mean(patients, 'precision'):.3f} | {mean(patients, 'recall'):.3f} |")
     first = rows[0]
-    lines += ["", f"Per patient ({first['run']}, +LCC+TTA):", "",
+    lines += ["", f"Per patient ({first['run']}, fold {first['fold']}, +LCC+TTA):", "",
               "| patient | Dice | precision | recall | HD95 |", "|---|---|---|---|---|"]
-    for p in first["+LCC+TTA_patients"]:
+    for p in first["+LCC+TTA"]:
         lines.append(f"| {p['patient']} | {p['dice']:.4f} | {p['precision']:.4f} | "
                      f"{p['recall']:.4f} | {p['hd95']:.1f} {p['hd95_unit']} |")
     return "\n".join(lines) + "\n"
 
 
 def write_section(path: Path, key: str, text: str) -> None:
-    """Replace (or append) the section between this setting's markers in ``path``."""
+    """Replace (or append) the section between the markers of ``key`` (setting, runs and
+    folds: the headline run and the ablation table keep their own) in ``path``."""
     start, end = f"<!-- real_data:{key}:start -->", f"<!-- real_data:{key}:end -->"
     block = f"{start}\n{text}{end}\n"
     content = path.read_text() if path.exists() else "# Results\n\n"
@@ -151,17 +212,34 @@ def write_section(path: Path, key: str, text: str) -> None:
     path.write_text(content)
 
 
+def prepared(args: argparse.Namespace, setting: dict[str, Any], intensity: str) -> Path:
+    """The scans prepared at the setting's size with ``intensity`` (made once, then reused)."""
+    suffix = "" if intensity == "window" else f"_{intensity}"
+    data_dir = args.workdir / f"promise12_{setting['image_size']}{suffix}"
+    if not (data_dir / "manifest.csv").exists():
+        if not args.data.is_dir():
+            sys.exit(f"error: real data not found at {args.data} (set PROSTATE_SEG_DATA)")
+        prepare(args.data, data_dir, PrepareSettings(image_size=setting["image_size"],
+                                                     intensity=intensity),
+                workers=len(os.sched_getaffinity(0)))
+    return data_dir
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="cpu")
     parser.add_argument("--data", type=Path,
                         default=Path(os.environ.get("PROSTATE_SEG_DATA", DEFAULT_DATA)))
-    parser.add_argument("--prepared", type=Path, default=None,
-                        help="a folder made by prepare at the setting's size (skips prepare)")
-    parser.add_argument("--runs", default="recipe,ablations,study",
-                        help="comma-separated: recipe, ablations, study")
-    parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench")
+    parser.add_argument("--runs", default="recipe", help=f"comma-separated: {', '.join(GROUPS)}")
+    parser.add_argument("--folds", default="0", help="comma-separated folds of the 5-fold split")
+    parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench",
+                        help="prepared scans and run folders")
+    parser.add_argument("--reuse", type=Path, nargs="*", default=[],
+                        help="earlier benchmark folders: their finished runs of the same name, "
+                        "fold and settings are evaluated, not trained again")
+    parser.add_argument("--only-reused", action="store_true",
+                        help="tabulate the reused runs only, train none")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "RESULTS.md")
     parser.add_argument("--max-epochs", type=int, default=None, help="override (smoke checks)")
     args = parser.parse_args(argv)
@@ -169,23 +247,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.max_epochs is not None:
         setting["overrides"] = [*setting["overrides"], f"trainer.max_epochs={args.max_epochs}"]
     started = time.time()
-    data_dir = args.prepared
-    if data_dir is None:
-        if not args.data.is_dir():
-            sys.exit(f"error: real data not found at {args.data} (set PROSTATE_SEG_DATA)")
-        data_dir = args.workdir / f"promise12_{setting['image_size']}"
-        if not (data_dir / "manifest.csv").exists():
-            prepare(args.data, data_dir, PrepareSettings(image_size=setting["image_size"]),
-                    workers=len(os.sched_getaffinity(0)))
-    names = [n for group in args.runs.split(",") for n in GROUPS[group.strip()]]
+    unknown = sorted(set(g.strip() for g in args.runs.split(",")) - set(GROUPS))
+    if unknown:
+        parser.error(f"--runs {args.runs}: unknown {', '.join(unknown)} "
+                     f"(one of {', '.join(GROUPS)})")
+    names = list(dict.fromkeys(n for group in args.runs.split(",") for n in GROUPS[group.strip()]))
     workdir = args.workdir / f"{args.setting}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    reuse = [f for folder in args.reuse for f in folder.rglob(TAG)]
     command = "python benchmarks/real_data_accuracy.py " + " ".join(argv or sys.argv[1:])
     rows = []
-    for name in names:  # the table is rewritten after every run: a cut-short run keeps it
-        rows.append(run_one(name, RUNS[name], data_dir, workdir, setting))
-        text = markdown(args.setting, rows, command, time.time() - started, data_dir)
-        write_section(args.results, args.setting, text)
-    print(text)
+    folds = [int(f) for f in args.folds.split(",")]
+    for name, fold in [(n, f) for n in names for f in folds]:
+        data_dir = prepared(args, setting, RUNS[name][1])
+        row = run_one(name, fold, data_dir, workdir, setting, reuse, args.only_reused)
+        if row is None:
+            continue
+        rows.append(row)
+        # the table is rewritten after every run: a cut-short benchmark keeps what it measured
+        text = markdown(args.setting, rows, command, time.time() - started)
+        write_section(args.results, f"{args.setting}:{args.runs}:folds {args.folds}", text)
+    if rows:
+        print(text)
     return rows
 
 
