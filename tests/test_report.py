@@ -278,13 +278,6 @@ def test_dice_against_alpha_is_drawn_from_the_counted_runs_once_each(tmp_path, m
     import shutil
 
     shutil.copytree(sweep / "tversky_a0.5-fold0-seed0", sweep / "zz-copy")  # a duplicate
-    cut = sweep / "tversky_a0.25-fold1-seed0" / "per_patient.csv"
-    cut.write_text("".join(cut.read_text().splitlines(keepends=True)[:-1]))  # last patient gone
-    moved = sweep / "tversky_a0.25-fold2-seed0" / "per_patient.csv"
-    moved.write_text(moved.read_text().replace("case02,", "case01,", 1))  # fold 1's patient
-    extra = sweep / "tversky_a0.25-fold1-seed1" / "per_patient.csv"
-    extra.write_text(extra.read_text() + extra.read_text().splitlines()[1].replace("case01",
-                                                                                 "case00") + "\n")
     write_run(sweep / "tversky_a0.75-fold0-seed0", "tversky_a0.75", 0, 0, {}, status="failed")
     drawn = []
     monkeypatch.setattr(figures, "alpha_curve",
