@@ -88,7 +88,7 @@ def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> s
     if isinstance(exc, OverrideParseException):
         return f"cannot parse the command line: {_message(exc)}"
     if isinstance(exc, InterpolationKeyError):  # hydra.run.dir after ~paths
-        return f"{exc.full_key}: {missing_reference(exc)}"
+        return missing_reference(exc)
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
         group, _, value = exc.missing_cfg_file.rpartition("/")
         return _unknown_option(group, value, exc.options)

@@ -172,14 +172,16 @@ def check_settings(cfg: DictConfig, command: str) -> None:
         OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
                                resolve=True)
     except InterpolationKeyError as exc:
-        raise ConfigError(f"{exc.full_key}: {missing_reference(exc)}") from None
+        raise ConfigError(missing_reference(exc)) from None
 
 
 def missing_reference(exc: InterpolationKeyError) -> str:
-    """``refers to augment.scale, which the config lacks (...)`` from OmegaConf's message."""
+    """``data.x: refers to augment.scale, which the config lacks (...)`` from OmegaConf's
+    message."""
     found = re.search(r"Interpolation key '(.+?)' not found", str(exc))
     key = found.group(1) if found else str(exc).splitlines()[0]
-    return f"refers to {key}, which the config lacks (a group or key it needs left out?)"
+    return (f"{exc.full_key}: refers to {key}, which the config lacks (a group or key it needs "
+            "left out?)")
 
 
 def _shown(value: object) -> object:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from prostate_seg.data.resize import fit_slice, unfit_slice
-from prostate_seg.data.volume import geometry_of, to_slices, window_to_uint8
+from prostate_seg.data.volume import geometry_of, to_slices, to_grey_levels
 from prostate_seg.errors import DataError
 from prostate_seg.data.prepare import PrepareSettings, content_digest, prepare
 
@@ -43,8 +43,8 @@ def test_round_trip_masks_equal_the_resized_volume_mask(phantoms, prepared):
 def test_images_are_windowed_per_volume(phantoms, prepared):
     img = nib.load(phantoms / "images" / "phantom001.nii.gz")
     data = img.get_fdata(dtype=np.float32)
-    windowed = window_to_uint8(to_slices(data, geometry_of(img, data.shape)), "x", 0.5, 99.5,
-                               "landmarks")  # prepare's default
+    windowed = to_grey_levels(to_slices(data, geometry_of(img, data.shape)), "x", 0.5, 99.5,
+                              "landmarks")  # prepare's default
     z = len(windowed) // 2
     assert np.array_equal(_read(prepared / f"images/phantom001_{z:03d}.png"),
                           fit_slice(windowed[z], 48, "resize"))
@@ -59,19 +59,19 @@ def test_window_is_linear_between_percentiles_and_landmarks_undo_a_scanners_curv
     data = nib.load(phantoms / "images" / "phantom001.nii.gz").get_fdata()
     low, high = np.percentile(data, [0.5, 99.5])
     by_hand = np.rint((np.clip(data, low, high) - low) / (high - low) * 255)
-    assert np.array_equal(window_to_uint8(data, "x", 0.5, 99.5), by_hand)
+    assert np.array_equal(to_grey_levels(data, "x", 0.5, 99.5), by_hand)
     data[:, :8] = data.min()  # a band of tied background, as outside a scanner's field of view
     unit = (data - data.min()) / (data.max() - data.min())
     for gamma, gain, offset in ((1.8, 40.0, 100.0), (0.5, 0.01, 0.0)):
         other = gain * unit ** gamma + offset
-        change = {mode: np.abs(window_to_uint8(data, "x", 0.5, 99.5, mode).astype(int)
-                               - window_to_uint8(other, "x", 0.5, 99.5, mode)).mean()
+        change = {mode: np.abs(to_grey_levels(data, "x", 0.5, 99.5, mode).astype(int)
+                               - to_grey_levels(other, "x", 0.5, 99.5, mode)).mean()
                   for mode in ("window", "landmarks")}
         assert change["landmarks"] < 1.5 and change["window"] > 10, change
-    landmarks = window_to_uint8(data, "x", 0.5, 99.5, "landmarks")
+    landmarks = to_grey_levels(data, "x", 0.5, 99.5, "landmarks")
     assert landmarks[:, :8].max() == 0 and landmarks.max() == 255
     data[:, -8:] = data.max()  # a saturated band at the top reaches 255 as well
-    assert window_to_uint8(data, "x", 0.5, 99.5, "landmarks")[:, -8:].min() == 255
+    assert to_grey_levels(data, "x", 0.5, 99.5, "landmarks")[:, -8:].min() == 255
 
 
 def test_prepare_records_settings_and_volumes(prepared):

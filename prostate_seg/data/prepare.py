@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from prostate_seg.data.resize import FIT_MODES, fit_slice
 from prostate_seg.data.volume import (INTENSITY_MODES, VolumeGeometry, display_affine,
                                       geometry_of, is_nifti, load_nifti, strip_nifti_suffix,
-                                      to_slices, voxel_array, window_to_uint8)
+                                      to_grey_levels, to_slices, voxel_array)
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import (beside, check_name_fits, check_writable_folder, refuse_existing,
                                 write_csv, write_json)
@@ -158,8 +158,8 @@ def scan_slices(img: Any, path: Path,
     """A scan as the windowed uint8 display slices that the network's input is made of."""
     data = voxel_array(img, path, settings.image_channel)
     geometry = geometry_of(img, data.shape)
-    return window_to_uint8(to_slices(data, geometry), path, *settings.window,
-                           settings.intensity), geometry
+    return to_grey_levels(to_slices(data, geometry), path, *settings.window,
+                          settings.intensity), geometry
 
 
 def load_case(case: Case,

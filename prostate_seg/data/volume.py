@@ -114,16 +114,15 @@ INTENSITY_MODES = ("window", "landmarks")
 LANDMARKS = 21  # percentiles from the window's low to its high end, in equal steps
 
 
-def window_to_uint8(volume: np.ndarray, path: Path, low_pct: float, high_pct: float,
-                    intensity: str = "window") -> np.ndarray:
+def to_grey_levels(volume: np.ndarray, path: Path, low_pct: float, high_pct: float,
+                   intensity: str = "window") -> np.ndarray:
     """A volume's grey levels 0..255 from its own percentiles. ``window`` (the study's): linear
     between the low and high percentile, clipped. ``landmarks``: piecewise linear through 21
     percentiles from low to high onto equal steps of grey (histogram standardisation as
     Nyul and Udupa's, onto a fixed scale instead of one learnt from training scans), so that
     any monotone change of a scanner's intensities (gain, offset, contrast curve) gives nearly
-    the same input: MRI grey levels have no unit across centres and coils."""
-    if intensity not in INTENSITY_MODES:
-        raise ValueError(f"intensity={intensity!r}: one of {INTENSITY_MODES}")
+    the same input: MRI grey levels have no unit across centres and coils. ``intensity`` is
+    one of INTENSITY_MODES, checked by PrepareSettings."""
     if not np.isfinite(volume).all():
         bad = int((~np.isfinite(volume)).sum())
         raise DataError(f"{path}: {bad} voxels are NaN or infinite")

@@ -290,7 +290,8 @@ def check_patients(rows: list[Row], listed: Any, table: Path) -> None:
     wanted = {(split, p) for split, ids in listed.items() for p in ids}
     found = {(r["split"], r["patient"]) for r in rows}
     for rule, pairs in (("missing", wanted - found), ("not of this fold", found - wanted)):
-        for split in sorted({split for split, _ in pairs}):
+        if pairs:
+            split = min(split for split, _ in pairs)
             mine = sorted(p for s, p in pairs if s == split)
             raise DataError(f"{table}: {len(mine)} {split} patient(s) {rule} (e.g. {mine[0]}), "
                             f"against the list in {RESULTS_FILE}")
