@@ -89,14 +89,22 @@ def test_alpha_plus_beta_not_one_is_a_warning(prepared, tmp_path, caplog):
     assert "not 1" in caplog.text
 
 
-def test_cli_config_error_is_one_line_without_traceback_and_leaves_no_folder(prepared, tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("loss.alpha=1.5", "loss.alpha=1.5: must be a number in [0, 1]"),
+    # found by the network's constructor, which Hydra's instantiate wraps in its own error
+    ("model.net.norm=layer", "model.net.norm=layer: choose one of batch, instance"),
+])
+def test_cli_config_error_is_one_line_without_traceback_and_leaves_no_folder(
+        override, message, prepared, tmp_path):
     run_dir = tmp_path / "outputs" / "runs" / "day" / "run"
-    args = ("train.py", f"data.dir={prepared}", "loss.alpha=1.5", f"hydra.run.dir={run_dir}")
+    args = ("train.py", f"data.dir={prepared}", override, f"hydra.run.dir={run_dir}")
     result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: loss.alpha=1.5: must be a number in [0, 1]"
+    assert result.stderr.strip() == f"error: {message}"
     assert "Traceback" not in result.stdout + result.stderr
     assert list(tmp_path.iterdir()) == []  # the run folder and the empty ones above it are gone
+    if override != "loss.alpha=1.5":
+        return
     traced = run_cli(*args, cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert traced.returncode != 0 and "Traceback" in traced.stderr
     assert "ConfigError: loss.alpha=1.5" in traced.stderr and list(tmp_path.iterdir()) == []

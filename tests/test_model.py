@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from prostate_seg.errors import ConfigError
 from prostate_seg.models import UNet
 
 
@@ -25,3 +26,19 @@ def test_padding_does_not_leak_into_the_cropped_output():
     x = torch.randn(1, 1, 30, 30)
     padded = torch.nn.functional.pad(x, (0, 2, 0, 2))
     assert torch.allclose(net(x), net(padded)[..., :30, :30], atol=1e-6)
+
+
+def test_instance_norm_scores_a_scan_whatever_its_gain_as_it_was_trained():
+    """Each slice is normalised by its own statistics: a brighter scan (gain 3) gives the same
+    logits, and inference (eval mode) is what training saw; batch norm's frozen training
+    statistics give neither."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 32, 32)
+    instance = UNet(features=[4, 8], norm="instance")
+    assert torch.allclose(instance.train()(x), instance.eval()(x), atol=1e-6)
+    change = (instance(3 * x) - instance(x)).abs().max()
+    batch = UNet(features=[4, 8], norm="batch")
+    batch.train()(x)  # running statistics of these slices
+    assert change < 1e-3 < 10 * change < (batch.eval()(3 * x) - batch(x)).abs().max()
+    with pytest.raises(ConfigError, match="model.net.norm=layer: choose one of batch, instance"):
+        UNet(norm="layer")

@@ -117,12 +117,19 @@ def check_train_config(cfg: DictConfig) -> None:
     check_extras_installed(cfg)
     check_tracking_uri(cfg)
     check_loss(cfg.loss)
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
     from prostate_seg.training.module import build_loss  # torch, only when training
 
     try:
         build_loss(cfg.loss)  # what check_loss cannot see: smooth, weights vs terms, ...
     except Exception as exc:  # noqa: BLE001 - Hydra wraps the loss's own ValueError
         raise ConfigError(f"loss: {exc.__cause__ or exc}") from None
+    try:
+        instantiate(cfg.model.net)  # the network's own checks (model.net.norm), before any file
+    except InstantiationException as exc:
+        raise ConfigError(f"{exc.__cause__ or exc}") from None
     check_settings(cfg, "train")
     sync = cfg.trainer.get("sync_batchnorm")
     _require(not processes(cfg.trainer)["trainer.sync_batchnorm"]
