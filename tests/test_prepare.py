@@ -44,7 +44,7 @@ def test_images_are_windowed_per_volume(phantoms, prepared):
     img = nib.load(phantoms / "images" / "phantom001.nii.gz")
     data = img.get_fdata(dtype=np.float32)
     windowed = to_grey_levels(to_slices(data, geometry_of(img, data.shape)), "x", 0.5, 99.5,
-                              "landmarks")  # prepare's default
+                              "window")  # prepare's default
     z = len(windowed) // 2
     assert np.array_equal(_read(prepared / f"images/phantom001_{z:03d}.png"),
                           fit_slice(windowed[z], 48, "resize"))

@@ -146,9 +146,10 @@ def test_predict_writes_a_mask_on_the_scan_grid(trained_run, phantoms, tmp_path)
 
 def test_a_scan_from_another_scanner_is_segmented_as_it_is_evaluated(trained_run, phantoms,
                                                                      tmp_path):
-    """A validation patient's scan as another centre or coil might record it (another gain,
-    offset and contrast curve): predict's Dice stays that of evaluate on the scan as trained
-    on (landmark intensities undo any monotone change), and is exactly it unchanged."""
+    """A validation patient's scan as another centre or coil might record it: unchanged,
+    predict's Dice is evaluate's; under another gain and offset (the window is linear per scan)
+    it is the same; under another contrast curve as well it stays within 0.1 (instance norm
+    and gamma augmentation; with batch norm it collapsed to 0: docs/RESULTS.md)."""
     from prostate_seg.inference.predict import predict_paths
 
     with open(trained_run / "per_patient.csv", newline="") as f:
@@ -159,8 +160,10 @@ def test_a_scan_from_another_scanner_is_segmented_as_it_is_evaluated(trained_run
     unit = (data - data.min()) / (data.max() - data.min())
     truth = np.asarray(nib.load(phantoms / "masks" / f"{row['patient']}.nii.gz").dataobj) > 0
     best = next((trained_run / "checkpoints").glob("best-*.ckpt"))
-    for k, (gamma, gain, offset) in enumerate([(1.0, 1.0, 0.0), (1.7, 9.0, 400.0),
-                                               (0.6, 0.2, 0.0)]):
+    for k, (gamma, gain, offset, within) in enumerate([(1.0, 1.0, 0.0, 1e-6),
+                                                       (1.0, 9.0, 400.0, 0.005),
+                                                       (1.7, 9.0, 400.0, 0.1),
+                                                       (0.6, 0.2, 0.0, 0.1)]):
         scan = phantoms / "images" / f"{row['patient']}.nii.gz"
         if k:
             scan = tmp_path / f"scan{k}.nii.gz"
@@ -169,7 +172,7 @@ def test_a_scan_from_another_scanner_is_segmented_as_it_is_evaluated(trained_run
         [out] = predict_paths(best, scan, tmp_path / f"mask{k}.nii.gz", device="cpu")
         predicted = np.asarray(nib.load(out).dataobj).astype(bool)
         dice = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
-        assert dice == pytest.approx(evaluated, abs=1e-6 if k == 0 else 0.03), (gamma, dice)
+        assert dice == pytest.approx(evaluated, abs=within), (gamma, gain, dice)
     assert evaluated > 0.3  # a model that segments something
 
 

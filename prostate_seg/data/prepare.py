@@ -54,7 +54,7 @@ class PrepareSettings:
     window: tuple[float, float] = (0.5, 99.5)
     image_channel: int = 0
     mask_labels: tuple[int, ...] | None = None
-    intensity: str = "landmarks"  # window: the study's (docs/RESULTS.md: why not)
+    intensity: str = "window"  # or landmarks (docs/RESULTS.md: why not the default)
 
     def __post_init__(self) -> None:
         if self.image_size < 8:
