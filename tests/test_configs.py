@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import TINY, compose_train, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -123,6 +124,10 @@ def test_paper_experiment_sweeps_eight_losses_over_folds_and_seeds(tmp_path, ove
     # the study's augmentation: what acts is resize, rotate, flips and the scaling to [0, 1]
     acting = [type(t).__name__ for t in instantiate(cfg.data.train_transform).transforms if t.p]
     assert acting == ["Resize", "Rotate", "HorizontalFlip", "VerticalFlip", "Normalize"]
+    # the study's U-Net: batch norm (the recipe's default is instance norm)
+    net = instantiate(cfg.model.net, in_channels=1)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert compose_train(["data.dir=."], tmp_path).model.net.norm == "instance"
 
 
 SWEEPERS = ["basic", "study", *options("hydra/sweeper")]
