@@ -1,7 +1,7 @@
 """Accuracy on real scans: PROMISE12 T2 volumes (../shared/data/prostate_t2), by fold.
 
     python benchmarks/real_data_accuracy.py --setting cpu --runs recipe     # the bar: fold 0
-    python benchmarks/real_data_accuracy.py --runs generalisation --folds 0,1   # issue 24's table
+    python benchmarks/real_data_accuracy.py --runs norm --folds 0,1   # issue 24's last table
     python benchmarks/real_data_accuracy.py --setting gpu --runs recipe,study --folds 0,1,2,3,4
 
 Prepares the scans (location: $PROSTATE_SEG_DATA) at the setting's size under --workdir,
@@ -11,13 +11,13 @@ patients at their original size, and writes the table into docs/RESULTS.md (or -
 with the command, machine, date, time taken and software versions. The study itself, every
 loss with paired statistics, is docs/STUDY.md's.
 
-Runs (RUNS): the recipe (BCE + Dice loss, Adam 1e-3 with cosine decay, 2.5D input, scale and
-intensity augmentation, landmark intensities); ``generalisation``: the recipe as it was
-before (study augmentation, windowed intensities), each change alone on it, and together;
-``ablations``: the recipe without one of its training choices; ``study``: the original
-study's (Dice loss, Adam 1e-4, constant lr, single slices, study augmentation). Each run is
-evaluated with and without the largest connected component, flip test-time augmentation,
-and with the last epoch's weights.
+Runs (RUNS): the recipe (Dice loss, Adam 1e-3 with cosine decay, 2.5D input, instance norm,
+scale and intensity augmentation, windowed intensities); ``generalisation`` and
+``second-round``: issue 24's two rounds, each change alone and together; ``norm``: the recipe
+and the recipe with batch norm; ``ablations``: the recipe with one of its choices undone;
+``study``: the original study's (Dice loss, Adam 1e-4, constant lr, single slices, study
+augmentation, batch norm). Each run is evaluated with and without the largest connected
+component, flip test-time augmentation, and with the last epoch's weights.
 """
 
 from __future__ import annotations
@@ -61,30 +61,44 @@ SETTINGS: dict[str, dict[str, Any]] = {
                       "trainer.max_epochs=100"],
     },
 }
-BASE = ["loss=bce_tversky", "optimizer.lr=1e-3", "scheduler=cosine", "data.context_slices=1"]
-# What generalises to unseen centres (issue 24), each alone on the recipe as it was (BEFORE)
-# and all together: scale and intensity augmentation (conf/augment) and landmark intensities
-# (prepare intensity=landmarks). A run is (overrides, prepare's intensity).
+# The recipe, what experiment=cpu trains: Dice loss, Adam 1e-3 with cosine decay, 2.5D input,
+# instance norm, scale and intensity augmentation (conf/augment), windowed intensities.
+BASE = ["loss=dice", "optimizer.lr=1e-3", "scheduler=cosine", "data.context_slices=1",
+        "model.net.norm=instance"]
+RECIPE = "recipe: instance norm, Dice loss, scale + intensity augmentation"
+# What generalises to unseen centres (issue 24). First round: each change alone on the recipe
+# as it was (BEFORE) and together (FIRST). A run is (overrides, prepare's intensity).
+OLD = ["loss=bce_tversky", *BASE[1:-1], "model.net.norm=batch"]
 NO_SCALE, NO_INTENSITY = ["augment.scale_p=0"], ["augment.intensity_p=0", "augment.blur_p=0"]
-BEFORE = [*BASE, *NO_SCALE, *NO_INTENSITY]
-RECIPE = "recipe: scale + intensity augmentation, landmark intensities"
+BEFORE = [*OLD, *NO_SCALE, *NO_INTENSITY]
+FIRST = "first round: scale + intensity augmentation, landmark intensities"
+# Second round, from FIRST to the recipe a change at a time (batch norm's frozen statistics
+# were what under-segmented the unseen centre).
+WITH_NORM = [*OLD[:-1], "model.net.norm=instance"]
 RUNS: dict[str, tuple[list[str], str]] = {
-    RECIPE: (BASE, "landmarks"),
+    RECIPE: (BASE, "window"),
     "before: study augmentation, windowed intensities": (BEFORE, "window"),
-    "before + scale augmentation": ([*BASE, *NO_INTENSITY], "window"),
-    "before + intensity augmentation": ([*BASE, *NO_SCALE], "window"),
+    "before + scale augmentation": ([*OLD, *NO_INTENSITY], "window"),
+    "before + intensity augmentation": ([*OLD, *NO_SCALE], "window"),
     "before + landmark intensities": (BEFORE, "landmarks"),
-    "before + scale and intensity augmentation": (BASE, "window"),
-    "recipe without combined loss (Dice only)": (["loss=dice", *BASE[1:]], "landmarks"),
-    "recipe without cosine schedule": ([o for o in BASE if o != "scheduler=cosine"], "landmarks"),
-    "recipe without 2.5D (single slices)": ([*BASE[:-1], "data.context_slices=0"], "landmarks"),
+    "before + scale and intensity augmentation": (OLD, "window"),
+    FIRST: (OLD, "landmarks"),
+    "first round + instance norm": (WITH_NORM, "landmarks"),
+    "first round + instance norm, windowed intensities": (WITH_NORM, "window"),
+    "recipe with batch norm": ([*BASE[:-1], "model.net.norm=batch"], "window"),
+    "recipe without cosine schedule": ([o for o in BASE if o != "scheduler=cosine"], "window"),
+    "recipe without 2.5D (single slices)": ([*BASE[:3], "data.context_slices=0", BASE[-1]],
+                                            "window"),
     "study recipe (Dice loss, Adam 1e-4)": (["loss=dice", "optimizer.lr=1e-4", *NO_SCALE,
-                                             *NO_INTENSITY], "window"),
+                                             *NO_INTENSITY, "model.net.norm=batch"], "window"),
 }
 GROUPS = {"recipe": [RECIPE],
           # the order runs are trained in (the table keeps RUNS's): the most telling first
-          "generalisation": [k for k in RUNS if k.startswith("before")][::-1] + [RECIPE],
-          "ablations": [k for k in RUNS if k.startswith("recipe without")],
+          "generalisation": [k for k in RUNS if k.startswith("before")][::-1] + [FIRST],
+          "second-round": [FIRST, "first round + instance norm",
+                           "first round + instance norm, windowed intensities", RECIPE],
+          "norm": [RECIPE, "recipe with batch norm"],
+          "ablations": [k for k in RUNS if k.startswith("recipe with")],
           "study": ["study recipe (Dice loss, Adam 1e-4)"]}
 TAG = "benchmark_run.json"  # in a run folder: which run and fold it is, and its training time
 LAST = "last epoch +LCC+TTA"
@@ -164,17 +178,20 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
         "Per-volume Dice on each fold's held-out patients at original size, mean ± SD over "
         "patients (LCC: largest 3D connected component kept; TTA: left-right flip averaged; "
         f"{LAST}: the last epoch's weights instead of the checkpoint the selection patients "
-        "chose); precision and recall: means over patients of +LCC+TTA.",
+        "chose); precision and recall: means over patients, plain (what `evaluate` gives by "
+        "default) and +LCC+TTA.",
         "",
         "| run | fold | " + " | ".join(f"Dice {label}" for label in labels)
-        + " | precision | recall | select/dice (training, network size) | epochs | training min |",
+        + " | precision / recall plain | precision / recall +LCC+TTA"
+        " | select/dice (training, network size) | epochs | training min |",
         "|---|---|" + "---|" * (len(labels) + 5),
     ]
     for row in sorted(rows, key=lambda r: (list(RUNS).index(r["run"]), r["fold"])):
-        chosen = row["+LCC+TTA"]
+        plain, chosen = row["plain"], row["+LCC+TTA"]
         lines.append(f"| {row['run']}{' *' if row['reused'] else ''} | {row['fold']} | "
                      + " | ".join(dice_cell(row[label]) for label in labels)
-                     + f" | {mean(chosen, 'precision'):.3f} | {mean(chosen, 'recall'):.3f} | "
+                     + f" | {mean(plain, 'precision'):.3f} / {mean(plain, 'recall'):.3f}"
+                     f" | {mean(chosen, 'precision'):.3f} / {mean(chosen, 'recall'):.3f} | "
                      f"{row['select_dice_training']:.4f} | {row['epochs']} | "
                      f"{row['train_min']:.1f} |")
     runs = sorted({row["run"] for row in rows}, key=list(RUNS).index)
@@ -189,9 +206,9 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
             lines.append(f"| {run} | {len(mine)} | {len(patients)} | {dice_cell(patients)} | "
                          f"{mean(patients, 'precision'):.3f} | {mean(patients, 'recall'):.3f} |")
     first = rows[0]
-    lines += ["", f"Per patient ({first['run']}, fold {first['fold']}, +LCC+TTA):", "",
+    lines += ["", f"Per patient ({first['run']}, fold {first['fold']}, plain):", "",
               "| patient | Dice | precision | recall | HD95 |", "|---|---|---|---|---|"]
-    for p in first["+LCC+TTA"]:
+    for p in first["plain"]:
         lines.append(f"| {p['patient']} | {p['dice']:.4f} | {p['precision']:.4f} | "
                      f"{p['recall']:.4f} | {p['hd95']:.1f} {p['hd95_unit']} |")
     return "\n".join(lines) + "\n"
