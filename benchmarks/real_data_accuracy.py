@@ -15,7 +15,8 @@ Runs (RUNS): the recipe (Dice loss, Adam 1e-3 with cosine decay, 2.5D input, ins
 scale and intensity augmentation, windowed intensities); ``generalisation`` and
 ``second-round``: issue 24's two rounds, each change alone and together; ``norm``: the recipe
 and the recipe with batch norm; ``ablations``: the recipe with one of its choices undone;
-``study``: the original study's (Dice loss, Adam 1e-4, constant lr, single slices, study
+``budget``: the recipe with 24 epochs, without its cosine schedule, or with 8 patients choosing
+the checkpoint instead of 4; ``study``: the original study's (Dice loss, Adam 1e-4, constant lr, single slices, study
 augmentation, batch norm). Each run is evaluated with and without the largest connected
 component, flip test-time augmentation, and with the last epoch's weights.
 """
@@ -27,6 +28,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -42,6 +44,7 @@ sys.path.insert(0, str(REPO))
 from prostate_seg.config import compose_config  # noqa: E402
 from prostate_seg.inference.evaluate import evaluate_checkpoint  # noqa: E402
 from prostate_seg.data.prepare import PrepareSettings, prepare  # noqa: E402
+from prostate_seg.data.split import SPLIT_FILE  # noqa: E402
 from prostate_seg.training.fit import train  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "prostate_t2"
@@ -87,6 +90,8 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "first round + instance norm, windowed intensities": (WITH_NORM, "window"),
     "recipe with batch norm": ([*BASE[:-1], "model.net.norm=batch"], "window"),
     "recipe without cosine schedule": ([o for o in BASE if o != "scheduler=cosine"], "window"),
+    "recipe, 24 epochs": ([*BASE, "trainer.max_epochs=24"], "window"),
+    "recipe, 8 selection patients": ([*BASE, "data.select_fraction=0.3"], "window"),
     "recipe without 2.5D (single slices)": ([*BASE[:3], "data.context_slices=0", BASE[-1]],
                                             "window"),
     "study recipe (Dice loss, Adam 1e-4)": (["loss=dice", "optimizer.lr=1e-4", *NO_SCALE,
@@ -99,7 +104,11 @@ GROUPS = {"recipe": [RECIPE],
                            "first round + instance norm, windowed intensities", RECIPE],
           "norm": [RECIPE, "recipe with batch norm"],
           "ablations": [k for k in RUNS if k.startswith("recipe with")],
+          # issue 24's other candidates: the epoch budget, the schedule, who chooses the epoch
+          "budget": ["recipe, 24 epochs", "recipe without cosine schedule",
+                     "recipe, 8 selection patients"],
           "study": ["study recipe (Dice loss, Adam 1e-4)"]}
+SPLIT_OVERRIDES = ("data.select_fraction=", "data.split_seed=", "data.folds=")
 TAG = "benchmark_run.json"  # in a run folder: which run and fold it is, and its training time
 LAST = "last epoch +LCC+TTA"
 EVALUATIONS = (("plain", False, False), ("+LCC", True, False), ("+LCC+TTA", True, True),
@@ -242,6 +251,21 @@ def prepared(args: argparse.Namespace, setting: dict[str, Any], intensity: str) 
     return data_dir
 
 
+def own_split(data_dir: Path, overrides: list[str]) -> Path:
+    """The scans of a run that splits the patients differently, copied once: the split is
+    stored with them and a second one would be refused."""
+    own = [o.split(".", 1)[1] for o in overrides if o.startswith(SPLIT_OVERRIDES)]
+    if not own:
+        return data_dir
+    copy = data_dir.with_name("_".join([data_dir.name, *own]))
+    if not copy.exists():
+        partial = copy.with_name(copy.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(data_dir, partial, ignore=shutil.ignore_patterns(SPLIT_FILE))
+        partial.rename(copy)
+    return copy
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -275,7 +299,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     folds = [int(f) for f in args.folds.split(",")]
     for name, fold in [(n, f) for n in names for f in folds]:
-        data_dir = prepared(args, setting, RUNS[name][1])
+        data_dir = own_split(prepared(args, setting, RUNS[name][1]), RUNS[name][0])
         row = run_one(name, fold, data_dir, workdir, setting, reuse, args.only_reused)
         if row is None:
             continue
