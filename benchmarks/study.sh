@@ -4,9 +4,16 @@
 #   benchmarks/study.sh SCANS_DIR OUT_DIR [extra train.py overrides ...]
 #
 # SCANS_DIR holds images/ + masks/ (e.g. the 36 PROMISE12 volumes); OUT_DIR receives the
-# prepared data (reused when present), the sweep (every job folder and report/), the timings
-# and the software versions (study_run.json). The settings below are the study's as written in
-# docs/STUDY.md; extra arguments override them (e.g. hydra.launcher.jobs_per_gpu=8).
+# prepared data (reused when present), one sweep per seed (OUT_DIR/study/seedK: 8 losses x 5
+# folds), the report over every seed that finished (OUT_DIR/study/report/), the GPU's
+# utilisation (gpu_util.csv), the timings and the software versions (study_run.json).
+# Seeds run one after another, each a complete block of fold x loss pairs, so a study cut short
+# still compares paired runs. Environment:
+#   STUDY_SEEDS="0 1 2"      the seeds, in order
+#   STUDY_BUDGET_S=0         if > 0: a seed starts only if it should end within this many
+#                            seconds of the start (judged by the previous seed's time)
+#   STUDY_IMAGE_SIZE=256     the prepared slice size
+# The settings below are docs/STUDY.md's; extra arguments override them.
 set -euo pipefail
 scans=${1:?usage: benchmarks/study.sh SCANS_DIR OUT_DIR [overrides ...]}
 out=${2:?usage: benchmarks/study.sh SCANS_DIR OUT_DIR [overrides ...]}
@@ -14,31 +21,65 @@ shift 2
 here=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-python}
 size=${STUDY_IMAGE_SIZE:-256}
-mkdir -p "$out"
+seeds=${STUDY_SEEDS:-0 1 2}
+budget=${STUDY_BUDGET_S:-0}
+mkdir -p "$out/study"
 data="$out/prepared_$size"
+now() { date +%s; }
 
-started=$(date +%s.%N)
+started=$(now)
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader,nounits \
+    -lms 1000 > "$out/gpu_util.csv" 2> /dev/null &
+  sampler=$!
+  trap 'kill $sampler 2> /dev/null || true' EXIT
+fi
 if [ ! -f "$data/manifest.csv" ]; then
   "$python" -m prostate_seg prepare input_dir="$scans" output_dir="$data" image_size="$size"
 fi
-prepared=$(date +%s.%N)
+prepared=$(now)
 
-# The whole study: 8 losses x 5 folds x 3 seeds (study.seeds), jobs sharing the GPU.
-"$python" "$here/train.py" -m experiment=paper data.dir="$data" data.image_size="$size" \
-  hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=4 \
-  model=unet model.net.features='[32,64,128,256]' model.compile=false \
-  optimizer.lr=1e-3 scheduler=cosine trainer.max_epochs=40 \
-  callbacks.early_stopping.patience=10 data.cache=true \
-  hydra.sweep.dir="$out/study" "$@"
-finished=$(date +%s.%N)
+# The recipe that generalises to unseen patients (docs/RESULTS.md: instance norm, intensity and
+# scale augmentation) on a U-Net of half the width, Adam 1e-3 with cosine decay, 8 jobs sharing
+# the GPU with the decoded slices in memory, compiled (uncompiled, instance norm doubles the
+# GPU time of a step; docs/STUDY.md has the measurements behind each setting).
+timings=()
+last=0
+for seed in $seeds; do
+  elapsed=$(( $(now) - started ))
+  if [ "$budget" -gt 0 ] && [ $(( elapsed + last * 11 / 10 )) -gt "$budget" ]; then
+    echo "study.sh: seed $seed not started: ${elapsed} s used, the last seed took ${last} s," \
+         "the budget is ${budget} s"
+    continue
+  fi
+  begun=$(now)
+  "$python" "$here/train.py" -m experiment=paper data.dir="$data" data.image_size="$size" \
+    "study.seeds=[$seed]" hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=8 \
+    model=unet model.net.features='[32,64,128,256]' model.net.norm=instance augment=default \
+    model.compile=true optimizer.lr=1e-3 scheduler=cosine trainer.max_epochs=40 \
+    callbacks.early_stopping.patience=10 data.cache=true \
+    hydra.sweep.dir="$out/study/seed$seed" "$@" || echo "study.sh: seed $seed: a job failed"
+  last=$(( $(now) - begun ))
+  timings+=("$seed:$last")
+done
+finished=$(now)
+"$python" -m prostate_seg report "$out/study" || echo "study.sh: the report failed"
 
-"$python" - "$out" "$started" "$prepared" "$finished" "$*" <<'PY'
+"$python" - "$out" "$started" "$prepared" "$finished" "${timings[*]}" "$*" <<'PY'
 import json, platform, sys
 import torch, pytorch_lightning as pl
-out, started, prepared, finished, extra = sys.argv[1:]
+out, started, prepared, finished, timings, extra = sys.argv[1:]
+util = []
+try:
+    for line in open(f"{out}/gpu_util.csv"):
+        util.append(float(line.split(",")[1]))
+except (OSError, ValueError, IndexError):
+    pass
 record = {
-    "prepare_s": float(prepared) - float(started),
-    "study_wall_s": float(finished) - float(prepared),
+    "prepare_s": int(prepared) - int(started),
+    "study_wall_s": int(finished) - int(prepared),
+    "seed_wall_s": {s.split(":")[0]: int(s.split(":")[1]) for s in timings.split()},
+    "gpu_util_mean": sum(util) / len(util) if util else None,
     "extra_overrides": extra,
     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     "torch": torch.__version__, "pytorch_lightning": pl.__version__,

@@ -1,6 +1,9 @@
 """The speed options change nothing but rounding; the throughput benchmark still runs."""
 
 import json
+import os
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 
@@ -72,6 +75,40 @@ def test_sweep_throughput_benchmark_smoke_run(tmp_path):
                          if (p / "results.json").exists())
         assert folders == ["bce-fold0-seed0", "dice-fold0-seed0"]
     assert "jobs/GPU" in result.stdout
+
+
+@pytest.mark.extra
+def test_step_time_benchmark_smoke_run():
+    result = run_cli(str(REPO / "benchmarks" / "step_time.py"), "--size", "32", "--batch", "2",
+                     "--warmup", "0", "--steps", "1", "--widths", "32-256")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(" 32-256")]
+    assert [(r[1], r[2]) for r in rows] == [("batch", "channels_last"), ("batch", "NCHW"),
+                                           ("instance", "channels_last"), ("instance", "NCHW")]
+    assert all(float(r[3]) > 0 for r in rows)
+
+
+@pytest.mark.extra
+def test_study_script_runs_whole_seeds_within_its_budget(phantoms, tmp_path):
+    """benchmarks/study.sh at CPU smoke size: seed 0's block of 8 losses runs, seed 1 would
+    overrun the budget and is not started, and the report covers the seeds that ran."""
+    out = tmp_path / "study"
+    env = {**os.environ, "PYTHON": sys.executable, "STUDY_IMAGE_SIZE": "32",
+           "STUDY_SEEDS": "0 1", "STUDY_BUDGET_S": "15",
+           "PROSTATE_SEG_LOG_ROOT": str(tmp_path / "outputs")}
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "study.sh"), str(phantoms), str(out),
+         "hydra.launcher.accelerator=cpu", "hydra.launcher.devices=[0]",
+         "hydra.launcher.jobs_per_gpu=2", "trainer=cpu", "model.net.features=[4,8]",
+         "model.compile=false", "trainer.max_epochs=1", "data.batch_size=4", "data.folds=2",
+         "study.folds=[0]"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.parent.name for p in (out / "study").rglob("results.json"))
+    assert len(runs) == 8 and all(name.endswith("-fold0-seed0") for name in runs)
+    assert "seed 1 not started" in result.stdout
+    record = json.loads((out / "study_run.json").read_text())
+    assert list(record["seed_wall_s"]) == ["0"] and record["seed_wall_s"]["0"] > 15
+    assert "4 val patients (1 fold × 1 seed)" in (out / "study/report/results.md").read_text()
 
 
 class _DeviceReadCounter(pl.Callback):
