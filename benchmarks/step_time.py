@@ -74,7 +74,8 @@ def main() -> None:
             for channels_last in (True, False):
                 ms = step_ms(norm, features, channels_last, args)
                 layout = "channels_last" if channels_last else "NCHW"
-                print(f"{width:>7} {norm:>9} {layout:>14} {ms:>8.1f} {args.batch / ms * 1000:>9.0f}",
+                rate = args.batch / ms * 1000
+                print(f"{width:>7} {norm:>9} {layout:>14} {ms:>8.1f} {rate:>9.0f}",
                       flush=True)
 
 

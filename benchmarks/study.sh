@@ -11,9 +11,12 @@
 # still compares paired runs. Environment:
 #   STUDY_SEEDS="0 1 2"      the seeds, in order
 #   STUDY_BUDGET_S=0         if > 0: a seed starts only if it should end within this many
-#                            seconds of the start (judged by the previous seed's time)
+#                            seconds of the start, judged by the longest seed so far (the
+#                            first seed always starts; a limit from outside can still cut it)
 #   STUDY_IMAGE_SIZE=256     the prepared slice size
-# The settings below are docs/STUDY.md's; extra arguments override them.
+# The settings below are docs/STUDY.md's; extra arguments override them. Use a fresh OUT_DIR
+# for other settings: the report pools every run under OUT_DIR/study. Exits 1 if a seed's
+# sweep or the report failed.
 set -euo pipefail
 scans=${1:?usage: benchmarks/study.sh SCANS_DIR OUT_DIR [overrides ...]}
 out=${2:?usage: benchmarks/study.sh SCANS_DIR OUT_DIR [overrides ...]}
@@ -23,6 +26,10 @@ python=${PYTHON:-python}
 size=${STUDY_IMAGE_SIZE:-256}
 seeds=${STUDY_SEEDS:-0 1 2}
 budget=${STUDY_BUDGET_S:-0}
+if ! [[ $budget =~ ^[0-9]+$ ]]; then
+  echo "study.sh: STUDY_BUDGET_S=$budget: not a whole number of seconds" >&2
+  exit 2
+fi
 mkdir -p "$out/study"
 data="$out/prepared_$size"
 now() { date +%s; }
@@ -41,14 +48,15 @@ prepared=$(now)
 
 # The recipe that generalises to unseen patients (docs/RESULTS.md: instance norm, intensity and
 # scale augmentation) on a U-Net of half the width, Adam 1e-3 with cosine decay, 8 jobs sharing
-# the GPU with the decoded slices in memory, compiled (uncompiled, instance norm doubles the
-# GPU time of a step; docs/STUDY.md has the measurements behind each setting).
+# the GPU with the decoded slices in memory, compiled (uncompiled, instance norm costs 1.7x the
+# GPU time of a batch-norm step; docs/STUDY.md has the measurements behind each setting).
 timings=()
+failed=()
 last=0
 for seed in $seeds; do
   elapsed=$(( $(now) - started ))
   if [ "$budget" -gt 0 ] && [ $(( elapsed + last * 11 / 10 )) -gt "$budget" ]; then
-    echo "study.sh: seed $seed not started: ${elapsed} s used, the last seed took ${last} s," \
+    echo "study.sh: seed $seed not started: ${elapsed} s used, the longest seed took ${last} s," \
          "the budget is ${budget} s"
     continue
   fi
@@ -58,27 +66,36 @@ for seed in $seeds; do
     model=unet model.net.features='[32,64,128,256]' model.net.norm=instance augment=default \
     model.compile=true optimizer.lr=1e-3 scheduler=cosine trainer.max_epochs=40 \
     callbacks.early_stopping.patience=10 data.cache=true \
-    hydra.sweep.dir="$out/study/seed$seed" "$@" || echo "study.sh: seed $seed: a job failed"
-  last=$(( $(now) - begun ))
-  timings+=("$seed:$last")
+    hydra.sweep.dir="$out/study/seed$seed" "$@" || { failed+=("seed $seed"); continue; }
+  took=$(( $(now) - begun ))
+  timings+=("$seed:$took")
+  last=$(( took > last ? took : last ))
 done
 finished=$(now)
-"$python" -m prostate_seg report "$out/study" || echo "study.sh: the report failed"
+[ -z "${sampler-}" ] || { kill "$sampler" 2> /dev/null || true; wait "$sampler" 2> /dev/null || true; }
+rm -rf "$out/study/report"
+"$python" -m prostate_seg report "$out/study" || failed+=("the report")
 
-"$python" - "$out" "$started" "$prepared" "$finished" "${timings[*]}" "$*" <<'PY'
+"$python" - "$out" "$started" "$prepared" "$finished" "${timings[*]-}" \
+  "$(IFS=';'; echo "${failed[*]-}")" "$*" <<'PY'
 import json, platform, sys
 import torch, pytorch_lightning as pl
-out, started, prepared, finished, timings, extra = sys.argv[1:]
+out, started, prepared, finished, timings, failed, extra = sys.argv[1:]
 util = []
 try:
-    for line in open(f"{out}/gpu_util.csv"):
+    lines = open(f"{out}/gpu_util.csv").readlines()
+except OSError:
+    lines = []
+for line in lines:
+    try:
         util.append(float(line.split(",")[1]))
-except (OSError, ValueError, IndexError):
-    pass
+    except (ValueError, IndexError):
+        pass  # a partial last line, or [N/A]
 record = {
     "prepare_s": int(prepared) - int(started),
     "study_wall_s": int(finished) - int(prepared),
     "seed_wall_s": {s.split(":")[0]: int(s.split(":")[1]) for s in timings.split()},
+    "failed": failed.split(";") if failed else [],
     "gpu_util_mean": sum(util) / len(util) if util else None,
     "extra_overrides": extra,
     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -89,3 +106,7 @@ with open(f"{out}/study_run.json", "w") as f:
     json.dump(record, f, indent=2)
 print(json.dumps(record, indent=2))
 PY
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "study.sh: failed: $(IFS=','; echo "${failed[*]}") (named above, with their logs)" >&2
+  exit 1
+fi

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import traceback
@@ -89,15 +90,16 @@ def test_step_time_benchmark_smoke_run():
 
 
 @pytest.mark.extra
-def test_study_script_runs_whole_seeds_within_its_budget(phantoms, tmp_path):
+def test_study_script_runs_whole_seeds_within_its_budget(prepared, tmp_path):
     """benchmarks/study.sh at CPU smoke size: seed 0's block of 8 losses runs, seed 1 would
     overrun the budget and is not started, and the report covers the seeds that ran."""
     out = tmp_path / "study"
-    env = {**os.environ, "PYTHON": sys.executable, "STUDY_IMAGE_SIZE": "32",
-           "STUDY_SEEDS": "0 1", "STUDY_BUDGET_S": "15",
+    shutil.copytree(prepared, out / "prepared_48")  # reused: no preparation inside the budget
+    env = {**os.environ, "PYTHON": sys.executable, "STUDY_IMAGE_SIZE": "48",
+           "STUDY_SEEDS": "0 1", "STUDY_BUDGET_S": "3",
            "PROSTATE_SEG_LOG_ROOT": str(tmp_path / "outputs")}
     result = subprocess.run(
-        ["bash", str(REPO / "benchmarks" / "study.sh"), str(phantoms), str(out),
+        ["bash", str(REPO / "benchmarks" / "study.sh"), "unused", str(out),
          "hydra.launcher.accelerator=cpu", "hydra.launcher.devices=[0]",
          "hydra.launcher.jobs_per_gpu=2", "trainer=cpu", "model.net.features=[4,8]",
          "model.compile=false", "trainer.max_epochs=1", "data.batch_size=4", "data.folds=2",
@@ -107,8 +109,19 @@ def test_study_script_runs_whole_seeds_within_its_budget(phantoms, tmp_path):
     assert len(runs) == 8 and all(name.endswith("-fold0-seed0") for name in runs)
     assert "seed 1 not started" in result.stdout
     record = json.loads((out / "study_run.json").read_text())
-    assert list(record["seed_wall_s"]) == ["0"] and record["seed_wall_s"]["0"] > 15
+    assert list(record["seed_wall_s"]) == ["0"] and record["failed"] == []
     assert "4 val patients (1 fold × 1 seed)" in (out / "study/report/results.md").read_text()
+
+    again = subprocess.run(["bash", str(REPO / "benchmarks" / "study.sh"), "unused", str(out)],
+                           cwd=tmp_path, env={**env, "STUDY_BUDGET_S": "3s"},
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "STUDY_BUDGET_S=3s" in again.stderr
+    refused = subprocess.run(["bash", str(REPO / "benchmarks" / "study.sh"), "unused", str(out),
+                              "model.net.norm=bogus"], cwd=tmp_path,
+                             env={**env, "STUDY_SEEDS": "0"}, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 1 and "failed: seed 0" in refused.stderr
+    assert json.loads((out / "study_run.json").read_text())["failed"] == ["seed 0"]
 
 
 class _DeviceReadCounter(pl.Callback):
