@@ -141,7 +141,8 @@ def run_one(name: str, fold: int, data_dir: Path, workdir: Path, setting: dict[s
         return None
     else:
         folder = workdir / f"{sum(1 for _ in workdir.glob('*'))}"
-        cfg = compose_config("train", [f"data.dir={data_dir}", *overrides], folder)
+        quoted = str(data_dir).replace("'", "\\'")  # a path may hold Hydra's = , [ ] ...
+        cfg = compose_config("train", [f"data.dir='{quoted}'", *overrides], folder)
         started = time.time()
         results = train(cfg)
         record = {**tag, "seconds": time.time() - started}
@@ -254,7 +255,8 @@ def prepared(args: argparse.Namespace, setting: dict[str, Any], intensity: str) 
 def own_split(data_dir: Path, overrides: list[str]) -> Path:
     """The scans of a run that splits the patients differently, copied once: the split is
     stored with them and a second one would be refused."""
-    own = [o.split(".", 1)[1] for o in overrides if o.startswith(SPLIT_OVERRIDES)]
+    own = [o.split(".", 1)[1].replace("=", "-") for o in overrides
+           if o.startswith(SPLIT_OVERRIDES)]
     if not own:
         return data_dir
     copy = data_dir.with_name("_".join([data_dir.name, *own]))
