@@ -50,6 +50,7 @@ prepared=$(now)
 # scale augmentation) on a U-Net of half the width, Adam 1e-3 with cosine decay, 8 jobs sharing
 # the GPU with the decoded slices in memory, compiled (uncompiled, instance norm costs 1.7x the
 # GPU time of a batch-norm step; docs/STUDY.md has the measurements behind each setting).
+# Paths go to Hydra quoted: OUT_DIR may hold its '=' or ','.
 timings=()
 failed=()
 last=0
@@ -61,12 +62,12 @@ for seed in $seeds; do
     continue
   fi
   begun=$(now)
-  "$python" "$here/train.py" -m experiment=paper data.dir="$data" data.image_size="$size" \
+  "$python" "$here/train.py" -m experiment=paper data.dir="'$data'" data.image_size="$size" \
     "study.seeds=[$seed]" hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=8 \
     model=unet model.net.features='[32,64,128,256]' model.net.norm=instance augment=default \
     model.compile=true optimizer.lr=1e-3 scheduler=cosine trainer.max_epochs=40 \
     callbacks.early_stopping.patience=10 data.cache=true \
-    hydra.sweep.dir="$out/study/seed$seed" "$@" || { failed+=("seed $seed"); continue; }
+    hydra.sweep.dir="'$out/study/seed$seed'" "$@" || { failed+=("seed $seed"); continue; }
   took=$(( $(now) - begun ))
   timings+=("$seed:$took")
   last=$(( took > last ? took : last ))
