@@ -33,6 +33,7 @@ fi
 mkdir -p "$out/study"
 data="$out/prepared_$size"
 now() { date +%s; }
+hydra_quoted() { local s=${1//\'/\\\'}; printf "'%s'" "$s"; }  # a path may hold = , ' [ ]
 
 started=$(now)
 if command -v nvidia-smi > /dev/null; then
@@ -50,7 +51,6 @@ prepared=$(now)
 # scale augmentation) on a U-Net of half the width, Adam 1e-3 with cosine decay, 8 jobs sharing
 # the GPU with the decoded slices in memory, compiled (uncompiled, instance norm costs 1.7x the
 # GPU time of a batch-norm step; docs/STUDY.md has the measurements behind each setting).
-# Paths go to Hydra quoted: OUT_DIR may hold its '=' or ','.
 timings=()
 failed=()
 last=0
@@ -62,18 +62,22 @@ for seed in $seeds; do
     continue
   fi
   begun=$(now)
-  "$python" "$here/train.py" -m experiment=paper data.dir="'$data'" data.image_size="$size" \
+  "$python" "$here/train.py" -m experiment=paper data.dir="$(hydra_quoted "$data")" \
+    data.image_size="$size" hydra.sweep.dir="$(hydra_quoted "$out/study/seed$seed")" \
     "study.seeds=[$seed]" hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=8 \
     model=unet model.net.features='[32,64,128,256]' model.net.norm=instance augment=default \
     model.compile=true optimizer.lr=1e-3 scheduler=cosine trainer.max_epochs=40 \
     callbacks.early_stopping.patience=10 data.cache=true \
-    hydra.sweep.dir="'$out/study/seed$seed'" "$@" || { failed+=("seed $seed"); continue; }
+    "$@" || { failed+=("seed $seed"); continue; }
   took=$(( $(now) - begun ))
   timings+=("$seed:$took")
   last=$(( took > last ? took : last ))
 done
 finished=$(now)
-[ -z "${sampler-}" ] || { kill "$sampler" 2> /dev/null || true; wait "$sampler" 2> /dev/null || true; }
+if [ -n "${sampler-}" ]; then  # stopped before its file is read
+  kill "$sampler" 2> /dev/null || true
+  wait "$sampler" 2> /dev/null || true
+fi
 rm -rf "$out/study/report"
 "$python" -m prostate_seg report "$out/study" || failed+=("the report")
 

@@ -93,7 +93,7 @@ def test_step_time_benchmark_smoke_run():
 def test_study_script_runs_whole_seeds_within_its_budget(prepared, tmp_path):
     """benchmarks/study.sh at CPU smoke size: seed 0's block of 8 losses runs, seed 1 would
     overrun the budget and is not started, and the report covers the seeds that ran."""
-    out = tmp_path / "study=1,2"  # Hydra's grammar in a path
+    out = tmp_path / "study=1,2'"  # Hydra's grammar in a path
     shutil.copytree(prepared, out / "prepared_48")  # reused: no preparation inside the budget
     env = {**os.environ, "PYTHON": sys.executable, "STUDY_IMAGE_SIZE": "48",
            "STUDY_SEEDS": "0 1", "STUDY_BUDGET_S": "3",
