@@ -16,9 +16,12 @@ scale and intensity augmentation, windowed intensities); ``generalisation`` and
 ``second-round``: issue 24's two rounds, each change alone and together; ``norm``: the recipe
 and the recipe with batch norm; ``ablations``: the recipe with one of its choices undone;
 ``budget``: the recipe with 24 epochs, without its cosine schedule, or with 8 patients choosing
-the checkpoint instead of 4; ``study``: the original study's (Dice loss, Adam 1e-4, constant lr, single slices, study
-augmentation, batch norm). Each run is evaluated with and without the largest connected
-component, flip test-time augmentation, and with the last epoch's weights.
+the checkpoint instead of 4; ``averaged``: the recipe scoring and keeping an exponential moving
+average of its weights (``callbacks=averaged``); ``study``: the original study's (Dice loss,
+Adam 1e-4, constant lr, single slices, study augmentation, batch norm). Each run is evaluated
+with and without the largest connected component, flip test-time augmentation, with the last
+epoch's weights, and with the last epoch's weights before averaging (the same as the last
+epoch's for a run that does not average).
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "recipe without cosine schedule": ([o for o in BASE if o != "scheduler=cosine"], "window"),
     "recipe, 24 epochs": ([*BASE, "trainer.max_epochs=24"], "window"),
     "recipe, 8 selection patients": ([*BASE, "data.select_fraction=0.3"], "window"),
+    "recipe, averaged weights (EMA)": ([*BASE, "callbacks=averaged"], "window"),
     "recipe without 2.5D (single slices)": ([*BASE[:3], "data.context_slices=0", BASE[-1]],
                                             "window"),
     "study recipe (Dice loss, Adam 1e-4)": (["loss=dice", "optimizer.lr=1e-4", *NO_SCALE,
@@ -107,12 +111,13 @@ GROUPS = {"recipe": [RECIPE],
           # issue 24's other candidates: the epoch budget, the schedule, who chooses the epoch
           "budget": ["recipe, 24 epochs", "recipe without cosine schedule",
                      "recipe, 8 selection patients"],
+          "averaged": ["recipe, averaged weights (EMA)"],
           "study": ["study recipe (Dice loss, Adam 1e-4)"]}
 SPLIT_OVERRIDES = ("data.select_fraction=", "data.split_seed=", "data.folds=")
 TAG = "benchmark_run.json"  # in a run folder: which run and fold it is, and its training time
-LAST = "last epoch +LCC+TTA"
+LAST, RAW = "last epoch +LCC+TTA", "last epoch not averaged +LCC+TTA"
 EVALUATIONS = (("plain", False, False), ("+LCC", True, False), ("+LCC+TTA", True, True),
-               (LAST, True, True))
+               (LAST, True, True), (RAW, True, True))
 
 
 def machine() -> str:
@@ -152,13 +157,32 @@ def run_one(name: str, fold: int, data_dir: Path, workdir: Path, setting: dict[s
                            "select_dice_training": results["select/dice"],
                            "reused": bool(done)}
     last = Path(results["best_checkpoint"]).with_name("last.ckpt")
+    checkpoints = {LAST: last, RAW: not_averaged(last)}
     for label, keep_largest, tta in EVALUATIONS:
-        checkpoint = last if label == LAST else results["best_checkpoint"]
-        row[label] = evaluate_checkpoint(checkpoint, keep_largest=keep_largest, tta=tta)
+        checkpoint = checkpoints.get(label, results["best_checkpoint"])
+        row[label] = (row[LAST] if checkpoint == last and label != LAST else
+                      evaluate_checkpoint(checkpoint, keep_largest=keep_largest, tta=tta))
     print(f"{name}, fold {fold}: " + ", ".join(f"{label} {mean(row[label], 'dice'):.4f}"
                                                for label, *_ in EVALUATIONS)
           + f" ({row['epochs']} epochs, {row['train_min']:.1f} min)", flush=True)
     return row
+
+
+def not_averaged(last: Path) -> Path:
+    """The last epoch's raw weights: ``last`` itself, or for a run that averages its weights
+    (Lightning's WeightAveraging keeps the raw ones in ``current_model_state``) a copy holding
+    them, written once beside it."""
+    raw = last.with_name("last-not-averaged.ckpt")
+    if raw.exists():
+        return raw
+    checkpoint = torch.load(last, map_location="cpu", weights_only=False)
+    if "current_model_state" not in checkpoint:
+        return last
+    checkpoint["state_dict"] = checkpoint.pop("current_model_state")
+    partial = raw.with_name(raw.name + ".partial")
+    torch.save(checkpoint, partial)
+    partial.rename(raw)
+    return raw
 
 
 def mean(patients: list[dict[str, Any]], key: str) -> float:
@@ -188,8 +212,8 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
         "Per-volume Dice on each fold's held-out patients at original size, mean ± SD over "
         "patients (LCC: largest 3D connected component kept; TTA: left-right flip averaged; "
         f"{LAST}: the last epoch's weights instead of the checkpoint the selection patients "
-        "chose); precision and recall: means over patients, plain (what `evaluate` gives by "
-        "default) and +LCC+TTA.",
+        f"chose; {RAW}: before averaging, for a run that averages); precision and recall: "
+        "means over patients, plain (what `evaluate` gives by default) and +LCC+TTA.",
         "",
         "| run | fold | " + " | ".join(f"Dice {label}" for label in labels)
         + " | precision / recall plain | precision / recall +LCC+TTA"

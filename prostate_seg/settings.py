@@ -122,6 +122,7 @@ SETTINGS: dict[str, dict[str, Setting | ListOf]] = {
         "callbacks.image_grid.min_size": Setting(int, 1),
         "callbacks.image_grid.per_row": Setting(int, 1),
         "callbacks.progress_bar.refresh_rate": Setting(int, 0),
+        "callbacks.weight_averaging.decay": Setting(float, 0.0, 1.0, open_high=True),
     },
     "prepare": {
         "image_size": Setting(int, 8),

@@ -85,6 +85,22 @@ def test_the_best_epoch_is_the_best_checkpoints_whatever_it_monitors(prepared, t
     assert [g.step for g in events.Images("select/predictions_best")] == [results["best_epoch"]]
 
 
+def test_averaged_weights_are_what_selection_scored_and_the_checkpoint_keeps(prepared, tmp_path):
+    """callbacks=averaged: the selection patients score the moving average of the weights, and
+    the chosen checkpoint (configured so: the lowest Dice, not the last epoch's) holds it:
+    re-validated, it gives its epoch's logged Dice; the raw weights ride along, different."""
+    run_dir = tmp_path / "run"
+    results = train(compose_train([*TINY, f"data.dir={prepared}", "trainer.max_epochs=3",
+                                   "callbacks=averaged", "callbacks.early_stopping.patience=10",
+                                   "callbacks.model_checkpoint.mode=min"], run_dir))
+    dice = [row["select/dice"] for row in read_history(run_dir)]
+    assert results["best_epoch"] == dice.index(min(dice)) != len(dice) - 1, dice
+    assert results["select/dice"] == pytest.approx(min(dice), abs=1e-5)
+    best = torch.load(results["best_checkpoint"], map_location="cpu", weights_only=False)
+    raw, averaged = best["current_model_state"], best["state_dict"]
+    assert raw.keys() == averaged.keys()
+    assert max((raw[k].float() - averaged[k].float()).abs().max() for k in raw) > 1e-3
+
 def test_run_scores_its_best_checkpoint_per_patient_at_original_size(trained_run, prepared,
                                                                       tmp_path):
     with open(trained_run / "per_patient.csv", newline="") as f:
