@@ -525,9 +525,19 @@ def test_sigterm_and_ctrl_c_save_a_checkpoint_before_exit(signum, prepared, tmp_
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(prepared_copy, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(workers, prepared_copy,
+                                                                        tmp_path):
+    """Killed in epoch 1, the restart goes on from epoch 0's checkpoint and ends with the
+    uninterrupted run's weights to the bit: the resumed epochs draw the same batches and
+    augmentations (in loader processes too), and the moving average resumes with them."""
+    settings = [f"data.num_workers={workers}", "data.persistent_workers=false",
+                "callbacks=averaged"]
+    whole = subprocess.run([*_train_command(prepared_copy, tmp_path / "whole", 3), *settings],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
     run_dir = tmp_path / "run"
-    command = [*_train_command(prepared_copy, run_dir, 3),
+    command = [*_train_command(prepared_copy, run_dir, 3), *settings,
                "+callbacks.stop._target_=helpers.SignalAt",
                f"+callbacks.stop.signum={int(signal.SIGKILL)}", "+callbacks.stop.epoch=1",
                "+callbacks.stop.batch=2"]  # once: the restart runs on
@@ -541,6 +551,11 @@ def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(prepared_
     assert results["epochs_trained"] == 3 and _epochs(run_dir) == [0, 1, 2]
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "completed" and status["resumed_from"].endswith("last.ckpt")
+    resumed, uninterrupted = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+                              for run in (run_dir, tmp_path / "whole"))
+    for weights in ("state_dict", "current_model_state"):  # averaged and raw
+        for name, tensor in uninterrupted[weights].items():
+            assert torch.equal(resumed[weights][name], tensor), (weights, name)
 
 
 # --- 5. outputs are never overwritten --------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from prostate_seg.data.dataset import SliceDataset, check_files, init_worker, read_manifest
 from prostate_seg.data.split import CrossValidation, PatientSplit, SplitSettings, load_or_make_folds
@@ -92,18 +92,21 @@ class SliceDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.batch_size={self.batch_size}: the global batch must divide "
                               f"evenly over the {world} DDP processes")
         batch_size = self.batch_size // world
-        sampler = None if train or world == 1 else UnrepeatedDistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=False)
         # Seed, rank and loader alone, never the model's global stream: the runs of one seed
         # see the same batches whatever their loss (common random numbers).
-        streams = np.random.SeedSequence([self.seed, rank, int(train)]).generate_state(2)
-        dataset.reseed(int(streams[0]))
-        return DataLoader(dataset, batch_size, shuffle=train, sampler=sampler,
+        if train:  # from the epoch Lightning will pass to set_epoch, where a resumed run starts
+            epoch = 0 if self.trainer is None else (
+                self.trainer.fit_loop.epoch_progress.current.processed)
+            sampler = EpochSampler(dataset, [self.seed, rank], epoch)
+        else:
+            sampler = None if world == 1 else UnrepeatedDistributedSampler(dataset, world, rank,
+                                                                           shuffle=False)
+        return DataLoader(dataset, batch_size, sampler=sampler,
                           drop_last=train and len(dataset) > batch_size,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.persistent_workers, worker_init_fn=init_worker,
                           prefetch_factor=4 if self.num_workers > 0 else None,
-                          generator=torch.Generator().manual_seed(int(streams[1])))
+                          generator=getattr(sampler, "workers", None))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
@@ -111,3 +114,23 @@ class SliceDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """Lightning's validation: the selection patients (they choose epoch and checkpoint)."""
         return self._loader(self.select_set, train=False)
+
+
+class EpochSampler(RandomSampler):
+    """Shuffles, and seeds the augmentation and the loader's workers, from (run seed, rank,
+    epoch). Lightning calls ``set_epoch`` as each epoch starts, and a resumed run's loader is
+    built at the epoch it resumes, so the resumed run draws what the uninterrupted one drew
+    (persistent workers excepted: their streams start once). The order has a generator of its
+    own, apart from the loader's (the worker seeds), which Lightning may draw before or after
+    ``set_epoch``."""
+
+    def __init__(self, dataset: SliceDataset, seeds: list[int], epoch: int = 0):
+        super().__init__(dataset, generator=torch.Generator())
+        self.seeds, self.workers = seeds, torch.Generator()
+        self.set_epoch(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        order, workers, augment = np.random.SeedSequence([*self.seeds, epoch]).generate_state(3)
+        self.generator.manual_seed(int(order))
+        self.workers.manual_seed(int(workers))
+        self.data_source.reseed(int(augment))
