@@ -533,15 +533,16 @@ def test_sigkill_mid_epoch_then_restart_ends_like_an_uninterrupted_run(workers, 
     augmentations (in loader processes too), and the moving average resumes with them."""
     settings = [f"data.num_workers={workers}", "data.persistent_workers=false",
                 "callbacks=averaged"]
+    # one torch thread in every run: sums over a different thread count round differently
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "PROSTATE_SEG_CPUS": "1"}
     whole = subprocess.run([*_train_command(prepared_copy, tmp_path / "whole", 3), *settings],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert whole.returncode == 0, whole.stderr[-2000:]
     run_dir = tmp_path / "run"
     command = [*_train_command(prepared_copy, run_dir, 3), *settings,
                "+callbacks.stop._target_=helpers.SignalAt",
                f"+callbacks.stop.signum={int(signal.SIGKILL)}", "+callbacks.stop.epoch=1",
                "+callbacks.stop.batch=2"]  # once: the restart runs on
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
     killed = subprocess.run(command, cwd=tmp_path, capture_output=True, timeout=300, env=env)
     assert killed.returncode == -signal.SIGKILL
     assert not (run_dir / "results.json").exists()
