@@ -41,7 +41,7 @@ def patient_dice(loss_index, seed, fold_patients, effect=0.0):
 
 def write_run(folder: Path, loss, fold, seed, dice, *, status="completed", group=None,
               config=None, best_epoch=4, epochs_trained=8, stopped_early=True,
-              pred_fraction=0.02, split="val", preview=True):
+              late_gain=-0.01, pred_fraction=0.02, split="val", preview=True):
     """A run folder as the training writes it: status.json, results.json, per_patient.csv,
     metrics.csv and val_preview.npz."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -57,6 +57,7 @@ def write_run(folder: Path, loss, fold, seed, dice, *, status="completed", group
         "loss": loss, "seed": seed, "fold": fold, "folds": 3, "group": group,
         "identity": identity["hash"], "best_epoch": best_epoch,
         "epochs_trained": epochs_trained, "max_epochs": 8, "stopped_early": stopped_early,
+        "late_gain": late_gain,
         "alpha": float(loss[len("tversky_a"):]) if loss.startswith("tversky_a") else None,
         "val/dice_original": float(np.mean(list(dice.values()))) if dice else None,
         "patients": {split: list(dice)}}))
@@ -347,6 +348,25 @@ def test_flagged_runs_are_said_first_and_not_ranked(tmp_path):
     assert flagged[("tversky_a0.5", "bce")] == "false"
 
 
+def test_a_loss_whose_runs_still_rose_at_their_end_is_flagged_not_converged(tmp_path):
+    """The runs' mean late_gain above 0.01 without early stops; an early-stopped run counts
+    as having nothing left to gain."""
+    sweep = make_sweep(tmp_path / "sweep", effects={"bce": 0.0, "tversky_a0.5": 0.03},
+                       seeds=(0,), stopped_early=False, late_gain=0.004)
+    for fold in range(3):
+        write_run(sweep / f"tversky_a0.25-fold{fold}", "tversky_a0.25", fold, 0,
+                  patient_dice(2, 0, PATIENTS[fold::3], 0.05), stopped_early=fold == 2,
+                  late_gain=0.03)
+    assert main([str(sweep), "--all-pairs"]) == 0
+    flags = {r["loss"]: r["flags"] for r in read_csv(sweep / "report" / "results.csv")}
+    assert flags["bce"] == flags["tversky_a0.5"] == ""
+    assert flags["tversky_a0.25"] == ("not converged: selection Dice still rising, +0.020 from "
+                                      "the second-last to the last quarter of the epochs (mean "
+                                      "of 3 runs, bound 0.01)")
+    verdict = (sweep / "report" / "results.md").read_text().split("## Per loss")[0]
+    assert "Caution: 1 of 3 losses" in verdict and "not converged: tversky_a0.25" in verdict
+
+
 def test_a_sweep_without_completed_runs_lists_them(tmp_path):
     sweep = tmp_path / "sweep"
     write_run(sweep / "a", "bce", 0, 0, {}, status="failed")
@@ -448,6 +468,10 @@ def test_table_mode_with_only_the_required_columns(tmp_path):
     ("loss,patient,dice,voxels_pred", ["bce,case00,0.8,-3"],
      "line 2: voxels_pred=-3 is not a whole number >= 0"),
     ("loss,patient,dice,alpha", ["bce,case00,0.8,1.5"], "line 2: alpha=1.5 is outside [0, 1]"),
+    ("loss,patient,dice,late_gain", ["bce,case00,0.8,1.5"],
+     "line 2: late_gain=1.5 is outside [-1, 1]"),
+    ("loss,patient,dice,late_gain", ["bce,case00,0.8,soon"],
+     "line 2: late_gain='soon' is not a number"),
 ])
 def test_bad_tables_are_one_line_naming_file_and_row(tmp_path, capsys, header, lines, message):
     table = write_table(tmp_path / "bad.csv", header, lines)

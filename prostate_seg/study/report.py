@@ -59,19 +59,20 @@ LAUNCHER_FILE = "launcher.json"
 PRIMARY_SPLIT = "val"
 
 # The long table's columns and what their cells hold: text; whole (a text of a whole number,
-# so an Excel "0.0" is fold 0); unit (in [0, 1]); count (whole, >= 0); distance (>= 0);
-# flag (true or false).
+# so an Excel "0.0" is fold 0); unit (in [0, 1]); gain (a Dice difference, in [-1, 1]); count
+# (whole, >= 0); distance (>= 0); flag (true or false).
 COLUMNS = {"loss": "text", "alpha": "unit", "beta": "unit", "fold": "whole", "seed": "whole",
            "patient": "text", "split": "text", "dice": "unit", "precision": "unit",
            "recall": "unit", "hd95": "distance", "hd95_failed": "count", "hd95_unit": "text",
            "voxels_pred": "count", "voxels_true": "count", "voxels_total": "count",
            "best_epoch": "count", "epochs_trained": "count", "max_epochs": "count",
-           "stopped_early": "flag", "identity": "text", "group": "text", "run": "text"}
+           "stopped_early": "flag", "late_gain": "gain", "identity": "text", "group": "text",
+           "run": "text"}
 LONG_COLUMNS = tuple(COLUMNS)
 REQUIRED = ("loss", "patient", "dice")
 KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
-RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "identity",
-               "group")
+RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "late_gain",
+               "identity", "group")
 FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_curves.png",
                 "alpha_search.png")
 
@@ -108,6 +109,8 @@ def _cell(raw: dict[str, Any], column: str, where: str) -> Any:
         raise DataError(f"{where}: {column}={text!r} is not a finite number")
     if kind == "unit" and not 0.0 <= value <= 1.0:
         raise DataError(f"{where}: {column}={text} is outside [0, 1]")
+    if kind == "gain" and not -1.0 <= value <= 1.0:
+        raise DataError(f"{where}: {column}={text} is outside [-1, 1]")
     if kind == "count" and not _whole(value):
         raise DataError(f"{where}: {column}={text} is not a whole number >= 0")
     if column == "hd95_failed" and value not in (0, 1):
