@@ -12,12 +12,12 @@ with the command, machine, date, time taken and software versions. The study its
 loss with paired statistics, is docs/STUDY.md's.
 
 Runs (RUNS): the recipe (Dice loss, Adam 1e-3 with cosine decay, 2.5D input, instance norm,
-scale and intensity augmentation, windowed intensities); ``generalisation`` and
-``second-round``: issue 24's two rounds, each change alone and together; ``norm``: the recipe
-and the recipe with batch norm; ``ablations``: the recipe with one of its choices undone;
-``budget``: the recipe with 24 epochs, without its cosine schedule, or with 8 patients choosing
-the checkpoint instead of 4; ``averaged``: the recipe scoring and keeping an exponential moving
-average of its weights (``callbacks=averaged``); ``study``: the original study's (Dice loss,
+scale and intensity augmentation, windowed intensities, the last epoch's weights);
+``generalisation`` and ``second-round``: issue 24's two rounds, each change alone and together;
+``norm``: the recipe and the recipe with batch norm; ``ablations``: the recipe with one of its
+choices undone; ``budget``: the recipe with 24 epochs, without its cosine schedule, or with 8
+patients choosing the checkpoint; ``averaged``: 4 patients choosing among exponential moving
+averages of the weights (``callbacks=averaged``); ``study``: the original study's (Dice loss,
 Adam 1e-4, constant lr, single slices, study augmentation, batch norm). Each run is evaluated
 with and without the largest connected component, flip test-time augmentation, with the last
 epoch's weights, and with the last epoch's weights before averaging (the same as the last
@@ -48,6 +48,7 @@ from prostate_seg.config import compose_config  # noqa: E402
 from prostate_seg.inference.evaluate import evaluate_checkpoint  # noqa: E402
 from prostate_seg.data.prepare import PrepareSettings, prepare  # noqa: E402
 from prostate_seg.data.split import SPLIT_FILE  # noqa: E402
+from prostate_seg.study.statistics import LATE_GAIN  # noqa: E402
 from prostate_seg.training.fit import train  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "prostate_t2"
@@ -68,10 +69,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     },
 }
 # The recipe, what experiment=cpu trains: Dice loss, Adam 1e-3 with cosine decay, 2.5D input,
-# instance norm, scale and intensity augmentation (conf/augment), windowed intensities.
+# instance norm, scale and intensity augmentation (conf/augment), windowed intensities, the last
+# epoch's weights (CHOSEN: the checkpoint the selection patients choose instead).
 BASE = ["loss=dice", "optimizer.lr=1e-3", "scheduler=cosine", "data.context_slices=1",
-        "model.net.norm=instance"]
-RECIPE = "recipe: instance norm, Dice loss, scale + intensity augmentation"
+        "model.net.norm=instance", "callbacks=final"]
+CHOSEN = BASE[:-1]
+RECIPE = "recipe: instance norm, Dice loss, scale + intensity augmentation, last epoch"
 # What generalises to unseen centres (issue 24). First round: each change alone on the recipe
 # as it was (BEFORE) and together (FIRST). A run is (overrides, prepare's intensity).
 OLD = ["loss=bce_tversky", *BASE[1:-1], "model.net.norm=batch"]
@@ -94,9 +97,10 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "recipe with batch norm": ([*BASE[:-1], "model.net.norm=batch"], "window"),
     "recipe without cosine schedule": ([o for o in BASE if o != "scheduler=cosine"], "window"),
     "recipe, 24 epochs": ([*BASE, "trainer.max_epochs=24"], "window"),
-    "recipe, 8 selection patients": ([*BASE, "data.select_fraction=0.3"], "window"),
-    "recipe, averaged weights (EMA)": ([*BASE, "callbacks=averaged"], "window"),
-    "recipe without 2.5D (single slices)": ([*BASE[:3], "data.context_slices=0", BASE[-1]],
+    "recipe, 8 selection patients choosing": ([*CHOSEN, "data.select_fraction=0.3"], "window"),
+    "recipe, averaged weights (EMA), chosen": ([*CHOSEN, "callbacks=averaged"], "window"),
+    "recipe with the checkpoint 4 selection patients choose": (CHOSEN, "window"),
+    "recipe without 2.5D (single slices)": ([*BASE[:3], "data.context_slices=0", *BASE[4:]],
                                             "window"),
     "study recipe (Dice loss, Adam 1e-4)": (["loss=dice", "optimizer.lr=1e-4", *NO_SCALE,
                                              *NO_INTENSITY, "model.net.norm=batch"], "window"),
@@ -110,8 +114,8 @@ GROUPS = {"recipe": [RECIPE],
           "ablations": [k for k in RUNS if k.startswith("recipe with")],
           # issue 24's other candidates: the epoch budget, the schedule, who chooses the epoch
           "budget": ["recipe, 24 epochs", "recipe without cosine schedule",
-                     "recipe, 8 selection patients"],
-          "averaged": ["recipe, averaged weights (EMA)"],
+                     "recipe, 8 selection patients choosing"],
+          "averaged": ["recipe, averaged weights (EMA), chosen"],
           "study": ["study recipe (Dice loss, Adam 1e-4)"]}
 SPLIT_OVERRIDES = ("data.select_fraction=", "data.split_seed=", "data.folds=")
 TAG = "benchmark_run.json"  # in a run folder: which run and fold it is, and its training time
@@ -133,7 +137,7 @@ def run_one(name: str, fold: int, data_dir: Path, workdir: Path, setting: dict[s
     ``only_reused``."""
     overrides = [f"data.image_size={setting['image_size']}", *setting["overrides"],
                  *RUNS[name][0], f"data.fold={fold}", f"++trainer.max_time={setting['budget']}",
-                 "callbacks.early_stopping.patience=1000", "callbacks.progress_bar.refresh_rate=0"]
+                 "callbacks.early_stopping=null", "callbacks.progress_bar.refresh_rate=0"]
     tag = {"run": name, "fold": fold, "overrides": overrides, "intensity": RUNS[name][1]}
     recorded = [(f.parent, json.loads(f.read_text())) for f in reuse]
     done = [(folder, r) for folder, r in recorded if {k: r.get(k) for k in tag} == tag
@@ -155,13 +159,18 @@ def run_one(name: str, fold: int, data_dir: Path, workdir: Path, setting: dict[s
     row: dict[str, Any] = {"run": name, "fold": fold, "epochs": results["epochs_trained"],
                            "train_min": record["seconds"] / 60,
                            "select_dice_training": results["select/dice"],
-                           "reused": bool(done)}
+                           "late_gain": results.get("late_gain"), "reused": bool(done)}
     last = Path(results["best_checkpoint"]).with_name("last.ckpt")
+    # the kept checkpoint holds the last epoch's weights when it was the last epoch
+    kept = (last if results["best_epoch"] == results["epochs_trained"] - 1
+            else results["best_checkpoint"])
     checkpoints = {LAST: last, RAW: not_averaged(last)}
+    scored: dict[tuple[Any, bool, bool], list[dict[str, Any]]] = {}
     for label, keep_largest, tta in EVALUATIONS:
-        checkpoint = checkpoints.get(label, results["best_checkpoint"])
-        row[label] = (row[LAST] if checkpoint == last and label != LAST else
-                      evaluate_checkpoint(checkpoint, keep_largest=keep_largest, tta=tta))
+        key = (checkpoints.get(label, kept), keep_largest, tta)
+        if key not in scored:
+            scored[key] = evaluate_checkpoint(key[0], keep_largest=keep_largest, tta=tta)
+        row[label] = scored[key]
     print(f"{name}, fold {fold}: " + ", ".join(f"{label} {mean(row[label], 'dice'):.4f}"
                                                for label, *_ in EVALUATIONS)
           + f" ({row['epochs']} epochs, {row['train_min']:.1f} min)", flush=True)
@@ -211,22 +220,25 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
         "",
         "Per-volume Dice on each fold's held-out patients at original size, mean ± SD over "
         "patients (LCC: largest 3D connected component kept; TTA: left-right flip averaged; "
-        f"{LAST}: the last epoch's weights instead of the checkpoint the selection patients "
-        f"chose; {RAW}: before averaging, for a run that averages); precision and recall: "
-        "means over patients, plain (what `evaluate` gives by default) and +LCC+TTA.",
+        f"{LAST}: the last epoch's weights, for a run that keeps the checkpoint its selection "
+        f"patients chose; {RAW}: before averaging, for a run that averages); precision and "
+        "recall: means over patients, plain (what `evaluate` gives by default) and +LCC+TTA; "
+        "late gain: the mean selection Dice of the last quarter of the epochs minus that of the "
+        f"quarter before (the report flags a loss whose runs average above {LATE_GAIN}).",
         "",
         "| run | fold | " + " | ".join(f"Dice {label}" for label in labels)
         + " | precision / recall plain | precision / recall +LCC+TTA"
-        " | select/dice (training, network size) | epochs | training min |",
-        "|---|---|" + "---|" * (len(labels) + 5),
+        " | select/dice (training, network size) | late gain | epochs | training min |",
+        "|---|---|" + "---|" * (len(labels) + 6),
     ]
     for row in sorted(rows, key=lambda r: (list(RUNS).index(r["run"]), r["fold"])):
         plain, chosen = row["plain"], row["+LCC+TTA"]
+        gain = "–" if row["late_gain"] is None else f"{row['late_gain']:+.4f}"
         lines.append(f"| {row['run']}{' *' if row['reused'] else ''} | {row['fold']} | "
                      + " | ".join(dice_cell(row[label]) for label in labels)
                      + f" | {mean(plain, 'precision'):.3f} / {mean(plain, 'recall'):.3f}"
                      f" | {mean(chosen, 'precision'):.3f} / {mean(chosen, 'recall'):.3f} | "
-                     f"{row['select_dice_training']:.4f} | {row['epochs']} | "
+                     f"{row['select_dice_training']:.4f} | {gain} | {row['epochs']} | "
                      f"{row['train_min']:.1f} |")
     runs = sorted({row["run"] for row in rows}, key=list(RUNS).index)
     folds = sorted({row["fold"] for row in rows})

@@ -101,6 +101,26 @@ def test_averaged_weights_are_what_selection_scored_and_the_checkpoint_keeps(pre
     assert raw.keys() == averaged.keys()
     assert max((raw[k].float() - averaged[k].float()).abs().max() for k in raw) > 1e-3
 
+
+def test_final_keeps_and_scores_the_last_epoch_and_measures_its_late_gain(prepared, tmp_path):
+    """callbacks=final (the recipe's): the whole budget is trained, the kept checkpoint holds
+    last.ckpt's weights, results.json re-validates it, and late_gain is read off the
+    selection curve."""
+    run_dir = tmp_path / "run"
+    results = train(compose_train([*TINY, f"data.dir={prepared}", "trainer.max_epochs=5",
+                                   "callbacks=final"], run_dir))
+    dice = [row["select/dice"] for row in read_history(run_dir)]
+    assert results["epochs_trained"] == 5 and not results["stopped_early"]
+    assert results["best_epoch"] == 4 and Path(results["best_checkpoint"]).name == \
+        "final-epoch004.ckpt"
+    assert results["select/dice"] == pytest.approx(dice[-1], abs=1e-5)
+    assert results["late_gain"] == pytest.approx(dice[-1] - dice[-2], abs=1e-4)  # a quarter: 1
+    kept = torch.load(results["best_checkpoint"], map_location="cpu")["state_dict"]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=False)["state_dict"]
+    assert kept.keys() == last.keys() and all(torch.equal(kept[k], last[k]) for k in kept)
+    assert len(list((run_dir / "checkpoints").glob("*.ckpt"))) == 2  # final and last only
+
 def test_run_scores_its_best_checkpoint_per_patient_at_original_size(trained_run, prepared,
                                                                       tmp_path):
     with open(trained_run / "per_patient.csv", newline="") as f:
