@@ -121,6 +121,13 @@ def test_paper_experiment_sweeps_eight_losses_over_folds_and_seeds(tmp_path, ove
     assert params["data.fold"] == folds and params.seed == seeds
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.data.batch_size == 16
     assert cfg.optimizer.lr == 1e-4 and cfg.trainer.max_epochs == 100
+    # the study's checkpoint: the best selection Dice, early stopping with patience 3; and
+    # a researcher's callbacks=final on top of it leaves no early-stopping setting behind
+    assert cfg.callbacks.model_checkpoint.monitor == "select/dice"
+    assert cfg.callbacks.early_stopping.patience == 3
+    final = compose_train(["experiment=paper", "data.dir=.", "callbacks=final", *overrides],
+                          tmp_path).callbacks
+    assert final.early_stopping is None and final.model_checkpoint.monitor is None
     # the study's augmentation: what acts is resize, rotate, flips and the scaling to [0, 1]
     acting = [type(t).__name__ for t in instantiate(cfg.data.train_transform).transforms if t.p]
     assert acting == ["Resize", "Rotate", "HorizontalFlip", "VerticalFlip", "Normalize"]

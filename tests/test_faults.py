@@ -57,6 +57,12 @@ from prostate_seg.training.fit import build_run, setup_data, train
     ("callbacks.finite_loss.check_every_n_steps=0",
      "callbacks.finite_loss.check_every_n_steps=0: must be an integer >= 1"),
     ("~callbacks.early_stopping", None),  # a removed callback is not checked
+    ("callbacks=final", None),
+    # settings that outlive the entry an option removed: nothing to build them into
+    ("callbacks=final +callbacks.early_stopping.patience=5", "callbacks.early_stopping="
+     "{'patience': 5}: has no _target_ to build it from (the callbacks option in use leaves "
+     "early_stopping out"),
+    ("+logger.csv2.save_dir=x", "logger.csv2={'save_dir': 'x'}: has no _target_"),
     ("data.folds=5 data.fold=4 data.test_fraction=0", None),
     ("data.image_size=8", "data.image_size=8: must be an integer >= 2^depth = 16"),
     ("data.dir=/no/such/folder", "data.dir=/no/such/folder: folder not found"),

@@ -130,6 +130,12 @@ def check_train_config(cfg: DictConfig) -> None:
         instantiate(cfg.model.net)  # the network's own checks (model.net.norm), before any file
     except InstantiationException as exc:
         raise ConfigError(f"{exc.__cause__ or exc}") from None
+    for group in ("callbacks", "logger"):  # settings left of an entry its option removed
+        for name, entry in (cfg.get(group) or {}).items():
+            _require(entry is None or "_target_" in entry, f"{group}.{name}",
+                     OmegaConf.to_container(entry) if entry is not None else None,
+                     f"has no _target_ to build it from (the {group} option in use leaves "
+                     f"{name} out: drop these settings, or choose an option that has it)")
     check_settings(cfg, "train")
     sync = cfg.trainer.get("sync_batchnorm")
     _require(not processes(cfg.trainer)["trainer.sync_batchnorm"]
