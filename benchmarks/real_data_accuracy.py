@@ -321,10 +321,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="tabulate the reused runs only, train none")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "RESULTS.md")
     parser.add_argument("--max-epochs", type=int, default=None, help="override (smoke checks)")
+    parser.add_argument("--max-time", default=None,
+                        help="training's time cap, DD:HH:MM:SS (default: the setting's)")
     args = parser.parse_args(argv)
     setting = dict(SETTINGS[args.setting])
     if args.max_epochs is not None:
         setting["overrides"] = [*setting["overrides"], f"trainer.max_epochs={args.max_epochs}"]
+    setting["budget"] = args.max_time or setting["budget"]
     started = time.time()
     unknown = sorted(set(g.strip() for g in args.runs.split(",")) - set(GROUPS))
     if unknown:
