@@ -48,6 +48,7 @@ from prostate_seg.config import compose_config  # noqa: E402
 from prostate_seg.inference.evaluate import evaluate_checkpoint  # noqa: E402
 from prostate_seg.data.prepare import PrepareSettings, prepare  # noqa: E402
 from prostate_seg.data.split import SPLIT_FILE  # noqa: E402
+from prostate_seg.study.runs import run_late_gain  # noqa: E402
 from prostate_seg.study.statistics import LATE_GAIN  # noqa: E402
 from prostate_seg.training.fit import train  # noqa: E402
 
@@ -159,7 +160,8 @@ def run_one(name: str, fold: int, data_dir: Path, workdir: Path, setting: dict[s
     row: dict[str, Any] = {"run": name, "fold": fold, "epochs": results["epochs_trained"],
                            "train_min": record["seconds"] / 60,
                            "select_dice_training": results["select/dice"],
-                           "late_gain": results.get("late_gain"), "reused": bool(done)}
+                           # read off the curve: a reused run is judged by the current rule
+                           "late_gain": run_late_gain(folder), "reused": bool(done)}
     last = Path(results["best_checkpoint"]).with_name("last.ckpt")
     # the kept checkpoint holds the last epoch's weights when it was the last epoch
     kept = (last if results["best_epoch"] == results["epochs_trained"] - 1
@@ -223,8 +225,9 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
         f"{LAST}: the last epoch's weights, for a run that keeps the checkpoint its selection "
         f"patients chose; {RAW}: before averaging, for a run that averages); precision and "
         "recall: means over patients, plain (what `evaluate` gives by default) and +LCC+TTA; "
-        "late gain: the mean selection Dice of the last quarter of the epochs minus that of the "
-        f"quarter before (the report flags a loss whose runs average above {LATE_GAIN}).",
+        "late gain: how much the selection Dice rose over the last quarter of the epochs, at "
+        "the pace of a line fitted through them (the report flags a loss whose runs average "
+        f"above {LATE_GAIN}, and above 0 by a t-test).",
         "",
         "| run | fold | " + " | ".join(f"Dice {label}" for label in labels)
         + " | precision / recall plain | precision / recall +LCC+TTA"
@@ -323,8 +326,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--max-epochs", type=int, default=None, help="override (smoke checks)")
     parser.add_argument("--max-time", default=None,
                         help="training's time cap, DD:HH:MM:SS (default: the setting's)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the runs' seed, for another replicate of training (default: the "
+                        "config's)")
     args = parser.parse_args(argv)
     setting = dict(SETTINGS[args.setting])
+    if args.seed is not None:
+        setting["overrides"] = [*setting["overrides"], f"seed={args.seed}"]
     if args.max_epochs is not None:
         setting["overrides"] = [*setting["overrides"], f"trainer.max_epochs={args.max_epochs}"]
     setting["budget"] = args.max_time or setting["budget"]
@@ -347,7 +355,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows.append(row)
         # the table is rewritten after every run: a cut-short benchmark keeps what it measured
         text = markdown(args.setting, rows, command, time.time() - started)
-        write_section(args.results, f"{args.setting}:{args.runs}:folds {args.folds}", text)
+        seed = "" if args.seed is None else f":seed {args.seed}"
+        write_section(args.results, f"{args.setting}:{args.runs}:folds {args.folds}{seed}", text)
     if rows:
         print(text)
     return rows

@@ -155,60 +155,86 @@ def test_flags_degenerate_and_unconverged_runs():
     assert "finds no gland voxel" in loss_flags(nothing)[0]
 
 
-def test_not_converged_is_the_mean_late_gain_of_the_losss_runs():
+def test_not_converged_is_a_mean_late_gain_above_the_bound_and_above_0_over_the_runs():
     def runs(*gains, early=()):
         return [r for i, g in enumerate(gains) for r in run_rows(
             "a", 120, gain=g, early=i in early, run=f"r{i}")]
 
-    assert loss_flags(runs(0.03)) == ["not converged: selection Dice still rising, +0.030 "
-                                      "from the second-last to the last quarter of the epochs "
-                                      "(mean of 1 runs, bound 0.01)"]
-    assert loss_flags(runs(0.01)) == []  # the bound itself: converged
-    assert loss_flags(runs(0.03, 0.0, -0.01)) == []  # one noisy run: the mean is 0.0067
-    assert "+0.015" in loss_flags(runs(0.03, 0.0, 0.015))[0]
-    assert loss_flags(runs(0.03, 0.03, early=(0,))) == ["not converged: selection Dice still "
-                                                         "rising, +0.015 from the second-last "
-                                                         "to the last quarter of the epochs "
-                                                         "(mean of 2 runs, bound 0.01)"]
+    # 0.02, 0.03, 0.04: t = 0.03 / (0.01 / sqrt 3) = 5.196 on 2 df, p = 1/2 - t / (2 sqrt(2 + t^2))
+    assert loss_flags(runs(0.02, 0.03, 0.04)) == [
+        "not converged: selection Dice still rising at the end, +0.030 over the last quarter of "
+        "the epochs (mean of 3 runs, above 0 at p = 0.018; bound 0.01)"]
+    assert loss_flags(runs(0.03, 0.0, 0.03)) == []  # mean 0.02, but t = 2, p = 0.09: the runs
+    assert loss_flags(runs(0.03, 0.0, -0.01)) == []  # disagree; here the mean is 0.0067
+    assert loss_flags(runs(0.01, 0.01)) == []  # the bound itself: converged
+    # one run, or runs all alike, leave nothing to test against: the bound alone
+    assert loss_flags(runs(0.03)) == ["not converged: selection Dice still rising at the end, "
+                                      "+0.030 over the last quarter of the epochs (mean of 1 "
+                                      "runs; bound 0.01)"]
+    assert "(mean of 2 runs; bound" in loss_flags(runs(0.03, 0.03))[0]
+    # an early-stopped run counts 0: 0, 0.02, 0.03, 0.04
+    assert "+0.022 over the last quarter of the epochs (mean of 4 runs, above 0 at p = 0.039" \
+        in loss_flags(runs(0.05, 0.02, 0.03, 0.04, early=(0,)))[0]
     assert loss_flags(runs(0.03, early=(0,))) == []  # stopped on its own: nothing left
     assert loss_flags(runs(math.nan)) == []  # no selection curve: not judged
 
 
-def test_late_gain_is_the_last_quarters_mean_over_the_quarter_before():
+def test_late_gain_is_the_rise_over_the_last_quarter_at_its_fitted_pace():
     assert late_gain([0.5]) is None and late_gain([]) is None
-    assert late_gain([0.5, 0.6]) == pytest.approx(0.1)  # a quarter of 2 or 3 epochs: one
-    assert late_gain([0.9, 0.5, 0.6]) == pytest.approx(0.1)
-    # 8 epochs: the last 2 (0.6, 0.52) against the 2 before (0.3, 0.2)
-    assert late_gain([0.1, 0.5, 0.4, 0.45, 0.3, 0.2, 0.6, 0.52]) == pytest.approx(0.31)
-    assert late_gain([0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.71, 0.75]) == pytest.approx(0.03)
+    assert late_gain([0.5, 0.6]) == pytest.approx(0.2)  # at least 3 epochs, here both: 0.1 x 2
+    assert late_gain([0.9, 0.5, 0.6]) == pytest.approx(-0.45)  # slope (0.6 - 0.9) / 2, x 3
+    # issue 24's recipe on fold 0 (2026-12-05): it rose through its third quarter and stayed
+    # flat in its fourth, converged; the quarters' means differ by +0.034. Slope over the last
+    # 4: (1.5 (0.8005 - 0.7992) + 0.5 (0.8029 - 0.7961)) / 5 = 0.00107 per epoch, x 4
+    recipe = [0.2906, 0.4151, 0.4185, 0.5116, 0.5316, 0.6115, 0.7006, 0.6820, 0.7197, 0.7759,
+              0.7785, 0.7897, 0.7992, 0.7961, 0.8029, 0.8005]
+    assert late_gain(recipe) == pytest.approx(0.00428)
+    dice = list(np.random.default_rng(0).uniform(0.5, 0.9, 21))  # numpy's own fit, last 5
+    assert late_gain(dice) == pytest.approx(np.polyfit(np.arange(5), dice[-5:], 1)[0] * 5)
 
 
-def selection_curves(rng, runs, rate, epochs=16, noise=0.03, floor=0.01):
-    """Selection Dice by epoch under cosine decay: the learning done by epoch t follows the
-    summed learning rate, the curve rises as 1 - exp(-rate * learning), each run has its own
-    level (a run shift), and the epoch's noise shrinks with the learning rate (four patients
-    scored by weights that move less and less)."""
-    lr = 0.5 * (1 + np.cos(np.pi * np.arange(epochs) / epochs))
+def selection_curves(rng, runs, rate, epochs=16, noise=0.03, floor=0.01, cosine=True, stop=None):
+    """Selection Dice by epoch, under cosine decay or a constant learning rate, stopped after
+    ``stop`` epochs (a time cap) or not: the learning done by epoch t follows the summed
+    learning rate, the curve rises as 1 - exp(-rate * learning), each run has its own level (a
+    run shift), and the epoch's noise follows the learning rate (four patients scored by
+    weights that move less as it falls)."""
+    lr = 0.5 * (1 + np.cos(np.pi * np.arange(epochs) / epochs)) if cosine else np.ones(epochs)
     learned = np.cumsum(lr) / lr.sum()
     level = 0.83 + rng.normal(0, 0.03, (runs, 1))
     return (level - 0.6 * np.exp(-rate * learned)
-            + rng.normal(0, 1, (runs, epochs)) * (noise * lr + floor))
+            + rng.normal(0, 1, (runs, epochs)) * (noise * lr + floor))[:, :stop]
 
 
-@pytest.mark.parametrize("rate, flagged", [(8, (0.0, 0.05)), (1.5, (0.95, 1.0))])
-def test_simulated_sweeps_flag_runs_still_rising_and_not_noisy_plateaus(rate, flagged):
-    """Sweeps of 5 folds x 3 seeds: runs on their plateau by half-way (rate 8: within 0.001
-    of it) are flagged in at most 5 % of sweeps, runs cut short (rate 1.5: 0.13 below it at
-    the end, +0.017 in the last quarter) in at least 95 %, although one plateaued run's
-    late_gain alone crosses the bound about a fifth of the time."""
+@pytest.mark.parametrize("curves, flagged", [
+    (dict(rate=8), (0.0, 0.08)),  # on its plateau by half-way
+    (dict(rate=4), (0.0, 0.08)),  # still rising through the third quarter: the recipe's shape
+    (dict(rate=8, cosine=False), (0.0, 0.08)),  # a plateau noisier by 3x (constant lr)
+    (dict(rate=2, stop=8), (0.95, 1.0)),  # cut by a time cap half-way through its schedule
+    (dict(rate=2, cosine=False), (0.7, 1.0)),  # constant lr: +0.05 over the last quarter
+])
+def test_simulated_sweeps_flag_runs_still_rising_and_not_noisy_plateaus(curves, flagged):
+    """Sweeps of 5 folds x 3 seeds. A plateau is flagged within the t-test's level (5 %),
+    whatever its noise, though one plateaued run's late_gain alone crosses the bound a third
+    to a half of the time and, on the noisier plateau, so does the mean of the 15 runs in a
+    quarter of the sweeps; runs still
+    rising at their end are flagged in most sweeps (all, when cut half-way). A cosine schedule
+    cut to a lower plateau is flat at its end, and not what this flag can see: an epoch-budget
+    ablation answers it (docs/METHOD.md)."""
     rng = np.random.default_rng(7)
+    sweeps = [[late_gain(list(curve)) for curve in selection_curves(rng, 15, **curves)]
+              for _ in range(200)]
     share = np.mean([bool(loss_flags([
         {"loss": "a", "patient": "p0", "dice": 0.8, "fold": str(i % 5), "seed": str(i // 5),
-         "stopped_early": False, "late_gain": late_gain(list(curve))}
-        for i, curve in enumerate(selection_curves(rng, 15, rate))])) for _ in range(200)])
+         "stopped_early": False, "late_gain": gain} for i, gain in enumerate(gains)]))
+        for gains in sweeps])
     assert flagged[0] <= share <= flagged[1]
-    alone = np.mean([late_gain(list(c)) > LATE_GAIN for c in selection_curves(rng, 3000, 8)])
-    assert 0.1 < alone < 0.4  # why one run is not judged alone
+    if flagged[1] < 0.5:
+        alone = np.mean([late_gain(list(c)) > LATE_GAIN
+                         for c in selection_curves(rng, 3000, **curves)])
+        assert 0.2 < alone < 0.5  # why one run is not judged alone
+    if curves == dict(rate=8, cosine=False):  # why the runs' mean needs the t-test
+        assert np.mean([np.mean(gains) > LATE_GAIN for gains in sweeps]) > 0.2
 
 
 def test_ties_are_identical_per_patient_results():

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import logging.handlers
+import math
 import os
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import prostate_seg
 from prostate_seg.errors import ConfigError
 from prostate_seg.files import write_json, write_text
+from prostate_seg.study.statistics import late_gain
 
 STATUS_FILE = "status.json"
 RESULTS_FILE = "results.json"
@@ -360,3 +362,11 @@ class RunStatus:
         self._write(status="interrupted" if interrupted else "failed", finished=time.time(),
                     error=f"{type(exc).__name__}: {exc}",
                     traceback="".join(traceback.format_exception(exc)))
+
+
+def run_late_gain(run_dir: Path) -> float | None:
+    """The run's late_gain, read off its selection curve and rounded as results.json keeps
+    it; None with under two epochs scored."""
+    dice = [h["select/dice"] for h in read_history(run_dir) if "select/dice" in h]
+    gain = late_gain([d for d in dice if math.isfinite(d)])
+    return None if gain is None else round(gain, 4)

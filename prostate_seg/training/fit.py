@@ -32,8 +32,7 @@ from prostate_seg.inference.predictor import load_checkpoint
 from prostate_seg.study.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FILE, PREVIEW_FILE,
                                      RESULTS_FILE, Identity, RunLock, RunStatus, claim,
                                      config_identity, forget_held_log, load_json_object,
-                                     read_history, split_digest)
-from prostate_seg.study.statistics import late_gain
+                                     run_late_gain, split_digest)
 from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch
 from prostate_seg.training.checks import check_ddp_launch, check_train_config
 from prostate_seg.training.dashboard import log_settings, log_validation_dice
@@ -309,9 +308,7 @@ def _fit(cfg: DictConfig, run_dir: Path, ckpt_path: str | None, datamodule: Slic
         "stopped_early": any(cb.stopped_epoch > 0 for cb in trainer.early_stopping_callbacks),
         "fit_seconds": round(time.time() - started, 1), "seconds_to_first_step": timer.seconds}
     if trainer.is_global_zero:  # the study's convergence check reads it (study/statistics)
-        dice = [h["select/dice"] for h in read_history(run_dir) if "select/dice" in h]
-        gain = late_gain([d for d in dice if np.isfinite(d)])
-        results["late_gain"] = None if gain is None else round(gain, 4)
+        results["late_gain"] = run_late_gain(run_dir)
     keeper = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
     if keeper is not None:
         best = keeper.best_model_path
