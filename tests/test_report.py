@@ -4,6 +4,7 @@ contract) and on long tables from other tools, good and bad."""
 import csv
 import json
 import math
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -41,9 +42,10 @@ def patient_dice(loss_index, seed, fold_patients, effect=0.0):
 
 def write_run(folder: Path, loss, fold, seed, dice, *, status="completed", group=None,
               config=None, best_epoch=4, epochs_trained=8, stopped_early=True,
-              late_gain=-0.01, pred_fraction=0.02, split="val", preview=True):
+              late_gain=-0.01, curve_gain=None, pred_fraction=0.02, split="val", preview=True):
     """A run folder as the training writes it: status.json, results.json, per_patient.csv,
-    metrics.csv and val_preview.npz."""
+    metrics.csv (a selection curve rising by ``curve_gain``, by default ``late_gain``, over its
+    last epochs) and val_preview.npz."""
     folder.mkdir(parents=True, exist_ok=True)
     group = group or f"group-{loss}"
     identity = {"hash": f"{group}-{fold}-{seed}", "group": group,
@@ -70,8 +72,11 @@ def write_run(folder: Path, loss, fold, seed, dice, *, status="completed", group
             writer.writerow([patient, split, value, min(1.0, value + 0.05), max(0.0, value - 0.05),
                              round(20 * (1 - value), 3), 0, "mm", int(TOTAL * pred_fraction),
                              int(TOTAL * 0.02), TOTAL, 10])
+    tail = max(epochs_trained // 4, min(epochs_trained, 3))  # late_gain's, so a line gives it
+    rise = (late_gain if curve_gain is None else curve_gain) / tail
     write_history(folder / "metrics" / "version_0",
-                  [(e, 5 * e + 5, 1 / (e + 1), 1.2 / (e + 1), 0.5) for e in range(epochs_trained)])
+                  [(e, 5 * e + 5, 1 / (e + 1), 1.2 / (e + 1), 0.5 + rise * e)
+                   for e in range(epochs_trained)])
     if preview:
         yy, xx = np.mgrid[:32, :32]
         mask = (((yy - 16) ** 2 + (xx - 16) ** 2) < 49).astype(np.uint8)[None].repeat(2, 0)
@@ -367,6 +372,28 @@ def test_a_loss_whose_runs_still_rose_at_their_end_is_flagged_not_converged(tmp_
     assert "Caution: 1 of 3 losses" in verdict and "not converged: tversky_a0.25" in verdict
 
 
+def test_a_runs_late_gain_is_read_off_its_selection_curve_by_the_current_rule(tmp_path):
+    """results.json keeps the value of the version that trained the run (here an older rule's
+    +0.04 for a curve flat at its end); the report judges the curve itself, and falls back on
+    results.json only without one."""
+    sweep = make_sweep(tmp_path / "sweep", effects={"bce": 0.0}, seeds=(0,),
+                       stopped_early=False, late_gain=0.04)
+    for fold in range(3):
+        write_run(sweep / f"dice-fold{fold}", "tversky_a0.5", fold, 0,
+                  patient_dice(1, 0, PATIENTS[fold::3]), stopped_early=False, late_gain=0.04,
+                  curve_gain=0.0)
+    assert main([str(sweep)]) == 0
+    rows = read_csv(sweep / "report" / "results.csv")
+    flags = {r["loss"]: r["flags"] for r in rows}
+    assert flags["tversky_a0.5"] == "" and flags["bce"].startswith("not converged")
+    shutil.rmtree(sweep / "dice-fold0" / "metrics")
+    shutil.rmtree(sweep / "report")
+    assert main([str(sweep)]) == 0
+    long = read_csv(sweep / "report" / "per_patient.csv")
+    gains = {r["fold"]: float(r["late_gain"]) for r in long if r["loss"] == "tversky_a0.5"}
+    assert gains == {"0": 0.04, "1": 0.0, "2": 0.0}
+
+
 def test_a_sweep_without_completed_runs_lists_them(tmp_path):
     sweep = tmp_path / "sweep"
     write_run(sweep / "a", "bce", 0, 0, {}, status="failed")
@@ -468,8 +495,8 @@ def test_table_mode_with_only_the_required_columns(tmp_path):
     ("loss,patient,dice,voxels_pred", ["bce,case00,0.8,-3"],
      "line 2: voxels_pred=-3 is not a whole number >= 0"),
     ("loss,patient,dice,alpha", ["bce,case00,0.8,1.5"], "line 2: alpha=1.5 is outside [0, 1]"),
-    ("loss,patient,dice,late_gain", ["bce,case00,0.8,1.5"],
-     "line 2: late_gain=1.5 is outside [-1, 1]"),
+    ("loss,patient,dice,late_gain", ["bce,case00,0.8,2.5"],
+     "line 2: late_gain=2.5 is outside [-2, 2]"),
     ("loss,patient,dice,late_gain", ["bce,case00,0.8,soon"],
      "line 2: late_gain='soon' is not a number"),
 ])

@@ -169,9 +169,9 @@ def test_not_converged_is_a_mean_late_gain_above_the_bound_and_above_0_over_the_
     assert loss_flags(runs(0.01, 0.01)) == []  # the bound itself: converged
     # one run, or runs all alike, leave nothing to test against: the bound alone
     assert loss_flags(runs(0.03)) == ["not converged: selection Dice still rising at the end, "
-                                      "+0.030 over the last quarter of the epochs (mean of 1 "
-                                      "runs; bound 0.01)"]
-    assert "(mean of 2 runs; bound" in loss_flags(runs(0.03, 0.03))[0]
+                                      "+0.030 over the last quarter of the epochs (1 run, "
+                                      "nothing to test with: judged by the bound 0.01 alone)"]
+    assert "(3 runs, nothing to test with" in loss_flags(runs(0.1, 0.1, 0.1))[0]
     # an early-stopped run counts 0: 0, 0.02, 0.03, 0.04
     assert "+0.022 over the last quarter of the epochs (mean of 4 runs, above 0 at p = 0.039" \
         in loss_flags(runs(0.05, 0.02, 0.03, 0.04, early=(0,)))[0]
@@ -207,20 +207,20 @@ def selection_curves(rng, runs, rate, epochs=16, noise=0.03, floor=0.01, cosine=
 
 
 @pytest.mark.parametrize("curves, flagged", [
-    (dict(rate=8), (0.0, 0.08)),  # on its plateau by half-way
-    (dict(rate=4), (0.0, 0.08)),  # still rising through the third quarter: the recipe's shape
-    (dict(rate=8, cosine=False), (0.0, 0.08)),  # a plateau noisier by 3x (constant lr)
-    (dict(rate=2, stop=8), (0.95, 1.0)),  # cut by a time cap half-way through its schedule
+    (dict(rate=8), (0.0, 0.1)),  # on its plateau by half-way
+    (dict(rate=4), (0.0, 0.1)),  # still rising through the third quarter: the recipe's shape
+    (dict(rate=8, cosine=False), (0.0, 0.1)),  # a plateau noisier by 3x (constant lr)
+    (dict(rate=2, stop=8), (0.9, 1.0)),  # cut by a time cap half-way through its schedule
     (dict(rate=2, cosine=False), (0.7, 1.0)),  # constant lr: +0.05 over the last quarter
 ])
 def test_simulated_sweeps_flag_runs_still_rising_and_not_noisy_plateaus(curves, flagged):
-    """Sweeps of 5 folds x 3 seeds. A plateau is flagged within the t-test's level (5 %),
-    whatever its noise, though one plateaued run's late_gain alone crosses the bound a third
-    to a half of the time and, on the noisier plateau, so does the mean of the 15 runs in a
-    quarter of the sweeps; runs still
-    rising at their end are flagged in most sweeps (all, when cut half-way). A cosine schedule
-    cut to a lower plateau is flat at its end, and not what this flag can see: an epoch-budget
-    ablation answers it (docs/METHOD.md)."""
+    """Sweeps of 5 folds x 3 seeds. A plateau is flagged at about the t-test's level (5 %; 2-9 %
+    over simulation seeds) whatever its noise, though one plateaued run's late_gain alone
+    crosses the bound a third to a half of the time and, on the noisier plateau, so does the
+    mean of the 15 runs in a quarter of the sweeps; runs still rising at their end are flagged
+    in most sweeps (nearly all when cut half-way). A cosine schedule cut to a lower plateau is
+    flat at its end, and not what this flag can see: an epoch-budget ablation answers it
+    (docs/METHOD.md)."""
     rng = np.random.default_rng(7)
     sweeps = [[late_gain(list(curve)) for curve in selection_curves(rng, 15, **curves)]
               for _ in range(200)]

@@ -362,10 +362,11 @@ def degenerate_reason(rows: list[Row]) -> str | None:
 
 
 def late_gain(dice: Sequence[float]) -> float | None:
-    """How much a run's selection Dice rose over its last quarter of epochs (at least 3), at the
-    pace of a least-squares line through them; None for fewer than two epochs. The pace at the
-    end, not the last quarter against the one before: a run that rose through its third quarter
-    and then stayed flat has converged (issue 24's recipe: +0.004 here, +0.034 by quarters)."""
+    """How much a run's selection Dice rose over its last quarter of epochs (at least 3, so
+    more than a quarter under 12 epochs), at the pace of a least-squares line through them; None
+    for fewer than two epochs. The pace at the end, not the last quarter against the one
+    before: a run that rose through its third quarter and then stayed flat has converged
+    (issue 24's recipe: +0.004 here, +0.034 by quarters)."""
     tail = max(len(dice) // 4, min(len(dice), 3))
     if len(dice) < 2:
         return None
@@ -375,15 +376,14 @@ def late_gain(dice: Sequence[float]) -> float | None:
 
 def mean_late_gain(runs: Iterable[list[Row]]) -> tuple[float, int, float] | None:
     """The loss's runs' mean late_gain (an early-stopped run had none left: 0), how many runs it
-    averages, and the one-sided p of a t-test that it is above 0 (nan for one run); None when
-    no run has one. One run's gain, four selection patients' Dice over a few epochs, is noisy
+    averages, and the one-sided p of a t-test that it is above 0 (nan for one run or gains all
+    alike); None when no run has one. One run's gain, four selection patients' Dice over a few epochs, is noisy
     (tests/test_statistics.py simulates it); the runs are the replicates that test it."""
     gains = [0.0 if r[0].get("stopped_early") is True else r[0]["late_gain"]
              for r in runs if r[0].get("stopped_early") is True or _present(r[0], "late_gain")]
     if not gains:
         return None
-    spread = np.std(gains, ddof=1) if len(gains) > 1 else math.nan
-    p = (math.nan if not spread > 0 else  # one run, or all alike: nothing to test against
+    p = (math.nan if len(set(gains)) < 2 else  # one run, or all alike: nothing to test with
          float(stats.ttest_1samp(gains, 0.0, alternative="greater").pvalue))
     return float(np.mean(gains)), len(gains), p
 
@@ -402,10 +402,11 @@ def loss_flags(rows: list[Row]) -> list[str]:
         flags.append(f"degenerate in {len(degenerate)} of {len(runs)} runs "
                      f"({'; '.join(reasons)})")
     if late is not None and late[0] > LATE_GAIN and not late[2] >= ALPHA:
-        tested = "" if math.isnan(late[2]) else f", above 0 at p = {late[2]:.2g}"
+        tested = (f"mean of {late[1]} runs, above 0 at p = {late[2]:.2g}; bound {LATE_GAIN}"
+                  if not math.isnan(late[2]) else f"{late[1]} run{'s' * (late[1] > 1)}, "
+                  f"nothing to test with: judged by the bound {LATE_GAIN} alone")
         flags.append(f"not converged: selection Dice still rising at the end, +{late[0]:.3f} "
-                     f"over the last quarter of the epochs (mean of {late[1]} runs{tested}; "
-                     f"bound {LATE_GAIN})")
+                     f"over the last quarter of the epochs ({tested})")
     return flags
 
 
