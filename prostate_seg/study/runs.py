@@ -27,7 +27,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import prostate_seg
 from prostate_seg.errors import ConfigError
 from prostate_seg.files import write_json, write_text
-from prostate_seg.study.statistics import late_gain
 
 STATUS_FILE = "status.json"
 RESULTS_FILE = "results.json"
@@ -367,6 +366,8 @@ class RunStatus:
 def run_late_gain(run_dir: Path) -> float | None:
     """The run's late_gain, read off its selection curve and rounded as results.json keeps
     it; None with under two epochs scored."""
+    # here, not at the top: the CLI's help and config errors import this module, not numpy
+    from prostate_seg.study.statistics import late_gain
     dice = [h["select/dice"] for h in read_history(run_dir) if "select/dice" in h]
     gain = late_gain([d for d in dice if math.isfinite(d)])
     return None if gain is None else round(gain, 4)
