@@ -156,6 +156,29 @@ def test_augmented_mask_follows_its_image(cache, context, tmp_path):
     assert len({m.numpy().tobytes() for m in masks}) > 6
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_the_transforms_of_a_pipeline_draw_independently(nested, tmp_path):
+    """Two flips at p = 0.5 give all four combinations about equally often. albumentations seeds
+    every child of a Compose with its own seed, so the two drew the same numbers: both or
+    neither, never one alone (and in the study's pipeline, no vertical flip without a
+    horizontal one)."""
+    import albumentations as A
+
+    image = np.zeros((8, 8), np.uint8)
+    image[0, 1] = 255  # one pixel off both axes: where it lands says which flips ran
+    paths = [tmp_path / "image.png", tmp_path / "mask.png"]
+    for path in paths:
+        cv2.imwrite(str(path), image)
+    vertical = A.VerticalFlip(p=0.5)
+    transform = A.Compose([A.HorizontalFlip(p=0.5), A.Compose([vertical]) if nested else vertical])
+    dataset = SliceDataset([SliceRecord("p", 0, *paths, 8, 8)], transform)
+    dataset.reseed(3)
+    where = [tuple(np.argwhere(dataset[0]["mask"][0].numpy() > 0.5)[0]) for _ in range(800)]
+    counts = {spot: where.count(spot) for spot in [(0, 1), (0, 6), (7, 1), (7, 6)]}
+    assert sum(counts.values()) == 800
+    assert all(150 < n < 250 for n in counts.values()), counts
+
+
 def test_each_loader_worker_draws_its_own_augmentations(prepared_copy, tmp_path):
     dm = datamodule(prepared_copy, tmp_path)
     loader = DataLoader(dm.train_set, sampler=[3] * 4, batch_size=1, num_workers=2,

@@ -165,7 +165,7 @@ class SliceDataset(Dataset):
     def reseed(self, seed: int) -> None:
         """Give the augmentation its own random stream (called in each loader worker)."""
         if self.transform is not None:
-            self.transform.set_random_seed(seed)
+            seed_transform(self.transform, seed)
 
     def _image(self, i: int) -> np.ndarray:
         return self._images[i] if self._images is not None else read_png(self.records[i].image)
@@ -193,6 +193,17 @@ class SliceDataset(Dataset):
             "volume": self.volume_index[index],
             "slice": self.records[index].slice,
         }
+
+
+def seed_transform(transform: A.BasicTransform, seed: int) -> None:
+    """Seed a pipeline with one stream per transform. albumentations' ``set_random_seed`` hands a
+    Compose's seed to every child unchanged, so children that draw alike draw the same numbers:
+    a vertical flip only ever came with a horizontal one, blur with noise."""
+    transform.set_random_seed(seed)
+    children = [t for t in getattr(transform, "transforms", [])
+                if isinstance(t, (A.BasicTransform, A.BaseCompose))]
+    for child, own in zip(children, np.random.SeedSequence(seed).generate_state(len(children))):
+        seed_transform(child, int(own))
 
 
 def init_worker(worker_id: int) -> None:
