@@ -1,6 +1,7 @@
 """Accuracy on real scans: PROMISE12 T2 volumes (../shared/data/prostate_t2), by fold.
 
     python benchmarks/real_data_accuracy.py --setting cpu --runs recipe     # the bar: fold 0
+    python benchmarks/real_data_accuracy.py --runs recipe --seeds 0,1,2,3   # four replicates
     python benchmarks/real_data_accuracy.py --runs norm --folds 0,1   # issue 24's last table
     python benchmarks/real_data_accuracy.py --setting gpu --runs recipe,study --folds 0,1,2,3,4
 
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from scipy import stats
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -131,12 +133,14 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores"
 
 
-def run_one(name: str, fold: int, data_dir: Path, workdir: Path, setting: dict[str, Any],
-            reuse: list[Path], only_reused: bool = False) -> dict[str, Any] | None:
+def run_one(name: str, fold: int, seed: int | None, data_dir: Path, workdir: Path,
+            setting: dict[str, Any], reuse: list[Path],
+            only_reused: bool = False) -> dict[str, Any] | None:
     """Train (or take a finished run of the same name, fold and overrides from ``reuse``) and
     evaluate its checkpoints on the fold's held-out patients; None if not reused and
-    ``only_reused``."""
+    ``only_reused``. ``seed``: the run's (None: the config's)."""
     overrides = [f"data.image_size={setting['image_size']}", *setting["overrides"],
+                 *([] if seed is None else [f"seed={seed}"]),
                  *RUNS[name][0], f"data.fold={fold}", f"++trainer.max_time={setting['budget']}",
                  "callbacks.early_stopping=null", "callbacks.progress_bar.refresh_rate=0"]
     tag = {"run": name, "fold": fold, "overrides": overrides, "intensity": RUNS[name][1]}
@@ -157,7 +161,8 @@ def run_one(name: str, fold: int, data_dir: Path, workdir: Path, setting: dict[s
         results = train(cfg)
         record = {**tag, "seconds": time.time() - started}
         (folder / TAG).write_text(json.dumps(record))
-    row: dict[str, Any] = {"run": name, "fold": fold, "epochs": results["epochs_trained"],
+    row: dict[str, Any] = {"run": name, "fold": fold, "seed": seed,
+                           "epochs": results["epochs_trained"],
                            "train_min": record["seconds"] / 60,
                            "select_dice_training": results["select/dice"],
                            # read off the curve: a reused run is judged by the current rule
@@ -173,8 +178,8 @@ def run_one(name: str, fold: int, data_dir: Path, workdir: Path, setting: dict[s
         if key not in scored:
             scored[key] = evaluate_checkpoint(key[0], keep_largest=keep_largest, tta=tta)
         row[label] = scored[key]
-    print(f"{name}, fold {fold}: " + ", ".join(f"{label} {mean(row[label], 'dice'):.4f}"
-                                               for label, *_ in EVALUATIONS)
+    print(f"{name}, fold {fold}{'' if seed is None else f', seed {seed}'}: "
+          + ", ".join(f"{label} {mean(row[label], 'dice'):.4f}" for label, *_ in EVALUATIONS)
           + f" ({row['epochs']} epochs, {row['train_min']:.1f} min)", flush=True)
     return row
 
@@ -229,15 +234,17 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
         "the pace of a line fitted through them (the report flags a loss whose runs average "
         f"above {LATE_GAIN}, and above 0 by a t-test).",
         "",
-        "| run | fold | " + " | ".join(f"Dice {label}" for label in labels)
+        "| run | fold | seed | " + " | ".join(f"Dice {label}" for label in labels)
         + " | precision / recall plain | precision / recall +LCC+TTA"
         " | select/dice (training, network size) | late gain | epochs | training min |",
-        "|---|---|" + "---|" * (len(labels) + 6),
+        "|---|---|---|" + "---|" * (len(labels) + 6),
     ]
-    for row in sorted(rows, key=lambda r: (list(RUNS).index(r["run"]), r["fold"])):
+    for row in sorted(rows, key=lambda r: (list(RUNS).index(r["run"]), r["fold"],
+                                           r["seed"] or 0)):
         plain, chosen = row["plain"], row["+LCC+TTA"]
         gain = "–" if row["late_gain"] is None else f"{row['late_gain']:+.4f}"
-        lines.append(f"| {row['run']}{' *' if row['reused'] else ''} | {row['fold']} | "
+        seed = "config" if row["seed"] is None else row["seed"]
+        lines.append(f"| {row['run']}{' *' if row['reused'] else ''} | {row['fold']} | {seed} | "
                      + " | ".join(dice_cell(row[label]) for label in labels)
                      + f" | {mean(plain, 'precision'):.3f} / {mean(plain, 'recall'):.3f}"
                      f" | {mean(chosen, 'precision'):.3f} / {mean(chosen, 'recall'):.3f} | "
@@ -245,14 +252,17 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
                      f"{row['train_min']:.1f} |")
     runs = sorted({row["run"] for row in rows}, key=list(RUNS).index)
     folds = sorted({row["fold"] for row in rows})
+    lines += over_seeds(rows, runs, folds)
     if len(folds) > 1:
-        lines += ["", f"Over folds {', '.join(map(str, folds))} (each patient once, +LCC+TTA):",
-                  "", "| run | folds | patients | Dice | precision | recall |",
-                  "|---|---|---|---|---|---|"]
-        for run in runs:
-            mine = [row for row in rows if row["run"] == run]
+        lines += ["", f"Over folds {', '.join(map(str, folds))} (each patient once a seed, "
+                  "+LCC+TTA):", "", "| run | seed | folds | patients | Dice | precision | recall |",
+                  "|---|---|---|---|---|---|---|"]
+        for run, seed in dict.fromkeys((row["run"], row["seed"]) for row in sorted(
+                rows, key=lambda r: (list(RUNS).index(r["run"]), r["seed"] or 0))):
+            mine = [row for row in rows if row["run"] == run and row["seed"] == seed]
             patients = [p for row in mine for p in row["+LCC+TTA"]]
-            lines.append(f"| {run} | {len(mine)} | {len(patients)} | {dice_cell(patients)} | "
+            lines.append(f"| {run} | {'config' if seed is None else seed} | {len(mine)} | "
+                         f"{len(patients)} | {dice_cell(patients)} | "
                          f"{mean(patients, 'precision'):.3f} | {mean(patients, 'recall'):.3f} |")
     first = rows[0]
     lines += ["", f"Per patient ({first['run']}, fold {first['fold']}, plain):", "",
@@ -261,6 +271,36 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
         lines.append(f"| {p['patient']} | {p['dice']:.4f} | {p['precision']:.4f} | "
                      f"{p['recall']:.4f} | {p['hd95']:.1f} {p['hd95_unit']} |")
     return "\n".join(lines) + "\n"
+
+
+def over_seeds(rows: list[dict[str, Any]], runs: list[str], folds: list[int]) -> list[str]:
+    """Each run and fold trained under several seeds, summarised with the trained run as the
+    replicate: every patient of a run is scored by one model, so a lucky run lifts them all
+    together and the spread that matters is the one between runs."""
+    groups = [(run, fold, [r for r in rows if r["run"] == run and r["fold"] == fold])
+              for run in runs for fold in folds]
+    groups = [(run, fold, mine) for run, fold, mine in groups if len(mine) > 1]
+    if not groups:
+        return []
+    lines = ["", "Over seeds (each run's mean over its patients, then mean ± SD over the runs, "
+             "and the 95 % t interval of that mean: training randomness, the runs as "
+             "replicates):", "",
+             "| run | fold | runs | Dice plain | 95 % CI | min - max | Dice +LCC+TTA | 95 % CI "
+             "| precision / recall plain |", "|---|---|---|---|---|---|---|---|---|"]
+    for run, fold, mine in groups:
+        cells = []
+        for label in ("plain", "+LCC+TTA"):
+            dice = np.array([mean(r[label], "dice") for r in mine])
+            half = stats.t.ppf(0.975, len(dice) - 1) * dice.std(ddof=1) / np.sqrt(len(dice))
+            cells.append(f"{dice.mean():.4f} ± {dice.std(ddof=1):.4f} | "
+                         f"{dice.mean() - half:.3f} - {dice.mean() + half:.3f}")
+            if label == "plain":
+                cells.append(f"{dice.min():.3f} - {dice.max():.3f}")
+        precision = np.mean([mean(r["plain"], "precision") for r in mine])
+        recall = np.mean([mean(r["plain"], "recall") for r in mine])
+        lines.append(f"| {run} | {fold} | {len(mine)} | {' | '.join(cells)} | "
+                     f"{precision:.3f} / {recall:.3f} |")
+    return lines
 
 
 def write_section(path: Path, key: str, text: str) -> None:
@@ -326,13 +366,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--max-epochs", type=int, default=None, help="override (smoke checks)")
     parser.add_argument("--max-time", default=None,
                         help="training's time cap, DD:HH:MM:SS (default: the setting's)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="the runs' seed, for another replicate of training (default: the "
-                        "config's)")
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds, each run trained once per seed: replicates "
+                        "of training, summarised over runs (default: the config's seed)")
     args = parser.parse_args(argv)
     setting = dict(SETTINGS[args.setting])
-    if args.seed is not None:
-        setting["overrides"] = [*setting["overrides"], f"seed={args.seed}"]
     if args.max_epochs is not None:
         setting["overrides"] = [*setting["overrides"], f"trainer.max_epochs={args.max_epochs}"]
     setting["budget"] = args.max_time or setting["budget"]
@@ -347,16 +385,19 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     command = "python benchmarks/real_data_accuracy.py " + " ".join(argv or sys.argv[1:])
     rows = []
     folds = [int(f) for f in args.folds.split(",")]
-    for name, fold in [(n, f) for n in names for f in folds]:
+    seeds = [None] if args.seeds is None else [int(s) for s in args.seeds.split(",")]
+    for name, fold, seed in [(n, f, s) for n in names for f in folds for s in seeds]:
         data_dir = own_split(prepared(args, setting, RUNS[name][1]), RUNS[name][0])
-        row = run_one(name, fold, data_dir, workdir, setting, reuse, args.only_reused)
+        row = run_one(name, fold, seed, data_dir, workdir, setting, reuse, args.only_reused)
         if row is None:
             continue
         rows.append(row)
         # the table is rewritten after every run: a cut-short benchmark keeps what it measured
         text = markdown(args.setting, rows, command, time.time() - started)
-        seed = "" if args.seed is None else f":seed {args.seed}"
-        write_section(args.results, f"{args.setting}:{args.runs}:folds {args.folds}{seed}", text)
+        key = f"{args.setting}:{args.runs}:folds {args.folds}"
+        if args.seeds is not None:  # one seed: the key earlier sections were written under
+            key += f":seed{'s' if len(seeds) > 1 else ''} {args.seeds}"
+        write_section(args.results, key, text)
     if rows:
         print(text)
     return rows
