@@ -158,10 +158,10 @@ def test_augmented_mask_follows_its_image(cache, context, tmp_path):
 
 @pytest.mark.parametrize("nested", [False, True])
 def test_the_transforms_of_a_pipeline_draw_independently(nested, tmp_path):
-    """Two flips at p = 0.5 give all four combinations about equally often. albumentations seeds
-    every child of a Compose with its own seed, so the two drew the same numbers: both or
-    neither, never one alone (and in the study's pipeline, no vertical flip without a
-    horizontal one)."""
+    """Two flips at p = 0.5 give all four combinations about equally often, also inside a
+    nested pipeline. albumentations seeds every child of a Compose with the Compose's own seed,
+    so the two drew the same numbers: both or neither, never one alone (and in the study's
+    pipeline, no vertical flip without a horizontal one)."""
     import albumentations as A
 
     image = np.zeros((8, 8), np.uint8)
@@ -169,8 +169,8 @@ def test_the_transforms_of_a_pipeline_draw_independently(nested, tmp_path):
     paths = [tmp_path / "image.png", tmp_path / "mask.png"]
     for path in paths:
         cv2.imwrite(str(path), image)
-    vertical = A.VerticalFlip(p=0.5)
-    transform = A.Compose([A.HorizontalFlip(p=0.5), A.Compose([vertical]) if nested else vertical])
+    flips = [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+    transform = A.Compose([A.Sequential(flips, p=1)] if nested else flips)
     dataset = SliceDataset([SliceRecord("p", 0, *paths, 8, 8)], transform)
     dataset.reseed(3)
     where = [tuple(np.argwhere(dataset[0]["mask"][0].numpy() > 0.5)[0]) for _ in range(800)]

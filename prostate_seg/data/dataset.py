@@ -195,7 +195,7 @@ class SliceDataset(Dataset):
         }
 
 
-def seed_transform(transform: A.BasicTransform, seed: int) -> None:
+def seed_transform(transform: A.BasicTransform | A.BaseCompose, seed: int) -> None:
     """Seed a pipeline with one stream per transform. albumentations' ``set_random_seed`` hands a
     Compose's seed to every child unchanged, so children that draw alike draw the same numbers:
     a vertical flip only ever came with a horizontal one, blur with noise."""
