@@ -124,6 +124,9 @@ GROUPS = {"recipe": [RECIPE],
           "longer": ["recipe, 24 epochs"],
           "study": ["study recipe (Dice loss, Adam 1e-4)"]}
 SPLIT_OVERRIDES = ("data.select_fraction=", "data.split_seed=", "data.folds=")
+# Runs trained before each transform drew from its own stream (their flips, blur and noise drew
+# alike) are not reused as today's.
+AUGMENT_STREAMS = "own"
 TAG = "benchmark_run.json"  # in a run folder: which run and fold it is, and its training time
 LAST, RAW = "last epoch +LCC+TTA", "last epoch not averaged +LCC+TTA"
 EVALUATIONS = (("plain", False, False), ("+LCC", True, False), ("+LCC+TTA", True, True),
@@ -141,12 +144,12 @@ def run_one(name: str, fold: int, seed: int | None, data_dir: Path, workdir: Pat
             only_reused: bool = False) -> dict[str, Any] | None:
     """Train (or take a finished run of the same name, fold and overrides from ``reuse``) and
     evaluate its checkpoints on the fold's held-out patients; None if not reused and
-    ``only_reused``. ``seed``: the run's (None: the config's)."""
+    ``only_reused``. ``seed``: the run's (None: the config's), among ``setting``'s overrides."""
     overrides = [f"data.image_size={setting['image_size']}", *setting["overrides"],
-                 *([] if seed is None else [f"seed={seed}"]),
                  *RUNS[name][0], f"data.fold={fold}", f"++trainer.max_time={setting['budget']}",
                  "callbacks.early_stopping=null", "callbacks.progress_bar.refresh_rate=0"]
-    tag = {"run": name, "fold": fold, "overrides": overrides, "intensity": RUNS[name][1]}
+    tag = {"run": name, "fold": fold, "overrides": overrides, "intensity": RUNS[name][1],
+           "augment_streams": AUGMENT_STREAMS}
     recorded = [(f.parent, json.loads(f.read_text())) for f in reuse]
     done = [(folder, r) for folder, r in recorded if {k: r.get(k) for k in tag} == tag
             and (folder / "results.json").is_file()]
@@ -267,6 +270,14 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
             lines.append(f"| {run} | {'config' if seed is None else seed} | {len(mine)} | "
                          f"{len(patients)} | {dice_cell(patients)} | "
                          f"{mean(patients, 'precision'):.3f} | {mean(patients, 'recall'):.3f} |")
+        for run in runs:  # the figure a bar over folds is judged on: its spread over the seeds
+            seeds = {row["seed"] for row in rows if row["run"] == run}
+            pooled = [[p for row in rows if row["run"] == run and row["seed"] == seed
+                       for p in row["+LCC+TTA"]] for seed in seeds]
+            if len(seeds) > 1:
+                dice = np.array([mean(patients, "dice") for patients in pooled])
+                lines.append(f"| {run} | mean of {len(seeds)} seeds | | | {dice.mean():.4f} ± "
+                             f"{dice.std(ddof=1):.4f} (SD over seeds) | | |")
     first = rows[0]
     lines += ["", f"Per patient ({first['run']}, fold {first['fold']}, plain):", "",
               "| patient | Dice | precision | recall | HD95 |", "|---|---|---|---|---|"]
@@ -374,8 +385,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         "of training, summarised over runs (default: the config's seed)")
     args = parser.parse_args(argv)
     setting = dict(SETTINGS[args.setting])
-    if args.max_epochs is not None:
-        setting["overrides"] = [*setting["overrides"], f"trainer.max_epochs={args.max_epochs}"]
+    epochs = [] if args.max_epochs is None else [f"trainer.max_epochs={args.max_epochs}"]
     setting["budget"] = args.max_time or setting["budget"]
     started = time.time()
     unknown = sorted(set(g.strip() for g in args.runs.split(",")) - set(GROUPS))
@@ -391,7 +401,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     seeds = [None] if args.seeds is None else [int(s) for s in args.seeds.split(",")]
     for name, fold, seed in [(n, f, s) for n in names for f in folds for s in seeds]:
         data_dir = own_split(prepared(args, setting, RUNS[name][1]), RUNS[name][0])
-        row = run_one(name, fold, seed, data_dir, workdir, setting, reuse, args.only_reused)
+        own = [*setting["overrides"], *([] if seed is None else [f"seed={seed}"]), *epochs]
+        row = run_one(name, fold, seed, data_dir, workdir, {**setting, "overrides": own}, reuse,
+                      args.only_reused)
         if row is None:
             continue
         rows.append(row)

@@ -2,6 +2,7 @@
 summarised with the trained run as the replicate, and pooled over folds once per seed."""
 
 import importlib.util
+import json
 import re
 
 import pytest
@@ -44,5 +45,42 @@ def test_folds_are_pooled_once_a_seed_and_one_seed_has_no_seed_summary(bench):
     pooled = re.findall(rf"^\| {re.escape(bench.RECIPE)} \| (\d) \| 2 \| 4 \| ([0-9.]+) ±", text,
                         re.M)
     assert pooled == [("0", "0.6000"), ("1", "0.7000")]  # 2 folds, 4 patients, each seed apart
+    assert f"| {bench.RECIPE} | mean of 2 seeds | | | 0.6500 ± 0.0707 (SD over seeds) |" in text
     single = bench.markdown("cpu", [row(bench, 0, None, 0.7)], "cmd", 60)
     assert "Over seeds" not in single and f"| {bench.RECIPE} | 0 | config |" in single
+
+
+def test_a_run_is_reused_only_for_the_same_seed_and_augmentation_streams(bench, tmp_path,
+                                                                           monkeypatch):
+    """A finished run is evaluated again, not retrained, for the same run, fold and seed; a run
+    of another seed, or one trained before each transform drew from its own stream (its tag
+    lacks the mark), is not taken (training and evaluation stubbed)."""
+    def train(folder):
+        results = {"epochs_trained": 2, "select/dice": 0.8, "best_epoch": 1,
+                   "best_checkpoint": str(folder / "final.ckpt")}
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps(results))
+        return results
+
+    monkeypatch.setattr(bench, "compose_config", lambda name, overrides, folder: folder)
+    monkeypatch.setattr(bench, "train", train)
+    monkeypatch.setattr(bench, "run_late_gain", lambda folder: 0.0)
+    monkeypatch.setattr(bench, "not_averaged", lambda last: last)
+    monkeypatch.setattr(bench, "evaluate_checkpoint",
+                        lambda *args, **kwargs: [{"dice": 0.7, "precision": 0.7, "recall": 0.7}])
+    setting = {**bench.SETTINGS["cpu"], "overrides": ["seed=1"]}
+    work = tmp_path / "work"
+    work.mkdir()
+
+    def reused(seed_setting):
+        return bench.run_one(bench.RECIPE, 0, 1, tmp_path, work, seed_setting,
+                             list(work.rglob(bench.TAG)), only_reused=True)
+
+    assert bench.run_one(bench.RECIPE, 0, 1, tmp_path, work, setting, [])["reused"] is False
+    assert reused(setting)["reused"] is True
+    assert reused({**setting, "overrides": ["seed=2"]}) is None
+    tag = work / "0" / bench.TAG
+    record = json.loads(tag.read_text())
+    del record["augment_streams"]
+    tag.write_text(json.dumps(record))
+    assert reused(setting) is None
