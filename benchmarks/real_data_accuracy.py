@@ -211,6 +211,10 @@ def mean(patients: list[dict[str, Any]], key: str) -> float:
     return float(np.mean([p[key] for p in patients]))
 
 
+def seed_cell(seed: int | None) -> str:
+    return "config" if seed is None else str(seed)
+
+
 def dice_cell(patients: list[dict[str, Any]]) -> str:
     dice = np.array([p["dice"] for p in patients])
     return f"{dice.mean():.4f} ± {dice.std(ddof=1):.4f}"
@@ -249,8 +253,8 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
                                            r["seed"] or 0)):
         plain, chosen = row["plain"], row["+LCC+TTA"]
         gain = "–" if row["late_gain"] is None else f"{row['late_gain']:+.4f}"
-        seed = "config" if row["seed"] is None else row["seed"]
-        lines.append(f"| {row['run']}{' *' if row['reused'] else ''} | {row['fold']} | {seed} | "
+        lines.append(f"| {row['run']}{' *' if row['reused'] else ''} | {row['fold']} | "
+                     f"{seed_cell(row['seed'])} | "
                      + " | ".join(dice_cell(row[label]) for label in labels)
                      + f" | {mean(plain, 'precision'):.3f} / {mean(plain, 'recall'):.3f}"
                      f" | {mean(chosen, 'precision'):.3f} / {mean(chosen, 'recall'):.3f} | "
@@ -263,19 +267,18 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
         lines += ["", f"Over folds {', '.join(map(str, folds))} (each patient once a seed, "
                   "+LCC+TTA):", "", "| run | seed | folds | patients | Dice | precision | recall |",
                   "|---|---|---|---|---|---|---|"]
+        pooled: dict[str, list[float]] = {}  # run: each seed's Dice over the folds' patients
         for run, seed in dict.fromkeys((row["run"], row["seed"]) for row in sorted(
                 rows, key=lambda r: (list(RUNS).index(r["run"]), r["seed"] or 0))):
             mine = [row for row in rows if row["run"] == run and row["seed"] == seed]
             patients = [p for row in mine for p in row["+LCC+TTA"]]
-            lines.append(f"| {run} | {'config' if seed is None else seed} | {len(mine)} | "
+            pooled.setdefault(run, []).append(mean(patients, "dice"))
+            lines.append(f"| {run} | {seed_cell(seed)} | {len(mine)} | "
                          f"{len(patients)} | {dice_cell(patients)} | "
                          f"{mean(patients, 'precision'):.3f} | {mean(patients, 'recall'):.3f} |")
-        for run in runs:  # the figure a bar over folds is judged on: its spread over the seeds
-            seeds = {row["seed"] for row in rows if row["run"] == run}
-            pooled = [[p for row in rows if row["run"] == run and row["seed"] == seed
-                       for p in row["+LCC+TTA"]] for seed in seeds]
+        for run, seeds in pooled.items():  # what a bar over folds is judged on: the seeds' spread
             if len(seeds) > 1:
-                dice = np.array([mean(patients, "dice") for patients in pooled])
+                dice = np.array(seeds)
                 lines.append(f"| {run} | mean of {len(seeds)} seeds | | | {dice.mean():.4f} ± "
                              f"{dice.std(ddof=1):.4f} (SD over seeds) | | |")
     first = rows[0]
