@@ -364,6 +364,17 @@ def own_split(data_dir: Path, overrides: list[str]) -> Path:
     return copy
 
 
+def whole_numbers(text: str) -> list[int]:
+    """--folds and --seeds: distinct whole numbers, comma-separated (argparse names the option)."""
+    try:
+        numbers = [int(word) for word in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated whole numbers") from None
+    if len(set(numbers)) < len(numbers) or min(numbers) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a number or has a negative one")
+    return numbers
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -371,7 +382,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--data", type=Path,
                         default=Path(os.environ.get("PROSTATE_SEG_DATA", DEFAULT_DATA)))
     parser.add_argument("--runs", default="recipe", help=f"comma-separated: {', '.join(GROUPS)}")
-    parser.add_argument("--folds", default="0", help="comma-separated folds of the 5-fold split")
+    parser.add_argument("--folds", default="0", type=whole_numbers,
+                        help="comma-separated folds of the 5-fold split")
     parser.add_argument("--workdir", type=Path, default=REPO / "outputs" / "bench",
                         help="prepared scans and run folders")
     parser.add_argument("--reuse", type=Path, nargs="*", default=[],
@@ -383,7 +395,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--max-epochs", type=int, default=None, help="override (smoke checks)")
     parser.add_argument("--max-time", default=None,
                         help="training's time cap, DD:HH:MM:SS (default: the setting's)")
-    parser.add_argument("--seeds", default=None,
+    parser.add_argument("--seeds", default=None, type=whole_numbers,
                         help="comma-separated seeds, each run trained once per seed: replicates "
                         "of training, summarised over runs (default: the config's seed)")
     args = parser.parse_args(argv)
@@ -400,8 +412,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     reuse = [f for folder in args.reuse for f in folder.rglob(TAG)]
     command = "python benchmarks/real_data_accuracy.py " + " ".join(argv or sys.argv[1:])
     rows = []
-    folds = [int(f) for f in args.folds.split(",")]
-    seeds = [None] if args.seeds is None else [int(s) for s in args.seeds.split(",")]
+    folds, seeds = args.folds, args.seeds or [None]
     for name, fold, seed in [(n, f, s) for n in names for f in folds for s in seeds]:
         data_dir = own_split(prepared(args, setting, RUNS[name][1]), RUNS[name][0])
         own = [*setting["overrides"], *([] if seed is None else [f"seed={seed}"]), *epochs]
@@ -412,9 +423,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows.append(row)
         # the table is rewritten after every run: a cut-short benchmark keeps what it measured
         text = markdown(args.setting, rows, command, time.time() - started)
-        key = f"{args.setting}:{args.runs}:folds {args.folds}"
+        key = f"{args.setting}:{args.runs}:folds {','.join(map(str, folds))}"
         if args.seeds is not None:  # one seed: the key earlier sections were written under
-            key += f":seed{'s' if len(seeds) > 1 else ''} {args.seeds}"
+            key += f":seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
         write_section(args.results, key, text)
     if rows:
         print(text)

@@ -84,3 +84,13 @@ def test_a_run_is_reused_only_for_the_same_seed_and_augmentation_streams(bench, 
     del record["augment_streams"]
     tag.write_text(json.dumps(record))
     assert reused(setting) is None
+
+
+@pytest.mark.parametrize("option, value", [("--seeds", "1,x"), ("--seeds", "2,2"),
+                                           ("--folds", ""), ("--folds", "-1")])
+def test_bad_folds_or_seeds_are_one_line_naming_the_option(bench, option, value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bench.main([option, value])
+    assert stop.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert f"argument {option}: {value!r}" in line
