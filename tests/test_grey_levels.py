@@ -1,0 +1,86 @@
+"""benchmarks/grey_levels.py on a hand-made prepared folder: the gland's grey levels per patient."""
+
+import importlib.util
+
+import cv2
+import numpy as np
+import pytest
+from helpers import REPO
+
+
+@pytest.fixture(scope="module")
+def grey():
+    spec = importlib.util.spec_from_file_location(
+        "grey_levels", REPO / "benchmarks" / "grey_levels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_prepared(root, slices):
+    """slices: (patient, image, mask) arrays; writes them as prepare does, with a manifest."""
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rows = ["patient,slice,image,mask"]
+    for k, (patient, image, mask) in enumerate(slices):
+        cv2.imwrite(str(root / "images" / f"{patient}_{k:03d}.png"), image.astype(np.uint8))
+        cv2.imwrite(str(root / "masks" / f"{patient}_{k:03d}.png"), mask.astype(np.uint8))
+        rows.append(f"{patient},{k},images/{patient}_{k:03d}.png,masks/{patient}_{k:03d}.png")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_gland_levels_per_patient_by_hand(grey, tmp_path):
+    """PatientA's gland: 10 pixels over two slices, 10, 20, ..., 100 (median 55, p10 19, p90
+    91, numpy's linear percentiles), the rest 7; a slice without gland counts for nothing.
+    PatientB's gland: 255 on 4 pixels and 100 on 4 (saturated 50 %), the rest 0 and 9."""
+    a1, m1 = np.full((4, 4), 7), np.zeros((4, 4))
+    a1.flat[:5], m1.flat[:5] = [10, 20, 30, 40, 50], 1
+    a2, m2 = np.full((4, 4), 7), np.zeros((4, 4))
+    a2.flat[:5], m2.flat[:5] = [60, 70, 80, 90, 100], 1
+    b, mb = np.zeros((4, 4)), np.zeros((4, 4))
+    b.flat[:8], mb.flat[:8] = [255] * 4 + [100] * 4, 1
+    b.flat[8:11] = 9
+    write_prepared(tmp_path, [("PatientA", a1, m1), ("PatientA", np.full((4, 4), 200),
+                                                     np.zeros((4, 4))),
+                              ("PatientA", a2, m2), ("PatientB", b, mb)])
+    levels = grey.grey_levels(tmp_path)
+    assert list(levels) == ["PatientA", "PatientB"]
+    a = levels["PatientA"]
+    assert (a["median"], a["p10"], a["p90"], a["saturated"], a["other"]) == (55, 19, 91, 0, 7)
+    assert levels["PatientB"]["saturated"] == 0.5 and levels["PatientB"]["median"] == 177.5
+    assert levels["PatientB"]["other"] == 0
+    table = grey.markdown(levels)
+    assert "| PatientA | 55 (19 - 91) | 0.0 % | 7 |" in table
+    assert "| PatientB | 178 (100 - 255) | 50.0 % | 0 |" in table
+
+
+def test_outliers_are_outside_tukeys_fences(grey):
+    """21 patients at 60..80, one at 96 and one at 97: quartiles 65.5 and 76.5 (numpy's linear
+    percentiles of 23 values), fences 49 and 93; only 96 and 97 lie outside. The extremes of a
+    tight spread are not flagged."""
+    levels = {f"Case{k:02d}": {"median": 60 + k} for k in range(21)}
+    levels |= {"Case96": {"median": 96}, "Case97": {"median": 97}}
+    assert grey.outliers(levels) == ["Case96", "Case97"]
+    del levels["Case96"], levels["Case97"]
+    assert grey.outliers(levels) == []
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("no manifest", "manifest.csv: not found"),
+    ("missing png", "PatientA_000.png: not a readable PNG"),
+    ("no mask column", "has no 'mask' column"),
+    ("no gland", "no slice has gland"),
+])
+def test_bad_prepared_folders_get_one_line(grey, tmp_path, damage, named):
+    image, mask = np.full((4, 4), 50), np.ones((4, 4))
+    write_prepared(tmp_path, [("PatientA", image, mask if damage != "no gland" else 0 * mask)])
+    if damage == "no manifest":
+        (tmp_path / "manifest.csv").unlink()
+    elif damage == "missing png":
+        (tmp_path / "images" / "PatientA_000.png").unlink()
+    elif damage == "no mask column":
+        text = (tmp_path / "manifest.csv").read_text().replace(",mask", ",label")
+        (tmp_path / "manifest.csv").write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        grey.grey_levels(tmp_path)
+    assert named in str(exc.value) and "\n" not in str(exc.value)
