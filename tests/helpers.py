@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -21,6 +22,14 @@ REAL_DATA = Path(os.environ.get("PROSTATE_SEG_DATA",
 TINY = ["model=unet_small", "model.net.features=[8,16]", "trainer=cpu", "data.image_size=48",
         "data.batch_size=8", "data.num_workers=0", "optimizer.lr=3e-3",
         "callbacks.progress_bar.refresh_rate=0"]
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:

@@ -1,22 +1,17 @@
 """benchmarks/real_data_accuracy.py's tables, on hand-made rows: runs of several seeds are
 summarised with the trained run as the replicate, and pooled over folds once per seed."""
 
-import importlib.util
 import json
 import re
 
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location(
-        "real_data_accuracy", REPO / "benchmarks" / "real_data_accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("real_data_accuracy")
 
 
 def row(bench, fold, seed, dice):

@@ -1,20 +1,14 @@
 """benchmarks/grey_levels.py on a hand-made prepared folder: the gland's grey levels per patient."""
 
-import importlib.util
-
 import cv2
 import numpy as np
 import pytest
-from helpers import REPO
+from helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def grey():
-    spec = importlib.util.spec_from_file_location(
-        "grey_levels", REPO / "benchmarks" / "grey_levels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("grey_levels")
 
 
 def write_prepared(root, slices):
