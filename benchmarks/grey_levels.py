@@ -13,51 +13,46 @@ quartiles).
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-
-def read_png(path: Path) -> np.ndarray:
-    pixels = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if pixels is None:
-        raise SystemExit(f"{path}: not a readable PNG")
-    return pixels
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from prostate_seg.data.dataset import check_files, read_manifest, read_png  # noqa: E402
+from prostate_seg.errors import DataError  # noqa: E402
 
 
 def grey_levels(prepared: Path) -> dict[str, dict[str, float]]:
-    """Per patient: gland median, p10, p90, saturated share, and the other pixels' median."""
-    manifest = prepared / "manifest.csv"
-    if not manifest.is_file():
-        raise SystemExit(f"{manifest}: not found (is {prepared} a folder `prepare` wrote?)")
-    gland: dict[str, list[np.ndarray]] = {}
-    other: dict[str, list[np.ndarray]] = {}
-    with manifest.open(newline="") as f:
-        for line, row in enumerate(csv.DictReader(f), start=2):
-            try:
-                patient, image, mask = row["patient"], row["image"], row["mask"]
-            except KeyError as exc:
-                raise SystemExit(f"{manifest}: line {line} has no {exc} column") from None
-            pixels, inside = read_png(prepared / image), read_png(prepared / mask) > 0
+    """Per patient: gland median, p10, p90, saturated share, and the median of the other pixels
+    of the slices that hold gland (the gland's surroundings, not the empty slices beyond it).
+    The slices are read and checked as training reads them: what the network sees."""
+    try:
+        records = read_manifest(prepared)
+        check_files(records, None)
+        gland: dict[str, list[np.ndarray]] = {}
+        other: dict[str, list[np.ndarray]] = {}
+        for record in records:
+            inside = read_png(record.mask) > 0
             if inside.any():
-                gland.setdefault(patient, []).append(pixels[inside])
-                other.setdefault(patient, []).append(pixels[~inside])
-    if not gland:
-        raise SystemExit(f"{manifest}: no slice has gland in its mask")
+                pixels = read_png(record.image)
+                gland.setdefault(record.patient, []).append(pixels[inside])
+                other.setdefault(record.patient, []).append(pixels[~inside])
+    except DataError as exc:
+        raise SystemExit(str(exc)) from None
     levels = {}
     for patient in sorted(gland):
         g, o = np.concatenate(gland[patient]), np.concatenate(other[patient])
         p10, median, p90 = np.percentile(g, [10, 50, 90])
         levels[patient] = {"median": median, "p10": p10, "p90": p90,
-                           "saturated": float(np.mean(g == 255)), "other": float(np.median(o))}
+                           "saturated": float(np.mean(g == 255)),
+                           "other": float(np.median(o)) if o.size else float("nan")}
     return levels
 
 
 def outliers(levels: dict[str, dict[str, float]]) -> list[str]:
-    """Patients whose gland median lies outside Tukey's fences of all patients' medians."""
+    """Patients whose gland median lies outside Tukey's fences of all patients' medians: the
+    quartiles, unlike a mean and SD, are not dragged by the outliers they are to find."""
     q1, q3 = np.percentile([v["median"] for v in levels.values()], [25, 75])
     low, high = q1 - 1.5 * (q3 - q1), q3 + 1.5 * (q3 - q1)
     return [p for p, v in levels.items() if not low <= v["median"] <= high]

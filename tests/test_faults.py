@@ -362,6 +362,11 @@ def _setup(data_dir):
     ("unreadable_png", "phantom003_004.png: not a PNG file"),
     ("truncated_png", "phantom003_004.png: truncated PNG"),
     ("wrong_size", "phantom003_004.png: 40x40 pixels, but the dataset was prepared at 48x48"),
+    ("sixteen_bit", "phantom003_004.png: 16 bits per sample"),
+    ("png_is_a_folder", "phantom003_004.png: cannot be read"),
+    ("short_row", "manifest.csv: line 3: malformed row"),
+    ("empty_path", "manifest.csv: line 2: malformed row (empty image or mask path)"),
+    ("not_utf8", "manifest.csv: not UTF-8 text"),
 ])
 def test_datamodule_setup_names_the_bad_file(damage, message, prepared_copy):
     victim = prepared_copy / "images" / "phantom003_004.png"
@@ -381,9 +386,32 @@ def test_datamodule_setup_names_the_bad_file(damage, message, prepared_copy):
     elif damage == "wrong_size":
         cv2.imwrite(str(victim), np.zeros((40, 40), np.uint8))
         cv2.imwrite(str(prepared_copy / "masks" / victim.name), np.zeros((40, 40), np.uint8))
+    elif damage == "sixteen_bit":
+        cv2.imwrite(str(victim), cv2.imread(str(victim), cv2.IMREAD_GRAYSCALE).astype(np.uint16))
+    elif damage == "png_is_a_folder":
+        victim.unlink()
+        victim.mkdir()
+    elif damage in ("short_row", "empty_path", "not_utf8"):
+        manifest = prepared_copy / "manifest.csv"
+        header, first, *rest = manifest.read_bytes().split(b"\n")
+        first = {"short_row": first, "not_utf8": first.replace(b"phantom", b"phant\xe9m"),
+                 "empty_path": b",".join(c if k != 2 else b"" for k, c in
+                                         enumerate(first.split(b",")))}[damage]
+        extra = [b"phantom000,0,images/x.png"] if damage == "short_row" else []
+        manifest.write_bytes(b"\n".join([header, first, *extra, *rest]))
     with pytest.raises(DataError) as info:
         _setup(prepared_copy)  # in this (main) process, before any loader worker exists
     assert message in str(info.value)
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_reads_the_same(prepared_copy):
+    """A spreadsheet writes a BOM before the header; it is no part of the first column's name."""
+    from prostate_seg.data.dataset import read_manifest
+
+    before = read_manifest(prepared_copy)
+    manifest = prepared_copy / "manifest.csv"
+    manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
+    assert read_manifest(prepared_copy) == before
 
 
 # --- 4. training faults ----------------------------------------------------------------------

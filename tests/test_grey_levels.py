@@ -12,14 +12,17 @@ def grey():
 
 
 def write_prepared(root, slices):
-    """slices: (patient, image, mask) arrays; writes them as prepare does, with a manifest."""
+    """slices: (patient, image, mask) arrays, masks 0/1; written as prepare does, with a manifest
+    (slices numbered 0 ... n-1 per patient)."""
     (root / "images").mkdir()
     (root / "masks").mkdir()
-    rows = ["patient,slice,image,mask"]
-    for k, (patient, image, mask) in enumerate(slices):
-        cv2.imwrite(str(root / "images" / f"{patient}_{k:03d}.png"), image.astype(np.uint8))
-        cv2.imwrite(str(root / "masks" / f"{patient}_{k:03d}.png"), mask.astype(np.uint8))
-        rows.append(f"{patient},{k},images/{patient}_{k:03d}.png,masks/{patient}_{k:03d}.png")
+    rows, count = ["patient,slice,image,mask,height,width"], {}
+    for patient, image, mask in slices:
+        k = count[patient] = count.get(patient, -1) + 1
+        name = f"{patient}_{k:03d}.png"
+        cv2.imwrite(str(root / "images" / name), image.astype(np.uint8))
+        cv2.imwrite(str(root / "masks" / name), 255 * mask.astype(np.uint8))
+        rows.append(f"{patient},{k},images/{name},masks/{name},4,4")
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
 
 
@@ -60,21 +63,31 @@ def test_outliers_are_outside_tukeys_fences(grey):
 
 
 @pytest.mark.parametrize("damage, named", [
-    ("no manifest", "manifest.csv: not found"),
-    ("missing png", "PatientA_000.png: not a readable PNG"),
-    ("no mask column", "has no 'mask' column"),
-    ("no gland", "no slice has gland"),
+    ("no manifest", "manifest.csv: manifest not found"),
+    ("missing png", "PatientA_000.png: file not found"),
+    ("no mask column", "manifest.csv: missing columns ['mask']"),
+    ("short row", "manifest.csv: line 3: malformed row"),
+    ("no gland", "no mask of the dataset holds a gland pixel"),
+    ("16-bit image", "PatientA_000.png: 16 bits per sample"),
+    ("mask of another size", "PatientA_000.png: mask is 2x2 but its image is 4x4"),
 ])
 def test_bad_prepared_folders_get_one_line(grey, tmp_path, damage, named):
+    """The slices are read and checked as training reads them, so the same one-line errors."""
     image, mask = np.full((4, 4), 50), np.ones((4, 4))
     write_prepared(tmp_path, [("PatientA", image, mask if damage != "no gland" else 0 * mask)])
+    manifest = tmp_path / "manifest.csv"
     if damage == "no manifest":
-        (tmp_path / "manifest.csv").unlink()
+        manifest.unlink()
     elif damage == "missing png":
         (tmp_path / "images" / "PatientA_000.png").unlink()
     elif damage == "no mask column":
-        text = (tmp_path / "manifest.csv").read_text().replace(",mask", ",label")
-        (tmp_path / "manifest.csv").write_text(text)
+        manifest.write_text(manifest.read_text().replace(",mask,", ",label,"))
+    elif damage == "short row":
+        manifest.write_text(manifest.read_text() + "PatientA,1,images/PatientA_001.png\n")
+    elif damage == "16-bit image":
+        cv2.imwrite(str(tmp_path / "images" / "PatientA_000.png"), np.full((4, 4), 50, np.uint16))
+    elif damage == "mask of another size":
+        cv2.imwrite(str(tmp_path / "masks" / "PatientA_000.png"), np.full((2, 2), 255, np.uint8))
     with pytest.raises(SystemExit) as exc:
         grey.grey_levels(tmp_path)
     assert named in str(exc.value) and "\n" not in str(exc.value)

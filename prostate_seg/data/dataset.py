@@ -40,22 +40,31 @@ def read_manifest(data_dir: Path) -> list[SliceRecord]:
     if not path.is_file():
         raise DataError(f"{path}: manifest not found (is {data_dir} made by "
                         "python -m prostate_seg prepare?)")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: missing columns {missing}")
+    # utf-8-sig: a manifest saved by a spreadsheet starts with a byte-order mark
+    with open(path, newline="", encoding="utf-8-sig") as f:
         try:
-            records = [SliceRecord(row["patient"], int(row["slice"]), data_dir / row["image"],
-                                   data_dir / row["mask"], int(row["height"]), int(row["width"]))
-                       for row in reader]
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"{path}: malformed row ({exc})") from None
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise DataError(f"{path}: missing columns {missing}")
+            records = [_record(row, data_dir, path, reader.line_num) for row in reader]
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if not records:
         raise DataError(f"{path}: no slices listed; the dataset is empty")
     records.sort(key=lambda r: (r.patient, r.slice))
     _check_slice_indices(records, path)
     return records
+
+
+def _record(row: dict[str, str | None], data_dir: Path, path: Path, line: int) -> SliceRecord:
+    try:
+        if not row["image"] or not row["mask"]:
+            raise ValueError("empty image or mask path")
+        return SliceRecord(row["patient"], int(row["slice"]), data_dir / row["image"],
+                           data_dir / row["mask"], int(row["height"]), int(row["width"]))
+    except (TypeError, ValueError) as exc:  # a short row's missing fields are None
+        raise DataError(f"{path}: line {line}: malformed row ({exc})") from None
 
 
 def _check_slice_indices(records: list[SliceRecord], path: Path) -> None:
@@ -76,10 +85,11 @@ def _check_slice_indices(records: list[SliceRecord], path: Path) -> None:
 
 
 def png_size(path: Path) -> tuple[int, int]:
-    """(height, width) from a PNG's header; checks that the file is a complete PNG."""
+    """(height, width) from a PNG's header; checks that the file is a complete PNG of 8-bit
+    samples (a 16-bit one would be read as its top 8 bits: a scan's grey levels crushed)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(24)
+            head = f.read(26)
             f.seek(0, 2)
             if f.tell() < 33:
                 raise DataError(f"{path}: not a PNG file (only {f.tell()} bytes)")
@@ -87,8 +97,13 @@ def png_size(path: Path) -> tuple[int, int]:
             tail = f.read(8)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror})") from None
     if head[:8] != _PNG_SIGNATURE or head[12:16] != b"IHDR":
         raise DataError(f"{path}: not a PNG file")
+    if head[24] == 16:
+        raise DataError(f"{path}: 16 bits per sample; slices must be 8-bit (as prepare writes "
+                        "them), or training would see only the top 8 bits")
     if tail != _PNG_END:
         raise DataError(f"{path}: truncated PNG (no IEND chunk at the end)")
     width, height = struct.unpack(">II", head[16:24])
