@@ -62,6 +62,22 @@ def test_outliers_are_outside_tukeys_fences(grey):
     assert grey.outliers(levels) == []
 
 
+def test_scores_add_dice_and_its_rank_correlation(grey, tmp_path):
+    """Gland medians 10 < 20 < 30 against Dice 0.9 > 0.8 > 0.7: Spearman -1; a patient without
+    a score shows a dash and is left out of the correlation; a patient in two files is refused."""
+    levels = {p: {"median": m, "p10": 0, "p90": 0, "saturated": 0.0, "other": 0.0}
+              for p, m in (("A", 10), ("B", 20), ("C", 30), ("D", 40))}
+    fold0, fold1 = tmp_path / "fold0.csv", tmp_path / "fold1.csv"
+    fold0.write_text("patient,split,dice\nA,val,0.9\nB,val,0.8\n")
+    fold1.write_text("patient,split,dice\nC,val,0.7\n")
+    table = grey.markdown(levels, grey.scores([fold0, fold1]))
+    assert "| A | 10 (0 - 0) | 0.0 % | 0 | 0.9000 |" in table
+    assert "| D | 40 (0 - 0) | 0.0 % | 0 | - |" in table
+    assert "with Dice over 3 patients: -1.00" in table
+    with pytest.raises(SystemExit, match="fold0.csv line 2: A is scored in an earlier file"):
+        grey.scores([fold0, fold0])
+
+
 @pytest.mark.parametrize("damage, named", [
     ("no manifest", "manifest.csv: manifest not found"),
     ("missing png", "PatientA_000.png: file not found"),
