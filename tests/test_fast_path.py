@@ -81,12 +81,14 @@ def test_sweep_throughput_benchmark_smoke_run(tmp_path):
 @pytest.mark.extra
 def test_step_time_benchmark_smoke_run():
     result = run_cli(str(REPO / "benchmarks" / "step_time.py"), "--size", "32", "--batch", "2",
-                     "--warmup", "0", "--steps", "1", "--widths", "32-256")
+                     "--warmup", "0", "--steps", "1", "--widths", "16-128", "--channels", "3",
+                     "--precisions", "fp32,bf16")
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(" 32-256")]
-    assert [(r[1], r[2]) for r in rows] == [("batch", "channels_last"), ("batch", "NCHW"),
-                                           ("instance", "channels_last"), ("instance", "NCHW")]
-    assert all(float(r[3]) > 0 for r in rows)
+    rows = [line.split() for line in result.stdout.splitlines() if line.startswith(" 16-128")]
+    assert [tuple(r[1:4]) for r in rows] == [
+        (norm, layout, precision) for norm in ("batch", "instance")
+        for layout in ("channels_last", "NCHW") for precision in ("fp32", "bf16")]
+    assert all(float(r[4]) > 0 for r in rows)
 
 
 @pytest.mark.extra
