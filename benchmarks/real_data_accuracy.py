@@ -13,11 +13,13 @@ with the command, machine, date, time taken and software versions. The study its
 loss with paired statistics, is docs/STUDY.md's.
 
 Runs (RUNS): the recipe (Dice loss, Adam 1e-3 with cosine decay, 2.5D input, instance norm,
-scale and intensity augmentation, windowed intensities, the last epoch's weights);
+scale and intensity augmentation, windowed intensities, the last epoch's weights; on the CPU in
+bf16 where the CPU has it, as experiment=cpu);
 ``generalisation`` and ``second-round``: issue 24's two rounds, each change alone and together;
 ``norm``: the recipe and the recipe with batch norm; ``ablations``: the recipe with one of its
-choices undone; ``budget``: the recipe with 16 epochs, without its cosine schedule, or with 8
-patients choosing the checkpoint (``epochs``: the 16 epochs alone); ``averaged``: 4 patients
+choices undone; ``fp32``: the recipe in fp32; ``160px``: the recipe at 160 px; ``budget``: the
+recipe with 16 epochs, without its cosine schedule, or with 8 patients choosing the checkpoint
+(``epochs``: the 16 epochs alone); ``averaged``: 4 patients
 choosing among exponential moving averages of the weights (``callbacks=averaged``); ``study``:
 the original study's (Dice loss, Adam 1e-4, constant lr, single slices, study augmentation,
 batch norm). Each run is evaluated with and without the largest connected component, flip
@@ -47,7 +49,7 @@ from scipy import stats
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from prostate_seg.config import compose_config  # noqa: E402
+from prostate_seg.config import compose_config, cpu_precision  # noqa: E402
 from prostate_seg.inference.evaluate import evaluate_checkpoint  # noqa: E402
 from prostate_seg.data.prepare import PrepareSettings, prepare  # noqa: E402
 from prostate_seg.data.split import SPLIT_FILE  # noqa: E402
@@ -61,8 +63,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": {
         "image_size": 128,
         "budget": "00:00:18:00",  # training stops here at the latest (20 min with the rest)
+        # experiment=cpu's precision: bf16 where the CPU has it (1.6x a step), else fp32
         "overrides": ["model=unet_small", "trainer=cpu", "data.batch_size=16",
-                      "trainer.max_epochs=24"],
+                      "trainer.max_epochs=24", f"trainer.precision={cpu_precision()}"],
     },
     "gpu": {
         "image_size": 256,
@@ -88,6 +91,7 @@ FIRST = "first round: scale + intensity augmentation, landmark intensities"
 # Second round, from FIRST to the recipe a change at a time (batch norm's frozen statistics
 # were what under-segmented the unseen centre).
 WITH_NORM = [*OLD[:-1], "model.net.norm=instance"]
+SIZE = "data.image_size="  # a run's own size wins over the setting's
 RUNS: dict[str, tuple[list[str], str]] = {
     RECIPE: (BASE, "window"),
     "before: study augmentation, windowed intensities": (BEFORE, "window"),
@@ -106,6 +110,8 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "recipe with the checkpoint 4 selection patients choose": (CHOSEN, "window"),
     "recipe without 2.5D (single slices)": ([*BASE[:3], "data.context_slices=0", *BASE[4:]],
                                             "window"),
+    "recipe in fp32": ([*BASE, "trainer.precision=32-true"], "window"),
+    "recipe at 160 px": ([*BASE, f"{SIZE}160"], "window"),
     "study recipe (Dice loss, Adam 1e-4)": (["loss=dice", "optimizer.lr=1e-4", *NO_SCALE,
                                              *NO_INTENSITY, "model.net.norm=batch"], "window"),
 }
@@ -122,6 +128,9 @@ GROUPS = {"recipe": [RECIPE],
           "averaged": ["recipe, averaged weights (EMA), chosen"],
           # the recipe's earlier length, which four seeds on fold 0 found short
           "epochs": ["recipe, 16 epochs"],
+          # the recipe before bf16 (1.6x slower where the CPU has bf16), and what bf16's time buys
+          "fp32": ["recipe in fp32"],
+          "160px": ["recipe at 160 px"],
           "study": ["study recipe (Dice loss, Adam 1e-4)"]}
 SPLIT_OVERRIDES = ("data.select_fraction=", "data.split_seed=", "data.folds=")
 # Runs trained before each transform drew from its own stream (their flips, blur and noise drew
@@ -145,8 +154,9 @@ def run_one(name: str, fold: int, seed: int | None, data_dir: Path, workdir: Pat
     """Train (or take a finished run of the same name, fold and overrides from ``reuse``) and
     evaluate its checkpoints on the fold's held-out patients; None if not reused and
     ``only_reused``. ``seed``: the run's (None: the config's), among ``setting``'s overrides."""
-    overrides = [f"data.image_size={setting['image_size']}", *setting["overrides"],
-                 *RUNS[name][0], f"data.fold={fold}", f"++trainer.max_time={setting['budget']}",
+    overrides = [f"{SIZE}{image_size(name, setting)}", *setting["overrides"],
+                 *[o for o in RUNS[name][0] if not o.startswith(SIZE)], f"data.fold={fold}",
+                 f"++trainer.max_time={setting['budget']}",
                  "callbacks.early_stopping=null", "callbacks.progress_bar.refresh_rate=0"]
     tag = {"run": name, "fold": fold, "overrides": overrides, "intensity": RUNS[name][1],
            "augment_streams": AUGMENT_STREAMS}
@@ -229,8 +239,9 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
         "",
         f"- command: `{command}`",
         f"- machine: {machine()}; date: {datetime.date.today().isoformat()}; {versions}",
-        "- data: the scans prepared at the setting's size (`window`: linear between each "
-        "scan's 0.5 and 99.5 percentiles, the study's; `landmarks`: `prepare intensity=landmarks`)",
+        "- data: the scans prepared at the setting's size or a run's own (`window`: linear "
+        "between each scan's 0.5 and 99.5 percentiles, the study's; `landmarks`: "
+        "`prepare intensity=landmarks`)",
         f"- this command's time (prepare, runs, evaluation): {seconds / 60:.1f} min"
         + ("; runs marked * were trained by an earlier command (--reuse) in the time shown"
            if any(row["reused"] for row in rows) else ""),
@@ -335,15 +346,20 @@ def write_section(path: Path, key: str, text: str) -> None:
     path.write_text(content)
 
 
-def prepared(args: argparse.Namespace, setting: dict[str, Any], intensity: str) -> Path:
-    """The scans prepared at the setting's size with ``intensity`` (made once, then reused)."""
+def image_size(name: str, setting: dict[str, Any]) -> int:
+    """The slices' size a run trains at: its own ``data.image_size=``, else the setting's."""
+    own = [int(o[len(SIZE):]) for o in RUNS[name][0] if o.startswith(SIZE)]
+    return own[-1] if own else setting["image_size"]
+
+
+def prepared(args: argparse.Namespace, size: int, intensity: str) -> Path:
+    """The scans prepared at ``size`` with ``intensity`` (made once, then reused)."""
     suffix = "" if intensity == "window" else f"_{intensity}"
-    data_dir = args.workdir / f"promise12_{setting['image_size']}{suffix}"
+    data_dir = args.workdir / f"promise12_{size}{suffix}"
     if not (data_dir / "manifest.csv").exists():
         if not args.data.is_dir():
             sys.exit(f"error: real data not found at {args.data} (set PROSTATE_SEG_DATA)")
-        prepare(args.data, data_dir, PrepareSettings(image_size=setting["image_size"],
-                                                     intensity=intensity),
+        prepare(args.data, data_dir, PrepareSettings(image_size=size, intensity=intensity),
                 workers=len(os.sched_getaffinity(0)))
     return data_dir
 
@@ -414,7 +430,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     folds, seeds = args.folds, args.seeds or [None]
     for name, fold, seed in [(n, f, s) for n in names for f in folds for s in seeds]:
-        data_dir = own_split(prepared(args, setting, RUNS[name][1]), RUNS[name][0])
+        data_dir = own_split(prepared(args, image_size(name, setting), RUNS[name][1]),
+                             RUNS[name][0])
         own = [*setting["overrides"], *([] if seed is None else [f"seed={seed}"]), *epochs]
         row = run_one(name, fold, seed, data_dir, workdir, {**setting, "overrides": own}, reuse,
                       args.only_reused)

@@ -70,6 +70,21 @@ def default_precision(accelerator: str) -> str:
     return "32-true"
 
 
+# Linux's list of what the CPU can do; the flags of native bf16 arithmetic (AVX512-BF16, AMX).
+_CPUINFO, _BF16_FLAGS = "/proc/cpuinfo", {"avx512_bf16", "amx_bf16"}
+
+
+def cpu_precision() -> str:
+    """bf16 mixed precision where the CPU computes in bf16 natively (1.6x the recipe's training
+    step, docs/RESULTS.md), fp32 where bf16 would be emulated or the CPU cannot be read."""
+    try:
+        lines = Path(_CPUINFO).read_text().splitlines()
+    except OSError:
+        return "32-true"
+    flags = {f for line in lines if line.startswith("flags") for f in line.split()}
+    return "bf16-mixed" if flags & _BF16_FLAGS else "32-true"
+
+
 def available_cpus() -> int:
     """CPUs this process may use: affinity, cgroup v2 quota, or a launcher's PROSTATE_SEG_CPUS."""
     if "PROSTATE_SEG_CPUS" in os.environ:
@@ -166,6 +181,7 @@ def _register_resolvers() -> None:
     resolvers = {
         "ps.uses_gpu": uses_gpu,
         "ps.precision": default_precision,
+        "ps.cpu_precision": cpu_precision,
         "ps.num_workers": default_num_workers,
         "ps.in_channels": lambda context: 1 + 2 * int(context),
         "ps.tversky_name": tversky_name,

@@ -82,6 +82,33 @@ def test_a_run_is_reused_only_for_the_same_seed_and_augmentation_streams(bench, 
     assert reused(setting) is None
 
 
+def test_a_run_of_its_own_size_trains_and_prepares_at_it(bench, tmp_path, monkeypatch):
+    """The 160-px run: one image size in its overrides (Hydra would take the last of two, a
+    reused run's tag would not), scans prepared at 160 px; the recipe keeps the setting's 128."""
+    composed, made = [], []
+
+    class Composed(Exception):
+        pass
+
+    def compose(name, overrides, folder):
+        composed.append(overrides)
+        raise Composed  # what it trains is all this test asks
+
+    monkeypatch.setattr(bench, "compose_config", compose)
+    monkeypatch.setattr(bench, "prepare", lambda src, out, settings, workers: made.append(
+        (out.name, settings.image_size)))
+    setting = bench.SETTINGS["cpu"]
+    for name in (bench.RECIPE, "recipe at 160 px"):
+        with pytest.raises(Composed):
+            bench.run_one(name, 0, None, tmp_path, tmp_path, setting, [])
+    sizes = [[o for o in overrides if o.startswith("data.image_size=")] for overrides in composed]
+    assert sizes == [["data.image_size=128"], ["data.image_size=160"]]
+    args = bench.argparse.Namespace(workdir=tmp_path, data=tmp_path)
+    for name in (bench.RECIPE, "recipe at 160 px"):
+        bench.prepared(args, bench.image_size(name, setting), "window")
+    assert made == [("promise12_128", 128), ("promise12_160", 160)]
+
+
 @pytest.mark.parametrize("option, value", [("--seeds", "1,x"), ("--seeds", "2,2"),
                                            ("--folds", ""), ("--folds", "-1")])
 def test_bad_folds_or_seeds_are_one_line_naming_the_option(bench, option, value, capsys):

@@ -89,6 +89,27 @@ def test_gpu_defaults_are_fast_and_cpu_defaults_plain(tmp_path):
     assert cpu.trainer.precision == "32-true" and cpu.model.compile is False
 
 
+@pytest.mark.parametrize("cpuinfo, expected", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n", "bf16-mixed"),
+    ("flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n", "bf16-mixed"),
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n", "32-true"),  # bf16 only emulated
+    ("model name\t: avx512_bf16 in a name\nflags\t\t: fpu avx2\n", "32-true"),
+    ("", "32-true"),
+    (None, "32-true"),  # no /proc (not Linux)
+])
+def test_cpu_bf16_only_where_the_cpu_has_it(tmp_path, monkeypatch, cpuinfo, expected):
+    """experiment=cpu trains in bf16 where the CPU lists native bf16 arithmetic, else fp32."""
+    from prostate_seg import config
+
+    info = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        info.write_text(cpuinfo)
+    monkeypatch.setattr(config, "_CPUINFO", str(info))
+    assert config.cpu_precision() == expected
+    cfg = compose_train(["experiment=cpu", "data.dir=."], tmp_path / "run")
+    assert cfg.trainer.precision == expected
+
+
 def test_auto_asks_torch_only_where_a_gpu_may_be(monkeypatch):
     """torch's answer wherever it is asked; no GPU (and no torch import) where none can be:
     every GPU hidden, or no NVIDIA driver device on the machine."""
