@@ -75,8 +75,8 @@ _CPUINFO, _BF16_FLAGS = "/proc/cpuinfo", {"avx512_bf16", "amx_bf16"}
 
 
 def cpu_precision() -> str:
-    """bf16 mixed precision where the CPU computes in bf16 natively (1.6x the recipe's training
-    step, docs/RESULTS.md), fp32 where bf16 would be emulated or the CPU cannot be read."""
+    """bf16 mixed precision where the CPU computes in bf16 natively (the same Dice sooner,
+    docs/RESULTS.md, eighth round), fp32 where bf16 would be emulated or the CPU cannot be read."""
     try:
         lines = Path(_CPUINFO).read_text().splitlines()
     except OSError:
