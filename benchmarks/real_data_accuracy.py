@@ -17,7 +17,8 @@ scale and intensity augmentation, windowed intensities, the last epoch's weights
 bf16 where the CPU has it, as experiment=cpu);
 ``generalisation`` and ``second-round``: issue 24's two rounds, each change alone and together;
 ``norm``: the recipe and the recipe with batch norm; ``ablations``: the recipe with one of its
-choices undone; ``fp32``: the recipe in fp32; ``160px``: the recipe at 160 px; ``budget``: the
+choices undone; ``fp32``: the recipe in fp32; ``160px``: the recipe at 160 px; ``bce``: the recipe with
+BCE + Dice, nnU-Net's loss; ``budget``: the
 recipe with 16 epochs, without its cosine schedule, or with 8 patients choosing the checkpoint
 (``epochs``: the 16 epochs alone); ``averaged``: 4 patients
 choosing among exponential moving averages of the weights (``callbacks=averaged``); ``study``:
@@ -63,7 +64,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "cpu": {
         "image_size": 128,
         "budget": "00:00:18:00",  # training stops here at the latest (20 min with the rest)
-        # experiment=cpu's precision: bf16 where the CPU has it (1.6x a step), else fp32
+        # experiment=cpu's precision: bf16 where the CPU has it, else fp32
         "overrides": ["model=unet_small", "trainer=cpu", "data.batch_size=16",
                       "trainer.max_epochs=24", f"trainer.precision={cpu_precision()}"],
     },
@@ -112,6 +113,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
                                             "window"),
     "recipe in fp32": ([*BASE, "trainer.precision=32-true"], "window"),
     "recipe at 160 px": ([*BASE, f"{SIZE}160"], "window"),
+    "recipe, BCE + Dice loss": (["loss=bce_tversky", *BASE[1:]], "window"),
     "study recipe (Dice loss, Adam 1e-4)": (["loss=dice", "optimizer.lr=1e-4", *NO_SCALE,
                                              *NO_INTENSITY, "model.net.norm=batch"], "window"),
 }
@@ -128,9 +130,11 @@ GROUPS = {"recipe": [RECIPE],
           "averaged": ["recipe, averaged weights (EMA), chosen"],
           # the recipe's earlier length, which four seeds on fold 0 found short
           "epochs": ["recipe, 16 epochs"],
-          # the recipe before bf16 (1.6x slower where the CPU has bf16), and what bf16's time buys
+          # the recipe before bf16, and what the time bf16 saves buys
           "fp32": ["recipe in fp32"],
           "160px": ["recipe at 160 px"],
+          # nnU-Net's loss: does BCE beside Dice steady the runs on a patient unlike the rest?
+          "bce": ["recipe, BCE + Dice loss"],
           "study": ["study recipe (Dice loss, Adam 1e-4)"]}
 SPLIT_OVERRIDES = ("data.select_fraction=", "data.split_seed=", "data.folds=")
 # Runs trained before each transform drew from its own stream (their flips, blur and noise drew
@@ -348,8 +352,8 @@ def write_section(path: Path, key: str, text: str) -> None:
 
 def image_size(name: str, setting: dict[str, Any]) -> int:
     """The slices' size a run trains at: its own ``data.image_size=``, else the setting's."""
-    own = [int(o[len(SIZE):]) for o in RUNS[name][0] if o.startswith(SIZE)]
-    return own[-1] if own else setting["image_size"]
+    return next((int(o[len(SIZE):]) for o in RUNS[name][0] if o.startswith(SIZE)),
+                setting["image_size"])
 
 
 def prepared(args: argparse.Namespace, size: int, intensity: str) -> Path:
