@@ -352,8 +352,8 @@ def write_section(path: Path, key: str, text: str) -> None:
 
 def image_size(name: str, setting: dict[str, Any]) -> int:
     """The slices' size a run trains at: its own ``data.image_size=``, else the setting's."""
-    return next((int(o[len(SIZE):]) for o in RUNS[name][0] if o.startswith(SIZE)),
-                setting["image_size"])
+    own = [int(o[len(SIZE):]) for o in RUNS[name][0] if o.startswith(SIZE)]
+    return own[-1] if own else setting["image_size"]  # the last override wins, as in Hydra
 
 
 def prepared(args: argparse.Namespace, size: int, intensity: str) -> Path:
