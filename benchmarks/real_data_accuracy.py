@@ -20,7 +20,7 @@ bf16 where the CPU has it, as experiment=cpu);
 choices undone; ``fp32``: the recipe in fp32; ``160px``: the recipe at 160 px; ``bce``: the recipe with
 BCE + Dice, nnU-Net's loss; ``budget``: the
 recipe with 16 epochs, without its cosine schedule, or with 8 patients choosing the checkpoint
-(``epochs``: the 16 epochs alone); ``averaged``: 4 patients
+(``epochs``: the 16 epochs alone; ``longer``: 32); ``averaged``: 4 patients
 choosing among exponential moving averages of the weights (``callbacks=averaged``); ``study``:
 the original study's (Dice loss, Adam 1e-4, constant lr, single slices, study augmentation,
 batch norm). Each run is evaluated with and without the largest connected component, flip
@@ -106,6 +106,7 @@ RUNS: dict[str, tuple[list[str], str]] = {
     "recipe with batch norm": ([*BASE[:-1], "model.net.norm=batch"], "window"),
     "recipe without cosine schedule": ([o for o in BASE if o != "scheduler=cosine"], "window"),
     "recipe, 16 epochs": ([*BASE, "trainer.max_epochs=16"], "window"),
+    "recipe, 32 epochs": ([*BASE, "trainer.max_epochs=32"], "window"),
     "recipe, 8 selection patients choosing": ([*CHOSEN, "data.select_fraction=0.3"], "window"),
     "recipe, averaged weights (EMA), chosen": ([*CHOSEN, "callbacks=averaged"], "window"),
     "recipe with the checkpoint 4 selection patients choose": (CHOSEN, "window"),
@@ -130,6 +131,8 @@ GROUPS = {"recipe": [RECIPE],
           "averaged": ["recipe, averaged weights (EMA), chosen"],
           # the recipe's earlier length, which four seeds on fold 0 found short
           "epochs": ["recipe, 16 epochs"],
+          # the runs still rise at 24 epochs (late gain): does a longer run settle Case07?
+          "longer": ["recipe, 32 epochs"],
           # the recipe before bf16, and what the time bf16 saves buys
           "fp32": ["recipe in fp32"],
           "160px": ["recipe at 160 px"],
