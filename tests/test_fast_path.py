@@ -27,6 +27,7 @@ def _module(prepared, tmp_path, *overrides):
     return SegmentationModule(OmegaConf.to_container(cfg, resolve=True))
 
 
+@pytest.mark.extra  # torch.compile's first compile takes about half a minute on the CPU
 def test_fast_path_gives_the_plain_fp32_loss_within_bf16_rounding(prepared, tmp_path):
     torch.manual_seed(0)
     plain = _module(prepared, tmp_path)
