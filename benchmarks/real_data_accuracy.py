@@ -14,13 +14,12 @@ loss with paired statistics, is docs/STUDY.md's.
 
 Runs (RUNS): the recipe (Dice loss, Adam 1e-3 with cosine decay, 2.5D input, instance norm,
 scale and intensity augmentation, windowed intensities, the last epoch's weights; on the CPU in
-bf16 where the CPU has it, as experiment=cpu);
-``generalisation`` and ``second-round``: issue 24's two rounds, each change alone and together;
-``norm``: the recipe and the recipe with batch norm; ``ablations``: the recipe with one of its
-choices undone; ``fp32``: the recipe in fp32; ``160px``: the recipe at 160 px; ``bce``: the recipe with
-BCE + Dice, nnU-Net's loss; ``budget``: the
-recipe with 16 epochs, without its cosine schedule, or with 8 patients choosing the checkpoint
-(``epochs``: the 16 epochs alone; ``longer``: 32); ``averaged``: 4 patients
+bf16 where the CPU has it, as experiment=cpu); ``generalisation`` and ``second-round``: issue
+24's two rounds, each change alone and together; ``norm``: the recipe and the recipe with batch
+norm; ``ablations``: the recipe with one of its choices undone; ``fp32``: the recipe in fp32;
+``160px``: the recipe at 160 px; ``bce``: the recipe with BCE + Dice, nnU-Net's loss;
+``budget``: the recipe with 16 epochs, without its cosine schedule, or with 8 patients choosing
+the checkpoint (``epochs``: the 16 epochs alone; ``longer``: 32); ``averaged``: 4 patients
 choosing among exponential moving averages of the weights (``callbacks=averaged``); ``study``:
 the original study's (Dice loss, Adam 1e-4, constant lr, single slices, study augmentation,
 batch norm). Each run is evaluated with and without the largest connected component, flip
@@ -155,16 +154,21 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {len(os.sched_getaffinity(0))} cores"
 
 
+def run_overrides(name: str, fold: int, setting: dict[str, Any]) -> list[str]:
+    """The train overrides of run ``name`` on ``fold`` under ``setting`` (all but data.dir)."""
+    return [f"{SIZE}{image_size(name, setting)}", *setting["overrides"],
+            *[o for o in RUNS[name][0] if not o.startswith(SIZE)], f"data.fold={fold}",
+            f"++trainer.max_time={setting['budget']}",
+            "callbacks.early_stopping=null", "callbacks.progress_bar.refresh_rate=0"]
+
+
 def run_one(name: str, fold: int, seed: int | None, data_dir: Path, workdir: Path,
             setting: dict[str, Any], reuse: list[Path],
             only_reused: bool = False) -> dict[str, Any] | None:
     """Train (or take a finished run of the same name, fold and overrides from ``reuse``) and
     evaluate its checkpoints on the fold's held-out patients; None if not reused and
     ``only_reused``. ``seed``: the run's (None: the config's), among ``setting``'s overrides."""
-    overrides = [f"{SIZE}{image_size(name, setting)}", *setting["overrides"],
-                 *[o for o in RUNS[name][0] if not o.startswith(SIZE)], f"data.fold={fold}",
-                 f"++trainer.max_time={setting['budget']}",
-                 "callbacks.early_stopping=null", "callbacks.progress_bar.refresh_rate=0"]
+    overrides = run_overrides(name, fold, setting)
     tag = {"run": name, "fold": fold, "overrides": overrides, "intensity": RUNS[name][1],
            "augment_streams": AUGMENT_STREAMS}
     recorded = [(f.parent, json.loads(f.read_text())) for f in reuse]

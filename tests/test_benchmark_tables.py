@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 import pytest
-from helpers import load_benchmark
+from helpers import compose_train, load_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +142,14 @@ def test_the_seeds_interval_covers_the_recipes_mean_95_percent_of_the_time(bench
         naive_hits += abs(scores.mean() - truth) <= half
     assert 0.93 <= hits / 1000 <= 0.97, hits
     assert naive_hits / 1000 < 0.90, naive_hits  # 0.85: three times the misses
+
+
+@pytest.mark.parametrize("setting", ["cpu", "gpu"])
+def test_every_run_of_every_group_composes_into_a_train_config(bench, setting, tmp_path):
+    """A misspelt override in RUNS would otherwise surface only after the scans are prepared."""
+    assert {n for runs in bench.GROUPS.values() for n in runs} <= set(bench.RUNS)
+    for name in bench.RUNS:
+        overrides = bench.run_overrides(name, 1, bench.SETTINGS[setting])
+        cfg = compose_train(overrides, tmp_path / "run")
+        assert cfg.data.fold == 1
+        assert cfg.data.image_size == bench.image_size(name, bench.SETTINGS[setting])
