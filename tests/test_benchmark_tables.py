@@ -153,3 +153,17 @@ def test_every_run_of_every_group_composes_into_a_train_config(bench, setting, t
         cfg = compose_train(overrides, tmp_path / "run")
         assert cfg.data.fold == 1
         assert cfg.data.image_size == bench.image_size(name, bench.SETTINGS[setting])
+
+
+def test_the_benchmarks_cpu_recipe_is_what_experiment_cpu_trains(bench, tmp_path):
+    """The recipe is written twice, as experiment=cpu and as the benchmark's cpu setting with
+    its base overrides (kept apart so that earlier runs stay reusable): they must not drift."""
+    setting = bench.SETTINGS["cpu"]
+    extra = bench.run_overrides(bench.RECIPE, 0, setting)[-3:]  # time cap, no early stop, quiet
+    benchmark = compose_train(bench.run_overrides(bench.RECIPE, 0, setting), tmp_path / "b")
+    experiment = compose_train(["experiment=cpu", "loss=dice",  # the benchmark's loss, named
+                                f"{bench.SIZE}{setting['image_size']}", "data.fold=0", *extra],
+                               tmp_path / "e")
+    for key in ("data", "augment", "model", "loss", "optimizer", "scheduler", "trainer",
+                "callbacks"):
+        assert benchmark[key] == experiment[key], key
