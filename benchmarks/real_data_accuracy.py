@@ -262,7 +262,8 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
         "patients (LCC: largest 3D connected component kept; TTA: left-right flip averaged; "
         f"{LAST}: the last epoch's weights, for a run that keeps the checkpoint its selection "
         f"patients chose; {RAW}: before averaging, for a run that averages); precision and "
-        "recall: means over patients, plain (what `evaluate` gives by default) and +LCC+TTA; "
+        "recall: means over patients, plain (the network's own output: a run's per_patient.csv) "
+        "and +LCC+TTA (what `predict` and `evaluate` give by default); "
         "late gain: how much the selection Dice rose over the last quarter of the epochs, at "
         "the pace of a line fitted through them (the report flags a loss whose runs average "
         f"above {LATE_GAIN}, and above 0 by a t-test).",

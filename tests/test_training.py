@@ -140,35 +140,37 @@ def test_run_scores_its_best_checkpoint_per_patient_at_original_size(trained_run
     assert results["val/hd95_original"] == pytest.approx(np.median([float(r["hd95"]) for r in rows]))
     assert results["val/patients"] == 2
 
-    # evaluate.py on the best checkpoint gives the same rows
+    # evaluate.py on the best checkpoint, scoring the network's own output, gives the same rows
     ckpt = next((trained_run / "checkpoints").glob("best-*.ckpt"))
-    result = run_cli("evaluate.py", f"ckpt_path={ckpt}", cwd=tmp_path)
+    result = run_cli("evaluate.py", f"ckpt_path={ckpt}", "inference=plain", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     with open(f"{ckpt}.eval.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [r["patient"] for r in table] == [r["patient"] for r in rows] + ["summary"]
     for mine, theirs in zip(rows, table):
         assert float(theirs["dice"]) == pytest.approx(float(mine["dice"]), abs=1e-9)
-    again = run_cli("evaluate.py", f"ckpt_path={ckpt}", cwd=tmp_path)
+    again = run_cli("evaluate.py", f"ckpt_path={ckpt}", "inference=plain", cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
 
     # Another subset (README: `evaluate.py ckpt_path=CKPT subset=test` after the one above)
     # writes its own file and leaves the validation table alone.
     val_table = Path(f"{ckpt}.eval.csv").read_text()
-    other = run_cli("evaluate.py", f"ckpt_path={ckpt}", "subset=select", "tta=true",
+    other = run_cli("evaluate.py", f"ckpt_path={ckpt}", "subset=select", "tta=false",
                     cwd=tmp_path)
     assert other.returncode == 0, other.stderr
-    with open(f"{ckpt}.eval-select-tta.csv", newline="") as f:
+    with open(f"{ckpt}.eval-select-lcc.csv", newline="") as f:
         assert {r["split"] for r in csv.DictReader(f)} == {"select", ""}
     assert Path(f"{ckpt}.eval.csv").read_text() == val_table
 
 
 def test_predict_writes_a_mask_on_the_scan_grid(trained_run, phantoms, tmp_path):
+    """By default (conf/inference/default.yaml) with flip TTA and the largest component, and
+    as evaluate scores it by default."""
     ckpt = trained_run / "checkpoints" / "last.ckpt"
     scan = phantoms / "images" / "phantom002.nii.gz"
     out = tmp_path / "pred" / "phantom002.nii.gz"
     result = run_cli("predict.py", f"ckpt_path={ckpt}", f"input={scan}", f"output={out}",
-                     "save_probabilities=true", "tta=true", cwd=tmp_path)
+                     "save_probabilities=true", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     source, mask = nib.load(scan), nib.load(out)
     assert mask.shape == source.shape and np.allclose(mask.affine, source.affine)
@@ -179,6 +181,17 @@ def test_predict_writes_a_mask_on_the_scan_grid(trained_run, phantoms, tmp_path)
     assert 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum()) > 0.3
     prob = nib.load(tmp_path / "pred" / "phantom002_prob.nii.gz")
     assert prob.shape == source.shape and prob.get_data_dtype() == np.float32
+    assert (predicted <= (np.asarray(prob.dataobj) > 0.5)).all()  # a component kept, no more
+
+    scored = tmp_path / "scores.csv"
+    result = run_cli("evaluate.py", f"ckpt_path={ckpt}", "subset=all", f"output={scored}",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with open(scored, newline="") as f:
+        [row] = [r for r in csv.DictReader(f) if r["patient"] == "phantom002"]
+    dice = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
+    assert float(row["dice"]) == pytest.approx(dice, abs=1e-9)
+    assert int(row["voxels_pred"]) == predicted.sum()
 
 
 def test_a_scan_from_another_scanner_is_segmented_as_it_is_evaluated(trained_run, phantoms,

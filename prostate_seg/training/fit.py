@@ -338,7 +338,8 @@ def _evaluate_best(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
                    module: SegmentationModule, trainer: pl.Trainer,
                    results: dict[str, Any]) -> dict[str, Any]:
     """The best checkpoint's selection metrics, preview, and per-patient scores at original
-    size on the fold's validation and the test patients (per_patient.csv)."""
+    size on the fold's validation and the test patients (per_patient.csv), of the network's own
+    output (evaluate's inference=plain): the study compares losses, not post-processing."""
     best = results["best_checkpoint"]
     # The CSV history holds the epochs trained; this re-validation is results.json's.
     trainer.loggers = [lg for lg in trainer.loggers if not isinstance(lg, CSVLogger)]
