@@ -36,7 +36,7 @@ from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, Interpolatio
 from prostate_seg.config import (CONFIG_PATH, check_extras_installed, initialize_configs,
                                  openmp_yields)
 from prostate_seg.errors import ConfigError, UserError
-from prostate_seg.settings import check_settings, missing_reference
+from prostate_seg.settings import check_settings, missing_reference, removable
 
 EXIT_USER_ERROR = 2
 
@@ -71,6 +71,9 @@ def _compose(config_name: str, overrides: list[str], multirun: bool) -> DictConf
 def config_problem(config_name: str, argv: list[str]) -> str | None:
     """The one line ``python <tool> *argv`` would stop with before its task; None if none."""
     args = get_args_parser().parse_args(argv)
+    removed = removal_problem(args.config_name or config_name, args.overrides)
+    if removed:
+        return removed
     try:
         cfg = _compose(args.config_name or config_name, args.overrides, args.multirun)
     except Exception as exc:  # noqa: BLE001 - what is not the command line's is re-raised
@@ -91,12 +94,12 @@ def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> s
         return missing_reference(exc)
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
         group, _, value = exc.missing_cfg_file.rpartition("/")
-        return _unknown_option(group, value, exc.options)
+        return _unknown_option(group, value, exc.options, config_name)
     args = get_args_parser().parse_args(argv)
     key = _unknown_key(exc)
     if key is not None:
         return unknown_key_line(key, _composed_without(config_name, args, key))
-    null_group = _null_group_choice(args) if isinstance(exc, ValueError) else None
+    null_group = _null_group_choice(args, config_name) if isinstance(exc, ValueError) else None
     if null_group:
         return null_group
     cause = exc.__cause__
@@ -111,9 +114,28 @@ def _message(exc: BaseException) -> str:
         exc).__name__
 
 
-def _unknown_option(group: str, value: str, options: list[str]) -> str:
-    return (f"{group}={value}: unknown {group.split('/')[-1]}; valid: "
-            f"{', '.join(sorted(options))} (~{group} leaves it out)")
+def _unknown_option(group: str, value: str, options: list[str], command: str) -> str:
+    return (f"{group}={value}: unknown {group.split('/')[-1]}; valid: {', '.join(sorted(options))}"
+            + (f" (~{group} leaves it out)" if removable(command, group) else ""))
+
+
+def removal_problem(command: str, overrides: list[str]) -> str | None:
+    """``~KEY`` of a key or group ``command`` cannot run without (settings.REMOVABLE): said
+    before Hydra composes, not as a traceback halfway through the task."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return None  # Hydra's own line names it
+    for override in parsed:
+        key = override.key_or_group
+        if not override.is_delete() or removable(command, key):
+            continue
+        with _config_loader() as loader:
+            options = loader.get_group_options(key)
+        instead = (f"choose one of {', '.join(sorted(options))} instead" if options
+                   else "give it a value instead")
+        return f"~{key}: {command} cannot run without {key}; {instead}"
+    return None
 
 
 def _unknown_key(exc: BaseException) -> str | None:
@@ -151,13 +173,13 @@ def unknown_key_line(key: str, configs: list[DictConfig]) -> str:
     return f"{key}: no such key" + (f"; {_closest_keys(key, known)}" if known else "")
 
 
-def _null_group_choice(args: argparse.Namespace) -> str | None:
+def _null_group_choice(args: argparse.Namespace, command: str) -> str | None:
     """``scheduler=null``: Hydra says only that a group choice may not be null."""
     with _config_loader() as loader:
         for override in OverridesParser.create().parse_overrides(args.overrides):
             options = loader.get_group_options(override.key_or_group)
             if override.value() is None and not override.is_delete() and options:
-                return _unknown_option(override.key_or_group, "null", options)
+                return _unknown_option(override.key_or_group, "null", options, command)
     return None
 
 
@@ -336,6 +358,10 @@ def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
         return _run(task, cfg, show_traceback, config_name)
 
     with one_line_errors(show_traceback, config_name):
+        args = get_args_parser().parse_args(sys.argv[1:])
+        removed = removal_problem(args.config_name or config_name, args.overrides)
+        if removed:
+            raise ConfigError(removed)
         _main()
 
 

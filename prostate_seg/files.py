@@ -34,15 +34,18 @@ def make_folder(folder: Path) -> None:
 
 
 def check_writable_folder(folder: Path) -> None:
-    """Make ``folder`` and write a probe in it: a tool stops before its work, naming the path
-    (root ignores permission bits, so only a real write tells)."""
-    make_folder(folder)
+    """Write a probe in ``folder``, or in the nearest folder above it that exists, where it
+    would be made: a tool stops before its work naming the path (root ignores permission bits,
+    so only a real write tells), and one that stops later has made no folder."""
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
     try:
-        with tempfile.TemporaryFile(dir=folder, prefix=".write-test-"):
+        with tempfile.TemporaryFile(dir=existing, prefix=".write-test-"):
             pass
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write in this folder ({exc.strerror})",
-                      str(folder)) from exc
+                      str(existing)) from exc
 
 
 def check_name_fits(path: Path) -> None:
@@ -64,6 +67,7 @@ def replacing(path: Path) -> Iterator[Path]:
     first (whole after a crash); it keeps the suffix (nibabel reads it); errors name ``path``."""
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     tmp = beside(path, "tmp", suffix)
+    make_folder(path.parent)  # made with the first file written in it, not before the work
     try:
         yield tmp
         with open(tmp, "rb") as written:

@@ -143,7 +143,18 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "predict": ("save_probabilities", "tta", "largest_component", "overwrite", "skip_existing"),
     "evaluate": ("tta", "largest_component", "overwrite"),
 }
+# What a command runs without, left out with ~KEY (``PREFIX.*``: any key under PREFIX; Hydra's
+# own keys are Hydra's): it reads every other key, and would stop halfway without it.
+REMOVABLE: dict[str, tuple[str, ...]] = {"train": ("callbacks", "callbacks.*", "scheduler",
+                                                   "trainer.*")}
 _ABSENT = object()
+
+
+def removable(command: str, key: str) -> bool:
+    """Whether ``command`` runs with ``~key`` on its command line."""
+    return re.split(r"[./]", key)[0] == "hydra" or any(
+        key == kept or (kept.endswith(".*") and key.startswith(kept[:-1]))
+        for kept in REMOVABLE.get(command, ()))
 
 
 def check_settings(cfg: DictConfig, command: str) -> None:

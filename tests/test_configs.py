@@ -237,7 +237,7 @@ def test_unknown_keys_name_the_closest_valid_ones_and_never_suggest_adding(confi
 
 @pytest.mark.parametrize("argv, expected", [
     (["model=unet,unet_big"], "model=unet_big: unknown model; valid: monai_segresnet, "
-                              "monai_unet, unet, unet_small (~model leaves it out)"),
+                              "monai_unet, unet, unet_small"),
     (["loss=bce,dice", "loss.alpa=0.3,0.5"], "loss.alpa: no such key; did you mean loss.alpha?"),
     (["loss=bce,focal_tversky", "loss.gama=1,2"],  # a key of an option that is not the default
      "loss.gama: no such key; did you mean loss.gamma?"),

@@ -216,9 +216,24 @@ PREDICT = ["predict.py", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz"
     (["train.py", "data.dir=.", "optimizer.lr=fast"], "optimizer.lr=fast: must be > 0"),
     (["train.py", "data.dir=.", "augment.scale_p=2"],
      "augment.scale_p=2: must be a number in [0, 1]"),
-    (["train.py", "data.dir=.", "~augment"],  # the transforms refer to what is left out
-     "data.train_transform.transforms[4].scale: refers to augment.scale, which the config lacks"),
-    (["train.py", "data.dir=.", "~paths"], "hydra.run.dir: refers to paths.output_root, which"),
+    (["train.py", "data.dir=.", "~augment"],
+     "~augment: train cannot run without augment; choose one of default, study instead"),
+    (["train.py", "data.dir=.", "~paths"], "~paths: train cannot run without paths; choose one"),
+    (["train.py", "-m", "data.dir=.", "loss=bce,dice", "~seed"],  # before the sweep starts
+     "~seed: train cannot run without seed; give it a value instead"),
+    (["train.py", "data.dir=.", "~model.net"], "~model.net: train cannot run without model.net"),
+    (["evaluate.py", "ckpt_path=m.ckpt", "~inference"],
+     "~inference: evaluate cannot run without inference; choose one of default, plain instead"),
+    ([*PREDICT, "~largest_component"], "~largest_component: predict cannot run without"),
+    (["-m", "prostate_seg", "prepare", "input_dir=a", "output_dir=b", "~window"],
+     "~window: prepare cannot run without window; give it a value instead"),
+    (["evaluate.py", "ckpt_path=m.ckpt", "subset=null"], "subset=None: choose one of val, test"),
+    (["evaluate.py", "ckpt_path=m.ckpt", "device=null"],
+     "device=None: choose auto, cpu, cuda or cuda:N"),
+    (["evaluate.py", "ckpt_path=m.ckpt", "device=cuda:99"], "device=cuda:99: this machine has"),
+    ([*PREDICT, "device=tpu"], "device=tpu: choose auto, cpu, cuda or cuda:N"),
+    # the output's folder is made with its first file, not before a checkpoint is read
+    (["evaluate.py", "ckpt_path=m.ckpt", "output=scores/x.csv"], "ckpt_path=m.ckpt: "),
 ])
 def test_a_value_of_the_wrong_type_is_one_line_before_any_work(args, message, tmp_path):
     """Any command, any numeric, list or yes/no key: one line naming key and value, exit 2,

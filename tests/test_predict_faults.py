@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import prostate_seg.inference.predict as predict
-from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.errors import ConfigError, DataError, UserError
 from prostate_seg.inference.predict import predict_paths
 
 
@@ -82,14 +82,28 @@ def test_two_scans_with_one_output_name_are_refused(scans, no_inference, tmp_pat
         predict_paths("any.ckpt", scans, tmp_path / "masks", save_probabilities=True)
 
 
-def test_read_only_output_folder_is_found_before_inference(scans, no_inference, tmp_path,
+@pytest.mark.parametrize("exists", [True, False])
+def test_read_only_output_folder_is_found_before_inference(exists, scans, no_inference, tmp_path,
                                                            monkeypatch):
+    """Named where the write failed: the output folder, or the one it would be made in."""
+    if exists:
+        (tmp_path / "masks").mkdir()
+
     def read_only(*args, **kwargs):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "masks" / "probe"))
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path / "probe"))
     monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
     with pytest.raises(OSError) as info:
-        predict_paths("any.ckpt", scans, tmp_path / "masks")
-    assert info.value.errno == errno.EROFS and info.value.filename == str(tmp_path / "masks")
+        predict_paths("any.ckpt", scans, tmp_path / "masks" / "new")
+    assert info.value.errno == errno.EROFS
+    assert info.value.filename == str(tmp_path / "masks" if exists else tmp_path)
+    assert not (tmp_path / "masks" / "new").exists()
+
+
+def test_a_run_that_stops_after_its_checks_leaves_no_folder(scans, tmp_path):
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="bad.ckpt"):
+        predict_paths(tmp_path / "bad.ckpt", scans, tmp_path / "out" / "masks")
+    assert not (tmp_path / "out").exists()
 
 
 def test_skip_bad_scans_list_them_and_rerun_finishes_the_rest(ckpt, scans, tmp_path, caplog):

@@ -113,8 +113,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path | None = Non
                         subset: str = "val", keep_largest: bool = False, tta: bool = False,
                         device: str = "auto", batch_size: int = 32) -> list[dict[str, Any]]:
     """One row per patient of ``subset`` of the checkpoint's own split."""
-    if subset not in SUBSETS:
-        raise ConfigError(f"subset={subset}: choose one of {', '.join(SUBSETS)}")
+    check_subset(subset)
     module = load_checkpoint(ckpt_path, pick_device(device))
     split = stored_split(module, ckpt_path)
     data_dir = Path(data_dir or module.cfg.data.dir)
@@ -150,7 +149,14 @@ def default_output(ckpt_path: str | Path, subset: str = "val", keep_largest: boo
     return Path(f"{ckpt_path}.eval{''.join('-' + part for part in parts)}.csv")
 
 
+def check_subset(subset: object) -> None:
+    if subset not in SUBSETS:
+        raise ConfigError(f"subset={subset}: choose one of {', '.join(SUBSETS)}")
+
+
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    check_subset(cfg.subset)  # before it names the output
+    pick_device(cfg.device)
     output = (Path(cfg.output) if cfg.output
               else default_output(cfg.ckpt_path, cfg.subset, cfg.largest_component, cfg.tta))
     refuse_existing(output, cfg.overwrite)  # before the work, not after it

@@ -161,6 +161,7 @@ def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
 
 
 def run(cfg: DictConfig) -> list[Path]:
+    pick_device(cfg.device)  # a device this machine lacks, said before the scans are looked at
     return predict_paths(cfg.ckpt_path, cfg.input, cfg.output, cfg.largest_component,
                          cfg.save_probabilities, cfg.tta, cfg.overwrite, cfg.device,
                          cfg.batch_size, cfg.on_error, cfg.skip_existing)

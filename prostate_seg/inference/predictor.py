@@ -21,9 +21,20 @@ from prostate_seg.models import weights_mismatch
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``auto``: the GPU where there is one; ``cpu``, ``cuda``, ``cuda:N``: that one, if here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        chosen = torch.device(device)
+    except (TypeError, RuntimeError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device={device}: choose auto, cpu, cuda or cuda:N")
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if chosen.type == "cuda" and (chosen.index or 0) >= visible:
+        raise ConfigError(f"device={device}: this machine has {visible} CUDA GPU(s) torch can "
+                          "use; device=auto takes one where there is one")
+    return chosen
 
 
 class TrainedModel(nn.Module):
