@@ -327,7 +327,8 @@ def over_seeds(rows: list[dict[str, Any]], runs: list[str], folds: list[int]) ->
              "and the 95 % t interval of that mean: training randomness, the runs as "
              "replicates):", "",
              "| run | fold | runs | Dice plain | 95 % CI | min - max | Dice +LCC+TTA | 95 % CI "
-             "| precision / recall plain |", "|---|---|---|---|---|---|---|---|---|"]
+             "| precision / recall plain | precision / recall +LCC+TTA |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for run, fold, mine in groups:
         cells = []
         for label in ("plain", "+LCC+TTA"):
@@ -337,10 +338,10 @@ def over_seeds(rows: list[dict[str, Any]], runs: list[str], folds: list[int]) ->
                          f"{dice.mean() - half:.3f} - {dice.mean() + half:.3f}")
             if label == "plain":
                 cells.append(f"{dice.min():.3f} - {dice.max():.3f}")
-        precision = np.mean([mean(r["plain"], "precision") for r in mine])
-        recall = np.mean([mean(r["plain"], "recall") for r in mine])
-        lines.append(f"| {run} | {fold} | {len(mine)} | {' | '.join(cells)} | "
-                     f"{precision:.3f} / {recall:.3f} |")
+        for label in ("plain", "+LCC+TTA"):
+            cells.append(" / ".join(f"{np.mean([mean(r[label], k) for r in mine]):.3f}"
+                                    for k in ("precision", "recall")))
+        lines.append(f"| {run} | {fold} | {len(mine)} | {' | '.join(cells)} |")
     return lines
 
 
