@@ -41,7 +41,8 @@ check-extra: install
 	$(PYTEST) -m extra --durations=5
 
 demo: install
-	$(PY) -m prostate_seg synthetic output_dir=$(DEMO_DIR)/phantoms num_patients=16 size=96
+	$(PY) -m prostate_seg synthetic output_dir=$(DEMO_DIR)/phantoms num_patients=16 size=96 \
+	  overwrite=true
 	$(PY) -m prostate_seg prepare input_dir=$(DEMO_DIR)/phantoms output_dir=$(DEMO_DIR)/prepared \
 	  image_size=64 overwrite=true
 	$(PY) train.py -m experiment=demo data.dir=$(DEMO_DIR)/prepared loss.alpha=0.25,0.5,0.75

@@ -39,6 +39,7 @@ from prostate_seg.errors import ConfigError, UserError
 from prostate_seg.settings import check_settings, missing_reference, removable
 
 EXIT_USER_ERROR = 2
+_ABSENT = object()
 
 
 def is_command_line_error(exc: BaseException) -> bool:
@@ -68,10 +69,21 @@ def _compose(config_name: str, overrides: list[str], multirun: bool) -> DictConf
             config_name, overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Hydra's command line as hydra.main reads it; a flag it does not know is one line (argparse
+    would print its usage first)."""
+    parser = get_args_parser()
+
+    def refuse(message: str) -> None:
+        raise ConfigError(f"{message} (--help lists what a command takes)")
+    parser.error = refuse  # type: ignore[method-assign]
+    return parser.parse_args(argv)
+
+
 def config_problem(config_name: str, argv: list[str]) -> str | None:
     """The one line ``python <tool> *argv`` would stop with before its task; None if none."""
-    args = get_args_parser().parse_args(argv)
-    removed = removal_problem(args.config_name or config_name, args.overrides)
+    args = parse_args(argv)
+    removed = removal_problem(args.config_name or config_name, args.overrides, args.multirun)
     if removed:
         return removed
     try:
@@ -95,7 +107,7 @@ def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> s
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
         group, _, value = exc.missing_cfg_file.rpartition("/")
         return _unknown_option(group, value, exc.options, config_name)
-    args = get_args_parser().parse_args(argv)
+    args = parse_args(argv)
     key = _unknown_key(exc)
     if key is not None:
         return unknown_key_line(key, _composed_without(config_name, args, key))
@@ -119,19 +131,30 @@ def _unknown_option(group: str, value: str, options: list[str], command: str) ->
             + (f" (~{group} leaves it out)" if removable(command, group) else ""))
 
 
-def removal_problem(command: str, overrides: list[str]) -> str | None:
-    """``~KEY`` of a key or group ``command`` cannot run without (settings.REMOVABLE): said
-    before Hydra composes, not as a traceback halfway through the task."""
+def removal_problem(command: str, overrides: list[str], multirun: bool = False) -> str | None:
+    """``~KEY`` of a key or group ``command`` has and cannot run without (settings.REMOVABLE):
+    said before Hydra composes, not as a traceback halfway through the task. A key it does not
+    have is left to Hydra, which names the closest one."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException:
         return None  # Hydra's own line names it
-    for override in parsed:
-        key = override.key_or_group
-        if not override.is_delete() or removable(command, key):
-            continue
+    refused = [o.key_or_group for o in parsed
+               if o.is_delete() and not removable(command, o.key_or_group)]
+    if not refused:
+        return None
+    kept = [text for text, o in zip(overrides, parsed) if not o.is_delete()]
+    try:
+        cfg = _compose(command, kept, multirun)
+    except Exception:  # noqa: BLE001 - the command line's other mistakes are Hydra's to name
+        return None
+    choices = cfg.hydra.runtime.choices  # group: option (None: the group is not in use)
+    for key in refused:
         with _config_loader() as loader:
             options = loader.get_group_options(key)
+        if (choices.get(key) is None if options
+                else OmegaConf.select(cfg, key.replace("/", "."), default=_ABSENT) is _ABSENT):
+            continue
         instead = (f"choose one of {', '.join(sorted(options))} instead" if options
                    else "give it a value instead")
         return f"~{key}: {command} cannot run without {key}; {instead}"
@@ -358,8 +381,9 @@ def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
         return _run(task, cfg, show_traceback, config_name)
 
     with one_line_errors(show_traceback, config_name):
-        args = get_args_parser().parse_args(sys.argv[1:])
-        removed = removal_problem(args.config_name or config_name, args.overrides)
+        args = parse_args(sys.argv[1:])
+        removed = removal_problem(args.config_name or config_name, args.overrides,
+                                  args.multirun)
         if removed:
             raise ConfigError(removed)
         _main()

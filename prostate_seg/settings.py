@@ -86,13 +86,30 @@ class ListOf:
                 + (" (or null)" if self.nullable else ""))
 
 
+@dataclass(frozen=True)
+class PathName:
+    """A file or folder name: a non-empty string (Hydra reads ``5``, ``[a]`` and ``null`` as
+    other types, which would end in a traceback where a path is used)."""
+
+    nullable: bool = False
+
+    def allows(self, value: object) -> bool:
+        return (value is None and self.nullable) or (isinstance(value, str) and bool(value.strip()))
+
+    def describe(self, key: str) -> str:
+        return (f"a path{' or null' if self.nullable else ''} (a name Hydra would read as a "
+                f"number, list or null goes in quotes: \"{key}='5'\")")
+
+
 SEED = Setting(int, 0, 2**32 - 1)  # numpy's and Lightning's range (Lightning replaces others by 0)
 WORKERS = Setting(int, 0)  # 0: in this process
 BATCH = Setting(int, 1)
 PROBABILITY = Setting(float, 0.0, 1.0)
 # Per command (its config's name): keys absent from a config (a removed callback) are skipped.
-SETTINGS: dict[str, dict[str, Setting | ListOf]] = {
+SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
     "train": {
+        "data.dir": PathName(),
+        "ckpt_path": PathName(nullable=True),
         "seed": SEED,
         "data.split_seed": SEED,
         "data.batch_size": BATCH,
@@ -125,26 +142,32 @@ SETTINGS: dict[str, dict[str, Setting | ListOf]] = {
         "callbacks.weight_averaging.decay": Setting(float, 0.0, 1.0, open_high=True),
     },
     "prepare": {
+        "input_dir": PathName(),
+        "output_dir": PathName(),
         "image_size": Setting(int, 8),
         "window": ListOf(Setting(float, 0.0, 100.0), (2, 2), "[0.5, 99.5]"),
         "mask_labels": ListOf(Setting(int, 1), (1, None), "[1, 2]", nullable=True),
         "image_channel": Setting(int, 0),
         "workers": WORKERS,
     },
-    "synthetic": {"num_patients": Setting(int, 1), "seed": SEED, "size": Setting(int, 32),
-                  "workers": WORKERS},
-    "predict": {"batch_size": BATCH},
-    "evaluate": {"batch_size": BATCH},
+    "synthetic": {"output_dir": PathName(), "num_patients": Setting(int, 1), "seed": SEED,
+                  "size": Setting(int, 32, 4096), "workers": WORKERS},
+    "predict": {"ckpt_path": PathName(), "input": PathName(), "output": PathName(),
+                "batch_size": BATCH},
+    "evaluate": {"ckpt_path": PathName(), "output": PathName(nullable=True),
+                 "data.dir": PathName(nullable=True), "batch_size": BATCH},
 }
 # Yes/no switches: a string such as resume=no would count as true.
 SWITCHES: dict[str, tuple[str, ...]] = {
     "train": ("resume", "evaluate_best", "data.cache", "verbose"),
     "prepare": ("overwrite",),
+    "synthetic": ("overwrite",),
     "predict": ("save_probabilities", "tta", "largest_component", "overwrite", "skip_existing"),
     "evaluate": ("tta", "largest_component", "overwrite"),
 }
-# What a command runs without, left out with ~KEY (``PREFIX.*``: any key under PREFIX; Hydra's
-# own keys are Hydra's): it reads every other key, and would stop halfway without it.
+# What a command runs without, left out with ~KEY (``PREFIX.*``: any one key under PREFIX, never
+# its ``_target_``; Hydra's own ``hydra.`` settings are Hydra's): it reads every other key or
+# group it has, and would stop halfway without it.
 REMOVABLE: dict[str, tuple[str, ...]] = {"train": ("callbacks", "callbacks.*", "scheduler",
                                                    "trainer.*")}
 _ABSENT = object()
@@ -152,9 +175,11 @@ _ABSENT = object()
 
 def removable(command: str, key: str) -> bool:
     """Whether ``command`` runs with ``~key`` on its command line."""
-    return re.split(r"[./]", key)[0] == "hydra" or any(
-        key == kept or (kept.endswith(".*") and key.startswith(kept[:-1]))
-        for kept in REMOVABLE.get(command, ()))
+    if key.startswith("hydra."):
+        return True
+    prefix, _, last = key.rpartition(".")
+    return key in REMOVABLE.get(command, ()) or (
+        f"{prefix}.*" in REMOVABLE.get(command, ()) and last != "_target_")
 
 
 def check_settings(cfg: DictConfig, command: str) -> None:
@@ -165,9 +190,10 @@ def check_settings(cfg: DictConfig, command: str) -> None:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is _ABSENT:
             continue
-        if isinstance(setting, ListOf):
+        if isinstance(setting, (ListOf, PathName)):
             if not setting.allows(value):
-                raise ConfigError(f"{key}={_shown(value)}: must be {setting.describe()}")
+                text = setting.describe(key) if isinstance(setting, PathName) else setting.describe()
+                raise ConfigError(f"{key}={_shown(value)}: must be {text}")
             continue
         high = setting.high
         if isinstance(high, str):

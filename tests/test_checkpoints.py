@@ -1,7 +1,5 @@
 """Checkpoints: one that belongs to another network is named in one line."""
 
-import json
-
 import pytest
 import torch
 from helpers import TINY, compose_train
@@ -23,8 +21,17 @@ def test_resuming_from_a_checkpoint_of_another_network_is_one_line(trained_run, 
     assert message.startswith(f"ckpt_path={ckpt}: its network does not match model.net=")
     assert "is [8, 1, 3, 3] in the checkpoint but [4, 1, 3, 3] in the model" in message
     assert "\n" not in message
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["status"] == "failed" and "does not match model.net" in status["error"]
+    assert not (run_dir / "status.json").exists()  # refused before the run folder is claimed
+
+
+def test_starting_from_a_file_that_is_no_checkpoint_is_one_line(prepared, tmp_path):
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*TINY, f"data.dir={prepared}", f"ckpt_path={tmp_path / 'notes.ckpt'}"],
+                        run_dir)
+    with pytest.raises(DataError, match=r"notes.ckpt: not a training checkpoint \(.+\)$"):
+        train(cfg)
+    assert not (run_dir / "status.json").exists()
 
 
 def test_checkpoint_whose_weights_do_not_fit_its_own_config_is_one_line(trained_run, tmp_path):

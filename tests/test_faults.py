@@ -203,7 +203,7 @@ PREDICT = ["predict.py", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz"
     ([*PREPARE, "mask_labels=1"], "mask_labels=1: must be a list of 1 or more numbers"),
     ([*PREPARE, "overwrite=yes"], "overwrite=yes: must be true or false"),
     (["-m", "prostate_seg", "synthetic", "output_dir=out", "size=[3]"],
-     "size=[3]: must be an integer >= 32"),
+     "size=[3]: must be an integer in 32..4096"),
     (["-m", "prostate_seg", "synthetic", "output_dir=out", "seed=-1"],
      "seed=-1: must be an integer in 0..4294967295"),
     ([*PREDICT, "batch_size=many"], "batch_size=many: must be an integer >= 1"),
@@ -234,6 +234,16 @@ PREDICT = ["predict.py", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz"
     ([*PREDICT, "device=tpu"], "device=tpu: choose auto, cpu, cuda or cuda:N"),
     # the output's folder is made with its first file, not before a checkpoint is read
     (["evaluate.py", "ckpt_path=m.ckpt", "output=scores/x.csv"], "ckpt_path=m.ckpt: "),
+    (["evaluate.py", "ckpt_path=m.ckpt", "output=m.ckpt", "overwrite=true"],
+     "output=m.ckpt would replace the checkpoint it evaluates"),
+    (["evaluate.py", "ckpt_path=5"], "ckpt_path=5: must be a path"),
+    (["predict.py", "ckpt_path=null", "input=a", "output=b"], "ckpt_path=None: must be a path"),
+    (["-m", "prostate_seg", "synthetic", "output_dir="], "output_dir=: must be a path"),
+    (["train.py", "data.dir=[a]"], "data.dir=['a']: must be a path"),
+    (["train.py", "data.dir=.", "~los"], "los: no such key; did you mean loss?"),
+    (["train.py", "data.dir=.", "~callbacks.early_stopping.monitor"],
+     "~callbacks.early_stopping.monitor: train cannot run without"),
+    (["evaluate.py", "--bogus"], "unrecognized arguments: --bogus (--help lists"),
 ])
 def test_a_value_of_the_wrong_type_is_one_line_before_any_work(args, message, tmp_path):
     """Any command, any numeric, list or yes/no key: one line naming key and value, exit 2,
@@ -728,3 +738,20 @@ def test_fuzzed_png_slices_give_clean_errors(prepared_copy):
             signal.alarm(0)
     victim.write_bytes(original)
     assert errors > 75
+
+
+def test_evaluate_never_writes_over_its_checkpoint_or_into_a_dataset(tmp_path):
+    from prostate_seg.inference.evaluate import check_output
+
+    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "prepare.json").write_text("{}")
+    (tmp_path / "run").mkdir()
+    ckpt = tmp_path / "run" / "last.ckpt"
+    (tmp_path / "link.ckpt").symlink_to(ckpt)
+    for output, message in [(tmp_path / "data" / "manifest.csv", "inside the prepared dataset"),
+                            (tmp_path / "data" / "sub" / "x.csv", "inside the prepared dataset"),
+                            (tmp_path / "link.ckpt", "would replace the checkpoint"),
+                            (tmp_path / "data", "is a folder")]:
+        with pytest.raises(UserError, match=message):
+            check_output(output, ckpt)
+    check_output(tmp_path / "run" / "last.ckpt.eval.csv", ckpt)  # beside it, as by default

@@ -2,8 +2,10 @@
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from prostate_seg.data.synthetic import generate, make_phantom
+from prostate_seg.errors import DataError
 
 
 def test_same_seed_same_phantom_other_seed_other_phantom():
@@ -47,3 +49,14 @@ def test_generate_writes_nifti_pairs_with_spacing(tmp_path):
         assert 0.5 < zooms[0] < 2.0 and 3.0 <= zooms[2] <= 3.6
         assert int(image.header["sform_code"]) == 1
         assert set(np.unique(np.asarray(mask.dataobj))) == {0, 1}
+
+
+def test_phantoms_already_there_are_replaced_only_when_asked(tmp_path):
+    generate(tmp_path, num_patients=2, seed=1, size=48)
+    before = (tmp_path / "images" / "phantom001.nii.gz").read_bytes()
+    with pytest.raises(DataError, match=r"phantom000.nii.gz already exists; pass overwrite=true"):
+        generate(tmp_path, num_patients=3, seed=2, size=48)
+    assert (tmp_path / "images" / "phantom001.nii.gz").read_bytes() == before
+    assert not (tmp_path / "images" / "phantom002.nii.gz").exists()
+    generate(tmp_path, num_patients=2, seed=2, size=48, overwrite=True)
+    assert (tmp_path / "images" / "phantom001.nii.gz").read_bytes() != before

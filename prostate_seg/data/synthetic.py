@@ -18,6 +18,9 @@ from omegaconf import DictConfig
 from scipy import ndimage
 
 from prostate_seg.errors import ConfigError
+from prostate_seg.files import refuse_existing
+
+FOLDERS = ("images", "masks")  # as prepare finds scans and their masks
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +109,16 @@ def make_phantom(seed: int, index: int, size: int = 128) -> Phantom:
     image = np.sqrt(real**2 + imag**2) * 600.0  # Rician magnitude, scanner-like range
 
     pixel = float(rng.uniform(0.5, 0.8)) * 128.0 / size
-    return Phantom(f"phantom{index:03d}", image.astype(np.float32), mask,
+    return Phantom(patient_name(index), image.astype(np.float32), mask,
                    (float(rng.uniform(3.0, 3.6)), pixel, pixel))
+
+
+def patient_name(index: int) -> str:
+    return f"phantom{index:03d}"
+
+
+def outputs(output_dir: Path, index: int) -> list[Path]:
+    return [output_dir / folder / f"{patient_name(index)}.nii.gz" for folder in FOLDERS]
 
 
 def write_phantom(phantom: Phantom, output_dir: Path) -> None:
@@ -115,8 +126,8 @@ def write_phantom(phantom: Phantom, output_dir: Path) -> None:
     DICOM-derived NIfTI: x to the left, y to posterior."""
     slice_mm, row_mm, col_mm = phantom.spacing
     affine = np.diag([-col_mm, -row_mm, slice_mm, 1.0])
-    for folder, array, dtype in (("images", np.rint(phantom.image), np.int16),
-                                 ("masks", phantom.mask, np.uint8)):
+    for folder, array, dtype in zip(FOLDERS, (np.rint(phantom.image), phantom.mask),
+                                    (np.int16, np.uint8)):
         img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)).astype(dtype), affine)
         img.set_qform(affine, code=1)
         img.set_sform(affine, code=1)
@@ -133,13 +144,18 @@ def _make_and_write(seed: int, index: int, size: int, output_dir: Path) -> str:
 
 
 def generate(output_dir: str | Path, num_patients: int, seed: int = 0, size: int = 128,
-             workers: int = 0) -> list[str]:
-    """Write ``num_patients`` phantoms (in ``workers`` processes); returns their patient ids."""
+             workers: int = 0, overwrite: bool = False) -> list[str]:
+    """Write ``num_patients`` phantoms (in ``workers`` processes); returns their patient ids.
+    Phantoms already there are replaced only with ``overwrite``: another seed or size under the
+    same names would otherwise pass for the first one."""
     if num_patients < 1:
         raise ConfigError(f"num_patients={num_patients} must be >= 1")
     if size < 32:
         raise ConfigError(f"size={size} must be >= 32 pixels")
     output_dir = Path(output_dir)
+    for index in range(num_patients):
+        for path in outputs(output_dir, index):
+            refuse_existing(path, overwrite)
     jobs = [(seed, index, size, output_dir) for index in range(num_patients)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -152,4 +168,5 @@ def generate(output_dir: str | Path, num_patients: int, seed: int = 0, size: int
 
 def run(cfg: DictConfig) -> list[str]:
     """The task of ``python -m prostate_seg synthetic``."""
-    return generate(cfg.output_dir, cfg.num_patients, cfg.seed, cfg.size, cfg.workers)
+    return generate(cfg.output_dir, cfg.num_patients, cfg.seed, cfg.size, cfg.workers,
+                    cfg.overwrite)

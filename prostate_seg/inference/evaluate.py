@@ -17,7 +17,7 @@ from prostate_seg.data.dataset import read_manifest, read_png
 from prostate_seg.data.split import ROLES, SPLIT_FILE, PatientSplit, read_folds
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import check_name_fits, check_writable_folder, refuse_existing, write_csv
-from prostate_seg.data.prepare import PrepareSettings
+from prostate_seg.data.prepare import DATASET_MARKERS, PrepareSettings
 from prostate_seg.inference.metrics import volume_scores
 from prostate_seg.inference.predictor import (SlicePredictor, TrainedModel, binarize,
                                               load_checkpoint, pick_device)
@@ -154,11 +154,25 @@ def check_subset(subset: object) -> None:
         raise ConfigError(f"subset={subset}: choose one of {', '.join(SUBSETS)}")
 
 
+def check_output(output: Path, ckpt_path: Path) -> None:
+    """The table goes to a file of its own: not onto a folder, the checkpoint or into a prepared
+    dataset (what the scores are computed from), whatever overwrite says."""
+    if output.is_dir():
+        raise DataError(f"output={output}: is a folder; give the table's file name (.csv)")
+    if output.resolve() == ckpt_path.resolve():
+        raise ConfigError(f"output={output} would replace the checkpoint it evaluates")
+    for folder in output.resolve().parents:
+        if any((folder / marker).is_file() for marker in DATASET_MARKERS):
+            raise ConfigError(f"output={output} lies inside the prepared dataset {folder}; "
+                              "choose a file outside it")
+
+
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
     check_subset(cfg.subset)  # before it names the output
     pick_device(cfg.device)
     output = (Path(cfg.output) if cfg.output
               else default_output(cfg.ckpt_path, cfg.subset, cfg.largest_component, cfg.tta))
+    check_output(output, Path(cfg.ckpt_path))
     refuse_existing(output, cfg.overwrite)  # before the work, not after it
     check_name_fits(output)
     check_writable_folder(output.parent)

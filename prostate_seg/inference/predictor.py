@@ -17,7 +17,7 @@ from prostate_seg.data.dataset import context_window
 from prostate_seg.data.resize import fit_slice, unfit_slice
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.data.prepare import PrepareSettings
-from prostate_seg.models import weights_mismatch
+from prostate_seg.models import network_weights, weights_mismatch
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -65,7 +65,7 @@ def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> TrainedModel
     except ConfigError as exc:
         raise ConfigError(f"ckpt_path={path}: {exc}") from None
     net = instantiate(cfg.model.net)
-    weights = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+    weights = network_weights(state)
     problem = weights_mismatch(net, weights)
     if problem:
         raise DataError(f"ckpt_path={path}: its weights do not match the network its own config "

@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from prostate_seg.models.unet import UNet
 
-__all__ = ["UNet", "weights_mismatch"]
+__all__ = ["UNet", "network_weights", "weights_mismatch"]
 
 
 def weights_mismatch(model: nn.Module, state_dict: dict[str, Tensor]) -> str | None:
@@ -24,3 +24,8 @@ def weights_mismatch(model: nn.Module, state_dict: dict[str, Tensor]) -> str | N
         return (f"{len(unexpected)} layers of the checkpoint are not in the model "
                 f"({unexpected[0]}, ...)")
     return None
+
+
+def network_weights(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The network's own weights in a training checkpoint's state_dict (its ``net.`` entries)."""
+    return {k[len("net."):]: v for k, v in state_dict.items() if k.startswith("net.")}

@@ -25,10 +25,11 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from prostate_seg.config import configure_cpu_threads, uses_gpu
 from prostate_seg.data.datamodule import SliceDataModule
 from prostate_seg.data.prepare import dataset_fingerprint
-from prostate_seg.errors import ConfigError
+from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import make_folder, replacing, write_csv, write_json
 from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_scores
 from prostate_seg.inference.predictor import load_checkpoint
+from prostate_seg.models import network_weights, weights_mismatch
 from prostate_seg.study.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FILE, PREVIEW_FILE,
                                      RESULTS_FILE, Identity, RunLock, RunStatus, claim,
                                      config_identity, forget_held_log, load_json_object,
@@ -79,6 +80,20 @@ def _refuse_other_identity(identity: Identity, stored: Identity | None, what: st
                           "write this run to another folder, or resume=false to train anew")
 
 
+def _check_start_checkpoint(cfg: DictConfig, path: Path) -> None:
+    """A file that is no training checkpoint, or one of another network, refused before the run
+    folder is claimed (Lightning finds out only inside fit)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"ckpt_path={path}: not a training checkpoint ({reason})") from None
+    problem = weights_mismatch(instantiate(cfg.model.net), network_weights(state))
+    if problem:
+        raise ConfigError(f"ckpt_path={path}: its network does not match model.net="
+                          f"{OmegaConf.to_container(cfg.model.net, resolve=True)}: {problem}")
+
+
 def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, identity: Identity) -> str | None:
     last = run_dir / LAST_CHECKPOINT
     if cfg.ckpt_path == "last":
@@ -88,6 +103,7 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, identity: Identity) ->
     elif cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path}: file not found")
+        _check_start_checkpoint(cfg, Path(cfg.ckpt_path))
         return str(cfg.ckpt_path)  # the user's own choice of starting point
     elif not (cfg.resume and last.exists()):
         return None
