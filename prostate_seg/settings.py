@@ -193,7 +193,7 @@ def check_settings(cfg: DictConfig, command: str) -> None:
         if isinstance(setting, (ListOf, PathName)):
             if not setting.allows(value):
                 text = setting.describe(key) if isinstance(setting, PathName) else setting.describe()
-                raise ConfigError(f"{key}={_shown(value)}: must be {text}")
+                raise ConfigError(f"{key}={shown(value)}: must be {text}")
             continue
         high = setting.high
         if isinstance(high, str):
@@ -201,11 +201,11 @@ def check_settings(cfg: DictConfig, command: str) -> None:
             if not isinstance(high, (int, float)) or isinstance(high, bool):
                 continue  # the bound is wrong itself and named by its own entry
         if not setting.allows(value, high):
-            raise ConfigError(f"{key}={_shown(value)}: must be {setting.describe(high)}")
+            raise ConfigError(f"{key}={shown(value)}: must be {setting.describe(high)}")
     for key in SWITCHES.get(command, ()):
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         if value is not _ABSENT and not isinstance(value, bool):
-            raise ConfigError(f"{key}={_shown(value)}: must be true or false")
+            raise ConfigError(f"{key}={shown(value)}: must be true or false")
     try:
         OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
                                resolve=True)
@@ -222,6 +222,12 @@ def missing_reference(exc: InterpolationKeyError) -> str:
             "left out?)")
 
 
-def _shown(value: object) -> object:
-    """A list as the user typed it (``[1, 2]``), not OmegaConf's repr."""
-    return OmegaConf.to_container(value) if isinstance(value, ListConfig) else value
+def shown(value: object) -> str:
+    """A value as typed on the command line (``null``, ``true``, ``[1, 2]``), not Python's."""
+    if isinstance(value, (ListConfig, DictConfig)):
+        value = OmegaConf.to_container(value)
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(shown(v) for v in value)}]"
+    return str(value)

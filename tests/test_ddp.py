@@ -79,7 +79,7 @@ def test_synced_batchnorm_on_cpu_processes_is_refused_in_one_line(prepared_copy,
                      cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: trainer.sync_batchnorm=True: torch "
+    assert len(lines) == 1 and lines[0].startswith("error: trainer.sync_batchnorm=true: torch "
                                                    "shares BatchNorm statistics between GPU "
                                                    "processes only"), result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -25,6 +25,7 @@ from prostate_seg.data.volume import (INTENSITY_MODES, VolumeGeometry, display_a
                                       geometry_of, is_nifti, load_nifti, strip_nifti_suffix,
                                       to_grey_levels, to_slices, voxel_array)
 from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.settings import shown
 from prostate_seg.files import (beside, check_name_fits, check_writable_folder, refuse_existing,
                                 write_csv, write_json)
 
@@ -60,12 +61,12 @@ class PrepareSettings:
         if self.image_size < 8:
             raise ConfigError(f"image_size={self.image_size}: must be >= 8")
         if self.fit not in FIT_MODES:
-            raise ConfigError(f"fit={self.fit}: choose one of {', '.join(FIT_MODES)}")
+            raise ConfigError(f"fit={shown(self.fit)}: choose one of {', '.join(FIT_MODES)}")
         low, high = self.window
         if not 0.0 <= low < high <= 100.0:
             raise ConfigError(f"window=[{low}, {high}]: need 0 <= low < high <= 100 (percentiles)")
         if self.intensity not in INTENSITY_MODES:
-            raise ConfigError(f"intensity={self.intensity}: choose one of "
+            raise ConfigError(f"intensity={shown(self.intensity)}: choose one of "
                               f"{', '.join(INTENSITY_MODES)}")
 
     @classmethod
@@ -87,7 +88,7 @@ class Case:
 
 def check_on_error(on_error: str) -> None:
     if on_error not in ("raise", "skip"):
-        raise ConfigError(f"on_error={on_error}: choose raise or skip")
+        raise ConfigError(f"on_error={shown(on_error)}: choose raise or skip")
 
 
 def patient_id(path: Path) -> str:

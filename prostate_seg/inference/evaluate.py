@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from prostate_seg.data.dataset import read_manifest, read_png
 from prostate_seg.data.split import ROLES, SPLIT_FILE, PatientSplit, read_folds
 from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.settings import shown
 from prostate_seg.files import check_name_fits, check_writable_folder, refuse_existing, write_csv
 from prostate_seg.data.prepare import DATASET_MARKERS, PrepareSettings
 from prostate_seg.inference.metrics import volume_scores
@@ -151,7 +152,7 @@ def default_output(ckpt_path: str | Path, subset: str = "val", keep_largest: boo
 
 def check_subset(subset: object) -> None:
     if subset not in SUBSETS:
-        raise ConfigError(f"subset={subset}: choose one of {', '.join(SUBSETS)}")
+        raise ConfigError(f"subset={shown(subset)}: choose one of {', '.join(SUBSETS)}")
 
 
 def check_output(output: Path, ckpt_path: Path) -> None:

@@ -16,6 +16,7 @@ from prostate_seg.config import check_extras_installed
 from prostate_seg.data.dataset import context_window
 from prostate_seg.data.resize import fit_slice, unfit_slice
 from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.settings import shown
 from prostate_seg.data.prepare import PrepareSettings
 from prostate_seg.models import network_weights, weights_mismatch
 
@@ -29,7 +30,7 @@ def pick_device(device: str = "auto") -> torch.device:
     except (TypeError, RuntimeError):
         chosen = None
     if chosen is None or chosen.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device={device}: choose auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"device={shown(device)}: choose auto, cpu, cuda or cuda:N")
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if chosen.type == "cuda" and (chosen.index or 0) >= visible:
         raise ConfigError(f"device={device}: this machine has {visible} CUDA GPU(s) torch can "

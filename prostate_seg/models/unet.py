@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prostate_seg.errors import ConfigError
+from prostate_seg.settings import shown
 
 
 # batch: statistics of the training set, frozen at inference; instance: each slice's own, as
@@ -46,7 +47,7 @@ class UNet(nn.Module):
         if not features:
             raise ConfigError("model.net.features must list at least one level")
         if norm not in NORMS:
-            raise ConfigError(f"model.net.norm={norm}: choose one of {', '.join(NORMS)}")
+            raise ConfigError(f"model.net.norm={shown(norm)}: choose one of {', '.join(NORMS)}")
         self.down = nn.ModuleList()
         channels = in_channels
         for width in features:

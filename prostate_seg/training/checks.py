@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prostate_seg.config import check_extras_installed, uses_gpu
 from prostate_seg.errors import ConfigError
-from prostate_seg.settings import check_settings
+from prostate_seg.settings import check_settings, shown
 from prostate_seg.study.runs import processes
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={value}: {allowed}")
+        raise ConfigError(f"{key}={shown(value)}: {allowed}")
 
 
 def check_loss(loss: DictConfig, prefix: str = "loss") -> None:
