@@ -33,6 +33,21 @@ def make_folder(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
+@contextmanager
+def new_folders(folder: Path) -> Iterator[None]:
+    """``folder`` made with its missing parents for the block; if the block fails, those it
+    made and left empty are removed: a command that stops leaves no folder behind."""
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first
+    make_folder(folder)
+    try:
+        yield
+    except BaseException:
+        for made in missing:
+            with suppress(OSError):  # not empty (another process wrote there): kept
+                made.rmdir()
+        raise
+
+
 def check_writable_folder(folder: Path) -> None:
     """Write a probe in ``folder``, or in the nearest folder above it that exists, where it
     would be made: a tool stops before its work naming the path (root ignores permission bits,

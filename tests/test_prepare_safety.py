@@ -218,3 +218,16 @@ def test_files_that_are_neither_nifti_nor_dicom_folders_are_named_in_a_warning(t
     (tmp_path / "in" / "masks" / "._p0.nii.gz").write_bytes(b"macOS resource fork")
     assert prepare(tmp_path / "in", tmp_path / "out", SETTINGS)["patients"] == 1
     assert "ignored 1 files that are neither NIfTI nor a DICOM folder: p1.mha" in caplog.text
+
+
+def test_a_case_that_fails_while_building_leaves_no_folder(tmp_path):
+    """The output's missing parents are made for the build and removed with it when a case
+    fails mid-way (here a mask on another grid), as are the partial dataset's files."""
+    source = tmp_path / "source"
+    _scan(source, "good")
+    _scan(source, "shifted", mask=np.zeros((16, 14, 4), np.uint8))
+    before = _fingerprint(source)
+    with pytest.raises(DataError, match="does not match image grid"):
+        prepare(source, tmp_path / "new" / "deeper" / "prepared", SETTINGS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+    assert _fingerprint(source) == before

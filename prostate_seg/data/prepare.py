@@ -26,8 +26,8 @@ from prostate_seg.data.volume import (INTENSITY_MODES, VolumeGeometry, display_a
                                       to_grey_levels, to_slices, voxel_array)
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.settings import shown
-from prostate_seg.files import (beside, check_name_fits, check_writable_folder, refuse_existing,
-                                write_csv, write_json)
+from prostate_seg.files import (beside, check_name_fits, check_writable_folder, new_folders,
+                                refuse_existing, write_csv, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -318,49 +318,52 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
 
     tmp = beside(real_out, "partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for sub in CONTENT_FOLDERS:
-            (tmp / sub).mkdir(parents=True)
-        jobs = (cases, [settings] * len(cases), [tmp] * len(cases))
-        if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                results = list(pool.map(_prepare_case, *jobs))
-        else:
-            results = list(map(_prepare_case, *jobs))
-        rows, empty = [], []
-        for case, result in zip(cases, results):
-            if isinstance(result, str) and on_error == "raise":
-                raise DataError(result)
-            if isinstance(result, str):
-                skipped.append({"case": case.patient, "reason": result})
-                continue
-            rows.extend(result)
-            if not any(row["gland_pixels"] for row in result):
-                empty.append(case.patient)
-        if not rows:
-            raise DataError(f"input_dir={input_dir}: no usable case "
-                            f"({len(skipped)} skipped: {skipped[0]['reason'] if skipped else ''})")
-        patients = len({row["patient"] for row in rows})
-        if len(empty) == patients:
-            raise DataError(f"input_dir={input_dir}: no mask holds a single gland voxel "
-                            f"(mask_labels={asdict(settings)['mask_labels']}); a network "
-                            "trained on it would only learn to predict nothing")
-        write_csv(tmp / "manifest.csv", rows, MANIFEST_FIELDS)
-        report = {"input_dir": str(input_dir), "patients": patients, "slices": len(rows),
-                  "skipped": skipped, "empty_masks": empty,
-                  "seconds": round(time.time() - started, 2)}
-        write_json(tmp / "prepare.json", {
-            **asdict(settings), "orientation": "display: row 0 anterior, column 0 patient right",
-            "patients": patients, "slices": len(rows), CONTENT_DIGEST: content_digest(tmp)})
-        write_json(tmp / "prepare_report.json", report)
-        old = beside(real_out, "old")
-        if real_out.exists():
-            real_out.rename(old)
-        tmp.rename(real_out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with new_folders(real_out.parent):  # none left if it stops
+        try:
+            for sub in CONTENT_FOLDERS:
+                (tmp / sub).mkdir(parents=True)
+            jobs = (cases, [settings] * len(cases), [tmp] * len(cases))
+            if workers > 1:
+                with ProcessPoolExecutor(workers) as pool:
+                    results = list(pool.map(_prepare_case, *jobs))
+            else:
+                results = list(map(_prepare_case, *jobs))
+            rows, empty = [], []
+            for case, result in zip(cases, results):
+                if isinstance(result, str) and on_error == "raise":
+                    raise DataError(result)
+                if isinstance(result, str):
+                    skipped.append({"case": case.patient, "reason": result})
+                    continue
+                rows.extend(result)
+                if not any(row["gland_pixels"] for row in result):
+                    empty.append(case.patient)
+            if not rows:
+                first = skipped[0]["reason"] if skipped else ""
+                raise DataError(f"input_dir={input_dir}: no usable case "
+                                f"({len(skipped)} skipped: {first})")
+            patients = len({row["patient"] for row in rows})
+            if len(empty) == patients:
+                raise DataError(f"input_dir={input_dir}: no mask holds a single gland voxel "
+                                f"(mask_labels={asdict(settings)['mask_labels']}); a network "
+                                "trained on it would only learn to predict nothing")
+            write_csv(tmp / "manifest.csv", rows, MANIFEST_FIELDS)
+            report = {"input_dir": str(input_dir), "patients": patients, "slices": len(rows),
+                      "skipped": skipped, "empty_masks": empty,
+                      "seconds": round(time.time() - started, 2)}
+            write_json(tmp / "prepare.json", {
+                **asdict(settings),
+                "orientation": "display: row 0 anterior, column 0 patient right",
+                "patients": patients, "slices": len(rows), CONTENT_DIGEST: content_digest(tmp)})
+            write_json(tmp / "prepare_report.json", report)
+            old = beside(real_out, "old")
+            if real_out.exists():
+                real_out.rename(old)
+            tmp.rename(real_out)
+            shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     for item in skipped:
         log.warning("skipped %s: %s", item["case"], item["reason"])
     if empty:
