@@ -83,7 +83,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def config_problem(config_name: str, argv: list[str]) -> str | None:
     """The one line ``python <tool> *argv`` would stop with before its task; None if none."""
     args = parse_args(argv)
-    removed = removal_problem(args.config_name or config_name, args.overrides, args.multirun)
+    removed = _removal_line(args, config_name)
     if removed:
         return removed
     try:
@@ -159,6 +159,14 @@ def removal_problem(command: str, overrides: list[str], multirun: bool = False) 
                    else "give it a value instead")
         return f"~{key}: {command} cannot run without {key}; {instead}"
     return None
+
+
+def _removal_line(args: argparse.Namespace, config_name: str) -> str | None:
+    """removal_problem for the project's own configs; a user's (--config-path, --config-dir)
+    is theirs to know."""
+    if args.config_path or args.config_dir:
+        return None
+    return removal_problem(args.config_name or config_name, args.overrides, args.multirun)
 
 
 def _unknown_key(exc: BaseException) -> str | None:
@@ -382,8 +390,7 @@ def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
 
     with one_line_errors(show_traceback, config_name):
         args = parse_args(sys.argv[1:])
-        removed = removal_problem(args.config_name or config_name, args.overrides,
-                                  args.multirun)
+        removed = _removal_line(args, config_name)
         if removed:
             raise ConfigError(removed)
         _main()

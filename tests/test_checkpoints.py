@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import TINY, compose_train
 
-from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.errors import ConfigError, DataError, UserError
 from prostate_seg.inference.predictor import load_checkpoint
 from prostate_seg.training.fit import train
 
@@ -44,3 +44,18 @@ def test_checkpoint_whose_weights_do_not_fit_its_own_config_is_one_line(trained_
                                         r"weight is \[32, 16, 3, 3\] in the checkpoint but "
                                         r"\[64, 32, 3, 3\] in the model$"):
         load_checkpoint(doctored, torch.device("cpu"))
+
+
+def test_a_start_checkpoint_of_weights_only_or_past_the_budget_is_one_line(trained_run,
+                                                                         prepared, tmp_path):
+    """Both would end inside Lightning's fit, after the run folder was claimed."""
+    best = next((trained_run / "checkpoints").glob("best-*.ckpt"))
+    last = trained_run / "checkpoints" / "last.ckpt"
+    for ckpt, extra, message in [(best, [], "holds the network's weights only"),
+                                 (last, ["trainer.max_epochs=1"], "past trainer.max_epochs=1")]:
+        run_dir = tmp_path / ckpt.stem
+        cfg = compose_train([*TINY, f"data.dir={prepared}", f"ckpt_path={ckpt}", *extra],
+                            run_dir)
+        with pytest.raises(UserError, match=message):
+            train(cfg)
+        assert not (run_dir / "status.json").exists()

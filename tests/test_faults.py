@@ -743,15 +743,18 @@ def test_fuzzed_png_slices_give_clean_errors(prepared_copy):
 def test_evaluate_never_writes_over_its_checkpoint_or_into_a_dataset(tmp_path):
     from prostate_seg.inference.evaluate import check_output
 
-    (tmp_path / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "data" / "images").mkdir(parents=True)
     (tmp_path / "data" / "prepare.json").write_text("{}")
+    (tmp_path / "data" / "manifest.csv").write_text("patient\n")
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.csv").write_text("name,url\n")  # not a dataset's
     ckpt = tmp_path / "run" / "last.ckpt"
     (tmp_path / "link.ckpt").symlink_to(ckpt)
-    for output, message in [(tmp_path / "data" / "manifest.csv", "inside the prepared dataset"),
-                            (tmp_path / "data" / "sub" / "x.csv", "inside the prepared dataset"),
+    for output, message in [(tmp_path / "data" / "manifest.csv", "would change the prepared"),
+                            (tmp_path / "data" / "images" / "x.csv", "would change the prepared"),
                             (tmp_path / "link.ckpt", "would replace the checkpoint"),
                             (tmp_path / "data", "is a folder")]:
         with pytest.raises(UserError, match=message):
             check_output(output, ckpt)
     check_output(tmp_path / "run" / "last.ckpt.eval.csv", ckpt)  # beside it, as by default
+    check_output(tmp_path / "data" / "scores.csv", ckpt)  # a new file beside the slices

@@ -112,11 +112,15 @@ def test_skip_bad_scans_list_them_and_rerun_finishes_the_rest(ckpt, scans, tmp_p
     broken.write_bytes(b"not a scan")
     out = tmp_path / "masks"
     with pytest.raises(DataError, match="phantom001.nii.gz: not a readable NIfTI"):
-        predict_paths(ckpt, scans, out)  # on_error=raise: stops at the bad scan ...
-    assert sorted(p.name for p in out.iterdir()) == ["phantom000.nii.gz"]  # ... the first is kept
+        predict_paths(ckpt, scans, out)  # on_error=raise: stops at the bad scan, before any mask
+    assert not out.exists()
+    with pytest.raises(DataError, match=r"1 of 3 scans could not be segmented"):
+        predict_paths(ckpt, scans, out, on_error="skip")
+    assert sorted(p.name for p in out.iterdir()) == ["phantom000.nii.gz", "phantom002.nii.gz"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     with pytest.raises(DataError, match=r"1 of 3 scans could not be segmented"):
         predict_paths(ckpt, scans, out, on_error="skip", skip_existing=True)
-    assert sorted(p.name for p in out.iterdir()) == ["phantom000.nii.gz", "phantom002.nii.gz"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing redone
     assert f"not segmented: {broken} ({broken}: not a readable NIfTI" in caplog.text
 
 

@@ -58,5 +58,10 @@ def test_phantoms_already_there_are_replaced_only_when_asked(tmp_path):
         generate(tmp_path, num_patients=3, seed=2, size=48)
     assert (tmp_path / "images" / "phantom001.nii.gz").read_bytes() == before
     assert not (tmp_path / "images" / "phantom002.nii.gz").exists()
-    generate(tmp_path, num_patients=2, seed=2, size=48, overwrite=True)
-    assert (tmp_path / "images" / "phantom001.nii.gz").read_bytes() != before
+    generate(tmp_path, num_patients=1, seed=2, size=48, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["phantom000.nii.gz"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "masks").write_text("a file where a folder goes")
+    with pytest.raises(NotADirectoryError):
+        generate(tmp_path / "other", num_patients=1, size=48)
+    assert not (tmp_path / "other" / "images").exists()  # nothing written before the refusal

@@ -40,7 +40,8 @@ MANIFEST_FIELDS = [
 PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 AFFINE_TOLERANCE_MM = 1e-2
 # Files that mark a folder as a dataset made by prepare: only such a folder is replaced.
-DATASET_MARKERS = ("prepare.json", "manifest.csv")
+PREPARE_FILE = "prepare.json"  # a prepared dataset's settings: what makes a folder one
+DATASET_MARKERS = (PREPARE_FILE, "manifest.csv")
 # prepare.json: the digest of every file of CONTENT_FOLDERS, which a run's identity takes
 CONTENT_DIGEST = "content_digest"
 CONTENT_FOLDERS = ("images", "masks", "volumes")
@@ -249,7 +250,7 @@ def content_digest(data_dir: Path) -> str:
 def dataset_fingerprint(data_dir: Path) -> str:
     """The dataset by content (settings, slices, file digest), not by place: a moved copy is the
     same data. A missing digest is computed, never written back: a run never changes its data."""
-    path = data_dir / "prepare.json"
+    path = data_dir / PREPARE_FILE
     settings = json.loads(path.read_text()) if path.is_file() else {}
     digest = hashlib.sha256()
     digest.update(json.dumps({k: v for k, v in settings.items() if k != CONTENT_DIGEST},
@@ -351,7 +352,7 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
             report = {"input_dir": str(input_dir), "patients": patients, "slices": len(rows),
                       "skipped": skipped, "empty_masks": empty,
                       "seconds": round(time.time() - started, 2)}
-            write_json(tmp / "prepare.json", {
+            write_json(tmp / PREPARE_FILE, {
                 **asdict(settings),
                 "orientation": "display: row 0 anterior, column 0 patient right",
                 "patients": patients, "slices": len(rows), CONTENT_DIGEST: content_digest(tmp)})

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from scipy import ndimage
 
 from prostate_seg.errors import ConfigError
-from prostate_seg.files import refuse_existing
+from prostate_seg.files import check_writable_folder, refuse_existing
 
 FOLDERS = ("images", "masks")  # as prepare finds scans and their masks
 
@@ -146,16 +146,23 @@ def _make_and_write(seed: int, index: int, size: int, output_dir: Path) -> str:
 def generate(output_dir: str | Path, num_patients: int, seed: int = 0, size: int = 128,
              workers: int = 0, overwrite: bool = False) -> list[str]:
     """Write ``num_patients`` phantoms (in ``workers`` processes); returns their patient ids.
-    Phantoms already there are replaced only with ``overwrite``: another seed or size under the
-    same names would otherwise pass for the first one."""
+    Phantoms already there are replaced only with ``overwrite``, which also removes those of an
+    earlier, larger set: another seed or size under the same names would pass for the first."""
     if num_patients < 1:
         raise ConfigError(f"num_patients={num_patients} must be >= 1")
     if size < 32:
         raise ConfigError(f"size={size} must be >= 32 pixels")
     output_dir = Path(output_dir)
+    for folder in FOLDERS:
+        check_writable_folder(output_dir / folder)
     for index in range(num_patients):
         for path in outputs(output_dir, index):
             refuse_existing(path, overwrite)
+    if overwrite:  # the phantoms of an earlier, larger set would pass for this one's
+        for folder in FOLDERS:
+            for old in (output_dir / folder).glob("phantom[0-9][0-9][0-9].nii.gz"):
+                if int(old.name[len("phantom"):-len(".nii.gz")]) >= num_patients:
+                    old.unlink()
     jobs = [(seed, index, size, output_dir) for index in range(num_patients)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:

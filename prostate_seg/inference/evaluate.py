@@ -18,7 +18,7 @@ from prostate_seg.data.split import ROLES, SPLIT_FILE, PatientSplit, read_folds
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.settings import shown
 from prostate_seg.files import check_name_fits, check_writable_folder, refuse_existing, write_csv
-from prostate_seg.data.prepare import DATASET_MARKERS, PrepareSettings
+from prostate_seg.data.prepare import CONTENT_FOLDERS, PREPARE_FILE, PrepareSettings
 from prostate_seg.inference.metrics import volume_scores
 from prostate_seg.inference.predictor import (SlicePredictor, TrainedModel, binarize,
                                               load_checkpoint, pick_device)
@@ -47,7 +47,7 @@ def stored_split(module: TrainedModel, ckpt_path: str | Path) -> PatientSplit:
 def check_same_dataset(data_dir: Path, module: TrainedModel, split: PatientSplit) -> None:
     """Refuse a data folder prepared or split otherwise than the checkpoint's training data."""
     stored = module.cfg.get("preprocessing")
-    prepare_json = data_dir / "prepare.json"
+    prepare_json = data_dir / PREPARE_FILE
     if stored and prepare_json.exists():
         here = asdict(PrepareSettings.from_config(json.loads(prepare_json.read_text())))
         trained = asdict(PrepareSettings.from_config(stored))
@@ -156,15 +156,17 @@ def check_subset(subset: object) -> None:
 
 
 def check_output(output: Path, ckpt_path: Path) -> None:
-    """The table goes to a file of its own: not onto a folder, the checkpoint or into a prepared
-    dataset (what the scores are computed from), whatever overwrite says."""
+    """The table goes to a file of its own, whatever overwrite says: not onto a folder, the
+    checkpoint, a file of a prepared dataset or into its slices (what the scores come from)."""
     if output.is_dir():
         raise DataError(f"output={output}: is a folder; give the table's file name (.csv)")
-    if output.resolve() == ckpt_path.resolve():
+    real = output.resolve()
+    if real == ckpt_path.resolve():
         raise ConfigError(f"output={output} would replace the checkpoint it evaluates")
-    for folder in output.resolve().parents:
-        if any((folder / marker).is_file() for marker in DATASET_MARKERS):
-            raise ConfigError(f"output={output} lies inside the prepared dataset {folder}; "
+    for folder in real.parents:
+        if (folder / PREPARE_FILE).is_file() and (
+                real.exists() or real.relative_to(folder).parts[0] in CONTENT_FOLDERS):
+            raise ConfigError(f"output={output} would change the prepared dataset {folder}; "
                               "choose a file outside it")
 
 

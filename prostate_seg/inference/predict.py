@@ -143,6 +143,9 @@ def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
     model = load_checkpoint(ckpt_path, pick_device(device))
     warn_seen_patients([scan for scan, _ in pairs], model)
     predictor = SlicePredictor(model, batch_size, tta)
+    if on_error == "raise" and len(todo) > 1:  # a bad scan stops the run before any mask
+        for scan, _ in todo:
+            scan_slices(load_nifti(scan), scan, predictor.prep)
     written, skipped = [], []
     for scan, target in todo:
         try:

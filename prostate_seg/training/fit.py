@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from prostate_seg.config import configure_cpu_threads, uses_gpu
 from prostate_seg.data.datamodule import SliceDataModule
-from prostate_seg.data.prepare import dataset_fingerprint
+from prostate_seg.data.prepare import PREPARE_FILE, dataset_fingerprint
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import make_folder, replacing, write_csv, write_json
 from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_scores
@@ -84,14 +84,23 @@ def _check_start_checkpoint(cfg: DictConfig, path: Path) -> None:
     """A file that is no training checkpoint, or one of another network, refused before the run
     folder is claimed (Lightning finds out only inside fit)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint["state_dict"]
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"ckpt_path={path}: not a training checkpoint ({reason})") from None
+    if "optimizer_states" not in checkpoint:
+        raise DataError(f"ckpt_path={path}: holds the network's weights only (as best-*.ckpt "
+                        "does); training continues from a whole training state, a run's "
+                        "last.ckpt")
     problem = weights_mismatch(instantiate(cfg.model.net), network_weights(state))
     if problem:
         raise ConfigError(f"ckpt_path={path}: its network does not match model.net="
                           f"{OmegaConf.to_container(cfg.model.net, resolve=True)}: {problem}")
+    epochs, reached = cfg.trainer.get("max_epochs"), checkpoint.get("epoch", 0)
+    if epochs not in (None, -1) and reached > epochs:  # Lightning's own condition
+        raise ConfigError(f"ckpt_path={path}: trained to epoch {reached}, past "
+                          f"trainer.max_epochs={epochs}; raise it to train on from there")
 
 
 def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, identity: Identity) -> str | None:
@@ -214,7 +223,7 @@ def build_run(cfg: DictConfig, datamodule: SliceDataModule | None = None,
     identity = identity or identity_of(cfg, datamodule)
     record = OmegaConf.to_container(_task(cfg), resolve=True)
     # What the model was trained on travels with the checkpoint, for predict and evaluate.
-    record.update(preprocessing=load_json_object(datamodule.dir / "prepare.json")[0],
+    record.update(preprocessing=load_json_object(datamodule.dir / PREPARE_FILE)[0],
                   split=datamodule.split.to_dict(), identity=identity.to_dict())
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # the initial weights follow the seed
     module = SegmentationModule(record)
