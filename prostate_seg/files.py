@@ -23,6 +23,13 @@ def refuse_existing(path: Path, overwrite: bool, name: str | None = None) -> Non
         raise DataError(f"{name or path} already exists; pass overwrite=true to replace it")
 
 
+def not_found(path: Path, kind: str = "file") -> str:
+    """Why ``path`` is not the ``kind`` ("file", "folder", "checkpoint file") it should be."""
+    if path.is_dir() or path.exists():
+        return f"is a {'folder' if path.is_dir() else 'file'}, not a {kind}"
+    return f"{kind} not found"
+
+
 def make_folder(folder: Path) -> None:
     """``mkdir -p`` naming the file in the way (``mkdir`` names the folder, or "File exists")."""
     for parent in [folder, *folder.parents]:

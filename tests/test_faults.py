@@ -180,7 +180,8 @@ def test_help_and_mistakes_answer_without_the_heavy_imports(args, answer, tmp_pa
     (["-m", "prostate_seg", "prepare", "input_dir=nothere", "output_dir=out"],
      "error: input_dir=nothere: folder not found"),
     (["-m", "prostate_seg", "synthetic", "output_dir=out", "num_patients=0"], "error: num_patients"),
-    (["evaluate.py", "ckpt_path=missing.ckpt"], "error: ckpt_path=missing.ckpt: checkpoint not found"),
+    (["evaluate.py", "ckpt_path=missing.ckpt"], "error: ckpt_path=missing.ckpt: checkpoint file not found"),
+    (["evaluate.py", "ckpt_path=."], "error: ckpt_path=.: is a folder, not a checkpoint file"),
     (["predict.py", "ckpt_path=missing.ckpt", "input=a.nii.gz", "output=b.nii.gz"], "error: "),
 ])
 def test_a_tool_that_fails_leaves_no_log_folder(args, message, tmp_path):

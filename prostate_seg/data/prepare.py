@@ -27,7 +27,7 @@ from prostate_seg.data.volume import (INTENSITY_MODES, VolumeGeometry, display_a
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.settings import shown
 from prostate_seg.files import (beside, check_name_fits, check_writable_folder, new_folders,
-                                refuse_existing, write_csv, write_json)
+                                not_found, refuse_existing, write_csv, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _by_patient(paths: list[Path]) -> dict[str, list[Path]]:
 def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
     """Images paired with masks, and one problem line per unpaired file or doubly claimed id."""
     if not input_dir.is_dir():
-        raise DataError(f"input_dir={input_dir}: folder not found")
+        raise DataError(f"input_dir={input_dir}: {not_found(input_dir, 'folder')}")
     for image_folder, mask_folder in LAYOUTS:
         images_dir, masks_dir = input_dir / image_folder, input_dir / mask_folder
         if images_dir.is_dir():

@@ -14,6 +14,7 @@ import numpy as np
 from nibabel import orientations as ornt_lib
 
 from prostate_seg.errors import DataError
+from prostate_seg.files import not_found
 
 DISPLAY_ORNT = ornt_lib.axcodes2ornt(("L", "P", "S"))
 MAX_VOXELS = 2**30  # 1 G voxels: far beyond any MRI volume, well inside this machine's memory
@@ -42,7 +43,7 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
     """A NIfTI file with its voxels read: whatever a damaged file makes nibabel, gzip or numpy
     raise is one problem for the user (this file cannot be read), so one DataError."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        raise DataError(f"{path}: {not_found(path)}")
     try:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):

@@ -16,6 +16,7 @@ from prostate_seg.config import check_extras_installed
 from prostate_seg.data.dataset import context_window
 from prostate_seg.data.resize import fit_slice, unfit_slice
 from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.files import not_found
 from prostate_seg.settings import shown
 from prostate_seg.data.prepare import PrepareSettings
 from prostate_seg.models import network_weights, weights_mismatch
@@ -54,7 +55,7 @@ def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> TrainedModel
     """The network of a training checkpoint, in eval mode on ``device``."""
     path = Path(ckpt_path)
     if not path.is_file():
-        raise DataError(f"ckpt_path={path}: checkpoint not found")
+        raise DataError(f"ckpt_path={path}: {not_found(path, 'checkpoint file')}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         cfg, state = checkpoint["hyper_parameters"]["cfg"], checkpoint["state_dict"]

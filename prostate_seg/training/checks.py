@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prostate_seg.config import check_extras_installed, uses_gpu
 from prostate_seg.errors import ConfigError
+from prostate_seg.files import not_found
 from prostate_seg.settings import check_settings, shown
 from prostate_seg.study.runs import processes
 
@@ -75,7 +76,7 @@ def check_data_dir(data_dir: object) -> None:
     """``data.dir`` is a prepared dataset (torch-free: the command line checks it first)."""
     folder = Path(str(data_dir))
     _require(folder.is_dir(), "data.dir", data_dir,
-             "folder not found (make one with python -m prostate_seg prepare)")
+             f"{not_found(folder, 'folder')} (make one with python -m prostate_seg prepare)")
     _require((folder / "manifest.csv").is_file(), "data.dir", data_dir, "not a prepared "
              "dataset (no manifest.csv; make one with python -m prostate_seg prepare)")
 

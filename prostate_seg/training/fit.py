@@ -26,7 +26,7 @@ from prostate_seg.config import configure_cpu_threads, uses_gpu
 from prostate_seg.data.datamodule import SliceDataModule
 from prostate_seg.data.prepare import PREPARE_FILE, dataset_fingerprint
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.files import make_folder, replacing, write_csv, write_json
+from prostate_seg.files import make_folder, not_found, replacing, write_csv, write_json
 from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_scores
 from prostate_seg.inference.predictor import load_checkpoint
 from prostate_seg.models import network_weights, weights_mismatch
@@ -111,7 +111,7 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, identity: Identity) ->
                               "to the run to continue, or give ckpt_path=PATH)")
     elif cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: file not found")
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: {not_found(Path(cfg.ckpt_path))}")
         _check_start_checkpoint(cfg, Path(cfg.ckpt_path))
         return str(cfg.ckpt_path)  # the user's own choice of starting point
     elif not (cfg.resume and last.exists()):
