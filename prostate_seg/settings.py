@@ -230,4 +230,16 @@ def shown(value: object) -> str:
         return {None: "null", True: "true", False: "false"}[value]
     if isinstance(value, (list, tuple)):
         return f"[{', '.join(shown(v) for v in value)}]"
+    if isinstance(value, str) and _reads_as_other_type(value):
+        return f"'{value}'"  # typed in quotes (seed='7'): shown so, not as the number
     return str(value)
+
+
+def _reads_as_other_type(text: str) -> bool:
+    if text.strip().lower() in ("null", "true", "false", ""):
+        return True
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
