@@ -24,10 +24,12 @@ def refuse_existing(path: Path, overwrite: bool, name: str | None = None) -> Non
 
 
 def not_found(path: Path, kind: str = "file") -> str:
-    """Why ``path`` is not the ``kind`` ("file", "folder", "checkpoint file") it should be."""
-    if path.is_dir() or path.exists():
-        return f"is a {'folder' if path.is_dir() else 'file'}, not a {kind}"
-    return f"{kind} not found"
+    """Why ``path`` is not the ``kind`` ("file", "folder", "checkpoint file") it should be:
+    missing, or something else there."""
+    if not path.exists():
+        return f"{kind} not found"
+    found = "a folder" if path.is_dir() else "a file" if path.is_file() else "not a regular file"
+    return f"is {found}, not a {kind}"
 
 
 def make_folder(folder: Path) -> None:

@@ -165,8 +165,8 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "predict": ("save_probabilities", "tta", "largest_component", "overwrite", "skip_existing"),
     "evaluate": ("tta", "largest_component", "overwrite"),
 }
-# What a command runs without, left out with ~KEY (``PREFIX.*``: any one key under PREFIX, never
-# its ``_target_``; Hydra's own ``hydra.`` settings are Hydra's): it reads every other key or
+# What a command runs without, left out with ~KEY (``PREFIX.*``: a key directly under PREFIX,
+# never its ``_target_``; Hydra's own ``hydra.`` settings are Hydra's): it reads every other key or
 # group it has, and would stop halfway without it.
 REMOVABLE: dict[str, tuple[str, ...]] = {"train": ("callbacks", "callbacks.*", "scheduler",
                                                    "trainer.*")}

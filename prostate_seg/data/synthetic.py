@@ -113,8 +113,11 @@ def make_phantom(seed: int, index: int, size: int = 128) -> Phantom:
                    (float(rng.uniform(3.0, 3.6)), pixel, pixel))
 
 
+PREFIX = "phantom"  # every phantom's patient id: phantom000, phantom001, ...
+
+
 def patient_name(index: int) -> str:
-    return f"phantom{index:03d}"
+    return f"{PREFIX}{index:03d}"
 
 
 def outputs(output_dir: Path, index: int) -> list[Path]:
@@ -159,9 +162,10 @@ def generate(output_dir: str | Path, num_patients: int, seed: int = 0, size: int
         for path in outputs(output_dir, index):
             refuse_existing(path, overwrite)
     if overwrite:  # the phantoms of an earlier, larger set would pass for this one's
+        kept = {path for index in range(num_patients) for path in outputs(output_dir, index)}
         for folder in FOLDERS:
-            for old in (output_dir / folder).glob("phantom[0-9][0-9][0-9].nii.gz"):
-                if int(old.name[len("phantom"):-len(".nii.gz")]) >= num_patients:
+            for old in (output_dir / folder).glob(f"{PREFIX}*.nii.gz"):
+                if old not in kept:
                     old.unlink()
     jobs = [(seed, index, size, output_dir) for index in range(num_patients)]
     if workers > 1:

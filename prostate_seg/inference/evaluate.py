@@ -113,7 +113,8 @@ def split_scores(rows: list[dict[str, Any]], split: str) -> dict[str, float | in
 def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path | None = None,
                         subset: str = "val", keep_largest: bool = False, tta: bool = False,
                         device: str = "auto", batch_size: int = 32) -> list[dict[str, Any]]:
-    """One row per patient of ``subset`` of the checkpoint's own split."""
+    """One row per patient of ``subset`` of the checkpoint's own split, of the network's own
+    output unless ``tta`` and ``keep_largest`` are given (as the command line's default)."""
     check_subset(subset)
     module = load_checkpoint(ckpt_path, pick_device(device))
     split = stored_split(module, ckpt_path)

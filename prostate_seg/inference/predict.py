@@ -122,7 +122,9 @@ def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
                   batch_size: int = 32, on_error: str = "raise",
                   skip_existing: bool = False) -> list[Path]:
     """One scan or every NIfTI of a folder. With ``on_error=skip`` the scans that cannot be
-    read are listed at the end and the call still raises, so a script sees masks missing."""
+    read are listed at the end and the call still raises, so a script sees masks missing.
+    The network's own output unless ``tta`` and ``keep_largest`` are given (the command line
+    turns both on: conf/inference/default.yaml)."""
     check_on_error(on_error)
     if overwrite and skip_existing:
         raise ConfigError("overwrite=true and skip_existing=true: choose one (replace existing "
