@@ -36,10 +36,9 @@ from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, Interpolatio
 from prostate_seg.config import (CONFIG_PATH, check_extras_installed, initialize_configs,
                                  openmp_yields)
 from prostate_seg.errors import ConfigError, UserError
-from prostate_seg.settings import check_settings, missing_reference, removable
+from prostate_seg.settings import ABSENT, check_settings, missing_reference, removable
 
 EXIT_USER_ERROR = 2
-_ABSENT = object()
 
 
 def is_command_line_error(exc: BaseException) -> bool:
@@ -153,7 +152,7 @@ def removal_problem(command: str, overrides: list[str], multirun: bool = False) 
         with _config_loader() as loader:
             options = loader.get_group_options(key)
         if (choices.get(key) is None if options
-                else OmegaConf.select(cfg, key.replace("/", "."), default=_ABSENT) is _ABSENT):
+                else OmegaConf.select(cfg, key.replace("/", "."), default=ABSENT) is ABSENT):
             continue
         instead = (f"choose one of {', '.join(sorted(options))} instead" if options
                    else "give it a value instead")

@@ -170,7 +170,7 @@ SWITCHES: dict[str, tuple[str, ...]] = {
 # group it has, and would stop halfway without it.
 REMOVABLE: dict[str, tuple[str, ...]] = {"train": ("callbacks", "callbacks.*", "scheduler",
                                                    "trainer.*")}
-_ABSENT = object()
+ABSENT = object()  # OmegaConf.select's default: the key is not in the config
 
 
 def removable(command: str, key: str) -> bool:
@@ -187,8 +187,8 @@ def check_settings(cfg: DictConfig, command: str) -> None:
     every ``${key}`` the config refers to exists (``~augment`` removes what data refers to),
     found by resolving the config, which reads prepare.json through its resolvers."""
     for key, setting in SETTINGS.get(command, {}).items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is _ABSENT:
+        value = OmegaConf.select(cfg, key, default=ABSENT)
+        if value is ABSENT:
             continue
         if isinstance(setting, (ListOf, PathName)):
             if not setting.allows(value):
@@ -203,8 +203,8 @@ def check_settings(cfg: DictConfig, command: str) -> None:
         if not setting.allows(value, high):
             raise ConfigError(f"{key}={shown(value)}: must be {setting.describe(high)}")
     for key in SWITCHES.get(command, ()):
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-        if value is not _ABSENT and not isinstance(value, bool):
+        value = OmegaConf.select(cfg, key, default=ABSENT)
+        if value is not ABSENT and not isinstance(value, bool):
             raise ConfigError(f"{key}={shown(value)}: must be true or false")
     try:
         OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),

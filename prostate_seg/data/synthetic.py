@@ -158,14 +158,13 @@ def generate(output_dir: str | Path, num_patients: int, seed: int = 0, size: int
     output_dir = Path(output_dir)
     for folder in FOLDERS:
         check_writable_folder(output_dir / folder)
-    for index in range(num_patients):
-        for path in outputs(output_dir, index):
-            refuse_existing(path, overwrite)
+    written = {path for index in range(num_patients) for path in outputs(output_dir, index)}
+    for path in sorted(written):
+        refuse_existing(path, overwrite)
     if overwrite:  # the phantoms of an earlier, larger set would pass for this one's
-        kept = {path for index in range(num_patients) for path in outputs(output_dir, index)}
         for folder in FOLDERS:
             for old in (output_dir / folder).glob(f"{PREFIX}*.nii.gz"):
-                if old not in kept:
+                if old not in written:
                     old.unlink()
     jobs = [(seed, index, size, output_dir) for index in range(num_patients)]
     if workers > 1:

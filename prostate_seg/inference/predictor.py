@@ -4,6 +4,7 @@ validation transform and preprocessing), for evaluate (prepared slices) and pred
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,17 +52,31 @@ class TrainedModel(nn.Module):
         return self.net(image)
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """What a training checkpoint file holds (for training to continue from, or inference):
+    whatever an unreadable or foreign file makes torch raise is one DataError, in one line."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"ckpt_path={path}: not a training checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise DataError(f"ckpt_path={path}: not a training checkpoint (no state_dict in it)")
+    return checkpoint
+
+
 def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> TrainedModel:
     """The network of a training checkpoint, in eval mode on ``device``."""
     path = Path(ckpt_path)
     if not path.is_file():
         raise DataError(f"ckpt_path={path}: {not_found(path, 'checkpoint file')}")
+    checkpoint = read_checkpoint(path)
+    state = checkpoint["state_dict"]
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        cfg, state = checkpoint["hyper_parameters"]["cfg"], checkpoint["state_dict"]
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise DataError(f"ckpt_path={path}: not a prostate-seg checkpoint ({exc})") from None
-    cfg = OmegaConf.create(cfg)
+        cfg = OmegaConf.create(checkpoint["hyper_parameters"]["cfg"])
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"ckpt_path={path}: not a prostate-seg checkpoint (no run config "
+                        "stored in it)") from None
     try:
         check_extras_installed(cfg)  # a MONAI network's checkpoint where MONAI is missing
     except ConfigError as exc:

@@ -28,7 +28,7 @@ from prostate_seg.data.prepare import PREPARE_FILE, dataset_fingerprint
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import make_folder, not_found, replacing, write_csv, write_json
 from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_scores
-from prostate_seg.inference.predictor import load_checkpoint
+from prostate_seg.inference.predictor import load_checkpoint, read_checkpoint
 from prostate_seg.models import network_weights, weights_mismatch
 from prostate_seg.study.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FILE, PREVIEW_FILE,
                                      RESULTS_FILE, Identity, RunLock, RunStatus, claim,
@@ -83,17 +83,13 @@ def _refuse_other_identity(identity: Identity, stored: Identity | None, what: st
 def _check_start_checkpoint(cfg: DictConfig, path: Path) -> None:
     """A file that is no training checkpoint, or one of another network, refused before the run
     folder is claimed (Lightning finds out only inside fit)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        state = checkpoint["state_dict"]
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"ckpt_path={path}: not a training checkpoint ({reason})") from None
+    checkpoint = read_checkpoint(path)
     if "optimizer_states" not in checkpoint:
         raise DataError(f"ckpt_path={path}: holds the network's weights only (as best-*.ckpt "
                         "does); training continues from a whole training state, a run's "
                         "last.ckpt")
-    problem = weights_mismatch(instantiate(cfg.model.net), network_weights(state))
+    problem = weights_mismatch(instantiate(cfg.model.net),
+                               network_weights(checkpoint["state_dict"]))
     if problem:
         raise ConfigError(f"ckpt_path={path}: its network does not match model.net="
                           f"{OmegaConf.to_container(cfg.model.net, resolve=True)}: {problem}")
