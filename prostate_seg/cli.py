@@ -62,6 +62,17 @@ def _config_loader() -> Iterator[Any]:
         GlobalHydra.instance().clear()
 
 
+@contextmanager
+def _app_loader() -> Iterator[Any]:
+    """The running Hydra app's config loader, whose search path holds the user's config folders
+    (--config-dir); the project's outside an app (a test composing on its own)."""
+    if GlobalHydra.instance().is_initialized():
+        yield GlobalHydra.instance().config_loader()
+    else:
+        with _config_loader() as loader:
+            yield loader
+
+
 def _compose(config_name: str, overrides: list[str], multirun: bool) -> DictConfig:
     with _config_loader() as loader:
         return loader.load_configuration(
@@ -82,18 +93,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def config_problem(config_name: str, argv: list[str]) -> str | None:
     """The one line ``python <tool> *argv`` would stop with before its task; None if none."""
     args = parse_args(argv)
-    removed = _removal_line(args, config_name)
-    if removed:
-        return removed
+    name = args.config_name or config_name
+    mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN
     try:
-        cfg = _compose(args.config_name or config_name, args.overrides, args.multirun)
+        cfg = _compose(name, args.overrides, args.multirun)
     except Exception as exc:  # noqa: BLE001 - what is not the command line's is re-raised
         if not is_command_line_error(exc):
             raise
         return hydra_error_line(exc, config_name, argv)
+    with _config_loader() as loader:
+        composed = composed_problem(loader, cfg, name, config_name, args.overrides, mode)
     printing = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
-    if args.multirun or printing:
-        return None
+    if composed or args.multirun or printing:
+        return composed
     return required_values_problem(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
 
 
@@ -130,42 +142,83 @@ def _unknown_option(group: str, value: str, options: list[str], command: str) ->
             + (f" (~{group} leaves it out)" if removable(command, group) else ""))
 
 
-def removal_problem(command: str, overrides: list[str], multirun: bool = False) -> str | None:
-    """``~KEY`` of a key or group ``command`` has and cannot run without (settings.REMOVABLE):
-    said before Hydra composes, not as a traceback halfway through the task. A key it does not
-    have is left to Hydra, which names the closest one."""
+def removal_problem(loader: Any, config_name: str, command: str, overrides: list[str],
+                    mode: RunMode = RunMode.RUN) -> str | None:
+    """``~KEY`` of a key or group ``command`` has and cannot run without (settings.REMOVABLE),
+    or one Hydra cannot remove (it reads the value first: null reads as absent, and the run's
+    folder is not known yet); found by composing ``config_name``
+    without the removals. A key it does not have is left to Hydra, which names the closest."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException:
         return None  # Hydra's own line names it
-    refused = [o.key_or_group for o in parsed
-               if o.is_delete() and not removable(command, o.key_or_group)]
-    if not refused:
+    removed = [o.key_or_group for o in parsed if o.is_delete()]
+    if not removed:
         return None
     kept = [text for text, o in zip(overrides, parsed) if not o.is_delete()]
     try:
-        cfg = _compose(command, kept, multirun)
+        cfg = loader.load_configuration(config_name, kept, mode)
     except Exception:  # noqa: BLE001 - the command line's other mistakes are Hydra's to name
         return None
     choices = cfg.hydra.runtime.choices  # group: option (None: the group is not in use)
-    for key in refused:
-        with _config_loader() as loader:
-            options = loader.get_group_options(key)
-        if (choices.get(key) is None if options
-                else OmegaConf.select(cfg, key.replace("/", "."), default=ABSENT) is ABSENT):
+    for key in removed:
+        options = loader.get_group_options(key)
+        value = ABSENT if options else _unresolved(cfg, key.replace("/", "."))
+        if choices.get(key) is None if options else value is ABSENT:
             continue
-        instead = (f"choose one of {', '.join(sorted(options))} instead" if options
-                   else "give it a value instead")
-        return f"~{key}: {command} cannot run without {key}; {instead}"
+        if not removable(command, key):
+            instead = (f"choose one of {', '.join(sorted(options))} instead" if options
+                       else "give it a value instead")
+            return f"~{key}: {command} cannot run without {key}; {instead}"
+        if value is None:
+            return f"~{key}: it is null already, which Hydra cannot remove"
+        try:
+            OmegaConf.select(cfg, key)
+        except OmegaConfBaseException:  # ${hydra:runtime.output_dir}, before the run starts
+            return (f"~{key}: Hydra reads a value before removing it, and {value} is known only "
+                    "once the run starts; give it a value instead")
     return None
 
 
-def _removal_line(args: argparse.Namespace, config_name: str) -> str | None:
-    """removal_problem for the project's own configs; a user's (--config-path, --config-dir)
-    is theirs to know."""
-    if args.config_path or args.config_dir:
+def _unresolved(cfg: DictConfig, key: str) -> Any:
+    """The value of ``key`` as written (``${paths.output_dir}``), or ABSENT."""
+    parent, _, last = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=ABSENT) if parent else cfg
+    if not isinstance(node, DictConfig) or last not in node.keys():
+        return ABSENT
+    return OmegaConf.to_container(node, resolve=False)[last]
+
+
+def _removal_line(args: argparse.Namespace, command: str) -> str | None:
+    """removal_problem before Hydra makes its folders (and a sweep its jobs), for the command's
+    own config; another (--config-name, --config-path, --config-dir) is checked once composed,
+    in its own search path (composed_problem)."""
+    if args.config_path or args.config_dir or args.config_name not in (None, command):
         return None
-    return removal_problem(args.config_name or config_name, args.overrides, args.multirun)
+    with _config_loader() as loader:
+        return removal_problem(loader, command, command, args.overrides,
+                               RunMode.MULTIRUN if args.multirun else RunMode.RUN)
+
+
+def composed_problem(loader: Any, cfg: DictConfig, config_name: str, command: str,
+                     overrides: list[str], mode: RunMode = RunMode.RUN) -> str | None:
+    """What the composed config lacks that ``command`` reads: a key or group left out with
+    ``~KEY``, or a config not built on the command's own (another tool's, a user's). ``loader``
+    searches the folders the config came from (inside the Hydra app: the user's too)."""
+    removed = removal_problem(loader, config_name, command, overrides, mode)
+    if removed:
+        return removed
+    try:
+        reference = loader.load_configuration(command, [], RunMode.RUN)
+    except MissingConfigException:  # --config-path without the project's configs
+        return None
+    lacking = [key for key in reference if key != "hydra" and key not in cfg.keys()
+               and not removable(command, key)]  # keys(): `in` leaves out ??? values
+    if not lacking:
+        return None
+    named = ", ".join(lacking[:4]) + (f" and {len(lacking) - 4} more" if len(lacking) > 4 else "")
+    return (f"{config_name}: this config lacks {named}, which {command} reads (a config of "
+            f"your own starts from {command}'s: defaults: [{command}, _self_])")
 
 
 def _unknown_key(exc: BaseException) -> str | None:
@@ -309,15 +362,32 @@ def tracebacks_wanted() -> bool:
     return os.environ.get(TRACEBACKS, os.environ.get("HYDRA_FULL_ERROR")) == "1"
 
 
-def remove_bookkeeping_folder(run_dir: Path, log_name: str) -> bool:
-    """Remove ``run_dir`` if it holds only the command's log, and the parents this empties up
-    to the working directory: a command stopped before its work leaves no folder."""
+def remove_bookkeeping_folder(run_dir: Path, log_name: str, hydra_subdir: str | None = None
+                              ) -> bool:
+    """Remove ``run_dir`` if it holds only the command's log (and ``hydra_subdir``, where Hydra
+    wrote its three files: a config without hydra.output_subdir: null), and the parents this
+    empties up to the working directory: a command stopped before its work leaves no folder."""
+    hydra_files = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+
+    def bookkeeping(entry: Path) -> bool:
+        if entry.is_symlink():
+            return False
+        if entry.name == hydra_subdir and entry.is_dir():
+            return all(f.name in hydra_files and f.is_file() and not f.is_symlink()
+                       for f in entry.iterdir())
+        return entry.name == log_name and entry.is_file()
+
     try:
         entries = list(run_dir.iterdir())
-        if any(e.name != log_name or not e.is_file() or e.is_symlink() for e in entries):
+        if not all(bookkeeping(e) for e in entries):
             return False
         for entry in entries:
-            entry.unlink()
+            if entry.is_dir():
+                for file in entry.iterdir():
+                    file.unlink()
+                entry.rmdir()
+            else:
+                entry.unlink()
         run_dir.rmdir()
     except OSError:
         return False  # tidying up is a courtesy; the error line is what matters
@@ -335,9 +405,13 @@ def remove_bookkeeping_folder(run_dir: Path, log_name: str) -> bool:
 def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, show_traceback: bool = False,
          command: str = "train") -> Any:
     try:
-        missing = required_values_problem(cfg)
-        if missing:
-            raise ConfigError(missing)
+        hydra_cfg = HydraConfig.get()
+        with _app_loader() as loader:
+            problem = composed_problem(loader, cfg, hydra_cfg.job.config_name, command,
+                                       list(hydra_cfg.overrides.task), hydra_cfg.mode)
+        problem = problem or required_values_problem(cfg)
+        if problem:
+            raise ConfigError(problem)
         check_settings(cfg, command)
         return task(cfg)
     except (UserError, OSError) as exc:
@@ -346,7 +420,7 @@ def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, show_traceback: boo
         if HydraConfig.initialized():
             hydra_cfg = HydraConfig.get()
             remove_bookkeeping_folder(Path(hydra_cfg.runtime.output_dir),
-                                      f"{hydra_cfg.job.name}.log")
+                                      f"{hydra_cfg.job.name}.log", hydra_cfg.output_subdir)
         if show_traceback:
             raise
         print(f"error: {error_line(exc)}", file=sys.stderr)

@@ -245,6 +245,11 @@ PREDICT = ["predict.py", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz"
     (["train.py", "data.dir=.", "~callbacks.early_stopping.monitor"],
      "~callbacks.early_stopping.monitor: train cannot run without"),
     (["evaluate.py", "--bogus"], "unrecognized arguments: --bogus (--help lists"),
+    # Hydra reads a value before removing it: the run's folder is not known yet, null is absent
+    (["train.py", "data.dir=.", "~trainer.default_root_dir"],
+     "~trainer.default_root_dir: Hydra reads a value before removing it, and ${paths.output_dir}"),
+    (["train.py", "data.dir=.", "trainer.devices=null", "~trainer.devices"],
+     "~trainer.devices: it is null already"),
 ])
 def test_a_value_of_the_wrong_type_is_one_line_before_any_work(args, message, tmp_path):
     """Any command, any numeric, list or yes/no key: one line naming key and value, exit 2,
@@ -254,9 +259,42 @@ def test_a_value_of_the_wrong_type_is_one_line_before_any_work(args, message, tm
     assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args, message", [
+    (["train.py", "--config-name", "predict"],
+     "predict: this config lacks seed, resume, verbose, evaluate_best and 9 more, which train"),
+    (["predict.py", "--config-name", "train"], "train: this config lacks tta, largest_component"),
+    (["evaluate.py", "--config-name", "synthetic"], "synthetic: this config lacks tta, largest_component, ckpt_path, data and 4 more"),
+    (["train.py", "--config-dir", "{mine}", "--config-name", "bare"],
+     "bare: this config lacks ckpt_path, resume"),
+    (["train.py", "--config-dir", "{mine}", "--config-name", "mine", "~seed"],
+     "~seed: train cannot run without seed; give it a value instead"),
+    (["train.py", "--config-dir", "{mine}", "--config-name", "mine", "~data.dir"],
+     "~data.dir: train cannot run without data.dir"),
+    (["train.py", "--config-path", "{mine}", "--config-name", "mine", "~loss"],
+     "~loss: train cannot run without loss; give it a value instead"),
+    (["predict.py", "--config-dir", "{mine}", "--config-name", "mine"],
+     "mine: this config lacks tta, largest_component"),
+])
+def test_a_config_that_lacks_what_the_command_reads_is_one_line(args, message, tmp_path,
+                                                                tmp_path_factory):
+    """Another tool's config, or a user's own (--config-dir, --config-path) short of a key or
+    group the command reads, by ~KEY or as written: one line before the task, nothing left
+    behind (Hydra's own .hydra/ of a config without hydra.output_subdir: null included)."""
+    mine = tmp_path_factory.mktemp("configs")
+    (mine / "mine.yaml").write_text(
+        f"defaults:\n  - train\n  - _self_\n\ndata:\n  dir: {tmp_path}\n")
+    (mine / "bare.yaml").write_text("seed: 1\n")
+    if "--config-path" in args:  # a folder of its own: the project's configs are not searched
+        (mine / "mine.yaml").write_text("seed: 1\nloss:\n  name: bce\n")
+    result = run_cli(*[a.format(mine=mine) for a in args], cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_only_a_folder_of_bookkeeping_is_removed(tmp_path, monkeypatch):
     """A folder holding only the command's log goes, with the parents left empty up to the
-    working directory; a folder holding anything else (a claimed run's .hydra/) is kept whole,
+    working directory; a folder holding anything else (a claimed run's .hydra/, where Hydra's
+    own output_subdir is null) is kept whole,
     and so is a parent that holds another folder."""
     from prostate_seg.cli import remove_bookkeeping_folder
 
@@ -282,6 +320,17 @@ def test_only_a_folder_of_bookkeeping_is_removed(tmp_path, monkeypatch):
     (other_log / "evaluate.log").write_text("mine")
     assert not remove_bookkeeping_folder(other_log, "train.log")
     assert (other_log / "evaluate.log").exists()
+    # Hydra's own .hydra/ (a config without hydra.output_subdir: null) is bookkeeping too,
+    # unless something else is in it
+    hydra_own = log_only(tmp_path / "outputs" / "day" / "time")
+    (hydra_own / ".hydra").mkdir()
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (hydra_own / ".hydra" / name).write_text("x: 1\n")
+    (hydra_own / ".hydra" / "notes.txt").write_text("mine")
+    assert not remove_bookkeeping_folder(hydra_own, "train.log", ".hydra")
+    (hydra_own / ".hydra" / "notes.txt").unlink()
+    assert remove_bookkeeping_folder(hydra_own, "train.log", ".hydra")
+    assert not (tmp_path / "outputs" / "day").exists()
 
 
 # --- 2. prepare on bad input -----------------------------------------------------------------
