@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError
@@ -211,6 +212,13 @@ def check_settings(cfg: DictConfig, command: str) -> None:
                                resolve=True)
     except InterpolationKeyError as exc:
         raise ConfigError(missing_reference(exc)) from None
+
+
+def check_values(command: str, **values: object) -> None:
+    """The command line's rules (SETTINGS, SWITCHES) for the same values given to a Python
+    function (synthetic.generate, prepare's settings)."""
+    check_settings(OmegaConf.create({key: str(value) if isinstance(value, PurePath) else value
+                                     for key, value in values.items()}), command)
 
 
 def missing_reference(exc: InterpolationKeyError) -> str:

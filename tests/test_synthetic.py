@@ -4,8 +4,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from prostate_seg.data.prepare import PrepareSettings
 from prostate_seg.data.synthetic import generate, make_phantom
-from prostate_seg.errors import DataError
+from prostate_seg.errors import ConfigError, DataError
 
 
 def test_same_seed_same_phantom_other_seed_other_phantom():
@@ -65,3 +66,19 @@ def test_phantoms_already_there_are_replaced_only_when_asked(tmp_path):
     with pytest.raises(NotADirectoryError):
         generate(tmp_path / "other", num_patients=1, size=48)
     assert not (tmp_path / "other" / "images").exists()  # nothing written before the refusal
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda out: generate(out, 1, size=5000), "size=5000: must be an integer in 32..4096"),
+    (lambda out: generate(out, 0), "num_patients=0: must be an integer >= 1"),
+    (lambda out: generate(out, 2, seed=-1), "seed=-1: must be an integer in 0..4294967295"),
+    (lambda out: generate(out, 2, overwrite="no"), "overwrite=no: must be true or false"),
+    (lambda out: PrepareSettings(image_size=4), "image_size=4: must be an integer >= 8"),
+    (lambda out: PrepareSettings(window=(1, 200)), "window=[1, 200]: must be a list of 2"),
+])
+def test_the_python_functions_keep_the_command_lines_rules(call, message, tmp_path):
+    """generate() and prepare's settings refuse what their command line refuses, in its words,
+    before anything is written."""
+    with pytest.raises(ConfigError) as refused:
+        call(tmp_path / "out")
+    assert str(refused.value).startswith(message) and not (tmp_path / "out").exists()

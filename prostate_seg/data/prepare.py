@@ -25,7 +25,7 @@ from prostate_seg.data.volume import (INTENSITY_MODES, VolumeGeometry, display_a
                                       geometry_of, is_nifti, load_nifti, strip_nifti_suffix,
                                       to_grey_levels, to_slices, voxel_array)
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.settings import shown
+from prostate_seg.settings import check_values, shown
 from prostate_seg.files import (beside, check_name_fits, check_writable_folder, new_folders,
                                 not_found, refuse_existing, write_csv, write_json)
 
@@ -59,8 +59,9 @@ class PrepareSettings:
     intensity: str = "window"  # or landmarks (docs/RESULTS.md: why not the default)
 
     def __post_init__(self) -> None:
-        if self.image_size < 8:
-            raise ConfigError(f"image_size={self.image_size}: must be >= 8")
+        check_values("prepare", image_size=self.image_size, window=list(self.window),
+                     image_channel=self.image_channel,
+                     mask_labels=None if self.mask_labels is None else list(self.mask_labels))
         if self.fit not in FIT_MODES:
             raise ConfigError(f"fit={shown(self.fit)}: choose one of {', '.join(FIT_MODES)}")
         low, high = self.window

@@ -17,8 +17,8 @@ import numpy as np
 from omegaconf import DictConfig
 from scipy import ndimage
 
-from prostate_seg.errors import ConfigError
 from prostate_seg.files import check_writable_folder, refuse_existing
+from prostate_seg.settings import check_values
 
 FOLDERS = ("images", "masks")  # as prepare finds scans and their masks
 
@@ -151,10 +151,8 @@ def generate(output_dir: str | Path, num_patients: int, seed: int = 0, size: int
     """Write ``num_patients`` phantoms (in ``workers`` processes); returns their patient ids.
     Phantoms already there are replaced only with ``overwrite``, which also removes those of an
     earlier, larger set: another seed or size under the same names would pass for the first."""
-    if num_patients < 1:
-        raise ConfigError(f"num_patients={num_patients} must be >= 1")
-    if size < 32:
-        raise ConfigError(f"size={size} must be >= 32 pixels")
+    check_values("synthetic", output_dir=output_dir, num_patients=num_patients, seed=seed,
+                 size=size, workers=workers, overwrite=overwrite)
     output_dir = Path(output_dir)
     for folder in FOLDERS:
         check_writable_folder(output_dir / folder)
