@@ -146,8 +146,8 @@ def removal_problem(loader: Any, config_name: str, command: str, overrides: list
                     mode: RunMode = RunMode.RUN) -> str | None:
     """``~KEY`` of a key or group ``command`` has and cannot run without (settings.REMOVABLE),
     or one Hydra cannot remove (it reads the value first: null reads as absent, and the run's
-    folder is not known yet); found by composing ``config_name``
-    without the removals. A key it does not have is left to Hydra, which names the closest."""
+    folder is not known yet); found by composing ``config_name`` without the removals. A key
+    it does not have is left to Hydra, which names the closest one."""
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException:
