@@ -10,14 +10,17 @@ import importlib
 import logging
 import os
 import re
+import shutil
 import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import hydra
+import yaml
 from hydra._internal.utils import get_args_parser  # what hydra.main reads sys.argv with
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -33,17 +36,20 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, InterpolationKeyError,
                               OmegaConfBaseException)
 
-from prostate_seg.config import (CONFIG_PATH, check_extras_installed, initialize_configs,
+from prostate_seg.config import (CONF_DIR, CONFIG_PATH, check_extras_installed,
+                                 initialize_configs,
                                  openmp_yields)
 from prostate_seg.errors import ConfigError, UserError
-from prostate_seg.settings import ABSENT, check_settings, missing_reference, removable
+from prostate_seg.settings import (ABSENT, check_settings, missing_reference, removable,
+                                   shown)
 
 EXIT_USER_ERROR = 2
 
 
 def is_command_line_error(exc: BaseException) -> bool:
     """Whether Hydra stopped on the command line or the configs it names, not in the task."""
-    if isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException)):
+    if isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException,
+                        yaml.YAMLError)):
         return True
     if isinstance(exc, InterpolationKeyError):  # Hydra's own keys (hydra.run.dir after ~paths)
         return str(exc.full_key).startswith("hydra.")
@@ -93,16 +99,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def config_problem(config_name: str, argv: list[str]) -> str | None:
     """The one line ``python <tool> *argv`` would stop with before its task; None if none."""
     args = parse_args(argv)
-    name = args.config_name or config_name
-    mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN
     try:
-        cfg = _compose(name, args.overrides, args.multirun)
+        cfg, composed = _composed(args, config_name)
     except Exception as exc:  # noqa: BLE001 - what is not the command line's is re-raised
         if not is_command_line_error(exc):
             raise
         return hydra_error_line(exc, config_name, argv)
-    with _config_loader() as loader:
-        composed = composed_problem(loader, cfg, name, config_name, args.overrides, mode)
     printing = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
     if composed or args.multirun or printing:
         return composed
@@ -113,6 +115,10 @@ def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> s
     """Hydra's error as one line; an unknown option or key names the valid or closest ones."""
     if isinstance(exc, OverrideParseException):
         return f"cannot parse the command line: {_message(exc)}"
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return (f"{mark.name}: not valid YAML at line {mark.line + 1}, column {mark.column + 1}: "
+                f"{exc.problem}")
     if isinstance(exc, InterpolationKeyError):  # hydra.run.dir after ~paths
         return missing_reference(exc)
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
@@ -144,7 +150,7 @@ def _unknown_option(group: str, value: str, options: list[str], command: str) ->
 
 def removal_problem(loader: Any, config_name: str, command: str, overrides: list[str],
                     mode: RunMode = RunMode.RUN) -> str | None:
-    """``~KEY`` of a key or group ``command`` has and cannot run without (settings.REMOVABLE),
+    """``~KEY`` of a key or group ``command`` reads and cannot run without (settings.REMOVABLE),
     or one Hydra cannot remove (it reads the value first: null reads as absent, and the run's
     folder is not known yet); found by composing ``config_name`` without the removals. A key
     it does not have is left to Hydra, which names the closest one."""
@@ -161,13 +167,15 @@ def removal_problem(loader: Any, config_name: str, command: str, overrides: list
     except Exception:  # noqa: BLE001 - the command line's other mistakes are Hydra's to name
         return None
     choices = cfg.hydra.runtime.choices  # group: option (None: the group is not in use)
-    for key in removed:
-        options = loader.get_group_options(key)
+    written, groups = command_config(command)
+    for key in removed:  # a user's --config-dir adds the project's groups at composing only
+        options = sorted({*loader.get_group_options(key), *groups.get(key, [])})
         value = ABSENT if options else _unresolved(cfg, key.replace("/", "."))
         if choices.get(key) is None if options else value is ABSENT:
             continue
-        if not removable(command, key):
-            instead = (f"choose one of {', '.join(sorted(options))} instead" if options
+        read = re.split(r"[./]", key)[0] in written or key in groups
+        if read and not removable(command, key):
+            instead = (f"choose one of {', '.join(options)} instead" if options
                        else "give it a value instead")
             return f"~{key}: {command} cannot run without {key}; {instead}"
         if value is None:
@@ -189,36 +197,115 @@ def _unresolved(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(node, resolve=False)[last]
 
 
-def _removal_line(args: argparse.Namespace, command: str) -> str | None:
-    """removal_problem before Hydra makes its folders (and a sweep its jobs), for the command's
-    own config; another (--config-name, --config-path, --config-dir) is checked once composed,
-    in its own search path (composed_problem)."""
-    if args.config_path or args.config_dir or args.config_name not in (None, command):
+@contextmanager
+def _loader_as_main(args: argparse.Namespace) -> Iterator[tuple[Any, list[str]]]:
+    """A config loader over the folders hydra.main will search for these arguments, and the
+    overrides that add them: --config-path replaces the project's folder (relative to this
+    file, as Hydra takes it); --config-dir's folder is searched first, the project's through
+    ``hydra.searchpath`` (where Hydra would search the project's first: the same unless a
+    user's file has a project file's name)."""
+    GlobalHydra.instance().clear()
+    path, added = args.config_path, []
+    if args.config_dir:
+        path = os.path.abspath(args.config_dir)
+        added = [f"hydra.searchpath=[file://{CONF_DIR}]"]
+    if path is None:
+        start = initialize_configs()
+    elif path.startswith("pkg://"):
+        start = hydra.initialize_config_module(config_module=path[len("pkg://"):],
+                                               version_base="1.3")
+    else:  # an absolute path stays itself
+        start = hydra.initialize_config_dir(
+            config_dir=os.path.join(os.path.dirname(os.path.abspath(__file__)), path),
+            version_base="1.3")
+    try:
+        with start:
+            yield GlobalHydra.instance().config_loader(), added
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _composed(args: argparse.Namespace, command: str) -> tuple[DictConfig | None, str | None]:
+    """The config the command line composes, as hydra.main would, and its composed_problem."""
+    name = args.config_name or command
+    mode = RunMode.MULTIRUN if args.multirun else RunMode.RUN
+    command_config(command)  # the project's, before a --config-path replaces them
+    with _loader_as_main(args) as (loader, added):
+        overrides = [*args.overrides, *added]
+        removed = removal_problem(loader, name, command, overrides, mode)  # Hydra may fail on it
+        if removed:
+            return None, removed
+        cfg = loader.load_configuration(name, overrides, mode)
+        return cfg, structure_problem(cfg, name, command)
+
+
+def _composed_line(args: argparse.Namespace, command: str) -> str | None:
+    """composed_problem before Hydra makes its folders (and a sweep its jobs), for whichever
+    config the command line names; a config Hydra cannot compose is Hydra's to name."""
+    try:
+        return _composed(args, command)[1]
+    except Exception:  # noqa: BLE001 - the app's own composition says what is wrong
         return None
-    with _config_loader() as loader:
-        return removal_problem(loader, command, command, args.overrides,
-                               RunMode.MULTIRUN if args.multirun else RunMode.RUN)
+
+
+@lru_cache(maxsize=None)
+def command_config(command: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """The command's own config as written (unresolved; not to be changed) and the groups it
+    chooses from, with their options: what a config composed for the command must have. Taken
+    before the Hydra app starts (hydra_entry), whose search path a user's --config-path
+    replaces; empty if it cannot be found."""
+    try:
+        with _app_loader() as loader:
+            reference = loader.load_configuration(command, [], RunMode.RUN)
+            written = OmegaConf.to_container(reference, resolve=False)
+            choices = written.pop("hydra")["runtime"]["choices"]
+            groups = {group: loader.get_group_options(group) for group, option in choices.items()
+                      if option is not None and not group.startswith("hydra/")}
+    except MissingConfigException:
+        return {}, {}
+    return written, groups
 
 
 def composed_problem(loader: Any, cfg: DictConfig, config_name: str, command: str,
                      overrides: list[str], mode: RunMode = RunMode.RUN) -> str | None:
-    """What the composed config lacks that ``command`` reads: a key or group left out with
-    ``~KEY``, or a config not built on the command's own (another tool's, a user's). ``loader``
-    searches the folders the config came from (inside the Hydra app: the user's too)."""
-    removed = removal_problem(loader, config_name, command, overrides, mode)
-    if removed:
-        return removed
-    try:
-        reference = loader.load_configuration(command, [], RunMode.RUN)
-    except MissingConfigException:  # --config-path without the project's configs
-        return None
-    lacking = [key for key in reference if key != "hydra" and key not in cfg.keys()
-               and not removable(command, key)]  # keys(): `in` leaves out ??? values
-    if not lacking:
-        return None
-    named = ", ".join(lacking[:4]) + (f" and {len(lacking) - 4} more" if len(lacking) > 4 else "")
-    return (f"{config_name}: this config lacks {named}, which {command} reads (a config of "
-            f"your own starts from {command}'s: defaults: [{command}, _self_])")
+    """What the composed config lacks that ``command`` reads: removal_problem, then
+    structure_problem. ``loader`` searches the folders the config came from (inside the Hydra
+    app: the user's too)."""
+    return (removal_problem(loader, config_name, command, overrides, mode)
+            or structure_problem(cfg, config_name, command))
+
+
+def structure_problem(cfg: DictConfig, config_name: str, command: str) -> str | None:
+    """A config not built on the command's own (another tool's, a user's): a key or group it
+    reads missing, or a group of settings set to null or a single value."""
+    reference, _ = command_config(command)
+    lacking = [key for key in reference  # keys(): `in` skips ??? values
+               if key not in cfg.keys() and not removable(command, key)]
+    if lacking:
+        named = ", ".join(lacking[:4]) + (f" and {len(lacking) - 4} more"
+                                          if len(lacking) > 4 else "")
+        return (f"{config_name}: this config lacks {named}, which {command} reads (a config "
+                f"of your own starts from {command}'s: defaults: [{command}, _self_])")
+    for key, written in _flat_items(reference):
+        value = _unresolved(cfg, key)
+        if (isinstance(written, dict) and value is not ABSENT and not isinstance(value, dict)
+                and not removable(command, key)):
+            where = ("; a group's option is chosen in the defaults list: - override "
+                     f"{key}: NAME" if "." not in key else "")
+            return (f"{key}={shown(value)} in config {config_name!r}: {command} needs a group "
+                    f"of settings there{where}")
+    return None
+
+
+def check_composed(cfg: DictConfig, hydra_cfg: DictConfig, command: str, loader: Any) -> None:
+    """What a command checks of its composed config before its task starts (and a sweep, of
+    every job before the first): ConfigError with the line."""
+    overrides = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
+    problem = composed_problem(loader, cfg, hydra_cfg.job.config_name, command, overrides,
+                               hydra_cfg.mode) or required_values_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
+    check_settings(cfg, command)
 
 
 def _unknown_key(exc: BaseException) -> str | None:
@@ -367,15 +454,20 @@ def remove_bookkeeping_folder(run_dir: Path, log_name: str, hydra_subdir: str | 
     """Remove ``run_dir`` if it holds only the command's log (and ``hydra_subdir``, where Hydra
     wrote its three files: a config without hydra.output_subdir: null), and the parents this
     empties up to the working directory: a command stopped before its work leaves no folder."""
-    hydra_files = {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    hydra_dir = run_dir / hydra_subdir if hydra_subdir else None
+
+    def hydra_own(path: Path) -> bool:  # the folders down to hydra_dir, and its three files
+        if path.is_symlink():
+            return False
+        if path.is_dir():
+            return hydra_dir.is_relative_to(path)
+        return path.parent == hydra_dir and path.name in ("config.yaml", "hydra.yaml",
+                                                          "overrides.yaml")
 
     def bookkeeping(entry: Path) -> bool:
-        if entry.is_symlink():
-            return False
-        if entry.name == hydra_subdir and entry.is_dir():
-            return all(f.name in hydra_files and f.is_file() and not f.is_symlink()
-                       for f in entry.iterdir())
-        return entry.name == log_name and entry.is_file()
+        if hydra_dir is not None and hydra_dir.is_relative_to(entry):
+            return hydra_own(entry) and all(hydra_own(p) for p in entry.rglob("*"))
+        return entry.name == log_name and entry.is_file() and not entry.is_symlink()
 
     try:
         entries = list(run_dir.iterdir())
@@ -383,9 +475,7 @@ def remove_bookkeeping_folder(run_dir: Path, log_name: str, hydra_subdir: str | 
             return False
         for entry in entries:
             if entry.is_dir():
-                for file in entry.iterdir():
-                    file.unlink()
-                entry.rmdir()
+                shutil.rmtree(entry)
             else:
                 entry.unlink()
         run_dir.rmdir()
@@ -405,14 +495,8 @@ def remove_bookkeeping_folder(run_dir: Path, log_name: str, hydra_subdir: str | 
 def _run(task: Callable[[DictConfig], Any], cfg: DictConfig, show_traceback: bool = False,
          command: str = "train") -> Any:
     try:
-        hydra_cfg = HydraConfig.get()
         with _app_loader() as loader:
-            problem = composed_problem(loader, cfg, hydra_cfg.job.config_name, command,
-                                       list(hydra_cfg.overrides.task), hydra_cfg.mode)
-        problem = problem or required_values_problem(cfg)
-        if problem:
-            raise ConfigError(problem)
-        check_settings(cfg, command)
+            check_composed(cfg, HydraConfig.get(), command, loader)
         return task(cfg)
     except (UserError, OSError) as exc:
         if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -463,9 +547,9 @@ def hydra_entry(task: Callable[[DictConfig], Any], config_name: str) -> None:
 
     with one_line_errors(show_traceback, config_name):
         args = parse_args(sys.argv[1:])
-        removed = _removal_line(args, config_name)
-        if removed:
-            raise ConfigError(removed)
+        problem = _composed_line(args, config_name)
+        if problem:
+            raise ConfigError(problem)
         _main()
 
 

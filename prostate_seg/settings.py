@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import InterpolationKeyError
+from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 
 from prostate_seg.errors import ConfigError
 
@@ -167,10 +167,11 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "evaluate": ("tta", "largest_component", "overwrite"),
 }
 # What a command runs without, left out with ~KEY (``PREFIX.*``: a key directly under PREFIX,
-# never its ``_target_``; Hydra's own ``hydra.`` settings are Hydra's): it reads every other key or
-# group it has, and would stop halfway without it.
+# never its ``_target_`` nor one of NEEDED; Hydra's own ``hydra.`` settings are Hydra's): it
+# reads every other key or group it has, and would stop halfway without it.
 REMOVABLE: dict[str, tuple[str, ...]] = {"train": ("callbacks", "callbacks.*", "scheduler",
                                                    "trainer.*")}
+NEEDED: dict[str, tuple[str, ...]] = {"train": ("trainer.accelerator",)}  # read by train itself
 ABSENT = object()  # OmegaConf.select's default: the key is not in the config
 
 
@@ -180,13 +181,25 @@ def removable(command: str, key: str) -> bool:
         return True
     prefix, _, last = key.rpartition(".")
     return key in REMOVABLE.get(command, ()) or (
-        f"{prefix}.*" in REMOVABLE.get(command, ()) and last != "_target_")
+        f"{prefix}.*" in REMOVABLE.get(command, ()) and last != "_target_"
+        and key not in NEEDED.get(command, ()))
 
 
 def check_settings(cfg: DictConfig, command: str) -> None:
     """Every present key of the command's ``SETTINGS`` and ``SWITCHES`` has a right value; then
     every ``${key}`` the config refers to exists (``~augment`` removes what data refers to),
     found by resolving the config, which reads prepare.json through its resolvers."""
+    try:
+        _check_values(cfg, command)
+        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
+                               resolve=True)
+    except InterpolationKeyError as exc:
+        raise ConfigError(missing_reference(exc)) from None
+    except InterpolationResolutionError as exc:  # ${oc.env:UNSET}, ${a} in a, a resolver's error
+        raise ConfigError(f"{exc.full_key}: {str(exc).splitlines()[0]}") from None
+
+
+def _check_values(cfg: DictConfig, command: str) -> None:
     for key, setting in SETTINGS.get(command, {}).items():
         value = OmegaConf.select(cfg, key, default=ABSENT)
         if value is ABSENT:
@@ -207,11 +220,6 @@ def check_settings(cfg: DictConfig, command: str) -> None:
         value = OmegaConf.select(cfg, key, default=ABSENT)
         if value is not ABSENT and not isinstance(value, bool):
             raise ConfigError(f"{key}={shown(value)}: must be true or false")
-    try:
-        OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
-                               resolve=True)
-    except InterpolationKeyError as exc:
-        raise ConfigError(missing_reference(exc)) from None
 
 
 def check_values(command: str, **values: object) -> None:
@@ -238,6 +246,8 @@ def shown(value: object) -> str:
         return {None: "null", True: "true", False: "false"}[value]
     if isinstance(value, (list, tuple)):
         return f"[{', '.join(shown(v) for v in value)}]"
+    if isinstance(value, dict):
+        return f"{{{', '.join(f'{k}: {shown(v)}' for k, v in value.items())}}}"
     if isinstance(value, str) and _reads_as_other_type(value):
         return f"'{value}'"  # typed in quotes (seed='7'): shown so, not as the number
     return str(value)

@@ -18,7 +18,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from prostate_seg.cli import unknown_key_line
+from prostate_seg.cli import check_composed, unknown_key_line
 from prostate_seg.errors import ConfigError, JobFailed, UserError
 from prostate_seg.study.runs import RunLock
 from prostate_seg.study.sweeps import JOB_ENV, job_name, task_overrides
@@ -35,6 +35,7 @@ class StudySweeperConf:
     # check_job(job_config, job_dir), for every job before the first starts (a default here,
     # not in conf/hydra/default.yaml, where other sweepers would receive it)
     check_job: Optional[str] = "prostate_seg.training.fit.check_job"
+    command: str = "train"  # whose config the jobs are: what cli.check_composed asks of them
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudySweeperConf,
@@ -84,9 +85,11 @@ class _Outcomes:
 
 class StudySweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int] = None,
-                 params: Optional[Dict[str, str]] = None, check_job: Optional[str] = None):
+                 params: Optional[Dict[str, str]] = None, check_job: Optional[str] = None,
+                 command: str = "train"):
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.check_job = check_job  # imported when the jobs are checked (torch, for training)
+        self.command = command
         self.composed: Optional[ComposedJobs] = None
         self._lock: Optional[RunLock] = None
 
@@ -119,7 +122,8 @@ class StudySweeper(BasicSweeper):
         assert self.config is not None and self.composed is not None
         jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
         jobs = applicable_jobs(self.config, self.composed, jobs)
-        jobs = check_and_name_jobs(self.config, self.composed, self.check_job, jobs)
+        jobs = check_and_name_jobs(self.config, self.composed, self.check_job, jobs,
+                                   self.command)
         self._lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
         self._lock.acquire()
         size = max_batch_size if max_batch_size and max_batch_size > 0 else max(len(jobs), 1)
@@ -176,9 +180,10 @@ def applicable_jobs(config: DictConfig, loader: ConfigLoader, jobs: List[List[st
 
 
 def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Optional[str],
-                        jobs: List[List[str]]) -> List[List[str]]:
+                        jobs: List[List[str]], command: str = "train") -> List[List[str]]:
     """The jobs, each named (default subdir) and numbered, composed once into ``loader``, then
-    checked by ``check_job`` (imported after all composed: a typo is found before its imports)."""
+    checked as ``command`` checks its config and by ``check_job`` (imported after all
+    composed: a typo is found before its imports)."""
     swept = _swept(jobs)
     auto = OmegaConf.to_container(config.hydra.sweep)["subdir"] == AUTO_SUBDIR
     named: List[Tuple[List[str], List[str], Path]] = []
@@ -211,11 +216,14 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
             loader.jobs[tuple(job + added)] = job_config
             named.append((job, added, folder))
         check = get_method(check_job) if check_job else None
-        for job, added, folder in named if check else []:
+        for job, added, folder in named:
             job_config = loader.jobs[tuple(job + added)]
             _set_hydra_config(job_config)
             try:
-                check(job_config, folder)
+                task = OmegaConf.masked_copy(job_config, [k for k in job_config if k != "hydra"])
+                check_composed(task, job_config.hydra, command, loader)
+                if check:
+                    check(job_config, folder)
             except UserError as exc:
                 varying = [o for o in job if _key(o) in swept] or job
                 raise type(exc)(f"job {' '.join(varying)}: {exc}") from None
