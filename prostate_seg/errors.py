@@ -19,3 +19,14 @@ class NonFiniteLossError(UserError):
 
 class JobFailed(UserError):
     """A job of a sweep failed; the line names it and its log, which says why."""
+
+
+def one_line(message: object) -> str:
+    """A message of several lines (OmegaConf's and Hydra's add ``full_key:`` and the like) as
+    the one line a user is shown."""
+    text = ""
+    for line in str(message).splitlines():
+        line = line.strip()
+        if line and not line.startswith(("full_key:", "object_type=", "reference_type=")):
+            text += (" " if text.endswith(":") else "; " if text else "") + line
+    return text

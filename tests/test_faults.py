@@ -22,6 +22,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from prostate_seg.training.checks import check_train_config
 from prostate_seg.data.datamodule import SliceDataModule
 from prostate_seg.errors import ConfigError, DataError, NonFiniteLossError, UserError
+from prostate_seg.cli import config_problem
 from prostate_seg.data.prepare import PrepareSettings, prepare
 from prostate_seg.training import fit as training
 from prostate_seg.study.runs import read_history
@@ -60,9 +61,18 @@ from prostate_seg.training.fit import build_run, setup_data, train
     ("callbacks=final", None),
     # settings that outlive the entry an option removed: nothing to build them into
     ("callbacks=final +callbacks.early_stopping.patience=5", "callbacks.early_stopping="
-     "{'patience': 5}: has no _target_ to build it from (the callbacks option in use leaves "
+     "{patience: 5}: has no _target_ to build it from (the callbacks option in use leaves "
      "early_stopping out"),
-    ("+logger.csv2.save_dir=x", "logger.csv2={'save_dir': 'x'}: has no _target_"),
+    ("+logger.csv2.save_dir=x", "logger.csv2={save_dir: x}: has no _target_"),
+    ("+scheduler.eta_min=0", "scheduler={eta_min: 0}: has no _target_ to build it from"),
+    # Lightning's and Hydra's own checks, named by the key, before the run folder is claimed
+    ("trainer.accelerator=gpuu", "trainer: You selected an invalid accelerator name"),
+    ("trainer.precision=17", "trainer: Precision 17 is invalid"),
+    ("callbacks.early_stopping.mode=maxx", "callbacks.early_stopping: `mode` can be min, max"),
+    ("callbacks.model_checkpoint.monitor=val/dicee",
+     "callbacks.model_checkpoint.monitor=val/dicee: not a metric the run logs; choose one of "
+     "train/loss, select/loss, select/dice, select/precision, select/recall"),
+    ("model.net._target_=foo.Bar", "model.net: Error loading 'foo.Bar': ModuleNotFoundError"),
     ("data.folds=5 data.fold=4 data.test_fraction=0", None),
     ("data.image_size=8", "data.image_size=8: must be an integer >= 2^depth = 16"),
     ("data.dir=/no/such/folder", "data.dir=/no/such/folder: folder not found"),
@@ -245,6 +255,15 @@ PREDICT = ["predict.py", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz"
     (["train.py", "data.dir=.", "~callbacks.early_stopping.monitor"],
      "~callbacks.early_stopping.monitor: train cannot run without"),
     (["evaluate.py", "--bogus"], "unrecognized arguments: --bogus (--help lists"),
+    (["train.py", "data.dir=.", "~trainer.accelerator"],
+     "~trainer.accelerator: train cannot run without trainer.accelerator"),
+    (["train.py", "data.dir=.", "model.net=null"],
+     "model.net=null in config 'train': train needs a group of settings there"),
+    (["train.py", "data.dir=.", "loss.smooth=${nope}"], "loss.smooth: refers to nope, which"),
+    (["train.py", "data.dir=.", "trainer.max_epochs=${oc.env:PS_NO_SUCH_VARIABLE}"],
+     "trainer.max_epochs: KeyError raised while resolving interpolation"),
+    (["train.py", "data.dir=.", "trainer.max_epochs=${trainer.max_epochs}"],
+     "trainer.max_epochs: Recursive interpolation detected"),
     # Hydra reads a value before removing it: the run's folder is not known yet, null is absent
     (["train.py", "data.dir=.", "~trainer.default_root_dir"],
      "~trainer.default_root_dir: Hydra reads a value before removing it, and ${paths.output_dir}"),
@@ -263,32 +282,64 @@ def test_a_value_of_the_wrong_type_is_one_line_before_any_work(args, message, tm
     (["train.py", "--config-name", "predict"],
      "predict: this config lacks seed, resume, verbose, evaluate_best and 9 more, which train"),
     (["predict.py", "--config-name", "train"], "train: this config lacks tta, largest_component"),
-    (["evaluate.py", "--config-name", "synthetic"], "synthetic: this config lacks tta, largest_component, ckpt_path, data and 4 more"),
+    (["evaluate.py", "--config-name", "synthetic"],
+     "synthetic: this config lacks tta, largest_component, ckpt_path, data and 4 more"),
     (["train.py", "--config-dir", "{mine}", "--config-name", "bare"],
+     "bare: this config lacks ckpt_path, resume"),
+    (["train.py", "--config-path", "{mine}", "--config-name", "bare"],
      "bare: this config lacks ckpt_path, resume"),
     (["train.py", "--config-dir", "{mine}", "--config-name", "mine", "~seed"],
      "~seed: train cannot run without seed; give it a value instead"),
     (["train.py", "--config-dir", "{mine}", "--config-name", "mine", "~data.dir"],
      "~data.dir: train cannot run without data.dir"),
-    (["train.py", "--config-path", "{mine}", "--config-name", "mine", "~loss"],
-     "~loss: train cannot run without loss; give it a value instead"),
+    (["train.py", "--config-path", "{mine}", "--config-name", "bare", "~seed"],
+     "~seed: train cannot run without seed; give it a value instead"),
     (["predict.py", "--config-dir", "{mine}", "--config-name", "mine"],
      "mine: this config lacks tta, largest_component"),
+    # a group set to null, or to an option's name as a plain value
+    (["train.py", "--config-dir", "{mine}", "--config-name", "null_loss"],
+     "loss=null in config 'null_loss': train needs a group of settings there; a group's option "
+     "is chosen in the defaults list: - override loss: NAME"),
+    (["train.py", "--config-dir", "{mine}", "--config-name", "named_data"],
+     "data=prep in config 'named_data': train needs a group of settings there"),
+    # a sweep: every job checked before the first starts
+    (["train.py", "-m", "--config-dir", "{mine}", "--config-name", "mine", "seed=0,1", "~loss"],
+     "~loss: train cannot run without loss; choose one of bce, bce_tversky, broken, dice"),
+    (["train.py", "-m", "--config-dir", "{mine}", "--config-name", "null_loss", "seed=0,1"],
+     "loss=null in config 'null_loss'"),
+    (["train.py", "-m", "--config-path", "{mine}", "--config-name", "bare", "seed=0,1"],
+     "bare: this config lacks ckpt_path"),
+    # a config that is not YAML: the file, the line, what is wrong
+    (["train.py", "--config-dir", "{mine}", "--config-name", "broken"],
+     "{mine}/broken.yaml: not valid YAML at line 5, column 1: expected ',' or '}}'"),
+    (["train.py", "--config-dir", "{mine}", "loss=broken"],
+     "{mine}/loss/broken.yaml: not valid YAML at line 2"),
 ])
 def test_a_config_that_lacks_what_the_command_reads_is_one_line(args, message, tmp_path,
                                                                 tmp_path_factory):
     """Another tool's config, or a user's own (--config-dir, --config-path) short of a key or
-    group the command reads, by ~KEY or as written: one line before the task, nothing left
-    behind (Hydra's own .hydra/ of a config without hydra.output_subdir: null included)."""
+    group the command reads, by ~KEY or as written, alone or swept: one line before the task,
+    nothing left behind (Hydra's own .hydra/ of a config without hydra.output_subdir: null
+    included)."""
     mine = tmp_path_factory.mktemp("configs")
-    (mine / "mine.yaml").write_text(
-        f"defaults:\n  - train\n  - _self_\n\ndata:\n  dir: {tmp_path}\n")
-    (mine / "bare.yaml").write_text("seed: 1\n")
-    if "--config-path" in args:  # a folder of its own: the project's configs are not searched
-        (mine / "mine.yaml").write_text("seed: 1\nloss:\n  name: bce\n")
+    on_train = f"defaults:\n  - train\n  - _self_\n\ndata:\n  dir: {tmp_path}\n"
+    (mine / "mine.yaml").write_text(on_train)
+    (mine / "bare.yaml").write_text("seed: 1\nloss:\n  name: bce\n")
+    (mine / "null_loss.yaml").write_text(on_train + "loss: null\n")
+    (mine / "named_data.yaml").write_text("defaults:\n  - train\n  - _self_\n\ndata: prep\n")
+    (mine / "broken.yaml").write_text("defaults:\n  - train\n  - _self_\ndata: {dir: prep\n")
+    (mine / "loss").mkdir()
+    (mine / "loss" / "broken.yaml").write_text("alpha: [0.3\n")
     result = run_cli(*[a.format(mine=mine) for a in args], cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.startswith(f"error: {message}"), result.stderr
+    assert result.returncode == 2 and result.stderr.startswith(
+        f"error: {message.format(mine=mine)}"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_a_key_of_a_users_own_can_be_left_out(tmp_path):
+    """~KEY is refused only for what the command reads: a key of the user's own is theirs."""
+    assert config_problem("train", ["+notes=baseline", "~notes", "data.dir=x"]) is None
+    assert config_problem("train", ["~seed"]).startswith("~seed: train cannot run without")
 
 
 def test_only_a_folder_of_bookkeeping_is_removed(tmp_path, monkeypatch):

@@ -41,6 +41,8 @@ class VolumeConfusion(Metric):
     """TP/FP/FN and slices seen per patient volume, over batches and DDP processes."""
 
     full_state_update = False
+    # compute()'s scores: per-volume means, then the Dice of all volumes' counts pooled
+    NAMES = ("dice", "precision", "recall", "dice_global")
 
     def __init__(self, num_volumes: int):
         super().__init__()
@@ -59,12 +61,8 @@ class VolumeConfusion(Metric):
         seen = self.slices > 0
         per_volume = scores_from_counts(self.counts[seen])
         pooled = scores_from_counts(self.counts.sum(0))
-        return {
-            "dice": per_volume["dice"].mean(),
-            "precision": per_volume["precision"].mean(),
-            "recall": per_volume["recall"].mean(),
-            "dice_global": pooled["dice"],
-        }
+        return dict(zip(self.NAMES, (per_volume["dice"].mean(), per_volume["precision"].mean(),
+                                     per_volume["recall"].mean(), pooled["dice"])))
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:

@@ -8,12 +8,13 @@ import math
 import os
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
 from prostate_seg.config import check_extras_installed, uses_gpu
-from prostate_seg.errors import ConfigError
+from prostate_seg.errors import ConfigError, one_line
 from prostate_seg.files import not_found
 from prostate_seg.settings import check_settings, shown
 from prostate_seg.study.runs import processes
@@ -113,31 +114,52 @@ def check_tracking_uri(cfg: DictConfig) -> None:
     _require(os.access(made, os.W_OK | os.X_OK), key, uri, f"{made} is not writable")
 
 
+def _builds(key: str, node: DictConfig, **kwargs: Any) -> Any:
+    """``instantiate(node)``, or one line naming ``key`` and what the object said."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        text = one_line(exc.__cause__ or exc)
+        raise ConfigError(text if text.startswith(key) else f"{key}: {text}") from None
+
+
+def check_monitors(cfg: DictConfig) -> None:
+    """A callback's monitor names a metric the run logs (Lightning finds out after an epoch)."""
+    from prostate_seg.training.module import LOGGED
+
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        monitor = entry.get("monitor") if isinstance(entry, DictConfig) else None
+        _require(monitor is None or monitor in LOGGED, f"callbacks.{name}.monitor", monitor,
+                 f"not a metric the run logs; choose one of {', '.join(LOGGED)}")
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key, on values that cannot work."""
     check_extras_installed(cfg)
     check_tracking_uri(cfg)
     check_loss(cfg.loss)
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     from prostate_seg.training.module import build_loss  # torch, only when training
 
     try:
         build_loss(cfg.loss)  # what check_loss cannot see: smooth, weights vs terms, ...
     except Exception as exc:  # noqa: BLE001 - Hydra wraps the loss's own ValueError
-        raise ConfigError(f"loss: {exc.__cause__ or exc}") from None
-    try:
-        instantiate(cfg.model.net)  # the network's own checks (model.net.norm), before any file
-    except InstantiationException as exc:
-        raise ConfigError(f"{exc.__cause__ or exc}") from None
+        raise ConfigError(f"loss: {one_line(exc.__cause__ or exc)}") from None
+    _builds("model.net", cfg.model.net)  # the network's own checks (model.net.norm)
     for group in ("callbacks", "logger"):  # settings left of an entry its option removed
         for name, entry in (cfg.get(group) or {}).items():
             _require(entry is None or "_target_" in entry, f"{group}.{name}",
                      OmegaConf.to_container(entry) if entry is not None else None,
                      f"has no _target_ to build it from (the {group} option in use leaves "
                      f"{name} out: drop these settings, or choose an option that has it)")
+    scheduler = cfg.get("scheduler")
+    _require(not scheduler or "_target_" in scheduler, "scheduler",
+             OmegaConf.to_container(scheduler) if scheduler else None,
+             "has no _target_ to build it from (choose one: scheduler=cosine or poly)")
     check_settings(cfg, "train")
+    check_monitors(cfg)
     sync = cfg.trainer.get("sync_batchnorm")
     _require(not processes(cfg.trainer)["trainer.sync_batchnorm"]
              or uses_gpu(str(cfg.trainer.get("accelerator"))), "trainer.sync_batchnorm", sync,
@@ -152,4 +174,9 @@ def check_train_config(cfg: DictConfig) -> None:
     epochs = cfg.trainer.get("max_epochs")
     _require(epochs != -1 or not cfg.get("scheduler"), "trainer.max_epochs", epochs,
              "a learning-rate schedule decays over a finite number of epochs; set one")
+    # Lightning's own checks of its settings (accelerator, devices, precision, a callback's
+    # mode), before the run folder is claimed; the loggers, which write, are left out.
+    callbacks = [_builds(f"callbacks.{name}", entry)
+                 for name, entry in (cfg.get("callbacks") or {}).items() if entry is not None]
+    _builds("trainer", cfg.trainer, callbacks=callbacks, logger=False)
     check_data_dir(data.dir)

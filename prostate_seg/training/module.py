@@ -16,6 +16,9 @@ from prostate_seg.inference.metrics import VolumeConfusion
 from prostate_seg.models import weights_mismatch
 
 HP_METRIC = "hp/best_select_dice"
+# What a run logs, by epoch: what a callback's monitor can name.
+LOGGED = ("train/loss", "select/loss", *(f"select/{name}" for name in VolumeConfusion.NAMES),
+          HP_METRIC)
 
 
 def build_loss(loss_cfg: DictConfig | dict) -> tuple[str, nn.Module]:
