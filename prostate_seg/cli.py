@@ -40,8 +40,8 @@ from prostate_seg.config import (CONF_DIR, CONFIG_PATH, check_extras_installed,
                                  initialize_configs,
                                  openmp_yields)
 from prostate_seg.errors import ConfigError, UserError
-from prostate_seg.settings import (ABSENT, check_settings, missing_reference, removable,
-                                   shown)
+from prostate_seg.settings import (ABSENT, check_settings, check_values_in, missing_reference,
+                                   removable, shown)
 
 EXIT_USER_ERROR = 2
 
@@ -236,7 +236,18 @@ def _composed(args: argparse.Namespace, command: str) -> tuple[DictConfig | None
         if removed:
             return None, removed
         cfg = loader.load_configuration(name, overrides, mode)
-        return cfg, structure_problem(cfg, name, command)
+        return cfg, structure_problem(cfg, name, command) or _values_problem(cfg, command)
+
+
+def _values_problem(cfg: DictConfig, command: str) -> str | None:
+    """settings.check_values_in, where the values can be read before the app starts."""
+    try:
+        check_values_in(cfg, command)
+    except ConfigError as exc:
+        return str(exc)
+    except OmegaConfBaseException:  # a value that needs the run (${hydra:...}): checked in it
+        return None
+    return None
 
 
 def _composed_line(args: argparse.Namespace, command: str) -> str | None:
@@ -259,8 +270,8 @@ def command_config(command: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
             reference = loader.load_configuration(command, [], RunMode.RUN)
             written = OmegaConf.to_container(reference, resolve=False)
             choices = written.pop("hydra")["runtime"]["choices"]
-            groups = {group: loader.get_group_options(group) for group, option in choices.items()
-                      if option is not None and not group.startswith("hydra/")}
+            groups = {group: loader.get_group_options(group) for group in choices
+                      if not group.startswith("hydra/")}
     except MissingConfigException:
         return {}, {}
     return written, groups
@@ -286,6 +297,12 @@ def structure_problem(cfg: DictConfig, config_name: str, command: str) -> str | 
                                           if len(lacking) > 4 else "")
         return (f"{config_name}: this config lacks {named}, which {command} reads (a config "
                 f"of your own starts from {command}'s: defaults: [{command}, _self_])")
+    _, groups = command_config(command)
+    for key in cfg.keys():
+        value = _unresolved(cfg, key)
+        if key not in reference and key in groups and not isinstance(value, dict):
+            return (f"{key}={shown(value)} in config {config_name!r}: {key} is a group, whose "
+                    f"option is chosen in the defaults list: - override {key}: {shown(value)}")
     for key, written in _flat_items(reference):
         value = _unresolved(cfg, key)
         if (isinstance(written, dict) and value is not ABSENT and not isinstance(value, dict)

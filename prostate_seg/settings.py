@@ -110,6 +110,7 @@ PROBABILITY = Setting(float, 0.0, 1.0)
 SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
     "train": {
         "data.dir": PathName(),
+        "paths.output_root": PathName(),
         "ckpt_path": PathName(nullable=True),
         "seed": SEED,
         "data.split_seed": SEED,
@@ -190,7 +191,7 @@ def check_settings(cfg: DictConfig, command: str) -> None:
     every ``${key}`` the config refers to exists (``~augment`` removes what data refers to),
     found by resolving the config, which reads prepare.json through its resolvers."""
     try:
-        _check_values(cfg, command)
+        check_values_in(cfg, command)
         OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]),
                                resolve=True)
     except InterpolationKeyError as exc:
@@ -199,7 +200,9 @@ def check_settings(cfg: DictConfig, command: str) -> None:
         raise ConfigError(f"{exc.full_key}: {str(exc).splitlines()[0]}") from None
 
 
-def _check_values(cfg: DictConfig, command: str) -> None:
+def check_values_in(cfg: DictConfig, command: str) -> None:
+    """The ``SETTINGS`` and ``SWITCHES`` part of check_settings: the values alone, which the
+    command line checks before Hydra makes a folder."""
     for key, setting in SETTINGS.get(command, {}).items():
         value = OmegaConf.select(cfg, key, default=ABSENT)
         if value is ABSENT:

@@ -255,6 +255,7 @@ PREDICT = ["predict.py", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz"
     (["train.py", "data.dir=.", "~callbacks.early_stopping.monitor"],
      "~callbacks.early_stopping.monitor: train cannot run without"),
     (["evaluate.py", "--bogus"], "unrecognized arguments: --bogus (--help lists"),
+    (["train.py", "data.dir=.", "paths.output_root=null"], "paths.output_root=null: must be a"),
     (["train.py", "data.dir=.", "~trainer.accelerator"],
      "~trainer.accelerator: train cannot run without trainer.accelerator"),
     (["train.py", "data.dir=.", "model.net=null"],
@@ -302,6 +303,11 @@ def test_a_value_of_the_wrong_type_is_one_line_before_any_work(args, message, tm
      "is chosen in the defaults list: - override loss: NAME"),
     (["train.py", "--config-dir", "{mine}", "--config-name", "named_data"],
      "data=prep in config 'named_data': train needs a group of settings there"),
+    (["train.py", "--config-dir", "{mine}", "--config-name", "plain_debug"],
+     "debug=fast_dev_run in config 'plain_debug': debug is a group, whose option is chosen in "
+     "the defaults list: - override debug: fast_dev_run"),
+    (["evaluate.py", "--config-dir", "{mine}", "--config-name", "plain_inference",
+      "ckpt_path=m.ckpt"], "inference=plain in config 'plain_inference': inference is a group"),
     # a sweep: every job checked before the first starts
     (["train.py", "-m", "--config-dir", "{mine}", "--config-name", "mine", "seed=0,1", "~loss"],
      "~loss: train cannot run without loss; choose one of bce, bce_tversky, broken, dice"),
@@ -327,6 +333,9 @@ def test_a_config_that_lacks_what_the_command_reads_is_one_line(args, message, t
     (mine / "bare.yaml").write_text("seed: 1\nloss:\n  name: bce\n")
     (mine / "null_loss.yaml").write_text(on_train + "loss: null\n")
     (mine / "named_data.yaml").write_text("defaults:\n  - train\n  - _self_\n\ndata: prep\n")
+    (mine / "plain_debug.yaml").write_text(on_train + "debug: fast_dev_run\n")
+    (mine / "plain_inference.yaml").write_text(
+        "defaults:\n  - evaluate\n  - _self_\n\ninference: plain\n")
     (mine / "broken.yaml").write_text("defaults:\n  - train\n  - _self_\ndata: {dir: prep\n")
     (mine / "loss").mkdir()
     (mine / "loss" / "broken.yaml").write_text("alpha: [0.3\n")
