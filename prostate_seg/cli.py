@@ -34,7 +34,7 @@ from hydra.errors import (
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, InterpolationKeyError,
-                              OmegaConfBaseException)
+                              InterpolationResolutionError, OmegaConfBaseException)
 
 from prostate_seg.config import (CONF_DIR, CONFIG_PATH, check_extras_installed,
                                  initialize_configs,
@@ -51,7 +51,7 @@ def is_command_line_error(exc: BaseException) -> bool:
     if isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException,
                         yaml.YAMLError)):
         return True
-    if isinstance(exc, InterpolationKeyError):  # Hydra's own keys (hydra.run.dir after ~paths)
+    if isinstance(exc, InterpolationResolutionError):  # Hydra's own keys (hydra.run.dir)
         return str(exc.full_key).startswith("hydra.")
     frames = traceback.extract_tb(exc.__traceback__)
     return isinstance(exc, ValueError) and bool(frames) and Path(
@@ -121,6 +121,8 @@ def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> s
                 f"{exc.problem}")
     if isinstance(exc, InterpolationKeyError):  # hydra.run.dir after ~paths
         return missing_reference(exc)
+    if isinstance(exc, InterpolationResolutionError):  # ${oc.env:UNSET} in hydra.run.dir
+        return f"{exc.full_key}: {str(exc).splitlines()[0]}"
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
         group, _, value = exc.missing_cfg_file.rpartition("/")
         return _unknown_option(group, value, exc.options, config_name)
@@ -173,7 +175,7 @@ def removal_problem(loader: Any, config_name: str, command: str, overrides: list
         value = ABSENT if options else _unresolved(cfg, key.replace("/", "."))
         if choices.get(key) is None if options else value is ABSENT:
             continue
-        read = re.split(r"[./]", key)[0] in written or key in groups
+        read = re.split(r"[./]", key)[0] in written or key in groups or key.startswith("hydra/")
         if read and not removable(command, key):
             instead = (f"choose one of {', '.join(options)} instead" if options
                        else "give it a value instead")
@@ -308,7 +310,7 @@ def structure_problem(cfg: DictConfig, config_name: str, command: str) -> str | 
         if (isinstance(written, dict) and value is not ABSENT and not isinstance(value, dict)
                 and not removable(command, key)):
             where = ("; a group's option is chosen in the defaults list: - override "
-                     f"{key}: NAME" if "." not in key else "")
+                     f"{key}: NAME" if key in groups else "")
             return (f"{key}={shown(value)} in config {config_name!r}: {command} needs a group "
                     f"of settings there{where}")
     return None

@@ -58,6 +58,13 @@ def test_a_named_job_is_the_config_hydra_composes_with_its_name(tmp_path):
                          "++hydra.job.env_set.PROSTATE_SEG_JOB=1/2"],
                         ["loss=tversky", "seed=0", "hydra.sweep.subdir=tversky_a0.5-fold0-seed0",
                          "++hydra.job.env_set.PROSTATE_SEG_JOB=2/2"]]
+        added = check_and_name_jobs(master, composed, None,  # a key a job adds, swept
+                                    [["+trainer.gradient_clip_val=0.5"],
+                                     ["+trainer.gradient_clip_val=1.0"]])
+        assert [job[1] for job in added] == ["hydra.sweep.subdir=tversky_a0.5-fold0-seed0-"
+                                             "gradient_clip_val0.5",
+                                             "hydra.sweep.subdir=tversky_a0.5-fold0-seed0-"
+                                             "gradient_clip_val1.0"]
         for job in jobs:
             given = composed.load_sweep_config(master, job)
             assert OmegaConf.to_yaml(given) == OmegaConf.to_yaml(

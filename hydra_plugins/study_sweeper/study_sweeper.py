@@ -16,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import get_method
-from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
+from omegaconf.errors import InterpolationResolutionError
 
 from prostate_seg.cli import check_composed, unknown_key_line
 from prostate_seg.errors import ConfigError, JobFailed, UserError
@@ -184,7 +185,7 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
     """The jobs, each named (default subdir) and numbered, composed once into ``loader``, then
     checked as ``command`` checks its config and by ``check_job`` (imported after all
     composed: a typo is found before its imports)."""
-    swept = _swept(jobs)
+    swept = {key.lstrip("+") for key in _swept(jobs)}  # +key=a,b: task_overrides says key
     auto = OmegaConf.to_container(config.hydra.sweep)["subdir"] == AUTO_SUBDIR
     named: List[Tuple[List[str], List[str], Path]] = []
     folders: Dict[Path, int] = {}
@@ -193,10 +194,18 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
         for index, job in enumerate(jobs):
             job_config = loader.load_sweep_config(config, job)
             _set_hydra_config(job_config)  # for ${hydra:...} in the names
-            subdir, added = job_config.hydra.sweep.subdir, []
+            try:
+                with read_write(job_config.hydra):  # the launcher's number: a tool's subdir
+                    job_config.hydra.job.num = index
+                    subdir, added = job_config.hydra.sweep.subdir, []
+                    job_config.hydra.job.num = MISSING  # the launcher sets it
+                if auto:
+                    subdir = job_name(job_config, [(key, value) for key, value
+                                                   in task_overrides(job_config) if key in swept])
+            except InterpolationResolutionError as exc:  # ${oc.env:UNSET}, a cycle in a name
+                raise ConfigError(f"job {' '.join(job)}: {exc.full_key}: "
+                                  f"{str(exc).splitlines()[0]}") from None
             if auto:
-                subdir = job_name(job_config, [(key, value) for key, value
-                                               in task_overrides(job_config) if key in swept])
                 added = [f"hydra.sweep.subdir={subdir}"]
                 with read_write(job_config.hydra):  # as if composed with that override
                     job_config.hydra.sweep.subdir = subdir
@@ -225,7 +234,7 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
                 if check:
                     check(job_config, folder)
             except UserError as exc:
-                varying = [o for o in job if _key(o) in swept] or job
+                varying = [o for o in job if _key(o).lstrip("+") in swept] or job
                 raise type(exc)(f"job {' '.join(varying)}: {exc}") from None
     finally:
         HydraConfig.instance().cfg = parent

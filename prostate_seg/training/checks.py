@@ -126,6 +126,15 @@ def _builds(key: str, node: DictConfig, **kwargs: Any) -> Any:
         raise ConfigError(text if text.startswith(key) else f"{key}: {text}") from None
 
 
+def _calls(key: str, partial: Any, **kwargs: Any) -> Any:
+    """``partial(**kwargs)`` (an optimizer's or scheduler's ``_partial_``), or one line naming
+    ``key``: a misspelt or mistyped argument (``+optimizer.foo=1``) shows only when called."""
+    try:
+        return partial(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}: {one_line(exc)}") from None
+
+
 def check_monitors(cfg: DictConfig) -> None:
     """A callback's monitor names a metric the run logs (Lightning finds out after an epoch)."""
     from prostate_seg.training.module import LOGGED
@@ -150,6 +159,8 @@ def check_train_config(cfg: DictConfig) -> None:
     _builds("model.net", cfg.model.net)  # the network's own checks (model.net.norm)
     for group in ("callbacks", "logger"):  # settings left of an entry its option removed
         for name, entry in (cfg.get(group) or {}).items():
+            _require(entry is None or isinstance(entry, DictConfig), f"{group}.{name}", entry,
+                     f"set it to null to leave {name} out, or give its settings")
             _require(entry is None or "_target_" in entry, f"{group}.{name}",
                      OmegaConf.to_container(entry) if entry is not None else None,
                      f"has no _target_ to build it from (the {group} option in use leaves "
@@ -179,4 +190,19 @@ def check_train_config(cfg: DictConfig) -> None:
     callbacks = [_builds(f"callbacks.{name}", entry)
                  for name, entry in (cfg.get("callbacks") or {}).items() if entry is not None]
     _builds("trainer", cfg.trainer, callbacks=callbacks, logger=False)
+    from hydra.utils import get_object
+
+    for name, entry in (cfg.get("logger") or {}).items():  # built in the run's folder only
+        try:
+            get_object(entry._target_) if entry is not None else None
+        except Exception as exc:  # noqa: BLE001 - Hydra's words for a target it cannot import
+            raise ConfigError(f"logger.{name}._target_={entry._target_}: {one_line(exc)}") from None
+    import torch
+
+    optimizer = _calls("optimizer", _builds("optimizer", cfg.optimizer),
+                       params=[torch.zeros(1, requires_grad=True)])
+    if cfg.get("scheduler"):
+        scheduler = _calls("scheduler", _builds("scheduler", cfg.scheduler), optimizer=optimizer)
+        optimizer.step()  # no gradients: nothing changes; then the schedule's formula runs once
+        _calls("scheduler", scheduler.step)
     check_data_dir(data.dir)
