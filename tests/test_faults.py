@@ -115,6 +115,10 @@ def test_alpha_plus_beta_not_one_is_a_warning(prepared, tmp_path, caplog):
     ("loss.alpha=1.5", "loss.alpha=1.5: must be a number in [0, 1]"),
     # found by the network's constructor, which Hydra's instantiate wraps in its own error
     ("model.net.norm=layer", "model.net.norm=layer: choose one of batch, instance"),
+    # the datamodule's own, built before the run folder is claimed
+    ("data._target_=nope.DataModule", "data: Error loading 'nope.DataModule': "
+     "ModuleNotFoundError(\"No module named 'nope'\"); Are you sure that module 'nope' is "
+     "installed?"),
 ])
 def test_cli_config_error_is_one_line_without_traceback_and_leaves_no_folder(
         override, message, prepared, tmp_path):

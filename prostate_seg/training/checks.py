@@ -114,7 +114,7 @@ def check_tracking_uri(cfg: DictConfig) -> None:
     _require(os.access(made, os.W_OK | os.X_OK), key, uri, f"{made} is not writable")
 
 
-def _builds(key: str, node: DictConfig, **kwargs: Any) -> Any:
+def instantiate_checked(key: str, node: DictConfig, **kwargs: Any) -> Any:
     """``instantiate(node)``, or one line naming ``key`` and what the object said."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
@@ -145,6 +145,30 @@ def check_monitors(cfg: DictConfig) -> None:
                  f"not a metric the run logs; choose one of {', '.join(LOGGED)}")
 
 
+def check_builds(cfg: DictConfig) -> None:
+    """Lightning's, torch's and Hydra's own checks of what a run builds (accelerator, precision,
+    a callback's mode, an optimizer's arguments, a schedule's formula), before the run folder is
+    claimed; the loggers, which write into it, only have their class imported."""
+    import torch
+    from hydra.utils import get_object
+
+    callbacks = [instantiate_checked(f"callbacks.{name}", entry)
+                 for name, entry in (cfg.get("callbacks") or {}).items() if entry is not None]
+    instantiate_checked("trainer", cfg.trainer, callbacks=callbacks, logger=False)
+    for name, entry in (cfg.get("logger") or {}).items():
+        try:
+            get_object(entry._target_) if entry is not None else None
+        except Exception as exc:  # noqa: BLE001 - Hydra's words for a target it cannot import
+            raise ConfigError(f"logger.{name}._target_={entry._target_}: {one_line(exc)}") from None
+    optimizer = _calls("optimizer", instantiate_checked("optimizer", cfg.optimizer),
+                       params=[torch.zeros(1, requires_grad=True)])
+    if cfg.get("scheduler"):
+        scheduler = _calls("scheduler", instantiate_checked("scheduler", cfg.scheduler),
+                           optimizer=optimizer)
+        optimizer.step()  # no gradients: nothing changes; then the schedule's formula runs once
+        _calls("scheduler", scheduler.step)
+
+
 def check_train_config(cfg: DictConfig) -> None:
     """Fail fast, with one line naming the key, on values that cannot work."""
     check_extras_installed(cfg)
@@ -156,7 +180,7 @@ def check_train_config(cfg: DictConfig) -> None:
         build_loss(cfg.loss)  # what check_loss cannot see: smooth, weights vs terms, ...
     except Exception as exc:  # noqa: BLE001 - Hydra wraps the loss's own ValueError
         raise ConfigError(f"loss: {one_line(exc.__cause__ or exc)}") from None
-    _builds("model.net", cfg.model.net)  # the network's own checks (model.net.norm)
+    instantiate_checked("model.net", cfg.model.net)  # the network's own checks (model.net.norm)
     for group in ("callbacks", "logger"):  # settings left of an entry its option removed
         for name, entry in (cfg.get(group) or {}).items():
             _require(entry is None or isinstance(entry, DictConfig), f"{group}.{name}", entry,
@@ -185,24 +209,5 @@ def check_train_config(cfg: DictConfig) -> None:
     epochs = cfg.trainer.get("max_epochs")
     _require(epochs != -1 or not cfg.get("scheduler"), "trainer.max_epochs", epochs,
              "a learning-rate schedule decays over a finite number of epochs; set one")
-    # Lightning's own checks of its settings (accelerator, devices, precision, a callback's
-    # mode), before the run folder is claimed; the loggers, which write, are left out.
-    callbacks = [_builds(f"callbacks.{name}", entry)
-                 for name, entry in (cfg.get("callbacks") or {}).items() if entry is not None]
-    _builds("trainer", cfg.trainer, callbacks=callbacks, logger=False)
-    from hydra.utils import get_object
-
-    for name, entry in (cfg.get("logger") or {}).items():  # built in the run's folder only
-        try:
-            get_object(entry._target_) if entry is not None else None
-        except Exception as exc:  # noqa: BLE001 - Hydra's words for a target it cannot import
-            raise ConfigError(f"logger.{name}._target_={entry._target_}: {one_line(exc)}") from None
-    import torch
-
-    optimizer = _calls("optimizer", _builds("optimizer", cfg.optimizer),
-                       params=[torch.zeros(1, requires_grad=True)])
-    if cfg.get("scheduler"):
-        scheduler = _calls("scheduler", _builds("scheduler", cfg.scheduler), optimizer=optimizer)
-        optimizer.step()  # no gradients: nothing changes; then the schedule's formula runs once
-        _calls("scheduler", scheduler.step)
+    check_builds(cfg)
     check_data_dir(data.dir)

@@ -35,7 +35,8 @@ from prostate_seg.study.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FIL
                                      config_identity, forget_held_log, load_json_object,
                                      run_late_gain, split_digest)
 from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch
-from prostate_seg.training.checks import check_ddp_launch, check_train_config
+from prostate_seg.training.checks import (check_ddp_launch, check_train_config,
+                                          instantiate_checked)
 from prostate_seg.training.dashboard import log_settings, log_validation_dice
 from prostate_seg.training.module import SegmentationModule
 from prostate_seg.training.requeue import DeferredRequeue
@@ -195,7 +196,7 @@ def _trainer(cfg: DictConfig) -> pl.Trainer:
 def setup_data(cfg: DictConfig) -> SliceDataModule:
     """The run's data, checked whole (manifest, every file, the split) before any model work."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule: SliceDataModule = instantiate(cfg.data, seed=cfg.seed)
+    datamodule: SliceDataModule = instantiate_checked("data", cfg.data, seed=cfg.seed)
     datamodule.setup("fit")
     return datamodule
 
@@ -203,7 +204,7 @@ def setup_data(cfg: DictConfig) -> SliceDataModule:
 def identity_of(cfg: DictConfig, datamodule: SliceDataModule | None = None) -> Identity:
     """The run's identity (``datamodule``: the run's, set up; else only its split is read)."""
     if datamodule is None:
-        datamodule = instantiate(cfg.data)
+        datamodule = instantiate_checked("data", cfg.data)
         folds = datamodule.load_folds()
     else:
         folds = datamodule.folds
