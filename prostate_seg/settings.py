@@ -133,6 +133,7 @@ SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
         "optimizer.lr": Setting(float, 0.0, open_low=True),
         "optimizer.weight_decay": Setting(float, 0.0),
         "trainer.max_epochs": Setting(int, 1, also=(-1,)),
+        "trainer.min_epochs": Setting(int, 0),
         "trainer.log_every_n_steps": Setting(int, 1),
         "callbacks.early_stopping.patience": Setting(int, 0),
         "callbacks.early_stopping.min_delta": Setting(float, 0.0),
@@ -161,7 +162,8 @@ SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
 }
 # Yes/no switches: a string such as resume=no would count as true.
 SWITCHES: dict[str, tuple[str, ...]] = {
-    "train": ("resume", "evaluate_best", "data.cache", "verbose"),
+    "train": ("resume", "evaluate_best", "data.cache", "verbose", "report.all_pairs",
+              "report.allow_mixed_code"),
     "prepare": ("overwrite",),
     "synthetic": ("overwrite",),
     "predict": ("save_probabilities", "tta", "largest_component", "overwrite", "skip_existing"),

@@ -73,6 +73,10 @@ from prostate_seg.training.fit import build_run, setup_data, train
      "callbacks.model_checkpoint.monitor=val/dicee: not a metric the run logs; choose one of "
      "train/loss, select/loss, select/dice, select/precision, select/recall"),
     ("model.net._target_=foo.Bar", "model.net: Error loading 'foo.Bar': ModuleNotFoundError"),
+    ("callbacks.early_stopping.monitor=null", "callbacks.early_stopping.monitor=null: not a "
+     "metric the run logs"),
+    ("+trainer.min_epochs=abc", "trainer.min_epochs=abc: must be an integer >= 0"),
+    ("report.all_pairs=maybe", "report.all_pairs=maybe: must be true or false"),
     ("callbacks.early_stopping=off", "callbacks.early_stopping=off: set it to null to leave"),
     ("+optimizer.foo=1", "optimizer: Adam.__init__() got an unexpected keyword argument 'foo'"),
     ("scheduler=cosine ~scheduler.T_max",

@@ -141,7 +141,11 @@ def check_monitors(cfg: DictConfig) -> None:
 
     for name, entry in (cfg.get("callbacks") or {}).items():
         monitor = entry.get("monitor") if isinstance(entry, DictConfig) else None
-        _require(monitor is None or monitor in LOGGED, f"callbacks.{name}.monitor", monitor,
+        # without a monitor a checkpoint keeps the latest epoch; early stopping watches nothing
+        stops = isinstance(entry, DictConfig) and str(entry.get("_target_")).endswith(
+            "EarlyStopping")
+        _require((monitor is None and not stops) or monitor in LOGGED,
+                 f"callbacks.{name}.monitor", monitor,
                  f"not a metric the run logs; choose one of {', '.join(LOGGED)}")
 
 
