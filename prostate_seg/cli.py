@@ -37,8 +37,7 @@ from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, Interpolatio
                               InterpolationResolutionError, OmegaConfBaseException)
 
 from prostate_seg.config import (CONF_DIR, CONFIG_PATH, check_extras_installed,
-                                 initialize_configs,
-                                 openmp_yields)
+                                 initialize_configs, openmp_yields)
 from prostate_seg.errors import ConfigError, UserError
 from prostate_seg.settings import (ABSENT, check_settings, check_values_in, missing_reference,
                                    removable, shown)
@@ -248,7 +247,7 @@ def _values_problem(cfg: DictConfig, command: str) -> str | None:
     except ConfigError as exc:
         return str(exc)
     except OmegaConfBaseException:  # a value that needs the run (${hydra:...}): checked in it
-        return None
+        pass
     return None
 
 
@@ -291,7 +290,7 @@ def composed_problem(loader: Any, cfg: DictConfig, config_name: str, command: st
 def structure_problem(cfg: DictConfig, config_name: str, command: str) -> str | None:
     """A config not built on the command's own (another tool's, a user's): a key or group it
     reads missing, or a group of settings set to null or a single value."""
-    reference, _ = command_config(command)
+    reference, groups = command_config(command)
     lacking = [key for key in reference  # keys(): `in` skips ??? values
                if key not in cfg.keys() and not removable(command, key)]
     if lacking:
@@ -299,7 +298,6 @@ def structure_problem(cfg: DictConfig, config_name: str, command: str) -> str | 
                                           if len(lacking) > 4 else "")
         return (f"{config_name}: this config lacks {named}, which {command} reads (a config "
                 f"of your own starts from {command}'s: defaults: [{command}, _self_])")
-    _, groups = command_config(command)
     for key in cfg.keys():
         value = _unresolved(cfg, key)
         if key not in reference and key in groups and not isinstance(value, dict):

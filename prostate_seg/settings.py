@@ -211,7 +211,8 @@ def check_values_in(cfg: DictConfig, command: str) -> None:
             continue
         if isinstance(setting, (ListOf, PathName)):
             if not setting.allows(value):
-                text = setting.describe(key) if isinstance(setting, PathName) else setting.describe()
+                text = (setting.describe(key) if isinstance(setting, PathName)
+                        else setting.describe())
                 raise ConfigError(f"{key}={shown(value)}: must be {text}")
             continue
         high = setting.high

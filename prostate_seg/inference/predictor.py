@@ -35,8 +35,8 @@ def pick_device(device: str = "auto") -> torch.device:
         raise ConfigError(f"device={shown(device)}: choose auto, cpu, cuda or cuda:N")
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if chosen.type == "cuda" and (chosen.index or 0) >= visible:
-        raise ConfigError(f"device={shown(device)}: this machine has {visible} CUDA GPU(s) torch can "
-                          "use; device=auto takes one where there is one")
+        raise ConfigError(f"device={shown(device)}: this machine has {visible} CUDA GPU(s) "
+                          "torch can use; device=auto takes one where there is one")
     return chosen
 
 
