@@ -135,6 +135,13 @@ SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
         "trainer.max_epochs": Setting(int, 1, also=(-1,)),
         "trainer.min_epochs": Setting(int, 0),
         "trainer.log_every_n_steps": Setting(int, 1),
+        # what Lightning's Trainer takes at start and finds wrong only in fit, or never
+        "trainer.max_steps": Setting(int, 1, also=(-1,)),
+        "trainer.min_steps": Setting(int, 0, nullable=True),
+        "trainer.num_sanity_val_steps": Setting(int, 0, also=(-1,), nullable=True),
+        "trainer.check_val_every_n_epoch": Setting(int, 1, nullable=True),
+        "trainer.accumulate_grad_batches": Setting(int, 1),
+        "trainer.gradient_clip_val": Setting(float, 0.0, nullable=True),  # < 0 reverses steps
         "callbacks.early_stopping.patience": Setting(int, 0),
         "callbacks.early_stopping.min_delta": Setting(float, 0.0),
         "callbacks.finite_loss.check_every_n_steps": Setting(int, 1),

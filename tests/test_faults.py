@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import typing
+from pathlib import Path
 
 import cv2
 import nibabel as nib
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import ListConfig, OmegaConf
 from helpers import REPO, TINY, compose_train, run_cli
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -67,7 +70,7 @@ from prostate_seg.training.fit import build_run, setup_data, train
     ("+scheduler.eta_min=0", "scheduler={eta_min: 0}: has no _target_ to build it from"),
     # Lightning's and Hydra's own checks, named by the key, before the run folder is claimed
     ("trainer.accelerator=gpuu", "trainer: You selected an invalid accelerator name"),
-    ("trainer.precision=17", "trainer: Precision 17 is invalid"),
+    ("trainer.precision=17", "trainer.precision=17: Trainer takes 64, 32, 16, transformer-engine"),
     ("callbacks.early_stopping.mode=maxx", "callbacks.early_stopping: `mode` can be min, max"),
     ("callbacks.model_checkpoint.monitor=val/dicee",
      "callbacks.model_checkpoint.monitor=val/dicee: not a metric the run logs; choose one of "
@@ -78,10 +81,37 @@ from prostate_seg.training.fit import build_run, setup_data, train
     ("+trainer.min_epochs=abc", "trainer.min_epochs=abc: must be an integer >= 0"),
     ("report.all_pairs=maybe", "report.all_pairs=maybe: must be true or false"),
     ("callbacks.early_stopping=off", "callbacks.early_stopping=off: set it to null to leave"),
-    ("+optimizer.foo=1", "optimizer: Adam.__init__() got an unexpected keyword argument 'foo'"),
+    # arguments against the signature and annotations of what they build, before it is built
+    ("+optimizer.foo=1", "optimizer.foo: Adam takes no such argument; it takes params, lr, betas"),
+    ("+optimizer.amsgrad=no", "optimizer.amsgrad=no: Adam takes true or false"),  # counted true
+    ("+optimizer.betas=[0.9]", "optimizer.betas=[0.9]: Adam takes a list of 2 items, each a "
+     "number or a Tensor"),
+    ("trainer.num_sanity_val_steps=abc", "trainer.num_sanity_val_steps=abc: must be an integer"),
+    ("+trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0: must be an "
+     "integer >= 1"),
+    ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0: must be"),
+    ("+trainer.gradient_clip_val=-1", "trainer.gradient_clip_val=-1: must be >= 0"),
+    ("+trainer.max_steps=0", "trainer.max_steps=0: must be an integer >= 1 (or -1)"),
+    ("trainer.deterministic=abc", "trainer.deterministic=abc: Trainer takes true, false, warn or "
+     "null"),
+    ("+trainer.detect_anomaly=1", "trainer.detect_anomaly=1: Trainer takes true or false"),
+    ("+trainer.profiler=5", "trainer.profiler=5: Trainer takes a Profiler, a string or null"),
+    ("+trainer.bogus=1", "trainer.bogus: Trainer takes no such argument; it takes accelerator"),
+    ("+logger.csv.bogus=1", "logger.csv.bogus: CSVLogger takes no such argument; it takes "
+     "save_dir, name, version, prefix, flush_logs_every_n_steps"),
+    ("+logger.csv.flush_logs_every_n_steps=often", "logger.csv.flush_logs_every_n_steps=often: "
+     "CSVLogger takes an integer"),
+    ("+callbacks.model_checkpoint.save_last=maybe", "callbacks.model_checkpoint.save_last=maybe: "
+     "ModelCheckpoint takes true, false, link or null"),
+    ("trainer.deterministic=warn +trainer.val_check_interval=0.5 optimizer.weight_decay=0", None),
+    # the network's output and input, one pass of zeros before the first training step
+    ("model.net.out_channels=2", "model.net.out_channels=2: must be 1 (one logit per pixel"),
+    ("model.net.in_channels=3", "model.net: fails on a (1, 1, 32, 32) input, the channels "
+     "data.context_slices=0 gives: Given groups=1, weight of size [8, 3, 3, 3]"),
+    ("data.context_slices=1", None),
     ("scheduler=cosine ~scheduler.T_max",
      "scheduler: CosineAnnealingLR.__init__() missing 1 required positional argument: 'T_max'"),
-    ("scheduler=poly scheduler.power=abc", "scheduler: unsupported operand type(s) for **"),
+    ("scheduler=poly scheduler.power=abc", "scheduler.power=abc: PolynomialLR takes a number"),
     ("logger.csv._target_=nope.Logger", "logger.csv._target_=nope.Logger: Error loading"),
     ("data.folds=5 data.fold=4 data.test_fraction=0", None),
     ("data.image_size=8", "data.image_size=8: must be an integer >= 2^depth = 16"),
@@ -102,6 +132,23 @@ def test_bad_values_are_named_with_what_is_allowed(override, message, prepared, 
     assert str(info.value).startswith(message)
 
 
+@pytest.mark.parametrize("value, hint, fits", [
+    (3, int, True), (3.0, int, False), (True, int, False), (3, float, True), ("3", float, False),
+    (None, typing.Optional[int], True), ("no", bool, False), (False, bool | None, True),
+    ("warn", typing.Literal["warn"] | bool, True), ("16", typing.Literal[16], False),
+    (ListConfig([0.9, 0.99]), tuple[float, float], True), (ListConfig([0.9]), tuple[float, float],
+                                                           False),
+    (ListConfig([1, "a"]), list[int], False), ("ab", typing.Sequence[str], False),
+    ("runs", Path, True), (5, Path, False), ("name", torch.dtype, True), (5, pl.Callback, False),
+    (OmegaConf.create({"_target_": "x.Y"}), int, True), (OmegaConf.create({"a": 1}), dict, True),
+    (object(), typing.Callable[[int], int], True),  # what it does not understand: allowed
+])
+def test_a_value_fits_its_annotation_as_a_config_could_give_it(value, hint, fits):
+    from prostate_seg.training.signatures import fits as fits_hint
+
+    assert fits_hint(value, hint) is fits
+
+
 def test_combined_loss_terms_are_checked_too(prepared, tmp_path):
     cfg = compose_train([f"data.dir={prepared}", "loss=bce_tversky",
                          "loss.terms.tversky.alpha=2"], tmp_path)
@@ -119,6 +166,9 @@ def test_alpha_plus_beta_not_one_is_a_warning(prepared, tmp_path, caplog):
     ("loss.alpha=1.5", "loss.alpha=1.5: must be a number in [0, 1]"),
     # found by the network's constructor, which Hydra's instantiate wraps in its own error
     ("model.net.norm=layer", "model.net.norm=layer: choose one of batch, instance"),
+    # a logger's arguments, against its signature: it is built only once the folder is made
+    ("+logger.csv.bogus=1", "logger.csv.bogus: CSVLogger takes no such argument; it takes "
+     "save_dir, name, version, prefix, flush_logs_every_n_steps"),
     # the datamodule's own, built before the run folder is claimed
     ("data._target_=nope.DataModule", "data: Error loading 'nope.DataModule': "
      "ModuleNotFoundError(\"No module named 'nope'\"); Are you sure that module 'nope' is "

@@ -18,6 +18,7 @@ from prostate_seg.errors import ConfigError, one_line
 from prostate_seg.files import not_found
 from prostate_seg.settings import check_settings, shown
 from prostate_seg.study.runs import processes
+from prostate_seg.training.signatures import check_arguments
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,30 @@ def check_input_size(model: DictConfig, image_size: object) -> None:
              f"must be an integer >= 2^depth = {2**depth} for a U-Net with {depth} levels")
 
 
+def check_output(net: Any, model: DictConfig, context_slices: int) -> None:
+    """One logit per pixel for the channels the data gives (1 + 2 * data.context_slices): the
+    losses and metrics are binary, and a network of other channels fails only in its first
+    training step. One pass of zeros at the smallest size the network halves twice at bottom."""
+    import torch
+
+    channels = OmegaConf.select(model, "net.out_channels", default=None)
+    _require(channels in (None, 1), "model.net.out_channels", channels,
+             "must be 1 (one logit per pixel: the losses and metrics are binary)")
+    size = 2 * (model.get("input_multiple") or 2 ** len(model.net.features))
+    x = torch.zeros(1, 1 + 2 * context_slices, size, size)
+    try:
+        with torch.no_grad():
+            out = net.eval()(x)
+    except RuntimeError as exc:
+        raise ConfigError(f"model.net: fails on a {tuple(x.shape)} input, the channels "
+                          f"data.context_slices={context_slices} gives: {one_line(exc)}") from None
+    want = (1, 1, size, size)
+    _require(tuple(out.shape) == want, "model.net.out_channels",
+             OmegaConf.select(model, "net.out_channels", default=None),
+             f"the network gives {tuple(out.shape)} for a {tuple(x.shape)} input; the losses and "
+             f"metrics need one logit per pixel, {want}")
+
+
 def check_data_dir(data_dir: object) -> None:
     """``data.dir`` is a prepared dataset (torch-free: the command line checks it first)."""
     folder = Path(str(data_dir))
@@ -115,10 +140,12 @@ def check_tracking_uri(cfg: DictConfig) -> None:
 
 
 def instantiate_checked(key: str, node: DictConfig, **kwargs: Any) -> Any:
-    """``instantiate(node)``, or one line naming ``key`` and what the object said."""
+    """``instantiate(node)``, or one line naming ``key`` and what the object said (or, before
+    it is built, an argument its signature does not take)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    check_arguments(key, node, given=kwargs)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
@@ -152,7 +179,7 @@ def check_monitors(cfg: DictConfig) -> None:
 def check_builds(cfg: DictConfig) -> None:
     """Lightning's, torch's and Hydra's own checks of what a run builds (accelerator, precision,
     a callback's mode, an optimizer's arguments, a schedule's formula), before the run folder is
-    claimed; the loggers, which write into it, only have their class imported."""
+    claimed; the loggers, which write into it, only have their arguments checked."""
     import torch
     from hydra.utils import get_object
 
@@ -160,10 +187,13 @@ def check_builds(cfg: DictConfig) -> None:
                  for name, entry in (cfg.get("callbacks") or {}).items() if entry is not None]
     instantiate_checked("trainer", cfg.trainer, callbacks=callbacks, logger=False)
     for name, entry in (cfg.get("logger") or {}).items():
+        if entry is None:
+            continue
         try:
-            get_object(entry._target_) if entry is not None else None
+            get_object(entry._target_)
         except Exception as exc:  # noqa: BLE001 - Hydra's words for a target it cannot import
             raise ConfigError(f"logger.{name}._target_={entry._target_}: {one_line(exc)}") from None
+        check_arguments(f"logger.{name}", entry)
     optimizer = _calls("optimizer", instantiate_checked("optimizer", cfg.optimizer),
                        params=[torch.zeros(1, requires_grad=True)])
     if cfg.get("scheduler"):
@@ -184,7 +214,7 @@ def check_train_config(cfg: DictConfig) -> None:
         build_loss(cfg.loss)  # what check_loss cannot see: smooth, weights vs terms, ...
     except Exception as exc:  # noqa: BLE001 - Hydra wraps the loss's own ValueError
         raise ConfigError(f"loss: {one_line(exc.__cause__ or exc)}") from None
-    instantiate_checked("model.net", cfg.model.net)  # the network's own checks (model.net.norm)
+    net = instantiate_checked("model.net", cfg.model.net)  # its own checks (model.net.norm)
     for group in ("callbacks", "logger"):  # settings left of an entry its option removed
         for name, entry in (cfg.get(group) or {}).items():
             _require(entry is None or isinstance(entry, DictConfig), f"{group}.{name}", entry,
@@ -210,6 +240,7 @@ def check_train_config(cfg: DictConfig) -> None:
              "data.batch_size", data.batch_size,
              f"is the global batch: it must divide evenly over trainer.devices={devices}")
     check_input_size(cfg.model, data.image_size)
+    check_output(net, cfg.model, data.context_slices)
     epochs = cfg.trainer.get("max_epochs")
     _require(epochs != -1 or not cfg.get("scheduler"), "trainer.max_epochs", epochs,
              "a learning-rate schedule decays over a finite number of epochs; set one")
