@@ -40,18 +40,19 @@ from prostate_seg.config import (CONF_DIR, CONFIG_PATH, check_extras_installed,
                                  initialize_configs, openmp_yields)
 from prostate_seg.errors import ConfigError, UserError
 from prostate_seg.settings import (ABSENT, check_settings, check_values_in, missing_reference,
-                                   removable, shown)
+                                   referred, removable, shown)
 
 EXIT_USER_ERROR = 2
 
 
-def is_command_line_error(exc: BaseException) -> bool:
-    """Whether Hydra stopped on the command line or the configs it names, not in the task."""
+def is_command_line_error(exc: BaseException, printing: bool = False) -> bool:
+    """Whether Hydra stopped on the command line or the configs it names, not in the task
+    (``printing``: the command line only asks for the config, --cfg job --resolve)."""
     if isinstance(exc, (ConfigCompositionException, OverrideParseException, SearchPathException,
                         yaml.YAMLError)):
         return True
     if isinstance(exc, InterpolationResolutionError):  # Hydra's own keys (hydra.run.dir)
-        return str(exc.full_key).startswith("hydra.")
+        return printing or str(exc.full_key).startswith("hydra.")
     frames = traceback.extract_tb(exc.__traceback__)
     return isinstance(exc, ValueError) and bool(frames) and Path(
         frames[-1].filename).is_relative_to(Path(hydra.__file__).parent)
@@ -84,6 +85,26 @@ def _compose(config_name: str, overrides: list[str], multirun: bool) -> DictConf
             config_name, overrides, RunMode.MULTIRUN if multirun else RunMode.RUN)
 
 
+def printing_only(argv: list[str]) -> bool:
+    """Whether the command line asks Hydra to print (--cfg, --info, --help) and run nothing."""
+    args = _parsed(argv)
+    return bool(args and (args.help or args.hydra_help or args.cfg or args.info
+                          or args.shell_completion))
+
+
+def _hydra_alone(argv: list[str]) -> bool:
+    """--cfg hydra --resolve: Hydra resolves its own settings without the config's."""
+    args = _parsed(argv)
+    return bool(args and args.cfg == "hydra" and args.resolve)
+
+
+def _parsed(argv: list[str]) -> argparse.Namespace | None:
+    try:
+        return parse_args(argv)
+    except ConfigError:  # a flag Hydra does not know: named on its own
+        return None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Hydra's command line as hydra.main reads it; a flag it does not know is one line (argparse
     would print its usage first)."""
@@ -104,8 +125,7 @@ def config_problem(config_name: str, argv: list[str]) -> str | None:
         if not is_command_line_error(exc):
             raise
         return hydra_error_line(exc, config_name, argv)
-    printing = args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
-    if composed or args.multirun or printing:
+    if composed or args.multirun or printing_only(argv):
         return composed
     return required_values_problem(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
 
@@ -118,10 +138,16 @@ def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> s
         mark = exc.problem_mark
         return (f"{mark.name}: not valid YAML at line {mark.line + 1}, column {mark.column + 1}: "
                 f"{exc.problem}")
+    if isinstance(exc, InterpolationResolutionError) and exc.full_key is None:  # --cfg --resolve
+        exc = _unresolvable(config_name, argv, exc) or exc
+    if isinstance(exc, InterpolationKeyError) and _hydra_alone(argv):
+        return (f"--cfg hydra --resolve: Hydra resolves its settings apart from the config, which "
+                f"they refer to ({referred(exc)}); --cfg all "
+                "--resolve shows both resolved")
     if isinstance(exc, InterpolationKeyError):  # hydra.run.dir after ~paths
         return missing_reference(exc)
     if isinstance(exc, InterpolationResolutionError):  # ${oc.env:UNSET} in hydra.run.dir
-        return f"{exc.full_key}: {str(exc).splitlines()[0]}"
+        return (f"{exc.full_key}: " if exc.full_key else "") + str(exc).splitlines()[0]
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
         group, _, value = exc.missing_cfg_file.rpartition("/")
         return _unknown_option(group, value, exc.options, config_name)
@@ -135,6 +161,35 @@ def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> s
     cause = exc.__cause__
     return _message(exc) + (f": {_message(cause).split('; ')[0]}" if isinstance(
         cause, OmegaConfBaseException) else "")
+
+
+def _unresolvable(config_name: str, argv: list[str], error: InterpolationResolutionError
+                  ) -> InterpolationResolutionError | None:
+    """The same ``error`` naming its key, where OmegaConf's resolve of the whole config
+    (--cfg job --resolve) does not: of the keys failing with it, the one whose own value fails
+    rather than refers to another that does (loss.alpha, not the loss.name built from it)."""
+    try:
+        cfg = _composed(parse_args(argv), config_name)[0]
+        written = _flat_items(OmegaConf.to_container(cfg, resolve=False))
+    except Exception:  # noqa: BLE001 - Hydra's own message is the fallback
+        return None
+    failing: dict[str, InterpolationResolutionError] = {}
+    for key, value in written:
+        if isinstance(value, str) and "${" in value:
+            try:
+                OmegaConf.select(cfg, key)
+            except InterpolationResolutionError as exc:  # hydra.runtime is set in the app only
+                if str(exc).splitlines()[0] == str(error).splitlines()[0]:
+                    failing[key] = exc
+    def refers(key: str, value: str) -> list[str]:  # ${a.b} and ${.b} (relative to key's node)
+        refs = re.findall(r"\$\{(\.*)([\w.]+)\}", value)
+        return [".".join([*key.split(".")[:-len(dots)], ref]) if dots else ref
+                for dots, ref in refs]
+
+    roots = [key for key, value in written if key in failing
+             and not any(ref in failing for ref in refers(key, value))]
+    ranked = sorted([*roots, *failing], key=lambda key: key.startswith("hydra."))  # the task's
+    return failing[ranked[0]] if ranked else None
 
 
 def _message(exc: BaseException) -> str:
@@ -242,6 +297,10 @@ def _composed(args: argparse.Namespace, command: str) -> tuple[DictConfig | None
 
 def _values_problem(cfg: DictConfig, command: str) -> str | None:
     """settings.check_values_in, where the values can be read before the app starts."""
+    chdir = OmegaConf.select(cfg, "hydra.job.chdir", default=False)
+    if chdir is not False:
+        return (f"hydra.job.chdir={shown(chdir)}: the commands keep the folder they run in, whose "
+                "relative paths they read (data.dir, outputs/); each run writes to its own folder")
     try:
         check_values_in(cfg, command)
     except ConfigError as exc:
@@ -447,8 +506,9 @@ def one_line_errors(show_traceback: bool = False, config_name: str | None = None
     try:
         yield
     except Exception as exc:  # noqa: BLE001 - bugs are re-raised below
-        line = (hydra_error_line(exc, config_name, sys.argv[1:])
-                if config_name and is_command_line_error(exc) else error_line(exc))
+        argv = sys.argv[1:]
+        line = (hydra_error_line(exc, config_name, argv) if config_name
+                and is_command_line_error(exc, printing_only(argv)) else error_line(exc))
         if line is None or show_traceback:
             raise
         print(f"error: {line}", file=sys.stderr)

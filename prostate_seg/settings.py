@@ -245,10 +245,15 @@ def check_values(command: str, **values: object) -> None:
 def missing_reference(exc: InterpolationKeyError) -> str:
     """``data.x: refers to augment.scale, which the config lacks (...)`` from OmegaConf's
     message."""
-    found = re.search(r"Interpolation key '(.+?)' not found", str(exc))
-    key = found.group(1) if found else str(exc).splitlines()[0]
-    return (f"{exc.full_key}: refers to {key}, which the config lacks (a group or key it needs "
+    where = f"{exc.full_key}: " if exc.full_key else ""
+    return (f"{where}refers to {referred(exc)}, which the config lacks (a group or key it needs "
             "left out?)")
+
+
+def referred(exc: InterpolationKeyError) -> str:
+    """The key an interpolation refers to and the config lacks."""
+    found = re.search(r"Interpolation key '(.+?)' not found", str(exc))
+    return found.group(1) if found else str(exc).splitlines()[0]
 
 
 def shown(value: object) -> str:

@@ -346,6 +346,16 @@ PREDICT = ["predict.py", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz"
      "~trainer.default_root_dir: Hydra reads a value before removing it, and ${paths.output_dir}"),
     (["train.py", "data.dir=.", "trainer.devices=null", "~trainer.devices"],
      "~trainer.devices: it is null already"),
+    (["train.py", "-m", "data.dir=.", "seed=0,1", "hydra.job.chdir=true"],
+     "hydra.job.chdir=true: the commands keep the folder they run in"),
+    # printing the config resolved: the key that cannot be, not OmegaConf's traceback
+    (["train.py", "--cfg", "job", "--resolve", "loss.alpha=${oc.env:PS_NO_SUCH_VARIABLE}"],
+     "loss.alpha: KeyError raised while resolving interpolation"),
+    (["predict.py", "--cfg", "job", "--resolve", "output=${nope}"], "output: refers to nope"),
+    (["train.py", "--cfg", "all", "--resolve", "hydra.run.dir=${nope}"],
+     "hydra.run.dir: refers to nope"),
+    (["train.py", "--cfg", "hydra", "--resolve"], "--cfg hydra --resolve: Hydra resolves its "
+     "settings apart from the config, which they refer to (paths.output_root); --cfg all"),
 ])
 def test_a_value_of_the_wrong_type_is_one_line_before_any_work(args, message, tmp_path):
     """Any command, any numeric, list or yes/no key: one line naming key and value, exit 2,
