@@ -25,6 +25,7 @@ from hydra._internal.utils import get_args_parser  # what hydra.main reads sys.a
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, Glob
 from hydra.errors import (
     ConfigCompositionException,
     MissingConfigException,
@@ -288,11 +289,64 @@ def _composed(args: argparse.Namespace, command: str) -> tuple[DictConfig | None
     command_config(command)  # the project's, before a --config-path replaces them
     with _loader_as_main(args) as (loader, added):
         overrides = [*args.overrides, *added]
-        removed = removal_problem(loader, name, command, overrides, mode)  # Hydra may fail on it
-        if removed:
-            return None, removed
+        early = (_unreadable_file(loader, name, args.overrides)  # Hydra may fail on these
+                 or _null_in_group_sweep(loader, args.overrides)
+                 or removal_problem(loader, name, command, overrides, mode))
+        if early:
+            return None, early
         cfg = loader.load_configuration(name, overrides, mode)
         return cfg, structure_problem(cfg, name, command) or _values_problem(cfg, command)
+
+
+def _choices(loader: Any, overrides: list[str]) -> list[tuple[str, str, list[Any]]]:
+    """(group, override, the options it chooses) of each group override on the command line."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:
+        return []  # Hydra's own line names it
+    chosen = []
+    for override in parsed:
+        group = override.key_or_group
+        if override.is_delete() or not loader.get_group_options(group):
+            continue
+        value = override.value()
+        options = (value.list if isinstance(value, ChoiceSweep)
+                   else value.filter(loader.get_group_options(group)) if isinstance(value, Glob)
+                   else [value])
+        chosen.append((group, override.input_line, options))
+    return chosen
+
+
+def _unreadable_file(loader: Any, name: str, overrides: list[str]) -> str | None:
+    """A config file the command line names (the primary config, a group's option) holding a
+    number, a string or a list, not settings: Hydra says "Invalid loaded object type" without
+    the file, or takes a string for a key."""
+    files = [f"{name}.yaml"] + [f"{group}/{option}.yaml"
+                                for group, _, options in _choices(loader, overrides)
+                                for option in options if isinstance(option, str)]
+    for source in loader.get_sources():
+        for file in files:
+            path = Path(source.path) / file
+            if source.scheme() != "file" or not path.is_file():
+                continue
+            try:
+                content = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except (yaml.YAMLError, OSError, UnicodeDecodeError):
+                continue  # Hydra names a YAML error with its line and column
+            if content is not None and not isinstance(content, dict):
+                return (f"{path}: holds {shown(content)}, not settings (a config file holds "
+                        "key: value lines)")
+    return None
+
+
+def _null_in_group_sweep(loader: Any, overrides: list[str]) -> str | None:
+    """``-m scheduler=cosine,null``: Hydra sweeps a group over option names only."""
+    for group, line, options in _choices(loader, overrides):
+        if len(options) > 1 and None in options:
+            return (f"{line}: Hydra sweeps a group over its options' names, and null is not "
+                    f"one; for runs without {group}, sweep again leaving it out (~{group} "
+                    "removes one the config chooses)")
+    return None
 
 
 def _values_problem(cfg: DictConfig, command: str) -> str | None:
@@ -301,6 +355,13 @@ def _values_problem(cfg: DictConfig, command: str) -> str | None:
     if chdir is not False:
         return (f"hydra.job.chdir={shown(chdir)}: the commands keep the folder they run in, whose "
                 "relative paths they read (data.dir, outputs/); each run writes to its own folder")
+    for key, value in _flat_items(OmegaConf.to_container(cfg, resolve=False)):
+        if not isinstance(value, str) or key == "hydra.job.override_dirname":  # the command line
+            continue
+        for ref in re.findall(r"\$\{hydra:\s*([\w.]+)\s*\}", value):
+            if _unresolved(cfg, f"hydra.{ref}") is ABSENT:  # Hydra's resolver would give null
+                return (f"{key}: refers to hydra:{ref}, which Hydra's settings lack "
+                        "(--cfg hydra lists them)")
     try:
         check_values_in(cfg, command)
     except ConfigError as exc:

@@ -346,6 +346,10 @@ PREDICT = ["predict.py", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz"
      "~trainer.default_root_dir: Hydra reads a value before removing it, and ${paths.output_dir}"),
     (["train.py", "data.dir=.", "trainer.devices=null", "~trainer.devices"],
      "~trainer.devices: it is null already"),
+    (["train.py", "data.dir=.", "trainer.max_epochs=${hydra:nope}"],  # Hydra would give null
+     "trainer.max_epochs: refers to hydra:nope, which Hydra's settings lack"),
+    (["train.py", "-m", "data.dir=.", "scheduler=cosine,null"], "scheduler=cosine,null: Hydra "
+     "sweeps a group over its options' names, and null is not one; for runs without scheduler"),
     (["train.py", "-m", "data.dir=.", "seed=0,1", "hydra.job.chdir=true"],
      "hydra.job.chdir=true: the commands keep the folder they run in"),
     # printing the config resolved: the key that cannot be, not OmegaConf's traceback
@@ -406,6 +410,13 @@ def test_a_value_of_the_wrong_type_is_one_line_before_any_work(args, message, tm
      "{mine}/broken.yaml: not valid YAML at line 5, column 1: expected ',' or '}}'"),
     (["train.py", "--config-dir", "{mine}", "loss=broken"],
      "{mine}/loss/broken.yaml: not valid YAML at line 2"),
+    # YAML, but not settings: Hydra said "Invalid loaded object type: int", or read a key
+    (["train.py", "--config-dir", "{mine}", "--config-name", "number"],
+     "{mine}/number.yaml: holds 5, not settings (a config file holds key: value lines)"),
+    (["train.py", "--config-dir", "{mine}", "-m", "loss=bce,words"],
+     "{mine}/loss/words.yaml: holds hello, not settings"),
+    (["train.py", "--config-dir", "{mine}", "-m", "loss=glob(*,exclude=words)"],
+     "{mine}/loss/listed.yaml: holds [a, b], not settings"),
 ])
 def test_a_config_that_lacks_what_the_command_reads_is_one_line(args, message, tmp_path,
                                                                 tmp_path_factory):
@@ -425,6 +436,9 @@ def test_a_config_that_lacks_what_the_command_reads_is_one_line(args, message, t
     (mine / "broken.yaml").write_text("defaults:\n  - train\n  - _self_\ndata: {dir: prep\n")
     (mine / "loss").mkdir()
     (mine / "loss" / "broken.yaml").write_text("alpha: [0.3\n")
+    (mine / "number.yaml").write_text("5\n")
+    (mine / "loss" / "words.yaml").write_text("hello\n")
+    (mine / "loss" / "listed.yaml").write_text("[a, b]\n")
     result = run_cli(*[a.format(mine=mine) for a in args], cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.startswith(
         f"error: {message.format(mine=mine)}"), result.stderr
