@@ -35,6 +35,14 @@ def _config_location() -> tuple[Path, str]:
 CONF_DIR, CONFIG_PATH = _config_location()
 
 
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` handing plain Python containers (``_convert_="all"``):
+    libraries test ``isinstance(x, dict | list)``, which Hydra's DictConfig and ListConfig fail
+    (Lightning's ``max_time={hours: 10}``, torch's OneCycleLR ``max_lr`` list, MONAI's ``norm``
+    tuple)."""
+    return hydra.utils.instantiate(node, **{"_convert_": "all", **kwargs})
+
+
 def initialize_configs() -> Any:
     """Hydra's compose API over the project's configs (a context manager)."""
     if CONFIG_PATH.startswith("pkg://"):

@@ -149,6 +149,7 @@ SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
         "callbacks.image_grid.min_size": Setting(int, 1),
         "callbacks.image_grid.per_row": Setting(int, 1),
         "callbacks.progress_bar.refresh_rate": Setting(int, 0),
+        "callbacks.model_summary.max_depth": Setting(int, 0, also=(-1,)),
         "callbacks.weight_averaging.decay": Setting(float, 0.0, 1.0, open_high=True),
     },
     "prepare": {
@@ -177,10 +178,11 @@ SWITCHES: dict[str, tuple[str, ...]] = {
     "evaluate": ("tta", "largest_component", "overwrite"),
 }
 # What a command runs without, left out with ~KEY (``PREFIX.*``: a key directly under PREFIX,
-# never its ``_target_`` nor one of NEEDED; Hydra's own ``hydra.`` settings are Hydra's): it
-# reads every other key or group it has, and would stop halfway without it.
+# never Hydra's ``_target_``, ``_partial_``... nor one of NEEDED; Hydra's own ``hydra.``
+# settings are Hydra's): it reads every other key or group it has, and would stop halfway
+# without it.
 REMOVABLE: dict[str, tuple[str, ...]] = {"train": ("callbacks", "callbacks.*", "scheduler",
-                                                   "trainer.*")}
+                                                   "scheduler.*", "optimizer.*", "trainer.*")}
 NEEDED: dict[str, tuple[str, ...]] = {"train": ("trainer.accelerator",)}  # read by train itself
 ABSENT = object()  # OmegaConf.select's default: the key is not in the config
 
@@ -191,7 +193,7 @@ def removable(command: str, key: str) -> bool:
         return True
     prefix, _, last = key.rpartition(".")
     return key in REMOVABLE.get(command, ()) or (
-        f"{prefix}.*" in REMOVABLE.get(command, ()) and last != "_target_"
+        f"{prefix}.*" in REMOVABLE.get(command, ()) and not last.startswith("_")
         and key not in NEEDED.get(command, ()))
 
 

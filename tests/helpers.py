@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -45,6 +46,30 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600,
         args = (str(REPO / args[0]), *args[1:])
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+class FixedSizeNet(torch.nn.Module):
+    """A network of one input size (as a learned position embedding makes UNETR): it fails on
+    any other, as a check at the smallest size would find."""
+
+    def __init__(self, img_size: int, in_channels: int = 1, out_channels: int = 1,
+                 features: list[int] | None = None, norm: str = "batch"):
+        super().__init__()
+        self.size = img_size
+        self.conv = torch.nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        if x.shape[-1] != self.size:
+            raise ValueError(f"input must be {self.size} px, got {x.shape[-1]}")
+        return self.conv(x)
+
+
+class NoteCallback(pl.Callback):
+    """A user's callback taking anything (``typing.Any``, which isinstance refuses)."""
+
+    def __init__(self, note: Any = None):
+        super().__init__()
+        self.note = note
 
 
 class NaNAfterLoss(torch.nn.Module):

@@ -8,6 +8,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import datetime
+import enum
 import time
 import typing
 from pathlib import Path
@@ -84,8 +86,8 @@ from prostate_seg.training.fit import build_run, setup_data, train
     # arguments against the signature and annotations of what they build, before it is built
     ("+optimizer.foo=1", "optimizer.foo: Adam takes no such argument; it takes params, lr, betas"),
     ("+optimizer.amsgrad=no", "optimizer.amsgrad=no: Adam takes true or false"),  # counted true
-    ("+optimizer.betas=[0.9]", "optimizer.betas=[0.9]: Adam takes a list of 2 items, each a "
-     "number or a Tensor"),
+    ("+optimizer.betas=[0.9]", "optimizer.betas=[0.9]: Adam takes a list of 2 items (each a "
+     "number or a Tensor)"),
     ("trainer.num_sanity_val_steps=abc", "trainer.num_sanity_val_steps=abc: must be an integer"),
     ("+trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0: must be an "
      "integer >= 1"),
@@ -106,9 +108,33 @@ from prostate_seg.training.fit import build_run, setup_data, train
     ("trainer.deterministic=warn +trainer.val_check_interval=0.5 optimizer.weight_decay=0", None),
     # the network's output and input, one pass of zeros before the first training step
     ("model.net.out_channels=2", "model.net.out_channels=2: must be 1 (one logit per pixel"),
-    ("model.net.in_channels=3", "model.net: fails on a (1, 1, 32, 32) input, the channels "
-     "data.context_slices=0 gives: Given groups=1, weight of size [8, 3, 3, 3]"),
+    ("model.net.in_channels=3", "model.net.in_channels=3: the data gives 1 channel(s) per slice "
+     "(1 + 2 x data.context_slices=0)"),
     ("data.context_slices=1", None),
+    # a network of one input size is tried at data.image_size; whatever it raises is one line
+    ("model.net._target_=helpers.FixedSizeNet +model.net.img_size=48 data.image_size=48", None),
+    ("model.net._target_=helpers.FixedSizeNet +model.net.img_size=40 data.image_size=48",
+     "model.net: fails on a (1, 1, 48, 48) input (data.image_size, 1 channel(s)): input must be "
+     "40 px, got 48"),
+    ("+callbacks.note={_target_:helpers.NoteCallback,note:hello}", None),  # annotated Any
+    # containers reach the library as Python's own (Lightning's Timer tests for a dict)
+    ("+trainer.max_time={minutes:10}", None),
+    ("+callbacks.model_checkpoint.train_time_interval=abc",
+     "callbacks.model_checkpoint.train_time_interval=abc: ModelCheckpoint takes a timedelta or "
+     "null"),
+    ("callbacks.model_summary.max_depth=-2",
+     "callbacks.model_summary.max_depth=-2: must be an integer >= 0 (or -1)"),
+    ("scheduler=cosine scheduler.T_max=0", "scheduler.T_max=0: must be an integer >= 1 (the "
+     "schedule's length in epochs)"),
+    ("+trainer.max_epoch=3", "trainer.max_epoch: Trainer takes no such argument; did you mean "
+     "max_epochs?"),
+    ("optimizer._target_=torch.optim.RMSprop", "optimizer.fused: RMSprop takes no such argument; "
+     "it takes params, lr, alpha"),
+    ("optimizer._target_=torch.optim.RMSprop ~optimizer.fused", None),
+    ("logger.csv.name=2024", "logger.csv.name=2024: CSVLogger takes a string or null (a name "
+     "Hydra reads as another type goes in quotes: logger.csv.name=\"'2024'\")"),
+    ("trainer.devices=1.5", "trainer.devices=1.5: Trainer takes a list of integers, a string or "
+     "an integer"),
     ("scheduler=cosine ~scheduler.T_max",
      "scheduler: CosineAnnealingLR.__init__() missing 1 required positional argument: 'T_max'"),
     ("scheduler=poly scheduler.power=abc", "scheduler.power=abc: PolynomialLR takes a number"),
@@ -132,6 +158,10 @@ def test_bad_values_are_named_with_what_is_allowed(override, message, prepared, 
     assert str(info.value).startswith(message)
 
 
+class Mode(enum.Enum):
+    DECONV = "deconv"
+
+
 @pytest.mark.parametrize("value, hint, fits", [
     (3, int, True), (3.0, int, False), (True, int, False), (3, float, True), ("3", float, False),
     (None, typing.Optional[int], True), ("no", bool, False), (False, bool | None, True),
@@ -139,14 +169,25 @@ def test_bad_values_are_named_with_what_is_allowed(override, message, prepared, 
     (ListConfig([0.9, 0.99]), tuple[float, float], True), (ListConfig([0.9]), tuple[float, float],
                                                            False),
     (ListConfig([1, "a"]), list[int], False), ("ab", typing.Sequence[str], False),
-    ("runs", Path, True), (5, Path, False), ("name", torch.dtype, True), (5, pl.Callback, False),
+    ("runs", Path, True), (5, Path, False), ("name", torch.dtype, False), (5, pl.Callback, False),
     (OmegaConf.create({"_target_": "x.Y"}), int, True), (OmegaConf.create({"a": 1}), dict, True),
     (object(), typing.Callable[[int], int], True),  # what it does not understand: allowed
+    ("x", typing.Any, True), (None, typing.Optional[typing.Any], True),
+    ("abc", datetime.timedelta, False), ({"a": 1}, datetime.timedelta, False),
+    ("deconv", Mode, True), ("DECONV", Mode, True), ("nope", Mode, False),  # value or name
 ])
 def test_a_value_fits_its_annotation_as_a_config_could_give_it(value, hint, fits):
     from prostate_seg.training.signatures import fits as fits_hint
 
     assert fits_hint(value, hint) is fits
+
+
+def test_a_transforms_setting_is_checked_inside_its_list(prepared, tmp_path):
+    cfg = compose_train([*TINY, f"data.dir={prepared}", "+data.train_transform.transforms.1.bogus=1"],
+                        tmp_path)
+    with pytest.raises(ConfigError, match=r"^data.train_transform.transforms.1.bogus: Rotate takes "
+                                          r"no such argument; it takes limit, interpolation"):
+        setup_data(cfg)
 
 
 def test_combined_loss_terms_are_checked_too(prepared, tmp_path):

@@ -8,12 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from scipy import ndimage
 from torch import Tensor, nn
 
-from prostate_seg.config import check_extras_installed
+from prostate_seg.config import build, check_extras_installed
 from prostate_seg.data.dataset import context_window
 from prostate_seg.data.resize import fit_slice, unfit_slice
 from prostate_seg.errors import ConfigError, DataError
@@ -81,7 +80,7 @@ def load_checkpoint(ckpt_path: str | Path, device: torch.device) -> TrainedModel
         check_extras_installed(cfg)  # a MONAI network's checkpoint where MONAI is missing
     except ConfigError as exc:
         raise ConfigError(f"ckpt_path={path}: {exc}") from None
-    net = instantiate(cfg.model.net)
+    net = build(cfg.model.net)
     weights = network_weights(state)
     problem = weights_mismatch(net, weights)
     if problem:
@@ -97,7 +96,7 @@ class SlicePredictor:
     def __init__(self, module: TrainedModel, batch_size: int = 32, tta: bool = False):
         self.module = module
         cfg = module.cfg
-        self.transform = instantiate(cfg.data.val_transform)
+        self.transform = build(cfg.data.val_transform)
         self.context = int(cfg.data.context_slices)
         # How the training data was prepared (older checkpoints: the defaults at image_size).
         self.prep = PrepareSettings.from_config({"image_size": cfg.data.image_size,

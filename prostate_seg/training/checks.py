@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
-from prostate_seg.config import check_extras_installed, uses_gpu
+from prostate_seg.config import build, check_extras_installed, uses_gpu
 from prostate_seg.errors import ConfigError, one_line
 from prostate_seg.files import not_found
 from prostate_seg.settings import check_settings, shown
@@ -74,26 +74,36 @@ def check_input_size(model: DictConfig, image_size: object) -> None:
              f"must be an integer >= 2^depth = {2**depth} for a U-Net with {depth} levels")
 
 
-def check_output(net: Any, model: DictConfig, context_slices: int) -> None:
+def check_output(net: Any, model: DictConfig, context_slices: int, image_size: int) -> None:
     """One logit per pixel for the channels the data gives (1 + 2 * data.context_slices): the
     losses and metrics are binary, and a network of other channels fails only in its first
-    training step. One pass of zeros at the smallest size the network halves twice at bottom."""
+    training step. One pass of zeros, at a small size the network halves twice at bottom (fast
+    for a sweep's every job) or, if that fails, at data.image_size (a network of fixed size)."""
     import torch
 
-    channels = OmegaConf.select(model, "net.out_channels", default=None)
-    _require(channels in (None, 1), "model.net.out_channels", channels,
-             "must be 1 (one logit per pixel: the losses and metrics are binary)")
-    size = 2 * (model.get("input_multiple") or 2 ** len(model.net.features))
-    x = torch.zeros(1, 1 + 2 * context_slices, size, size)
-    try:
-        with torch.no_grad():
-            out = net.eval()(x)
-    except RuntimeError as exc:
-        raise ConfigError(f"model.net: fails on a {tuple(x.shape)} input, the channels "
-                          f"data.context_slices={context_slices} gives: {one_line(exc)}") from None
+    given = 1 + 2 * context_slices
+    for key, value, allowed in (
+            ("model.net.out_channels", 1, "must be 1 (one logit per pixel: the losses and "
+             "metrics are binary)"),
+            ("model.net.in_channels", given, f"the data gives {given} channel(s) per slice "
+             f"(1 + 2 x data.context_slices={context_slices})")):
+        setting = OmegaConf.select(model, key.removeprefix("model."), default=None)
+        _require(setting in (None, value), key, setting, allowed)
+    small = 2 * (model.get("input_multiple") or 2 ** len(model.net.features))
+    for size in dict.fromkeys((min(small, image_size), image_size)):
+        x = torch.zeros(1, given, size, size)
+        try:
+            with torch.no_grad():
+                out = net.eval()(x)
+            break
+        except Exception as exc:  # noqa: BLE001 - whatever the network raises on its input
+            failure = exc
+    else:
+        raise ConfigError(f"model.net: fails on a {tuple(x.shape)} input (data.image_size, "
+                          f"{given} channel(s)): {one_line(failure)}") from None
     want = (1, 1, size, size)
-    _require(tuple(out.shape) == want, "model.net.out_channels",
-             OmegaConf.select(model, "net.out_channels", default=None),
+    _require(tuple(out.shape) == want, "model.net",
+             OmegaConf.to_container(model.net).get("_target_"),
              f"the network gives {tuple(out.shape)} for a {tuple(x.shape)} input; the losses and "
              f"metrics need one logit per pixel, {want}")
 
@@ -143,11 +153,10 @@ def instantiate_checked(key: str, node: DictConfig, **kwargs: Any) -> Any:
     """``instantiate(node)``, or one line naming ``key`` and what the object said (or, before
     it is built, an argument its signature does not take)."""
     from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
 
     check_arguments(key, node, given=kwargs)
     try:
-        return instantiate(node, **kwargs)
+        return build(node, **kwargs)
     except InstantiationException as exc:
         text = one_line(exc.__cause__ or exc)
         raise ConfigError(text if text.startswith(key) else f"{key}: {text}") from None
@@ -158,7 +167,7 @@ def _calls(key: str, partial: Any, **kwargs: Any) -> Any:
     ``key``: a misspelt or mistyped argument (``+optimizer.foo=1``) shows only when called."""
     try:
         return partial(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, ArithmeticError) as exc:
         raise ConfigError(f"{key}: {one_line(exc)}") from None
 
 
@@ -240,9 +249,13 @@ def check_train_config(cfg: DictConfig) -> None:
              "data.batch_size", data.batch_size,
              f"is the global batch: it must divide evenly over trainer.devices={devices}")
     check_input_size(cfg.model, data.image_size)
-    check_output(net, cfg.model, data.context_slices)
+    check_output(net, cfg.model, data.context_slices, data.image_size)
     epochs = cfg.trainer.get("max_epochs")
     _require(epochs != -1 or not cfg.get("scheduler"), "trainer.max_epochs", epochs,
              "a learning-rate schedule decays over a finite number of epochs; set one")
+    for key in ("T_max", "total_iters"):  # cosine's and poly's length (torch divides by it)
+        length = (cfg.get("scheduler") or {}).get(key)
+        _require(length is None or (type(length) is int and length >= 1), f"scheduler.{key}",
+                 length, "must be an integer >= 1 (the schedule's length in epochs)")
     check_builds(cfg)
     check_data_dir(data.dir)

@@ -13,7 +13,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.loggers import CSVLogger
@@ -22,7 +21,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from prostate_seg.config import configure_cpu_threads, uses_gpu
+from prostate_seg.config import build, configure_cpu_threads, uses_gpu
 from prostate_seg.data.datamodule import SliceDataModule
 from prostate_seg.data.prepare import PREPARE_FILE, dataset_fingerprint
 from prostate_seg.errors import ConfigError, DataError
@@ -89,7 +88,7 @@ def _check_start_checkpoint(cfg: DictConfig, path: Path) -> None:
         raise DataError(f"ckpt_path={path}: holds the network's weights only (as best-*.ckpt "
                         "does); training continues from a whole training state, a run's "
                         "last.ckpt")
-    problem = weights_mismatch(instantiate(cfg.model.net),
+    problem = weights_mismatch(build(cfg.model.net),
                                network_weights(checkpoint["state_dict"]))
     if problem:
         raise ConfigError(f"ckpt_path={path}: its network does not match model.net="
@@ -180,8 +179,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def _trainer(cfg: DictConfig) -> pl.Trainer:
     # An entry set to null (callbacks.early_stopping=null, as debug=overfit does) is left out.
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     options: dict[str, Any] = {}
     if not sys.stderr.isatty():  # in a log file a bar is a heap of frames; EpochLog says it
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -189,7 +188,7 @@ def _trainer(cfg: DictConfig) -> pl.Trainer:
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # submitit requeues; Lightning must not do it a second time
         plugins.append(SLURMEnvironment(auto_requeue=False))
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
+    return build(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=plugins,
                        **options)
 
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from prostate_seg.config import build
 from prostate_seg.errors import ConfigError
 from prostate_seg.inference.metrics import VolumeConfusion
 from prostate_seg.models import weights_mismatch
@@ -26,7 +26,7 @@ def build_loss(loss_cfg: DictConfig | dict) -> tuple[str, nn.Module]:
     loss_cfg = OmegaConf.create(loss_cfg) if isinstance(loss_cfg, dict) else loss_cfg
     name = str(loss_cfg.get("name", loss_cfg._target_.rsplit(".", 1)[-1]))
     params = OmegaConf.masked_copy(loss_cfg, [k for k in loss_cfg if k != "name"])
-    return name, instantiate(params, _convert_="all")
+    return name, build(params)
 
 
 class SegmentationModule(pl.LightningModule):
@@ -36,7 +36,7 @@ class SegmentationModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.cfg = cfg = OmegaConf.create(cfg)
-        self.net: nn.Module = instantiate(cfg.model.net)
+        self.net: nn.Module = build(cfg.model.net)
         self.loss_name, self.loss_fn = build_loss(cfg.loss)
         self.channels_last = bool(cfg.model.get("channels_last", False))
         if self.channels_last:
@@ -90,8 +90,8 @@ class SegmentationModule(pl.LightningModule):
         self.val_volumes.reset()
 
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(self.cfg.optimizer)(params=self.parameters())
+        optimizer = build(self.cfg.optimizer)(params=self.parameters())
         scheduler = self.cfg.get("scheduler")
         if not scheduler:
             return optimizer
-        return [optimizer], [instantiate(scheduler)(optimizer=optimizer)]  # stepped every epoch
+        return [optimizer], [build(scheduler)(optimizer=optimizer)]  # stepped every epoch
