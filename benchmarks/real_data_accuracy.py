@@ -3,7 +3,7 @@
     python benchmarks/real_data_accuracy.py --setting cpu --runs recipe     # the bar: fold 0
     python benchmarks/real_data_accuracy.py --runs recipe --seeds 0,1,2,3   # four replicates
     python benchmarks/real_data_accuracy.py --runs norm --folds 0,1   # issue 24's last table
-    python benchmarks/real_data_accuracy.py --setting gpu --runs recipe,study --folds 0,1,2,3,4
+    python benchmarks/real_data_accuracy.py --setting gpu --folds 0,1,2,3,4 --jobs 5
 
 Prepares the scans (location: $PROSTATE_SEG_DATA) at the setting's size under --workdir,
 trains each run on each fold of the stored 5-fold patient split (split_seed 0; a few training
@@ -25,7 +25,8 @@ the original study's (Dice loss, Adam 1e-4, constant lr, single slices, study au
 batch norm). Each run is evaluated with and without the largest connected component, flip
 test-time augmentation, with the last epoch's weights, and with the last epoch's weights before
 averaging (the same as the last epoch's for a run that does not average). ``--seeds`` trains
-each run once per seed and summarises the replicates.
+each run once per seed and summarises the replicates. ``--jobs N`` trains N runs at a time, as
+the study's sweep shares its GPU: the GPU setting's five folds fit one GPU together.
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +53,8 @@ from scipy import stats
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from prostate_seg.config import compose_config, cpu_precision  # noqa: E402
+from hydra_plugins.gpu_pool_launcher.gpu_pool_launcher import visible_gpus  # noqa: E402
+from prostate_seg.config import available_cpus, compose_config, cpu_precision  # noqa: E402
 from prostate_seg.inference.evaluate import evaluate_checkpoint  # noqa: E402
 from prostate_seg.data.prepare import PrepareSettings, prepare  # noqa: E402
 from prostate_seg.data.split import SPLIT_FILE  # noqa: E402
@@ -69,10 +74,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     },
     "gpu": {
         "image_size": 256,
-        # compile pays off over hours; for a 2-minute run its compile time would dominate
-        "budget": "00:00:05:00",
-        "overrides": ["model=unet", "trainer=gpu", "model.compile=false", "data.batch_size=16",
-                      "trainer.max_epochs=100"],
+        "budget": "00:00:10:00",
+        # benchmarks/study.sh's (docs/STUDY.md says why): a U-Net of half the width, compiled,
+        # the decoded slices in memory, 40 epochs; five folds fit one GPU together (--jobs 5)
+        "overrides": ["model=unet", "model.net.features=[32,64,128,256]", "trainer=gpu",
+                      "model.compile=true", "data.cache=true", "data.batch_size=16",
+                      "trainer.max_epochs=40"],
     },
 }
 # The recipe, what experiment=cpu trains: Dice loss, Adam 1e-3 with cosine decay, 2.5D input,
@@ -163,18 +170,19 @@ def run_overrides(name: str, fold: int, setting: dict[str, Any]) -> list[str]:
             "callbacks.early_stopping=null", "callbacks.progress_bar.refresh_rate=0"]
 
 
-def run_one(name: str, fold: int, seed: int | None, data_dir: Path, workdir: Path,
+def run_one(name: str, fold: int, seed: int | None, data_dir: Path, folder: Path,
             setting: dict[str, Any], reuse: list[Path],
             only_reused: bool = False) -> dict[str, Any] | None:
-    """Train (or take a finished run of the same name, fold and overrides from ``reuse``) and
-    evaluate its checkpoints on the fold's held-out patients; None if not reused and
-    ``only_reused``. ``seed``: the run's (None: the config's), among ``setting``'s overrides."""
+    """Train in ``folder`` (or take a finished run of the same name, fold and overrides from
+    ``reuse``) and evaluate its checkpoints on the fold's held-out patients; None if not reused
+    and ``only_reused``. ``seed``: the run's (None: the config's), among ``setting``'s
+    overrides."""
     overrides = run_overrides(name, fold, setting)
     tag = {"run": name, "fold": fold, "overrides": overrides, "intensity": RUNS[name][1],
            "augment_streams": AUGMENT_STREAMS}
     recorded = [(f.parent, json.loads(f.read_text())) for f in reuse]
-    done = [(folder, r) for folder, r in recorded if {k: r.get(k) for k in tag} == tag
-            and (folder / "results.json").is_file()]
+    done = [(run_dir, r) for run_dir, r in recorded if {k: r.get(k) for k in tag} == tag
+            and (run_dir / "results.json").is_file()]
     if done:
         folder, record = done[0]
         results = json.loads((folder / "results.json").read_text())
@@ -182,7 +190,6 @@ def run_one(name: str, fold: int, seed: int | None, data_dir: Path, workdir: Pat
         print(f"{name}, fold {fold}: not run (no finished run to reuse)", flush=True)
         return None
     else:
-        folder = workdir / f"{sum(1 for _ in workdir.glob('*'))}"
         quoted = str(data_dir).replace("'", "\\'")  # a path may hold Hydra's = , [ ] ...
         cfg = compose_config("train", [f"data.dir='{quoted}'", *overrides], folder)
         started = time.time()
@@ -210,6 +217,41 @@ def run_one(name: str, fold: int, seed: int | None, data_dir: Path, workdir: Pat
           + ", ".join(f"{label} {mean(row[label], 'dice'):.4f}" for label, *_ in EVALUATIONS)
           + f" ({row['epochs']} epochs, {row['train_min']:.1f} min)", flush=True)
     return row
+
+
+def in_processes(function: Callable[..., Any], calls: list[tuple[Any, ...]],
+                 jobs: int) -> Iterator[tuple[int, Any]]:
+    """(index, result) of each ``function(*call)`` as it finishes. ``jobs`` > 1: that many at a
+    time, each in a process of its own with 1/jobs of the CPUs (its loader workers and threads
+    are sized from them) and a GPU of its own in turn, as the gpu_pool launcher places a sweep's
+    jobs; a call that fails stops the calls not yet started and raises."""
+    if jobs == 1:
+        for index, call in enumerate(calls):
+            yield index, function(*call)
+        return
+    context = multiprocessing.get_context("spawn")  # CUDA is never started before the pinning
+    slots = context.Queue()
+    gpus = visible_gpus()
+    for slot in range(jobs):
+        slots.put(gpus[slot % len(gpus)] if gpus else None)
+    cpus = max(1, available_cpus() // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_pin,
+                             initargs=(slots, cpus)) as pool:
+        futures = {pool.submit(function, *call): index for index, call in enumerate(calls)}
+        try:
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _pin(slots: Any, cpus: int) -> None:
+    """A worker process's GPU (from the parent's queue of slots) and its share of the CPUs."""
+    gpu = slots.get()
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    os.environ["PROSTATE_SEG_CPUS"] = str(cpus)
 
 
 def not_averaged(last: Path) -> Path:
@@ -242,7 +284,8 @@ def dice_cell(patients: list[dict[str, Any]]) -> str:
     return f"{dice.mean():.4f} ± {dice.std(ddof=1):.4f}"
 
 
-def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, seconds: float) -> str:
+def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, seconds: float,
+             jobs: int = 1) -> str:
     versions = (f"torch {torch.__version__}, pytorch-lightning {pl.__version__}, "
                 f"Python {platform.python_version()}")
     labels = [label for label, *_ in EVALUATIONS]
@@ -256,7 +299,9 @@ def markdown(setting_name: str, rows: list[dict[str, Any]], command: str, second
         "`prepare intensity=landmarks`)",
         f"- this command's time (prepare, runs, evaluation): {seconds / 60:.1f} min"
         + ("; runs marked * were trained by an earlier command (--reuse) in the time shown"
-           if any(row["reused"] for row in rows) else ""),
+           if any(row["reused"] for row in rows) else "")
+        + (f"; {jobs} runs trained at a time, so a run's training minutes are shared"
+           if jobs > 1 else ""),
         "",
         "Per-volume Dice on each fold's held-out patients at original size, mean ± SD over "
         "patients (LCC: largest 3D connected component kept; TTA: left-right flip averaged; "
@@ -405,6 +450,13 @@ def whole_numbers(text: str) -> list[int]:
     return numbers
 
 
+def positive(text: str) -> int:
+    """--jobs: a whole number >= 1 (argparse names the option)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -428,6 +480,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seeds", default=None, type=whole_numbers,
                         help="comma-separated seeds, each run trained once per seed: replicates "
                         "of training, summarised over runs (default: the config's seed)")
+    parser.add_argument("--jobs", default=1, type=positive,
+                        help="runs trained at a time, each in its own process with its share "
+                        "of the CPUs and GPUs (default 1, in this process)")
     args = parser.parse_args(argv)
     setting = dict(SETTINGS[args.setting])
     epochs = [] if args.max_epochs is None else [f"trainer.max_epochs={args.max_epochs}"]
@@ -441,26 +496,30 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     workdir = args.workdir / f"{args.setting}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     reuse = [f for folder in args.reuse for f in folder.rglob(TAG)]
     command = "python benchmarks/real_data_accuracy.py " + " ".join(argv or sys.argv[1:])
-    rows = []
+    finished: dict[int, dict[str, Any]] = {}
     folds, seeds = args.folds, args.seeds or [None]
-    for name, fold, seed in [(n, f, s) for n in names for f in folds for s in seeds]:
+    calls = []
+    for index, (name, fold, seed) in enumerate(
+            [(n, f, s) for n in names for f in folds for s in seeds]):
         data_dir = own_split(prepared(args, image_size(name, setting), RUNS[name][1]),
                              RUNS[name][0])
         own = [*setting["overrides"], *([] if seed is None else [f"seed={seed}"]), *epochs]
-        row = run_one(name, fold, seed, data_dir, workdir, {**setting, "overrides": own}, reuse,
-                      args.only_reused)
+        calls.append((name, fold, seed, data_dir, workdir / str(index),
+                      {**setting, "overrides": own}, reuse, args.only_reused))
+    for index, row in in_processes(run_one, calls, args.jobs):
         if row is None:
             continue
-        rows.append(row)
+        finished[index] = row
+        rows = [finished[i] for i in sorted(finished)]  # the order of the command, not of ends
         # the table is rewritten after every run: a cut-short benchmark keeps what it measured
-        text = markdown(args.setting, rows, command, time.time() - started)
+        text = markdown(args.setting, rows, command, time.time() - started, args.jobs)
         key = f"{args.setting}:{args.runs}:folds {','.join(map(str, folds))}"
         if args.seeds is not None:  # one seed: the key earlier sections were written under
             key += f":seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"
         write_section(args.results, key, text)
-    if rows:
+    if finished:
         print(text)
-    return rows
+    return [finished[i] for i in sorted(finished)]
 
 
 if __name__ == "__main__":

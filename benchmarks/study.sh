@@ -48,8 +48,9 @@ fi
 prepared=$(now)
 
 # The recipe that generalises to unseen patients (docs/RESULTS.md: instance norm, intensity and
-# scale augmentation, the last epoch kept) on a U-Net of half the width, Adam 1e-3 with cosine
-# decay, 8 jobs sharing the GPU with the decoded slices in memory, compiled (uncompiled,
+# scale augmentation, 2.5D input, the last epoch kept) on a U-Net of half the width, Adam 1e-3
+# with cosine decay, 8 jobs sharing the GPU with the decoded slices in memory, compiled
+# (benchmarks/real_data_accuracy.py --setting gpu trains the same; uncompiled,
 # instance norm costs 1.7x the GPU time of a batch-norm step; docs/STUDY.md has the
 # measurements behind each setting).
 timings=()
@@ -68,7 +69,7 @@ for seed in $seeds; do
     "study.seeds=[$seed]" hydra/launcher=gpu_pool hydra.launcher.jobs_per_gpu=8 \
     model=unet model.net.features='[32,64,128,256]' model.net.norm=instance augment=default \
     model.compile=true optimizer.lr=1e-3 scheduler=cosine trainer.max_epochs=40 \
-    callbacks=final data.cache=true \
+    callbacks=final data.cache=true data.context_slices=1 \
     "$@" || { failed+=("seed $seed"); continue; }
   took=$(( $(now) - begun ))
   timings+=("$seed:$took")

@@ -2,7 +2,12 @@
 summarised with the trained run as the replicate, and pooled over folds once per seed."""
 
 import json
+import os
 import re
+import shlex
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,10 +74,11 @@ def test_a_run_is_reused_only_for_the_same_seed_and_augmentation_streams(bench, 
     work.mkdir()
 
     def reused(seed_setting):
-        return bench.run_one(bench.RECIPE, 0, 1, tmp_path, work, seed_setting,
+        return bench.run_one(bench.RECIPE, 0, 1, tmp_path, work / "1", seed_setting,
                              list(work.rglob(bench.TAG)), only_reused=True)
 
-    assert bench.run_one(bench.RECIPE, 0, 1, tmp_path, work, setting, [])["reused"] is False
+    assert bench.run_one(bench.RECIPE, 0, 1, tmp_path, work / "0", setting,
+                         [])["reused"] is False
     assert reused(setting)["reused"] is True
     assert reused({**setting, "overrides": ["seed=2"]}) is None
     tag = work / "0" / bench.TAG
@@ -110,8 +116,9 @@ def test_a_run_of_its_own_size_trains_and_prepares_at_it(bench, tmp_path, monkey
 
 
 @pytest.mark.parametrize("option, value", [("--seeds", "1,x"), ("--seeds", "2,2"),
-                                           ("--folds", ""), ("--folds", "-1")])
-def test_bad_folds_or_seeds_are_one_line_naming_the_option(bench, option, value, capsys):
+                                           ("--folds", ""), ("--folds", "-1"),
+                                           ("--jobs", "0"), ("--jobs", "two")])
+def test_bad_folds_seeds_or_jobs_are_one_line_naming_the_option(bench, option, value, capsys):
     with pytest.raises(SystemExit) as stop:
         bench.main([option, value])
     assert stop.value.code == 2
@@ -167,3 +174,58 @@ def test_the_benchmarks_cpu_recipe_is_what_experiment_cpu_trains(bench, tmp_path
     for key in ("data", "augment", "model", "loss", "optimizer", "scheduler", "trainer",
                 "callbacks"):
         assert benchmark[key] == experiment[key], key
+
+
+def where(index: int, marks: str) -> tuple[int, str | None, str | None]:
+    """A call for in_processes: the process it ran in, its GPU and CPU share. The fifth call
+    fails; the ones after it take a while, and mark that they started."""
+    Path(marks, str(index)).touch()
+    if index == 4:
+        raise ValueError("call 4 failed")
+    if index > 4:
+        time.sleep(0.3)
+    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("PROSTATE_SEG_CPUS")
+
+
+def test_jobs_run_in_processes_of_their_own_gpu_and_cpus_and_a_failure_stops_the_rest(
+        bench, tmp_path, monkeypatch):
+    """--jobs 2 on two GPUs: each worker process keeps one GPU and half the CPUs (its loader
+    workers are sized from them); a failed run raises its own error and the runs not yet started
+    never start (the benchmark stops as it does with one job)."""
+    monkeypatch.setattr(bench, "visible_gpus", lambda: ["3", "5"])
+    # the worker processes import the calls by name, as they do __main__'s for the script
+    monkeypatch.syspath_prepend(str(bench.REPO / "benchmarks"))
+    monkeypatch.setitem(sys.modules, bench.__name__, bench)
+    finished = []
+    with pytest.raises(ValueError, match="call 4 failed"):
+        for index, result in bench.in_processes(where, [(i, str(tmp_path)) for i in range(12)],
+                                                jobs=2):
+            finished.append((index, *result))
+    assert finished and all(index != 4 for index, *_ in finished)
+    share = str(max(1, bench.available_cpus() // 2))
+    assert {cpus for *_, cpus in finished} == {share}
+    gpu_of = {pid: {gpu for _, p, gpu, _ in finished if p == pid} for _, pid, *_ in finished}
+    assert all(len(gpus) == 1 for gpus in gpu_of.values()) and len(gpu_of) <= 2
+    assert set.union(*gpu_of.values()) <= {"3", "5"}
+    assert len(set.union(*gpu_of.values())) == len(gpu_of)  # two processes, two GPUs
+    started = len(list(tmp_path.iterdir()))
+    assert started < 12, "the calls after the failure should not all start"
+
+
+def test_the_benchmarks_gpu_recipe_is_what_the_study_script_trains(bench, tmp_path):
+    """The GPU recipe is written in benchmarks/study.sh (the study's sweep) and as the
+    benchmark's gpu setting: but for the loss the study sweeps, they must not drift."""
+    script = (bench.REPO / "benchmarks" / "study.sh").read_text()
+    command = script.split('"$here/train.py" -m', 1)[1].split('"$@"', 1)[0]
+    overrides = [word for word in shlex.split(command.replace("\\\n", " "))
+                 if "=" in word and "$" not in word and not word.startswith("hydra")]
+    assert "data.cache=true" in overrides and "experiment=paper" in overrides, overrides
+    setting = bench.SETTINGS["gpu"]
+    extra = bench.run_overrides(bench.RECIPE, 0, setting)[-3:]  # time cap, no early stop, quiet
+    benchmark = compose_train(bench.run_overrides(bench.RECIPE, 0, setting), tmp_path / "b")
+    study = compose_train([*overrides, "trainer=gpu",  # trainer=auto, on the study's GPU
+                           "loss=dice", f"{bench.SIZE}{setting['image_size']}", "data.fold=0",
+                           *extra], tmp_path / "s")
+    for key in ("data", "augment", "model", "loss", "optimizer", "scheduler", "trainer",
+                "callbacks"):
+        assert benchmark[key] == study[key], key
