@@ -38,10 +38,11 @@ import multiprocessing
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from hydra_plugins.gpu_pool_launcher.gpu_pool_launcher import visible_gpus  # noqa: E402
-from prostate_seg.config import available_cpus, compose_config, cpu_precision  # noqa: E402
+from prostate_seg.config import (available_cpus, compose_config, cpu_precision,  # noqa: E402
+                                 job_environment)
 from prostate_seg.inference.evaluate import evaluate_checkpoint  # noqa: E402
 from prostate_seg.data.prepare import PrepareSettings, prepare  # noqa: E402
 from prostate_seg.data.split import SPLIT_FILE  # noqa: E402
+from prostate_seg.files import replacing  # noqa: E402
 from prostate_seg.study.runs import run_late_gain  # noqa: E402
 from prostate_seg.study.statistics import LATE_GAIN  # noqa: E402
 from prostate_seg.training.fit import train  # noqa: E402
@@ -219,13 +222,15 @@ def run_one(name: str, fold: int, seed: int | None, data_dir: Path, folder: Path
     return row
 
 
-def in_processes(function: Callable[..., Any], calls: list[tuple[Any, ...]],
-                 jobs: int) -> Iterator[tuple[int, Any]]:
+def in_processes(function: Callable[..., Any], calls: list[tuple[Any, ...]], jobs: int,
+                 labels: list[str]) -> Iterator[tuple[int, Any]]:
     """(index, result) of each ``function(*call)`` as it finishes. ``jobs`` > 1: that many at a
-    time, each in a process of its own with 1/jobs of the CPUs (its loader workers and threads
-    are sized from them) and a GPU of its own in turn, as the gpu_pool launcher places a sweep's
-    jobs; a call that fails stops the calls not yet started and raises."""
-    if jobs == 1:
+    time, in order, each in a process of its own with a GPU in turn and its share of the CPUs
+    (config.job_environment, as the gpu_pool launcher places a sweep's jobs). A call that fails
+    starts no other: the running ones finish and are yielded, then its error is raised, named
+    by its label. Ctrl-C or SIGTERM ends the processes."""
+    jobs = min(jobs, len(calls))
+    if jobs <= 1:
         for index, call in enumerate(calls):
             yield index, function(*call)
         return
@@ -234,24 +239,51 @@ def in_processes(function: Callable[..., Any], calls: list[tuple[Any, ...]],
     gpus = visible_gpus()
     for slot in range(jobs):
         slots.put(gpus[slot % len(gpus)] if gpus else None)
-    cpus = max(1, available_cpus() // jobs)
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_pin,
-                             initargs=(slots, cpus)) as pool:
-        futures = {pool.submit(function, *call): index for index, call in enumerate(calls)}
-        try:
-            for future in as_completed(futures):
-                yield futures[future], future.result()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+    shared = job_environment(None, max(1, available_cpus() // jobs))  # read as torch starts
+    saved = {key: os.environ.get(key) for key in shared}
+    os.environ.update(shared)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_pin, initargs=(slots,))
+    queued, running, failure = list(enumerate(calls)), {}, None
+    try:
+        while queued or running:
+            while queued and failure is None and len(running) < jobs:  # none waits in the pool
+                index, call = queued.pop(0)
+                running[pool.submit(function, *call)] = index
+            if not running:
+                break
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                index = running.pop(future)
+                try:
+                    result = future.result()
+                except Exception as exc:  # noqa: BLE001 - raised once the running ones end
+                    exc.add_note(f"in {labels[index]}")
+                    failure = failure or exc
+                    continue
+                yield index, result
+    except BaseException:
+        for process in multiprocessing.active_children():
+            process.terminate()  # a run saves nothing the table needs: no grace period
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    if failure is not None:
+        raise failure
 
 
-def _pin(slots: Any, cpus: int) -> None:
-    """A worker process's GPU (from the parent's queue of slots) and its share of the CPUs."""
-    gpu = slots.get()
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    os.environ["PROSTATE_SEG_CPUS"] = str(cpus)
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _pin(slots: Any) -> None:
+    """A worker process's GPU, from the parent's queue of slots (before CUDA starts)."""
+    os.environ.update(job_environment(slots.get(), int(os.environ["PROSTATE_SEG_CPUS"])))
 
 
 def not_averaged(last: Path) -> Path:
@@ -401,8 +433,8 @@ def write_section(path: Path, key: str, text: str) -> None:
         content = before + block + rest.split(end, 1)[1].lstrip("\n")
     else:
         content = content.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(content)
+    with replacing(path) as partial:  # whole, if the benchmark is stopped while it writes
+        partial.write_text(content)
 
 
 def image_size(name: str, setting: dict[str, Any]) -> int:
@@ -506,13 +538,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         own = [*setting["overrides"], *([] if seed is None else [f"seed={seed}"]), *epochs]
         calls.append((name, fold, seed, data_dir, workdir / str(index),
                       {**setting, "overrides": own}, reuse, args.only_reused))
-    for index, row in in_processes(run_one, calls, args.jobs):
+    labels = [f"{call[0]}, fold {call[1]}" + ("" if call[2] is None else f", seed {call[2]}")
+              for call in calls]
+    for index, row in in_processes(run_one, calls, args.jobs, labels):
         if row is None:
             continue
         finished[index] = row
         rows = [finished[i] for i in sorted(finished)]  # the order of the command, not of ends
         # the table is rewritten after every run: a cut-short benchmark keeps what it measured
-        text = markdown(args.setting, rows, command, time.time() - started, args.jobs)
+        text = markdown(args.setting, rows, command, time.time() - started,
+                        min(args.jobs, len(calls)))
         key = f"{args.setting}:{args.runs}:folds {','.join(map(str, folds))}"
         if args.seeds is not None:  # one seed: the key earlier sections were written under
             key += f":seed{'s' if len(seeds) > 1 else ''} {','.join(map(str, seeds))}"

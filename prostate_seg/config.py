@@ -135,6 +135,17 @@ def configure_cpu_threads(workers: int = 0) -> int:
     return threads
 
 
+def job_environment(gpu: str | None, cpus: int) -> dict[str, str]:
+    """What a job sharing the machine with others is started with: its GPU (``""``: none; None:
+    the parent's) and its share of the CPUs, from which its loader workers and threads are
+    sized (PROSTATE_SEG_CPUS; OMP_NUM_THREADS unless set, read as torch starts)."""
+    env = {"PROSTATE_SEG_CPUS": str(cpus),
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(cpus))}
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
+
+
 def default_num_workers(accelerator: str = "cpu") -> int:
     """Loader processes from this job's CPUs: on a GPU all but the main process and the feeder
     (at most 16); on the CPU none on 2 cores, where workers would take the model's cores."""

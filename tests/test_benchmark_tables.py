@@ -176,40 +176,66 @@ def test_the_benchmarks_cpu_recipe_is_what_experiment_cpu_trains(bench, tmp_path
         assert benchmark[key] == experiment[key], key
 
 
-def where(index: int, marks: str) -> tuple[int, str | None, str | None]:
-    """A call for in_processes: the process it ran in, its GPU and CPU share. The fifth call
-    fails; the ones after it take a while, and mark that they started."""
+def where(index: int, marks: str) -> tuple[int, str | None, str | None, str | None]:
+    """A call for in_processes: the process it ran in, its GPU, CPU share and threads. The
+    fifth call fails; each marks that it started."""
     Path(marks, str(index)).touch()
+    time.sleep(0.2)
     if index == 4:
         raise ValueError("call 4 failed")
-    if index > 4:
-        time.sleep(0.3)
-    return os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("PROSTATE_SEG_CPUS")
+    return (os.getpid(), os.environ.get("CUDA_VISIBLE_DEVICES"),
+            os.environ.get("PROSTATE_SEG_CPUS"), os.environ.get("OMP_NUM_THREADS"))
 
 
 def test_jobs_run_in_processes_of_their_own_gpu_and_cpus_and_a_failure_stops_the_rest(
         bench, tmp_path, monkeypatch):
     """--jobs 2 on two GPUs: each worker process keeps one GPU and half the CPUs (its loader
-    workers are sized from them); a failed run raises its own error and the runs not yet started
-    never start (the benchmark stops as it does with one job)."""
+    workers and threads are sized from them); after a failed run no other starts, the one
+    running finishes and is yielded, and the failure is raised naming its run."""
     monkeypatch.setattr(bench, "visible_gpus", lambda: ["3", "5"])
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     # the worker processes import the calls by name, as they do __main__'s for the script
     monkeypatch.syspath_prepend(str(bench.REPO / "benchmarks"))
     monkeypatch.setitem(sys.modules, bench.__name__, bench)
     finished = []
-    with pytest.raises(ValueError, match="call 4 failed"):
-        for index, result in bench.in_processes(where, [(i, str(tmp_path)) for i in range(12)],
-                                                jobs=2):
+    calls = [(i, str(tmp_path)) for i in range(12)]
+    with pytest.raises(ValueError, match="call 4 failed") as failed:
+        for index, result in bench.in_processes(where, calls, 2, [f"run {i}" for i in range(12)]):
             finished.append((index, *result))
-    assert finished and all(index != 4 for index, *_ in finished)
+    assert failed.value.__notes__ == ["in run 4"]
+    started = sorted(int(mark.name) for mark in tmp_path.iterdir())
+    assert started in ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5])  # at most one beside the failure
+    assert sorted(index for index, *_ in finished) == [i for i in started if i != 4]
     share = str(max(1, bench.available_cpus() // 2))
-    assert {cpus for *_, cpus in finished} == {share}
-    gpu_of = {pid: {gpu for _, p, gpu, _ in finished if p == pid} for _, pid, *_ in finished}
-    assert all(len(gpus) == 1 for gpus in gpu_of.values()) and len(gpu_of) <= 2
+    assert {(cpus, threads) for *_, cpus, threads in finished} == {(share, share)}
+    gpu_of = {pid: {gpu for _, p, gpu, *_ in finished if p == pid} for _, pid, *_ in finished}
+    assert all(len(gpus) == 1 for gpus in gpu_of.values()), gpu_of  # a process keeps its GPU
+    assert len(set.union(*gpu_of.values())) == len(gpu_of) <= 2  # and shares it with none
     assert set.union(*gpu_of.values()) <= {"3", "5"}
-    assert len(set.union(*gpu_of.values())) == len(gpu_of)  # two processes, two GPUs
-    started = len(list(tmp_path.iterdir()))
-    assert started < 12, "the calls after the failure should not all start"
+    assert "PROSTATE_SEG_CPUS" not in os.environ  # the parent's environment is given back
+
+
+def test_runs_of_several_jobs_are_tabulated_in_the_commands_order(bench, tmp_path, monkeypatch):
+    """The runs end in any order; each has its own folder and the table keeps the command's
+    order (its per-patient section shows the first run)."""
+    given = {}
+
+    def in_processes(function, calls, jobs, labels):
+        given.update(jobs=jobs, folders=[call[4] for call in calls], labels=labels)
+        for index in reversed(range(len(calls))):
+            yield index, row(bench, calls[index][1], None, 0.6 + 0.1 * index)
+
+    monkeypatch.setattr(bench, "in_processes", in_processes)
+    monkeypatch.setattr(bench, "prepared", lambda args, size, intensity: tmp_path)
+    results = tmp_path / "RESULTS.md"
+    rows = bench.main(["--folds", "2,0,1", "--jobs", "3", "--workdir", str(tmp_path),
+                       "--results", str(results)])
+    assert [r["fold"] for r in rows] == [2, 0, 1]
+    assert given["jobs"] == 3 and [f.name for f in given["folders"]] == ["0", "1", "2"]
+    assert given["labels"][0] == f"{bench.RECIPE}, fold 2"
+    text = results.read_text()
+    assert "3 runs trained at a time" in text
+    assert f"Per patient ({bench.RECIPE}, fold 2, plain)" in text
 
 
 def test_the_benchmarks_gpu_recipe_is_what_the_study_script_trains(bench, tmp_path):
@@ -217,9 +243,13 @@ def test_the_benchmarks_gpu_recipe_is_what_the_study_script_trains(bench, tmp_pa
     benchmark's gpu setting: but for the loss the study sweeps, they must not drift."""
     script = (bench.REPO / "benchmarks" / "study.sh").read_text()
     command = script.split('"$here/train.py" -m', 1)[1].split('"$@"', 1)[0]
-    overrides = [word for word in shlex.split(command.replace("\\\n", " "))
-                 if "=" in word and "$" not in word and not word.startswith("hydra")]
-    assert "data.cache=true" in overrides and "experiment=paper" in overrides, overrides
+    words = [word for word in shlex.split(command.replace("\\\n", " ")) if "=" in word]
+    overrides = [word for word in words if "$" not in word and not word.startswith("hydra")]
+    # what the script sets per machine or seed, not the recipe (a new setting here is compared)
+    assert {word.split("=")[0] for word in words if word not in overrides} == {
+        "data.dir", "data.image_size", "hydra.sweep.dir", "study.seeds", "hydra/launcher",
+        "hydra.launcher.jobs_per_gpu"}
+    assert "experiment=paper" in overrides, overrides
     setting = bench.SETTINGS["gpu"]
     extra = bench.run_overrides(bench.RECIPE, 0, setting)[-3:]  # time cap, no early stop, quiet
     benchmark = compose_train(bench.run_overrides(bench.RECIPE, 0, setting), tmp_path / "b")

@@ -26,7 +26,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, RunMode, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from prostate_seg.config import available_cpus
+from prostate_seg.config import available_cpus, job_environment
 from prostate_seg.errors import JobFailed
 from prostate_seg.files import replacing, write_json
 from prostate_seg.study.runs import load_json_object
@@ -240,14 +240,11 @@ class GpuPoolLauncher(Launcher):
         return _Job(idx=idx, overrides=overrides, config=config, dir=job_dir)
 
     def _env(self, device: str, cpus: int) -> Dict[str, str]:
-        env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = device if self.accelerator == "gpu" else ""
+        env = {**os.environ, **job_environment(device if self.accelerator == "gpu" else "", cpus)}
         env["PROSTATE_SEG_SLOT"] = device
-        env["PROSTATE_SEG_CPUS"] = str(cpus)
         # The job imports what this process did (the task's modules), from the same places.
         env["PYTHONPATH"] = os.pathsep.join(
             [sys.path[0] or os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH")])])
-        env.setdefault("OMP_NUM_THREADS", str(cpus))
         env.setdefault("PYTHONUNBUFFERED", "1")  # the log stays in order, and complete if killed
         return env
 
