@@ -7,6 +7,7 @@ import pytest
 from helpers import TINY, compose_train, run_cli
 from pytorch_lightning.callbacks import ProgressBar
 
+from prostate_seg.training.checks import check_train_config
 from prostate_seg.training.fit import build_run
 
 EPOCH_LINE = re.compile(r"epoch (\d+)/2: train/loss \d\.\d{4}, select/loss \d\.\d{4}, "
@@ -22,6 +23,11 @@ def test_progress_bar_only_on_a_terminal(prepared, tmp_path, monkeypatch):
     assert not _bars(build_run(cfg)[2])  # pytest captures stderr: not a terminal
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert len(_bars(build_run(cfg)[2])) == 1
+    # the Trainer's own switch leaves the bar out (Lightning refuses a bar beside it)
+    quiet = compose_train([*TINY, f"data.dir={prepared}", "+trainer.enable_progress_bar=false"],
+                          tmp_path / "quiet")
+    check_train_config(quiet)
+    assert not _bars(build_run(quiet)[2])
 
 
 def test_a_run_writes_one_line_per_epoch_and_no_bar_frames(prepared, tmp_path):

@@ -267,3 +267,9 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Keep the file: it is the run's resume point, not a leftover of an exception."""
+
+
+def without_bar(callbacks: list[pl.Callback]) -> list[pl.Callback]:
+    """The callbacks less the progress bar, for a Trainer that shows none
+    (``trainer.enable_progress_bar=false``, which Lightning refuses beside a bar, or a log file)."""
+    return [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]

@@ -192,8 +192,12 @@ def check_builds(cfg: DictConfig) -> None:
     import torch
     from hydra.utils import get_object
 
+    from prostate_seg.training.callbacks import without_bar
+
     callbacks = [instantiate_checked(f"callbacks.{name}", entry)
                  for name, entry in (cfg.get("callbacks") or {}).items() if entry is not None]
+    if cfg.trainer.get("enable_progress_bar") is False:  # the run leaves the bar out
+        callbacks = without_bar(callbacks)
     instantiate_checked("trainer", cfg.trainer, callbacks=callbacks, logger=False)
     for name, entry in (cfg.get("logger") or {}).items():
         if entry is None:

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.plugins.environments import SLURMEnvironment
@@ -33,7 +33,7 @@ from prostate_seg.study.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FIL
                                      RESULTS_FILE, Identity, RunLock, RunStatus, claim,
                                      config_identity, forget_held_log, load_json_object,
                                      run_late_gain, split_digest)
-from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch
+from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch, without_bar
 from prostate_seg.training.checks import (check_ddp_launch, check_train_config,
                                           instantiate_checked)
 from prostate_seg.training.dashboard import log_settings, log_validation_dice
@@ -182,8 +182,9 @@ def _trainer(cfg: DictConfig) -> pl.Trainer:
     callbacks = [build(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [build(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     options: dict[str, Any] = {}
-    if not sys.stderr.isatty():  # in a log file a bar is a heap of frames; EpochLog says it
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    # in a log file a bar is a heap of frames; EpochLog says it
+    if not sys.stderr.isatty() or cfg.trainer.get("enable_progress_bar") is False:
+        callbacks = without_bar(callbacks)
         options["enable_progress_bar"] = False
     plugins: list[Any] = [AtomicCheckpointIO()]
     if SLURMEnvironment.detect():  # submitit requeues; Lightning must not do it a second time
