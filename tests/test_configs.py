@@ -193,7 +193,7 @@ def test_launcher_configs_compose(tmp_path):
     (["loss=focal"], "loss=focal: unknown loss; valid: bce, bce_tversky, dice, focal_tversky, "
                      "tversky"),
     (["hydra/launcher=spark"], "hydra/launcher=spark: unknown launcher; valid: basic, gpu_pool"),
-    (["scheduler=null"], "scheduler=null: unknown scheduler; valid: cosine, poly (~scheduler "
+    (["scheduler=null"], "scheduler=null: unknown scheduler; valid: cosine, plateau, poly (~scheduler "
                          "leaves it out)"),
     (["model=unet,unet_big"], "Ambiguous value for argument 'model=unet,unet_big'; 1. To use it "
                               "as a list"),  # all of Hydra's message, on one line

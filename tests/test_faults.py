@@ -144,8 +144,12 @@ from prostate_seg.training.fit import build_run, setup_data, train
     ("data.dir=/no/such/folder", "data.dir=/no/such/folder: folder not found"),
     ("loss.smooth=-1", "loss: loss.smooth=-1 must be >= 0"),
     ("loss=bce_tversky ~loss.weights.tversky", "loss: loss.weights keys ['bce'] must match"),
-    ("scheduler=cosine trainer.max_epochs=-1", "trainer.max_epochs=-1: a learning-rate schedule"),
+    ("scheduler=cosine trainer.max_epochs=-1", "trainer.max_epochs=-1: the learning-rate "
+     "schedule decays over a finite number of epochs; set one (or scheduler=plateau"),
+    ("scheduler=plateau scheduler.mode=min", "scheduler.mode=min: must be max: the schedule "
+     "reads select/dice"),
     ("loss=bce_tversky", None),
+    ("scheduler=plateau trainer.max_epochs=-1", None),  # no epoch budget to decay over
 ])
 def test_bad_values_are_named_with_what_is_allowed(override, message, prepared, tmp_path):
     overrides = ["model.net.features=[8,16,32,64]", f"data.dir={prepared}", *override.split()]

@@ -19,7 +19,7 @@ from tensorboard.plugins.hparams import metadata
 from prostate_seg.study.runs import RESULTS_FILE, read_history
 from prostate_seg.training.callbacks import CONTOURS
 from prostate_seg.training.dashboard import COLUMNS
-from prostate_seg.training.fit import train
+from prostate_seg.training.fit import setup_data, train
 
 
 def test_short_fit_improves_validation_dice(trained_run):
@@ -330,3 +330,25 @@ def test_predict_says_which_scans_the_checkpoint_has_seen(trained_run, phantoms,
     assert line.startswith("2 of 3 scans are patients this checkpoint has seen: ")
     assert f"1 trained on ({split.train[0]})" in line and f"1 chose its epoch ({split.select[0]})" in line
     assert split.val[0] not in line
+
+
+def test_the_plateau_schedule_halves_the_learning_rate_when_select_dice_stalls(prepared,
+                                                                               tmp_path):
+    """scheduler=plateau reads select/dice once an epoch: at a learning rate too small to change
+    the predictions the Dice stays put, so with patience 0 each epoch from the second on halves
+    the rate for the next, with no epoch budget to decay over (max_epochs=-1; four epochs by
+    max_steps)."""
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, f"data.dir={prepared}", "scheduler=plateau", "scheduler.patience=0",
+                 "scheduler.min_lr=0", "+scheduler.eps=0",  # eps: no cut below 1e-8
+                 "optimizer.lr=1e-9", "trainer.max_epochs=-1", "callbacks=final"]
+    steps = len(setup_data(compose_train(overrides, run_dir)).train_set) // 8  # TINY's batch
+    train(compose_train([*overrides, f"+trainer.max_steps={4 * steps}"], run_dir))
+    dice = [row["select/dice"] for row in read_history(run_dir)]
+    assert len(dice) == 4 and len(set(dice)) == 1, dice
+    with open(run_dir / "metrics" / "version_0" / "metrics.csv", newline="") as f:
+        used = [float(row["lr-Adam"]) for row in csv.DictReader(f) if row["lr-Adam"]]
+    assert used == pytest.approx([1e-9, 1e-9, 0.5e-9, 0.25e-9], rel=1e-6, abs=0)
+    schedule = torch.load(run_dir / "checkpoints" / "last.ckpt",
+                          weights_only=False)["lr_schedulers"][0]
+    assert schedule["best"] == pytest.approx(dice[0])  # it read select/dice, the maximum

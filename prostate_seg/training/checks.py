@@ -193,6 +193,7 @@ def check_builds(cfg: DictConfig) -> None:
     from hydra.utils import get_object
 
     from prostate_seg.training.callbacks import without_bar
+    from prostate_seg.training.module import PLATEAU_MONITOR
 
     callbacks = [instantiate_checked(f"callbacks.{name}", entry)
                  for name, entry in (cfg.get("callbacks") or {}).items() if entry is not None]
@@ -212,8 +213,14 @@ def check_builds(cfg: DictConfig) -> None:
     if cfg.get("scheduler"):
         scheduler = _calls("scheduler", instantiate_checked("scheduler", cfg.scheduler),
                            optimizer=optimizer)
+        reads = {}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            _require(scheduler.mode == "max", "scheduler.mode", scheduler.mode,
+                     f"must be max: the schedule reads {PLATEAU_MONITOR}, which rises as the run "
+                     "improves")
+            reads = {"metrics": 0.5}
         optimizer.step()  # no gradients: nothing changes; then the schedule's formula runs once
-        _calls("scheduler", scheduler.step)
+        _calls("scheduler", scheduler.step, **reads)
 
 
 def check_train_config(cfg: DictConfig) -> None:
@@ -239,7 +246,7 @@ def check_train_config(cfg: DictConfig) -> None:
     scheduler = cfg.get("scheduler")
     _require(not scheduler or "_target_" in scheduler, "scheduler",
              OmegaConf.to_container(scheduler) if scheduler else None,
-             "has no _target_ to build it from (choose one: scheduler=cosine or poly)")
+             "has no _target_ to build it from (choose one: scheduler=cosine, poly or plateau)")
     check_settings(cfg, "train")
     check_monitors(cfg)
     sync = cfg.trainer.get("sync_batchnorm")
@@ -254,11 +261,13 @@ def check_train_config(cfg: DictConfig) -> None:
              f"is the global batch: it must divide evenly over trainer.devices={devices}")
     check_input_size(cfg.model, data.image_size)
     check_output(net, cfg.model, data.context_slices, data.image_size)
-    epochs = cfg.trainer.get("max_epochs")
-    _require(epochs != -1 or not cfg.get("scheduler"), "trainer.max_epochs", epochs,
-             "a learning-rate schedule decays over a finite number of epochs; set one")
-    for key in ("T_max", "total_iters"):  # cosine's and poly's length (torch divides by it)
-        length = (cfg.get("scheduler") or {}).get(key)
+    epochs, schedule = cfg.trainer.get("max_epochs"), cfg.get("scheduler") or {}
+    lengths = ("T_max", "total_iters")  # cosine's and poly's length (torch divides by it)
+    _require(epochs != -1 or not any(key in schedule for key in lengths), "trainer.max_epochs",
+             epochs, "the learning-rate schedule decays over a finite number of epochs; set one "
+             "(or scheduler=plateau, which needs none)")
+    for key in lengths:
+        length = schedule.get(key)
         _require(length is None or (type(length) is int and length >= 1), f"scheduler.{key}",
                  length, "must be an integer >= 1 (the schedule's length in epochs)")
     check_builds(cfg)

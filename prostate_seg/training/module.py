@@ -17,6 +17,7 @@ from prostate_seg.models import weights_mismatch
 
 HP_METRIC = "hp/best_select_dice"
 # What a run logs, by epoch: what a callback's monitor can name.
+PLATEAU_MONITOR = "select/dice"  # what ReduceLROnPlateau reads, as the checkpoint does
 LOGGED = ("train/loss", "select/loss", *(f"select/{name}" for name in VolumeConfusion.NAMES),
           HP_METRIC)
 
@@ -94,4 +95,8 @@ class SegmentationModule(pl.LightningModule):
         scheduler = self.cfg.get("scheduler")
         if not scheduler:
             return optimizer
-        return [optimizer], [build(scheduler)(optimizer=optimizer)]  # stepped every epoch
+        schedule = build(scheduler)(optimizer=optimizer)
+        if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):  # scheduler=plateau
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": schedule, "monitor": PLATEAU_MONITOR}}
+        return [optimizer], [schedule]  # stepped every epoch
