@@ -148,6 +148,8 @@ GROUPS = {"recipe": [RECIPE],
           "160px": ["recipe at 160 px"],
           # nnU-Net's loss: does BCE beside Dice steady the runs on a patient unlike the rest?
           "bce": ["recipe, BCE + Dice loss"],
+          # the recipe's one input choice older than issue 24: two neighbours or none
+          "2d": ["recipe without 2.5D (single slices)"],
           "study": ["study recipe (Dice loss, Adam 1e-4)"]}
 SPLIT_OVERRIDES = ("data.select_fraction=", "data.split_seed=", "data.folds=")
 # Runs trained before each transform drew from its own stream (their flips, blur and noise drew
