@@ -150,6 +150,13 @@ from prostate_seg.training.fit import build_run, setup_data, train
      "reads select/dice"),
     ("loss=bce_tversky", None),
     ("scheduler=plateau trainer.max_epochs=-1", None),  # no epoch budget to decay over
+    # TensorBoardLogger hands what it does not take to SummaryWriter, built in the run's folder
+    ("+logger.tensorboard.flush_secs=30", None),
+    ("+logger.tensorboard.flush_sec=30", "logger.tensorboard.flush_sec: TensorBoardDashboard "
+     "takes no such argument; did you mean flush_secs?"),
+    ("+logger.tensorboard.bogus=1", "logger.tensorboard.bogus: TensorBoardDashboard takes no such "
+     "argument; it takes save_dir, name, version, log_graph, default_hp_metric, prefix, "
+     "sub_dir, log_dir, comment, purge_step, max_queue, flush_secs, filename_suffix"),
 ])
 def test_bad_values_are_named_with_what_is_allowed(override, message, prepared, tmp_path):
     overrides = ["model.net.features=[8,16,32,64]", f"data.dir={prepared}", *override.split()]

@@ -23,6 +23,10 @@ from prostate_seg.settings import removable, shown
 _LISTS = (list, tuple, set, frozenset, abc.Sequence, abc.MutableSequence, abc.Iterable,
           abc.Collection)
 _MAPPINGS = (dict, abc.Mapping, abc.MutableMapping)
+# Where a target's **kwargs go, for one that refuses them only once the run's folder exists (a
+# logger is built in it): Lightning's TensorBoardLogger hands them to torch's SummaryWriter.
+KEYWORDS_GO_TO = {"pytorch_lightning.loggers.tensorboard.TensorBoardLogger":
+                  "torch.utils.tensorboard.SummaryWriter"}
 
 
 def check_arguments(key: str, node: DictConfig, given: typing.Iterable[str] = ()) -> None:
@@ -39,7 +43,13 @@ def check_arguments(key: str, node: DictConfig, given: typing.Iterable[str] = ()
         return
     name = getattr(target, "__name__", str(node["_target_"]))
     arguments = [str(a) for a in node if not str(a).startswith("_") and str(a) not in given]
-    parameters = signature.parameters
+    parameters, hints = dict(signature.parameters), _hints(target)
+    onward = KEYWORDS_GO_TO.get(_initializer(target))
+    if onward:  # its **kwargs are the arguments of what it builds
+        receiver = get_object(onward)
+        parameters = {**{p: v for p, v in parameters.items() if v.kind is not v.VAR_KEYWORD},
+                      **inspect.signature(receiver).parameters}
+        hints = {**_hints(receiver), **hints}
     if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
         named = [p for p, v in parameters.items() if v.kind in (v.POSITIONAL_OR_KEYWORD,
                                                                  v.KEYWORD_ONLY)]
@@ -51,7 +61,6 @@ def check_arguments(key: str, node: DictConfig, given: typing.Iterable[str] = ()
                 hint = (f"did you mean {close[0]}?" if close
                         else f"it takes {', '.join(named)}{leave}")
                 raise ConfigError(f"{key}.{argument}: {name} takes no such argument; {hint}")
-    hints = _hints(target)
     for argument in arguments:
         try:
             value = node[argument]
@@ -71,6 +80,14 @@ def check_arguments(key: str, node: DictConfig, given: typing.Iterable[str] = ()
         for where, item in nested:
             if isinstance(item, DictConfig) and "_target_" in item:
                 check_arguments(where, item)
+
+
+def _initializer(target: Any) -> str:
+    """The class whose ``__init__`` a class target runs (a subclass may inherit it)."""
+    if not inspect.isclass(target):
+        return ""
+    owner = next(c for c in inspect.getmro(target) if "__init__" in vars(c))  # object's at last
+    return f"{owner.__module__}.{owner.__qualname__}"
 
 
 def _alternatives(hint: Any) -> tuple[Any, ...]:
