@@ -252,7 +252,7 @@ def in_processes(function: Callable[..., Any], calls: list[tuple[Any, ...]], job
             while queued and failure is None and len(running) < jobs:  # none waits in the pool
                 index, call = queued.pop(0)
                 running[pool.submit(function, *call)] = index
-            if not running:
+            if not running:  # a run failed and the others have ended
                 break
             for future in wait(running, return_when=FIRST_COMPLETED).done:
                 index = running.pop(future)
