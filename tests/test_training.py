@@ -352,3 +352,9 @@ def test_the_plateau_schedule_halves_the_learning_rate_when_select_dice_stalls(p
     schedule = torch.load(run_dir / "checkpoints" / "last.ckpt",
                           weights_only=False)["lr_schedulers"][0]
     assert schedule["best"] == pytest.approx(dice[0])  # it read select/dice, the maximum
+    # validated every other epoch, the schedule waits for the next validation (Lightning
+    # refused an epoch without the metric, after the run's folder was made)
+    sparse = tmp_path / "sparse"
+    train(compose_train([*overrides, f"+trainer.max_steps={2 * steps}",
+                         "+trainer.check_val_every_n_epoch=2"], sparse))
+    assert [row["epoch"] for row in read_history(sparse) if "select/dice" in row] == [1]

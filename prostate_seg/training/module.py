@@ -97,6 +97,7 @@ class SegmentationModule(pl.LightningModule):
             return optimizer
         schedule = build(scheduler)(optimizer=optimizer)
         if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):  # scheduler=plateau
-            return {"optimizer": optimizer,
-                    "lr_scheduler": {"scheduler": schedule, "monitor": PLATEAU_MONITOR}}
+            return {"optimizer": optimizer,  # not strict: an epoch without validation waits
+                    "lr_scheduler": {"scheduler": schedule, "monitor": PLATEAU_MONITOR,
+                                     "strict": False}}
         return [optimizer], [schedule]  # stepped every epoch
