@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     command = "python benchmarks/real_data_accuracy.py " + " ".join(argv or sys.argv[1:])
     finished: dict[int, dict[str, Any]] = {}
     folds, seeds = args.folds, args.seeds or [None]
-    calls = []
+    calls, labels = [], []
     for index, (name, fold, seed) in enumerate(
             [(n, f, s) for n in names for f in folds for s in seeds]):
         data_dir = own_split(prepared(args, image_size(name, setting), RUNS[name][1]),
@@ -540,13 +540,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         own = [*setting["overrides"], *([] if seed is None else [f"seed={seed}"]), *epochs]
         calls.append((name, fold, seed, data_dir, workdir / str(index),
                       {**setting, "overrides": own}, reuse, args.only_reused))
-    labels = [f"{call[0]}, fold {call[1]}" + ("" if call[2] is None else f", seed {call[2]}")
-              for call in calls]
+        labels.append(f"{name}, fold {fold}" + ("" if seed is None else f", seed {seed}"))
     for index, row in in_processes(run_one, calls, args.jobs, labels):
         if row is None:
             continue
         finished[index] = row
-        rows = [finished[i] for i in sorted(finished)]  # the order of the command, not of ends
+        rows = [finished[i] for i in sorted(finished)]  # the command's order, not the ends'
         # the table is rewritten after every run: a cut-short benchmark keeps what it measured
         text = markdown(args.setting, rows, command, time.time() - started,
                         min(args.jobs, len(calls)))
@@ -556,7 +555,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         write_section(args.results, key, text)
     if finished:
         print(text)
-    return [finished[i] for i in sorted(finished)]
+    return [finished[i] for i in sorted(finished)]  # the command's order
 
 
 if __name__ == "__main__":
