@@ -132,6 +132,12 @@ SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
         "model.net.features": ListOf(Setting(int, 1), (2, None), "[32, 64, 128, 256]"),
         "optimizer.lr": Setting(float, 0.0, open_low=True),
         "optimizer.weight_decay": Setting(float, 0.0),
+        # the schedules' floors and exponent: torch takes a negative one and ascends, or
+        # divides by zero epochs later
+        "scheduler.eta_min": Setting(float, 0.0),
+        "scheduler.min_lr": Setting(float, 0.0),
+        "scheduler.power": Setting(float, 0.0),
+        "scheduler.patience": Setting(int, 0),
         "trainer.max_epochs": Setting(int, 1, also=(-1,)),
         "trainer.min_epochs": Setting(int, 0),
         "trainer.log_every_n_steps": Setting(int, 1),

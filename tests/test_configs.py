@@ -61,7 +61,7 @@ def test_default_is_tversky_half_and_alpha_override_keeps_beta_complementary(tmp
 
 def test_a_gamma_that_is_not_positive_is_one_line_naming_the_key(tmp_path):
     cfg = compose_train(["loss=focal_tversky", "loss.gamma=0", "data.dir=."], tmp_path)
-    with pytest.raises(ConfigError, match=r"^loss: loss.gamma=0 must be > 0$"):
+    with pytest.raises(ConfigError, match=r"^loss.gamma=0: must be > 0$"):
         check_train_config(cfg)
 
 

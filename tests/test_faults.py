@@ -38,7 +38,19 @@ from prostate_seg.training.fit import build_run, setup_data, train
 @pytest.mark.parametrize("override, message", [
     ("loss.alpha=1.5", "loss.alpha=1.5: must be a number in [0, 1]"),
     ("loss.beta=-0.2", "loss.beta=-0.2: must be a number in [0, 1]"),
+    # a loss's numbers, also inside a combined loss's terms, by their own keys
+    ("loss.smooth=abc", "loss.smooth=abc: must be >= 0"),
+    ("loss=focal_tversky loss.gamma=[1,2]", "loss.gamma=[1, 2]: must be > 0"),
+    ("loss=bce_tversky loss.terms.tversky.smooth=-1",
+     "loss.terms.tversky.smooth=-1: must be >= 0"),
+    ("loss=bce_tversky loss.weights.tversky=-2", "loss.weights.tversky=-2: must be >= 0"),
+    ("loss=bce_tversky loss.weights.bce=abc", "loss.weights.bce=abc: must be >= 0"),
+    ("loss=bce_tversky loss.weights.bce=0 loss.weights.tversky=0",
+     "loss.weights={bce: 0, tversky: 0}: at least one must be > 0"),
     ("optimizer.lr=0", "optimizer.lr=0: must be > 0"),
+    ("scheduler=cosine scheduler.eta_min=-1", "scheduler.eta_min=-1: must be >= 0"),
+    ("scheduler=poly scheduler.power=-1", "scheduler.power=-1: must be >= 0"),
+    ("scheduler=plateau scheduler.min_lr=-1e-6", "scheduler.min_lr=-1e-06: must be >= 0"),
     ("optimizer.lr=nan", "optimizer.lr=nan: must be > 0"),
     ("data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
     ("data.batch_size=8.0", "data.batch_size=8.0: must be an integer >= 1"),
@@ -77,6 +89,13 @@ from prostate_seg.training.fit import build_run, setup_data, train
     ("callbacks.model_checkpoint.monitor=val/dicee",
      "callbacks.model_checkpoint.monitor=val/dicee: not a metric the run logs; choose one of "
      "train/loss, select/loss, select/dice, select/precision, select/recall"),
+    # a mode against the metric's direction keeps the worst epoch (Lightning's default: min)
+    ("callbacks.model_checkpoint.monitor=select/loss", "callbacks.model_checkpoint.mode=max: "
+     "must be min for monitor=select/loss, which falls as the run improves"),
+    ("callbacks.early_stopping.mode=min", "callbacks.early_stopping.mode=min: must be max for "
+     "monitor=select/dice"),
+    ("~callbacks.early_stopping.mode", "callbacks.early_stopping.mode=min: must be max"),
+    ("callbacks.model_checkpoint.monitor=select/loss callbacks.model_checkpoint.mode=min", None),
     ("model.net._target_=foo.Bar", "model.net: Error loading 'foo.Bar': ModuleNotFoundError"),
     ("callbacks.early_stopping.monitor=null", "callbacks.early_stopping.monitor=null: not a "
      "metric the run logs"),
@@ -137,12 +156,13 @@ from prostate_seg.training.fit import build_run, setup_data, train
      "an integer"),
     ("scheduler=cosine ~scheduler.T_max",
      "scheduler: CosineAnnealingLR.__init__() missing 1 required positional argument: 'T_max'"),
-    ("scheduler=poly scheduler.power=abc", "scheduler.power=abc: PolynomialLR takes a number"),
+    ("scheduler=cosine +scheduler.last_epoch=abc",
+     "scheduler.last_epoch=abc: CosineAnnealingLR takes an integer"),
     ("logger.csv._target_=nope.Logger", "logger.csv._target_=nope.Logger: Error loading"),
     ("data.folds=5 data.fold=4 data.test_fraction=0", None),
     ("data.image_size=8", "data.image_size=8: must be an integer >= 2^depth = 16"),
     ("data.dir=/no/such/folder", "data.dir=/no/such/folder: folder not found"),
-    ("loss.smooth=-1", "loss: loss.smooth=-1 must be >= 0"),
+    ("loss.smooth=-1", "loss.smooth=-1: must be >= 0"),
     ("loss=bce_tversky ~loss.weights.tversky", "loss: loss.weights keys ['bce'] must match"),
     ("scheduler=cosine trainer.max_epochs=-1", "trainer.max_epochs=-1: the learning-rate "
      "schedule decays over a finite number of epochs; set one (or scheduler=plateau"),

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from prostate_seg.config import build, check_extras_installed, uses_gpu
 from prostate_seg.errors import ConfigError, one_line
 from prostate_seg.files import not_found
-from prostate_seg.settings import check_settings, shown
+from prostate_seg.settings import PROBABILITY, Setting, check_settings, shown
 from prostate_seg.study.runs import processes
 from prostate_seg.training.signatures import check_arguments
 
@@ -28,13 +28,27 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(f"{key}={shown(value)}: {allowed}")
 
 
+# A loss's numbers, in it or in a combined loss's terms (the loss classes check them too, but
+# name neither the term nor a value of the wrong type).
+LOSS_VALUES = {"alpha": PROBABILITY, "beta": PROBABILITY, "smooth": Setting(float, 0.0),
+               "gamma": Setting(float, 0.0, open_low=True)}
+WEIGHT = Setting(float, 0.0)  # a negative weight ascends its term
+
+
 def check_loss(loss: DictConfig, prefix: str = "loss") -> None:
-    """alpha and beta in [0, 1] for every Tversky-like term (also inside a combined loss)."""
-    for key in ("alpha", "beta"):
+    """Every loss number in range, also inside a combined loss, whose weights are >= 0 and not
+    all 0 (a zero loss trains nothing)."""
+    for key, setting in LOSS_VALUES.items():
         value = loss.get(key)
         if value is not None:
-            _require(isinstance(value, (int, float)) and 0.0 <= value <= 1.0,
-                     f"{prefix}.{key}", value, "must be a number in [0, 1]")
+            _require(setting.allows(value, setting.high), f"{prefix}.{key}", value,
+                     f"must be {setting.describe(setting.high)}")
+    weights = loss.get("weights") or {}
+    for name, weight in weights.items():
+        _require(WEIGHT.allows(weight, None), f"{prefix}.weights.{name}", weight,
+                 f"must be {WEIGHT.describe(None)}")
+    _require(not weights or any(w > 0 for w in weights.values()), f"{prefix}.weights", weights,
+             "at least one must be > 0 (all 0: a zero loss, nothing learnt)")
     alpha, beta = loss.get("alpha"), loss.get("beta")
     if alpha is not None and beta is not None and not math.isclose(alpha + beta, 1.0):
         log.warning("%s.alpha + %s.beta = %s, not 1: the index is not a Tversky-normalised "
@@ -172,8 +186,10 @@ def _calls(key: str, partial: Any, **kwargs: Any) -> Any:
 
 
 def check_monitors(cfg: DictConfig) -> None:
-    """A callback's monitor names a metric the run logs (Lightning finds out after an epoch)."""
-    from prostate_seg.training.module import LOGGED
+    """A callback's monitor names a metric the run logs (Lightning finds out after an epoch),
+    and its mode is the metric's direction: select/loss with mode=max would keep the worst
+    epoch without a word."""
+    from prostate_seg.training.module import LOGGED, better
 
     for name, entry in (cfg.get("callbacks") or {}).items():
         monitor = entry.get("monitor") if isinstance(entry, DictConfig) else None
@@ -183,6 +199,15 @@ def check_monitors(cfg: DictConfig) -> None:
         _require((monitor is None and not stops) or monitor in LOGGED,
                  f"callbacks.{name}.monitor", monitor,
                  f"not a metric the run logs; choose one of {', '.join(LOGGED)}")
+        if monitor is None or not (str(entry.get("_target_")).endswith(
+                ("ModelCheckpoint", "EarlyStopping")) or "mode" in entry):
+            continue
+        mode, wanted = entry.get("mode", "min"), better(monitor)  # Lightning's default: min
+        _require(mode == wanted or mode not in ("min", "max"),  # Lightning names other values
+                 f"callbacks.{name}.mode", mode,
+                 f"must be {wanted} for monitor={monitor}, which "
+                 f"{'falls' if wanted == 'min' else 'rises'} as the run improves (mode={mode} "
+                 "keeps the worst epoch)")
 
 
 def check_builds(cfg: DictConfig) -> None:
@@ -193,7 +218,7 @@ def check_builds(cfg: DictConfig) -> None:
     from hydra.utils import get_object
 
     from prostate_seg.training.callbacks import without_bar
-    from prostate_seg.training.module import PLATEAU_MONITOR
+    from prostate_seg.training.module import PLATEAU_MONITOR, better
 
     callbacks = [instantiate_checked(f"callbacks.{name}", entry)
                  for name, entry in (cfg.get("callbacks") or {}).items() if entry is not None]
@@ -215,9 +240,9 @@ def check_builds(cfg: DictConfig) -> None:
                            optimizer=optimizer)
         reads = {}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            _require(scheduler.mode == "max", "scheduler.mode", scheduler.mode,
-                     f"must be max: the schedule reads {PLATEAU_MONITOR}, which rises as the run "
-                     "improves")
+            _require(scheduler.mode == better(PLATEAU_MONITOR), "scheduler.mode", scheduler.mode,
+                     f"must be {better(PLATEAU_MONITOR)}: the schedule reads {PLATEAU_MONITOR}, "
+                     "which rises as the run improves")
             reads = {"metrics": 0.5}
         optimizer.step()  # no gradients: nothing changes; then the schedule's formula runs once
         _calls("scheduler", scheduler.step, **reads)

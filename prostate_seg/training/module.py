@@ -22,6 +22,12 @@ LOGGED = ("train/loss", "select/loss", *(f"select/{name}" for name in VolumeConf
           HP_METRIC)
 
 
+def better(metric: str) -> str:
+    """The mode that keeps a metric's best epoch: a loss falls as the run improves, a score
+    rises."""
+    return "min" if metric.endswith("loss") else "max"
+
+
 def build_loss(loss_cfg: DictConfig | dict) -> tuple[str, nn.Module]:
     """(name, module) from a ``conf/loss`` entry; ``name`` labels folders and report rows."""
     loss_cfg = OmegaConf.create(loss_cfg) if isinstance(loss_cfg, dict) else loss_cfg
