@@ -44,6 +44,7 @@ from prostate_seg.settings import (ABSENT, check_settings, check_values_in, miss
                                    referred, removable, shown)
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def is_command_line_error(exc: BaseException, printing: bool = False) -> bool:
@@ -566,6 +567,14 @@ def one_line_errors(show_traceback: bool = False, config_name: str | None = None
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         yield
+    except BrokenPipeError:  # the reader left (``--help | head``): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes at exit
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        if show_traceback:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # noqa: BLE001 - bugs are re-raised below
         argv = sys.argv[1:]
         line = (hydra_error_line(exc, config_name, argv) if config_name
@@ -743,10 +752,14 @@ COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "prepare":
 
 def main() -> None:
     """``python -m prostate_seg COMMAND ...``: the command's own arguments follow it."""
+    usage = (f"usage: python -m prostate_seg {{{','.join(COMMANDS)}}} [...]  "
+             "(python -m prostate_seg COMMAND --help: its settings)")
+    if sys.argv[1:2] in (["--help"], ["-h"], ["help"]):
+        print(usage)
+        return
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         given = f"unknown command {sys.argv[1]!r}; " if len(sys.argv) > 1 else ""
-        print(f"error: {given}usage: python -m prostate_seg {{{','.join(COMMANDS)}}} [...]",
-              file=sys.stderr)
+        print(f"error: {given}{usage}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     command = sys.argv.pop(1)
     COMMANDS[command]()

@@ -174,6 +174,9 @@ SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
     "evaluate": {"ckpt_path": PathName(), "output": PathName(nullable=True),
                  "data.dir": PathName(nullable=True), "batch_size": BATCH},
 }
+# What a tool writes: two jobs of its sweep must not write the same (null: a name it derives).
+OUTPUTS: dict[str, str] = {"synthetic": "output_dir", "prepare": "output_dir",
+                           "predict": "output", "evaluate": "output"}
 # Yes/no switches: a string such as resume=no would count as true.
 SWITCHES: dict[str, tuple[str, ...]] = {
     "train": ("resume", "evaluate_best", "data.cache", "verbose", "report.all_pairs",

@@ -13,6 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from hydra_plugins.gpu_pool_launcher.gpu_pool_launcher import GpuPoolLauncher
+from prostate_seg.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,14 +151,14 @@ def test_bad_accelerator_is_reported_by_its_key(tmp_path: Path) -> None:
 
 
 def test_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError, match="jobs_per_gpu"):
+    with pytest.raises(ConfigError, match="jobs_per_gpu"):
         GpuPoolLauncher(accelerator="cpu", jobs_per_gpu=0)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    with pytest.raises(ValueError, match=r"accelerator=cpu hydra.launcher.devices=\[0,1\]"):
+    with pytest.raises(ConfigError, match=r"accelerator=cpu hydra.launcher.devices=\[0,1\]"):
         GpuPoolLauncher(accelerator="gpu")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert GpuPoolLauncher(jobs_per_gpu=2).slots == ["2", "3", "2", "3"]
-    with pytest.raises(ValueError, match="GPU 0 is not visible"):
+    with pytest.raises(ConfigError, match="GPU 0 is not visible"):
         GpuPoolLauncher(devices=[0])
     assert GpuPoolLauncher(accelerator="cpu").slots == ["0"]
 

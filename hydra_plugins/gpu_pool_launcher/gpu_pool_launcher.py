@@ -27,7 +27,7 @@ from hydra.types import HydraContext, RunMode, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from prostate_seg.config import available_cpus, job_environment
-from prostate_seg.errors import JobFailed
+from prostate_seg.errors import ConfigError, JobFailed
 from prostate_seg.files import replacing, write_json
 from prostate_seg.study.runs import load_json_object
 from prostate_seg.study.sweeps import JOB_ENV, Progress, duration
@@ -147,15 +147,15 @@ class GpuPoolLauncher(Launcher):
     def __init__(self, devices: Optional[Sequence[int]] = None, jobs_per_gpu: int = 1,
                  accelerator: str = "gpu", grace_s: float = GRACE_S) -> None:
         if accelerator not in ACCELERATORS:
-            raise ValueError(f"hydra.launcher.accelerator={accelerator!r}: "
+            raise ConfigError(f"hydra.launcher.accelerator={accelerator!r}: "
                              f"expected one of {', '.join(ACCELERATORS)}")
         if jobs_per_gpu < 1:
-            raise ValueError(f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}: must be at least 1")
+            raise ConfigError(f"hydra.launcher.jobs_per_gpu={jobs_per_gpu}: must be at least 1")
         if devices is not None and len(devices) == 0:
-            raise ValueError("hydra.launcher.devices=[]: name at least one device, "
+            raise ConfigError("hydra.launcher.devices=[]: name at least one device, "
                              "or null for every visible GPU")
         if not grace_s >= 0:
-            raise ValueError(f"hydra.launcher.grace_s={grace_s}: must be >= 0 seconds")
+            raise ConfigError(f"hydra.launcher.grace_s={grace_s}: must be >= 0 seconds")
         self.devices = None if devices is None else [int(d) for d in devices]
         self.grace_s = float(grace_s)
         self.jobs_per_gpu = jobs_per_gpu
@@ -181,13 +181,13 @@ class GpuPoolLauncher(Launcher):
         else:
             visible = visible_gpus()
             if not visible:
-                raise ValueError(
+                raise ConfigError(
                     "hydra.launcher.accelerator=gpu but no GPU is visible; for CPU slots use "
                     "hydra.launcher.accelerator=cpu hydra.launcher.devices=[0,1]")
             ids = visible if self.devices is None else [str(d) for d in self.devices]
             hidden = [d for d in ids if d not in visible]
             if hidden:
-                raise ValueError(f"hydra.launcher.devices: GPU {', '.join(hidden)} is not "
+                raise ConfigError(f"hydra.launcher.devices: GPU {', '.join(hidden)} is not "
                                  f"visible (visible: {', '.join(visible)})")
         return [d for _ in range(self.jobs_per_gpu) for d in ids]
 

@@ -13,6 +13,7 @@ from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf
 
+from prostate_seg.errors import JobFailed, one_line
 from prostate_seg.files import write_json
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class SlurmSweepLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
+        from submitit.core.utils import FailedJobError
 
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -44,9 +46,13 @@ class SlurmSweepLauncher(SlurmLauncher):
         for idx, overrides in zip(indices, job_overrides):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
         state = Singleton.get_state()
-        jobs = executor.map_array(
-            self, [list(o) for o in job_overrides], ["hydra.sweep.dir"] * len(indices), indices,
-            [f"job_id_for_{idx}" for idx in indices], [state] * len(indices))
+        try:
+            jobs = executor.map_array(
+                self, [list(o) for o in job_overrides], ["hydra.sweep.dir"] * len(indices),
+                indices, [f"job_id_for_{idx}" for idx in indices], [state] * len(indices))
+        except FailedJobError as exc:  # submitit's words for sbatch's refusal: its stderr
+            raise JobFailed(f"hydra/launcher=slurm: sbatch refused the sweep's array job: "
+                            f"{one_line(exc)}") from None
         log.info(f"Submitted SLURM array job {jobs[0].job_id.split('_')[0]} "
                  f"({len(jobs)} tasks); waiting for all of them")
         for job in jobs:

@@ -21,6 +21,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from prostate_seg.cli import check_composed, unknown_key_line
 from prostate_seg.errors import ConfigError, JobFailed, UserError
+from prostate_seg.settings import OUTPUTS
 from prostate_seg.study.runs import RunLock
 from prostate_seg.study.sweeps import JOB_ENV, job_name, task_overrides
 
@@ -189,6 +190,7 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
     auto = OmegaConf.to_container(config.hydra.sweep)["subdir"] == AUTO_SUBDIR
     named: List[Tuple[List[str], List[str], Path]] = []
     folders: Dict[Path, int] = {}
+    outputs: Dict[Path, int] = {}
     parent = HydraConfig.instance().cfg
     try:
         for index, job in enumerate(jobs):
@@ -225,7 +227,7 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
             loader.jobs[tuple(job + added)] = job_config
             named.append((job, added, folder))
         check = get_method(check_job) if check_job else None
-        for job, added, folder in named:
+        for index, (job, added, folder) in enumerate(named):
             job_config = loader.jobs[tuple(job + added)]
             _set_hydra_config(job_config)
             try:
@@ -236,10 +238,30 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
             except UserError as exc:
                 varying = [o for o in job if _key(o).lstrip("+") in swept] or job
                 raise type(exc)(f"job {' '.join(varying)}: {exc}") from None
+            _claim_output(job_config, command, index, jobs, outputs)
     finally:
         HydraConfig.instance().cfg = parent
     log.info(f"Checked {len(jobs)} jobs before launch")
     return [job + added for job, added, _ in named]
+
+
+def _claim_output(job_config: DictConfig, command: str, index: int, jobs: List[List[str]],
+                  outputs: Dict[Path, int]) -> None:
+    """A tool's jobs each write their own output: the second onto the first's would stop the
+    sweep halfway (or replace it, with overwrite=true)."""
+    key = OUTPUTS.get(command)
+    value = OmegaConf.select(job_config, key, default=None) if key else None
+    if not isinstance(value, str):
+        return  # null (a derived name) or a bad value, which the job's own check names
+    output = Path(value).resolve()
+    if output in outputs:
+        first = outputs[output]
+        differs = next((_key(o).lstrip("+") for o in jobs[index] if o not in jobs[first]), None)
+        hint = (f"name what tells them apart in it: '{key}={value}_${{{differs}}}'" if differs
+                else "the two jobs are the same")
+        raise ConfigError(f"jobs {first} and {index} would write the same {key}={value} "
+                          f"({' '.join(jobs[first])} / {' '.join(jobs[index])}); {hint}")
+    outputs[output] = index
 
 
 def _set_hydra_config(job_config: DictConfig) -> None:

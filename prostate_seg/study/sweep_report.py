@@ -45,9 +45,12 @@ class SweepReport(Callback):
 
     def launched(self) -> bool:
         """Hydra writes multirun.yaml only for a sweep past its checks: a refused one must
-        not rewrite the running sweep's report."""
+        not rewrite the running sweep's report. A job folder shows a job started (sbatch may
+        refuse the whole array)."""
         record = self.sweep_dir / "multirun.yaml" if self.sweep_dir else None
-        return record is not None and record.is_file() and record.stat().st_mtime >= self.started
+        return (record is not None and record.is_file() and record.stat().st_mtime >= self.started
+                and any(p.is_dir() and not p.name.startswith(".")
+                        for p in self.sweep_dir.iterdir()))
 
     def write(self) -> None:
         if not self.launched():
