@@ -1,5 +1,7 @@
 """Synthetic phantoms: deterministic, MRI-like, with gland-free slices at both ends."""
 
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -82,3 +84,27 @@ def test_the_python_functions_keep_the_command_lines_rules(call, message, tmp_pa
     with pytest.raises(ConfigError) as refused:
         call(tmp_path / "out")
     assert str(refused.value).startswith(message) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("failing_save", [1, 2, 3, 4])
+def test_a_stopped_run_leaves_only_whole_pairs(failing_save, tmp_path, monkeypatch):
+    """Stopped in any write (Ctrl-C mid-file), the phantoms written before stay as whole
+    pairs, and the one being written leaves no half file, no image without mask, no
+    temporary."""
+    real_save, calls = nib.save, []
+
+    def save(img, filename):
+        calls.append(filename)
+        if len(calls) == failing_save:
+            Path(filename).write_bytes(b"half a file")
+            raise KeyboardInterrupt
+        real_save(img, filename)
+    monkeypatch.setattr(nib, "save", save)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path, num_patients=2, size=48)
+    whole = ["phantom000.nii.gz"] if failing_save > 2 else []
+    for folder in ("images", "masks"):
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == whole
+    for path in tmp_path.rglob("*.nii.gz"):
+        assert nib.load(path).get_fdata().size  # readable, whole
+

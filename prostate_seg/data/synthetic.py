@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig
 from scipy import ndimage
 
-from prostate_seg.files import check_writable_folder, refuse_existing
+from prostate_seg.files import check_writable_folder, refuse_existing, replacing
 from prostate_seg.settings import check_values
 
 FOLDERS = ("images", "masks")  # as prepare finds scans and their masks
@@ -124,20 +124,26 @@ def outputs(output_dir: Path, index: int) -> list[Path]:
     return [output_dir / folder / f"{patient_name(index)}.nii.gz" for folder in FOLDERS]
 
 
+def _nifti(array: np.ndarray, dtype: type, affine: np.ndarray) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)).astype(dtype), affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
 def write_phantom(phantom: Phantom, output_dir: Path) -> None:
     """A NIfTI pair with stored axes (x, y, z) = display (cols, rows, slices), LPS like most
-    DICOM-derived NIfTI: x to the left, y to posterior."""
+    DICOM-derived NIfTI: x to the left, y to posterior. Both are written to temporaries and
+    renamed at the end, the mask first: a stopped run leaves no half file and no image without
+    its mask (which prepare would take for a patient)."""
     slice_mm, row_mm, col_mm = phantom.spacing
     affine = np.diag([-col_mm, -row_mm, slice_mm, 1.0])
-    for folder, array, dtype in zip(FOLDERS, (np.rint(phantom.image), phantom.mask),
-                                    (np.int16, np.uint8)):
-        img = nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)).astype(dtype), affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        img.header.set_xyzt_units("mm")
-        path = output_dir / folder / f"{phantom.patient}.nii.gz"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(img, str(path))
+    image_path, mask_path = (output_dir / folder / f"{phantom.patient}.nii.gz"
+                             for folder in FOLDERS)
+    with replacing(image_path) as image_tmp, replacing(mask_path) as mask_tmp:  # inner first
+        nib.save(_nifti(np.rint(phantom.image), np.int16, affine), str(image_tmp))
+        nib.save(_nifti(phantom.mask, np.uint8, affine), str(mask_tmp))
 
 
 def _make_and_write(seed: int, index: int, size: int, output_dir: Path) -> str:
