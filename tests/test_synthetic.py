@@ -108,3 +108,17 @@ def test_a_stopped_run_leaves_only_whole_pairs(failing_save, tmp_path, monkeypat
     for path in tmp_path.rglob("*.nii.gz"):
         assert nib.load(path).get_fdata().size  # readable, whole
 
+
+@pytest.mark.parametrize("name", ["case01.nii.gz", "phantom_x.nii.gz", "Case07"])
+@pytest.mark.parametrize("folder", ["images", "masks", "imagesTr"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_phantoms_are_not_written_among_other_scans(name, folder, overwrite, tmp_path):
+    """A folder of real scans gains no phantom patients, and overwrite removes none of it."""
+    generate(tmp_path, num_patients=1, size=48)
+    (tmp_path / folder).mkdir(exist_ok=True)
+    (tmp_path / folder / name).write_bytes(b"a real scan")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(DataError, match=rf"^{tmp_path / folder / name}: output_dir=.* holds "
+                                        "files that are not this command's phantoms"):
+        generate(tmp_path, num_patients=2, size=48, overwrite=overwrite)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

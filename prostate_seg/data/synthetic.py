@@ -8,6 +8,7 @@ peripheral zone, nodular transition zone); a bias field and Rician noise. Phanto
 from __future__ import annotations
 
 import logging
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 from omegaconf import DictConfig
 from scipy import ndimage
 
+from prostate_seg.data.prepare import LAYOUTS
+from prostate_seg.errors import DataError
 from prostate_seg.files import check_writable_folder, refuse_existing, replacing
 from prostate_seg.settings import check_values
 
@@ -120,6 +123,23 @@ def patient_name(index: int) -> str:
     return f"{PREFIX}{index:03d}"
 
 
+def is_phantom(path: Path) -> bool:
+    """Named as this command names its phantoms (a scan ``phantom_x`` of the user's is not)."""
+    return re.fullmatch(rf"{PREFIX}\d{{3,}}\.nii\.gz", path.name) is not None
+
+
+def refuse_other_scans(output_dir: Path) -> None:
+    """Phantoms written among real scans would pass for patients of that dataset."""
+    for folder in sorted({folder for layout in LAYOUTS for folder in layout}):
+        if not (output_dir / folder).is_dir():
+            continue
+        for path in sorted((output_dir / folder).iterdir()):
+            if not path.name.startswith(".") and not is_phantom(path):
+                raise DataError(f"{path}: output_dir={output_dir} holds files that are not "
+                                "this command's phantoms; phantoms among them would pass for "
+                                "patients: choose another folder")
+
+
 def outputs(output_dir: Path, index: int) -> list[Path]:
     return [output_dir / folder / f"{patient_name(index)}.nii.gz" for folder in FOLDERS]
 
@@ -162,6 +182,7 @@ def generate(output_dir: str | Path, num_patients: int, seed: int = 0, size: int
     output_dir = Path(output_dir)
     for folder in FOLDERS:
         check_writable_folder(output_dir / folder)
+    refuse_other_scans(output_dir)
     written = {path for index in range(num_patients) for path in outputs(output_dir, index)}
     for path in sorted(written):
         refuse_existing(path, overwrite)
