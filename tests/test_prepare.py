@@ -164,8 +164,12 @@ def test_existing_output_is_refused_unless_overwrite(phantoms, tmp_path):
     with pytest.raises(DataError, match="already exists"):
         prepare(phantoms, out, PrepareSettings(image_size=32))
     assert (out / "keep.txt").read_text() == "precious"
+    with pytest.raises(DataError, match="keep.txt: not made by prepare"):
+        prepare(phantoms, out, PrepareSettings(image_size=32), overwrite=True)
+    assert (out / "keep.txt").read_text() == "precious"
+    (out / "keep.txt").unlink()
     prepare(phantoms, out, PrepareSettings(image_size=32), overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "manifest.csv").exists()
+    assert (out / "manifest.csv").exists()
     assert not list(tmp_path.glob(".out.*"))  # no temporary folders left behind
 
 

@@ -121,9 +121,25 @@ def test_overwrite_replaces_only_a_prepared_dataset(source, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert prepare(source, empty, SETTINGS, overwrite=True)["patients"] == 2
-    (empty / "my_note.txt").write_text("inside a prepared dataset: replaced with it")
+    (empty / "split.json").write_text("{}")  # training's, tied to the old data
     assert prepare(source, empty, SETTINGS, overwrite=True)["patients"] == 2
-    assert not (empty / "my_note.txt").exists()
+    assert not (empty / "split.json").exists()
+
+
+@pytest.mark.parametrize("entry", ["scores.csv", "runs/fold0/last.ckpt", ".notes", "images2/a"])
+def test_overwrite_keeps_what_the_user_put_in_a_prepared_dataset(entry, source, tmp_path):
+    """Replacing deletes the old dataset whole: an evaluate output or a run folder in it (not
+    prepare's) stops the overwrite, named, and nothing is deleted."""
+    out = tmp_path / "out"
+    prepare(source, out, SETTINGS)
+    (out / entry).parent.mkdir(parents=True, exist_ok=True)
+    (out / entry).write_text("the user's")
+    before = _fingerprint(out)
+    with pytest.raises(DataError, match=rf"^{out / entry.split('/')[0]}: not made by prepare; "
+                                        "overwrite=true would delete it"):
+        prepare(source, out, SETTINGS, overwrite=True)
+    assert _fingerprint(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]  # no staging left
 
 
 def test_an_output_name_at_the_file_systems_limit_is_prepared_and_replaced(source, tmp_path):

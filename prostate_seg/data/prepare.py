@@ -21,6 +21,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from prostate_seg.data.resize import FIT_MODES, fit_slice
+from prostate_seg.data.split import SPLIT_FILE
 from prostate_seg.data.volume import (INTENSITY_MODES, VolumeGeometry, display_affine,
                                       geometry_of, is_nifti, load_nifti, strip_nifti_suffix,
                                       to_grey_levels, to_slices, voxel_array)
@@ -45,6 +46,10 @@ DATASET_MARKERS = (PREPARE_FILE, "manifest.csv")
 # prepare.json: the digest of every file of CONTENT_FOLDERS, which a run's identity takes
 CONTENT_DIGEST = "content_digest"
 CONTENT_FOLDERS = ("images", "masks", "volumes")
+REPORT_FILE = "prepare_report.json"
+# A dataset's own entries (split.json: made by training, tied to this data); overwrite=true
+# deletes the old dataset whole, so anything else in it is the user's and stops it.
+OWN_ENTRIES = (*DATASET_MARKERS, REPORT_FILE, SPLIT_FILE, *CONTENT_FOLDERS)
 
 
 @dataclass(frozen=True)
@@ -304,6 +309,18 @@ def check_sources(cases: list[Case], real_out: Path, output_dir: Path) -> None:
                                       "the source data: choose another folder")
 
 
+def check_only_own_entries(real_out: Path, output_dir: Path) -> None:
+    """Refuse to replace a dataset that holds what prepare did not make (an evaluate's scores,
+    a run folder): replacing deletes the old dataset whole."""
+    if not real_out.is_dir():
+        return
+    for entry in sorted(real_out.iterdir()):
+        if entry.name not in OWN_ENTRIES:
+            raise DataError(f"{output_dir / entry.name}: not made by prepare; overwrite=true "
+                            f"would delete it with the old dataset in output_dir={output_dir}: "
+                            "move it out first")
+
+
 def prepare(input_dir: str | Path, output_dir: str | Path,
             settings: PrepareSettings = PrepareSettings(), on_error: str = "raise",
             overwrite: bool = False, workers: int = 0) -> dict[str, Any]:
@@ -314,6 +331,7 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
     started = time.time()
     cases, problems = find_cases(input_dir)
     check_sources(cases, real_out, output_dir)
+    check_only_own_entries(real_out, output_dir)
     skipped = [{"case": p.split(":")[0], "reason": p} for p in problems]
     if problems and on_error == "raise":
         raise DataError(problems[0])
@@ -357,7 +375,7 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
                 **asdict(settings),
                 "orientation": "display: row 0 anterior, column 0 patient right",
                 "patients": patients, "slices": len(rows), CONTENT_DIGEST: content_digest(tmp)})
-            write_json(tmp / "prepare_report.json", report)
+            write_json(tmp / REPORT_FILE, report)
             old = beside(real_out, "old")
             if real_out.exists():
                 real_out.rename(old)
