@@ -8,7 +8,9 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -55,6 +57,24 @@ def new_folders(folder: Path) -> Iterator[None]:
             with suppress(OSError):  # not empty (another process wrote there): kept
                 made.rmdir()
         raise
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (timeout, scancel, kill) raises KeyboardInterrupt in the block as Ctrl-C does, so
+    the cleanup of temporaries runs: by default it ends the process with them left. Only the
+    main thread receives signals; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def check_writable_folder(folder: Path) -> None:

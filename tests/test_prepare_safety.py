@@ -3,6 +3,8 @@
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -247,3 +249,44 @@ def test_a_case_that_fails_while_building_leaves_no_folder(tmp_path):
         prepare(source, tmp_path / "new" / "deeper" / "prepared", SETTINGS)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
     assert _fingerprint(source) == before
+
+
+def test_sigterm_while_preparing_leaves_no_staging_folder(source, tmp_path):
+    """timeout, scancel and kill send SIGTERM: handled as Ctrl-C, the half-built dataset beside
+    the output is removed (its name holds the PID, so no later run would)."""
+    script = (
+        "import os, signal, sys\n"
+        "from prostate_seg.data import prepare as p\n"
+        "build = p._prepare_case\n"
+        "def killed(*args):\n"
+        "    rows = build(*args)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return rows\n"
+        "p._prepare_case = killed\n"
+        "p.prepare(sys.argv[1], sys.argv[2], p.PrepareSettings(image_size=16))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(source), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "KeyboardInterrupt: SIGTERM" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_stopped_while_deleting_the_old_dataset_leaves_no_old_folder(source, tmp_path,
+                                                                      monkeypatch):
+    """Stopped while the replaced dataset is deleted: the new one is in place and the old one
+    deleted all the same, not left hidden beside it."""
+    out = tmp_path / "out"
+    prepare(source, out, SETTINGS)
+    (out / "manifest.csv").write_text("the old dataset")
+    real_rmtree = shutil.rmtree
+
+    def stopped(path, *args, **kwargs):
+        if Path(path).name.startswith(".old-") and Path(path).exists():
+            shutil.rmtree = real_rmtree  # stopped once, as by one SIGTERM
+            (Path(path) / "prepare.json").unlink()
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(shutil, "rmtree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(source, out, SETTINGS, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
+    assert (out / "manifest.csv").read_text() != "the old dataset"

@@ -28,7 +28,8 @@ from prostate_seg.data.volume import (INTENSITY_MODES, VolumeGeometry, display_a
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.settings import check_values, shown
 from prostate_seg.files import (beside, check_name_fits, check_writable_folder, new_folders,
-                                not_found, refuse_existing, write_csv, write_json)
+                                not_found, refuse_existing, sigterm_as_interrupt, write_csv,
+                                write_json)
 
 log = logging.getLogger(__name__)
 
@@ -336,9 +337,9 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
     if problems and on_error == "raise":
         raise DataError(problems[0])
 
-    tmp = beside(real_out, "partial")
+    tmp, old = beside(real_out, "partial"), beside(real_out, "old")
     shutil.rmtree(tmp, ignore_errors=True)
-    with new_folders(real_out.parent):  # none left if it stops
+    with sigterm_as_interrupt(), new_folders(real_out.parent):  # none left if it stops
         try:
             for sub in CONTENT_FOLDERS:
                 (tmp / sub).mkdir(parents=True)
@@ -376,13 +377,15 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
                 "orientation": "display: row 0 anterior, column 0 patient right",
                 "patients": patients, "slices": len(rows), CONTENT_DIGEST: content_digest(tmp)})
             write_json(tmp / REPORT_FILE, report)
-            old = beside(real_out, "old")
             if real_out.exists():
                 real_out.rename(old)
             tmp.rename(real_out)
             shutil.rmtree(old, ignore_errors=True)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not real_out.exists():  # stopped between the two renames
+                old.rename(real_out)
+            # the build, or once it is in place the old dataset whose deletion was stopped
+            shutil.rmtree(tmp if tmp.exists() else old, ignore_errors=True)
             raise
     for item in skipped:
         log.warning("skipped %s: %s", item["case"], item["reason"])

@@ -20,7 +20,8 @@ from scipy import ndimage
 
 from prostate_seg.data.prepare import LAYOUTS
 from prostate_seg.errors import DataError
-from prostate_seg.files import check_writable_folder, refuse_existing, replacing
+from prostate_seg.files import (check_writable_folder, refuse_existing, replacing,
+                                sigterm_as_interrupt)
 from prostate_seg.settings import check_values
 
 FOLDERS = ("images", "masks")  # as prepare finds scans and their masks
@@ -192,11 +193,12 @@ def generate(output_dir: str | Path, num_patients: int, seed: int = 0, size: int
                 if old not in written:
                     old.unlink()
     jobs = [(seed, index, size, output_dir) for index in range(num_patients)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            patients = list(pool.map(_make_and_write, *zip(*jobs)))
-    else:
-        patients = [_make_and_write(*job) for job in jobs]
+    with sigterm_as_interrupt():  # a kill leaves no temporary either
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                patients = list(pool.map(_make_and_write, *zip(*jobs)))
+        else:
+            patients = [_make_and_write(*job) for job in jobs]
     log.info("wrote %d phantoms to %s", num_patients, output_dir)
     return patients
 

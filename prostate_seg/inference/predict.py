@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from prostate_seg.data.prepare import check_on_error, patient_id, scan_slices
 from prostate_seg.data.volume import from_slices, is_nifti, load_nifti, strip_nifti_suffix
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.files import check_name_fits, check_writable_folder, refuse_existing, replacing
+from prostate_seg.files import (check_name_fits, check_writable_folder, refuse_existing,
+                                replacing, sigterm_as_interrupt)
 from prostate_seg.inference.predictor import (SlicePredictor, TrainedModel, binarize,
                                               load_checkpoint, pick_device)
 
@@ -149,13 +150,15 @@ def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
         for scan, _ in todo:
             scan_slices(load_nifti(scan), scan, predictor.prep)
     written, skipped = [], []
-    for scan, target in todo:
-        try:
-            written.append(predict_scan(predictor, scan, target, keep_largest, save_probabilities))
-        except DataError as exc:
-            if on_error == "raise":
-                raise
-            skipped.append((scan, str(exc)))
+    with sigterm_as_interrupt():  # a kill leaves no temporary beside a mask
+        for scan, target in todo:
+            try:
+                written.append(predict_scan(predictor, scan, target, keep_largest,
+                                            save_probabilities))
+            except DataError as exc:
+                if on_error == "raise":
+                    raise
+                skipped.append((scan, str(exc)))
     if skipped:
         for scan, reason in skipped:
             log.warning("not segmented: %s (%s)", scan, reason)
