@@ -106,12 +106,24 @@ def test_a_run_that_stops_after_its_checks_leaves_no_folder(scans, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_skip_bad_scans_list_them_and_rerun_finishes_the_rest(ckpt, scans, tmp_path, caplog):
+@pytest.mark.parametrize("damage, why", [
+    ("not_a_scan", "not a readable NIfTI"),
+    ("nan_spacing", "header has NaN or infinite voxel spacing"),  # failed in saving the mask
+])
+def test_skip_bad_scans_list_them_and_rerun_finishes_the_rest(damage, why, ckpt, scans,
+                                                              tmp_path, caplog):
     broken = scans / "phantom001.nii.gz"
+    img = nib.load(broken)
+    img = nib.Nifti1Image(np.asarray(img.dataobj), None, img.header)
     broken.unlink()
-    broken.write_bytes(b"not a scan")
+    if damage == "not_a_scan":
+        broken.write_bytes(b"not a scan")
+    else:
+        img.header["pixdim"][1:4] = float("nan")
+        img.header.set_qform(None, code=0)
+        nib.save(img, str(broken))
     out = tmp_path / "masks"
-    with pytest.raises(DataError, match="phantom001.nii.gz: not a readable NIfTI"):
+    with pytest.raises(DataError, match=f"phantom001.nii.gz: {why}"):
         predict_paths(ckpt, scans, out)  # on_error=raise: stops at the bad scan, before any mask
     assert not out.exists()
     with pytest.raises(DataError, match=r"1 of 3 scans could not be segmented"):
@@ -121,7 +133,7 @@ def test_skip_bad_scans_list_them_and_rerun_finishes_the_rest(ckpt, scans, tmp_p
     with pytest.raises(DataError, match=r"1 of 3 scans could not be segmented"):
         predict_paths(ckpt, scans, out, on_error="skip", skip_existing=True)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # nothing redone
-    assert f"not segmented: {broken} ({broken}: not a readable NIfTI" in caplog.text
+    assert f"not segmented: {broken} ({broken}: {why}" in caplog.text
 
 
 def test_rerun_with_skip_existing_predicts_only_the_missing_ones(ckpt, scans, phantoms, tmp_path,

@@ -290,3 +290,25 @@ def test_stopped_while_deleting_the_old_dataset_leaves_no_old_folder(source, tmp
         prepare(source, out, SETTINGS, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
     assert (out / "manifest.csv").read_text() != "the old dataset"
+
+
+@pytest.mark.parametrize("damage", ["nan_pixdim", "inf_pixdim", "nan_sform"])
+@pytest.mark.parametrize("folder", ["images", "masks"])
+def test_scan_with_non_finite_spacing_or_affine_is_refused_or_skipped(damage, folder, source,
+                                                                       tmp_path):
+    """NaN spacing used to be prepared silently (nan in the manifest, hd95 nan mm later)."""
+    path = source / folder / "p1.nii.gz"
+    img = nib.load(path)
+    img = nib.Nifti1Image(np.asarray(img.dataobj), None, img.header)  # read before rewritten
+    if damage == "nan_sform":
+        img.header.set_sform(np.diag([1.0, np.nan, 1.0, 1.0]), code=1)
+    else:
+        img.header["pixdim"][1:4] = float("nan" if damage == "nan_pixdim" else "inf")
+        img.header.set_qform(None, code=0)
+        img.header.set_sform(None, code=0)
+    nib.save(img, str(path))
+    message = rf"^{path}: header has NaN or infinite voxel spacing"
+    with pytest.raises(DataError, match=message):
+        prepare(source, tmp_path / "out", SETTINGS)
+    report = prepare(source, tmp_path / "out", SETTINGS, on_error="skip")
+    assert report["patients"] == 1 and report["skipped"][0]["case"] == "p1"

@@ -41,13 +41,18 @@ def is_nifti(path: Path) -> bool:
 
 def load_nifti(path: Path) -> nib.Nifti1Image:
     """A NIfTI file with its voxels read: whatever a damaged file makes nibabel, gzip or numpy
-    raise is one problem for the user (this file cannot be read), so one DataError."""
+    raise is one problem for the user (this file cannot be read), so one DataError; so is a
+    non-finite spacing or affine, which would pass as nan mm or fail only when a mask is saved."""
     if not path.is_file():
         raise DataError(f"{path}: {not_found(path)}")
     try:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise DataError(f"{path}: not a NIfTI image ({type(img).__name__})")
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        if not (np.isfinite(zooms).all() and np.isfinite(img.affine).all()):
+            raise DataError(f"{path}: header has NaN or infinite voxel spacing {zooms} or "
+                            "affine; the scan's geometry (and every distance in mm) is unknown")
         voxels = int(np.prod(img.shape, dtype=np.float64))
         if voxels > MAX_VOXELS:
             raise DataError(f"{path}: header claims {img.shape} = {voxels:.3g} voxels, "
