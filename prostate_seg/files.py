@@ -109,7 +109,7 @@ def beside(path: Path, tag: str, suffix: str = "") -> Path:
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary beside ``path`` that replaces it when the block ends without error, flushed
     first (whole after a crash); it keeps the suffix (nibabel reads it); errors name ``path``."""
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    suffix = "".join(path.suffixes[-2:]) if path.suffix.lower() == ".gz" else path.suffix
     tmp = beside(path, "tmp", suffix)
     make_folder(path.parent)  # made with the first file written in it, not before the work
     try:

@@ -155,3 +155,17 @@ def test_rerun_with_skip_existing_predicts_only_the_missing_ones(ckpt, scans, ph
     assert mask.shape == nib.load(phantoms / "images" / "phantom001.nii.gz").shape
     with pytest.raises(ConfigError, match="choose one"):
         predict_paths(ckpt, scans, out, overwrite=True, skip_existing=True)
+
+
+def test_upper_case_nifti_names_are_segmented_and_other_files_named(ckpt, scans, tmp_path,
+                                                                     caplog):
+    """``B.NII.GZ`` is a NIfTI file like ``b.nii.gz``; a ``.mha`` is not segmented, and said so."""
+    (scans / "phantom002.nii.gz").rename(scans / "PHANTOM002.NII.GZ")
+    (scans / "other.mha").write_bytes(b"a scan in another format")
+    out = predict_paths(ckpt, scans, tmp_path / "masks")
+    assert [p.name for p in out] == ["PHANTOM002.nii.gz", "phantom000.nii.gz",
+                                     "phantom001.nii.gz"]
+    assert all(nib.load(p).shape == (64, 64, nib.load(p).shape[2]) for p in out)
+    assert "ignored 1 files that are not NIfTI (.nii, .nii.gz): other.mha" in caplog.text
+    one = predict_paths(ckpt, scans / "PHANTOM002.NII.GZ", tmp_path / "ONE.NII.GZ")[0]
+    assert nib.load(one).shape == nib.load(out[0]).shape  # written through a .nii.gz temporary

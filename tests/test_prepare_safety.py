@@ -238,6 +238,16 @@ def test_files_that_are_neither_nifti_nor_dicom_folders_are_named_in_a_warning(t
     assert "ignored 1 files that are neither NIfTI nor a DICOM folder: p1.mha" in caplog.text
 
 
+def test_nifti_names_in_upper_case_are_scans(tmp_path, caplog):
+    """Some exporters write ``P0.NII.GZ``: a patient, not a file to ignore."""
+    _scan(tmp_path / "in", "p0", suffix=".NII.GZ")
+    _scan(tmp_path / "in", "p1_0000", suffix=".Nii")
+    (tmp_path / "in" / "masks" / "p1.nii.gz").rename(tmp_path / "in" / "masks" / "p1.NII.GZ")
+    report = prepare(tmp_path / "in", tmp_path / "out", SETTINGS)
+    assert report["patients"] == 2 and "ignored" not in caplog.text
+    assert (tmp_path / "out" / "volumes" / "p1.npz").is_file()
+
+
 def test_a_case_that_fails_while_building_leaves_no_folder(tmp_path):
     """The output's missing parents are made for the build and removed with it when a case
     fails mid-way (here a mask on another grid), as are the partial dataset's files."""

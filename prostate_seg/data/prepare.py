@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -112,6 +113,17 @@ def _by_patient(paths: list[Path]) -> dict[str, list[Path]]:
     return groups
 
 
+def scans_in(folder: Path, is_scan: Callable[[Path], bool], other: str) -> list[Path]:
+    """The scans of ``folder`` in name order; the other visible files are named in a warning
+    (``other`` says what they are not): a scan in another format is never missed silently."""
+    visible = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
+    ignored = [p.name for p in visible if not is_scan(p)]
+    if ignored:
+        log.warning("%s: ignored %d files that are %s: %s", folder, len(ignored), other,
+                    ", ".join(ignored[:10]))
+    return [p for p in visible if is_scan(p)]
+
+
 def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
     """Images paired with masks, and one problem line per unpaired file or doubly claimed id."""
     if not input_dir.is_dir():
@@ -125,14 +137,9 @@ def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
                         "labelsTr/ inside, found neither")
     if not masks_dir.is_dir():
         raise DataError(f"{masks_dir}: mask folder not found (next to {images_dir})")
-    visible = [p for p in sorted(images_dir.iterdir()) if not p.name.startswith(".")]
-    ignored = [p.name for p in visible if not (is_nifti(p) or p.is_dir())]
-    if ignored:
-        log.warning("%s: ignored %d files that are neither NIfTI nor a DICOM folder: %s",
-                    images_dir, len(ignored), ", ".join(ignored[:10]))
-    images = _by_patient([p for p in visible if is_nifti(p) or p.is_dir()])
-    masks = _by_patient([p for p in sorted(masks_dir.iterdir())
-                         if is_nifti(p) and not p.name.startswith(".")])
+    images = _by_patient(scans_in(images_dir, lambda p: is_nifti(p) or p.is_dir(),
+                                  "neither NIfTI nor a DICOM folder"))
+    masks = _by_patient(scans_in(masks_dir, is_nifti, "not NIfTI"))
     if not images:
         raise DataError(f"{images_dir}: no NIfTI files or DICOM folders in it")
     # Which of two files of one patient (x.nii and x.nii.gz, y and y_0000, a DICOM folder z/

@@ -32,11 +32,13 @@ class VolumeGeometry:
 
 
 def strip_nifti_suffix(name: str) -> str:
-    return name.removesuffix(".gz").removesuffix(".nii") if is_nifti(Path(name)) else name
+    suffix = next((s for s in NIFTI_SUFFIXES if name.lower().endswith(s)), "")
+    return name[:len(name) - len(suffix)]
 
 
 def is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES)
+    """By its name, in any case (``B.NII.GZ``, as some exporters write; nibabel reads it)."""
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
 
 
 def load_nifti(path: Path) -> nib.Nifti1Image:

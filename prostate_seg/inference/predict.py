@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 from omegaconf import DictConfig
 
-from prostate_seg.data.prepare import check_on_error, patient_id, scan_slices
+from prostate_seg.data.prepare import check_on_error, patient_id, scan_slices, scans_in
 from prostate_seg.data.volume import from_slices, is_nifti, load_nifti, strip_nifti_suffix
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import (check_name_fits, check_writable_folder, refuse_existing,
@@ -67,7 +67,7 @@ def _pairs(source: Path, target: Path) -> list[tuple[Path, Path]]:
             raise ConfigError(f"output={target} {'is' if real_out == real_in else 'lies inside'} "
                               f"input={source}: masks would mix with the scans; choose a folder "
                               "outside it")
-        scans = sorted(p for p in source.iterdir() if is_nifti(p) and not p.name.startswith("."))
+        scans = scans_in(source, is_nifti, "not NIfTI (.nii, .nii.gz)")
         if not scans:
             raise DataError(f"input={source}: no .nii or .nii.gz files in this folder")
         return [(s, target / f"{strip_nifti_suffix(s.name)}.nii.gz") for s in scans]
