@@ -106,6 +106,7 @@ SEED = Setting(int, 0, 2**32 - 1)  # numpy's and Lightning's range (Lightning re
 WORKERS = Setting(int, 0)  # 0: in this process
 BATCH = Setting(int, 1)
 PROBABILITY = Setting(float, 0.0, 1.0)
+MAX_SIDE = 4096  # pixels a side of a phantom or a prepared slice: beyond it, hours of huge PNGs
 # Per command (its config's name): keys absent from a config (a removed callback) are skipped.
 SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
     "train": {
@@ -161,14 +162,14 @@ SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
     "prepare": {
         "input_dir": PathName(),
         "output_dir": PathName(),
-        "image_size": Setting(int, 8),
+        "image_size": Setting(int, 8, MAX_SIDE),
         "window": ListOf(Setting(float, 0.0, 100.0), (2, 2), "[0.5, 99.5]"),
         "mask_labels": ListOf(Setting(int, 1), (1, None), "[1, 2]", nullable=True),
         "image_channel": Setting(int, 0),
         "workers": WORKERS,
     },
     "synthetic": {"output_dir": PathName(), "num_patients": Setting(int, 1), "seed": SEED,
-                  "size": Setting(int, 32, 4096), "workers": WORKERS},
+                  "size": Setting(int, 32, MAX_SIDE), "workers": WORKERS},
     "predict": {"ckpt_path": PathName(), "input": PathName(), "output": PathName(),
                 "batch_size": BATCH},
     "evaluate": {"ckpt_path": PathName(), "output": PathName(nullable=True),

@@ -399,8 +399,9 @@ PREDICT = ["predict.py", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz"
 
 
 @pytest.mark.parametrize("args, message", [
-    ([*PREPARE, "image_size=abc"], "image_size=abc: must be an integer >= 8"),
-    ([*PREPARE, "image_size=[1,2]"], "image_size=[1, 2]: must be an integer >= 8"),
+    ([*PREPARE, "image_size=abc"], "image_size=abc: must be an integer in 8..4096"),
+    ([*PREPARE, "image_size=[1,2]"], "image_size=[1, 2]: must be an integer in 8..4096"),
+    ([*PREPARE, "image_size=100000"], "image_size=100000: must be an integer in 8..4096"),
     ([*PREPARE, "workers=2.5"], "workers=2.5: must be an integer >= 0"),
     ([*PREPARE, "window=5"], "window=5: must be a list of 2 numbers, each a number in [0, 100]"),
     ([*PREPARE, "window=[1,2,3]"], "window=[1, 2, 3]: must be a list of 2 numbers"),

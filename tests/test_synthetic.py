@@ -75,7 +75,9 @@ def test_phantoms_already_there_are_replaced_only_when_asked(tmp_path):
     (lambda out: generate(out, 0), "num_patients=0: must be an integer >= 1"),
     (lambda out: generate(out, 2, seed=-1), "seed=-1: must be an integer in 0..4294967295"),
     (lambda out: generate(out, 2, overwrite="no"), "overwrite=no: must be true or false"),
-    (lambda out: PrepareSettings(image_size=4), "image_size=4: must be an integer >= 8"),
+    (lambda out: PrepareSettings(image_size=4), "image_size=4: must be an integer in 8..4096"),
+    (lambda out: PrepareSettings(image_size=100000),
+     "image_size=100000: must be an integer in 8..4096"),
     (lambda out: PrepareSettings(window=(1, 200)), "window=[1, 200]: must be a list of 2"),
 ])
 def test_the_python_functions_keep_the_command_lines_rules(call, message, tmp_path):
