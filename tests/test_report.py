@@ -552,6 +552,19 @@ def test_table_mode_refusals(tmp_path, capsys):
     assert "no run folders inside" in capsys.readouterr().err
 
 
+
+def test_an_out_that_cannot_be_a_folder_is_one_line_and_nothing_written(tmp_path, capsys):
+    table = minimal_table(tmp_path / "t.csv")
+    (tmp_path / "file").write_text("mine\n")
+    assert main(["--table", str(table), "--out", str(tmp_path / "file" / "out")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'file'}: Not a directory (ENOTDIR)\n"
+    (make_sweep(tmp_path / "sweep", seeds=(0,)) / "report").write_text("mine\n")
+    assert main([str(tmp_path / "sweep")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'sweep' / 'report'}: ")
+    assert (tmp_path / "file").read_text() == (tmp_path / "sweep" / "report").read_text() == \
+        "mine\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "sweep", "t.csv"]
+
 def test_test_patients_are_a_separate_family(tmp_path):
     header = "loss,patient,dice,split,seed"
     lines = [f"{loss},{p},{patient_dice(k, s, [p], e)[p]},{split},{s}"

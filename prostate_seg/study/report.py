@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from prostate_seg.study import figures
+from prostate_seg.cli import error_line
 from prostate_seg.errors import DataError, UserError
-from prostate_seg.files import write_csv, write_text
+from prostate_seg.files import check_writable_folder, write_csv, write_text
+from prostate_seg.study import figures
 from prostate_seg.study.runs import (
     CODE_PREFIX,
     METRICS_FILE,
@@ -525,6 +526,7 @@ def report_table(table: Path, out: Path, baseline: str | None = None, all_pairs:
     """Statistics, tables and figures of a long table into ``out``; returns the verdict.
 
     ``baseline`` None means bce when the table has it, else every pair is compared."""
+    check_writable_folder(out)  # a file in the way or a folder not writable: before the work
     rows = read_long_table(table)
     splits = sorted({r["split"] for r in rows}, key=lambda s: (s != split, s))
     if splits[0] != split:
@@ -722,8 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             write_report(args.sweep_dir, args.baseline, args.all_pairs, args.split,
                          args.allow_mixed_code)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (UserError, OSError) as exc:  # OSError: the path and reason, as every command says it
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     return 0
 
