@@ -553,6 +553,22 @@ def test_table_mode_refusals(tmp_path, capsys):
 
 
 
+@pytest.mark.parametrize("name", ["results.csv", "comparisons.csv", "results.md", "forest.png"])
+def test_the_report_never_replaces_its_input_table(tmp_path, capsys, name):
+    """Whatever the input's name, even reached through a symlinked folder."""
+    (tmp_path / "data").mkdir()
+    table = minimal_table(tmp_path / "data" / name)
+    before = table.read_bytes()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    for given, out in ((table, tmp_path / "data"), (tmp_path / "link" / name, tmp_path / "data"),
+                       (table, tmp_path / "link")):
+        assert main(["--table", str(given), "--out", str(out)]) == 2
+        assert capsys.readouterr().err == (f"error: --out {out}: the report's {name} would "
+                                           f"replace the input table {given}; choose another "
+                                           "folder\n")
+    assert table.read_bytes() == before
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [name]
+
 def test_an_out_that_cannot_be_a_folder_is_one_line_and_nothing_written(tmp_path, capsys):
     table = minimal_table(tmp_path / "t.csv")
     (tmp_path / "file").write_text("mine\n")

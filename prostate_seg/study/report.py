@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from prostate_seg.cli import error_line
-from prostate_seg.errors import DataError, UserError
+from prostate_seg.errors import ConfigError, DataError, UserError
 from prostate_seg.files import check_writable_folder, write_csv, write_text
 from prostate_seg.study import figures
 from prostate_seg.study.runs import (
@@ -78,6 +78,8 @@ RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "l
                "identity", "group")
 FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_curves.png",
                 "alpha_search.png")
+# What the report writes in its folder, or removes there (a figure not drawn this time)
+REPORT_FILES = ("results.csv", "comparisons.csv", "results.md", *FIGURE_FILES)
 
 
 def _whole(value: float | None) -> bool:
@@ -521,11 +523,22 @@ def _resolve_baseline(baseline: str | None, losses: Sequence[str], source: str) 
     return baseline
 
 
+def check_not_input(table: Path, out: Path) -> None:
+    """No file the report writes or removes in ``out`` is the table it reads (real locations:
+    symlinks resolved): the report would replace its own input."""
+    real = table.resolve()
+    for name in REPORT_FILES:
+        if (out / name).resolve() == real:
+            raise ConfigError(f"--out {out}: the report's {name} would replace the input table "
+                              f"{table}; choose another folder")
+
+
 def report_table(table: Path, out: Path, baseline: str | None = None, all_pairs: bool = False,
                  split: str = PRIMARY_SPLIT, sweep: SweepExtras | None = None) -> list[str]:
     """Statistics, tables and figures of a long table into ``out``; returns the verdict.
 
     ``baseline`` None means bce when the table has it, else every pair is compared."""
+    check_not_input(table, out)
     check_writable_folder(out)  # a file in the way or a folder not writable: before the work
     rows = read_long_table(table)
     splits = sorted({r["split"] for r in rows}, key=lambda s: (s != split, s))
