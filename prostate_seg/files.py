@@ -8,10 +8,11 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,30 @@ def replacing(path: Path) -> Iterator[Path]:
     finally:
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def replacing_files(folder: Path, names: Sequence[str]) -> Iterator[Path]:
+    """A hidden folder inside ``folder`` to write a set of files in (some of ``names``); when the
+    block ends without error each replaces its namesake and the names not written are removed
+    (a stale one would pass for new). A block that fails leaves the previous set as it was, and
+    no folder it made; errors name the file's place in ``folder``."""
+    with new_folders(folder):
+        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
+        try:
+            yield staging
+            for name in names:
+                if (staging / name).exists():
+                    os.replace(staging / name, folder / name)
+                else:
+                    (folder / name).unlink(missing_ok=True)
+        except OSError as exc:
+            if not str(exc.filename or "").startswith(str(staging)):
+                raise
+            raise OSError(exc.errno, exc.strerror or str(exc),
+                          str(folder / Path(exc.filename).relative_to(staging))) from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:

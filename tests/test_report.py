@@ -2,8 +2,10 @@
 contract) and on long tables from other tools, good and bad."""
 
 import csv
+import errno
 import json
 import math
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -14,9 +16,10 @@ from helpers import run_cli
 from omegaconf import OmegaConf
 from scipy import stats
 
-from prostate_seg.study import figures
+from prostate_seg.study import figures, report
 from prostate_seg.errors import DataError
 from prostate_seg.study.report import (
+    LONG_TABLE,
     collect_runs,
     main,
     read_long_table,
@@ -423,6 +426,49 @@ def test_callback_never_fails_the_sweep_and_reads_the_report_settings(tmp_path, 
     assert pairs == {("bce", "tversky_a0.25"), ("tversky_a0.5", "tversky_a0.25"),
                      ("tversky_a0.5", "bce")}
 
+
+def snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every entry under ``folder``, hidden ones too, with a file's bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--baseline", "foo"], "--baseline foo: no such loss in {sweep} (losses: bce, "
+                            "tversky_a0.25, tversky_a0.5)"),
+    (["--split", "test2"], "{sweep}: no rows with split=test2 (splits: val)")])
+def test_a_refused_report_writes_nothing_and_keeps_the_previous_one(tmp_path, capsys, option,
+                                                                   message):
+    sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
+    assert main([str(sweep), *option]) == 2
+    assert capsys.readouterr().err == f"error: {message.format(sweep=sweep)}\n"
+    assert not (sweep / "report").exists()
+    assert main([str(sweep)]) == 0
+    before = snapshot(sweep / "report")
+    assert main([str(sweep), *option]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {message.format(sweep=sweep)}\n")
+    assert snapshot(sweep / "report") == before
+
+
+def test_a_report_failing_midway_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
+    assert main([str(sweep)]) == 0
+    before = snapshot(sweep / "report")
+    assert main([str(sweep), "--baseline", "tversky_a0.25"]) == 0  # new files, same names
+    changed = snapshot(sweep / "report")
+    assert changed != before and set(changed) == set(before)
+
+    def disk_full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(report, "write_text", disk_full)  # results.md, the last file written
+    with pytest.raises(OSError) as failed:
+        report.write_report(sweep)
+    assert failed.value.filename == str(sweep / "report" / "results.md")
+    assert snapshot(sweep / "report") == changed
+    with pytest.raises(OSError):
+        report.report_table(sweep / "report" / LONG_TABLE, tmp_path / "new" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep"]
 
 # --- table mode -------------------------------------------------------------------------
 

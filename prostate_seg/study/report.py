@@ -25,7 +25,8 @@ import numpy as np
 
 from prostate_seg.cli import error_line
 from prostate_seg.errors import ConfigError, DataError, UserError
-from prostate_seg.files import check_writable_folder, write_csv, write_text
+from prostate_seg.files import (check_writable_folder, replacing, replacing_files, write_csv,
+                                write_text)
 from prostate_seg.study import figures
 from prostate_seg.study.runs import (
     CODE_PREFIX,
@@ -533,30 +534,43 @@ def check_not_input(table: Path, out: Path) -> None:
                               f"{table}; choose another folder")
 
 
+def _plan(rows: list[Row], baseline: str | None, split: str,
+          source: str) -> tuple[list[str], dict[str, float], list[str], str | None]:
+    """The splits (``split`` first), the losses' alphas, the losses in report order and the
+    baseline; an option the rows cannot meet is refused, naming ``source``."""
+    splits = sorted({r["split"] for r in rows}, key=lambda s: (s != split, s))
+    if splits[0] != split:
+        raise DataError(f"{source}: no rows with split={split} (splits: {', '.join(splits)})")
+    alphas = alphas_of(rows)
+    losses = sorted(alphas, key=lambda loss: loss_order(loss, alphas[loss]))
+    return splits, alphas, losses, _resolve_baseline(baseline, losses, source)
+
+
 def report_table(table: Path, out: Path, baseline: str | None = None, all_pairs: bool = False,
-                 split: str = PRIMARY_SPLIT, sweep: SweepExtras | None = None) -> list[str]:
-    """Statistics, tables and figures of a long table into ``out``; returns the verdict.
+                 split: str = PRIMARY_SPLIT) -> list[str]:
+    """Statistics, tables and figures of a long table into ``out``, all or none of them (a
+    refused or failed report leaves the previous one); returns the verdict.
 
     ``baseline`` None means bce when the table has it, else every pair is compared."""
     check_not_input(table, out)
     check_writable_folder(out)  # a file in the way or a folder not writable: before the work
     rows = read_long_table(table)
-    splits = sorted({r["split"] for r in rows}, key=lambda s: (s != split, s))
-    if splits[0] != split:
-        raise DataError(f"{table}: no rows with split={split} (splits: {', '.join(splits)})")
-    alphas = alphas_of(rows)
-    losses = sorted(alphas, key=lambda loss: loss_order(loss, alphas[loss]))
-    baseline = _resolve_baseline(baseline, losses, str(table))
+    plan = _plan(rows, baseline, split, str(table))
+    with replacing_files(out, REPORT_FILES) as staging:
+        return _write_tables(table, rows, plan, staging, all_pairs, split)
+
+
+def _write_tables(table: Path, rows: list[Row], plan: tuple, out: Path, all_pairs: bool,
+                  split: str, sweep: SweepExtras | None = None) -> list[str]:
+    """The report's files of ``rows`` (read from ``table``, planned by _plan) into ``out``."""
+    splits, alphas, losses, baseline = plan
     analyses = [analyse([r for r in rows if r["split"] == s], losses, baseline, all_pairs, s)
                 for s in splits]
     if baseline is None and len(losses) > 2:
         analyses[0].verdict.insert(0, NO_BASELINE.format(pairs=len(analyses[0].comparisons)))
-    out.mkdir(parents=True, exist_ok=True)
     colours = figures.loss_colours(losses, alphas)
     written = _figures(analyses[0], [r for r in rows if r["split"] == split], colours, out,
                        sweep)
-    for stale in set(FIGURE_FILES) - set(written):
-        (out / stale).unlink(missing_ok=True)
     write_csv(out / "results.csv", [r for a in analyses for r in summary_rows(a)],
               list(summary_rows(analyses[0])[0]))
     write_csv(out / "comparisons.csv",
@@ -584,7 +598,8 @@ def _figures(a: Analysis, rows: list[Row], colours: dict[str, Any], out: Path,
         if curves:
             drawn["loss_curves.png"] = figures.loss_curves(curves, colours)
     for name, figure in drawn.items():
-        figure.savefig(out / name, dpi=110)
+        with replacing(out / name) as tmp:
+            figure.savefig(tmp, dpi=110)
     return [name for name in FIGURE_FILES if name in drawn]
 
 
@@ -687,23 +702,33 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
         raise DataError(f"{sweep_dir}: no run folders inside (none holds {STATUS_FILE} or "
                         f"{RESULTS_FILE})")
     out = sweep_dir / REPORT_DIR
-    out.mkdir(exist_ok=True)
     sweep = SweepExtras(sweep_dir, runs)
     counted = [r for r in runs if r.state == "completed"]
+    rows = [row for run in counted for row in long_rows(run)]
+    if counted:
+        _plan(rows, baseline, split, str(sweep_dir))  # the options refused before any writing
     mixed = mixed_code(r.identity for r in counted)
     if mixed:
         sweep.caution.append(f"Pooled on request (--allow-mixed-code): {mixed}. A difference "
                              "between losses may be one between code versions.")
+    with replacing_files(out, (LONG_TABLE, *REPORT_FILES)) as staging:
+        if not counted:
+            write_text(staging / "results.md", f"**No completed run with per-patient results "
+                       f"in {sweep_dir}: nothing to compare.**\n\n"
+                       + "".join(r.listed + "\n" for r in runs))
+        else:  # the table mode on the long table as written
+            table = staging / LONG_TABLE
+            write_long_table(table, rows)
+            try:
+                rows = read_long_table(table)
+                verdict = _write_tables(table, rows, _plan(rows, baseline, split, str(table)),
+                                        staging, all_pairs, split, sweep)
+            except DataError as exc:  # named where the table would have been
+                raise DataError(str(exc).replace(str(staging), str(out))) from None
     if not counted:
-        write_text(out / "results.md", f"**No completed run with per-patient results in "
-                   f"{sweep_dir}: nothing to compare.**\n\n"
-                   + "".join(r.listed + "\n" for r in runs))
         print(f"no completed run with per-patient results in {sweep_dir}; see "
               f"{out / 'results.md'}")
         return out / "results.md"
-    table = out / LONG_TABLE
-    write_long_table(table, (row for run in counted for row in long_rows(run)))
-    verdict = report_table(table, out, baseline, all_pairs, split, sweep)
     print("\n".join(sweep.caution + verdict))
     print(f"report: {out / 'results.md'}\nTensorBoard: tensorboard --logdir {sweep_dir}")
     return out / "results.md"
