@@ -569,6 +569,20 @@ def test_a_single_or_tied_patient_is_reported_not_a_traceback(tmp_path, capsys, 
     assert "no difference from bce detected for x" in out and "Traceback" not in out
 
 
+def test_a_design_too_small_for_a_power_says_so_instead_of_a_nan(tmp_path, capsys):
+    """One fold, two seeds, two patients, noisy runs: under one degree of freedom."""
+    dice = {"bce": (0.7486, 0.7348, 0.7955, 0.8366), "x": (0.6282, 0.6085, 0.8507, 0.7298)}
+    lines = [f"{loss},0,{i // 2},{PATIENTS[i % 2]},{value}"
+             for loss, values in dice.items() for i, value in enumerate(values)]
+    table = write_table(tmp_path / "t.csv", "loss,fold,seed,patient,dice", lines)
+    assert main(["--table", str(table), "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "nan%" not in out and "nan%" not in md
+    line = ("The design is too small to estimate the power to detect a difference of 0.02: it "
+            "leaves under one degree of freedom. Detecting a difference of 0.02")
+    assert line in out and f"\n{line}" in md  # measured, so not in bold
+
 def test_without_bce_the_report_says_how_to_add_the_baseline(tmp_path, capsys):
     lines = [f"{loss},{i % 2},0,case{i:02d},{0.7 + 0.01 * i + 0.02 * k}"
              for k, loss in enumerate(("tversky_a0.25", "tversky_a0.5", "tversky_a0.75"))

@@ -619,7 +619,8 @@ def _seeds(n: int | None, lower_bound: bool) -> str:
     return f"needs {'at least ' if lower_bound else ''}{_count(n, 'seed')} per fold"
 
 
-MEASURED = ("Training randomness is measured", "These runs detect", "The seeds are too few")
+MEASURED = ("Training randomness is measured", "These runs detect", "The seeds are too few",
+            "The design is too small")
 
 
 def design_lines(a: Analysis) -> list[str]:
@@ -654,7 +655,10 @@ def design_lines(a: Analysis) -> list[str]:
              f"is SD {math.sqrt(c.residual):.3f}"
              + (f"; run shifts of two losses on the same fold and seed correlate r = "
                 f"{d.shift_correlation:.2f}" if np.isfinite(d.shift_correlation) else "") + "."]
-    if np.isfinite(d.power) and d.power >= POWER:
+    if np.isnan(d.power):  # design_power's answer when under one degree of freedom is left
+        lines.append(f"The design is too small to estimate the power to detect a difference of "
+                     f"{PLANNING_DIFFERENCE}: it leaves under one degree of freedom. {plan}.")
+    elif d.power >= POWER:
         lines.append(f"These runs detect a difference of {PLANNING_DIFFERENCE} with "
                      f"{d.power:.0%} power. {plan}.")
     else:
