@@ -518,6 +518,8 @@ def test_table_mode_with_only_the_required_columns(tmp_path):
     ("loss,patient,dice,stopped_early", ["bce,case00,0.5,maybe"],
      "line 2: stopped_early='maybe' is not true or false"),
     ("loss,patient,dice", ["bce,case00,0.5,extra"], "line 2: more fields than the header has"),
+    ("loss,patient,dice,precision,recall", ["bce,case00,0.5,0.6,0.4", "bce,case01,0.5"],
+     "line 3: fewer fields than the header has (3 of 5)"),
     ("loss,patient,dice,split", ["bce,case00,0.5,test"], "no rows with split=val (splits: test)"),
     ("loss,patient,dice", [], "no rows below the header"),
     # a row mislabelled with another fold, or the same fold as "0.0", is not a new patient

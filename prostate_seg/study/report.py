@@ -149,6 +149,10 @@ def read_long_table(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]
                 where = f"{path} line {reader.line_num}"
                 if None in raw:
                     raise DataError(f"{where}: more fields than the header has")
+                if None in raw.values():  # a short row's missing fields: not empty cells
+                    given = sum(value is not None for value in raw.values())
+                    raise DataError(f"{where}: fewer fields than the header has ({given} of "
+                                    f"{len(header)})")
                 row = {"split": PRIMARY_SPLIT} | {c: _cell(raw, c, where) for c in known}
                 for column, value in row.items():
                     if isinstance(value, str) and column != "patient":
