@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import errno
 import importlib
 import logging
 import os
@@ -39,7 +38,7 @@ from omegaconf.errors import (ConfigAttributeError, ConfigKeyError, Interpolatio
 
 from prostate_seg.config import (CONF_DIR, CONFIG_PATH, check_extras_installed,
                                  initialize_configs, openmp_yields)
-from prostate_seg.errors import ConfigError, UserError
+from prostate_seg.errors import ConfigError, UserError, error_line
 from prostate_seg.settings import (ABSENT, check_settings, check_values_in, missing_reference,
                                    referred, removable, shown)
 
@@ -534,23 +533,6 @@ def required_values_problem(cfg: DictConfig) -> str | None:
         return None
     example = " ".join(f"{key}=..." for key in missing)
     return f"{', '.join(missing)}: required, not given (add {example} to the command line)"
-
-
-def error_line(exc: BaseException) -> str | None:
-    """The line for a UserError or OSError (``PATH: reason (ENOSPC)``), also as another error's
-    cause; None for a bug, which keeps its traceback."""
-    while exc is not None:
-        if isinstance(exc, UserError):
-            return str(exc)
-        if isinstance(exc, OSError) and exc.filename is None:  # e.g. from a loader worker
-            lines = [line for line in str(exc).splitlines() if line.strip()]
-            return lines[-1] if lines else type(exc).__name__
-        if isinstance(exc, OSError):
-            to = f" -> {exc.filename2}" if exc.filename2 is not None else ""
-            code = errno.errorcode.get(exc.errno or 0)
-            return f"{exc.filename}{to}: {exc.strerror or exc}" + (f" ({code})" if code else "")
-        exc = exc.__cause__
-    return None
 
 
 # The user's HYDRA_FULL_ERROR, kept for the jobs a tool starts: they inherit the tool's own "1".

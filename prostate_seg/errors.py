@@ -1,5 +1,9 @@
 """Errors that are the user's to fix: shown as one line (no traceback) by the command-line tools."""
 
+from __future__ import annotations
+
+import errno
+
 
 class UserError(Exception):
     """Bad input or configuration. The message names the file or config key and what is wrong."""
@@ -30,3 +34,20 @@ def one_line(message: object) -> str:
         if line and not line.startswith(("full_key:", "object_type=", "reference_type=")):
             text += (" " if text.endswith(":") else "; " if text else "") + line
     return text
+
+
+def error_line(exc: BaseException) -> str | None:
+    """The line for a UserError or OSError (``PATH: reason (ENOSPC)``), also as another error's
+    cause; None for a bug, which keeps its traceback."""
+    while exc is not None:
+        if isinstance(exc, UserError):
+            return str(exc)
+        if isinstance(exc, OSError) and exc.filename is None:  # e.g. from a loader worker
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            return lines[-1] if lines else type(exc).__name__
+        if isinstance(exc, OSError):
+            to = f" -> {exc.filename2}" if exc.filename2 is not None else ""
+            code = errno.errorcode.get(exc.errno or 0)
+            return f"{exc.filename}{to}: {exc.strerror or exc}" + (f" ({code})" if code else "")
+        exc = exc.__cause__
+    return None

@@ -18,6 +18,7 @@ import torch
 from helpers import TINY, compose_train, run_cli
 
 from prostate_seg import cli
+from prostate_seg.errors import error_line
 from prostate_seg.files import write_json
 from prostate_seg.training.fit import train
 
@@ -142,12 +143,12 @@ def test_a_failed_write_names_the_file_not_its_temporary(tmp_path, monkeypatch):
                                         errno.ENAMETOOLONG, errno.EACCES])
 def test_os_errors_are_one_line_naming_the_path(errno_code):
     error = OSError(errno_code, os.strerror(errno_code), "/data/run/last.ckpt")
-    assert cli.error_line(error) == (f"/data/run/last.ckpt: {os.strerror(errno_code)} "
+    assert error_line(error) == (f"/data/run/last.ckpt: {os.strerror(errno_code)} "
                                      f"({errno.errorcode[errno_code]})")
     wrapped = ValueError("Unable to configure handler 'file'")
     wrapped.__cause__ = error  # how logging reports a log file it cannot open
-    assert cli.error_line(wrapped) == cli.error_line(error)
-    assert cli.error_line(KeyError("a bug")) is None  # keeps its traceback
+    assert error_line(wrapped) == error_line(error)
+    assert error_line(KeyError("a bug")) is None  # keeps its traceback
 
 
 # --- every tool, from the command line ---------------------------------------------------------

@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from prostate_seg.cli import error_line
-from prostate_seg.errors import ConfigError, DataError, UserError
+from prostate_seg.errors import ConfigError, DataError, UserError, error_line
 from prostate_seg.files import (check_writable_folder, replacing, replacing_files, write_csv,
                                 write_text)
 from prostate_seg.study import figures
