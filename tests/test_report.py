@@ -408,9 +408,13 @@ def test_a_sweep_without_completed_runs_lists_them(tmp_path):
 
 def test_callback_never_fails_the_sweep_and_reads_the_report_settings(tmp_path, caplog):
     callback = SweepReport()
-    callback.sweep_dir = tmp_path / "empty"
+    callback.sweep_dir = callback_dir = tmp_path / "empty"
     callback.sweep_dir.mkdir()
     (callback.sweep_dir / "multirun.yaml").write_text("{}\n")  # Hydra's: the sweep launched
+    callback.write()  # but no job started (sbatch refused the array): no report, nothing said
+    assert caplog.text == "" and sorted(callback_dir.iterdir()) == [callback_dir / "multirun.yaml"]
+    callback.sweep_dir = callback_dir
+    (callback_dir / "0").mkdir()  # a job's folder without its run
     callback.write()  # no exception: logged
     assert "could not write the sweep report" in caplog.text
     sweep = make_sweep(tmp_path / "sweep", seeds=(0,))

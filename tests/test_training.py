@@ -17,6 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import metadata
 
 from prostate_seg.study.runs import RESULTS_FILE, read_history
+from prostate_seg.training import checks
 from prostate_seg.training.callbacks import CONTOURS
 from prostate_seg.training.dashboard import COLUMNS
 from prostate_seg.training.fit import setup_data, train
@@ -73,7 +74,8 @@ def test_tensorboard_opens_on_the_curves_the_study_columns_and_readable_contours
             assert (grid[-32:] == np.array(colour) * 255).all(-1).sum() > 20, colour
 
 
-def test_the_best_epoch_is_the_best_checkpoints_whatever_it_monitors(prepared, tmp_path):
+def test_the_best_epoch_is_the_best_checkpoints_whatever_it_monitors(prepared, tmp_path,
+                                                                    worst_allowed):
     """One rule for results.json and the dashboard's best-checkpoint image: the epoch of the
     checkpoint ModelCheckpoint kept (here, configured so, the lowest selection Dice)."""
     run_dir = tmp_path / "run"
@@ -86,7 +88,15 @@ def test_the_best_epoch_is_the_best_checkpoints_whatever_it_monitors(prepared, t
     assert [g.step for g in events.Images("select/predictions_best")] == [results["best_epoch"]]
 
 
-def test_averaged_weights_are_what_selection_scored_and_the_checkpoint_keeps(prepared, tmp_path):
+@pytest.fixture
+def worst_allowed(monkeypatch):
+    """The start-up check of monitors set aside, so a checkpoint may keep the lowest Dice: a
+    choice that differs from the last and the best epoch shows which epoch the run reports."""
+    monkeypatch.setattr(checks, "check_monitors", lambda cfg: None)
+
+
+def test_averaged_weights_are_what_selection_scored_and_the_checkpoint_keeps(prepared, tmp_path,
+                                                                           worst_allowed):
     """callbacks=averaged: the selection patients score the moving average of the weights, and
     the chosen checkpoint (configured so: the lowest Dice, not the last epoch's) holds it:
     re-validated, it gives its epoch's logged Dice; the raw weights ride along, different."""
