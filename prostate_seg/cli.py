@@ -650,7 +650,8 @@ class QuietConsole(logging.Filter):
                 "is smaller than the logging interval", "exists and is not empty",
                 "was called without a model", "there is no last checkpoint available",
                 "is deprecated", "ckpt_path", "The number of training batches",
-                "Consider setting `persistent_workers", "LeafSpec")
+                "Consider setting `persistent_workers", "LeafSpec",
+                "is not supported by the model summary")  # bf16: the summary's size estimate
 
     def __init__(self, verbose: bool = False) -> None:
         super().__init__()

@@ -773,6 +773,32 @@ def test_datamodule_setup_names_the_bad_file(damage, message, prepared_copy):
     assert message in str(info.value)
 
 
+def test_a_dataset_without_prepare_json_is_refused_not_trained_at_another_size(prepared_copy,
+                                                                              tmp_path):
+    (prepared_copy / "prepare.json").unlink()
+    result = run_cli("train.py", *TINY, f"data.dir={prepared_copy}", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: data.dir={prepared_copy}: not a prepared dataset (no "
+                             "prepare.json; make one with python -m prostate_seg prepare)\n")
+
+
+@pytest.mark.parametrize("damage, message", [("cut", "unreadable (BadZipFile"),
+                                             ("remove", "missing; prepare the dataset again")])
+def test_a_scored_patients_mask_at_original_size_is_checked_before_training(
+        damage, message, prepared_copy, tmp_path):
+    """volumes/PATIENT.npz, what the run is scored against once trained: named before it is."""
+    for volume in (prepared_copy / "volumes").iterdir():
+        if damage == "cut":
+            volume.write_bytes(volume.read_bytes()[:50])
+        else:
+            volume.unlink()
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError, match=re.escape(message)) as info:
+        train(compose_train([*TINY, f"data.dir={prepared_copy}"], run_dir))
+    assert str(info.value).startswith(str(prepared_copy / "volumes"))
+    assert not (run_dir / "checkpoints").exists()
+
+
 def test_a_manifest_saved_with_a_byte_order_mark_reads_the_same(prepared_copy):
     """A spreadsheet writes a BOM before the header; it is no part of the first column's name."""
     from prostate_seg.data.dataset import read_manifest

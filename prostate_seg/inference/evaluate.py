@@ -4,7 +4,8 @@ it stores and data prepared and split as its own were: never on patients it trai
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from itertools import groupby
 from pathlib import Path
@@ -32,8 +33,20 @@ def _reference(data_dir: Path, patient: str) -> tuple[np.ndarray, tuple[float, .
     path = data_dir / "volumes" / f"{patient}.npz"
     if not path.exists():
         raise DataError(f"{path}: missing; prepare the dataset again with this version")
-    with np.load(path) as stored:
-        return stored["mask"].astype(bool), tuple(stored["spacing"]), bool(stored["spacing_known"])
+    try:
+        with np.load(path) as stored:
+            return (stored["mask"].astype(bool), tuple(stored["spacing"]),
+                    bool(stored["spacing_known"]))
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: unreadable ({type(exc).__name__}: {exc}); prepare the dataset "
+                        "again") from None
+
+
+def check_references(data_dir: Path, patients: Iterable[str]) -> None:
+    """Every patient to be scored has its original-size mask, readable: a run finds a missing or
+    damaged one before it trains, not when it scores."""
+    for patient in patients:
+        _reference(data_dir, patient)
 
 
 def stored_split(module: TrainedModel, ckpt_path: str | Path) -> PatientSplit:
@@ -69,6 +82,7 @@ def evaluate_patients(module: TrainedModel, data_dir: Path,
                       patients: Mapping[str, Sequence[str]], keep_largest: bool = False,
                       tta: bool = False, batch_size: int = 32) -> list[dict[str, Any]]:
     """One row per patient (``patients`` maps a split name to its patient ids)."""
+    check_references(data_dir, [p for ids in patients.values() for p in ids])
     by_patient = {p: list(g) for p, g in groupby(read_manifest(data_dir), lambda r: r.patient)}
     predictor = SlicePredictor(module, batch_size=batch_size, tta=tta)
     rows = []

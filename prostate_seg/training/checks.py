@@ -127,8 +127,9 @@ def check_data_dir(data_dir: object) -> None:
     folder = Path(str(data_dir))
     _require(folder.is_dir(), "data.dir", data_dir,
              f"{not_found(folder, 'folder')} (make one with python -m prostate_seg prepare)")
-    _require((folder / "manifest.csv").is_file(), "data.dir", data_dir, "not a prepared "
-             "dataset (no manifest.csv; make one with python -m prostate_seg prepare)")
+    for marker in ("manifest.csv", "prepare.json"):  # prepare.json: the size the slices have
+        _require((folder / marker).is_file(), "data.dir", data_dir, f"not a prepared dataset "
+                 f"(no {marker}; make one with python -m prostate_seg prepare)")
 
 
 # The tracking stores MLflow has (mlflow.tracking._tracking_service.utils); plugins add theirs.

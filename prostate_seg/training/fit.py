@@ -26,7 +26,8 @@ from prostate_seg.data.datamodule import SliceDataModule
 from prostate_seg.data.prepare import PREPARE_FILE, dataset_fingerprint
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import make_folder, not_found, replacing, write_csv, write_json
-from prostate_seg.inference.evaluate import PER_PATIENT_FIELDS, evaluate_patients, split_scores
+from prostate_seg.inference.evaluate import (PER_PATIENT_FIELDS, check_references,
+                                             evaluate_patients, split_scores)
 from prostate_seg.inference.predictor import load_checkpoint, read_checkpoint
 from prostate_seg.models import network_weights, weights_mismatch
 from prostate_seg.study.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FILE, PREVIEW_FILE,
@@ -250,6 +251,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             lock.acquire()
             locked = True
         datamodule = setup_data(cfg)
+        if cfg.evaluate_best:  # the masks it will be scored against, before it trains
+            check_references(datamodule.dir, [*datamodule.split.val, *datamodule.split.test])
         identity = identity_of(cfg, datamodule)
         done = _completed_results(cfg, run_dir, identity)
         # A completed run is done unless it lacks the per-patient scores asked for
@@ -349,11 +352,23 @@ def _finish(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
     if trainer.is_global_zero:
         write_json(run_dir / RESULTS_FILE, results)
         log_run_files(trainer.loggers)  # after every file of the run is written
-        log.info("best select/dice %.4f (epoch %s) after %d epochs; validation patients at "
-                 "original size %.4f; results in %s", results.get("select/dice", float("nan")),
-                 results.get("best_epoch"), results["epochs_trained"],
-                 results.get(OBJECTIVE, float("nan")), run_dir)
+        log.info("%s after %d epochs; %s; results in %s", _summary_best(results),
+                 results["epochs_trained"], _summary_scores(results), run_dir)
     return results
+
+
+def _summary_best(results: dict[str, Any]) -> str:
+    if results.get("best_epoch") is None:
+        return "no checkpoint kept"
+    return (f"best select/dice {results.get('select/dice', float('nan')):.4f} "
+            f"(epoch {results['best_epoch']})")
+
+
+def _summary_scores(results: dict[str, Any]) -> str:
+    """The study's number, or that the run has none (the line before says why)."""
+    if OBJECTIVE not in results:
+        return "no per-patient scores"
+    return f"validation patients at original size {results[OBJECTIVE]:.4f}"
 
 
 def _evaluate_best(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
