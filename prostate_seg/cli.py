@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 import re
+import select
 import shutil
 import sys
 import traceback
@@ -549,8 +550,11 @@ def one_line_errors(show_traceback: bool = False, config_name: str | None = None
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         yield
-    except BrokenPipeError:  # the reader left (``--help | head``): nothing more to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes at exit
+    except BrokenPipeError as exc:
+        if _stdout_reader_left():  # ``--help | head``: nothing more to say
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes at exit
+        else:  # another pipe: named as any OSError
+            print(f"error: {error_line(exc)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         if show_traceback:
@@ -571,6 +575,13 @@ def one_line_errors(show_traceback: bool = False, config_name: str | None = None
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def _stdout_reader_left() -> bool:
+    """Whether stdout is a pipe whose reader closed it (the kernel's POLLERR on the write end)."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 def tracebacks_wanted() -> bool:
@@ -726,7 +737,9 @@ def synthetic() -> None:
 def report() -> None:
     from prostate_seg.study.report import main as report_main
 
-    sys.exit(report_main())
+    with one_line_errors(tracebacks_wanted()):  # Ctrl-C, a closed pipe: as every command
+        code = report_main()
+    sys.exit(code)
 
 
 COMMANDS = {"train": train, "evaluate": evaluate, "predict": predict, "prepare": prepare,

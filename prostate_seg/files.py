@@ -78,6 +78,13 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def parent_stops() -> None:
+    """A pool worker's initializer: Ctrl-C and SIGTERM reach the whole process group, and the
+    parent (sigterm_as_interrupt) stops the work; a worker would print a traceback of its own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def check_writable_folder(folder: Path) -> None:
     """Write a probe in ``folder``, or in the nearest folder above it that exists, where it
     would be made: a tool stops before its work naming the path (root ignores permission bits,

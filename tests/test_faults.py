@@ -299,6 +299,16 @@ def test_a_tools_sweep_names_each_output_and_logs_where_its_runs_do(tmp_path):
     logs = sorted(tmp_path.glob("outputs/logs/synthetic/*/*/synthetic.log"))
     assert [log.parent.name for log in logs] == ["0", "1"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outputs", "s_1", "s_2"]
+    numbered = run_cli("-m", "prostate_seg", "synthetic", "-m", "output_dir=n_${hydra:job.num}",
+                       "num_patients=1,2", "size=32", cwd=tmp_path)  # the launcher's number
+    assert numbered.returncode == 0 and (tmp_path / "n_1" / "masks").is_dir(), numbered.stderr
+
+
+def test_help_whose_reader_left_ends_quietly(tmp_path):
+    """``--help | head``: the reader may close the pipe first (``true`` reads nothing)."""
+    shown = subprocess.run(f"{sys.executable} -m prostate_seg predict --help | true", shell=True,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert shown.stderr == ""
 
 
 def test_ctrl_c_ends_a_tool_in_one_line(tmp_path):

@@ -413,7 +413,6 @@ def test_callback_never_fails_the_sweep_and_reads_the_report_settings(tmp_path, 
     (callback.sweep_dir / "multirun.yaml").write_text("{}\n")  # Hydra's: the sweep launched
     callback.write()  # but no job started (sbatch refused the array): no report, nothing said
     assert caplog.text == "" and sorted(callback_dir.iterdir()) == [callback_dir / "multirun.yaml"]
-    callback.sweep_dir = callback_dir
     (callback_dir / "0").mkdir()  # a job's folder without its run
     callback.write()  # no exception: logged
     assert "could not write the sweep report" in caplog.text

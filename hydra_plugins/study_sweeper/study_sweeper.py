@@ -249,10 +249,19 @@ def _claim_output(job_config: DictConfig, command: str, index: int, jobs: List[L
                   outputs: Dict[Path, int]) -> None:
     """A tool's jobs each write their own output: the second onto the first's would stop the
     sweep halfway (or replace it, with overwrite=true)."""
+    from prostate_seg.data.volume import is_nifti  # numpy: not for --help and mistakes
+
     key = OUTPUTS.get(command)
-    value = OmegaConf.select(job_config, key, default=None) if key else None
-    if not isinstance(value, str):
-        return  # null (a derived name) or a bad value, which the job's own check names
+    if key is None:
+        return
+    for num in (index, MISSING):  # as the launcher numbers it (${hydra:job.num} in a name)
+        with read_write(job_config.hydra):
+            job_config.hydra.job.num = num
+        _set_hydra_config(job_config)
+        if num == index:
+            value = OmegaConf.select(job_config, key, default=None)
+    if not isinstance(value, str) or (command == "predict" and not is_nifti(Path(value))):
+        return  # a name derived, a bad value (named by the job's check), a folder of masks
     output = Path(value).resolve()
     if output in outputs:
         first = outputs[output]

@@ -29,8 +29,8 @@ from prostate_seg.data.volume import (INTENSITY_MODES, VolumeGeometry, display_a
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.settings import check_values, shown
 from prostate_seg.files import (beside, check_name_fits, check_writable_folder, new_folders,
-                                not_found, refuse_existing, sigterm_as_interrupt, write_csv,
-                                write_json)
+                                not_found, parent_stops, refuse_existing, sigterm_as_interrupt,
+                                write_csv, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ REPORT_FILE = "prepare_report.json"
 # A dataset's own entries (split.json: made by training, tied to this data); overwrite=true
 # deletes the old dataset whole, so anything else in it is the user's and stops it.
 OWN_ENTRIES = (*DATASET_MARKERS, REPORT_FILE, SPLIT_FILE, *CONTENT_FOLDERS)
+LITTER = (".DS_Store", "Thumbs.db", "desktop.ini")  # a file browser's, deleted with the dataset
 
 
 @dataclass(frozen=True)
@@ -323,7 +324,7 @@ def check_only_own_entries(real_out: Path, output_dir: Path) -> None:
     if not real_out.is_dir():
         return
     for entry in sorted(real_out.iterdir()):
-        if entry.name not in OWN_ENTRIES:
+        if entry.name not in OWN_ENTRIES + LITTER and not entry.name.startswith("._"):
             raise DataError(f"{output_dir / entry.name}: not made by prepare; overwrite=true "
                             f"would delete it with the old dataset in output_dir={output_dir}: "
                             "move it out first")
@@ -346,13 +347,14 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
 
     tmp, old = beside(real_out, "partial"), beside(real_out, "old")
     shutil.rmtree(tmp, ignore_errors=True)
+    moved = False  # the old dataset renamed aside by this run
     with sigterm_as_interrupt(), new_folders(real_out.parent):  # none left if it stops
         try:
             for sub in CONTENT_FOLDERS:
                 (tmp / sub).mkdir(parents=True)
             jobs = (cases, [settings] * len(cases), [tmp] * len(cases))
             if workers > 1:
-                with ProcessPoolExecutor(workers) as pool:
+                with ProcessPoolExecutor(workers, initializer=parent_stops) as pool:
                     results = list(pool.map(_prepare_case, *jobs))
             else:
                 results = list(map(_prepare_case, *jobs))
@@ -385,11 +387,13 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
                 "patients": patients, "slices": len(rows), CONTENT_DIGEST: content_digest(tmp)})
             write_json(tmp / REPORT_FILE, report)
             if real_out.exists():
+                check_only_own_entries(real_out, output_dir)  # again: the build took a while
                 real_out.rename(old)
+                moved = True
             tmp.rename(real_out)
             shutil.rmtree(old, ignore_errors=True)
         except BaseException:
-            if old.exists() and not real_out.exists():  # stopped between the two renames
+            if moved and not real_out.exists():  # stopped between the two renames
                 old.rename(real_out)
             # the build, or once it is in place the old dataset whose deletion was stopped
             shutil.rmtree(tmp if tmp.exists() else old, ignore_errors=True)

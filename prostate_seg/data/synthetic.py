@@ -20,8 +20,8 @@ from scipy import ndimage
 
 from prostate_seg.data.prepare import LAYOUTS
 from prostate_seg.errors import DataError
-from prostate_seg.files import (check_writable_folder, refuse_existing, replacing,
-                                sigterm_as_interrupt)
+from prostate_seg.files import (check_writable_folder, parent_stops, refuse_existing,
+                                replacing, sigterm_as_interrupt)
 from prostate_seg.settings import check_values
 
 FOLDERS = ("images", "masks")  # as prepare finds scans and their masks
@@ -162,6 +162,7 @@ def write_phantom(phantom: Phantom, output_dir: Path) -> None:
     affine = np.diag([-col_mm, -row_mm, slice_mm, 1.0])
     image_path, mask_path = (output_dir / folder / f"{phantom.patient}.nii.gz"
                              for folder in FOLDERS)
+    image_path.unlink(missing_ok=True)  # replaced: never the new mask beside the old image
     with replacing(image_path) as image_tmp, replacing(mask_path) as mask_tmp:  # inner first
         nib.save(_nifti(np.rint(phantom.image), np.int16, affine), str(image_tmp))
         nib.save(_nifti(phantom.mask, np.uint8, affine), str(mask_tmp))
@@ -189,13 +190,13 @@ def generate(output_dir: str | Path, num_patients: int, seed: int = 0, size: int
         refuse_existing(path, overwrite)
     if overwrite:  # the phantoms of an earlier, larger set would pass for this one's
         for folder in FOLDERS:
-            for old in (output_dir / folder).glob(f"{PREFIX}*.nii.gz"):
+            for old in filter(is_phantom, (output_dir / folder).glob("*")):
                 if old not in written:
                     old.unlink()
     jobs = [(seed, index, size, output_dir) for index in range(num_patients)]
     with sigterm_as_interrupt():  # a kill leaves no temporary either
         if workers > 1:
-            with ProcessPoolExecutor(workers) as pool:
+            with ProcessPoolExecutor(workers, initializer=parent_stops) as pool:
                 patients = list(pool.map(_make_and_write, *zip(*jobs)))
         else:
             patients = [_make_and_write(*job) for job in jobs]
