@@ -472,6 +472,8 @@ PREDICT = ["predict.py", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz"
      "jobs 0 and 1 would write the same output_dir=s (output_dir=s num_patients=1 / "
      "output_dir=s num_patients=2); name what tells them apart in it: "
      "'output_dir=s_${num_patients}'"),
+    (["evaluate.py", "-m", "ckpt_path=m.ckpt", "data.dir=a,b"],  # the table's name, derived
+     "jobs 0 and 1 would write the same output=m.ckpt.eval-lcc-tta.csv"),
     (["predict.py", "-m", "ckpt_path=m.ckpt", "input=a.nii.gz", "output=b.nii.gz",
       "batch_size=1,${nope}"], "job batch_size=$\\{nope\\}: batch_size: refers to nope"),
     (["train.py", "-m", "data.dir=.", "seed=${seed}"],  # a sweep's job named from a cycle

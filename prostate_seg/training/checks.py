@@ -28,8 +28,10 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(f"{key}={shown(value)}: {allowed}")
 
 
-# A loss's numbers, in it or in a combined loss's terms (the loss classes check them too, but
-# name neither the term nor a value of the wrong type).
+# The numbers of this project's losses, in one or in a combined loss's terms (the classes check
+# them too, but name neither the term nor a value of the wrong type); another library's loss
+# may mean otherwise by them (a focal loss's gamma = 0 is BCE).
+OWN_LOSSES = "prostate_seg.losses."
 LOSS_VALUES = {"alpha": PROBABILITY, "beta": PROBABILITY, "smooth": Setting(float, 0.0),
                "gamma": Setting(float, 0.0, open_low=True)}
 WEIGHT = Setting(float, 0.0)  # a negative weight ascends its term
@@ -38,9 +40,10 @@ WEIGHT = Setting(float, 0.0)  # a negative weight ascends its term
 def check_loss(loss: DictConfig, prefix: str = "loss") -> None:
     """Every loss number in range, also inside a combined loss, whose weights are >= 0 and not
     all 0 (a zero loss trains nothing)."""
+    own = str(loss.get("_target_", "")).startswith(OWN_LOSSES)
     for key, setting in LOSS_VALUES.items():
         value = loss.get(key)
-        if value is not None:
+        if own and value is not None:
             _require(setting.allows(value, setting.high), f"{prefix}.{key}", value,
                      f"must be {setting.describe(setting.high)}")
     weights = loss.get("weights") or {}
