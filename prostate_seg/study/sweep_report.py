@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import atexit
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ class SweepReport(Callback):
     def __init__(self) -> None:
         self.settings: dict[str, Any] = {}
         self.sweep_dir: Path | None = None
-        self.started = 0.0
+        self.record_before: int | None = None  # multirun.yaml's mtime (ns) as the sweep began
 
     def __getstate__(self) -> dict[str, Any]:
         # A copy for a job's own process (gpu_pool): the report is the sweep process's.
@@ -37,7 +36,8 @@ class SweepReport(Callback):
                          "all_pairs": bool(settings.get("all_pairs", False)),
                          "allow_mixed_code": bool(settings.get("allow_mixed_code", False))}
         self.sweep_dir = Path(config.hydra.sweep.dir)
-        self.started = time.time()
+        record = self.sweep_dir / "multirun.yaml"
+        self.record_before = record.stat().st_mtime_ns if record.is_file() else None
         atexit.register(self.write)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -48,7 +48,8 @@ class SweepReport(Callback):
         not rewrite the running sweep's report. A job folder shows a job started (sbatch may
         refuse the whole array)."""
         record = self.sweep_dir / "multirun.yaml" if self.sweep_dir else None
-        return (record is not None and record.is_file() and record.stat().st_mtime >= self.started
+        return (record is not None and record.is_file()
+                and record.stat().st_mtime_ns != self.record_before  # written by this sweep
                 and any(p.is_dir() and not p.name.startswith(".")
                         for p in self.sweep_dir.iterdir()))
 
