@@ -254,17 +254,17 @@ def _claim_output(job_config: DictConfig, command: str, index: int, jobs: List[L
     key = OUTPUTS.get(command)
     if key is None:
         return
-    for num in (index, MISSING):  # as the launcher numbers it (${hydra:job.num} in a name)
-        with read_write(job_config.hydra):
-            job_config.hydra.job.num = num
-        _set_hydra_config(job_config)
-        if num == index:
-            value = OmegaConf.select(job_config, key, default=None)
-            if value is None and command == "evaluate":  # the name it derives, made the same way
-                from prostate_seg.inference.evaluate import default_output
+    with read_write(job_config.hydra):  # numbered as the launcher will: ${hydra:job.num}
+        job_config.hydra.job.num = index
+    _set_hydra_config(job_config)
+    value = OmegaConf.select(job_config, key, default=None)
+    with read_write(job_config.hydra):
+        job_config.hydra.job.num = MISSING  # the launcher sets it
+    if value is None and command == "evaluate":  # the name it derives, made the same way
+        from prostate_seg.inference.evaluate import default_output
 
-                value = str(default_output(job_config.ckpt_path, job_config.subset,
-                                           job_config.largest_component, job_config.tta))
+        value = str(default_output(job_config.ckpt_path, job_config.subset,
+                                   job_config.largest_component, job_config.tta))
     if not isinstance(value, str) or (command == "predict" and not is_nifti(Path(value))):
         return  # a name derived, a bad value (named by the job's check), a folder of masks
     output = Path(value).resolve()

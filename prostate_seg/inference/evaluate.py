@@ -82,7 +82,7 @@ def evaluate_patients(module: TrainedModel, data_dir: Path,
                       patients: Mapping[str, Sequence[str]], keep_largest: bool = False,
                       tta: bool = False, batch_size: int = 32) -> list[dict[str, Any]]:
     """One row per patient (``patients`` maps a split name to its patient ids)."""
-    check_references(data_dir, [p for ids in patients.values() for p in ids])
+    references = {p: _reference(data_dir, p) for ids in patients.values() for p in ids}  # first
     by_patient = {p: list(g) for p, g in groupby(read_manifest(data_dir), lambda r: r.patient)}
     predictor = SlicePredictor(module, batch_size=batch_size, tta=tta)
     rows = []
@@ -93,7 +93,7 @@ def evaluate_patients(module: TrainedModel, data_dir: Path,
                 raise DataError(f"{data_dir}/manifest.csv: no slices of patient {patient}")
             fitted = np.stack([read_png(r.image) for r in slices])
             prob = predictor.predict_fitted(fitted, slices[0].height, slices[0].width)
-            truth, spacing, spacing_known = _reference(data_dir, patient)
+            truth, spacing, spacing_known = references[patient]
             if truth.shape != prob.shape:
                 raise DataError(f"{data_dir}/volumes/{patient}.npz: shape {truth.shape} != the "
                                 f"manifest's slices {prob.shape}")
