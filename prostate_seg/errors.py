@@ -9,8 +9,8 @@ class UserError(Exception):
     """Bad input or configuration. The message names the file or config key and what is wrong."""
 
 
-class ConfigError(UserError):
-    """A config value is out of range or inconsistent."""
+class ConfigError(UserError, ValueError):
+    """A config value is out of range or inconsistent (a ValueError to Python callers)."""
 
 
 class DataError(UserError):

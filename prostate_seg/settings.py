@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
@@ -106,6 +108,14 @@ SEED = Setting(int, 0, 2**32 - 1)  # numpy's and Lightning's range (Lightning re
 WORKERS = Setting(int, 0)  # 0: in this process
 BATCH = Setting(int, 1)
 PROBABILITY = Setting(float, 0.0, 1.0)
+# The numbers of this project's losses (prostate_seg.losses): the classes check their arguments
+# with them, train's start-up check a config's, naming a combined loss's term. Another library's
+# loss may mean otherwise by them (a focal loss's gamma = 0 is BCE).
+LOSS_NUMBERS = {"alpha": Setting(float, 0.0, 1.0, nullable=True),  # weighs false positives
+                "beta": Setting(float, 0.0, 1.0, nullable=True),  # weighs false negatives
+                "smooth": Setting(float, 0.0),
+                "gamma": Setting(float, 0.0, open_low=True),
+                "weights": Setting(float, 0.0)}  # a combined loss's: a negative one ascends its term
 MAX_SIDE = 4096  # pixels a side of a phantom or a prepared slice: beyond it, hours of huge PNGs
 # Per command (its config's name): keys absent from a config (a removed callback) are skipped.
 SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
@@ -121,8 +131,9 @@ SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
         "data.folds": Setting(int, 2),
         "data.fold": Setting(int, 0, "data.folds", open_high=True),
         "data.test_fraction": Setting(float, 0.0, 1.0, open_high=True),
-        "loss.alpha": Setting(float, 0.0, 1.0, nullable=True),  # weighs FP (check_loss: terms)
-        "loss.beta": Setting(float, 0.0, 1.0, nullable=True),  # weighs FN
+        # any loss's, before the run's folder is made (check_loss_numbers: this project's)
+        "loss.alpha": LOSS_NUMBERS["alpha"],
+        "loss.beta": LOSS_NUMBERS["beta"],
         "data.test_patients": ListOf(str, (1, None), "[Case00, Case07]", nullable=True),
         # the training patients that choose epoch and checkpoint
         "data.select_fraction": Setting(float, 0.0, 1.0, open_low=True, open_high=True),
@@ -252,6 +263,21 @@ def check_values(command: str, **values: object) -> None:
     function (synthetic.generate, prepare's settings)."""
     check_settings(OmegaConf.create({key: str(value) if isinstance(value, PurePath) else value
                                      for key, value in values.items()}), command)
+
+
+def check_loss_numbers(loss: Mapping[str, Any], prefix: str = "loss") -> None:
+    """``loss``'s numbers of LOSS_NUMBERS in range, named ``{prefix}.{key}``; a combined loss's
+    weights also not all 0 (a zero loss trains nothing)."""
+    weights = loss.get("weights") or {}
+    values = {key: loss[key] for key in LOSS_NUMBERS if key != "weights" and key in loss}
+    for key, value in [*values.items(), *((f"weights.{k}", w) for k, w in weights.items())]:
+        setting = LOSS_NUMBERS[key.partition(".")[0]]
+        if not setting.allows(value, setting.high):
+            raise ConfigError(f"{prefix}.{key}={shown(value)}: must be "
+                              f"{setting.describe(setting.high)}")
+    if weights and not any(w > 0 for w in weights.values()):
+        raise ConfigError(f"{prefix}.weights={shown(weights)}: at least one must be > 0 (all 0: "
+                          "a zero loss, nothing learnt)")
 
 
 def missing_reference(exc: InterpolationKeyError) -> str:

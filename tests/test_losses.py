@@ -1,6 +1,7 @@
 """Loss values against hand computation, and the alpha/beta convention (alpha weights FP)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -94,8 +95,40 @@ def test_combined_loss_is_the_weighted_sum():
 
 @pytest.mark.parametrize("kwargs", [{"alpha": 1.5}, {"alpha": -0.1}, {"alpha": 0.5, "beta": 2}])
 def test_weights_outside_unit_interval_are_refused(kwargs):
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match=r"must be a number in \[0, 1\]"):
         TverskyLoss(**kwargs)
+
+
+@pytest.mark.parametrize("loss, values, message", [
+    ("TverskyLoss", {"alpha": 1.5}, "loss.alpha=1.5: must be a number in [0, 1]"),
+    ("TverskyLoss", {"alpha": 0.2, "beta": -0.1}, "loss.beta=-0.1: must be a number in [0, 1]"),
+    ("TverskyLoss", {"smooth": None}, "loss.smooth=null: must be >= 0"),
+    ("FocalTverskyLoss", {"gamma": 0.0}, "loss.gamma=0.0: must be > 0"),
+    ("CombinedLoss", {"terms": {"bce": None, "dice": None},
+                      "weights": {"bce": 0.0, "dice": 0.0}},
+     "loss.weights={bce: 0.0, dice: 0.0}: at least one must be > 0"),
+    ("CombinedLoss", {"terms": {"bce": None}, "weights": {"bce": -1}},
+     "loss.weights.bce=-1: must be >= 0"),
+])
+def test_a_loss_and_its_config_refuse_a_number_in_the_same_words(loss, values, message):
+    """One rule: the class called from Python, and train's start-up check of a config."""
+    from omegaconf import OmegaConf
+
+    from prostate_seg import losses
+    from prostate_seg.errors import ConfigError
+    from prostate_seg.training.checks import check_loss
+
+    arguments = dict(values)
+    if "terms" in arguments:
+        arguments["terms"] = {name: torch.nn.BCEWithLogitsLoss() for name in values["terms"]}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        getattr(losses, loss)(**arguments)
+    config = {"_target_": f"prostate_seg.losses.{loss}", **values}
+    if "terms" in config:
+        config["terms"] = {name: {"_target_": "torch.nn.BCEWithLogitsLoss"}
+                           for name in values["terms"]}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_loss(OmegaConf.create(config))
 
 
 def test_combined_loss_needs_a_weight_per_term():

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from prostate_seg.settings import check_loss_numbers
+
 
 class CombinedLoss(nn.Module):
     """``sum_k weights[k] * terms[k](logits, target)``; every term sees the same logits."""
@@ -17,6 +19,7 @@ class CombinedLoss(nn.Module):
             raise ValueError(
                 f"loss.weights keys {sorted(weights)} must match loss.terms keys {sorted(terms)}"
             )
+        check_loss_numbers({"weights": weights})
         self.terms = nn.ModuleDict(dict(terms))
         self.weights = {name: float(w) for name, w in weights.items()}
 

@@ -6,6 +6,7 @@ from torch import Tensor
 
 from prostate_seg.losses.functional import focal_tversky_loss
 from prostate_seg.losses.tversky import TverskyLoss
+from prostate_seg.settings import check_loss_numbers
 
 
 class FocalTverskyLoss(TverskyLoss):
@@ -27,8 +28,7 @@ class FocalTverskyLoss(TverskyLoss):
     def __init__(self, alpha: float = 0.3, beta: float | None = None, gamma: float = 4 / 3,
                  smooth: float = 1.0):
         super().__init__(alpha, beta, smooth)
-        if not gamma > 0:
-            raise ValueError(f"loss.gamma={gamma} must be > 0")
+        check_loss_numbers({"gamma": gamma})
         self.gamma = float(gamma)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from prostate_seg.losses.functional import tversky_index
+from prostate_seg.settings import check_loss_numbers
 
 
 class TverskyLoss(nn.Module):
@@ -20,11 +21,7 @@ class TverskyLoss(nn.Module):
     def __init__(self, alpha: float = 0.5, beta: float | None = None, smooth: float = 1.0):
         super().__init__()
         beta = 1.0 - alpha if beta is None else beta
-        for key, value in (("alpha", alpha), ("beta", beta)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"loss.{key}={value} is outside [0, 1]")
-        if smooth < 0:
-            raise ValueError(f"loss.smooth={smooth} must be >= 0")
+        check_loss_numbers({"alpha": alpha, "beta": beta, "smooth": smooth})
         self.alpha, self.beta, self.smooth = float(alpha), float(beta), float(smooth)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from prostate_seg.config import build, check_extras_installed, uses_gpu
 from prostate_seg.errors import ConfigError, one_line
 from prostate_seg.files import not_found
-from prostate_seg.settings import PROBABILITY, Setting, check_settings, shown
+from prostate_seg.settings import check_loss_numbers, check_settings, shown
 from prostate_seg.study.runs import processes
 from prostate_seg.training.signatures import check_arguments
 
@@ -28,30 +28,13 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(f"{key}={shown(value)}: {allowed}")
 
 
-# The numbers of this project's losses, in one or in a combined loss's terms (the classes check
-# them too, but name neither the term nor a value of the wrong type); another library's loss
-# may mean otherwise by them (a focal loss's gamma = 0 is BCE).
 OWN_LOSSES = "prostate_seg.losses."
-LOSS_VALUES = {"alpha": PROBABILITY, "beta": PROBABILITY, "smooth": Setting(float, 0.0),
-               "gamma": Setting(float, 0.0, open_low=True)}
-WEIGHT = Setting(float, 0.0)  # a negative weight ascends its term
 
 
 def check_loss(loss: DictConfig, prefix: str = "loss") -> None:
-    """Every loss number in range, also inside a combined loss, whose weights are >= 0 and not
-    all 0 (a zero loss trains nothing)."""
-    own = str(loss.get("_target_", "")).startswith(OWN_LOSSES)
-    for key, setting in LOSS_VALUES.items():
-        value = loss.get(key)
-        if own and value is not None:
-            _require(setting.allows(value, setting.high), f"{prefix}.{key}", value,
-                     f"must be {setting.describe(setting.high)}")
-    weights = loss.get("weights") or {}
-    for name, weight in weights.items():
-        _require(WEIGHT.allows(weight, None), f"{prefix}.weights.{name}", weight,
-                 f"must be {WEIGHT.describe(None)}")
-    _require(not weights or any(w > 0 for w in weights.values()), f"{prefix}.weights", weights,
-             "at least one must be > 0 (all 0: a zero loss, nothing learnt)")
+    """This project's losses' numbers in range, also inside a combined loss, by their keys."""
+    if str(loss.get("_target_", "")).startswith(OWN_LOSSES):
+        check_loss_numbers(loss, prefix)
     alpha, beta = loss.get("alpha"), loss.get("beta")
     if alpha is not None and beta is not None and not math.isclose(alpha + beta, 1.0):
         log.warning("%s.alpha + %s.beta = %s, not 1: the index is not a Tversky-normalised "
