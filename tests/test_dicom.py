@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def write_series(folder: Path, pixels: np.ndarray, *, origin=(-10.0, -20.0, 5.0)
                  orientation=AXIAL, slice_spacing: float = SLICE_SPACING,
                  positions: list[float] | None = None, description: str = "t2_tse_tra",
                  uid: str | None = None, slope: float = 2.0, intercept: float = -100.0,
-                 reverse_instances: bool = False, seed: int = 0) -> list[np.ndarray]:
+                 reverse_instances: bool = False, seed: int = 0, pixel_spacing=PIXEL_SPACING,
+                 thickness: str | None = None) -> list[np.ndarray]:
     """Write slice k at ``origin + positions[k] * normal``, in shuffled order with meaningless
     names (some in a nested folder, none with a .dcm suffix); returns each slice's position."""
     uid = uid or generate_uid()
@@ -68,8 +70,8 @@ def write_series(folder: Path, pixels: np.ndarray, *, origin=(-10.0, -20.0, 5.0)
         ds.InstanceNumber = len(pixels) - k if reverse_instances else k + 1
         ds.ImageOrientationPatient = _ds(orientation)
         ds.ImagePositionPatient = _ds(ipps[k])
-        ds.PixelSpacing = _ds(PIXEL_SPACING)
-        ds.SliceThickness = _ds([slice_spacing])[0]
+        ds.PixelSpacing = _ds(pixel_spacing)
+        ds.SliceThickness = thickness or _ds([slice_spacing])[0]
         ds.Rows, ds.Columns = pixels.shape[1:]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
@@ -180,6 +182,20 @@ def test_ambiguous_series_is_an_error_listing_them(tmp_path):
 def test_bad_slice_positions(tmp_path, positions, message):
     write_series(tmp_path, known_volume(), positions=positions)
     with pytest.raises(DataError, match=message) as err:
+        load_dicom_series(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+@pytest.mark.parametrize("slices, settings, message", [
+    (4, {"pixel_spacing": (0.0, 0.5)}, "PixelSpacing [0, 0.5] must be positive numbers"),
+    (4, {"pixel_spacing": (-0.6, 0.5)}, "PixelSpacing [-0.6, 0.5] must be positive numbers"),
+    (1, {"thickness": "0"}, "SliceThickness '0' is not a positive number of mm"),
+    (1, {"thickness": "-3"}, "SliceThickness '-3' is not a positive number of mm"),
+])
+def test_a_spacing_that_is_not_positive_is_an_error(tmp_path, slices, settings, message):
+    """0 places every voxel on a plane; < 0 mirrors the image or turns the stack over."""
+    write_series(tmp_path, known_volume()[:slices], **settings)
+    with pytest.raises(DataError, match=re.escape(message)) as err:
         load_dicom_series(tmp_path)
     assert str(tmp_path) in str(err.value)
 

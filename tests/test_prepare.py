@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import cv2
 import nibabel as nib
@@ -27,7 +28,7 @@ def test_round_trip_masks_equal_the_resized_volume_mask(phantoms, prepared):
     for patient in patients[:3]:
         img = nib.load(phantoms / "masks" / f"{patient}.nii.gz")
         data = np.asarray(img.dataobj)
-        slices = to_slices(data, geometry_of(img, data.shape))
+        slices = to_slices(data, geometry_of(img, data.shape, Path('x')))
         mine = [r for r in rows if r["patient"] == patient]
         assert [int(r["slice"]) for r in mine] == list(range(len(slices)))  # every slice kept
         for row, mask in zip(mine, slices):
@@ -43,7 +44,7 @@ def test_round_trip_masks_equal_the_resized_volume_mask(phantoms, prepared):
 def test_images_are_windowed_per_volume(phantoms, prepared):
     img = nib.load(phantoms / "images" / "phantom001.nii.gz")
     data = img.get_fdata(dtype=np.float32)
-    windowed = to_grey_levels(to_slices(data, geometry_of(img, data.shape)), "x", 0.5, 99.5,
+    windowed = to_grey_levels(to_slices(data, geometry_of(img, data.shape, Path('x'))), "x", 0.5, 99.5,
                               "window")  # prepare's default
     z = len(windowed) // 2
     assert np.array_equal(_read(prepared / f"images/phantom001_{z:03d}.png"),
@@ -125,6 +126,15 @@ def test_the_same_scan_stored_in_two_orientations_gives_the_same_slices(tmp_path
         display = stored["mask"]
     assert display.shape == (6, 30, 20)
     assert np.array_equal(display[2], mask[::-1, ::-1, 2].T)
+
+
+def test_spacing_comes_from_the_affine_that_orients_the_scan():
+    """A header whose pixdim disagrees with its sform (written by a tool that updated one):
+    orientation and spacing both from the affine, not one from each."""
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.diag([-0.5, 0.6, 3.0, 1.0]))
+    img.header["pixdim"][1:4] = 1.0
+    geometry = geometry_of(img, img.shape, Path("x"))
+    assert geometry.spacing == pytest.approx((3.0, 0.6, 0.5)) and geometry.spacing_known
 
 
 def test_decathlon_layout_4d_images_and_zonal_labels(tmp_path):

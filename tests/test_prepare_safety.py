@@ -1,9 +1,11 @@
 """prepare never touches its source data, and never turns a wrong input into a quiet result."""
 
+import gzip
 import hashlib
 import os
 import shutil
 import subprocess
+import struct
 import sys
 from pathlib import Path
 
@@ -302,22 +304,40 @@ def test_stopped_while_deleting_the_old_dataset_leaves_no_old_folder(source, tmp
     assert (out / "manifest.csv").read_text() != "the old dataset"
 
 
-@pytest.mark.parametrize("damage", ["nan_pixdim", "inf_pixdim", "nan_sform"])
+NON_FINITE = "header has NaN or infinite voxel spacing"
+
+
+@pytest.mark.parametrize("damage, why", [
+    ("nan_pixdim", NON_FINITE), ("inf_pixdim", NON_FINITE), ("nan_sform", NON_FINITE),
+    # nibabel reads a 0 as 1 mm and builds the qform's affine from it
+    ("zero_pixdim", "header has a voxel spacing of 0"),
+    ("singular_sform", "affine gives voxel axes of"),
+])
 @pytest.mark.parametrize("folder", ["images", "masks"])
-def test_scan_with_non_finite_spacing_or_affine_is_refused_or_skipped(damage, folder, source,
-                                                                       tmp_path):
-    """NaN spacing used to be prepared silently (nan in the manifest, hd95 nan mm later)."""
+def test_scan_with_impossible_spacing_or_affine_is_refused_or_skipped(damage, why, folder,
+                                                                      source, tmp_path):
+    """NaN spacing used to be prepared silently (nan in the manifest, hd95 nan mm later), a 0
+    as 1 mm, a singular affine failed in nibabel's orientation code."""
     path = source / folder / "p1.nii.gz"
     img = nib.load(path)
     img = nib.Nifti1Image(np.asarray(img.dataobj), None, img.header)  # read before rewritten
     if damage == "nan_sform":
         img.header.set_sform(np.diag([1.0, np.nan, 1.0, 1.0]), code=1)
+    elif damage == "singular_sform":
+        img.header.set_sform(np.diag([1.0, 0.0, 1.0, 1.0]), code=1)
+    elif damage == "zero_pixdim":
+        img.header.set_qform(np.eye(4), code=1)
+        img.header.set_sform(None, code=0)
     else:
         img.header["pixdim"][1:4] = float("nan" if damage == "nan_pixdim" else "inf")
         img.header.set_qform(None, code=0)
         img.header.set_sform(None, code=0)
     nib.save(img, str(path))
-    message = rf"^{path}: header has NaN or infinite voxel spacing"
+    if damage == "zero_pixdim":  # as written by a broken exporter: nibabel's save mends it
+        stored = bytearray(gzip.decompress(path.read_bytes()))
+        stored[80:84] = struct.pack("<f", 0.0)  # pixdim[1], after dim and the intents
+        path.write_bytes(gzip.compress(bytes(stored)))
+    message = rf"^{path}: {why}"
     with pytest.raises(DataError, match=message):
         prepare(source, tmp_path / "out", SETTINGS)
     report = prepare(source, tmp_path / "out", SETTINGS, on_error="skip")

@@ -7,6 +7,7 @@ The masks' affine is compared with it, so a sorting or orientation error shows t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,16 @@ def _slice_spacing(folder: Path, positions: np.ndarray, first: Any) -> float:
     """Distance between neighbouring slices, which must be the same all along the stack."""
     if len(positions) == 1:
         for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-            if first.get(keyword):
-                return float(first.get(keyword))
+            value = first.get(keyword)
+            if value is None or value == "":
+                continue
+            try:
+                spacing = float(value)
+            except (TypeError, ValueError):
+                spacing = math.nan
+            if not (math.isfinite(spacing) and spacing > 0):  # <= 0 would turn the stack over
+                raise DataError(f"{folder}: {keyword} {value!r} is not a positive number of mm")
+            return spacing
         raise DataError(f"{folder}: a single slice without SliceThickness; slice spacing unknown")
     steps = np.diff(positions)
     if (steps <= SPACING_TOLERANCE_MM).any():
@@ -171,6 +180,9 @@ def load_dicom_series(folder: Path, series: str | None = None) -> nib.Nifti1Imag
 
     volume = np.stack([_pixels(ds, path, rows, cols).T for path, ds in slices], axis=2)
     row_spacing, col_spacing = _floats(first, first_path, "PixelSpacing", 2)
+    if not (row_spacing > 0 and col_spacing > 0):  # < 0 would mirror the image
+        raise DataError(f"{first_path}: PixelSpacing {first.get('PixelSpacing')} must be "
+                        "positive numbers of mm")
     lps = np.eye(4)
     lps[:3, :3] = np.column_stack([row_cosine * col_spacing, col_cosine * row_spacing,
                                    normal * slice_spacing])

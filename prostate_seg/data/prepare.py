@@ -174,7 +174,7 @@ def scan_slices(img: Any, path: Path,
                 settings: PrepareSettings) -> tuple[np.ndarray, VolumeGeometry]:
     """A scan as the windowed uint8 display slices that the network's input is made of."""
     data = voxel_array(img, path, settings.image_channel)
-    geometry = geometry_of(img, data.shape)
+    geometry = geometry_of(img, data.shape, path)
     return to_grey_levels(to_slices(data, geometry), path, *settings.window,
                           settings.intensity), geometry
 
@@ -194,7 +194,7 @@ def load_case(case: Case,
     image, geometry = scan_slices(image_nii, case.image, settings)
     mask_nii = load_nifti(case.mask)
     labels = voxel_array(mask_nii, case.mask)
-    mask_geometry = geometry_of(mask_nii, labels.shape)
+    mask_geometry = geometry_of(mask_nii, labels.shape, case.mask)
     if not (geometry.spacing_known and mask_geometry.spacing_known):
         # A header without orientation: the mask is read in the image's own stored grid.
         if labels.shape != geometry.source_shape:

@@ -12,11 +12,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as ornt_lib
+from nibabel.openers import ImageOpener
 
 from prostate_seg.errors import DataError
 from prostate_seg.files import not_found
 
 DISPLAY_ORNT = ornt_lib.axcodes2ornt(("L", "P", "S"))
+MIN_SPACING_MM = 1e-3  # a voxel axis shorter than a micrometre is a damaged header, not a scan
 MAX_VOXELS = 2**30  # 1 G voxels: far beyond any MRI volume, well inside this machine's memory
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -44,17 +46,24 @@ def is_nifti(path: Path) -> bool:
 def load_nifti(path: Path) -> nib.Nifti1Image:
     """A NIfTI file with its voxels read: whatever a damaged file makes nibabel, gzip or numpy
     raise is one problem for the user (this file cannot be read), so one DataError; so is a
-    non-finite spacing or affine, which would pass as nan mm or fail only when a mask is saved."""
+    geometry that cannot be right (geometry_of), which would pass as nan or guessed mm or fail
+    only when a mask is saved."""
     if not path.is_file():
         raise DataError(f"{path}: {not_found(path)}")
     try:
         img = nib.load(str(path))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise DataError(f"{path}: not a NIfTI image ({type(img).__name__})")
-        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-        if not (np.isfinite(zooms).all() and np.isfinite(img.affine).all()):
-            raise DataError(f"{path}: header has NaN or infinite voxel spacing {zooms} or "
-                            "affine; the scan's geometry (and every distance in mm) is unknown")
+        with ImageOpener(str(path)) as stored:  # as written: nibabel turns a 0 spacing into 1
+            pixdim = type(img.header).from_fileobj(stored, check=False)["pixdim"][1:4]
+        if not (np.isfinite(pixdim).all() and np.isfinite(img.affine).all()):
+            raise DataError(f"{path}: header has NaN or infinite voxel spacing "
+                            f"{tuple(pixdim.tolist())} or affine; the scan's geometry (and "
+                            "every distance in mm) is unknown")
+        if oriented(img) and (pixdim == 0).any():
+            raise DataError(f"{path}: header has a voxel spacing of 0 (pixdim "
+                            f"{tuple(pixdim.tolist())}), which nibabel reads as 1 mm and other "
+                            "tools otherwise; the scan's geometry is unknown")
         voxels = int(np.prod(img.shape, dtype=np.float64))
         if voxels > MAX_VOXELS:
             raise DataError(f"{path}: header claims {img.shape} = {voxels:.3g} voxels, "
@@ -89,15 +98,30 @@ def voxel_array(img: nib.Nifti1Image, path: Path, channel: int | None = None) ->
     return data
 
 
-def geometry_of(img: nib.Nifti1Image, shape: tuple[int, ...]) -> VolumeGeometry:
-    known = int(img.header["qform_code"]) > 0 or int(img.header["sform_code"]) > 0
-    source_ornt = ornt_lib.io_orientation(img.affine) if known else DISPLAY_ORNT
-    zooms = img.header.get_zooms()[:3]
+def oriented(img: nib.Nifti1Image) -> bool:
+    """Whether the header places the scan in the patient (qform or sform code > 0)."""
+    return int(img.header["qform_code"]) > 0 or int(img.header["sform_code"]) > 0
+
+
+def geometry_of(img: nib.Nifti1Image, shape: tuple[int, ...], path: Path) -> VolumeGeometry:
+    """Orientation and spacing from one source: the affine, whose voxel axes must have a length
+    (a singular one, such as a DICOM PixelSpacing of 0, places every voxel on a plane); a header
+    without orientation keeps its array as stored and its spacing unknown."""
+    known = oriented(img)
+    if not known:
+        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        return VolumeGeometry(tuple(int(s) for s in shape[:3]), DISPLAY_ORNT,
+                              (zooms[2], zooms[1], zooms[0]), False)
+    sizes = nib.affines.voxel_sizes(img.affine)
+    if not (sizes > MIN_SPACING_MM).all():
+        raise DataError(f"{path}: affine gives voxel axes of {np.round(sizes, 6).tolist()} mm; "
+                        f"each must be longer than {MIN_SPACING_MM} mm (damaged header?)")
+    source_ornt = ornt_lib.io_orientation(img.affine)
     lps_spacing = [0.0, 0.0, 0.0]
     for axis, (new_axis, _) in enumerate(ornt_lib.ornt_transform(source_ornt, DISPLAY_ORNT)):
-        lps_spacing[int(new_axis)] = float(zooms[axis])
+        lps_spacing[int(new_axis)] = float(sizes[axis])
     return VolumeGeometry(tuple(int(s) for s in shape[:3]), source_ornt,
-                          (lps_spacing[2], lps_spacing[1], lps_spacing[0]), known)
+                          (lps_spacing[2], lps_spacing[1], lps_spacing[0]), True)
 
 
 def display_affine(img: nib.Nifti1Image, geometry: VolumeGeometry) -> np.ndarray:
