@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from prostate_seg.errors import ConfigError
+from prostate_seg.files import PREPARE_FILE
 from prostate_seg.study.sweeps import job_name_resolver
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -160,7 +161,7 @@ DEFAULT_IMAGE_SIZE = 384  # the study's slices
 
 def prepared_size(data_dir: str | Path) -> int | None:
     """The image_size prepare recorded in ``data_dir``/prepare.json (None without one)."""
-    path = Path(data_dir) / "prepare.json"
+    path = Path(data_dir) / PREPARE_FILE
     if not path.is_file():
         return None
     try:

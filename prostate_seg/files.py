@@ -19,6 +19,9 @@ from typing import Any
 
 from prostate_seg.errors import DataError
 
+# A prepared dataset's two files, which every stage reads: its settings and its slices.
+PREPARE_FILE, MANIFEST_FILE = "prepare.json", "manifest.csv"
+
 
 def refuse_existing(path: Path, overwrite: bool, name: str | None = None) -> None:
     """Stop before any work if ``path`` (shown as ``name``) exists and overwrite is not set."""

@@ -243,3 +243,18 @@ def test_prepare_records_the_digest_of_every_file_it_wrote(prepared, tmp_path):
             volume.rename(volume.with_name("x" + volume.name))
         assert content_digest(copy) != settings["content_digest"], change
         assert dataset_fingerprint(copy) != dataset_fingerprint(older), change
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_is_the_same_dataset(prepared, tmp_path):
+    """A spreadsheet's BOM hid the patient column from the fingerprint (read_manifest took it),
+    so a run's identity stopped depending on which patients the data holds."""
+    from prostate_seg.data.prepare import dataset_fingerprint
+
+    saved = tmp_path / "saved"
+    shutil.copytree(prepared, saved)
+    manifest = saved / "manifest.csv"
+    manifest.write_bytes(b"\xef\xbb\xbf" + manifest.read_bytes())
+    assert dataset_fingerprint(saved) == dataset_fingerprint(prepared)
+    renamed = manifest.read_text(encoding="utf-8-sig").replace("phantom000,", "phantom900,")
+    manifest.write_text("\ufeff" + renamed, encoding="utf-8")
+    assert dataset_fingerprint(saved) != dataset_fingerprint(prepared)

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from prostate_seg.config import available_cpus, job_environment
 from prostate_seg.errors import ConfigError, JobFailed
 from prostate_seg.files import replacing, write_json
-from prostate_seg.study.runs import load_json_object
+from prostate_seg.study.runs import LAUNCHER_FILE, load_json_object
 from prostate_seg.study.sweeps import JOB_ENV, Progress, duration
 
 log = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ class GpuPoolLauncher(Launcher):
     def _run_on(self, job: _Job, slot: int, device: str, cpus: int) -> None:
         """Run one job to its end; launcher.json says how it ended, launcher.log (appended to:
         a rerun keeps the earlier attempts) holds its output."""
-        previous = load_json_object(job.dir / "launcher.json")[0] or {}
+        previous = load_json_object(job.dir / LAUNCHER_FILE)[0] or {}
         record: Dict[str, Any] = {"job": job.idx, "overrides": job.overrides, "slot": slot,
                                   "device": device, "accelerator": self.accelerator,
                                   "command": job.command, "start": time.time(), "end": None,
@@ -320,7 +320,7 @@ class GpuPoolLauncher(Launcher):
         """Keep the record (the sweep's result); a disk that cannot take it is logged only."""
         job.record = record
         try:
-            write_json(job.dir / "launcher.json", record)
+            write_json(job.dir / LAUNCHER_FILE, record)
         except OSError as exc:
             log.error(f"#{job.idx}: cannot write {job.dir / 'launcher.json'}: {exc}")
 

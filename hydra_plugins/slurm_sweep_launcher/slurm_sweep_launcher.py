@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from prostate_seg.errors import JobFailed, one_line
 from prostate_seg.files import write_json
+from prostate_seg.study.runs import LAUNCHER_FILE
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class SlurmSweepLauncher(SlurmLauncher):
             log.error(f"#{idx} FAILED: {error}")
             folder = _job_folder(sweep_dir, job.job_id)
             if folder is not None:
-                write_json(folder / "launcher.json",
+                write_json(folder / LAUNCHER_FILE,
                            {"job": idx, "overrides": overrides, "slurm_job_id": job.job_id,
                             "slurm_state": state, "status": "failed", "error": error})
             ret = JobReturn(overrides=overrides, working_dir=str(folder or sweep_dir))

@@ -16,7 +16,7 @@ from lightning_fabric.utilities.seed import pl_worker_init_function
 from torch.utils.data import Dataset
 
 from prostate_seg.errors import DataError
-from prostate_seg.files import not_found
+from prostate_seg.files import MANIFEST_FILE, not_found
 
 REQUIRED_COLUMNS = ("patient", "slice", "image", "mask", "height", "width")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -37,7 +37,7 @@ def read_manifest(data_dir: Path) -> list[SliceRecord]:
     """All slices of a prepared dataset, sorted by patient and slice index."""
     if not data_dir.is_dir():
         raise DataError(f"data.dir={data_dir}: {not_found(data_dir, 'folder')}")
-    path = data_dir / "manifest.csv"
+    path = data_dir / MANIFEST_FILE
     if not path.is_file():
         raise DataError(f"{path}: manifest not found (is {data_dir} made by "
                         "python -m prostate_seg prepare?)")

@@ -28,9 +28,9 @@ from prostate_seg.data.volume import (INTENSITY_MODES, VolumeGeometry, display_a
                                       to_grey_levels, to_slices, voxel_array)
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.settings import check_values, shown
-from prostate_seg.files import (beside, check_name_fits, check_writable_folder, new_folders,
-                                not_found, parent_stops, refuse_existing, sigterm_as_interrupt,
-                                write_csv, write_json)
+from prostate_seg.files import (MANIFEST_FILE, PREPARE_FILE, beside, check_name_fits,
+                                check_writable_folder, new_folders, not_found, parent_stops,
+                                refuse_existing, sigterm_as_interrupt, write_csv, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,7 @@ MANIFEST_FIELDS = [
 PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 AFFINE_TOLERANCE_MM = 1e-2
 # Files that mark a folder as a dataset made by prepare: only such a folder is replaced.
-PREPARE_FILE = "prepare.json"  # a prepared dataset's settings: what makes a folder one
-DATASET_MARKERS = (PREPARE_FILE, "manifest.csv")
+DATASET_MARKERS = (PREPARE_FILE, MANIFEST_FILE)
 # prepare.json: the digest of every file of CONTENT_FOLDERS, which a run's identity takes
 CONTENT_DIGEST = "content_digest"
 CONTENT_FOLDERS = ("images", "masks", "volumes")
@@ -271,7 +270,7 @@ def dataset_fingerprint(data_dir: Path) -> str:
     digest.update(json.dumps({k: v for k, v in settings.items() if k != CONTENT_DIGEST},
                              sort_keys=True).encode())
     digest.update(str(settings.get(CONTENT_DIGEST) or content_digest(data_dir)).encode())
-    with open(data_dir / "manifest.csv", newline="") as f:
+    with open(data_dir / MANIFEST_FILE, newline="", encoding="utf-8-sig") as f:
         for row in csv.DictReader(f):
             digest.update("|".join(str(row.get(k)) for k in (
                 "patient", "slice", "height", "width", "gland_pixels")).encode())
@@ -377,7 +376,7 @@ def prepare(input_dir: str | Path, output_dir: str | Path,
                 raise DataError(f"input_dir={input_dir}: no mask holds a single gland voxel "
                                 f"(mask_labels={asdict(settings)['mask_labels']}); a network "
                                 "trained on it would only learn to predict nothing")
-            write_csv(tmp / "manifest.csv", rows, MANIFEST_FIELDS)
+            write_csv(tmp / MANIFEST_FILE, rows, MANIFEST_FIELDS)
             report = {"input_dir": str(input_dir), "patients": patients, "slices": len(rows),
                       "skipped": skipped, "empty_masks": empty,
                       "seconds": round(time.time() - started, 2)}

@@ -18,8 +18,9 @@ from prostate_seg.data.dataset import read_manifest, read_png
 from prostate_seg.data.split import ROLES, SPLIT_FILE, PatientSplit, read_folds
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.settings import shown
-from prostate_seg.files import check_name_fits, check_writable_folder, refuse_existing, write_csv
-from prostate_seg.data.prepare import CONTENT_FOLDERS, PREPARE_FILE, PrepareSettings
+from prostate_seg.files import (PREPARE_FILE, check_name_fits, check_writable_folder,
+                                refuse_existing, write_csv)
+from prostate_seg.data.prepare import CONTENT_FOLDERS, PrepareSettings
 from prostate_seg.inference.metrics import volume_scores
 from prostate_seg.inference.predictor import (SlicePredictor, TrainedModel, binarize,
                                               load_checkpoint, pick_device)

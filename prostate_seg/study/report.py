@@ -29,6 +29,7 @@ from prostate_seg.files import (check_writable_folder, replacing, replacing_file
 from prostate_seg.study import figures
 from prostate_seg.study.runs import (
     CODE_PREFIX,
+    LAUNCHER_FILE,
     METRICS_FILE,
     PER_PATIENT_FILE,
     PREVIEW_FILE,
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
 LONG_TABLE = "per_patient.csv"
-LAUNCHER_FILE = "launcher.json"
 PRIMARY_SPLIT = "val"
 
 # The long table's columns and what their cells hold: text; whole (a text of a whole number,

@@ -31,6 +31,7 @@ from prostate_seg.files import write_json, write_text
 STATUS_FILE = "status.json"
 RESULTS_FILE = "results.json"
 PER_PATIENT_FILE = "per_patient.csv"
+LAUNCHER_FILE = "launcher.json"  # written by the launchers: which GPU or SLURM job ran it
 METRICS_FILE = "metrics.csv"
 METRICS_DIR = "metrics"  # CSVLogger's: metrics/version_N/metrics.csv, one version per start
 # results.json: the mean per-patient Dice of the fold's validation patients at original size
@@ -52,7 +53,7 @@ NOT_IDENTITY = (
     "trainer.enable_progress_bar", "trainer.benchmark", "trainer.num_sanity_val_steps",
     "trainer.profiler", "trainer.detect_anomaly",
     "callbacks.progress_bar", "callbacks.image_grid", "callbacks.lr_monitor",
-    "callbacks.metrics_history", "callbacks.interrupt_checkpoint", "callbacks.finite_loss",
+    "callbacks.interrupt_checkpoint", "callbacks.finite_loss",
     "callbacks.epoch_log", "callbacks.model_checkpoint.dirpath",
     "callbacks.model_checkpoint.filename", "callbacks.model_checkpoint.save_top_k",
     "callbacks.model_checkpoint.auto_insert_metric_name",

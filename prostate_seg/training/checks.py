@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prostate_seg.config import build, check_extras_installed, uses_gpu
 from prostate_seg.errors import ConfigError, one_line
-from prostate_seg.files import not_found
+from prostate_seg.files import MANIFEST_FILE, PREPARE_FILE, not_found
 from prostate_seg.settings import check_loss_numbers, check_settings, shown
 from prostate_seg.study.runs import processes
 from prostate_seg.training.signatures import check_arguments
@@ -113,7 +113,7 @@ def check_data_dir(data_dir: object) -> None:
     folder = Path(str(data_dir))
     _require(folder.is_dir(), "data.dir", data_dir,
              f"{not_found(folder, 'folder')} (make one with python -m prostate_seg prepare)")
-    for marker in ("manifest.csv", "prepare.json"):  # prepare.json: the size the slices have
+    for marker in (MANIFEST_FILE, PREPARE_FILE):  # prepare.json: the size the slices have
         _require((folder / marker).is_file(), "data.dir", data_dir, f"not a prepared dataset "
                  f"(no {marker}; make one with python -m prostate_seg prepare)")
 

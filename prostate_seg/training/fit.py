@@ -23,9 +23,10 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from prostate_seg.config import build, configure_cpu_threads, uses_gpu
 from prostate_seg.data.datamodule import SliceDataModule
-from prostate_seg.data.prepare import PREPARE_FILE, dataset_fingerprint
+from prostate_seg.data.prepare import dataset_fingerprint
 from prostate_seg.errors import ConfigError, DataError
-from prostate_seg.files import make_folder, not_found, replacing, write_csv, write_json
+from prostate_seg.files import (PREPARE_FILE, make_folder, not_found, replacing, write_csv,
+                                write_json)
 from prostate_seg.inference.evaluate import (PER_PATIENT_FIELDS, check_references,
                                              evaluate_patients, split_scores)
 from prostate_seg.inference.predictor import load_checkpoint, read_checkpoint

@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
 from prostate_seg.files import write_json
-from prostate_seg.study.runs import RESULTS_FILE, load_json_object
+from prostate_seg.study.runs import HYDRA_DIR, PER_PATIENT_FILE, RESULTS_FILE, load_json_object
 from prostate_seg.training.mlflow_store import RUN_DIR_TAG, experiment_for, open_store
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 RUN_FILE = "mlflow_run.json"  # in the run folder: which MLflow run holds this run
 # results.json entries logged as params (the config identity); its other numbers are metrics.
 RESULT_PARAMS = ("identity", "group")
-RUN_ARTIFACTS = (RESULTS_FILE, "per_patient.csv", ".hydra/config.yaml")
+RUN_ARTIFACTS = (RESULTS_FILE, PER_PATIENT_FILE, f"{HYDRA_DIR}/config.yaml")
 
 
 class MLflowRunLogger(MLFlowLogger):
