@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from prostate_seg.errors import ConfigError
 from prostate_seg.files import PREPARE_FILE
+from prostate_seg.settings import normalised
 from prostate_seg.study.sweeps import job_name_resolver
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -181,7 +182,7 @@ def network_size(data_dir: str) -> int:
 def tversky_name(alpha: float, beta: float | None, gamma: float | None = None) -> str:
     """``tversky_a0.25``, with ``_b`` only when beta is not 1 - alpha: ``focal_..._g1.333``."""
     name = f"tversky_a{alpha}"
-    if beta is not None and not math.isclose(float(alpha) + float(beta), 1.0, abs_tol=1e-9):
+    if beta is not None and not normalised(alpha, beta):
         name += f"_b{beta}"
     return name if gamma is None else f"focal_{name}_g{float(gamma):.4g}"
 

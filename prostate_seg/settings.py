@@ -265,6 +265,16 @@ def check_values(command: str, **values: object) -> None:
                                      for key, value in values.items()}), command)
 
 
+def tversky_beta(alpha: float, beta: float | None) -> float:
+    """A Tversky loss's beta: as given, or ``1 - alpha`` (the index is then an F-score)."""
+    return 1.0 - alpha if beta is None else beta
+
+
+def normalised(alpha: float, beta: float) -> bool:
+    """Whether alpha + beta = 1, as written on a command line (0.65 + 0.35 in floats)."""
+    return math.isclose(float(alpha) + float(beta), 1.0, abs_tol=1e-9)
+
+
 def check_loss_numbers(loss: Mapping[str, Any], prefix: str = "loss") -> None:
     """``loss``'s numbers of LOSS_NUMBERS in range, named ``{prefix}.{key}``; a combined loss's
     weights also not all 0 (a zero loss trains nothing)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from prostate_seg.losses.functional import tversky_index
-from prostate_seg.settings import check_loss_numbers
+from prostate_seg.settings import check_loss_numbers, tversky_beta
 
 
 class TverskyLoss(nn.Module):
@@ -20,7 +20,7 @@ class TverskyLoss(nn.Module):
 
     def __init__(self, alpha: float = 0.5, beta: float | None = None, smooth: float = 1.0):
         super().__init__()
-        beta = 1.0 - alpha if beta is None else beta
+        beta = tversky_beta(alpha, beta)
         check_loss_numbers({"alpha": alpha, "beta": beta, "smooth": smooth})
         self.alpha, self.beta, self.smooth = float(alpha), float(beta), float(smooth)
 

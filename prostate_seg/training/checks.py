@@ -4,7 +4,6 @@ problem is one line naming the key, the value and what is allowed."""
 from __future__ import annotations
 
 import logging
-import math
 import os
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -16,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from prostate_seg.config import build, check_extras_installed, uses_gpu
 from prostate_seg.errors import ConfigError, one_line
 from prostate_seg.files import MANIFEST_FILE, PREPARE_FILE, not_found
-from prostate_seg.settings import check_loss_numbers, check_settings, shown
+from prostate_seg.settings import check_loss_numbers, check_settings, normalised, shown
 from prostate_seg.study.runs import processes
 from prostate_seg.training.signatures import check_arguments
 
@@ -36,7 +35,7 @@ def check_loss(loss: DictConfig, prefix: str = "loss") -> None:
     if str(loss.get("_target_", "")).startswith(OWN_LOSSES):
         check_loss_numbers(loss, prefix)
     alpha, beta = loss.get("alpha"), loss.get("beta")
-    if alpha is not None and beta is not None and not math.isclose(alpha + beta, 1.0):
+    if alpha is not None and beta is not None and not normalised(alpha, beta):
         log.warning("%s.alpha + %s.beta = %s, not 1: the index is not a Tversky-normalised "
                     "F-score any more", prefix, prefix, alpha + beta)
     for name, term in (loss.get("terms") or {}).items():

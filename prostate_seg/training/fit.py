@@ -31,6 +31,7 @@ from prostate_seg.inference.evaluate import (PER_PATIENT_FIELDS, check_reference
                                              evaluate_patients, split_scores)
 from prostate_seg.inference.predictor import load_checkpoint, read_checkpoint
 from prostate_seg.models import network_weights, weights_mismatch
+from prostate_seg.settings import tversky_beta
 from prostate_seg.study.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FILE, PREVIEW_FILE,
                                      RESULTS_FILE, Identity, RunLock, RunStatus, claim,
                                      config_identity, forget_held_log, load_json_object,
@@ -57,7 +58,7 @@ def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     """The settings that tell runs apart (results.json, hparams.yaml, MLflow's params)."""
     alpha, beta = cfg.loss.get("alpha"), cfg.loss.get("beta")
     if alpha is not None and beta is None:
-        beta = round(1.0 - alpha, 6)  # the Tversky default, stated explicitly
+        beta = round(tversky_beta(alpha, beta), 6)  # stated explicitly, as typed (0.35)
     net, scheduler = cfg.model.net, (cfg.get("scheduler") or {}).get("_target_", "none")
     features = str(list(net.features)) if "features" in net else "-"
     return {"loss": str(cfg.loss.get("name")), "alpha": alpha, "beta": beta,
