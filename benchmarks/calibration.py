@@ -31,7 +31,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from prostate_seg.data.split import SplitSettings, make_folds  # noqa: E402
-from prostate_seg.study.statistics import ALPHA, holm, nested_mean  # noqa: E402
+from prostate_seg.study.statistics import SIGNIFICANCE, holm, nested_mean  # noqa: E402
 
 RUN_SDS = (0.0, 0.005, 0.01, 0.02, 0.03)
 SEEDS = (1, 3, 5)
@@ -75,7 +75,7 @@ def claims(dice: np.ndarray, block: np.ndarray, all_pairs: bool = False) -> np.n
         differences = dice[:, j] - dice[:, i]
     else:
         differences = dice[:, 1:] - dice[:, :1]
-    return holm(nested_mean(differences, block)["p"]) < ALPHA
+    return holm(nested_mean(differences, block)["p"]) < SIGNIFICANCE
 
 
 def upper_bound(hits: int, trials: int) -> float:

@@ -13,7 +13,7 @@ import pytest
 from scipy import stats
 
 from prostate_seg.study.statistics import (
-    ALPHA,
+    SIGNIFICANCE,
     LATE_GAIN,
     Components,
     analyse,
@@ -278,7 +278,7 @@ def test_patients_as_independent_units_would_claim_differences_that_are_not_ther
     per_patient = dice.mean(axis=2)
     differences = per_patient[:, 1:] - per_patient[:, :1]
     p = stats.ttest_1samp(differences, 0.0, axis=-1).pvalue
-    assert (holm(p) < ALPHA).any(axis=1).mean() > 0.2
+    assert (holm(p) < SIGNIFICANCE).any(axis=1).mean() > 0.2
     assert claims(dice, block).any(axis=1).mean() <= 0.06
 
 

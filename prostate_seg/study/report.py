@@ -43,7 +43,7 @@ from prostate_seg.study.runs import (
     run_late_gain,
 )
 from prostate_seg.study.statistics import (
-    ALPHA,
+    SIGNIFICANCE,
     MEASURED,
     Analysis,
     Comparison,
@@ -473,8 +473,8 @@ METHOD_PAGE = Path(__file__).resolve().parents[2] / "docs" / "METHOD.md"
 METHODS = f"""## How these numbers are made
 
 Per-patient Dice at the scan's original size; means and paired differences with 95 % CIs from
-a mixed model with trained runs and patients as replicates; Holm over the comparisons
-(α = {ALPHA}). The method, its assumptions and its calibration: docs/METHOD.md of prostate-seg
+a mixed model with trained runs and patients as replicates; Holm over the comparisons at a
+family-wise error rate of {SIGNIFICANCE}. The method, its assumptions and its calibration: docs/METHOD.md of prostate-seg
 ({METHOD_PAGE if METHOD_PAGE.is_file() else "in the project's repository"}).
 """
 FIXED = ("This report chooses nothing after seeing results: the baseline, the primary measure "

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-ALPHA = 0.05  # family-wise error rate of the comparisons made (Holm)
+SIGNIFICANCE = 0.05  # of each test; over the comparisons, Holm's family-wise error rate
 CONFIDENCE = 0.95
 POWER = 0.80  # what "would detect" means when the report says how many seeds a question needs
 PLANNING_DIFFERENCE = 0.02  # the Dice difference the seeds-needed sentence is written for
@@ -25,7 +25,7 @@ TIE_MIN_PATIENTS = 2  # identical per-patient Dice on this many patients is no c
 DIFFERENCE_DECIMALS = 12  # differences rounded so float noise does not make a tie a difference
 # Runs still learning when their budget ended: their selection Dice was still rising at the end,
 # by more than this over a quarter of the epochs (late_gain), on average over the loss's runs and
-# above 0 by a one-sided t-test over them (ALPHA). Loss differences of interest are about 0.01;
+# above 0 by a one-sided t-test over them (SIGNIFICANCE). Loss differences of interest are about 0.01;
 # a loss still gaining that much would have moved with a longer budget.
 LATE_GAIN = 0.01
 
@@ -146,7 +146,7 @@ class Components:
 
 def design_power(c: Components, sizes: Sequence[int], seeds: int, difference: float,
                  comparisons: int) -> float:
-    """Power for ``difference`` with ``seeds`` runs per fold at ALPHA / comparisons (Holm's first
+    """Power for ``difference`` with ``seeds`` runs per fold at SIGNIFICANCE / comparisons (Holm's first
     step), two-sided."""
     n = np.asarray(sizes, dtype=float)
     weight = n / n.sum()
@@ -166,7 +166,7 @@ def design_power(c: Components, sizes: Sequence[int], seeds: int, difference: fl
         return 1.0  # no variation at all: any difference shows
     if df < 1:
         return math.nan
-    critical = stats.t.ppf(1 - ALPHA / comparisons / 2, df)
+    critical = stats.t.ppf(1 - SIGNIFICANCE / comparisons / 2, df)
     shift = abs(difference) / math.sqrt(var)
     return float(stats.nct.sf(critical, df, shift) + stats.nct.cdf(-critical, df, shift))
 
@@ -401,7 +401,7 @@ def loss_flags(rows: list[Row]) -> list[str]:
         reasons = sorted(set(degenerate), key=degenerate.index)
         flags.append(f"degenerate in {len(degenerate)} of {len(runs)} runs "
                      f"({'; '.join(reasons)})")
-    if late is not None and late[0] > LATE_GAIN and not late[2] >= ALPHA:
+    if late is not None and late[0] > LATE_GAIN and not late[2] >= SIGNIFICANCE:
         tested = (f"mean of {late[1]} runs, above 0 at p = {late[2]:.2g}; bound {LATE_GAIN}"
                   if not math.isnan(late[2]) else f"{late[1]} run{'s' * (late[1] > 1)}, "
                   f"nothing to test with: judged by the bound {LATE_GAIN} alone")
@@ -500,7 +500,7 @@ def compare(tables: Mapping[str, Cells], pairs: Sequence[tuple[str, str]]) -> li
             shift_correlation=_correlation(run_shifts(g), run_shifts(other))))
     p = np.array([f["p_value"] if f else math.nan for f in found])
     adjusted = holm(p) if len(p) else p
-    return [Comparison(**f, p_holm=float(q), significant=bool(q < ALPHA))
+    return [Comparison(**f, p_holm=float(q), significant=bool(q < SIGNIFICANCE))
             for f, q in zip(found, adjusted) if f is not None]
 
 
@@ -719,7 +719,7 @@ def verdict(a: Analysis) -> list[str]:
     usable = [s.loss for s in a.summaries if s.loss not in flagged]
     interpreted = [c for c in a.comparisons if c.loss in usable and c.baseline in usable]
     head = (f"On {_design(a)}, paired per-patient Dice differences with trained runs as the "
-            f"replicate, Holm over {_count(len(a.comparisons), 'comparison')} (α = {ALPHA}):")
+            f"replicate, Holm over {_count(len(a.comparisons), 'comparison')} (family-wise error rate {SIGNIFICANCE}):")
     if a.baseline is not None and a.baseline in flagged:
         lines.append(f"{head} the baseline {a.baseline} is flagged, so no comparison with it "
                      "is interpreted.")
