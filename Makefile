@@ -8,6 +8,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The torch the tests and the recorded timings ran with (the current release); any torch>=2.3
+# works: make test TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 DEMO_DIR ?= outputs/demo

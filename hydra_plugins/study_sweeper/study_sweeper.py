@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+# Hydra's own sweeper, whose expansion of a command line's sweep this one keeps (no public
+# base does it); the reason for pyproject's hydra-core<1.4
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.config_store import ConfigStore
@@ -80,7 +82,7 @@ class _Outcomes:
         returns = self.launcher.launch(job_overrides, initial_job_idx)
         for ret in returns:
             if ret.status == JobStatus.FAILED:
-                self.failed.append(ret._return_value)
+                self.failed.append(ret._return_value)  # return_value would raise it
                 ret.status, ret.return_value = JobStatus.COMPLETED, None
         return returns
 

@@ -120,6 +120,7 @@ class SweepProgress(Callback):
             log.info("job %s done in %s: %s; %s", place, duration(took), folder.name,
                      self.progress.finished(took))
         else:
+            # the exception itself: the public return_value raises it, after a stderr line
             error = str(job_return._return_value).strip().splitlines() or ["failed"]
             log.error("job %s FAILED after %s: %s (log: %s); %s", place, duration(took),
                       error[-1], folder / f"{config.hydra.job.name}.log",
