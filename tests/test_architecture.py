@@ -13,7 +13,8 @@ LAYERS = (
     {"data", "models", "losses"},
     {"inference"},
     {"training"},
-    {"cli", "__main__"},  # the command line on top
+    {"cli", "__main__"},  # the command line
+    {"hydra_plugins"},  # the sweeper and launchers Hydra finds, which check jobs as it does
 )
 
 
@@ -37,12 +38,14 @@ def imports(path: Path, known: set[str]) -> set[str]:
 
 
 def graph() -> dict[str, set[str]]:
-    paths = {module_name(p): p for p in (ROOT / "prostate_seg").rglob("*.py")}
+    paths = {module_name(p): p for package in ("prostate_seg", "hydra_plugins")
+             for p in (ROOT / package).rglob("*.py")}
     return {name: imports(path, set(paths)) - {name} for name, path in paths.items()}
 
 
 def layer(module: str) -> int:
-    part = module.split(".")[1] if "." in module else module
+    part = module.split(".")[1] if "." in module and module.startswith("prostate_seg") else (
+        module.split(".")[0])
     (index,) = [i for i, names in enumerate(LAYERS) if part in names]
     return index
 
