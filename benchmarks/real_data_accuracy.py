@@ -61,7 +61,7 @@ from prostate_seg.inference.evaluate import evaluate_checkpoint  # noqa: E402
 from prostate_seg.data.prepare import PrepareSettings, prepare  # noqa: E402
 from prostate_seg.data.split import SPLIT_FILE  # noqa: E402
 from prostate_seg.files import replacing  # noqa: E402
-from prostate_seg.study.runs import run_late_gain  # noqa: E402
+from prostate_seg.runs import run_late_gain  # noqa: E402
 from prostate_seg.study.statistics import LATE_GAIN  # noqa: E402
 from prostate_seg.training.fit import train  # noqa: E402
 

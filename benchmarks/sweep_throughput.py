@@ -81,7 +81,7 @@ def make_dataset(root: Path, patients: int, size: int) -> Path:
 
 def job_figures(job_dir: Path, batch_size: int) -> dict[str, float]:
     """Images trained and start-up seconds of one finished job, from the files it wrote."""
-    from prostate_seg.study.runs import read_history
+    from prostate_seg.runs import read_history
 
     results = json.loads((job_dir / "results.json").read_text())
     steps = max(int(row["step"]) for row in read_history(job_dir))

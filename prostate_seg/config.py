@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from prostate_seg.errors import ConfigError
 from prostate_seg.files import PREPARE_FILE
 from prostate_seg.settings import normalised
-from prostate_seg.study.sweeps import job_name_resolver
+from prostate_seg.jobs import job_name_resolver
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 CONFIG_MODULE = "prostate_seg.conf"

@@ -7,12 +7,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # Lowest first: a module may import its own layer or those below, never one above.
 LAYERS = (
-    {"prostate_seg", "errors", "files", "settings"},  # the package's base
-    {"study"},  # run folders, job names, statistics, the report: reads files, imports no stage
+    {"prostate_seg", "errors", "files", "settings", "runs", "jobs"},  # the base: run folders, jobs
     {"config"},  # composing configs (job names as a resolver)
     {"data", "models", "losses"},
     {"inference"},
     {"training"},
+    {"study"},  # statistics and the report over the runs' folders
     {"cli", "__main__"},  # the command line
     {"hydra_plugins"},  # the sweeper and launchers Hydra finds, which check jobs as it does
 )

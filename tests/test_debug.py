@@ -7,7 +7,7 @@ import json
 import pytest
 from helpers import TINY, compose_train, run_cli
 
-from prostate_seg.study.runs import config_identity, read_history
+from prostate_seg.runs import config_identity, read_history
 from prostate_seg.training.fit import NO_BEST_CHECKPOINT, train
 
 

@@ -100,7 +100,7 @@ def test_status_that_cannot_be_written_ends_the_run_with_the_error_on_stderr(
         full_checkpoint_disk, prepared, tmp_path, monkeypatch, capsys):
     """The run fails (disk full) and status.json cannot be updated either: the process must
     not end as if nothing happened, leaving "running" behind unexplained."""
-    import prostate_seg.study.runs as runs
+    import prostate_seg.runs as runs
 
     real_write = runs.write_json
 

@@ -28,7 +28,7 @@ from prostate_seg.data.datamodule import SliceDataModule
 from prostate_seg.errors import ConfigError, DataError, NonFiniteLossError, UserError
 from prostate_seg.data.prepare import PrepareSettings, prepare
 from prostate_seg.training import fit as training
-from prostate_seg.study.runs import read_history
+from prostate_seg.runs import read_history
 from prostate_seg.training.fit import build_run, setup_data, train
 
 

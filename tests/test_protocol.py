@@ -12,7 +12,7 @@ from helpers import TINY, compose_train, run_cli
 from prostate_seg.data.split import SplitSettings, check_folds, make_folds
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.inference.evaluate import evaluate_checkpoint
-from prostate_seg.study.runs import RunLock
+from prostate_seg.runs import RunLock
 from prostate_seg.training.fit import identity_of, setup_data, train
 
 PATIENTS = [f"p{i:02d}" for i in range(23)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY, run_cli
 
-from prostate_seg.study.runs import RunLock
+from prostate_seg.runs import RunLock
 
 RUN = [*TINY, "trainer.max_epochs=1"]
 

@@ -25,7 +25,7 @@ from prostate_seg.study.report import (
     read_long_table,
     report_table,
 )
-from prostate_seg.study.runs import RunLock, read_history
+from prostate_seg.runs import RunLock, read_history
 from prostate_seg.study.statistics import analyse
 from prostate_seg.study.sweep_report import SweepReport
 

@@ -16,8 +16,8 @@ from helpers import REPO, TINY, compose_train
 
 from prostate_seg.data.prepare import PrepareSettings, prepare
 from prostate_seg.errors import ConfigError
-from prostate_seg.study import runs
-from prostate_seg.study.runs import (
+from prostate_seg import runs
+from prostate_seg.runs import (
     RunStatus,
     code_version,
     config_identity,
@@ -36,7 +36,7 @@ def _git(folder, *args):
 def _code_version_of(package_parent):
     """code_version() of the package copy in ``package_parent``, imported from there."""
     out = subprocess.run(
-        [sys.executable, "-c", "import json; from prostate_seg.study.runs import code_version; "
+        [sys.executable, "-c", "import json; from prostate_seg.runs import code_version; "
                                "import prostate_seg; print(prostate_seg.__file__); "
                                "print(json.dumps(code_version()))"],
         cwd=package_parent, capture_output=True, text=True, check=True,

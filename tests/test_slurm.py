@@ -27,7 +27,7 @@ from helpers import REPO, TINY, run_cli
 from omegaconf import OmegaConf
 
 from prostate_seg.data.prepare import PrepareSettings, prepare
-from prostate_seg.study.runs import read_history
+from prostate_seg.runs import read_history
 
 pytestmark = [pytest.mark.slurm, pytest.mark.extra]
 

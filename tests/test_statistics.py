@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from prostate_seg.runs import late_gain
 from prostate_seg.study.statistics import (
-    SIGNIFICANCE,
     LATE_GAIN,
+    SIGNIFICANCE,
     Components,
     analyse,
     cells,
@@ -22,7 +23,6 @@ from prostate_seg.study.statistics import (
     design_power,
     grid,
     holm,
-    late_gain,
     loss_flags,
     nested_mean,
     seeds_needed,

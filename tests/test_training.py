@@ -16,7 +16,7 @@ from helpers import TINY, compose_train, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
-from prostate_seg.study.runs import RESULTS_FILE, read_history
+from prostate_seg.runs import RESULTS_FILE, read_history
 from prostate_seg.training import checks
 from prostate_seg.training.callbacks import CONTOURS
 from prostate_seg.training.dashboard import COLUMNS

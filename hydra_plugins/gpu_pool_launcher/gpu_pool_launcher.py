@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from prostate_seg.config import available_cpus, job_environment
 from prostate_seg.errors import ConfigError, JobFailed
 from prostate_seg.files import replacing, write_json
-from prostate_seg.study.runs import LAUNCHER_FILE, load_json_object
-from prostate_seg.study.sweeps import JOB_ENV, Progress, duration
+from prostate_seg.runs import LAUNCHER_FILE, load_json_object
+from prostate_seg.jobs import JOB_ENV, Progress, duration
 
 log = logging.getLogger(__name__)
 

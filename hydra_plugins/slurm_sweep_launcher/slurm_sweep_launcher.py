@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from prostate_seg.errors import JobFailed, one_line
 from prostate_seg.files import write_json
-from prostate_seg.study.runs import LAUNCHER_FILE
+from prostate_seg.runs import LAUNCHER_FILE
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from omegaconf.errors import InterpolationResolutionError
 from prostate_seg.cli import check_composed, unknown_key_line
 from prostate_seg.errors import ConfigError, JobFailed, UserError
 from prostate_seg.settings import OUTPUTS
-from prostate_seg.study.runs import RunLock
-from prostate_seg.study.sweeps import JOB_ENV, job_name, task_overrides
+from prostate_seg.runs import RunLock
+from prostate_seg.jobs import JOB_ENV, job_name, task_overrides
 
 log = logging.getLogger(__name__)
 AUTO_SUBDIR = "${ps.job_name:}"  # the default subdir (conf/hydra/default.yaml)

@@ -27,7 +27,7 @@ from prostate_seg.errors import ConfigError, DataError, UserError, error_line
 from prostate_seg.files import (check_writable_folder, replacing, replacing_files, write_csv,
                                 write_text)
 from prostate_seg.study import figures
-from prostate_seg.study.runs import (
+from prostate_seg.runs import (
     CODE_PREFIX,
     LAUNCHER_FILE,
     METRICS_FILE,
@@ -52,7 +52,7 @@ from prostate_seg.study.statistics import (
     analyse,
     fmt,
 )
-from prostate_seg.study.sweeps import DEFAULT_BASELINE
+from prostate_seg.jobs import DEFAULT_BASELINE
 
 log = logging.getLogger(__name__)
 

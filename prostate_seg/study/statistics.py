@@ -361,19 +361,6 @@ def degenerate_reason(rows: list[Row]) -> str | None:
     return None
 
 
-def late_gain(dice: Sequence[float]) -> float | None:
-    """How much a run's selection Dice rose over its last quarter of epochs (at least 3, so
-    more than a quarter under 12 epochs), at the pace of a least-squares line through them; None
-    for fewer than two epochs. The pace at the end, not the last quarter against the one
-    before: a run that rose through its third quarter and then stayed flat has converged
-    (issue 24's recipe: +0.004 here, +0.034 by quarters)."""
-    tail = max(len(dice) // 4, min(len(dice), 3))
-    if len(dice) < 2:
-        return None
-    x = np.arange(tail) - (tail - 1) / 2
-    return float(np.dot(x, dice[-tail:]) / np.dot(x, x) * tail)
-
-
 def mean_late_gain(runs: Iterable[list[Row]]) -> tuple[float, int, float] | None:
     """The loss's runs' mean late_gain (an early-stopped run had none left: 0), how many runs it
     averages, and the one-sided p of a t-test that it is above 0 (nan for one run or gains all

@@ -11,7 +11,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from prostate_seg.study.sweeps import DEFAULT_BASELINE
+from prostate_seg.jobs import DEFAULT_BASELINE
 
 log = logging.getLogger(__name__)
 

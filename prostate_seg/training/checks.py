@@ -16,7 +16,7 @@ from prostate_seg.config import build, check_extras_installed, uses_gpu
 from prostate_seg.errors import ConfigError, one_line
 from prostate_seg.files import MANIFEST_FILE, PREPARE_FILE, not_found
 from prostate_seg.settings import check_loss_numbers, check_settings, normalised, shown
-from prostate_seg.study.runs import processes
+from prostate_seg.runs import processes
 from prostate_seg.training.signatures import check_arguments
 
 log = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from prostate_seg.inference.evaluate import (PER_PATIENT_FIELDS, check_reference
 from prostate_seg.inference.predictor import load_checkpoint, read_checkpoint
 from prostate_seg.models import network_weights, weights_mismatch
 from prostate_seg.settings import tversky_beta
-from prostate_seg.study.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FILE, PREVIEW_FILE,
+from prostate_seg.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FILE, PREVIEW_FILE,
                                      RESULTS_FILE, Identity, RunLock, RunStatus, claim,
                                      config_identity, forget_held_log, load_json_object,
                                      run_late_gain, split_digest)
@@ -239,7 +239,7 @@ _jobs_started: list[float] = []
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run (or continue) one job in Hydra's output folder; returns its results. Nothing is
-    written into the folder until every refusal is behind it (study/runs.py claim)."""
+    written into the folder until every refusal is behind it (runs.claim)."""
     _jobs_started.append(time.monotonic())
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     lock = RunLock(run_dir, stamp=False)

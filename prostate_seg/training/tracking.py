@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 
 from prostate_seg.files import write_json
-from prostate_seg.study.runs import HYDRA_DIR, PER_PATIENT_FILE, RESULTS_FILE, load_json_object
+from prostate_seg.runs import HYDRA_DIR, PER_PATIENT_FILE, RESULTS_FILE, load_json_object
 from prostate_seg.training.mlflow_store import RUN_DIR_TAG, experiment_for, open_store
 
 log = logging.getLogger(__name__)
