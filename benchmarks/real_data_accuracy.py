@@ -213,10 +213,10 @@ def run_one(name: str, fold: int, seed: int | None, data_dir: Path, folder: Path
             else results["best_checkpoint"])
     checkpoints = {LAST: last, RAW: not_averaged(last)}
     scored: dict[tuple[Any, bool, bool], list[dict[str, Any]]] = {}
-    for label, keep_largest, tta in EVALUATIONS:
-        key = (checkpoints.get(label, kept), keep_largest, tta)
+    for label, largest_component, tta in EVALUATIONS:
+        key = (checkpoints.get(label, kept), largest_component, tta)
         if key not in scored:
-            scored[key] = evaluate_checkpoint(key[0], keep_largest=keep_largest, tta=tta)
+            scored[key] = evaluate_checkpoint(key[0], largest_component=largest_component, tta=tta)
         row[label] = scored[key]
     print(f"{name}, fold {fold}{'' if seed is None else f', seed {seed}'}: "
           + ", ".join(f"{label} {mean(row[label], 'dice'):.4f}" for label, *_ in EVALUATIONS)

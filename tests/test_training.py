@@ -225,7 +225,7 @@ def test_a_scan_from_another_scanner_is_segmented_as_it_is_evaluated(trained_run
     with open(trained_run / "per_patient.csv", newline="") as f:
         row = next(csv.DictReader(f))
     best = next((trained_run / "checkpoints").glob("best-*.ckpt"))
-    [default] = [r for r in evaluate_checkpoint(best, keep_largest=True, tta=True, device="cpu")
+    [default] = [r for r in evaluate_checkpoint(best, largest_component=True, tta=True, device="cpu")
                  if r["patient"] == row["patient"]]
     evaluated = {False: float(row["dice"]), True: default["dice"]}
     source = nib.load(phantoms / "images" / f"{row['patient']}.nii.gz")
@@ -243,7 +243,7 @@ def test_a_scan_from_another_scanner_is_segmented_as_it_is_evaluated(trained_run
                 np.float32), source.affine), scan)
         for post in (False, True):
             [out] = predict_paths(best, scan, tmp_path / f"mask{k}-{post}.nii.gz",
-                                  keep_largest=post, tta=post, device="cpu")
+                                  largest_component=post, tta=post, device="cpu")
             predicted = np.asarray(nib.load(out).dataobj).astype(bool)
             dice = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
             assert dice == pytest.approx(evaluated[post], abs=within), (gamma, gain, post, dice)
@@ -315,7 +315,7 @@ def test_predict_a_folder_of_scans(trained_run, phantoms, tmp_path):
         (scans / f"{name}.nii.gz").symlink_to(phantoms / "images" / f"{name}.nii.gz")
     (scans / "notes.txt").write_text("not a scan")
     written = predict_paths(trained_run / "checkpoints" / "last.ckpt", scans, tmp_path / "masks",
-                            keep_largest=True)
+                            largest_component=True)
     assert sorted(p.name for p in written) == ["phantom000.nii.gz", "phantom005.nii.gz"]
     for path in written:
         mask = np.asarray(nib.load(path).dataobj)

@@ -80,7 +80,7 @@ def check_same_dataset(data_dir: Path, module: TrainedModel, split: PatientSplit
 
 
 def evaluate_patients(module: TrainedModel, data_dir: Path,
-                      patients: Mapping[str, Sequence[str]], keep_largest: bool = False,
+                      patients: Mapping[str, Sequence[str]], largest_component: bool = False,
                       tta: bool = False, batch_size: int = 32) -> list[dict[str, Any]]:
     """One row per patient (``patients`` maps a split name to its patient ids)."""
     references = {p: _reference(data_dir, p) for ids in patients.values() for p in ids}  # first
@@ -98,7 +98,7 @@ def evaluate_patients(module: TrainedModel, data_dir: Path,
             if truth.shape != prob.shape:
                 raise DataError(f"{data_dir}/volumes/{patient}.npz: shape {truth.shape} != the "
                                 f"manifest's slices {prob.shape}")
-            scores = volume_scores(binarize(prob, keep_largest), truth,
+            scores = volume_scores(binarize(prob, largest_component), truth,
                                    spacing if spacing_known else (1.0, 1.0, 1.0))
             rows.append({"patient": patient, "split": split, **scores,
                          "hd95_unit": "mm" if spacing_known else "px", "slices": len(slices)})
@@ -126,10 +126,10 @@ def split_scores(rows: list[dict[str, Any]], split: str) -> dict[str, float | in
 
 
 def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path | None = None,
-                        subset: str = "val", keep_largest: bool = False, tta: bool = False,
+                        subset: str = "val", largest_component: bool = False, tta: bool = False,
                         device: str = "auto", batch_size: int = 32) -> list[dict[str, Any]]:
     """One row per patient of ``subset`` of the checkpoint's own split, of the network's own
-    output unless ``tta`` and ``keep_largest`` are given (as the command line's default)."""
+    output unless ``tta`` and ``largest_component`` are given (as the command line's default)."""
     check_subset(subset)
     module = load_checkpoint(ckpt_path, pick_device(device))
     split = stored_split(module, ckpt_path)
@@ -140,7 +140,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path | None = Non
     chosen = {name: ids for name, ids in chosen.items() if ids}
     if not chosen:
         raise ConfigError(f"subset={subset}: the checkpoint's split has no {subset} patients")
-    return evaluate_patients(module, data_dir, chosen, keep_largest, tta, batch_size)
+    return evaluate_patients(module, data_dir, chosen, largest_component, tta, batch_size)
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -158,11 +158,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def default_output(ckpt_path: str | Path, subset: str = "val", keep_largest: bool = False,
+def default_output(ckpt_path: str | Path, subset: str = "val", largest_component: bool = False,
                    tta: bool = False) -> Path:
     """``<checkpoint>.eval.csv``, named after any other subset or post-processing
     (``.eval-test-lcc-tta.csv``), so no evaluation replaces another."""
-    parts = [subset] * (subset != "val") + ["lcc"] * keep_largest + ["tta"] * tta
+    parts = [subset] * (subset != "val") + ["lcc"] * largest_component + ["tta"] * tta
     return Path(f"{ckpt_path}.eval{''.join('-' + part for part in parts)}.csv")
 
 

@@ -42,13 +42,13 @@ def _outputs(mask: Path, save_probabilities: bool) -> list[Path]:
     return [mask, probability_path(mask)] if save_probabilities else [mask]
 
 
-def predict_scan(predictor: SlicePredictor, scan: Path, output: Path, keep_largest: bool,
+def predict_scan(predictor: SlicePredictor, scan: Path, output: Path, largest_component: bool,
                  save_probabilities: bool) -> Path:
     img = load_nifti(scan)
     slices, geometry = scan_slices(img, scan, predictor.prep)
     stack = predictor.predict_volume(slices)
     prob = from_slices(stack, geometry)
-    mask = from_slices(binarize(stack, keep_largest), geometry)
+    mask = from_slices(binarize(stack, largest_component), geometry)
     if save_probabilities:  # first: a mask that exists means its run got to the end
         _save(prob, img, np.float32, probability_path(output))
     _save(mask, img, np.uint8, output)
@@ -118,13 +118,13 @@ def warn_seen_patients(scans: list[Path], model: TrainedModel) -> None:
 
 
 def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
-                  keep_largest: bool = False, save_probabilities: bool = False,
+                  largest_component: bool = False, save_probabilities: bool = False,
                   tta: bool = False, overwrite: bool = False, device: str = "auto",
                   batch_size: int = 32, on_error: str = "raise",
                   skip_existing: bool = False) -> list[Path]:
     """One scan or every NIfTI of a folder. With ``on_error=skip`` the scans that cannot be
     read are listed at the end and the call still raises, so a script sees masks missing.
-    The network's own output unless ``tta`` and ``keep_largest`` are given (the command line
+    The network's own output unless ``tta`` and ``largest_component`` are given (the command line
     turns both on: conf/inference/default.yaml)."""
     check_on_error(on_error)
     if overwrite and skip_existing:
@@ -153,7 +153,7 @@ def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
     with sigterm_as_interrupt():  # a kill leaves no temporary beside a mask
         for scan, target in todo:
             try:
-                written.append(predict_scan(predictor, scan, target, keep_largest,
+                written.append(predict_scan(predictor, scan, target, largest_component,
                                             save_probabilities))
             except DataError as exc:
                 if on_error == "raise":

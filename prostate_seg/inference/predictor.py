@@ -136,10 +136,10 @@ class SlicePredictor:
         return self.predict_fitted(fitted, rows, cols)
 
 
-def binarize(prob: np.ndarray, keep_largest: bool) -> np.ndarray:
-    """``prob > 0.5``; with ``keep_largest`` only its largest 3D connected component."""
+def binarize(prob: np.ndarray, largest_component: bool) -> np.ndarray:
+    """``prob > 0.5``; with ``largest_component`` only its largest 3D connected component."""
     mask = prob > 0.5
-    if not keep_largest:
+    if not largest_component:
         return mask
     labels, count = ndimage.label(mask)
     return labels == np.bincount(labels.ravel())[1:].argmax() + 1 if count > 1 else mask

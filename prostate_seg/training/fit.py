@@ -395,7 +395,7 @@ def _evaluate_best(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
     patients = {"val": split.val, **({"test": split.test} if split.test else {})}
     device = torch.device("cuda" if uses_gpu(cfg.trainer.accelerator) else "cpu")
     rows = evaluate_patients(load_checkpoint(best, device), datamodule.dir, patients,
-                             keep_largest=False, tta=False)
+                             largest_component=False, tta=False)
     write_csv(run_dir / PER_PATIENT_FILE, rows, PER_PATIENT_FIELDS)
     for name in patients:
         scores.update(split_scores(rows, name))
