@@ -127,7 +127,8 @@ SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
         "data.split_seed": SEED,
         "data.batch_size": BATCH,
         "data.num_workers": Setting(int, 0),
-        "data.context_slices": Setting(int, 0),
+        # 2k + 1 channels: OpenCV's lookup tables (Normalize) take at most 128
+        "data.context_slices": Setting(int, 0, 63),
         "data.folds": Setting(int, 2),
         "data.fold": Setting(int, 0, "data.folds", open_high=True),
         "data.test_fraction": Setting(float, 0.0, 1.0, open_high=True),
@@ -159,6 +160,10 @@ SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {
         "trainer.num_sanity_val_steps": Setting(int, 0, also=(-1,), nullable=True),
         "trainer.check_val_every_n_epoch": Setting(int, 1, nullable=True),
         "trainer.accumulate_grad_batches": Setting(int, 1),
+        # every epoch is scored on the selection patients (checkpoint, early stopping, schedule);
+        # 0 trains or scores nothing, and Lightning finds out inside fit
+        "trainer.limit_train_batches": Setting(float, 0.0, open_low=True),
+        "trainer.limit_val_batches": Setting(float, 0.0, open_low=True),
         "trainer.gradient_clip_val": Setting(float, 0.0, nullable=True),  # < 0 reverses steps
         "callbacks.early_stopping.patience": Setting(int, 0),
         "callbacks.early_stopping.min_delta": Setting(float, 0.0),

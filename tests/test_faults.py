@@ -62,7 +62,7 @@ from prostate_seg.training.fit import build_run, setup_data, train
     ("trainer.max_epochs=null", "trainer.max_epochs=null: must be an integer >= 1 (or -1)"),
     ("data.num_workers=-1", "data.num_workers=-1: must be an integer >= 0"),
     ("data.num_workers=true", "data.num_workers=true: must be an integer >= 0"),
-    ("data.context_slices='1'", "data.context_slices='1': must be an integer >= 0"),
+    ("data.context_slices='1'", "data.context_slices='1': must be an integer in 0..63"),
     ("data.folds=1", "data.folds=1: must be an integer >= 2"),
     ("data.folds=2.5", "data.folds=2.5: must be an integer >= 2"),
     ("data.folds=5 data.fold=5", "data.fold=5: must be an integer in 0..4 (data.folds=5)"),
@@ -158,6 +158,15 @@ from prostate_seg.training.fit import build_run, setup_data, train
      "scheduler.last_epoch=abc: CosineAnnealingLR takes an integer"),
     ("logger.csv._target_=nope.Logger", "logger.csv._target_=nope.Logger: Error loading"),
     ("data.folds=5 data.fold=4 data.test_fraction=0", None),
+    # what Lightning finds out only inside fit, once the run's folder is made
+    ("+trainer.limit_val_batches=0", "trainer.limit_val_batches=0: must be > 0"),
+    ("+trainer.limit_train_batches=0.0", "trainer.limit_train_batches=0.0: must be > 0"),
+    ("+trainer.limit_val_batches=2 +trainer.limit_train_batches=0.5", None),
+    ("data.context_slices=64", "data.context_slices=64: must be an integer in 0..63"),
+    # the best checkpoint overwritten each epoch by the resume point
+    ("callbacks.model_checkpoint.filename=last", "callbacks.model_checkpoint.filename=last: "
+     "callbacks.last_checkpoint writes that file too"),
+    ("callbacks.model_checkpoint.filename=best", None),
     ("data.image_size=8", "data.image_size=8: must be an integer >= 2^depth = 16"),
     ("data.dir=/no/such/folder", "data.dir=/no/such/folder: folder not found"),
     ("loss.smooth=-1", "loss.smooth=-1: must be >= 0"),
@@ -402,6 +411,18 @@ def test_a_scored_patients_mask_at_original_size_is_checked_before_training(
         train(compose_train([*TINY, f"data.dir={prepared_copy}"], run_dir))
     assert str(info.value).startswith(str(prepared_copy / "volumes"))
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_validation_interval_longer_than_an_epoch_is_refused_before_training(prepared_copy,
+                                                                              tmp_path):
+    """Lightning finds out inside fit, once the run's folder is made."""
+    run_dir = tmp_path / "run"
+    cfg = compose_train([*TINY, f"data.dir={prepared_copy}", "+trainer.val_check_interval=1000"],
+                        run_dir)
+    with pytest.raises(ConfigError, match=r"^trainer.val_check_interval=1000: must be at most "
+                                          r"the \d+ training batches of an epoch"):
+        train(cfg)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "status.json").exists()
 
 
 def test_a_manifest_saved_with_a_byte_order_mark_reads_the_same(prepared_copy):

@@ -196,6 +196,32 @@ def check_monitors(cfg: DictConfig) -> None:
                  "keeps the worst epoch)")
 
 
+def check_checkpoint_files(callbacks: DictConfig | None) -> None:
+    """A monitored checkpoint writes a file of its own: named as last.ckpt (filename=last) it is
+    overwritten every epoch by the resume point, and the "best" weights are the last epoch's."""
+    written = {}
+    for name, entry in (OmegaConf.to_container(callbacks, resolve=False) or {}).items():
+        if isinstance(entry, dict) and "filename" in entry:
+            written[name] = (entry.get("dirpath"), entry["filename"])
+    for name, entry in (callbacks or {}).items():
+        monitored = isinstance(entry, DictConfig) and entry.get("monitor") is not None
+        if name not in written or not monitored:
+            continue
+        for other, place in written.items():
+            _require(other == name or place != written[name], f"callbacks.{name}.filename",
+                     written[name][1], f"callbacks.{other} writes that file too (each epoch); "
+                     "the best weights would be replaced: choose another name")
+
+
+def check_validation_interval(trainer: DictConfig, batches: int) -> None:
+    """An integer val_check_interval counts training batches: more than an epoch has fails in
+    Lightning's fit, once the run's folder is made."""
+    interval = trainer.get("val_check_interval")
+    _require(not isinstance(interval, int) or isinstance(interval, bool) or interval <= batches,
+             "trainer.val_check_interval", interval, f"must be at most the {batches} training "
+             "batches of an epoch (or a fraction of an epoch, such as 0.5)")
+
+
 def check_builds(cfg: DictConfig) -> None:
     """Lightning's, torch's and Hydra's own checks of what a run builds (accelerator, precision,
     a callback's mode, an optimizer's arguments, a schedule's formula), before the run folder is
@@ -260,6 +286,7 @@ def check_train_config(cfg: DictConfig) -> None:
              "has no _target_ to build it from (choose one: scheduler=cosine, poly or plateau)")
     check_settings(cfg, "train")
     check_monitors(cfg)
+    check_checkpoint_files(cfg.get("callbacks"))
     sync = cfg.trainer.get("sync_batchnorm")
     _require(not processes(cfg.trainer)["trainer.sync_batchnorm"]
              or uses_gpu(str(cfg.trainer.get("accelerator"))), "trainer.sync_batchnorm", sync,

@@ -38,7 +38,7 @@ from prostate_seg.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FILE, PRE
                                      run_late_gain, split_digest)
 from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch, without_bar
 from prostate_seg.training.checks import (check_ddp_launch, check_train_config,
-                                          instantiate_checked)
+                                          check_validation_interval, instantiate_checked)
 from prostate_seg.training.dashboard import log_settings, log_validation_dice
 from prostate_seg.training.module import SegmentationModule
 from prostate_seg.training.requeue import DeferredRequeue
@@ -47,7 +47,8 @@ from prostate_seg.training.tracking import log_run_files
 log = logging.getLogger(__name__)
 PREVIEW_SLICES = 4
 # Why a run has no per_patient.csv (Lightning's fast_dev_run, debug=fast_dev_run, saves none).
-NO_BEST_CHECKPOINT = "no best checkpoint was saved (trainer.fast_dev_run saves none)"
+NO_BEST_CHECKPOINT = ("no best checkpoint was saved (trainer.fast_dev_run, or a model_checkpoint "
+                      "removed or with save_top_k=0, keeps none)")
 # Settings that tell runs apart, beside the loss, its alpha and beta, the network and schedule.
 HPARAMS = {"seed": "seed", "fold": "data.fold", "folds": "data.folds", "lr": "optimizer.lr",
            "batch_size": "data.batch_size", "image_size": "data.image_size",
@@ -253,6 +254,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             lock.acquire()
             locked = True
         datamodule = setup_data(cfg)
+        check_validation_interval(cfg.trainer, len(datamodule.train_dataloader()))
         if cfg.evaluate_best:  # the masks it will be scored against, before it trains
             check_references(datamodule.dir, [*datamodule.split.val, *datamodule.split.test])
         identity = identity_of(cfg, datamodule)
