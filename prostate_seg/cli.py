@@ -704,7 +704,8 @@ def _task(module: str, name: str) -> Callable[[DictConfig], Any]:
 def _train(cfg: DictConfig) -> Any:
     """A missing extra, a bad tracking store or a missing data folder is named before torch and
     Lightning load."""
-    from prostate_seg.training.checks import check_data_dir, check_tracking_uri
+    from prostate_seg.files import check_data_dir
+    from prostate_seg.training.checks import check_tracking_uri
 
     check_extras_installed(cfg)
     check_tracking_uri(cfg)

@@ -17,7 +17,8 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from prostate_seg.errors import DataError
+from prostate_seg.errors import ConfigError, DataError
+from prostate_seg.settings import shown
 
 # A prepared dataset's two files, which every stage reads: its settings and its slices.
 PREPARE_FILE, MANIFEST_FILE = "prepare.json", "manifest.csv"
@@ -36,6 +37,20 @@ def not_found(path: Path, kind: str = "file") -> str:
         return f"{kind} not found"
     found = "a folder" if path.is_dir() else "a file" if path.is_file() else "not a regular file"
     return f"is {found}, not a {kind}"
+
+
+def check_data_dir(data_dir: object) -> None:
+    """``data.dir`` is a prepared dataset, to train on or to score: without prepare.json, the
+    size and grey levels its slices were made with are unknown. Torch-free: the command line
+    checks it first."""
+    folder = Path(str(data_dir))
+    if not folder.is_dir():
+        raise ConfigError(f"data.dir={shown(data_dir)}: {not_found(folder, 'folder')} (make one "
+                          "with python -m prostate_seg prepare)")
+    for marker in (MANIFEST_FILE, PREPARE_FILE):
+        if not (folder / marker).is_file():
+            raise ConfigError(f"data.dir={shown(data_dir)}: not a prepared dataset (no {marker}; "
+                              "make one with python -m prostate_seg prepare)")
 
 
 def make_folder(folder: Path) -> None:

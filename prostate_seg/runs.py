@@ -291,6 +291,19 @@ def claim(run_dir: Path, cfg: DictConfig, lock: RunLock) -> None:
         write_text(run_dir / HYDRA_DIR / name, OmegaConf.to_yaml(node))
 
 
+def check_run_folder(run_dir: Path) -> None:
+    """A folder a run has claimed (.hydra/, written first) or left a status in, or one holding
+    none of a run's files: a user's per_patient.csv in hydra.run.dir=. would be replaced."""
+    if (run_dir / HYDRA_DIR).is_dir() or RunStatus(run_dir).state is not None:
+        return
+    for name in (STATUS_FILE, RESULTS_FILE, PER_PATIENT_FILE, PREVIEW_FILE, METRICS_DIR,
+                 LAST_CHECKPOINT.parent.name):
+        if (run_dir / name).exists():
+            raise ConfigError(f"{run_dir / name}: not a run's (no {HYDRA_DIR}/ or run status "
+                              "beside it); training in this folder would replace it: move it, "
+                              "or choose another hydra.run.dir")
+
+
 def forget_held_log() -> None:
     """A command refused before it claimed its folder drops the held log records."""
     for handler in logging.getLogger().handlers:

@@ -59,3 +59,18 @@ def test_a_start_checkpoint_of_weights_only_or_past_the_budget_is_one_line(train
         with pytest.raises(UserError, match=message):
             train(cfg)
         assert not (run_dir / "status.json").exists()
+
+
+def test_a_start_checkpoint_of_another_fold_is_refused(trained_run, prepared, tmp_path):
+    """Fold 0's weights learnt fold 1's validation patients: a fold-1 run started from them
+    would score them inflated and be pooled with honest fold-1 runs."""
+    last = trained_run / "checkpoints" / "last.ckpt"
+    stored = torch.load(last, weights_only=False)["hyper_parameters"]["cfg"]
+    run_dir = tmp_path / "fold1"
+    cfg = compose_train([*TINY, f"data.dir={prepared}", f"ckpt_path={last}", "data.fold=1",
+                         "trainer.max_epochs=5"], run_dir)
+    assert stored["split"]["fold"] != 1
+    with pytest.raises(ConfigError, match=rf"^ckpt_path={last}: trained on \d+ patient\(s\) "
+                                          r"that fold 1 holds out \(phantom"):
+        train(cfg)
+    assert not (run_dir / "status.json").exists()

@@ -425,6 +425,18 @@ def test_a_validation_interval_longer_than_an_epoch_is_refused_before_training(p
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "status.json").exists()
 
 
+@pytest.mark.parametrize("name", ["per_patient.csv", "results.json", "status.json"])
+def test_a_folder_with_files_no_run_wrote_is_refused_and_kept(name, prepared_copy, tmp_path):
+    """hydra.run.dir=. in a project folder: its own per_patient.csv would be replaced."""
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    (run_dir / name).write_text("the user's")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(run_dir / name))}: not a run's"):
+        train(compose_train([*TINY, f"data.dir={prepared_copy}"], run_dir))
+    assert sorted(p.name for p in run_dir.iterdir()) == [name]
+    assert (run_dir / name).read_text() == "the user's"
+
+
 def test_a_manifest_saved_with_a_byte_order_mark_reads_the_same(prepared_copy):
     """A spreadsheet writes a BOM before the header; it is no part of the first column's name."""
     from prostate_seg.data.dataset import read_manifest
@@ -496,6 +508,7 @@ def test_interrupt_during_validation_continues_from_the_previous_epoch(prepared,
     common = [*TINY, f"data.dir={prepared}", "trainer.max_epochs=3",
               "callbacks.early_stopping.patience=10"]
     datamodule, module, trainer = build_run(compose_train(common, run_dir))
+    (run_dir / ".hydra").mkdir(parents=True)  # the run's claim, which train writes first
     trainer.callbacks.append(_SigtermInValidation(1))
     with pytest.raises(SIGTERMException):
         trainer.fit(module, datamodule=datamodule)

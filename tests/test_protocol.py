@@ -185,6 +185,11 @@ def test_evaluate_uses_the_checkpoint_split_and_refuses_other_data(run_with_test
     (other / "prepare.json").write_text(json.dumps({**settings, "fit": "pad"}))
     with pytest.raises(DataError, match="fit=pad"):
         evaluate_checkpoint(ckpt, data_dir=other)
+    # without prepare.json, how it was prepared is unknown: refused, not scored
+    (other / "prepare.json").unlink()
+    with pytest.raises(ConfigError, match=f"data.dir={other}: not a prepared dataset \\(no "
+                                          "prepare.json"):
+        evaluate_checkpoint(ckpt, data_dir=other)
 
 
 def test_val_dice_counts_only_the_volumes_seen(prepared_copy, tmp_path):

@@ -18,8 +18,8 @@ from prostate_seg.data.dataset import read_manifest, read_png
 from prostate_seg.data.split import ROLES, SPLIT_FILE, PatientSplit, read_folds
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.settings import shown
-from prostate_seg.files import (PREPARE_FILE, check_name_fits, check_writable_folder,
-                                refuse_existing, write_csv)
+from prostate_seg.files import (PREPARE_FILE, check_data_dir, check_name_fits,
+                                check_writable_folder, refuse_existing, write_csv)
 from prostate_seg.data.prepare import CONTENT_FOLDERS, PrepareSettings
 from prostate_seg.inference.metrics import volume_scores
 from prostate_seg.inference.predictor import (SlicePredictor, TrainedModel, binarize,
@@ -62,7 +62,7 @@ def check_same_dataset(data_dir: Path, module: TrainedModel, split: PatientSplit
     """Refuse a data folder prepared or split otherwise than the checkpoint's training data."""
     stored = module.cfg.get("preprocessing")
     prepare_json = data_dir / PREPARE_FILE
-    if stored and prepare_json.exists():
+    if stored:
         here = asdict(PrepareSettings.from_config(json.loads(prepare_json.read_text())))
         trained = asdict(PrepareSettings.from_config(stored))
         differ = [f"{k}={v} (checkpoint: {trained[k]})" for k, v in here.items() if v != trained[k]]
@@ -134,6 +134,7 @@ def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path | None = Non
     module = load_checkpoint(ckpt_path, pick_device(device))
     split = stored_split(module, ckpt_path)
     data_dir = Path(data_dir or module.cfg.data.dir)
+    check_data_dir(data_dir)
     check_same_dataset(data_dir, module, split)
     groups = {"val": split.val, "test": split.test, "select": split.select, "train": split.train}
     chosen = groups if subset == "all" else {subset: groups[subset]}
@@ -143,10 +144,17 @@ def evaluate_checkpoint(ckpt_path: str | Path, data_dir: str | Path | None = Non
     return evaluate_patients(module, data_dir, chosen, largest_component, tta, batch_size)
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], split: str = "") -> dict[str, Any]:
     """A last row over the patients, as ``aggregate`` (and results.json) has it."""
-    return {"patient": "summary", "split": "", **aggregate(rows),
+    return {"patient": "summary", "split": split, **aggregate(rows),
             "slices": sum(r["slices"] for r in rows)}
+
+
+def summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per split: a mean over training and held-out patients together (subset=all)
+    would be the one number read, and mean neither."""
+    splits = dict.fromkeys(r["split"] for r in rows)
+    return [summarize([r for r in rows if r["split"] == s], s) for s in splits]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -197,7 +205,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     check_writable_folder(output.parent)
     rows = evaluate_checkpoint(cfg.ckpt_path, cfg.data.get("dir"), cfg.subset,
                                cfg.largest_component, cfg.tta, cfg.device, cfg.batch_size)
-    table = rows + [summarize(rows)]
+    table = rows + summaries(rows)
     write_csv(output, table, PER_PATIENT_FIELDS)
     print(format_table(table))
     print(f"per-patient metrics written to {output}")

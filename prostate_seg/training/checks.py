@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prostate_seg.config import build, check_extras_installed, uses_gpu
 from prostate_seg.errors import ConfigError, one_line
-from prostate_seg.files import MANIFEST_FILE, PREPARE_FILE, not_found
+from prostate_seg.files import check_data_dir, not_found
 from prostate_seg.settings import check_loss_numbers, check_settings, normalised, shown
 from prostate_seg.runs import processes
 from prostate_seg.training.signatures import check_arguments
@@ -105,16 +105,6 @@ def check_output(net: Any, model: DictConfig, context_slices: int, image_size: i
              OmegaConf.to_container(model.net).get("_target_"),
              f"the network gives {tuple(out.shape)} for a {tuple(x.shape)} input; the losses and "
              f"metrics need one logit per pixel, {want}")
-
-
-def check_data_dir(data_dir: object) -> None:
-    """``data.dir`` is a prepared dataset (torch-free: the command line checks it first)."""
-    folder = Path(str(data_dir))
-    _require(folder.is_dir(), "data.dir", data_dir,
-             f"{not_found(folder, 'folder')} (make one with python -m prostate_seg prepare)")
-    for marker in (MANIFEST_FILE, PREPARE_FILE):  # prepare.json: the size the slices have
-        _require((folder / marker).is_file(), "data.dir", data_dir, f"not a prepared dataset "
-                 f"(no {marker}; make one with python -m prostate_seg prepare)")
 
 
 # The tracking stores MLflow has (mlflow.tracking._tracking_service.utils); plugins add theirs.

@@ -24,6 +24,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from prostate_seg.config import build, configure_cpu_threads, uses_gpu
 from prostate_seg.data.datamodule import SliceDataModule
 from prostate_seg.data.prepare import dataset_fingerprint
+from prostate_seg.data.split import PatientSplit
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import (PREPARE_FILE, make_folder, not_found, replacing, write_csv,
                                 write_json)
@@ -33,9 +34,9 @@ from prostate_seg.inference.predictor import load_checkpoint, read_checkpoint
 from prostate_seg.models import network_weights, weights_mismatch
 from prostate_seg.settings import tversky_beta
 from prostate_seg.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FILE, PREVIEW_FILE,
-                                     RESULTS_FILE, Identity, RunLock, RunStatus, claim,
-                                     config_identity, forget_held_log, load_json_object,
-                                     run_late_gain, split_digest)
+                               RESULTS_FILE, Identity, RunLock, RunStatus, check_run_folder, claim,
+                               config_identity, forget_held_log, load_json_object, run_late_gain,
+                               split_digest)
 from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch, without_bar
 from prostate_seg.training.checks import (check_ddp_launch, check_train_config,
                                           check_validation_interval, instantiate_checked)
@@ -84,10 +85,19 @@ def _refuse_other_identity(identity: Identity, stored: Identity | None, what: st
                           "write this run to another folder, or resume=false to train anew")
 
 
-def _check_start_checkpoint(cfg: DictConfig, path: Path) -> None:
+def _check_start_checkpoint(cfg: DictConfig, path: Path, split: PatientSplit) -> None:
     """A file that is no training checkpoint, or one of another network, refused before the run
-    folder is claimed (Lightning finds out only inside fit)."""
+    folder is claimed (Lightning finds out only inside fit); so is one that trained on, or chose
+    its epoch by, a patient this run holds out (another fold's run), whose scores it would
+    inflate."""
     checkpoint = read_checkpoint(path)
+    seen = (checkpoint.get("hyper_parameters", {}).get("cfg", {}).get("split") or {})
+    leaked = sorted({*seen.get("train", ()), *seen.get("select", ())} & {*split.val, *split.test})
+    if leaked:
+        raise ConfigError(f"ckpt_path={path}: trained on {len(leaked)} patient(s) that fold "
+                          f"{split.fold} holds out ({', '.join(leaked[:3])}"
+                          f"{', ...' if len(leaked) > 3 else ''}); their scores would be "
+                          "inflated: start from a checkpoint of this fold, or from none")
     if "optimizer_states" not in checkpoint:
         raise DataError(f"ckpt_path={path}: holds the network's weights only (as best-*.ckpt "
                         "does); training continues from a whole training state, a run's "
@@ -103,7 +113,8 @@ def _check_start_checkpoint(cfg: DictConfig, path: Path) -> None:
                           f"trainer.max_epochs={epochs}; raise it to train on from there")
 
 
-def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, identity: Identity) -> str | None:
+def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, identity: Identity,
+                          split: PatientSplit) -> str | None:
     last = run_dir / LAST_CHECKPOINT
     if cfg.ckpt_path == "last":
         if not last.exists():
@@ -112,7 +123,7 @@ def _checkpoint_to_resume(cfg: DictConfig, run_dir: Path, identity: Identity) ->
     elif cfg.ckpt_path:
         if not Path(cfg.ckpt_path).is_file():
             raise ConfigError(f"ckpt_path={cfg.ckpt_path}: {not_found(Path(cfg.ckpt_path))}")
-        _check_start_checkpoint(cfg, Path(cfg.ckpt_path))
+        _check_start_checkpoint(cfg, Path(cfg.ckpt_path), split)
         return str(cfg.ckpt_path)  # the user's own choice of starting point
     elif not (cfg.resume and last.exists()):
         return None
@@ -135,9 +146,12 @@ def _completed_results(cfg: DictConfig, run_dir: Path, identity: Identity) -> di
 
 def refuse_other_config(cfg: DictConfig, run_dir: Path) -> None:
     """Raise what the job would raise at its start for a folder holding another config's run."""
-    identity = identity_of(cfg)
+    check_run_folder(run_dir)
+    datamodule: SliceDataModule = instantiate_checked("data", cfg.data)
+    split = datamodule.load_folds().fold(datamodule.fold)
+    identity = identity_of(cfg, datamodule)
     if _completed_results(cfg, run_dir, identity) is None:
-        _checkpoint_to_resume(cfg, run_dir, identity)
+        _checkpoint_to_resume(cfg, run_dir, identity, split)
 
 
 def check_job(cfg: DictConfig, job_dir: Path) -> None:
@@ -206,7 +220,8 @@ def setup_data(cfg: DictConfig) -> SliceDataModule:
 
 
 def identity_of(cfg: DictConfig, datamodule: SliceDataModule | None = None) -> Identity:
-    """The run's identity (``datamodule``: the run's, set up; else only its split is read)."""
+    """The run's identity (``datamodule``: the run's, its folds loaded; else only its split is
+    read)."""
     if datamodule is None:
         datamodule = instantiate_checked("data", cfg.data)
         folds = datamodule.load_folds()
@@ -253,6 +268,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if rank_zero_only.rank == 0:
             lock.acquire()
             locked = True
+        check_run_folder(run_dir)
         datamodule = setup_data(cfg)
         check_validation_interval(cfg.trainer, len(datamodule.train_dataloader()))
         if cfg.evaluate_best:  # the masks it will be scored against, before it trains
@@ -266,7 +282,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             log.info("%s already completed; nothing to do (resume=false to train again)",
                      run_dir)
             return done
-        ckpt_path = _checkpoint_to_resume(cfg, run_dir, identity) if done is None else None
+        ckpt_path = (_checkpoint_to_resume(cfg, run_dir, identity, datamodule.split)
+                     if done is None else None)
         if rank_zero_only.rank == 0:
             claim(run_dir, cfg, lock)
         claimed = True
