@@ -13,7 +13,8 @@ LAYERS = (
     {"inference"},
     {"training"},
     {"study"},  # statistics and the report over the runs' folders
-    {"cli", "__main__"},  # the command line
+    {"command_line"},  # a command line checked against its configs
+    {"cli", "__main__"},  # the commands
     {"hydra_plugins"},  # the sweeper and launchers Hydra finds, which check jobs as it does
 )
 

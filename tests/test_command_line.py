@@ -8,7 +8,7 @@ import time
 import pytest
 from helpers import REPO, run_cli
 
-from prostate_seg.cli import config_problem
+from prostate_seg.command_line import config_problem
 
 
 @pytest.mark.parametrize("override, message", [

@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from prostate_seg.cli import config_problem
+from prostate_seg.command_line import config_problem
 from prostate_seg.config import CONF_DIR, initialize_configs
 from prostate_seg.training.checks import check_train_config
 from prostate_seg.errors import ConfigError

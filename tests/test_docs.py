@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from prostate_seg.cli import config_problem
+from prostate_seg.command_line import config_problem
 
 REPO = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

@@ -21,7 +21,7 @@ from hydra.utils import get_method
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import InterpolationResolutionError
 
-from prostate_seg.cli import check_composed, unknown_key_line
+from prostate_seg.command_line import check_composed, unknown_key_line
 from prostate_seg.errors import ConfigError, JobFailed, UserError
 from prostate_seg.settings import OUTPUTS
 from prostate_seg.runs import RunLock
@@ -39,7 +39,7 @@ class StudySweeperConf:
     # check_job(job_config, job_dir), for every job before the first starts (a default here,
     # not in conf/hydra/default.yaml, where other sweepers would receive it)
     check_job: Optional[str] = "prostate_seg.training.fit.check_job"
-    command: str = "train"  # whose config the jobs are: what cli.check_composed asks of them
+    command: str = "train"  # whose config the jobs are: what command_line.check_composed asks of them
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudySweeperConf,

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prostate_seg.config import build, check_extras_installed, uses_gpu
 from prostate_seg.errors import ConfigError, one_line
-from prostate_seg.files import check_data_dir, not_found
+from prostate_seg.files import check_data_dir
 from prostate_seg.settings import check_loss_numbers, check_settings, normalised, shown
 from prostate_seg.runs import processes
 from prostate_seg.training.signatures import check_arguments
