@@ -130,20 +130,36 @@ def test_overwrite_replaces_only_a_prepared_dataset(source, tmp_path):
     assert not (empty / "split.json").exists()
 
 
-@pytest.mark.parametrize("entry", ["scores.csv", "runs/fold0/last.ckpt", ".notes", "images2/a"])
-def test_overwrite_keeps_what_the_user_put_in_a_prepared_dataset(entry, source, tmp_path):
+@pytest.mark.parametrize("entry, named", [
+    ("scores.csv", "scores.csv"), ("runs/fold0/last.ckpt", "runs"), (".notes", ".notes"),
+    ("images2/a", "images2"),
+    # inside the folders prepare makes: a run folder, predicted masks, a mask of another kind
+    ("volumes/myrun/checkpoints/last.ckpt", "volumes/myrun"),
+    ("masks/predicted/p0.nii.gz", "masks/predicted"), ("masks/p0.nii.gz", "masks/p0.nii.gz"),
+    ("images/notes.txt", "images/notes.txt"),
+])
+def test_overwrite_keeps_what_the_user_put_in_a_prepared_dataset(entry, named, source, tmp_path):
     """Replacing deletes the old dataset whole: an evaluate output or a run folder in it (not
-    prepare's) stops the overwrite, named, and nothing is deleted."""
+    prepare's), at its top or in its slices' folders, stops the overwrite, named, and nothing is
+    deleted."""
     out = tmp_path / "out"
     prepare(source, out, SETTINGS)
     (out / entry).parent.mkdir(parents=True, exist_ok=True)
     (out / entry).write_text("the user's")
     before = _fingerprint(out)
-    with pytest.raises(DataError, match=rf"^{out / entry.split('/')[0]}: not made by prepare; "
+    with pytest.raises(DataError, match=rf"^{out / named}: not made by prepare; "
                                         "overwrite=true would delete it"):
         prepare(source, out, SETTINGS, overwrite=True)
     assert _fingerprint(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]  # no staging left
+
+
+def test_a_file_browsers_litter_does_not_stop_the_overwrite(source, tmp_path):
+    out = tmp_path / "out"
+    prepare(source, out, SETTINGS)
+    for litter in (".DS_Store", "masks/Thumbs.db", "images/._p0_000.png"):
+        (out / litter).write_bytes(b"")
+    assert prepare(source, out, SETTINGS, overwrite=True)["patients"] == 2
 
 
 def test_an_output_name_at_the_file_systems_limit_is_prepared_and_replaced(source, tmp_path):

@@ -46,7 +46,10 @@ AFFINE_TOLERANCE_MM = 1e-2
 DATASET_MARKERS = (PREPARE_FILE, MANIFEST_FILE)
 # prepare.json: the digest of every file of CONTENT_FOLDERS, which a run's identity takes
 CONTENT_DIGEST = "content_digest"
-CONTENT_FOLDERS = ("images", "masks", "volumes")
+# What prepare writes in each content folder: anything else there (a run folder, predicted
+# masks) is the user's, and overwrite=true, which deletes these folders whole, refuses it.
+CONTENT_SUFFIXES = {"images": ".png", "masks": ".png", "volumes": ".npz"}
+CONTENT_FOLDERS = tuple(CONTENT_SUFFIXES)
 REPORT_FILE = "prepare_report.json"
 # A dataset's own entries (split.json: made by training, tied to this data); overwrite=true
 # deletes the old dataset whole, so anything else in it is the user's and stops it.
@@ -317,16 +320,32 @@ def check_sources(cases: list[Case], real_out: Path, output_dir: Path) -> None:
                                       "the source data: choose another folder")
 
 
+def _foreign_entries(real_out: Path) -> list[Path]:
+    """What prepare did not make in a dataset: entries of another name, and in its content
+    folders anything but files of prepare's kind (a run folder, predicted masks)."""
+    def litter(path: Path) -> bool:  # LITTER, and macOS's ._ files
+        return path.name in LITTER or path.name.startswith("._")
+
+    foreign = []
+    for entry in sorted(real_out.iterdir()):
+        if entry.name in CONTENT_SUFFIXES and entry.is_dir() and not entry.is_symlink():
+            foreign += [p for p in sorted(entry.iterdir()) if not litter(p) and not (
+                p.is_file() and p.suffix == CONTENT_SUFFIXES[entry.name])]
+        elif entry.name not in OWN_ENTRIES and not litter(entry):
+            foreign.append(entry)
+    return foreign
+
+
 def check_only_own_entries(real_out: Path, output_dir: Path) -> None:
     """Refuse to replace a dataset that holds what prepare did not make (an evaluate's scores,
-    a run folder): replacing deletes the old dataset whole."""
+    a run folder, at its top or in its slices' folders): replacing deletes the old one whole."""
     if not real_out.is_dir():
         return
-    for entry in sorted(real_out.iterdir()):
-        if entry.name not in OWN_ENTRIES + LITTER and not entry.name.startswith("._"):
-            raise DataError(f"{output_dir / entry.name}: not made by prepare; overwrite=true "
-                            f"would delete it with the old dataset in output_dir={output_dir}: "
-                            "move it out first")
+    foreign = _foreign_entries(real_out)
+    if foreign:
+        raise DataError(f"{output_dir / foreign[0].relative_to(real_out)}: not made by prepare; "
+                        f"overwrite=true would delete it with the old dataset in "
+                        f"output_dir={output_dir}: move it out first")
 
 
 def prepare(input_dir: str | Path, output_dir: str | Path,
