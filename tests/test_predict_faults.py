@@ -72,6 +72,25 @@ def test_folder_output_is_checked_first(output, message, scans, no_inference, tm
         predict_paths("any.ckpt", "scans", output, overwrite=True)
 
 
+@pytest.mark.parametrize("output", ["data/masks/predicted", "data/volumes", "link/predicted",
+                                    "data/images/p0.nii.gz", "data/volumes/run/p0.nii.gz"])
+def test_output_into_a_prepared_datasets_own_folders_is_refused(output, scans, no_inference,
+                                                                tmp_path, monkeypatch):
+    """Masks among the slices would change the data runs are made of, and a later prepare
+    overwrite=true deletes them: refused as evaluate refuses its table there."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("masks", "volumes", "images"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    (tmp_path / "data" / "prepare.json").write_text("{}")
+    (tmp_path / "link").symlink_to(tmp_path / "data" / "masks")
+    source = scans / "phantom000.nii.gz" if output.endswith(".gz") else scans
+    with pytest.raises(ConfigError, match=rf"^output {output}.* would change the prepared "
+                                          rf"dataset {tmp_path / 'data'}; choose an output"):
+        predict_paths("any.ckpt", source, output, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == [
+        "images", "masks", "prepare.json", "volumes"]
+
+
 def test_two_scans_with_one_output_name_are_refused(scans, no_inference, tmp_path):
     nib.save(nib.load(scans / "phantom001.nii.gz"), str(scans / "phantom001.nii"))
     with pytest.raises(DataError, match=r"phantom001.nii and .*phantom001.nii.gz would both be "

@@ -348,6 +348,18 @@ def check_only_own_entries(real_out: Path, output_dir: Path) -> None:
                         f"output_dir={output_dir}: move it out first")
 
 
+def dataset_holding(path: Path) -> Path | None:
+    """The prepared dataset (prepare.json marks one; a run folder's manifest.csv does not) that
+    an output at ``path`` would change: one of its own files, or anything in its slices' folders,
+    what runs and scores are made of (and what overwrite=true deletes). A new file beside them is
+    the user's, which overwrite=true refuses to delete."""
+    real = path.resolve()
+    for folder in real.parents:
+        if (folder / PREPARE_FILE).is_file() and real.relative_to(folder).parts[0] in OWN_ENTRIES:
+            return folder
+    return None
+
+
 def prepare(input_dir: str | Path, output_dir: str | Path,
             settings: PrepareSettings = PrepareSettings(), on_error: str = "raise",
             overwrite: bool = False, workers: int = 0) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.settings import shown
 from prostate_seg.files import (PREPARE_FILE, check_name_fits, check_writable_folder,
                                 refuse_existing, write_csv)
-from prostate_seg.data.prepare import CONTENT_FOLDERS, PrepareSettings
+from prostate_seg.data.prepare import PrepareSettings, dataset_holding
 from prostate_seg.inference.metrics import volume_scores
 from prostate_seg.inference.predictor import (SlicePredictor, TrainedModel, binarize,
                                               load_checkpoint, pick_device)
@@ -179,11 +179,10 @@ def check_output(output: Path, ckpt_path: Path) -> None:
     real = output.resolve()
     if real == ckpt_path.resolve():
         raise ConfigError(f"output={output} would replace the checkpoint it evaluates")
-    for folder in real.parents:
-        if (folder / PREPARE_FILE).is_file() and (
-                real.exists() or real.relative_to(folder).parts[0] in CONTENT_FOLDERS):
-            raise ConfigError(f"output={output} would change the prepared dataset {folder}; "
-                              "choose a file outside it")
+    dataset = dataset_holding(output)
+    if dataset:
+        raise ConfigError(f"output={output} would change the prepared dataset {dataset}; "
+                          "choose a file outside it")
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
