@@ -176,6 +176,22 @@ def test_rerun_with_skip_existing_predicts_only_the_missing_ones(ckpt, scans, ph
         predict_paths(ckpt, scans, out, overwrite=True, skip_existing=True)
 
 
+def test_a_scan_in_metres_gets_the_same_mask_in_its_own_header(ckpt, phantoms, tmp_path):
+    """Spacing is read in mm whatever the header's unit, but the mask is written on the scan's
+    own header and affine, in metres as the scan is."""
+    scan = nib.load(phantoms / "images" / "phantom000.nii.gz")
+    metres = nib.Nifti1Image(np.asarray(scan.dataobj), np.diag([1e-3] * 3 + [1.0]) @ scan.affine)
+    metres.set_sform(metres.affine, code=1)
+    metres.header.set_xyzt_units("meter")
+    nib.save(metres, str(tmp_path / "metres.nii.gz"))
+    in_mm, in_m = (nib.load(predict_paths(ckpt, path, tmp_path / f"{name}_mask.nii.gz")[0])
+                   for name, path in [("mm", phantoms / "images" / "phantom000.nii.gz"),
+                                      ("m", tmp_path / "metres.nii.gz")])
+    assert np.array_equal(np.asarray(in_m.dataobj), np.asarray(in_mm.dataobj))
+    assert np.array_equal(in_m.affine, nib.load(tmp_path / "metres.nii.gz").affine)
+    assert in_m.header.get_xyzt_units()[0] == "meter"
+
+
 def test_upper_case_nifti_names_are_segmented_and_other_files_named(ckpt, scans, tmp_path,
                                                                      caplog):
     """``B.NII.GZ`` is a NIfTI file like ``b.nii.gz``; a ``.mha`` is not segmented, and said so."""
