@@ -195,6 +195,14 @@ def test_mask_with_several_volumes_along_a_fourth_axis_is_refused(tmp_path):
         prepare(tmp_path / "in", tmp_path / "two", SETTINGS)
 
 
+def test_an_image_channel_of_a_3d_scan_is_refused(source, tmp_path):
+    """It used to be ignored (channel 0 prepared) and recorded in prepare.json as used."""
+    with pytest.raises(DataError, match=rf"^{source}/images/p0.nii.gz: image_channel=3, but "
+                                        r"this scan is 3D"):
+        prepare(source, tmp_path / "out", PrepareSettings(image_size=16, image_channel=3))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("folder, first, second", [
     ("images", "x.nii", "x.nii.gz"),
     ("images", "x.nii.gz", "x_0000.nii.gz"),

@@ -98,6 +98,9 @@ def voxel_array(img: nib.Nifti1Image, path: Path, channel: int | None = None) ->
             raise DataError(f"{path}: 4D image has {data.shape[3]} channels, "
                             f"image_channel={channel}")
         data = data[..., channel]
+    elif channel and data.ndim == 3:  # taking channel 0 would record a channel never used
+        raise DataError(f"{path}: image_channel={channel}, but this scan is 3D (one channel, 0); "
+                        "image_channel picks a volume of 4D images")
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
     if data.size == 0:
