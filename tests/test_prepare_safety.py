@@ -195,6 +195,28 @@ def test_mask_with_several_volumes_along_a_fourth_axis_is_refused(tmp_path):
         prepare(tmp_path / "in", tmp_path / "two", SETTINGS)
 
 
+@pytest.mark.parametrize("mask, labels, why", [
+    ("scan", None, "mask has 633 distinct values; it looks like a scan, not a label map"),
+    ("full", None, "the gland covers 94% of the volume; it looks like a scan, not a label map"),
+    ("full", (1,), "the gland covers 94% of the volume"),
+])
+def test_a_scan_in_the_mask_folder_is_refused(mask, labels, why, tmp_path):
+    """An integer scan copied as its mask (imagesTr as labelsTr) passed as non-negative integers,
+    and every voxel above 0 became gland."""
+    rng = np.random.default_rng(0)
+    if mask == "scan":
+        array = rng.integers(0, 1000, (16, 16, 4)).astype(np.int16)
+    else:
+        array = np.ones((16, 16, 4), np.uint8)
+        array[0] = 0
+    _scan(tmp_path / "in", "p0")
+    _scan(tmp_path / "in", "p1", mask=array)
+    settings = PrepareSettings(image_size=16, mask_labels=labels)
+    with pytest.raises(DataError, match=rf"^{tmp_path}/in/masks/p1.nii.gz: {why}"):
+        prepare(tmp_path / "in", tmp_path / "out", settings)
+    assert prepare(tmp_path / "in", tmp_path / "out", settings, on_error="skip")["patients"] == 1
+
+
 def test_an_image_channel_of_a_3d_scan_is_refused(source, tmp_path):
     """It used to be ignored (channel 0 prepared) and recorded in prepare.json as used."""
     with pytest.raises(DataError, match=rf"^{source}/images/p0.nii.gz: image_channel=3, but "

@@ -42,6 +42,12 @@ MANIFEST_FIELDS = [
 ]
 PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 AFFINE_TOLERANCE_MM = 1e-2
+# A scan put where its mask belongs (imagesTr copied as labelsTr) passes as non-negative
+# integers: its grey levels are hundreds of distinct values and, with mask_labels=null, nearly
+# every voxel is gland. A label map holds a few labels (zonal ones: 2 to 5) and the prostate
+# is a few percent of a pelvic scan, so more of either is refused as a scan.
+MAX_MASK_LABELS = 16
+MAX_GLAND_FRACTION = 0.5
 # Files that mark a folder as a dataset made by prepare: only such a folder is replaced.
 DATASET_MARKERS = (PREPARE_FILE, MANIFEST_FILE)
 # prepare.json: the digest of every file of CONTENT_FOLDERS, which a run's identity takes
@@ -163,13 +169,23 @@ def _gland_mask(labels: np.ndarray, path: Path, mask_labels: tuple[int, ...] | N
         raise DataError(f"{path}: mask has NaN or infinite values")
     if (labels < 0).any() or (labels != np.round(labels)).any():
         raise DataError(f"{path}: mask values must be non-negative integers")
+    values = np.unique(labels)
     if mask_labels is None:
-        return (labels > 0).astype(np.uint8)
-    unexpected = sorted({int(v) for v in np.unique(labels) if v != 0} - set(mask_labels))
-    if unexpected:
-        raise DataError(f"{path}: unexpected mask labels {unexpected} "
-                        f"(mask_labels={list(mask_labels)}; add them there to count as gland)")
-    return np.isin(labels, mask_labels).astype(np.uint8)
+        if len(values) > MAX_MASK_LABELS:
+            raise DataError(f"{path}: mask has {len(values)} distinct values; it looks like a "
+                            f"scan, not a label map (more than {MAX_MASK_LABELS} are refused)")
+        gland = (labels > 0).astype(np.uint8)
+    else:
+        unexpected = sorted({int(v) for v in values if v != 0} - set(mask_labels))
+        if unexpected:
+            raise DataError(f"{path}: unexpected mask labels {unexpected} "
+                            f"(mask_labels={list(mask_labels)}; add them there to count as gland)")
+        gland = np.isin(labels, mask_labels).astype(np.uint8)
+    if gland.mean() > MAX_GLAND_FRACTION:
+        raise DataError(f"{path}: the gland covers {gland.mean():.0%} of the volume; it looks "
+                        f"like a scan, not a label map (the prostate is a few percent of a scan; "
+                        f"more than {MAX_GLAND_FRACTION:.0%} is refused)")
+    return gland
 
 
 def scan_slices(img: Any, path: Path,
