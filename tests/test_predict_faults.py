@@ -91,6 +91,14 @@ def test_output_into_a_prepared_datasets_own_folders_is_refused(output, scans, n
         "images", "masks", "prepare.json", "volumes"]
 
 
+def test_another_nnunet_channel_is_not_segmented_as_a_scan(scans, no_inference, tmp_path):
+    (scans / "phantom000.nii.gz").rename(scans / "phantom000_0000.nii.gz")
+    (scans / "phantom001.nii.gz").rename(scans / "phantom000_0001.nii.gz")  # its ADC, say
+    with pytest.raises(DataError, match=rf"^{scans}/phantom000_0001.nii.gz: channel 0001 of "
+                                        r"nnU-Net case phantom000; this tool takes one channel"):
+        predict_paths("any.ckpt", scans, tmp_path / "masks")
+
+
 def test_two_scans_with_one_output_name_are_refused(scans, no_inference, tmp_path):
     nib.save(nib.load(scans / "phantom001.nii.gz"), str(scans / "phantom001.nii"))
     with pytest.raises(DataError, match=r"phantom001.nii and .*phantom001.nii.gz would both be "

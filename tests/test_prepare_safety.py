@@ -252,6 +252,22 @@ def test_two_files_of_one_patient_are_refused_not_one_picked(folder, first, seco
     assert "both patient 'x'" in report["skipped"][0]["reason"]
 
 
+def test_another_nnunet_channel_is_named_as_one_not_as_an_image_without_mask(tmp_path):
+    """imagesTr/case_0001 is case's second channel (ADC), not a patient whose mask is missing;
+    a patient whose own name ends in four digits (it has a mask) is one."""
+    root = tmp_path / "in"
+    _scan(root, "case_0000")
+    _scan(root, "other_0001")
+    _write(root / "images" / "case_0001.nii.gz", np.ones((16, 16, 4), np.float32))
+    with pytest.raises(DataError, match=rf"^{root}/images/case_0001.nii.gz: channel 0001 of "
+                                        r"nnU-Net case case; this tool takes one channel per "
+                                        r"scan, the _0000 file: keep only those"):
+        prepare(root, tmp_path / "out", SETTINGS)
+    report = prepare(root, tmp_path / "out", SETTINGS, on_error="skip")
+    assert report["patients"] == 2 and [s["case"] for s in report["skipped"]] == [
+        f"{root}/images/case_0001.nii.gz"]
+
+
 def test_png_that_cannot_be_written_stops_prepare_naming_it(tmp_path):
     """cv2.imwrite returns False for a name the file system refuses; prepare used to go on and
     list PNGs that do not exist."""

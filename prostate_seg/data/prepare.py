@@ -9,9 +9,10 @@ import csv
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -115,6 +116,16 @@ def patient_id(path: Path) -> str:
     return name[:-5] if name.endswith("_0000") else name
 
 
+def other_channel(path: Path, patients: Collection[str]) -> str | None:
+    """Why the scan ``path`` is no patient of its own: nnU-Net's ``case_0001`` (``_0002``, ...)
+    is another channel of ``case``, whose ``case_0000`` is among ``patients``; None otherwise."""
+    match = re.fullmatch(r"(.+)_(\d{4})", patient_id(path))
+    if not (match and match[1] in patients):
+        return None
+    return (f"{path}: channel {match[2]} of nnU-Net case {match[1]}; this tool takes one channel "
+            f"per scan, the _0000 file: keep only those, or give 4D images and image_channel")
+
+
 def _by_patient(paths: list[Path]) -> dict[str, list[Path]]:
     groups: dict[str, list[Path]] = {}
     for path in paths:
@@ -159,8 +170,11 @@ def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
     claimed_twice = {patient for patient, _ in twice}
     problems += [f"{masks[p][0]}: mask without image (no {p} in {images_dir})"
                  for p in sorted(set(masks) - set(images) - claimed_twice)]
+    channels = {p: why for p in sorted(set(images) - set(masks) - claimed_twice)
+                if (why := other_channel(images[p][0], images))}
+    problems += channels.values()
     cases = [Case(p, images[p][0], masks.get(p, [None])[0]) for p in sorted(images)
-             if p not in claimed_twice]
+             if p not in claimed_twice and p not in channels]
     return cases, problems
 
 
