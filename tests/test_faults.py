@@ -437,6 +437,15 @@ def test_a_folder_with_files_no_run_wrote_is_refused_and_kept(name, prepared_cop
     assert (run_dir / name).read_text() == "the user's"
 
 
+def test_a_run_inside_a_prepared_datasets_slices_is_refused(prepared_copy):
+    """Its checkpoints would sit among the slices, and prepare overwrite=true delete them."""
+    run_dir = prepared_copy / "volumes" / "myrun"
+    with pytest.raises(ConfigError, match=rf"^hydra.run.dir={run_dir}: inside the prepared "
+                                          rf"dataset {prepared_copy}"):
+        train(compose_train([*TINY, f"data.dir={prepared_copy}"], run_dir))
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
 def test_a_manifest_saved_with_a_byte_order_mark_reads_the_same(prepared_copy):
     """A spreadsheet writes a BOM before the header; it is no part of the first column's name."""
     from prostate_seg.data.dataset import read_manifest
@@ -762,7 +771,10 @@ def test_evaluate_never_writes_over_its_checkpoint_or_into_a_dataset(tmp_path):
     for output, message in [(tmp_path / "data" / "manifest.csv", "would change the prepared"),
                             (tmp_path / "data" / "images" / "x.csv", "would change the prepared"),
                             (tmp_path / "link.ckpt", "would replace the checkpoint"),
-                            (tmp_path / "data", "is a folder")]:
+                            (tmp_path / "data", "is a folder"),
+                            # another run's checkpoint, a scan: overwrite=true replaced them
+                            (tmp_path / "run" / "other.ckpt", "name must end in .csv"),
+                            (tmp_path / "scan.nii.gz", "name must end in .csv")]:
         with pytest.raises(UserError, match=message):
             check_output(output, ckpt)
     check_output(tmp_path / "run" / "last.ckpt.eval.csv", ckpt)  # beside it, as by default

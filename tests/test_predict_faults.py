@@ -72,6 +72,33 @@ def test_folder_output_is_checked_first(output, message, scans, no_inference, tm
         predict_paths("any.ckpt", "scans", output, overwrite=True)
 
 
+@pytest.mark.parametrize("output", ["data/masks/predicted", "data/volumes", "link/predicted",
+                                    "data/images/p0.nii.gz", "data/volumes/run/p0.nii.gz"])
+def test_output_into_a_prepared_datasets_own_folders_is_refused(output, scans, no_inference,
+                                                                tmp_path, monkeypatch):
+    """Masks among the slices would change the data runs are made of, and a later prepare
+    overwrite=true deletes them: refused as evaluate refuses its table there."""
+    monkeypatch.chdir(tmp_path)
+    for folder in ("masks", "volumes", "images"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+    (tmp_path / "data" / "prepare.json").write_text("{}")
+    (tmp_path / "link").symlink_to(tmp_path / "data" / "masks")
+    source = scans / "phantom000.nii.gz" if output.endswith(".gz") else scans
+    with pytest.raises(ConfigError, match=rf"^output {output}.* would change the prepared "
+                                          rf"dataset {tmp_path / 'data'}; choose an output"):
+        predict_paths("any.ckpt", source, output, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == [
+        "images", "masks", "prepare.json", "volumes"]
+
+
+def test_another_nnunet_channel_is_not_segmented_as_a_scan(scans, no_inference, tmp_path):
+    (scans / "phantom000.nii.gz").rename(scans / "phantom000_0000.nii.gz")
+    (scans / "phantom001.nii.gz").rename(scans / "phantom000_0001.nii.gz")  # its ADC, say
+    with pytest.raises(DataError, match=rf"^{scans}/phantom000_0001.nii.gz: channel 0001 of "
+                                        r"nnU-Net case phantom000; this tool takes one channel"):
+        predict_paths("any.ckpt", scans, tmp_path / "masks")
+
+
 def test_two_scans_with_one_output_name_are_refused(scans, no_inference, tmp_path):
     nib.save(nib.load(scans / "phantom001.nii.gz"), str(scans / "phantom001.nii"))
     with pytest.raises(DataError, match=r"phantom001.nii and .*phantom001.nii.gz would both be "
@@ -155,6 +182,22 @@ def test_rerun_with_skip_existing_predicts_only_the_missing_ones(ckpt, scans, ph
     assert mask.shape == nib.load(phantoms / "images" / "phantom001.nii.gz").shape
     with pytest.raises(ConfigError, match="choose one"):
         predict_paths(ckpt, scans, out, overwrite=True, skip_existing=True)
+
+
+def test_a_scan_in_metres_gets_the_same_mask_in_its_own_header(ckpt, phantoms, tmp_path):
+    """Spacing is read in mm whatever the header's unit, but the mask is written on the scan's
+    own header and affine, in metres as the scan is."""
+    scan = nib.load(phantoms / "images" / "phantom000.nii.gz")
+    metres = nib.Nifti1Image(np.asarray(scan.dataobj), np.diag([1e-3] * 3 + [1.0]) @ scan.affine)
+    metres.set_sform(metres.affine, code=1)
+    metres.header.set_xyzt_units("meter")
+    nib.save(metres, str(tmp_path / "metres.nii.gz"))
+    in_mm, in_m = (nib.load(predict_paths(ckpt, path, tmp_path / f"{name}_mask.nii.gz")[0])
+                   for name, path in [("mm", phantoms / "images" / "phantom000.nii.gz"),
+                                      ("m", tmp_path / "metres.nii.gz")])
+    assert np.array_equal(np.asarray(in_m.dataobj), np.asarray(in_mm.dataobj))
+    assert np.array_equal(in_m.affine, nib.load(tmp_path / "metres.nii.gz").affine)
+    assert in_m.header.get_xyzt_units()[0] == "meter"
 
 
 def test_upper_case_nifti_names_are_segmented_and_other_files_named(ckpt, scans, tmp_path,

@@ -128,6 +128,48 @@ def test_the_same_scan_stored_in_two_orientations_gives_the_same_slices(tmp_path
     assert np.array_equal(display[2], mask[::-1, ::-1, 2].T)
 
 
+def _store_in_unit(path, unit, per_mm):
+    """The same scan with its affine in ``unit`` (``per_mm`` of them in one mm)."""
+    img = nib.load(path)
+    again = nib.Nifti1Image(np.asarray(img.dataobj), np.diag([per_mm] * 3 + [1.0]) @ img.affine)
+    again.set_qform(again.affine, code=1)
+    again.set_sform(again.affine, code=1)
+    if isinstance(unit, str):
+        again.header.set_xyzt_units(unit)
+    else:
+        again.header["xyzt_units"] = unit
+    nib.save(again, str(path))
+
+
+def test_a_scan_stored_in_metres_or_microns_is_measured_in_mm(tmp_path):
+    """xyzt_units says what the affine's unit is: a scan in metres used to get a spacing 1000
+    times too small, labelled mm; its mask in microns still lies on it."""
+    image, mask = _asymmetric_volume()
+    affine = np.array([[0.5, 0, 0, -4.0], [0, 0.6, 0, 7.0], [0, 0, 3.0, 12.0], [0, 0, 0, 1]])
+    for k in "ab":
+        _write_pair(tmp_path / k, "case", image, mask, affine)
+    _store_in_unit(tmp_path / "b/images/case.nii.gz", "meter", 1e-3)
+    _store_in_unit(tmp_path / "b/masks/case.nii.gz", "micron", 1e3)
+    for k in "ab":
+        prepare(tmp_path / k, tmp_path / f"out_{k}", PrepareSettings(image_size=32))
+    for k in "ab":
+        with np.load(tmp_path / f"out_{k}/volumes/case.npz") as stored:
+            assert stored["spacing"] == pytest.approx([3.0, 0.6, 0.5])
+            assert stored["mask"].sum() == mask.sum()
+    for png in sorted((tmp_path / "out_a").glob("*/*.png")):  # the same slices
+        assert png.read_bytes() == (tmp_path / "out_b" / png.relative_to(tmp_path / "out_a")
+                                    ).read_bytes()
+    # microns read as mm made this a 0.5 mm scan; it is 0.0005 mm, a damaged header
+    _store_in_unit(tmp_path / "a/images/case.nii.gz", "micron", 1.0)
+    with pytest.raises(DataError, match=r"images/case.nii.gz: affine gives voxel axes of "
+                                        r"\[0.0005, 0.0006, 0.003\] mm"):
+        prepare(tmp_path / "a", tmp_path / "out_c", PrepareSettings(image_size=32))
+    _store_in_unit(tmp_path / "b/masks/case.nii.gz", 4, 1.0)  # a code NIfTI does not define
+    with pytest.raises(DataError, match=r"masks/case.nii.gz: header's unit of distance "
+                                        r"\(xyzt_units 4\) is none NIfTI defines"):
+        prepare(tmp_path / "b", tmp_path / "out_d", PrepareSettings(image_size=32))
+
+
 def test_spacing_comes_from_the_affine_that_orients_the_scan():
     """A header whose pixdim disagrees with its sform (written by a tool that updated one):
     orientation and spacing both from the affine, not one from each."""

@@ -130,20 +130,36 @@ def test_overwrite_replaces_only_a_prepared_dataset(source, tmp_path):
     assert not (empty / "split.json").exists()
 
 
-@pytest.mark.parametrize("entry", ["scores.csv", "runs/fold0/last.ckpt", ".notes", "images2/a"])
-def test_overwrite_keeps_what_the_user_put_in_a_prepared_dataset(entry, source, tmp_path):
+@pytest.mark.parametrize("entry, named", [
+    ("scores.csv", "scores.csv"), ("runs/fold0/last.ckpt", "runs"), (".notes", ".notes"),
+    ("images2/a", "images2"),
+    # inside the folders prepare makes: a run folder, predicted masks, a mask of another kind
+    ("volumes/myrun/checkpoints/last.ckpt", "volumes/myrun"),
+    ("masks/predicted/p0.nii.gz", "masks/predicted"), ("masks/p0.nii.gz", "masks/p0.nii.gz"),
+    ("images/notes.txt", "images/notes.txt"),
+])
+def test_overwrite_keeps_what_the_user_put_in_a_prepared_dataset(entry, named, source, tmp_path):
     """Replacing deletes the old dataset whole: an evaluate output or a run folder in it (not
-    prepare's) stops the overwrite, named, and nothing is deleted."""
+    prepare's), at its top or in its slices' folders, stops the overwrite, named, and nothing is
+    deleted."""
     out = tmp_path / "out"
     prepare(source, out, SETTINGS)
     (out / entry).parent.mkdir(parents=True, exist_ok=True)
     (out / entry).write_text("the user's")
     before = _fingerprint(out)
-    with pytest.raises(DataError, match=rf"^{out / entry.split('/')[0]}: not made by prepare; "
+    with pytest.raises(DataError, match=rf"^{out / named}: not made by prepare; "
                                         "overwrite=true would delete it"):
         prepare(source, out, SETTINGS, overwrite=True)
     assert _fingerprint(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]  # no staging left
+
+
+def test_a_file_browsers_litter_does_not_stop_the_overwrite(source, tmp_path):
+    out = tmp_path / "out"
+    prepare(source, out, SETTINGS)
+    for litter in (".DS_Store", "masks/Thumbs.db", "images/._p0_000.png"):
+        (out / litter).write_bytes(b"")
+    assert prepare(source, out, SETTINGS, overwrite=True)["patients"] == 2
 
 
 def test_an_output_name_at_the_file_systems_limit_is_prepared_and_replaced(source, tmp_path):
@@ -179,6 +195,36 @@ def test_mask_with_several_volumes_along_a_fourth_axis_is_refused(tmp_path):
         prepare(tmp_path / "in", tmp_path / "two", SETTINGS)
 
 
+@pytest.mark.parametrize("mask, labels, why", [
+    ("scan", None, "mask has 633 distinct values; it looks like a scan, not a label map"),
+    ("full", None, "the gland covers 94% of the volume; it looks like a scan, not a label map"),
+    ("full", (1,), "the gland covers 94% of the volume"),
+])
+def test_a_scan_in_the_mask_folder_is_refused(mask, labels, why, tmp_path):
+    """An integer scan copied as its mask (imagesTr as labelsTr) passed as non-negative integers,
+    and every voxel above 0 became gland."""
+    rng = np.random.default_rng(0)
+    if mask == "scan":
+        array = rng.integers(0, 1000, (16, 16, 4)).astype(np.int16)
+    else:
+        array = np.ones((16, 16, 4), np.uint8)
+        array[0] = 0
+    _scan(tmp_path / "in", "p0")
+    _scan(tmp_path / "in", "p1", mask=array)
+    settings = PrepareSettings(image_size=16, mask_labels=labels)
+    with pytest.raises(DataError, match=rf"^{tmp_path}/in/masks/p1.nii.gz: {why}"):
+        prepare(tmp_path / "in", tmp_path / "out", settings)
+    assert prepare(tmp_path / "in", tmp_path / "out", settings, on_error="skip")["patients"] == 1
+
+
+def test_an_image_channel_of_a_3d_scan_is_refused(source, tmp_path):
+    """It used to be ignored (channel 0 prepared) and recorded in prepare.json as used."""
+    with pytest.raises(DataError, match=rf"^{source}/images/p0.nii.gz: image_channel=3, but "
+                                        r"this scan is 3D"):
+        prepare(source, tmp_path / "out", PrepareSettings(image_size=16, image_channel=3))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("folder, first, second", [
     ("images", "x.nii", "x.nii.gz"),
     ("images", "x.nii.gz", "x_0000.nii.gz"),
@@ -204,6 +250,22 @@ def test_two_files_of_one_patient_are_refused_not_one_picked(folder, first, seco
     report = prepare(root, tmp_path / "out", SETTINGS, on_error="skip")
     assert report["patients"] == 1 and len(report["skipped"]) == 1  # x skipped, a prepared
     assert "both patient 'x'" in report["skipped"][0]["reason"]
+
+
+def test_another_nnunet_channel_is_named_as_one_not_as_an_image_without_mask(tmp_path):
+    """imagesTr/case_0001 is case's second channel (ADC), not a patient whose mask is missing;
+    a patient whose own name ends in four digits (it has a mask) is one."""
+    root = tmp_path / "in"
+    _scan(root, "case_0000")
+    _scan(root, "other_0001")
+    _write(root / "images" / "case_0001.nii.gz", np.ones((16, 16, 4), np.float32))
+    with pytest.raises(DataError, match=rf"^{root}/images/case_0001.nii.gz: channel 0001 of "
+                                        r"nnU-Net case case; this tool takes one channel per "
+                                        r"scan, the _0000 file: keep only those"):
+        prepare(root, tmp_path / "out", SETTINGS)
+    report = prepare(root, tmp_path / "out", SETTINGS, on_error="skip")
+    assert report["patients"] == 2 and [s["case"] for s in report["skipped"]] == [
+        f"{root}/images/case_0001.nii.gz"]
 
 
 def test_png_that_cannot_be_written_stops_prepare_naming_it(tmp_path):

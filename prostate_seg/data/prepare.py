@@ -9,9 +9,10 @@ import csv
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,11 +43,20 @@ MANIFEST_FIELDS = [
 ]
 PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 AFFINE_TOLERANCE_MM = 1e-2
+# A scan put where its mask belongs (imagesTr copied as labelsTr) passes as non-negative
+# integers: its grey levels are hundreds of distinct values and, with mask_labels=null, nearly
+# every voxel is gland. A label map holds a few labels (zonal ones: 2 to 5) and the prostate
+# is a few percent of a pelvic scan, so more of either is refused as a scan.
+MAX_MASK_LABELS = 16
+MAX_GLAND_FRACTION = 0.5
 # Files that mark a folder as a dataset made by prepare: only such a folder is replaced.
 DATASET_MARKERS = (PREPARE_FILE, MANIFEST_FILE)
 # prepare.json: the digest of every file of CONTENT_FOLDERS, which a run's identity takes
 CONTENT_DIGEST = "content_digest"
-CONTENT_FOLDERS = ("images", "masks", "volumes")
+# What prepare writes in each content folder: anything else there (a run folder, predicted
+# masks) is the user's, and overwrite=true, which deletes these folders whole, refuses it.
+CONTENT_SUFFIXES = {"images": ".png", "masks": ".png", "volumes": ".npz"}
+CONTENT_FOLDERS = tuple(CONTENT_SUFFIXES)
 REPORT_FILE = "prepare_report.json"
 # A dataset's own entries (split.json: made by training, tied to this data); overwrite=true
 # deletes the old dataset whole, so anything else in it is the user's and stops it.
@@ -106,6 +116,16 @@ def patient_id(path: Path) -> str:
     return name[:-5] if name.endswith("_0000") else name
 
 
+def other_channel(path: Path, patients: Collection[str]) -> str | None:
+    """Why the scan ``path`` is no patient of its own: nnU-Net's ``case_0001`` (``_0002``, ...)
+    is another channel of ``case``, whose ``case_0000`` is among ``patients``; None otherwise."""
+    match = re.fullmatch(r"(.+)_(\d{4})", patient_id(path))
+    if not (match and match[1] in patients):
+        return None
+    return (f"{path}: channel {match[2]} of nnU-Net case {match[1]}; this tool takes one channel "
+            f"per scan, the _0000 file: keep only those, or give 4D images and image_channel")
+
+
 def _by_patient(paths: list[Path]) -> dict[str, list[Path]]:
     groups: dict[str, list[Path]] = {}
     for path in paths:
@@ -150,8 +170,11 @@ def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
     claimed_twice = {patient for patient, _ in twice}
     problems += [f"{masks[p][0]}: mask without image (no {p} in {images_dir})"
                  for p in sorted(set(masks) - set(images) - claimed_twice)]
+    channels = {p: why for p in sorted(set(images) - set(masks) - claimed_twice)
+                if (why := other_channel(images[p][0], images))}
+    problems += channels.values()
     cases = [Case(p, images[p][0], masks.get(p, [None])[0]) for p in sorted(images)
-             if p not in claimed_twice]
+             if p not in claimed_twice and p not in channels]
     return cases, problems
 
 
@@ -160,13 +183,23 @@ def _gland_mask(labels: np.ndarray, path: Path, mask_labels: tuple[int, ...] | N
         raise DataError(f"{path}: mask has NaN or infinite values")
     if (labels < 0).any() or (labels != np.round(labels)).any():
         raise DataError(f"{path}: mask values must be non-negative integers")
+    values = np.unique(labels)
     if mask_labels is None:
-        return (labels > 0).astype(np.uint8)
-    unexpected = sorted({int(v) for v in np.unique(labels) if v != 0} - set(mask_labels))
-    if unexpected:
-        raise DataError(f"{path}: unexpected mask labels {unexpected} "
-                        f"(mask_labels={list(mask_labels)}; add them there to count as gland)")
-    return np.isin(labels, mask_labels).astype(np.uint8)
+        if len(values) > MAX_MASK_LABELS:
+            raise DataError(f"{path}: mask has {len(values)} distinct values; it looks like a "
+                            f"scan, not a label map (more than {MAX_MASK_LABELS} are refused)")
+        gland = (labels > 0).astype(np.uint8)
+    else:
+        unexpected = sorted({int(v) for v in values if v != 0} - set(mask_labels))
+        if unexpected:
+            raise DataError(f"{path}: unexpected mask labels {unexpected} "
+                            f"(mask_labels={list(mask_labels)}; add them there to count as gland)")
+        gland = np.isin(labels, mask_labels).astype(np.uint8)
+    if gland.mean() > MAX_GLAND_FRACTION:
+        raise DataError(f"{path}: the gland covers {gland.mean():.0%} of the volume; it looks "
+                        f"like a scan, not a label map (the prostate is a few percent of a scan; "
+                        f"more than {MAX_GLAND_FRACTION:.0%} is refused)")
+    return gland
 
 
 def scan_slices(img: Any, path: Path,
@@ -254,6 +287,8 @@ def content_digest(data_dir: Path) -> str:
         if not (data_dir / folder).is_dir():  # a folder made by hand may lack volumes/
             continue
         for path in sorted((data_dir / folder).iterdir()):
+            if not path.is_file():  # a user's folder put there is no slice (nor data)
+                continue
             digest.update(f"{folder}/{path.name}\0{path.stat().st_size}\0".encode())
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(1 << 20), b""):
@@ -317,16 +352,44 @@ def check_sources(cases: list[Case], real_out: Path, output_dir: Path) -> None:
                                       "the source data: choose another folder")
 
 
+def _foreign_entries(real_out: Path) -> list[Path]:
+    """What prepare did not make in a dataset: entries of another name, and in its content
+    folders anything but files of prepare's kind (a run folder, predicted masks)."""
+    def litter(path: Path) -> bool:  # LITTER, and macOS's ._ files
+        return path.name in LITTER or path.name.startswith("._")
+
+    foreign = []
+    for entry in sorted(real_out.iterdir()):
+        if entry.name in CONTENT_SUFFIXES and entry.is_dir() and not entry.is_symlink():
+            foreign += [p for p in sorted(entry.iterdir()) if not litter(p) and not (
+                p.is_file() and p.suffix == CONTENT_SUFFIXES[entry.name])]
+        elif entry.name not in OWN_ENTRIES and not litter(entry):
+            foreign.append(entry)
+    return foreign
+
+
 def check_only_own_entries(real_out: Path, output_dir: Path) -> None:
     """Refuse to replace a dataset that holds what prepare did not make (an evaluate's scores,
-    a run folder): replacing deletes the old dataset whole."""
+    a run folder, at its top or in its slices' folders): replacing deletes the old one whole."""
     if not real_out.is_dir():
         return
-    for entry in sorted(real_out.iterdir()):
-        if entry.name not in OWN_ENTRIES + LITTER and not entry.name.startswith("._"):
-            raise DataError(f"{output_dir / entry.name}: not made by prepare; overwrite=true "
-                            f"would delete it with the old dataset in output_dir={output_dir}: "
-                            "move it out first")
+    foreign = _foreign_entries(real_out)
+    if foreign:
+        raise DataError(f"{output_dir / foreign[0].relative_to(real_out)}: not made by prepare; "
+                        f"overwrite=true would delete it with the old dataset in "
+                        f"output_dir={output_dir}: move it out first")
+
+
+def dataset_holding(path: Path) -> Path | None:
+    """The prepared dataset (prepare.json marks one; a run folder's manifest.csv does not) that
+    an output at ``path`` would change: one of its own files, or anything in its slices' folders,
+    what runs and scores are made of (and what overwrite=true deletes). A new file beside them is
+    the user's, which overwrite=true refuses to delete."""
+    real = path.resolve()
+    for folder in real.parents:
+        if (folder / PREPARE_FILE).is_file() and real.relative_to(folder).parts[0] in OWN_ENTRIES:
+            return folder
+    return None
 
 
 def prepare(input_dir: str | Path, output_dir: str | Path,

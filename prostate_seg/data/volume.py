@@ -19,6 +19,9 @@ from prostate_seg.files import not_found
 
 DISPLAY_ORNT = ornt_lib.axcodes2ornt(("L", "P", "S"))
 MIN_SPACING_MM = 1e-3  # a voxel axis shorter than a micrometre is a damaged header, not a scan
+# A header's unit of distance (xyzt_units) in mm: some tools store metres or microns. "unknown"
+# (code 0, what most files hold) is taken as mm, as nibabel and ITK take it.
+MM_PER_UNIT = {"unknown": 1.0, "mm": 1.0, "meter": 1000.0, "micron": 1e-3}
 MAX_VOXELS = 2**30  # 1 G voxels: far beyond any MRI volume, well inside this machine's memory
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -60,6 +63,10 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
             raise DataError(f"{path}: header has NaN or infinite voxel spacing "
                             f"{tuple(pixdim.tolist())} or affine; the scan's geometry (and "
                             "every distance in mm) is unknown")
+        if _spatial_unit(img) not in MM_PER_UNIT:
+            raise DataError(f"{path}: header's unit of distance (xyzt_units "
+                            f"{int(img.header['xyzt_units'])}) is none NIfTI defines (metre, mm, "
+                            "micron); the scan's size is unknown")
         if oriented(img) and (pixdim == 0).any():
             raise DataError(f"{path}: header has a voxel spacing of 0 (pixdim "
                             f"{tuple(pixdim.tolist())}), which nibabel reads as 1 mm and other "
@@ -91,11 +98,27 @@ def voxel_array(img: nib.Nifti1Image, path: Path, channel: int | None = None) ->
             raise DataError(f"{path}: 4D image has {data.shape[3]} channels, "
                             f"image_channel={channel}")
         data = data[..., channel]
+    elif channel and data.ndim == 3:  # taking channel 0 would record a channel never used
+        raise DataError(f"{path}: image_channel={channel}, but this scan is 3D (one channel, 0); "
+                        "image_channel picks a volume of 4D images")
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
     if data.size == 0:
         raise DataError(f"{path}: empty volume of shape {data.shape}")
     return data
+
+
+def _spatial_unit(img: nib.Nifti1Image) -> str | None:
+    """The header's unit of distance; None for a code NIfTI does not define (nibabel raises)."""
+    try:
+        return img.header.get_xyzt_units()[0]
+    except KeyError:
+        return None
+
+
+def mm_per_unit(img: nib.Nifti1Image) -> float:
+    """What one unit of the affine and pixdim is in mm (the unit load_nifti checked)."""
+    return MM_PER_UNIT[_spatial_unit(img)]
 
 
 def oriented(img: nib.Nifti1Image) -> bool:
@@ -106,13 +129,14 @@ def oriented(img: nib.Nifti1Image) -> bool:
 def geometry_of(img: nib.Nifti1Image, shape: tuple[int, ...], path: Path) -> VolumeGeometry:
     """Orientation and spacing from one source: the affine, whose voxel axes must have a length
     (a singular one, such as a DICOM PixelSpacing of 0, places every voxel on a plane); a header
-    without orientation keeps its array as stored and its spacing unknown."""
+    without orientation keeps its array as stored and its spacing unknown. In mm, whatever unit
+    the header stores."""
     known = oriented(img)
     if not known:
-        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+        zooms = tuple(float(z) * mm_per_unit(img) for z in img.header.get_zooms()[:3])
         return VolumeGeometry(tuple(int(s) for s in shape[:3]), DISPLAY_ORNT,
                               (zooms[2], zooms[1], zooms[0]), False)
-    sizes = nib.affines.voxel_sizes(img.affine)
+    sizes = nib.affines.voxel_sizes(img.affine) * mm_per_unit(img)
     if not (sizes > MIN_SPACING_MM).all():
         raise DataError(f"{path}: affine gives voxel axes of {np.round(sizes, 6).tolist()} mm; "
                         f"each must be longer than {MIN_SPACING_MM} mm (damaged header?)")
@@ -125,9 +149,10 @@ def geometry_of(img: nib.Nifti1Image, shape: tuple[int, ...], path: Path) -> Vol
 
 
 def display_affine(img: nib.Nifti1Image, geometry: VolumeGeometry) -> np.ndarray:
-    """World affine of the reoriented array."""
+    """World affine of the reoriented array, in mm."""
     to_display = ornt_lib.ornt_transform(geometry.source_ornt, DISPLAY_ORNT)
-    return img.affine @ ornt_lib.inv_ornt_aff(to_display, geometry.source_shape)
+    to_mm = np.diag([mm_per_unit(img)] * 3 + [1.0])
+    return to_mm @ img.affine @ ornt_lib.inv_ornt_aff(to_display, geometry.source_shape)
 
 
 def to_slices(array: np.ndarray, geometry: VolumeGeometry) -> np.ndarray:

@@ -20,7 +20,7 @@ from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.settings import shown
 from prostate_seg.files import (PREPARE_FILE, check_data_dir, check_name_fits,
                                 check_writable_folder, refuse_existing, write_csv)
-from prostate_seg.data.prepare import CONTENT_FOLDERS, PrepareSettings
+from prostate_seg.data.prepare import PrepareSettings, dataset_holding
 from prostate_seg.inference.metrics import volume_scores
 from prostate_seg.inference.predictor import (SlicePredictor, TrainedModel, binarize,
                                               load_checkpoint, pick_device)
@@ -181,17 +181,19 @@ def check_subset(subset: object) -> None:
 
 def check_output(output: Path, ckpt_path: Path) -> None:
     """The table goes to a file of its own, whatever overwrite says: not onto a folder, the
-    checkpoint, a file of a prepared dataset or into its slices (what the scores come from)."""
+    checkpoint, a file of a prepared dataset or into its slices (what the scores come from), nor
+    a file of another kind (overwrite=true put a table over another run's last.ckpt, a scan)."""
     if output.is_dir():
         raise DataError(f"output={output}: is a folder; give the table's file name (.csv)")
     real = output.resolve()
     if real == ckpt_path.resolve():
         raise ConfigError(f"output={output} would replace the checkpoint it evaluates")
-    for folder in real.parents:
-        if (folder / PREPARE_FILE).is_file() and (
-                real.exists() or real.relative_to(folder).parts[0] in CONTENT_FOLDERS):
-            raise ConfigError(f"output={output} would change the prepared dataset {folder}; "
-                              "choose a file outside it")
+    dataset = dataset_holding(output)
+    if dataset:
+        raise ConfigError(f"output={output} would change the prepared dataset {dataset}; "
+                          "choose a file outside it")
+    if output.suffix.lower() != ".csv":
+        raise ConfigError(f"output={output}: the table's name must end in .csv")
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:

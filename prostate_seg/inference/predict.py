@@ -11,7 +11,8 @@ import nibabel as nib
 import numpy as np
 from omegaconf import DictConfig
 
-from prostate_seg.data.prepare import check_on_error, patient_id, scan_slices, scans_in
+from prostate_seg.data.prepare import (check_on_error, dataset_holding, other_channel, patient_id,
+                                       scan_slices, scans_in)
 from prostate_seg.data.volume import from_slices, is_nifti, load_nifti, strip_nifti_suffix
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import (check_name_fits, check_writable_folder, refuse_existing,
@@ -70,6 +71,10 @@ def _pairs(source: Path, target: Path) -> list[tuple[Path, Path]]:
         scans = scans_in(source, is_nifti, "not NIfTI (.nii, .nii.gz)")
         if not scans:
             raise DataError(f"input={source}: no .nii or .nii.gz files in this folder")
+        patients = {patient_id(scan) for scan in scans}
+        for scan in scans:  # a T2 network would segment the ADC channel as a scan of its own
+            if why := other_channel(scan, patients):
+                raise DataError(why)
         return [(s, target / f"{strip_nifti_suffix(s.name)}.nii.gz") for s in scans]
     if not source.exists():
         raise DataError(f"input={source}: file or folder not found")
@@ -85,7 +90,8 @@ def _pairs(source: Path, target: Path) -> list[tuple[Path, Path]]:
 
 def _check_outputs(pairs: list[tuple[Path, Path]], save_probabilities: bool) -> None:
     """No output replaces an input scan or another output (``x.nii`` and ``x.nii.gz``; ``a``'s
-    probabilities and ``a_prob``'s mask), and every output folder can be written."""
+    probabilities and ``a_prob``'s mask) or goes into a prepared dataset's own folders, and
+    every output folder can be written."""
     scans = {scan.resolve(): scan for scan, _ in pairs}
     written: dict[Path, Path] = {}
     for scan, output in pairs:
@@ -97,6 +103,10 @@ def _check_outputs(pairs: list[tuple[Path, Path]], save_probabilities: bool) -> 
                 raise DataError(f"{written[real]} and {scan} would both be written to {target}; "
                                 "rename or move one of them")
             written[real] = scan
+            dataset = dataset_holding(target)
+            if dataset:
+                raise ConfigError(f"output {target} would change the prepared dataset "
+                                  f"{dataset}; choose an output outside it")
             check_name_fits(target)
     for folder in sorted({output.parent for _, output in pairs}):
         check_writable_folder(folder)

@@ -23,7 +23,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from prostate_seg.config import build, configure_cpu_threads, uses_gpu
 from prostate_seg.data.datamodule import SliceDataModule
-from prostate_seg.data.prepare import dataset_fingerprint
+from prostate_seg.data.prepare import dataset_fingerprint, dataset_holding
 from prostate_seg.data.split import PatientSplit
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import (PREPARE_FILE, make_folder, not_found, replacing, write_csv,
@@ -34,9 +34,9 @@ from prostate_seg.inference.predictor import load_checkpoint, read_checkpoint
 from prostate_seg.models import network_weights, weights_mismatch
 from prostate_seg.settings import tversky_beta
 from prostate_seg.runs import (LAST_CHECKPOINT, OBJECTIVE, PER_PATIENT_FILE, PREVIEW_FILE,
-                               RESULTS_FILE, Identity, RunLock, RunStatus, check_run_folder, claim,
-                               config_identity, forget_held_log, load_json_object, run_late_gain,
-                               split_digest)
+                               RESULTS_FILE, STATUS_FILE, Identity, RunLock, RunStatus,
+                               check_run_folder, claim, config_identity, forget_held_log,
+                               load_json_object, run_late_gain, split_digest)
 from prostate_seg.training.callbacks import FirstStepTimer, checkpoint_epoch, without_bar
 from prostate_seg.training.checks import (check_ddp_launch, check_train_config,
                                           check_validation_interval, instantiate_checked)
@@ -144,9 +144,19 @@ def _completed_results(cfg: DictConfig, run_dir: Path, identity: Identity) -> di
     return done
 
 
+def check_run_place(run_dir: Path) -> None:
+    """A run writes into a folder of its own: not over a user's files, nor into a prepared
+    dataset's slices, which its scores are made of and prepare overwrite=true deletes."""
+    check_run_folder(run_dir)
+    dataset = dataset_holding(run_dir / STATUS_FILE)
+    if dataset is not None:
+        raise ConfigError(f"hydra.run.dir={run_dir}: inside the prepared dataset {dataset}; "
+                          "choose a folder outside it")
+
+
 def refuse_other_config(cfg: DictConfig, run_dir: Path) -> None:
     """Raise what the job would raise at its start for a folder holding another config's run."""
-    check_run_folder(run_dir)
+    check_run_place(run_dir)
     datamodule: SliceDataModule = instantiate_checked("data", cfg.data)
     split = datamodule.load_folds().fold(datamodule.fold)
     identity = identity_of(cfg, datamodule)
@@ -268,7 +278,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if rank_zero_only.rank == 0:
             lock.acquire()
             locked = True
-        check_run_folder(run_dir)
+        check_run_place(run_dir)
         datamodule = setup_data(cfg)
         check_validation_interval(cfg.trainer, len(datamodule.train_dataloader()))
         if cfg.evaluate_best:  # the masks it will be scored against, before it trains
