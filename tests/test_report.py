@@ -634,6 +634,35 @@ def test_the_report_never_replaces_its_input_table(tmp_path, capsys, name):
     assert table.read_bytes() == before
     assert [p.name for p in (tmp_path / "data").iterdir()] == [name]
 
+def test_the_report_replaces_only_files_of_its_own_earlier_report(tmp_path, capsys):
+    """A file bearing a report's name that no earlier report wrote there, or that was changed
+    since, is the user's: refused, naming it, and kept with everything else in the folder."""
+    table, out = minimal_table(tmp_path / "t.csv"), tmp_path / "paper"
+    out.mkdir()
+    mine = {"notes.txt": "mine\n", "contours.png": "my figure\n", "results.md": "my notes\n"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    assert main(["--table", str(table), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out / 'results.md'}: not written here by an earlier run of this command, or "
+        "changed since; move it, or choose another folder\n")
+    assert {p.name: p.read_text() for p in out.iterdir()} == mine
+    (out / "results.md").unlink()
+    (out / "contours.png").unlink()
+    assert main(["--table", str(table), "--out", str(out)]) == 0
+    assert main(["--table", str(table), "--out", str(out)]) == 0  # its own files: replaced
+    (out / "loss_curves.png").write_text("my curves\n")  # a name this report did not draw
+    assert main(["--table", str(table), "--out", str(out)]) == 2
+    assert f"error: {out / 'loss_curves.png'}: not written here" in capsys.readouterr().err
+    (out / "loss_curves.png").unlink()
+    with open(out / "results.csv", "a") as f:
+        f.write("an edit\n")
+    assert main(["--table", str(table), "--out", str(out)]) == 2
+    assert f"error: {out / 'results.csv'}: not written here" in capsys.readouterr().err
+    assert (out / "results.csv").read_text().endswith("an edit\n")
+    assert (out / "notes.txt").read_text() == "mine\n"
+
+
 def test_an_out_that_cannot_be_a_folder_is_one_line_and_nothing_written(tmp_path, capsys):
     table = minimal_table(tmp_path / "t.csv")
     (tmp_path / "file").write_text("mine\n")
