@@ -546,6 +546,15 @@ def test_table_mode_with_only_the_required_columns(tmp_path):
     ("loss,patient,dice,voxels_pred", ["bce,case00,0.8,-3"],
      "line 2: voxels_pred=-3 is not a whole number >= 0"),
     ("loss,patient,dice,alpha", ["bce,case00,0.8,1.5"], "line 2: alpha=1.5 is outside [0, 1]"),
+    # two configurations under one name would be pooled as seeds of one
+    ("loss,alpha,seed,patient,dice", ["t,0.3,0,case00,0.8", "bce,,0,case00,0.8",
+                                      "t,,1,case00,0.8", "t,0.7,2,case00,0.7"],
+     "loss t has alpha 0.3 on line 2 and 0.7 on line 5; give each configuration its own loss "
+     "name"),
+    ("loss,seed,patient,dice,max_epochs", ["t,0,case00,0.8,50", "t,1,case00,0.8,50.0",
+                                           "t,2,case00,0.8,100"],
+     "loss t has max_epochs 50 on line 2 and 100 on line 4; give each configuration its own "
+     "loss name"),
     ("loss,patient,dice,late_gain", ["bce,case00,0.8,2.5"],
      "line 2: late_gain=2.5 is outside [-2, 2]"),
     ("loss,patient,dice,late_gain", ["bce,case00,0.8,soon"],

@@ -74,6 +74,9 @@ COLUMNS = {"loss": "text", "alpha": "unit", "beta": "unit", "fold": "whole", "se
 LONG_COLUMNS = tuple(COLUMNS)
 REQUIRED = ("loss", "patient", "dice")
 KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
+# A configuration's settings: one value per loss, or two configurations would be pooled as
+# seeds of one
+PER_LOSS = ("alpha", "beta", "max_epochs")
 RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "late_gain",
                "identity", "group")
 FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_curves.png",
@@ -167,7 +170,23 @@ def read_long_table(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]
     if not rows:
         raise DataError(f"{path}: no rows below the header")
     check_unique(rows, str(path))
+    check_per_loss(rows, str(path))
     return rows
+
+
+def check_per_loss(rows: list[Row], source: str) -> None:
+    """Each PER_LOSS column holds one value per loss (empty cells say nothing)."""
+    first: dict[tuple[str, str], tuple[Any, int]] = {}
+    for row in rows:
+        for column in PER_LOSS:
+            value = row.get(column, "")
+            if value == "" or value != value:  # empty, or NaN
+                continue
+            seen, line = first.setdefault((row["loss"], column), (value, row["line"]))
+            if seen != value:
+                raise DataError(f"{source}: loss {row['loss']} has {column} {_csv_value(seen)} "
+                                f"on line {line} and {_csv_value(value)} on line {row['line']}; "
+                                "give each configuration its own loss name")
 
 
 def check_unique(rows: list[Row], source: str) -> None:
