@@ -516,7 +516,17 @@ def test_table_mode_with_only_the_required_columns(tmp_path):
     ("loss,patient,dice,seed", ["bce,case00,0.8,0", "bce,case00,0.7,1", "bce,case00,0.7,1"],
      "line 4: duplicate of line 3 (loss=bce, seed=1, patient=case00, split=val)"),
     ("loss,patient,dice", ["bce,case00,1.5"], "line 2: dice=1.5 is outside [0, 1]"),
-    ("loss,patient,dice", ["bce,case00,nan"], "line 2: dice='nan' is not a finite number"),
+    ("loss,patient,dice", ["bce,case00,nan"], "line 2: dice='nan' is not a number"),
+    ("loss,patient,dice", ["bce,case00,inf"], "line 2: dice='inf' is not a finite number"),
+    ("loss,patient,dice,hd95,hd95_failed", ["bce,case00,0.8,3.5,0", "bce,case01,0.8,nan,0"],
+     "line 3: hd95='nan' is not a number"),
+    # an empty cell among filled ones: a run of its own, or a patient left out of a median
+    ("loss,fold,seed,patient,dice", ["bce,0,0,case00,0.8", "bce,,0,case01,0.7"],
+     "line 3: fold is empty, but other rows have one; fill it, or leave the column out"),
+    ("loss,fold,seed,patient,dice", ["bce,0,,case00,0.8", "bce,0,1,case01,0.7"],
+     "line 2: seed is empty, but other rows have one; fill it, or leave the column out"),
+    ("loss,patient,dice,hd95", ["bce,case00,0.8,3.5", "bce,case01,0.8,"],
+     "line 3: hd95 is empty, but other rows have one; fill it, or leave the column out"),
     ("loss,patient,dice", [",case00,0.5"], "line 2: loss is empty"),
     ("loss,patient,dice,stopped_early", ["bce,case00,0.5,maybe"],
      "line 2: stopped_early='maybe' is not true or false"),
@@ -766,6 +776,9 @@ def test_long_table_reader_names_the_file_and_line(tmp_path):
                         ["bce,case00,0.8,", "bce,case01,0.7,abc"])
     with pytest.raises(DataError, match=r"t\.csv line 3: hd95='abc' is not a number"):
         read_long_table(table)
+    table = write_table(tmp_path / "t.csv", "loss,fold,seed,patient,dice,hd95",
+                        ["bce,,,case00,0.8,", "bce,,,case01,0.7,"])  # empty on every row:
+    assert [row["fold"] for row in read_long_table(table)] == ["", ""]  # as if left out
 
 
 def test_runs_of_different_code_are_refused_unless_pooled_on_request(tmp_path, capsys):

@@ -77,6 +77,9 @@ KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one
 # A configuration's settings: one value per loss, or two configurations would be pooled as
 # seeds of one
 PER_LOSS = ("alpha", "beta", "max_epochs")
+# Filled on every row or on none: an empty cell among filled ones would make its row a run of its
+# own (fold, seed) or drop it from a score's mean or median unseen
+EVERY_ROW = ("fold", "seed", "precision", "recall", "hd95")
 RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "late_gain",
                "identity", "group")
 FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_curves.png",
@@ -107,6 +110,8 @@ def _cell(raw: dict[str, Any], column: str, where: str) -> Any:
         value: float | None = float(text)
     except ValueError:
         value = None
+    if value is not None and math.isnan(value):
+        value = None  # "nan" is no number: an unknown value is an empty cell
     if kind == "whole":
         if not _whole(value):
             raise DataError(f"{where}: {column}={text!r} is not a whole number >= 0")
@@ -169,9 +174,23 @@ def read_long_table(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not rows:
         raise DataError(f"{path}: no rows below the header")
+    check_filled(rows, str(path))
     check_unique(rows, str(path))
     check_per_loss(rows, str(path))
     return rows
+
+
+def _empty(value: Any) -> bool:
+    return value == "" or value != value  # an empty text, or NaN
+
+
+def check_filled(rows: list[Row], source: str) -> None:
+    """Each EVERY_ROW column of the table filled on every row or on none."""
+    for column in EVERY_ROW:
+        empty = [row["line"] for row in rows if column in row and _empty(row[column])]
+        if empty and len(empty) < len(rows):
+            raise DataError(f"{source} line {empty[0]}: {column} is empty, but other rows "
+                            "have one; fill it, or leave the column out")
 
 
 def check_per_loss(rows: list[Row], source: str) -> None:
@@ -180,7 +199,7 @@ def check_per_loss(rows: list[Row], source: str) -> None:
     for row in rows:
         for column in PER_LOSS:
             value = row.get(column, "")
-            if value == "" or value != value:  # empty, or NaN
+            if _empty(value):
                 continue
             seen, line = first.setdefault((row["loss"], column), (value, row["line"]))
             if seen != value:
