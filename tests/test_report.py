@@ -682,6 +682,20 @@ def test_the_report_replaces_only_files_of_its_own_earlier_report(tmp_path, caps
     assert (out / "notes.txt").read_text() == "mine\n"
 
 
+def test_a_sweep_report_goes_to_out_under_the_same_rules(tmp_path, capsys):
+    """--out keeps the sweep's own report; a run folder's per_patient.csv is not the report's."""
+    sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
+    assert main([str(sweep), "--out", str(tmp_path / "alt")]) == 0
+    assert not (sweep / "report").exists()
+    assert (tmp_path / "alt" / "results.md").is_file()
+    assert len(read_csv(tmp_path / "alt" / LONG_TABLE)) == 3 * len(PATIENTS)
+    run = sweep / "bce-fold0-seed0"
+    before = snapshot(run)
+    assert main([str(sweep), "--out", str(run)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {run / LONG_TABLE}: not written here")
+    assert snapshot(run) == before
+
+
 def test_an_out_that_cannot_be_a_folder_is_one_line_and_nothing_written(tmp_path, capsys):
     table = minimal_table(tmp_path / "t.csv")
     (tmp_path / "file").write_text("mine\n")

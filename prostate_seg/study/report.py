@@ -1,10 +1,11 @@
 """The study's report: paired per-patient comparisons of losses, from a sweep or any table.
 
-    python -m prostate_seg report SWEEP_DIR [--baseline bce] [--all-pairs] [--split val]
+    python -m prostate_seg report SWEEP_DIR [--out DIR] [--baseline bce] [--all-pairs]
     python -m prostate_seg report --table FILE.csv --out DIR [--baseline ...] [--all-pairs]
 
-A sweep's runs become one long table (SWEEP_DIR/report/per_patient.csv), reported as a table
-is, plus what only run folders have (curves, contours, runs left out). See docs/REPORT.md.
+A sweep's runs become one long table (per_patient.csv in --out, by default SWEEP_DIR/report/),
+reported as a table is, plus what only run folders have (curves, contours, runs left out). See
+docs/REPORT.md.
 """
 
 from __future__ import annotations
@@ -733,8 +734,10 @@ def _curves(runs: list[Run], losses: list[str],
 
 
 def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: bool = False,
-                 split: str = PRIMARY_SPLIT, allow_mixed_code: bool = False) -> Path:
-    """SWEEP_DIR/report/: the long table, then the table mode on it. Returns results.md."""
+                 split: str = PRIMARY_SPLIT, allow_mixed_code: bool = False,
+                 out: Path | None = None) -> Path:
+    """The long table, then the table mode on it, into ``out`` (SWEEP_DIR/report/ by default).
+    Returns results.md."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise DataError(f"{sweep_dir}: sweep folder not found")
@@ -742,7 +745,7 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
     if not runs:
         raise DataError(f"{sweep_dir}: no run folders inside (none holds {STATUS_FILE} or "
                         f"{RESULTS_FILE})")
-    out = sweep_dir / REPORT_DIR
+    out = sweep_dir / REPORT_DIR if out is None else out
     sweep = SweepExtras(sweep_dir, runs)
     counted = [r for r in runs if r.state == "completed"]
     rows = [row for run in counted for row in long_rows(run)]
@@ -778,9 +781,10 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prostate_seg report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", nargs="?", help="a multirun folder (to SWEEP_DIR/report/)")
+    parser.add_argument("sweep_dir", nargs="?", help="a multirun folder")
     parser.add_argument("--table", type=Path, help="a long table (CSV) instead of a sweep")
-    parser.add_argument("--out", type=Path, help="where --table writes its report")
+    parser.add_argument("--out", type=Path, help="the report's folder (a sweep's default: "
+                        "SWEEP_DIR/report/)")
     parser.add_argument("--baseline", help=f"the loss every other is compared with (default: "
                         f"{DEFAULT_BASELINE} when present, else all pairs)")
     parser.add_argument("--all-pairs", action="store_true", help="compare every pair of losses "
@@ -802,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {args.out / 'results.md'}")
         else:
             write_report(args.sweep_dir, args.baseline, args.all_pairs, args.split,
-                         args.allow_mixed_code)
+                         args.allow_mixed_code, args.out)
     except (UserError, OSError) as exc:  # OSError: the path and reason, as every command says it
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
