@@ -607,6 +607,22 @@ def test_a_design_too_small_for_a_power_says_so_instead_of_a_nan(tmp_path, capsy
             "leaves under one degree of freedom. Detecting a difference of 0.02")
     assert line in out and f"\n{line}" in md  # measured, so not in bold
 
+def test_losses_whose_runs_share_no_patient_are_said_unpaired_not_flagged(tmp_path, capsys):
+    """tversky's table puts every patient in the other fold: nothing pairs with bce or x."""
+    lines = [f"{loss},{(i + swap) % 2},{s},{p},{patient_dice(k, s, [p])[p]}"
+             for k, (loss, swap) in enumerate((("bce", 0), ("x", 0), ("tversky", 1)))
+             for i, p in enumerate(PATIENTS[:6]) for s in (0, 1)]
+    table = write_table(tmp_path / "t.csv", "loss,fold,seed,patient,dice", lines)
+    assert main(["--table", str(table), "--out", str(tmp_path / "o"), "--all-pairs"]) == 0
+    out = capsys.readouterr().out
+    why = ("could not be paired, as no patient was scored by runs of the same fold and seed "
+           "under both (their runs come from different splits or seeds)")
+    assert f"; tversky and bce {why}." in out
+    assert f"Between the other losses: x and tversky {why}." in out
+    assert "not tested (no patient pairs: see above)" in out
+    assert "unflagged" not in out and "use --all-pairs" not in out
+
+
 def test_without_bce_the_report_says_how_to_add_the_baseline(tmp_path, capsys):
     lines = [f"{loss},{i % 2},0,case{i:02d},{0.7 + 0.01 * i + 0.02 * k}"
              for k, loss in enumerate(("tversky_a0.25", "tversky_a0.5", "tversky_a0.75"))
