@@ -623,6 +623,27 @@ def test_losses_whose_runs_share_no_patient_are_said_unpaired_not_flagged(tmp_pa
     assert "unflagged" not in out and "use --all-pairs" not in out
 
 
+def test_hd95_in_mm_and_px_is_never_one_median(tmp_path, capsys):
+    """A loss's runs on datasets with and without a known spacing are refused; losses that
+    differ in unit each show their own in the table."""
+    header = "loss,fold,seed,patient,dice,hd95,hd95_unit"
+    lines = [f"{loss},{i % 2},{s},{p},{patient_dice(k, s, [p])[p]},{3 + i},"
+             f"{'mm' if loss == 'bce' or s == 0 else 'px'}"
+             for k, loss in enumerate(("bce", "x")) for i, p in enumerate(PATIENTS[:6])
+             for s in (0, 1)]
+    table = write_table(tmp_path / "t.csv", header, lines)
+    assert main(["--table", str(table), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (f"error: {table}: loss x has hd95_unit mm on line 14 "
+                                       "and px on line 15; give each configuration its own "
+                                       "loss name\n")
+    table = write_table(tmp_path / "t.csv", header, [line.replace(",mm", ",px")
+                                                     if line.startswith("x,") else line
+                                                     for line in lines])
+    assert main(["--table", str(table), "--out", str(tmp_path / "o")]) == 0
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "| HD95 median |" in md and "| 5.50 mm |" in md and "| 5.50 px |" in md
+
+
 def test_without_bce_the_report_says_how_to_add_the_baseline(tmp_path, capsys):
     lines = [f"{loss},{i % 2},0,case{i:02d},{0.7 + 0.01 * i + 0.02 * k}"
              for k, loss in enumerate(("tversky_a0.25", "tversky_a0.5", "tversky_a0.75"))

@@ -75,9 +75,9 @@ COLUMNS = {"loss": "text", "alpha": "unit", "beta": "unit", "fold": "whole", "se
 LONG_COLUMNS = tuple(COLUMNS)
 REQUIRED = ("loss", "patient", "dice")
 KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
-# A configuration's settings: one value per loss, or two configurations would be pooled as
-# seeds of one
-PER_LOSS = ("alpha", "beta", "max_epochs")
+# A configuration's settings, and its dataset's HD95 unit (mm where the spacing is known, else
+# px): one value per loss, or two configurations would be pooled as seeds of one
+PER_LOSS = ("alpha", "beta", "max_epochs", "hd95_unit")
 # Filled on every row or on none: an empty cell among filled ones would make its row a run of its
 # own (fold, seed) or drop it from a score's mean or median unseen
 EVERY_ROW = ("fold", "seed", "precision", "recall", "hd95")
@@ -195,16 +195,18 @@ def check_filled(rows: list[Row], source: str) -> None:
 
 
 def check_per_loss(rows: list[Row], source: str) -> None:
-    """Each PER_LOSS column holds one value per loss (empty cells say nothing)."""
+    """Each PER_LOSS column holds one value per loss (empty cells say nothing); a run's own
+    table, without a loss column, is one loss."""
     first: dict[tuple[str, str], tuple[Any, int]] = {}
     for row in rows:
         for column in PER_LOSS:
             value = row.get(column, "")
             if _empty(value):
                 continue
-            seen, line = first.setdefault((row["loss"], column), (value, row["line"]))
+            loss = row.get("loss", "")
+            seen, line = first.setdefault((loss, column), (value, row["line"]))
             if seen != value:
-                raise DataError(f"{source}: loss {row['loss']} has {column} {_csv_value(seen)} "
+                raise DataError(f"{source}: loss {loss} has {column} {_csv_value(seen)} "
                                 f"on line {line} and {_csv_value(value)} on line {row['line']}; "
                                 "give each configuration its own loss name")
 
@@ -471,14 +473,17 @@ def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> lis
 
 def summary_table(a: Analysis) -> list[str]:
     units = {s.hd95_unit for s in a.summaries if s.hd95_unit}
-    hd_title = f"HD95 median ({'/'.join(sorted(units))})" if units else "HD95 median"
+    hd_title = f"HD95 median ({next(iter(units))})" if len(units) == 1 else "HD95 median"
+    own_unit = len(units) > 1  # losses on datasets of different units: each cell says its own
     header = ["Loss", "α", "Patients", "Runs", "Dice mean [95 % CI]", "Median", "Run SD",
               "Precision", "Recall", hd_title, "HD95 failed", "Flags"]
     return _markdown_table(header, ([
         s.loss, fmt(s.alpha, ".2f"), str(s.n_patients), str(s.n_runs),
         f"{fmt(s.dice_mean)} [{fmt(s.dice_ci_low, '.3f')}, {fmt(s.dice_ci_high, '.3f')}]",
         fmt(s.dice_median), fmt(s.run_sd, ".3f"), fmt(s.precision_mean),
-        fmt(s.recall_mean), fmt(s.hd95_median, ".2f"), fmt(s.hd95_failed, "d"),
+        fmt(s.recall_mean),
+        fmt(s.hd95_median, ".2f") + (f" {s.hd95_unit}" if own_unit and s.hd95_unit else ""),
+        fmt(s.hd95_failed, "d"),
         "; ".join(s.flags) or "—"] for s in a.summaries))
 
 
