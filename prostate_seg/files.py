@@ -183,7 +183,7 @@ def replacing_files(folder: Path, names: Sequence[str]) -> Iterator[Path]:
             written = {name: _digest(staging / name) for name in names
                        if (staging / name).exists()}
             kept = {name: digest for name, digest in own.items() if name not in names}
-            (staging / WRITTEN_RECORD).write_text(json.dumps(kept | written, indent=1))
+            write_json(staging / WRITTEN_RECORD, kept | written)  # flushed, as the files are
             for name in names:
                 if name in written:
                     os.replace(staging / name, folder / name)
