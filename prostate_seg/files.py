@@ -152,21 +152,59 @@ def replacing(path: Path) -> Iterator[Path]:
             tmp.unlink(missing_ok=True)
 
 
+# Beside a set that replacing_files wrote: each file's name and content digest, so the next set
+# replaces or removes only those files, and nothing of the user's that bears one of the names.
+WRITTEN_RECORD = ".written.json"
+
+
+def _digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _written_before(folder: Path, names: Sequence[str]) -> dict[str, str]:
+    """The files of the recorded earlier set still as written, by name; a file of one of
+    ``names`` that is not among them is refused, naming it: it is not ours to replace."""
+    try:
+        record = json.loads((folder / WRITTEN_RECORD).read_text())
+    except (OSError, ValueError):  # none (or unreadable): nothing here was written by us
+        record = {}
+    own = {name: digest for name, digest in (record.items() if isinstance(record, dict) else ())
+           if Path(name).name == name and (folder / name).is_file()
+           and _digest(folder / name) == digest}
+    for name in names:
+        if os.path.lexists(folder / name) and name not in own:
+            raise DataError(f"{folder / name}: not written here by an earlier run of this "
+                            "command, or changed since; move it, or choose another folder")
+    return own
+
+
 @contextmanager
 def replacing_files(folder: Path, names: Sequence[str]) -> Iterator[Path]:
     """A hidden folder inside ``folder`` to write a set of files in (some of ``names``); when the
     block ends without error each replaces its namesake and the names not written are removed
-    (a stale one would pass for new). A block that fails leaves the previous set as it was, and
-    no folder it made; errors name the file's place in ``folder``."""
+    (a stale one would pass for new). Only files of the set written before (WRITTEN_RECORD) are
+    replaced or removed: a file of one of the names that is not is refused before the block. A
+    block that fails leaves the previous set as it was, and no folder it made; errors name the
+    file's place in ``folder``."""
     with new_folders(folder):
+        own = _written_before(folder, names)
         staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
         try:
             yield staging
+            written = {name: _digest(staging / name) for name in names
+                       if (staging / name).exists()}
+            kept = {name: digest for name, digest in own.items() if name not in names}
+            write_json(staging / WRITTEN_RECORD, kept | written)  # flushed, as the files are
             for name in names:
-                if (staging / name).exists():
+                if name in written:
                     os.replace(staging / name, folder / name)
-                else:
+                elif name in own:
                     (folder / name).unlink(missing_ok=True)
+            os.replace(staging / WRITTEN_RECORD, folder / WRITTEN_RECORD)
         except OSError as exc:
             if not str(exc.filename or "").startswith(str(staging)):
                 raise

@@ -516,7 +516,17 @@ def test_table_mode_with_only_the_required_columns(tmp_path):
     ("loss,patient,dice,seed", ["bce,case00,0.8,0", "bce,case00,0.7,1", "bce,case00,0.7,1"],
      "line 4: duplicate of line 3 (loss=bce, seed=1, patient=case00, split=val)"),
     ("loss,patient,dice", ["bce,case00,1.5"], "line 2: dice=1.5 is outside [0, 1]"),
-    ("loss,patient,dice", ["bce,case00,nan"], "line 2: dice='nan' is not a finite number"),
+    ("loss,patient,dice", ["bce,case00,nan"], "line 2: dice='nan' is not a number"),
+    ("loss,patient,dice", ["bce,case00,inf"], "line 2: dice='inf' is not a finite number"),
+    ("loss,patient,dice,hd95,hd95_failed", ["bce,case00,0.8,3.5,0", "bce,case01,0.8,nan,0"],
+     "line 3: hd95='nan' is not a number"),
+    # an empty cell among filled ones: a run of its own, or a patient left out of a median
+    ("loss,fold,seed,patient,dice", ["bce,0,0,case00,0.8", "bce,,0,case01,0.7"],
+     "line 3: fold is empty, but other rows have one; fill it, or leave the column out"),
+    ("loss,fold,seed,patient,dice", ["bce,0,,case00,0.8", "bce,0,1,case01,0.7"],
+     "line 2: seed is empty, but other rows have one; fill it, or leave the column out"),
+    ("loss,patient,dice,hd95", ["bce,case00,0.8,3.5", "bce,case01,0.8,"],
+     "line 3: hd95 is empty, but other rows have one; fill it, or leave the column out"),
     ("loss,patient,dice", [",case00,0.5"], "line 2: loss is empty"),
     ("loss,patient,dice,stopped_early", ["bce,case00,0.5,maybe"],
      "line 2: stopped_early='maybe' is not true or false"),
@@ -546,6 +556,15 @@ def test_table_mode_with_only_the_required_columns(tmp_path):
     ("loss,patient,dice,voxels_pred", ["bce,case00,0.8,-3"],
      "line 2: voxels_pred=-3 is not a whole number >= 0"),
     ("loss,patient,dice,alpha", ["bce,case00,0.8,1.5"], "line 2: alpha=1.5 is outside [0, 1]"),
+    # two configurations under one name would be pooled as seeds of one
+    ("loss,alpha,seed,patient,dice", ["t,0.3,0,case00,0.8", "bce,,0,case00,0.8",
+                                      "t,,1,case00,0.8", "t,0.7,2,case00,0.7"],
+     "loss t has alpha 0.3 on line 2 and 0.7 on line 5; give each configuration its own loss "
+     "name"),
+    ("loss,seed,patient,dice,max_epochs", ["t,0,case00,0.8,50", "t,1,case00,0.8,50.0",
+                                           "t,2,case00,0.8,100"],
+     "loss t has max_epochs 50 on line 2 and 100 on line 4; give each configuration its own "
+     "loss name"),
     ("loss,patient,dice,late_gain", ["bce,case00,0.8,2.5"],
      "line 2: late_gain=2.5 is outside [-2, 2]"),
     ("loss,patient,dice,late_gain", ["bce,case00,0.8,soon"],
@@ -587,6 +606,43 @@ def test_a_design_too_small_for_a_power_says_so_instead_of_a_nan(tmp_path, capsy
     line = ("The design is too small to estimate the power to detect a difference of 0.02: it "
             "leaves under one degree of freedom. Detecting a difference of 0.02")
     assert line in out and f"\n{line}" in md  # measured, so not in bold
+
+def test_losses_whose_runs_share_no_patient_are_said_unpaired_not_flagged(tmp_path, capsys):
+    """tversky's table puts every patient in the other fold: nothing pairs with bce or x."""
+    lines = [f"{loss},{(i + swap) % 2},{s},{p},{patient_dice(k, s, [p])[p]}"
+             for k, (loss, swap) in enumerate((("bce", 0), ("x", 0), ("tversky", 1)))
+             for i, p in enumerate(PATIENTS[:6]) for s in (0, 1)]
+    table = write_table(tmp_path / "t.csv", "loss,fold,seed,patient,dice", lines)
+    assert main(["--table", str(table), "--out", str(tmp_path / "o"), "--all-pairs"]) == 0
+    out = capsys.readouterr().out
+    why = ("could not be paired, as no patient was scored by runs of the same fold and seed "
+           "under both (their runs come from different splits or seeds)")
+    assert f"; tversky and bce {why}." in out
+    assert f"Between the other losses: x and tversky {why}." in out
+    assert "not tested (no patient pairs: see above)" in out
+    assert "unflagged" not in out and "use --all-pairs" not in out
+
+
+def test_hd95_in_mm_and_px_is_never_one_median(tmp_path, capsys):
+    """A loss's runs on datasets with and without a known spacing are refused; losses that
+    differ in unit each show their own in the table."""
+    header = "loss,fold,seed,patient,dice,hd95,hd95_unit"
+    lines = [f"{loss},{i % 2},{s},{p},{patient_dice(k, s, [p])[p]},{3 + i},"
+             f"{'mm' if loss == 'bce' or s == 0 else 'px'}"
+             for k, loss in enumerate(("bce", "x")) for i, p in enumerate(PATIENTS[:6])
+             for s in (0, 1)]
+    table = write_table(tmp_path / "t.csv", header, lines)
+    assert main(["--table", str(table), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (f"error: {table}: loss x has hd95_unit mm on line 14 "
+                                       "and px on line 15; give each configuration its own "
+                                       "loss name\n")
+    table = write_table(tmp_path / "t.csv", header, [line.replace(",mm", ",px")
+                                                     if line.startswith("x,") else line
+                                                     for line in lines])
+    assert main(["--table", str(table), "--out", str(tmp_path / "o")]) == 0
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "| HD95 median |" in md and "| 5.50 mm |" in md and "| 5.50 px |" in md
+
 
 def test_without_bce_the_report_says_how_to_add_the_baseline(tmp_path, capsys):
     lines = [f"{loss},{i % 2},0,case{i:02d},{0.7 + 0.01 * i + 0.02 * k}"
@@ -633,6 +689,49 @@ def test_the_report_never_replaces_its_input_table(tmp_path, capsys, name):
                                            "folder\n")
     assert table.read_bytes() == before
     assert [p.name for p in (tmp_path / "data").iterdir()] == [name]
+
+def test_the_report_replaces_only_files_of_its_own_earlier_report(tmp_path, capsys):
+    """A file bearing a report's name that no earlier report wrote there, or that was changed
+    since, is the user's: refused, naming it, and kept with everything else in the folder."""
+    table, out = minimal_table(tmp_path / "t.csv"), tmp_path / "paper"
+    out.mkdir()
+    mine = {"notes.txt": "mine\n", "contours.png": "my figure\n", "results.md": "my notes\n"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    assert main(["--table", str(table), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {out / 'results.md'}: not written here by an earlier run of this command, or "
+        "changed since; move it, or choose another folder\n")
+    assert {p.name: p.read_text() for p in out.iterdir()} == mine
+    (out / "results.md").unlink()
+    (out / "contours.png").unlink()
+    assert main(["--table", str(table), "--out", str(out)]) == 0
+    assert main(["--table", str(table), "--out", str(out)]) == 0  # its own files: replaced
+    (out / "loss_curves.png").write_text("my curves\n")  # a name this report did not draw
+    assert main(["--table", str(table), "--out", str(out)]) == 2
+    assert f"error: {out / 'loss_curves.png'}: not written here" in capsys.readouterr().err
+    (out / "loss_curves.png").unlink()
+    with open(out / "results.csv", "a") as f:
+        f.write("an edit\n")
+    assert main(["--table", str(table), "--out", str(out)]) == 2
+    assert f"error: {out / 'results.csv'}: not written here" in capsys.readouterr().err
+    assert (out / "results.csv").read_text().endswith("an edit\n")
+    assert (out / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_sweep_report_goes_to_out_under_the_same_rules(tmp_path, capsys):
+    """--out keeps the sweep's own report; a run folder's per_patient.csv is not the report's."""
+    sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
+    assert main([str(sweep), "--out", str(tmp_path / "alt")]) == 0
+    assert not (sweep / "report").exists()
+    assert (tmp_path / "alt" / "results.md").is_file()
+    assert len(read_csv(tmp_path / "alt" / LONG_TABLE)) == 3 * len(PATIENTS)
+    run = sweep / "bce-fold0-seed0"
+    before = snapshot(run)
+    assert main([str(sweep), "--out", str(run)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {run / LONG_TABLE}: not written here")
+    assert snapshot(run) == before
+
 
 def test_an_out_that_cannot_be_a_folder_is_one_line_and_nothing_written(tmp_path, capsys):
     table = minimal_table(tmp_path / "t.csv")
@@ -728,6 +827,9 @@ def test_long_table_reader_names_the_file_and_line(tmp_path):
                         ["bce,case00,0.8,", "bce,case01,0.7,abc"])
     with pytest.raises(DataError, match=r"t\.csv line 3: hd95='abc' is not a number"):
         read_long_table(table)
+    table = write_table(tmp_path / "t.csv", "loss,fold,seed,patient,dice,hd95",
+                        ["bce,,,case00,0.8,", "bce,,,case01,0.7,"])  # empty on every row:
+    assert [row["fold"] for row in read_long_table(table)] == ["", ""]  # as if left out
 
 
 def test_runs_of_different_code_are_refused_unless_pooled_on_request(tmp_path, capsys):

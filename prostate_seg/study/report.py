@@ -1,10 +1,11 @@
 """The study's report: paired per-patient comparisons of losses, from a sweep or any table.
 
-    python -m prostate_seg report SWEEP_DIR [--baseline bce] [--all-pairs] [--split val]
+    python -m prostate_seg report SWEEP_DIR [--out DIR] [--baseline bce] [--all-pairs]
     python -m prostate_seg report --table FILE.csv --out DIR [--baseline ...] [--all-pairs]
 
-A sweep's runs become one long table (SWEEP_DIR/report/per_patient.csv), reported as a table
-is, plus what only run folders have (curves, contours, runs left out). See docs/REPORT.md.
+A sweep's runs become one long table (per_patient.csv in --out, by default SWEEP_DIR/report/),
+reported as a table is, plus what only run folders have (curves, contours, runs left out). See
+docs/REPORT.md.
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ COLUMNS = {"loss": "text", "alpha": "unit", "beta": "unit", "fold": "whole", "se
 LONG_COLUMNS = tuple(COLUMNS)
 REQUIRED = ("loss", "patient", "dice")
 KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
+# A configuration's settings, and its dataset's HD95 unit (mm where the spacing is known, else
+# px): one value per loss, or two configurations would be pooled as seeds of one
+PER_LOSS = ("alpha", "beta", "max_epochs", "hd95_unit")
+# Filled on every row or on none: an empty cell among filled ones would make its row a run of its
+# own (fold, seed) or drop it from a score's mean or median unseen
+EVERY_ROW = ("fold", "seed", "precision", "recall", "hd95")
 RUN_COLUMNS = ("best_epoch", "epochs_trained", "max_epochs", "stopped_early", "late_gain",
                "identity", "group")
 FIGURE_FILES = ("forest.png", "paired.png", "scores.png", "contours.png", "loss_curves.png",
@@ -104,6 +111,8 @@ def _cell(raw: dict[str, Any], column: str, where: str) -> Any:
         value: float | None = float(text)
     except ValueError:
         value = None
+    if value is not None and math.isnan(value):
+        value = None  # "nan" is no number: an unknown value is an empty cell
     if kind == "whole":
         if not _whole(value):
             raise DataError(f"{where}: {column}={text!r} is not a whole number >= 0")
@@ -166,8 +175,40 @@ def read_long_table(path: Path, required: Sequence[str] = REQUIRED) -> list[Row]
         raise DataError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     if not rows:
         raise DataError(f"{path}: no rows below the header")
+    check_filled(rows, str(path))
     check_unique(rows, str(path))
+    check_per_loss(rows, str(path))
     return rows
+
+
+def _empty(value: Any) -> bool:
+    return value == "" or value != value  # an empty text, or NaN
+
+
+def check_filled(rows: list[Row], source: str) -> None:
+    """Each EVERY_ROW column of the table filled on every row or on none."""
+    for column in EVERY_ROW:
+        empty = [row["line"] for row in rows if column in row and _empty(row[column])]
+        if empty and len(empty) < len(rows):
+            raise DataError(f"{source} line {empty[0]}: {column} is empty, but other rows "
+                            "have one; fill it, or leave the column out")
+
+
+def check_per_loss(rows: list[Row], source: str) -> None:
+    """Each PER_LOSS column holds one value per loss (empty cells say nothing); a run's own
+    table, without a loss column, is one loss."""
+    first: dict[tuple[str, str], tuple[Any, int]] = {}
+    for row in rows:
+        for column in PER_LOSS:
+            value = row.get(column, "")
+            if _empty(value):
+                continue
+            loss = row.get("loss", "")
+            seen, line = first.setdefault((loss, column), (value, row["line"]))
+            if seen != value:
+                raise DataError(f"{source}: loss {loss} has {column} {_csv_value(seen)} "
+                                f"on line {line} and {_csv_value(value)} on line {row['line']}; "
+                                "give each configuration its own loss name")
 
 
 def check_unique(rows: list[Row], source: str) -> None:
@@ -432,14 +473,17 @@ def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> lis
 
 def summary_table(a: Analysis) -> list[str]:
     units = {s.hd95_unit for s in a.summaries if s.hd95_unit}
-    hd_title = f"HD95 median ({'/'.join(sorted(units))})" if units else "HD95 median"
+    hd_title = f"HD95 median ({next(iter(units))})" if len(units) == 1 else "HD95 median"
+    own_unit = len(units) > 1  # losses on datasets of different units: each cell says its own
     header = ["Loss", "α", "Patients", "Runs", "Dice mean [95 % CI]", "Median", "Run SD",
               "Precision", "Recall", hd_title, "HD95 failed", "Flags"]
     return _markdown_table(header, ([
         s.loss, fmt(s.alpha, ".2f"), str(s.n_patients), str(s.n_runs),
         f"{fmt(s.dice_mean)} [{fmt(s.dice_ci_low, '.3f')}, {fmt(s.dice_ci_high, '.3f')}]",
         fmt(s.dice_median), fmt(s.run_sd, ".3f"), fmt(s.precision_mean),
-        fmt(s.recall_mean), fmt(s.hd95_median, ".2f"), fmt(s.hd95_failed, "d"),
+        fmt(s.recall_mean),
+        fmt(s.hd95_median, ".2f") + (f" {s.hd95_unit}" if own_unit and s.hd95_unit else ""),
+        fmt(s.hd95_failed, "d"),
         "; ".join(s.flags) or "—"] for s in a.summaries))
 
 
@@ -695,8 +739,10 @@ def _curves(runs: list[Run], losses: list[str],
 
 
 def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: bool = False,
-                 split: str = PRIMARY_SPLIT, allow_mixed_code: bool = False) -> Path:
-    """SWEEP_DIR/report/: the long table, then the table mode on it. Returns results.md."""
+                 split: str = PRIMARY_SPLIT, allow_mixed_code: bool = False,
+                 out: Path | None = None) -> Path:
+    """The long table, then the table mode on it, into ``out`` (SWEEP_DIR/report/ by default).
+    Returns results.md."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise DataError(f"{sweep_dir}: sweep folder not found")
@@ -704,7 +750,7 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
     if not runs:
         raise DataError(f"{sweep_dir}: no run folders inside (none holds {STATUS_FILE} or "
                         f"{RESULTS_FILE})")
-    out = sweep_dir / REPORT_DIR
+    out = sweep_dir / REPORT_DIR if out is None else out
     sweep = SweepExtras(sweep_dir, runs)
     counted = [r for r in runs if r.state == "completed"]
     rows = [row for run in counted for row in long_rows(run)]
@@ -740,9 +786,10 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prostate_seg report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", nargs="?", help="a multirun folder (to SWEEP_DIR/report/)")
+    parser.add_argument("sweep_dir", nargs="?", help="a multirun folder")
     parser.add_argument("--table", type=Path, help="a long table (CSV) instead of a sweep")
-    parser.add_argument("--out", type=Path, help="where --table writes its report")
+    parser.add_argument("--out", type=Path, help="the report's folder (a sweep's default: "
+                        "SWEEP_DIR/report/)")
     parser.add_argument("--baseline", help=f"the loss every other is compared with (default: "
                         f"{DEFAULT_BASELINE} when present, else all pairs)")
     parser.add_argument("--all-pairs", action="store_true", help="compare every pair of losses "
@@ -764,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {args.out / 'results.md'}")
         else:
             write_report(args.sweep_dir, args.baseline, args.all_pairs, args.split,
-                         args.allow_mixed_code)
+                         args.allow_mixed_code, args.out)
     except (UserError, OSError) as exc:  # OSError: the path and reason, as every command says it
         print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2

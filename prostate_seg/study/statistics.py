@@ -676,12 +676,31 @@ def _best(a: Analysis, usable: list[str]) -> str:
     if not lost:
         return f"Best: {leader}, whose lead over every other loss survives the Holm correction."
     if None in lost.values():
-        why = "every other loss was not tested (use --all-pairs)"
+        missing = ("use --all-pairs" if a.baseline is not None and not a.all_pairs else
+                   "no patient pairs: see above")
+        why = f"every other loss was not tested ({missing})"
     else:
         why = ", ".join(f"{other} (p_holm = {c.p_holm:.2g})" for other, c in lost.items())
         why += " is not significant after correction"
     return (f"No loss is called best: {leader} has the highest mean Dice on the patients all "
             f"losses share, but its lead over {why}.")
+
+
+def _unpaired(a: Analysis, usable: list[str]) -> list[tuple[str, str]]:
+    """The planned comparisons between ``usable`` losses that compare() left out: nothing
+    pairs."""
+    tested = {(c.loss, c.baseline) for c in a.comparisons}
+    return [pair for pair in comparison_pairs(usable, a.baseline, a.all_pairs)
+            if pair not in tested]
+
+
+def _not_paired(pairs: list[tuple[str, str]]) -> list[str]:
+    """Why a comparison is missing: nothing flagged it, its losses' runs do not pair."""
+    if not pairs:
+        return []
+    return [f"{', '.join(f'{loss} and {other}' for loss, other in pairs)} could not be "
+            "paired, as no patient was scored by runs of the same fold and seed under both "
+            "(their runs come from different splits or seeds)"]
 
 
 def verdict(a: Analysis) -> list[str]:
@@ -711,6 +730,7 @@ def verdict(a: Analysis) -> list[str]:
         lines.append(f"{head} the baseline {a.baseline} is flagged, so no comparison with it "
                      "is interpreted.")
         return lines
+    unpaired = _unpaired(a, usable)
     if a.baseline is not None:
         against = [c for c in interpreted if c.baseline == a.baseline]
         parts = [f"{c.loss} scores {'higher' if c.mean_diff > 0 else 'lower'} than "
@@ -720,18 +740,20 @@ def verdict(a: Analysis) -> list[str]:
         if alike:
             parts.append(f"no difference from {a.baseline} detected for {', '.join(alike)} "
                          "(not evidence that they perform alike)")
+        parts += _not_paired([p for p in unpaired if p[1] == a.baseline])
         lines.append(f"{head} {'; '.join(parts)}." if parts else
                      f"{head} no unflagged loss to compare with {a.baseline}.")
     others = [c for c in interpreted if c.baseline != a.baseline]
-    if others:
-        found = "; ".join(f"{h.loss} scores higher than {h.baseline}: {_difference(h)}"
-                          for h in map(Comparison.higher_first, others) if h.significant)
-        if a.baseline is not None:
-            lines.append(f"Between the other losses: {found or 'no difference detected'}.")
-        else:
-            lines.append(f"{head} {found}." if found else
-                         f"{head} no difference detected between any two losses (not "
-                         "evidence that they perform alike).")
+    apart = _not_paired([p for p in unpaired if p[1] != a.baseline])
+    if others or apart:
+        found = [f"{h.loss} scores higher than {h.baseline}: {_difference(h)}"
+                 for h in map(Comparison.higher_first, others) if h.significant]
+        if others and not found:
+            found = ["no difference detected" + ("" if a.baseline is not None else
+                     " between any two losses (not evidence that they perform alike)")]
+        found += apart
+        lines.append(f"Between the other losses: {'; '.join(found)}." if a.baseline is not None
+                     else f"{head} {'; '.join(found)}.")
     if not flagged:
         best = _best(a, usable)
         if best:
