@@ -165,9 +165,11 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _written_before(folder: Path, names: Sequence[str]) -> dict[str, str]:
+def _written_before(folder: Path, names: Sequence[str], own_folder: bool) -> dict[str, str]:
     """The files of the recorded earlier set still as written, by name; a file of one of
     ``names`` that is not among them is refused, naming it: it is not ours to replace."""
+    if own_folder and not os.path.lexists(folder / WRITTEN_RECORD):  # a set from before records
+        return {name: _digest(folder / name) for name in names if (folder / name).is_file()}
     try:
         record = json.loads((folder / WRITTEN_RECORD).read_text())
     except (OSError, ValueError):  # none (or unreadable): nothing here was written by us
@@ -183,15 +185,17 @@ def _written_before(folder: Path, names: Sequence[str]) -> dict[str, str]:
 
 
 @contextmanager
-def replacing_files(folder: Path, names: Sequence[str]) -> Iterator[Path]:
+def replacing_files(folder: Path, names: Sequence[str], own_folder: bool = False
+                    ) -> Iterator[Path]:
     """A hidden folder inside ``folder`` to write a set of files in (some of ``names``); when the
     block ends without error each replaces its namesake and the names not written are removed
     (a stale one would pass for new). Only files of the set written before (WRITTEN_RECORD) are
     replaced or removed: a file of one of the names that is not is refused before the block. A
     block that fails leaves the previous set as it was, and no folder it made; errors name the
-    file's place in ``folder``."""
+    file's place in ``folder``. ``own_folder``: the command's own (a sweep's report/), whose files
+    of the names are an earlier version's set when no record is there yet."""
     with new_folders(folder):
-        own = _written_before(folder, names)
+        own = _written_before(folder, names, own_folder)
         staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
         try:
             yield staging

@@ -453,6 +453,20 @@ def test_a_refused_report_writes_nothing_and_keeps_the_previous_one(tmp_path, ca
     assert snapshot(sweep / "report") == before
 
 
+def test_a_sweeps_report_from_before_the_record_is_replaced_and_a_users_is_not(tmp_path):
+    """SWEEP/report/ of an earlier version has no .written.json: the report's own place, its
+    files are the report's; the same names in a folder given by --out are the user's."""
+    sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
+    assert main([str(sweep)]) == 0
+    (sweep / "report" / ".written.json").unlink()
+    assert main([str(sweep)]) == 0
+    assert (sweep / "report" / ".written.json").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(sweep / "report", elsewhere)
+    (elsewhere / ".written.json").unlink()
+    assert main([str(sweep), "--out", str(elsewhere)]) == 2
+
+
 def test_a_report_failing_midway_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
     assert main([str(sweep)]) == 0

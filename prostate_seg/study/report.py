@@ -760,7 +760,8 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
     if mixed:
         sweep.caution.append(f"Pooled on request (--allow-mixed-code): {mixed}. A difference "
                              "between losses may be one between code versions.")
-    with replacing_files(out, (LONG_TABLE, *REPORT_FILES)) as staging:
+    with replacing_files(out, (LONG_TABLE, *REPORT_FILES),
+                         own_folder=out == sweep_dir / REPORT_DIR) as staging:
         if not counted:
             write_text(staging / "results.md", f"**No completed run with per-patient results "
                        f"in {sweep_dir}: nothing to compare.**\n\n"
