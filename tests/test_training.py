@@ -255,7 +255,7 @@ def test_a_scan_from_another_scanner_is_segmented_as_it_is_evaluated(trained_run
     assert min(evaluated.values()) > 0.3  # a model that segments something
 
 
-@pytest.mark.slow
+@pytest.mark.extra  # 17 s; sweeps run in make test through test_sweeps, test_tracking, test_logs
 def test_two_job_sweep_makes_two_named_runs_compared_in_tensorboard(prepared_copy, tmp_path):
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
 
