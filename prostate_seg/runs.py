@@ -363,9 +363,15 @@ class RunStatus:
         return Identity.from_dict(self.record.get("identity"))
 
     def running(self, resumed_from: str | None, identity: Identity) -> None:
+        """``resumed_from``: the checkpoint this start continues; one outside the folder (the
+        user's ckpt_path) is kept as ``started_from`` through the run's own resumes, as its
+        weights did not start from scratch."""
+        own_last = self.path.parent / LAST_CHECKPOINT
+        started_from = (self.record.get("started_from") if resumed_from is not None
+                        and Path(resumed_from).resolve() == own_last.resolve() else resumed_from)
         self._write(status="running", started=time.time(), host=socket.gethostname(),
-                    pid=os.getpid(), resumed_from=resumed_from, error=None, traceback=None,
-                    code=identity.code, identity=identity.to_dict())
+                    pid=os.getpid(), resumed_from=resumed_from, started_from=started_from,
+                    error=None, traceback=None, code=identity.code, identity=identity.to_dict())
 
     def completed(self) -> None:
         self._write(status="completed", finished=time.time())

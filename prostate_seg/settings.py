@@ -115,7 +115,8 @@ LOSS_NUMBERS = {"alpha": Setting(float, 0.0, 1.0, nullable=True),  # weighs fals
                 "beta": Setting(float, 0.0, 1.0, nullable=True),  # weighs false negatives
                 "smooth": Setting(float, 0.0),
                 "gamma": Setting(float, 0.0, open_low=True),
-                "weights": Setting(float, 0.0)}  # a combined loss's: a negative one ascends its term
+                # a combined loss's weights: a negative one ascends its term
+                "weights": Setting(float, 0.0)}
 MAX_SIDE = 4096  # pixels a side of a phantom or a prepared slice: beyond it, hours of huge PNGs
 # Per command (its config's name): keys absent from a config (a removed callback) are skipped.
 SETTINGS: dict[str, dict[str, Setting | ListOf | PathName]] = {

@@ -44,8 +44,8 @@ def test_round_trip_masks_equal_the_resized_volume_mask(phantoms, prepared):
 def test_images_are_windowed_per_volume(phantoms, prepared):
     img = nib.load(phantoms / "images" / "phantom001.nii.gz")
     data = img.get_fdata(dtype=np.float32)
-    windowed = to_grey_levels(to_slices(data, geometry_of(img, data.shape, Path('x'))), "x", 0.5, 99.5,
-                              "window")  # prepare's default
+    slices = to_slices(data, geometry_of(img, data.shape, Path("x")))
+    windowed = to_grey_levels(slices, "x", 0.5, 99.5, "window")  # prepare's default
     z = len(windowed) // 2
     assert np.array_equal(_read(prepared / f"images/phantom001_{z:03d}.png"),
                           fit_slice(windowed[z], 48, "resize"))

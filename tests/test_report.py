@@ -467,6 +467,28 @@ def test_a_sweeps_report_from_before_the_record_is_replaced_and_a_users_is_not(t
     assert main([str(sweep), "--out", str(elsewhere)]) == 2
 
 
+def test_runs_that_are_no_replicate_are_listed_and_not_counted(tmp_path):
+    """One started from another run's weights (ckpt_path), one of debug=overfit: pooled as
+    seeds, either would pass for a run of its configuration trained from scratch."""
+    sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
+    started, debug = sweep / "bce-fold0-seed0", sweep / "bce-fold1-seed0"
+    for folder, change in ((started, {"started_from": "/elsewhere/last.ckpt"}),
+                           (debug, {"identity": {"config": {"trainer.overfit_batches": 3}}})):
+        status = json.loads((folder / "status.json").read_text())
+        if "identity" in change:
+            status["identity"]["config"].update(change["identity"]["config"])
+        else:
+            status.update(change)
+        (folder / "status.json").write_text(json.dumps(status))
+    runs = {run.name: run for run in report.collect_runs(sweep)}
+    assert runs[started.name].state == runs[debug.name].state == "left out"
+    assert runs[started.name].reason.startswith("started from /elsewhere/last.ckpt (ckpt_path)")
+    assert runs[debug.name].reason.startswith("a debug run (trainer.overfit_batches=3)")
+    assert main([str(sweep)]) == 0
+    long = read_csv(sweep / "report" / "per_patient.csv")
+    assert not {started.name, debug.name} & {row["run"] for row in long}
+
+
 def test_a_report_failing_midway_leaves_the_previous_one_whole(tmp_path, monkeypatch):
     sweep = make_sweep(tmp_path / "sweep", seeds=(0,))
     assert main([str(sweep)]) == 0

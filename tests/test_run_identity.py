@@ -233,3 +233,24 @@ def test_a_run_trained_anew_does_not_continue_the_last_checkpoint_it_replaces(pr
     # epoch 0 trained again, from seed 1, then epoch 1
     assert len(again) == 2 and again[0]["train/loss"] != first["train/loss"]
     assert json.loads((run_dir / "status.json").read_text())["resumed_from"] is None
+
+
+def test_a_run_started_from_another_runs_weights_says_so_through_its_resumes(tmp_path):
+    """The report leaves such a run out; resuming from its own last.ckpt keeps the origin, a
+    start from scratch in the same folder clears it."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    identity = runs.config_identity(OmegaConf.create({"seed": 0}), "data", "split")
+
+    def started_from(resumed_from):
+        status = runs.RunStatus(run_dir)
+        status.running(resumed_from=resumed_from, identity=identity)
+        return json.loads(status.path.read_text())["started_from"]
+
+    assert started_from(str(tmp_path / "other" / "last.ckpt")) == str(tmp_path / "other" /
+                                                                      "last.ckpt")
+    assert started_from(str(run_dir / "checkpoints" / "last.ckpt")) == str(tmp_path / "other" /
+                                                                           "last.ckpt")
+    assert started_from(None) is None

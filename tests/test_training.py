@@ -230,8 +230,8 @@ def test_a_scan_from_another_scanner_is_segmented_as_it_is_evaluated(trained_run
     with open(trained_run / "per_patient.csv", newline="") as f:
         row = next(csv.DictReader(f))
     best = next((trained_run / "checkpoints").glob("best-*.ckpt"))
-    [default] = [r for r in evaluate_checkpoint(best, largest_component=True, tta=True, device="cpu")
-                 if r["patient"] == row["patient"]]
+    scored = evaluate_checkpoint(best, largest_component=True, tta=True, device="cpu")
+    [default] = [r for r in scored if r["patient"] == row["patient"]]
     evaluated = {False: float(row["dice"]), True: default["dice"]}
     source = nib.load(phantoms / "images" / f"{row['patient']}.nii.gz")
     data = np.asarray(source.dataobj, dtype=np.float64)

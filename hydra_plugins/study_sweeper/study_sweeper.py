@@ -39,7 +39,8 @@ class StudySweeperConf:
     # check_job(job_config, job_dir), for every job before the first starts (a default here,
     # not in conf/hydra/default.yaml, where other sweepers would receive it)
     check_job: Optional[str] = "prostate_seg.training.fit.check_job"
-    command: str = "train"  # whose config the jobs are: what command_line.check_composed asks of them
+    # whose config the jobs are: what command_line.check_composed asks of them
+    command: str = "train"
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudySweeperConf,

@@ -315,6 +315,8 @@ def read_run(folder: Path, sweep_dir: Path) -> Run:
         run.state, run.reason = _unfinished_reason(folder, status, launcher)
     elif not run.loss:
         run.reason = "results.json names no loss"
+    elif _not_a_replicate(status or {}, run.identity):
+        run.state, run.reason = "left out", _not_a_replicate(status or {}, run.identity)
     elif not table.is_file():
         run.reason = (f"completed, but has no {PER_PATIENT_FILE}: "
                       + run.results.get("not_evaluated", "trained by a version that did not "
@@ -330,6 +332,19 @@ def read_run(folder: Path, sweep_dir: Path) -> Run:
         except DataError as exc:
             run.reason = str(exc).replace(str(folder) + "/", "")
     return run
+
+
+def _not_a_replicate(status: dict[str, Any], identity: dict[str, Any]) -> str | None:
+    """Why a completed run is no replicate of its configuration's training: it started from
+    another run's weights (ckpt_path), or it is debug=overfit's, which trains a few batches over
+    and over (a check of the pipeline); None for a run of the study."""
+    if status.get("started_from"):
+        return (f"started from {status['started_from']} (ckpt_path), not from scratch: no "
+                "replicate of its configuration's runs (report such runs with --table)")
+    overfit = (identity.get("config") or {}).get("trainer.overfit_batches")
+    if overfit not in (None, 0, 0.0):
+        return f"a debug run (trainer.overfit_batches={overfit}), never a study's"
+    return None
 
 
 def _late_gain(folder: Path, results: dict[str, Any]) -> Any:
@@ -518,7 +533,8 @@ METHODS = f"""## How these numbers are made
 
 Per-patient Dice at the scan's original size; means and paired differences with 95 % CIs from
 a mixed model with trained runs and patients as replicates; Holm over the comparisons at a
-family-wise error rate of {SIGNIFICANCE}. The method, its assumptions and its calibration: docs/METHOD.md of prostate-seg
+family-wise error rate of {SIGNIFICANCE}. The method, its assumptions and its calibration:
+docs/METHOD.md of prostate-seg
 ({METHOD_PAGE if METHOD_PAGE.is_file() else "in the project's repository"}).
 """
 FIXED = ("This report chooses nothing after seeing results: the baseline, the primary measure "

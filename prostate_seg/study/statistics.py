@@ -25,8 +25,8 @@ TIE_MIN_PATIENTS = 2  # identical per-patient Dice on this many patients is no c
 DIFFERENCE_DECIMALS = 12  # differences rounded so float noise does not make a tie a difference
 # Runs still learning when their budget ended: their selection Dice was still rising at the end,
 # by more than this over a quarter of the epochs (late_gain), on average over the loss's runs and
-# above 0 by a one-sided t-test over them (SIGNIFICANCE). Loss differences of interest are about 0.01;
-# a loss still gaining that much would have moved with a longer budget.
+# above 0 by a one-sided t-test over them (SIGNIFICANCE). Loss differences of interest are about
+# 0.01; a loss still gaining that much would have moved with a longer budget.
 LATE_GAIN = 0.01
 
 Row = dict[str, Any]
@@ -146,8 +146,8 @@ class Components:
 
 def design_power(c: Components, sizes: Sequence[int], seeds: int, difference: float,
                  comparisons: int) -> float:
-    """Power for ``difference`` with ``seeds`` runs per fold at SIGNIFICANCE / comparisons (Holm's first
-    step), two-sided."""
+    """Power for ``difference`` with ``seeds`` runs per fold at SIGNIFICANCE / comparisons
+    (Holm's first step), two-sided."""
     n = np.asarray(sizes, dtype=float)
     weight = n / n.sum()
     # one run per fold cannot split the patient term from the residual: all of it is taken
@@ -364,8 +364,9 @@ def degenerate_reason(rows: list[Row]) -> str | None:
 def mean_late_gain(runs: Iterable[list[Row]]) -> tuple[float, int, float] | None:
     """The loss's runs' mean late_gain (an early-stopped run had none left: 0), how many runs it
     averages, and the one-sided p of a t-test that it is above 0 (nan for one run or gains all
-    alike); None when no run has one. One run's gain, four selection patients' Dice over a few epochs, is noisy
-    (tests/test_statistics.py simulates it); the runs are the replicates that test it."""
+    alike); None when no run has one. One run's gain, four selection patients' Dice over a few
+    epochs, is noisy (tests/test_statistics.py simulates it); the runs are the replicates that
+    test it."""
     gains = [0.0 if r[0].get("stopped_early") is True else r[0]["late_gain"]
              for r in runs if r[0].get("stopped_early") is True or _present(r[0], "late_gain")]
     if not gains:
@@ -725,7 +726,8 @@ def verdict(a: Analysis) -> list[str]:
     usable = [s.loss for s in a.summaries if s.loss not in flagged]
     interpreted = [c for c in a.comparisons if c.loss in usable and c.baseline in usable]
     head = (f"On {_design(a)}, paired per-patient Dice differences with trained runs as the "
-            f"replicate, Holm over {_count(len(a.comparisons), 'comparison')} (family-wise error rate {SIGNIFICANCE}):")
+            f"replicate, Holm over {_count(len(a.comparisons), 'comparison')} (family-wise "
+            f"error rate {SIGNIFICANCE}):")
     if a.baseline is not None and a.baseline in flagged:
         lines.append(f"{head} the baseline {a.baseline} is flagged, so no comparison with it "
                      "is interpreted.")
