@@ -704,6 +704,15 @@ def _not_paired(pairs: list[tuple[str, str]]) -> list[str]:
             "(their runs come from different splits or seeds)"]
 
 
+def _untested(pairs: list[str]) -> list[str]:
+    """Comparisons with one run pair: a difference there is no evidence either way (not 'no
+    difference detected'), as nothing measures how much a second training would move it."""
+    if not pairs:
+        return []
+    return [f"{', '.join(pairs)} not tested (one run pair: nothing measures training "
+            "randomness)"]
+
+
 def verdict(a: Analysis) -> list[str]:
     """Flagged runs first (nothing is ranked then), what the design can tell, the comparisons;
     'no difference detected' is never 'the same'."""
@@ -738,10 +747,12 @@ def verdict(a: Analysis) -> list[str]:
         parts = [f"{c.loss} scores {'higher' if c.mean_diff > 0 else 'lower'} than "
                  f"{a.baseline}: {_difference(c)}"
                  for c in against if c.significant]
-        alike = [c.loss for c in against if not c.significant]
+        alike = [c.loss for c in against if not c.significant and math.isfinite(c.p_value)]
         if alike:
             parts.append(f"no difference from {a.baseline} detected for {', '.join(alike)} "
                          "(not evidence that they perform alike)")
+        parts += _untested([f"{c.loss} and {a.baseline}" for c in against
+                            if not math.isfinite(c.p_value)])
         parts += _not_paired([p for p in unpaired if p[1] == a.baseline])
         lines.append(f"{head} {'; '.join(parts)}." if parts else
                      f"{head} no unflagged loss to compare with {a.baseline}.")
@@ -750,9 +761,11 @@ def verdict(a: Analysis) -> list[str]:
     if others or apart:
         found = [f"{h.loss} scores higher than {h.baseline}: {_difference(h)}"
                  for h in map(Comparison.higher_first, others) if h.significant]
-        if others and not found:
+        if not found and any(math.isfinite(c.p_value) for c in others):
             found = ["no difference detected" + ("" if a.baseline is not None else
                      " between any two losses (not evidence that they perform alike)")]
+        found += _untested([f"{c.loss} and {c.baseline}" for c in others
+                            if not math.isfinite(c.p_value)])
         found += apart
         lines.append(f"Between the other losses: {'; '.join(found)}." if a.baseline is not None
                      else f"{head} {'; '.join(found)}.")
