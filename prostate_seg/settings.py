@@ -5,6 +5,7 @@ where a list belongs would otherwise end in a traceback, or run with another val
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ class Setting:
     def allows(self, value: object, high: float | None) -> bool:
         if value is None and self.nullable:
             return True
-        types = int if self.kind is int else (int, float)
+        types = numbers.Integral if self.kind is int else numbers.Real  # numpy's too
         if isinstance(value, bool) or not isinstance(value, types):
             return False
         if value in self.also:

@@ -74,3 +74,17 @@ def test_a_start_checkpoint_of_another_fold_is_refused(trained_run, prepared, tm
                                           r"that fold 1 holds out \(phantom"):
         train(cfg)
     assert not (run_dir / "status.json").exists()
+
+
+def test_a_start_checkpoint_of_other_patients_named_alike_leaks_nothing(trained_run, prepared,
+                                                                         tmp_path):
+    """A model of another dataset whose patients are also named phantom000 ...: its split holds
+    other patients than this one, so a fold-1 start from it is refused only for its epoch."""
+    checkpoint = torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint["hyper_parameters"]["cfg"]["split"]["train"].append("someone_else")
+    other = tmp_path / "other.ckpt"
+    torch.save(checkpoint, other)
+    cfg = compose_train([*TINY, f"data.dir={prepared}", f"ckpt_path={other}", "data.fold=1",
+                         "trainer.max_epochs=1"], tmp_path / "run")
+    with pytest.raises(ConfigError, match="past trainer.max_epochs=1"):
+        train(cfg)

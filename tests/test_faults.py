@@ -166,6 +166,8 @@ from prostate_seg.training.fit import build_run, setup_data, train
     # the best checkpoint overwritten each epoch by the resume point
     ("callbacks.model_checkpoint.filename=last", "callbacks.model_checkpoint.filename=last: "
      "callbacks.last_checkpoint writes that file too"),
+    ("callbacks.model_checkpoint.filename=last callbacks.model_checkpoint.dirpath="
+     "${paths.output_dir}/checkpoints/", "callbacks.model_checkpoint.filename=last: "),
     ("callbacks.model_checkpoint.filename=best", None),
     ("data.image_size=8", "data.image_size=8: must be an integer >= 2^depth = 16"),
     ("data.dir=/no/such/folder", "data.dir=/no/such/folder: folder not found"),
@@ -423,6 +425,19 @@ def test_a_validation_interval_longer_than_an_epoch_is_refused_before_training(p
                                           r"the \d+ training batches of an epoch"):
         train(cfg)
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "status.json").exists()
+
+
+def test_a_validation_interval_counts_the_batches_an_epoch_trains():
+    """After limit_train_batches; with check_val_every_n_epoch=null it counts across epochs."""
+    from prostate_seg.training.checks import check_validation_interval
+
+    check_validation_interval(OmegaConf.create({"val_check_interval": 1000,
+                                                "check_val_every_n_epoch": None}), 10)
+    check_validation_interval(OmegaConf.create({"val_check_interval": 0.5}), 10)
+    for limit, allowed in ((5, 5), (0.5, 5)):
+        with pytest.raises(ConfigError, match=f"must be at most the {allowed} training batches"):
+            check_validation_interval(OmegaConf.create({"val_check_interval": 6,
+                                                        "limit_train_batches": limit}), 10)
 
 
 @pytest.mark.parametrize("name", ["per_patient.csv", "results.json", "status.json"])

@@ -212,3 +212,16 @@ def test_upper_case_nifti_names_are_segmented_and_other_files_named(ckpt, scans,
     assert "ignored 1 files that are not NIfTI (.nii, .nii.gz): other.mha" in caplog.text
     one = predict_paths(ckpt, scans / "PHANTOM002.NII.GZ", tmp_path / "ONE.NII.GZ")[0]
     assert nib.load(one).shape == nib.load(out[0]).shape  # written through a .nii.gz temporary
+
+
+def test_a_checkpoint_recording_a_channel_of_3d_scans_still_predicts(ckpt, scans, tmp_path):
+    """Prepared by a version that ignored image_channel on 3D scans (and recorded it): it was
+    trained on the scans whole, and predict reads them so."""
+    import torch
+
+    checkpoint = torch.load(ckpt, weights_only=False)
+    checkpoint["hyper_parameters"]["cfg"]["preprocessing"]["image_channel"] = 3
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+    scan = scans / "phantom000.nii.gz"
+    assert predict_paths(older, scan, tmp_path / "mask.nii.gz") == [tmp_path / "mask.nii.gz"]

@@ -404,3 +404,19 @@ def test_scan_with_impossible_spacing_or_affine_is_refused_or_skipped(damage, wh
         prepare(source, tmp_path / "out", SETTINGS)
     report = prepare(source, tmp_path / "out", SETTINGS, on_error="skip")
     assert report["patients"] == 1 and report["skipped"][0]["case"] == "p1"
+
+
+def test_a_zero_pixdim_beside_an_sform_is_read_by_the_sform(source, tmp_path):
+    """The sform gives the geometry whole; pixdim's 0 builds nothing there."""
+    path = source / "images" / "p1.nii.gz"
+    img = nib.load(path)
+    img = nib.Nifti1Image(np.asarray(img.dataobj), None, img.header)
+    img.header.set_sform(np.diag([0.5, 0.6, 3.0, 1.0]), code=1)
+    nib.save(img, str(path))
+    stored = bytearray(gzip.decompress(path.read_bytes()))
+    stored[80:84] = struct.pack("<f", 0.0)  # pixdim[1]
+    path.write_bytes(gzip.compress(bytes(stored)))
+    from prostate_seg.data.volume import geometry_of, load_nifti
+
+    loaded = load_nifti(path)
+    assert geometry_of(loaded, loaded.shape, path).spacing == pytest.approx((3.0, 0.6, 0.5))

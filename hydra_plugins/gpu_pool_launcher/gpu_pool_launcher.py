@@ -322,7 +322,7 @@ class GpuPoolLauncher(Launcher):
         try:
             write_json(job.dir / LAUNCHER_FILE, record)
         except OSError as exc:
-            log.error(f"#{job.idx}: cannot write {job.dir / 'launcher.json'}: {exc}")
+            log.error(f"#{job.idx}: cannot write {job.dir / LAUNCHER_FILE}: {exc}")
 
     def _wait(self, jobs: List[_Job], free: queue.Queue[Tuple[int, str]], cpus: int) -> None:
         """Run the jobs on the free slots; on Ctrl-C or SIGTERM stop every child, then re-raise.

@@ -45,10 +45,11 @@ PNG_FLAGS = [cv2.IMWRITE_PNG_COMPRESSION, 1]
 AFFINE_TOLERANCE_MM = 1e-2
 # A scan put where its mask belongs (imagesTr copied as labelsTr) passes as non-negative
 # integers: its grey levels are hundreds of distinct values and, with mask_labels=null, nearly
-# every voxel is gland. A label map holds a few labels (zonal ones: 2 to 5) and the prostate
-# is a few percent of a pelvic scan, so more of either is refused as a scan.
+# every voxel is gland. A label map holds a few labels (zonal ones: 2 to 5), and the prostate
+# is a few percent of a pelvic scan (about half of a crop to its box), so more of either is
+# refused as a scan.
 MAX_MASK_LABELS = 16
-MAX_GLAND_FRACTION = 0.5
+MAX_GLAND_FRACTION = 0.9
 # Files that mark a folder as a dataset made by prepare: only such a folder is replaced.
 DATASET_MARKERS = (PREPARE_FILE, MANIFEST_FILE)
 # prepare.json: the digest of every file of CONTENT_FOLDERS, which a run's identity takes
@@ -187,7 +188,8 @@ def _gland_mask(labels: np.ndarray, path: Path, mask_labels: tuple[int, ...] | N
     if mask_labels is None:
         if len(values) > MAX_MASK_LABELS:
             raise DataError(f"{path}: mask has {len(values)} distinct values; it looks like a "
-                            f"scan, not a label map (more than {MAX_MASK_LABELS} are refused)")
+                            f"scan, not a label map (more than {MAX_MASK_LABELS} are refused; "
+                            "a label map of many labels: name the gland's in mask_labels)")
         gland = (labels > 0).astype(np.uint8)
     else:
         unexpected = sorted({int(v) for v in values if v != 0} - set(mask_labels))
@@ -223,6 +225,11 @@ def load_case(case: Case,
         image_nii = load_dicom_series(case.image)
     else:
         image_nii = load_nifti(case.image)
+    if settings.image_channel and len(image_nii.shape) == 3:
+        # channel 0 would be prepared and another recorded (predict reads 3D scans whole, as
+        # checkpoints of datasets prepared so before were trained)
+        raise DataError(f"{case.image}: image_channel={settings.image_channel}, but this scan is "
+                        "3D (one channel, 0); image_channel picks a volume of 4D images")
     image, geometry = scan_slices(image_nii, case.image, settings)
     mask_nii = load_nifti(case.mask)
     labels = voxel_array(mask_nii, case.mask)

@@ -67,7 +67,9 @@ def load_nifti(path: Path) -> nib.Nifti1Image:
             raise DataError(f"{path}: header's unit of distance (xyzt_units "
                             f"{int(img.header['xyzt_units'])}) is none NIfTI defines (metre, mm, "
                             "micron); the scan's size is unknown")
-        if oriented(img) and (pixdim == 0).any():
+        # a 0 matters where the affine is the qform's, built from pixdim (an sform is whole)
+        if int(img.header["qform_code"]) > 0 and int(img.header["sform_code"]) == 0 and (
+                pixdim == 0).any():
             raise DataError(f"{path}: header has a voxel spacing of 0 (pixdim "
                             f"{tuple(pixdim.tolist())}), which nibabel reads as 1 mm and other "
                             "tools otherwise; the scan's geometry is unknown")
@@ -98,9 +100,6 @@ def voxel_array(img: nib.Nifti1Image, path: Path, channel: int | None = None) ->
             raise DataError(f"{path}: 4D image has {data.shape[3]} channels, "
                             f"image_channel={channel}")
         data = data[..., channel]
-    elif channel and data.ndim == 3:  # taking channel 0 would record a channel never used
-        raise DataError(f"{path}: image_channel={channel}, but this scan is 3D (one channel, 0); "
-                        "image_channel picks a volume of 4D images")
     if data.ndim != 3:
         raise DataError(f"{path}: expected a 3D volume, got shape {data.shape}")
     if data.size == 0:

@@ -44,8 +44,9 @@ from prostate_seg.runs import (
     run_late_gain,
 )
 from prostate_seg.study.statistics import (
-    SIGNIFICANCE,
     MEASURED,
+    MIXED_UNITS,
+    SIGNIFICANCE,
     Analysis,
     Comparison,
     Row,
@@ -75,9 +76,9 @@ COLUMNS = {"loss": "text", "alpha": "unit", "beta": "unit", "fold": "whole", "se
 LONG_COLUMNS = tuple(COLUMNS)
 REQUIRED = ("loss", "patient", "dice")
 KEY = ("loss", "fold", "seed", "patient", "split")  # one row per patient of one run
-# A configuration's settings, and its dataset's HD95 unit (mm where the spacing is known, else
-# px): one value per loss, or two configurations would be pooled as seeds of one
-PER_LOSS = ("alpha", "beta", "max_epochs", "hd95_unit")
+# A configuration's settings: one value per loss, or two configurations would be pooled as
+# seeds of one
+PER_LOSS = ("alpha", "beta", "max_epochs")
 # Filled on every row or on none: an empty cell among filled ones would make its row a run of its
 # own (fold, seed) or drop it from a score's mean or median unseen
 EVERY_ROW = ("fold", "seed", "precision", "recall", "hd95")
@@ -315,8 +316,8 @@ def read_run(folder: Path, sweep_dir: Path) -> Run:
         run.state, run.reason = _unfinished_reason(folder, status, launcher)
     elif not run.loss:
         run.reason = "results.json names no loss"
-    elif _not_a_replicate(status or {}, run.identity):
-        run.state, run.reason = "left out", _not_a_replicate(status or {}, run.identity)
+    elif _not_a_replicate(folder, status or {}, run.identity):
+        run.state, run.reason = "left out", _not_a_replicate(folder, status or {}, run.identity)
     elif not table.is_file():
         run.reason = (f"completed, but has no {PER_PATIENT_FILE}: "
                       + run.results.get("not_evaluated", "trained by a version that did not "
@@ -334,13 +335,16 @@ def read_run(folder: Path, sweep_dir: Path) -> Run:
     return run
 
 
-def _not_a_replicate(status: dict[str, Any], identity: dict[str, Any]) -> str | None:
+def _not_a_replicate(folder: Path, status: dict[str, Any],
+                     identity: dict[str, Any]) -> str | None:
     """Why a completed run is no replicate of its configuration's training: it started from
     another run's weights (ckpt_path), or it is debug=overfit's, which trains a few batches over
     and over (a check of the pipeline); None for a run of the study."""
-    if status.get("started_from"):
-        return (f"started from {status['started_from']} (ckpt_path), not from scratch: no "
-                "replicate of its configuration's runs (report such runs with --table)")
+    # before started_from was kept (2026-12-07), the start's checkpoint is in resumed_from
+    started = status.get("started_from") or status.get("resumed_from")
+    if started and not Path(started).resolve().is_relative_to(folder.resolve()):
+        return (f"started from {started} (ckpt_path), not from scratch: no replicate of its "
+                "configuration's runs (report such runs with --table)")
     overfit = (identity.get("config") or {}).get("trainer.overfit_batches")
     if overfit not in (None, 0, 0.0):
         return f"a debug run (trainer.overfit_batches={overfit}), never a study's"
@@ -497,7 +501,8 @@ def summary_table(a: Analysis) -> list[str]:
         f"{fmt(s.dice_mean)} [{fmt(s.dice_ci_low, '.3f')}, {fmt(s.dice_ci_high, '.3f')}]",
         fmt(s.dice_median), fmt(s.run_sd, ".3f"), fmt(s.precision_mean),
         fmt(s.recall_mean),
-        fmt(s.hd95_median, ".2f") + (f" {s.hd95_unit}" if own_unit and s.hd95_unit else ""),
+        (f"— ({MIXED_UNITS})" if s.hd95_unit == MIXED_UNITS else fmt(s.hd95_median, ".2f")
+         + (f" {s.hd95_unit}" if own_unit and s.hd95_unit else "")),
         fmt(s.hd95_failed, "d"),
         "; ".join(s.flags) or "—"] for s in a.summaries))
 
@@ -776,8 +781,8 @@ def write_report(sweep_dir: str | Path, baseline: str | None = None, all_pairs: 
     if mixed:
         sweep.caution.append(f"Pooled on request (--allow-mixed-code): {mixed}. A difference "
                              "between losses may be one between code versions.")
-    with replacing_files(out, (LONG_TABLE, *REPORT_FILES),
-                         own_folder=out == sweep_dir / REPORT_DIR) as staging:
+    own = out.resolve() == (sweep_dir / REPORT_DIR).resolve()  # its files before records: ours
+    with replacing_files(out, (LONG_TABLE, *REPORT_FILES), own_folder=own) as staging:
         if not counted:
             write_text(staging / "results.md", f"**No completed run with per-patient results "
                        f"in {sweep_dir}: nothing to compare.**\n\n"

@@ -22,6 +22,7 @@ EVERYWHERE_FRACTION = 0.5  # of all voxels called gland: "everywhere" (the gland
 EVERYWHERE_RECALL = 0.99
 EVERYWHERE_PRECISION = 0.1
 TIE_MIN_PATIENTS = 2  # identical per-patient Dice on this many patients is no coincidence
+MIXED_UNITS = "mm and px"  # a loss whose runs' datasets differ in known spacing: no HD95 median
 DIFFERENCE_DECIMALS = 12  # differences rounded so float noise does not make a tie a difference
 # Runs still learning when their budget ended: their selection Dice was still rising at the end,
 # by more than this over a quarter of the epochs (late_gain), on average over the loss's runs and
@@ -314,8 +315,9 @@ def summarize(loss: str, rows: list[Row], flags: Sequence[str] = ()) -> LossSumm
     dice = per_patient(rows, "dice")
     g = grid(cells(rows))
     fit = estimate(g) if g is not None else {}
-    hd95 = [v for v in per_patient(rows, "hd95").values() if not math.isnan(v)]
     units = _distinct(rows, "hd95_unit")
+    hd95 = [v for v in per_patient(rows, "hd95").values() if not math.isnan(v)
+            and len(units) < 2]  # one median over millimetres and pixels means neither
     return LossSummary(
         loss=loss, n_patients=len(dice), n_runs=len({run_key(r) for r in rows}),
         folds=len(_distinct(rows, "fold")), seeds=len(_distinct(rows, "seed")),
@@ -329,7 +331,7 @@ def summarize(loss: str, rows: list[Row], flags: Sequence[str] = ()) -> LossSumm
         hd95_median=float(np.median(hd95)) if hd95 else math.nan,
         hd95_failed=(int(sum(r.get("hd95_failed") == 1 for r in rows))
                      if any(_present(r, "hd95_failed") for r in rows) else None),
-        hd95_unit=units[0] if len(units) == 1 else "/".join(units),
+        hd95_unit=units[0] if len(units) == 1 else MIXED_UNITS if units else "",
         alpha=alpha_of(rows), flags=tuple(flags))
 
 

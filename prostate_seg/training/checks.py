@@ -190,12 +190,11 @@ def check_checkpoint_files(callbacks: DictConfig | None) -> None:
     """A monitored checkpoint writes a file of its own: named as last.ckpt (filename=last) it is
     overwritten every epoch by the resume point, and the "best" weights are the last epoch's."""
     written = {}
-    for name, entry in (OmegaConf.to_container(callbacks, resolve=False) or {}).items():
-        if isinstance(entry, dict) and "filename" in entry:
-            written[name] = (entry.get("dirpath"), entry["filename"])
     for name, entry in (callbacks or {}).items():
-        monitored = isinstance(entry, DictConfig) and entry.get("monitor") is not None
-        if name not in written or not monitored:
+        if isinstance(entry, DictConfig) and "filename" in entry:
+            written[name] = (os.path.abspath(str(entry.get("dirpath"))), str(entry.filename))
+    for name, entry in (callbacks or {}).items():
+        if name not in written or entry.get("monitor") is None:
             continue
         for other, place in written.items():
             _require(other == name or place != written[name], f"callbacks.{name}.filename",
@@ -204,10 +203,16 @@ def check_checkpoint_files(callbacks: DictConfig | None) -> None:
 
 
 def check_validation_interval(trainer: DictConfig, batches: int) -> None:
-    """An integer val_check_interval counts training batches: more than an epoch has fails in
-    Lightning's fit, once the run's folder is made."""
-    interval = trainer.get("val_check_interval")
-    _require(not isinstance(interval, int) or isinstance(interval, bool) or interval <= batches,
+    """An integer val_check_interval counts training batches: more than an epoch has (after
+    limit_train_batches) fails in Lightning's fit, once the run's folder is made, unless
+    check_val_every_n_epoch=null lets it count across epochs."""
+    interval, limit = trainer.get("val_check_interval"), trainer.get("limit_train_batches")
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        batches = min(batches, limit)
+    elif isinstance(limit, float):
+        batches = int(batches * limit)
+    _require(not isinstance(interval, int) or isinstance(interval, bool) or interval <= batches
+             or trainer.get("check_val_every_n_epoch", 1) is None,
              "trainer.val_check_interval", interval, f"must be at most the {batches} training "
              "batches of an epoch (or a fraction of an epoch, such as 0.5)")
 

@@ -88,11 +88,15 @@ def _refuse_other_identity(identity: Identity, stored: Identity | None, what: st
 def _check_start_checkpoint(cfg: DictConfig, path: Path, split: PatientSplit) -> None:
     """A file that is no training checkpoint, or one of another network, refused before the run
     folder is claimed (Lightning finds out only inside fit); so is one that trained on, or chose
-    its epoch by, a patient this run holds out (another fold's run), whose scores it would
-    inflate."""
+    its epoch by, a patient this run holds out (another fold's run on these patients), whose
+    scores it would inflate."""
     checkpoint = read_checkpoint(path)
     seen = (checkpoint.get("hyper_parameters", {}).get("cfg", {}).get("split") or {})
-    leaked = sorted({*seen.get("train", ()), *seen.get("select", ())} & {*split.val, *split.test})
+    cohort = {*split.train, *split.select, *split.val, *split.test}
+    theirs = {p for role in ("train", "select", "val", "test") for p in seen.get(role, ())}
+    # a model of another dataset whose patients are also named Case00 ... leaks nothing
+    leaked = sorted({*seen.get("train", ()), *seen.get("select", ())} & {*split.val, *split.test}
+                    if theirs == cohort else ())
     if leaked:
         raise ConfigError(f"ckpt_path={path}: trained on {len(leaked)} patient(s) that fold "
                           f"{split.fold} holds out ({', '.join(leaked[:3])}"
