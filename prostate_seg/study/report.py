@@ -316,8 +316,8 @@ def read_run(folder: Path, sweep_dir: Path) -> Run:
         run.state, run.reason = _unfinished_reason(folder, status, launcher)
     elif not run.loss:
         run.reason = "results.json names no loss"
-    elif _not_a_replicate(folder, status or {}, run.identity):
-        run.state, run.reason = "left out", _not_a_replicate(folder, status or {}, run.identity)
+    elif why := _not_a_replicate(folder, status or {}, run.identity):
+        run.state, run.reason = "left out", why
     elif not table.is_file():
         run.reason = (f"completed, but has no {PER_PATIENT_FILE}: "
                       + run.results.get("not_evaluated", "trained by a version that did not "

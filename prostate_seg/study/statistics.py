@@ -316,8 +316,9 @@ def summarize(loss: str, rows: list[Row], flags: Sequence[str] = ()) -> LossSumm
     g = grid(cells(rows))
     fit = estimate(g) if g is not None else {}
     units = _distinct(rows, "hd95_unit")
-    hd95 = [v for v in per_patient(rows, "hd95").values() if not math.isnan(v)
-            and len(units) < 2]  # one median over millimetres and pixels means neither
+    # one median over millimetres and pixels means neither
+    hd95 = ([v for v in per_patient(rows, "hd95").values() if not math.isnan(v)]
+            if len(units) < 2 else [])
     return LossSummary(
         loss=loss, n_patients=len(dice), n_runs=len({run_key(r) for r in rows}),
         folds=len(_distinct(rows, "fold")), seeds=len(_distinct(rows, "seed")),
@@ -697,22 +698,18 @@ def _unpaired(a: Analysis, usable: list[str]) -> list[tuple[str, str]]:
             if pair not in tested]
 
 
-def _not_paired(pairs: list[tuple[str, str]]) -> list[str]:
-    """Why a comparison is missing: nothing flagged it, its losses' runs do not pair."""
-    if not pairs:
-        return []
-    return [f"{', '.join(f'{loss} and {other}' for loss, other in pairs)} could not be "
-            "paired, as no patient was scored by runs of the same fold and seed under both "
-            "(their runs come from different splits or seeds)"]
+# Why a planned comparison says nothing: nothing flagged it, but its losses' runs do not pair;
+# or one run pair, whose difference is no evidence either way (not 'no difference detected'),
+# as nothing measures how much a second training would move it.
+UNPAIRED = ("could not be paired, as no patient was scored by runs of the same fold and seed "
+            "under both (their runs come from different splits or seeds)")
+UNTESTED = "not tested (one run pair: nothing measures training randomness)"
 
 
-def _untested(pairs: list[str]) -> list[str]:
-    """Comparisons with one run pair: a difference there is no evidence either way (not 'no
-    difference detected'), as nothing measures how much a second training would move it."""
-    if not pairs:
-        return []
-    return [f"{', '.join(pairs)} not tested (one run pair: nothing measures training "
-            "randomness)"]
+def _said_of(pairs: Iterable[tuple[str, str]], why: str) -> list[str]:
+    """``a and b, c and d WHY`` for these pairs of losses, or nothing."""
+    named = [f"{loss} and {other}" for loss, other in pairs]
+    return [f"{', '.join(named)} {why}"] if named else []
 
 
 def verdict(a: Analysis) -> list[str]:
@@ -753,21 +750,21 @@ def verdict(a: Analysis) -> list[str]:
         if alike:
             parts.append(f"no difference from {a.baseline} detected for {', '.join(alike)} "
                          "(not evidence that they perform alike)")
-        parts += _untested([f"{c.loss} and {a.baseline}" for c in against
-                            if not math.isfinite(c.p_value)])
-        parts += _not_paired([p for p in unpaired if p[1] == a.baseline])
+        parts += _said_of([(c.loss, a.baseline) for c in against
+                           if not math.isfinite(c.p_value)], UNTESTED)
+        parts += _said_of([p for p in unpaired if p[1] == a.baseline], UNPAIRED)
         lines.append(f"{head} {'; '.join(parts)}." if parts else
                      f"{head} no unflagged loss to compare with {a.baseline}.")
     others = [c for c in interpreted if c.baseline != a.baseline]
-    apart = _not_paired([p for p in unpaired if p[1] != a.baseline])
+    apart = _said_of([p for p in unpaired if p[1] != a.baseline], UNPAIRED)
     if others or apart:
         found = [f"{h.loss} scores higher than {h.baseline}: {_difference(h)}"
                  for h in map(Comparison.higher_first, others) if h.significant]
         if not found and any(math.isfinite(c.p_value) for c in others):
             found = ["no difference detected" + ("" if a.baseline is not None else
                      " between any two losses (not evidence that they perform alike)")]
-        found += _untested([f"{c.loss} and {c.baseline}" for c in others
-                            if not math.isfinite(c.p_value)])
+        found += _said_of([(c.loss, c.baseline) for c in others
+                           if not math.isfinite(c.p_value)], UNTESTED)
         found += apart
         lines.append(f"Between the other losses: {'; '.join(found)}." if a.baseline is not None
                      else f"{head} {'; '.join(found)}.")
