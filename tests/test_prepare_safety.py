@@ -137,6 +137,8 @@ def test_overwrite_replaces_only_a_prepared_dataset(source, tmp_path):
     ("volumes/myrun/checkpoints/last.ckpt", "volumes/myrun"),
     ("masks/predicted/p0.nii.gz", "masks/predicted"), ("masks/p0.nii.gz", "masks/p0.nii.gz"),
     ("images/notes.txt", "images/notes.txt"),
+    # of prepare's kind and naming, but listed by no manifest row: the user's
+    ("masks/p0_999.png", "masks/p0_999.png"), ("volumes/atlas.npz", "volumes/atlas.npz"),
 ])
 def test_overwrite_keeps_what_the_user_put_in_a_prepared_dataset(entry, named, source, tmp_path):
     """Replacing deletes the old dataset whole: an evaluate output or a run folder in it (not
@@ -152,6 +154,24 @@ def test_overwrite_keeps_what_the_user_put_in_a_prepared_dataset(entry, named, s
         prepare(source, out, SETTINGS, overwrite=True)
     assert _fingerprint(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]  # no staging left
+
+
+@pytest.mark.parametrize("damage", ["delete", "binary"])
+def test_a_dataset_whose_manifest_cannot_be_read_is_not_replaced(damage, source, tmp_path):
+    """Without its manifest prepare cannot tell its slices from the user's files: it deletes
+    nothing and says so."""
+    out = tmp_path / "out"
+    prepare(source, out, SETTINGS)
+    manifest = out / "manifest.csv"
+    if damage == "delete":
+        manifest.unlink()
+    else:
+        manifest.write_bytes(b"\xff\xfe\x00bad")
+    before = _fingerprint(out)
+    with pytest.raises(DataError, match=rf"^{manifest}: (not found|unreadable .*); without it "
+                                        "prepare cannot tell its slices"):
+        prepare(source, out, SETTINGS, overwrite=True)
+    assert _fingerprint(out) == before
 
 
 def test_a_file_browsers_litter_does_not_stop_the_overwrite(source, tmp_path):
@@ -350,7 +370,7 @@ def test_stopped_while_deleting_the_old_dataset_leaves_no_old_folder(source, tmp
     deleted all the same, not left hidden beside it."""
     out = tmp_path / "out"
     prepare(source, out, SETTINGS)
-    (out / "manifest.csv").write_text("the old dataset")
+    (out / "prepare_report.json").write_text("the old dataset")
     real_rmtree = shutil.rmtree
 
     def stopped(path, *args, **kwargs):
@@ -363,7 +383,7 @@ def test_stopped_while_deleting_the_old_dataset_leaves_no_old_folder(source, tmp
     with pytest.raises(KeyboardInterrupt):
         prepare(source, out, SETTINGS, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "out"]
-    assert (out / "manifest.csv").read_text() != "the old dataset"
+    assert (out / "prepare_report.json").read_text() != "the old dataset"
 
 
 NON_FINITE = "header has NaN or infinite voxel spacing"

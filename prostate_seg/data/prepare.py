@@ -54,10 +54,10 @@ MAX_GLAND_FRACTION = 0.9
 DATASET_MARKERS = (PREPARE_FILE, MANIFEST_FILE)
 # prepare.json: the digest of every file of CONTENT_FOLDERS, which a run's identity takes
 CONTENT_DIGEST = "content_digest"
-# What prepare writes in each content folder: anything else there (a run folder, predicted
-# masks) is the user's, and overwrite=true, which deletes these folders whole, refuses it.
-CONTENT_SUFFIXES = {"images": ".png", "masks": ".png", "volumes": ".npz"}
-CONTENT_FOLDERS = tuple(CONTENT_SUFFIXES)
+# What prepare writes its slices and volumes into: anything there that the manifest does not
+# list (a run folder, predicted masks) is the user's, and overwrite=true, which deletes these
+# folders whole, refuses it.
+CONTENT_FOLDERS = ("images", "masks", "volumes")
 REPORT_FILE = "prepare_report.json"
 # A dataset's own entries (split.json: made by training, tied to this data); overwrite=true
 # deletes the old dataset whole, so anything else in it is the user's and stops it.
@@ -359,17 +359,36 @@ def check_sources(cases: list[Case], real_out: Path, output_dir: Path) -> None:
                                       "the source data: choose another folder")
 
 
+def _listed_files(real_out: Path) -> set[str]:
+    """The content files the dataset's manifest lists (paths inside the dataset): its own."""
+    path = real_out / MANIFEST_FILE
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        reason = "not found" if isinstance(exc, FileNotFoundError) else f"unreadable ({exc})"
+        raise DataError(f"{path}: {reason}; without it prepare cannot tell its slices from files "
+                        "put there by hand, so overwrite=true deletes nothing: delete the old "
+                        "dataset yourself or choose another output_dir") from None
+    listed = {row.get(column) or "" for row in rows for column in ("image", "mask")}
+    return listed | {f"volumes/{row.get('patient')}.npz" for row in rows}
+
+
 def _foreign_entries(real_out: Path) -> list[Path]:
     """What prepare did not make in a dataset: entries of another name, and in its content
-    folders anything but files of prepare's kind (a run folder, predicted masks)."""
+    folders anything its manifest does not list (a run folder, predicted masks, a PNG of the
+    user's named like a slice)."""
     def litter(path: Path) -> bool:  # LITTER, and macOS's ._ files
         return path.name in LITTER or path.name.startswith("._")
 
+    listed: set[str] | None = None  # read only where there are slices to tell apart
     foreign = []
     for entry in sorted(real_out.iterdir()):
-        if entry.name in CONTENT_SUFFIXES and entry.is_dir() and not entry.is_symlink():
-            foreign += [p for p in sorted(entry.iterdir()) if not litter(p) and not (
-                p.is_file() and p.suffix == CONTENT_SUFFIXES[entry.name])]
+        if entry.name in CONTENT_FOLDERS and entry.is_dir() and not entry.is_symlink():
+            for path in sorted(p for p in entry.iterdir() if not litter(p)):
+                listed = _listed_files(real_out) if listed is None else listed
+                if not (path.is_file() and f"{entry.name}/{path.name}" in listed):
+                    foreign.append(path)
         elif entry.name not in OWN_ENTRIES and not litter(entry):
             foreign.append(entry)
     return foreign
