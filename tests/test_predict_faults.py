@@ -99,6 +99,19 @@ def test_another_nnunet_channel_is_not_segmented_as_a_scan(scans, no_inference, 
         predict_paths("any.ckpt", scans, tmp_path / "masks")
 
 
+def test_on_error_skip_leaves_another_nnunet_channel_out_as_prepare_does(scans, no_inference,
+                                                                         tmp_path, caplog):
+    (scans / "phantom000.nii.gz").rename(scans / "phantom000_0000.nii.gz")
+    (scans / "phantom001.nii.gz").rename(scans / "phantom000_0001.nii.gz")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("phantom000_0000", "phantom002"):  # done already: nothing left to load a model
+        (masks / f"{name}.nii.gz").write_bytes(b"")
+    assert predict_paths("any.ckpt", scans, masks, on_error="skip", skip_existing=True) == [
+        masks / "phantom000_0000.nii.gz", masks / "phantom002.nii.gz"]
+    assert f"left out {scans}/phantom000_0001.nii.gz: channel 0001" in caplog.text
+
+
 def test_two_scans_with_one_output_name_are_refused(scans, no_inference, tmp_path):
     nib.save(nib.load(scans / "phantom001.nii.gz"), str(scans / "phantom001.nii"))
     with pytest.raises(DataError, match=r"phantom001.nii and .*phantom001.nii.gz would both be "

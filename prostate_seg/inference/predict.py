@@ -57,8 +57,10 @@ def predict_scan(predictor: SlicePredictor, scan: Path, output: Path, largest_co
     return output
 
 
-def _pairs(source: Path, target: Path) -> list[tuple[Path, Path]]:
-    """(scan, mask output) for one scan or a folder of scans; names checked, nothing read."""
+def _pairs(source: Path, target: Path, on_error: str) -> list[tuple[Path, Path]]:
+    """(scan, mask output) for one scan or a folder of scans; names checked, nothing read.
+    nnU-Net's other channels of a case are refused, or with ``on_error=skip`` left out, as
+    prepare does."""
     if source.is_dir():
         if target.exists() and not target.is_dir():
             raise DataError(f"output={target}: exists and is not a folder (input={source} is a "
@@ -72,9 +74,12 @@ def _pairs(source: Path, target: Path) -> list[tuple[Path, Path]]:
         if not scans:
             raise DataError(f"input={source}: no .nii or .nii.gz files in this folder")
         patients = {patient_id(scan) for scan in scans}
-        for scan in scans:  # a T2 network would segment the ADC channel as a scan of its own
-            if why := other_channel(scan, patients):
-                raise DataError(why)
+        channels = [why for scan in scans if (why := other_channel(scan, patients))]
+        if channels and on_error == "raise":  # a T2 network would segment ADC as a scan
+            raise DataError(channels[0])
+        for why in channels:
+            log.warning("left out %s", why)
+        scans = [scan for scan in scans if not other_channel(scan, patients)]
         return [(s, target / f"{strip_nifti_suffix(s.name)}.nii.gz") for s in scans]
     if not source.exists():
         raise DataError(f"input={source}: file or folder not found")
@@ -140,7 +145,7 @@ def predict_paths(ckpt_path: str | Path, input: str | Path, output: str | Path,
     if overwrite and skip_existing:
         raise ConfigError("overwrite=true and skip_existing=true: choose one (replace existing "
                           "outputs, or keep them and predict only the missing ones)")
-    pairs = _pairs(Path(input), Path(output))
+    pairs = _pairs(Path(input), Path(output), on_error)
     _check_outputs(pairs, save_probabilities)
     done = [(s, t) for s, t in pairs
             if skip_existing and all(p.exists() for p in _outputs(t, save_probabilities))]
