@@ -15,6 +15,10 @@ planted +0.03 on one loss, found significant. Extra rows: a patient-specific eff
 loss (SD 0.02, "patient x loss"), run shifts correlated across losses (r = 0.5, common random
 numbers), and every pair of losses compared (28, Holm). The null rate must stay <= 5 % with a
 binomial upper 95 % bound <= 6.5 %.
+
+Last, null studies whose folds' training sets suit the losses differently (fold x loss, shared
+by every seed of a fold): the verdict's claims are about this split's training sets, so they
+grow with it; the folds' means alone must stay within the same bound.
 """
 
 from __future__ import annotations
@@ -50,13 +54,21 @@ def fold_sizes(patients: int = PATIENTS, folds: int = FOLDS) -> list[int]:
 
 def simulate(rng: np.random.Generator, studies: int, seeds: int, run_sd: float,
              effect: float = 0.0, interaction_sd: float = 0.0, shift_correlation: float = 0.0,
-             sizes: list[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+             sizes: list[int] | None = None, fold_loss_sd: float = 0.0,
+             fold_sd: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(studies, losses, seeds, patients) Dice and the fold of each patient; loss 3
-    (tversky_a0.45) carries ``effect``."""
+    (tversky_a0.45) carries ``effect``. ``fold_sd``: a fold's training set shifts every loss
+    alike; ``fold_loss_sd``: each loss its own way (every seed of the fold shares it)."""
     sizes = sizes or fold_sizes()
     block = np.repeat(np.arange(len(sizes)), sizes)
     n, k = len(block), len(sizes)
     patient = rng.normal(0, PATIENT_SD, (studies, 1, 1, n))
+    fold = np.zeros((studies, LOSSES, 1, k))  # drawn only when asked: the other rows'
+    if fold_sd:                                # random streams stay as they were
+        fold = fold + rng.normal(0, fold_sd, (studies, 1, 1, k))
+    if fold_loss_sd:
+        fold = fold + rng.normal(0, fold_loss_sd, (studies, LOSSES, 1, k))
+    fold = fold[..., block]
     shared = rng.normal(0, run_sd, (studies, 1, seeds, k))
     own = rng.normal(0, run_sd, (studies, LOSSES, seeds, k))
     run = np.sqrt(shift_correlation) * shared + np.sqrt(1 - shift_correlation) * own
@@ -64,18 +76,46 @@ def simulate(rng: np.random.Generator, studies: int, seeds: int, run_sd: float,
     residual = rng.normal(0, RESIDUAL_SD, (studies, LOSSES, seeds, n))
     effects = np.zeros(LOSSES)
     effects[3] = effect
-    dice = BASE + effects[None, :, None, None] + patient + run[..., block] + suits + residual
+    dice = (BASE + effects[None, :, None, None] + patient + fold + run[..., block] + suits
+            + residual)
     return np.clip(dice, 0, 1), block
 
 
-def claims(dice: np.ndarray, block: np.ndarray, all_pairs: bool = False) -> np.ndarray:
-    """(studies, comparisons) significant after Holm, as the report decides."""
+def claims(dice: np.ndarray, block: np.ndarray, all_pairs: bool = False,
+           key: str = "p") -> np.ndarray:
+    """(studies, comparisons) significant after Holm, as the report decides: the verdict's
+    claims (``p``), or over the folds' means alone (``p_folds``)."""
     if all_pairs:
         i, j = np.triu_indices(LOSSES, 1)
         differences = dice[:, j] - dice[:, i]
     else:
         differences = dice[:, 1:] - dice[:, :1]
-    return holm(nested_mean(differences, block)["p"]) < SIGNIFICANCE
+    return holm(nested_mean(differences, block)[key]) < SIGNIFICANCE
+
+
+FOLD_LOSS_SDS = (0.0, 0.005, 0.01, 0.02)
+
+
+def fold_rows(studies: int, rng: np.random.Generator, seeds: int = 5,
+              run_sd: float = 0.02) -> list[dict]:
+    """Null studies whose folds' training sets suit each loss differently: how often the
+    verdict claims a difference (true of this split's training sets, not of others), how often
+    the folds' means alone do, and how often the folds are said to disagree."""
+    rows = []
+    for sd in FOLD_LOSS_SDS:
+        dice, block = simulate(rng, studies, seeds, run_sd, fold_loss_sd=sd)
+        differences = dice[:, 1:] - dice[:, :1]
+        fit = nested_mean(differences, block)
+        split = int((holm(fit["p"]) < SIGNIFICANCE).any(axis=1).sum())
+        folds = int((holm(fit["p_folds"]) < SIGNIFICANCE).any(axis=1).sum())
+        planted, block = simulate(rng, studies, seeds, run_sd, effect=EFFECT, fold_loss_sd=sd)
+        power = {key: float(claims(planted, block, key=key)[:, 2].mean())
+                 for key in ("p", "p_folds")}
+        rows.append({"fold_loss_sd": sd, "split": split / studies, "folds": folds / studies,
+                     "folds_upper": upper_bound(folds, studies),
+                     "disagree": float((fit["heterogeneity_p"] < SIGNIFICANCE).mean()),
+                     "split_power": power["p"], "folds_power": power["p_folds"]})
+    return rows
 
 
 def upper_bound(hits: int, trials: int) -> float:
@@ -115,7 +155,21 @@ def machine() -> str:
     return f"{len(os.sched_getaffinity(0))} cores of {model}"
 
 
-def markdown(rows: list[dict], studies: int, seconds: float, command: str) -> str:
+def fold_markdown(rows: list[dict], seeds: int = 5, run_sd: float = 0.02) -> list[str]:
+    lines = [f"**fold x loss** ({seeds} seeds, run SD {run_sd}): in null studies, claims of "
+             "the verdict (about this split's training sets), claims over the folds' means "
+             "alone (about other training sets too), comparisons whose folds are said to "
+             f"disagree; power for a planted +{EFFECT} of each", "",
+             "| fold x loss SD | verdict: claims / power | fold means: claims (upper) / power "
+             "| folds disagree |", "|---|---|---|---|"]
+    lines += [f"| {r['fold_loss_sd']} | {r['split']:.1%} / {r['split_power']:.0%} | "
+              f"{r['folds']:.1%} ({r['folds_upper']:.1%}) / {r['folds_power']:.0%} | "
+              f"{r['disagree']:.1%} |" for r in rows]
+    return lines + [""]
+
+
+def markdown(rows: list[dict], studies: int, seconds: float, command: str,
+             folds: list[dict] = ()) -> str:
     lines = [MARKER, "",
              f"`{command}` ({studies:,} null and {studies:,} planted studies per row; "
              f"{machine()}, {datetime.date.today()}, "
@@ -134,6 +188,8 @@ def markdown(rows: list[dict], studies: int, seconds: float, command: str) -> st
                 f"{c['null']:.1%} ({c['null_upper']:.1%}) / {c['power']:.0%}" for c in cells)
                 + " |")
         lines.append("")
+    if folds:
+        lines += fold_markdown(folds)
     return "\n".join(lines)
 
 
@@ -145,11 +201,13 @@ def main() -> int:
     args = parser.parse_args()
     started = time.time()
     rows = table(args.studies)
+    folds = fold_rows(args.studies, np.random.default_rng(1))
     command = "python benchmarks/calibration.py" + (
         f" --studies {args.studies}" if args.studies != 10_000 else "")
-    text = markdown(rows, args.studies, time.time() - started, command)
+    text = markdown(rows, args.studies, time.time() - started, command, folds)
     print(text)
-    worst = max(r["null_upper"] for r in rows)
+    worst = max(r["null_upper"] for r in rows + [{"null_upper": r["folds_upper"]}
+                                                  for r in folds])
     print(f"largest null rate {max(r['null'] for r in rows):.2%}, largest upper bound {worst:.2%}")
     if args.write:
         page = args.write.read_text()

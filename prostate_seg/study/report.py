@@ -509,14 +509,15 @@ def summary_table(a: Analysis) -> list[str]:
 
 def comparison_table(a: Analysis) -> list[str]:
     header = ["Loss", "vs", "Patients", "Run pairs", "ΔDice [95 % CI]", "df", "p", "p (Holm)",
-              "Significant", "d_z", "Favouring: run pairs, patients", "SD: run pair, patient"]
+              "Significant", "Fold means: p (Holm)", "Folds disagree: p", "d_z",
+              "Favouring: run pairs, patients", "SD: run pair, patient"]
     return _markdown_table(header, ([
         c.loss, c.baseline, str(c.n_patients), str(c.n_run_pairs),
         f"{fmt(c.mean_diff, '+.4f')} [{fmt(c.ci_low, '+.3f')}, {fmt(c.ci_high, '+.3f')}]",
         fmt(c.df, ".1f"), fmt(c.p_value, ".2g"), fmt(c.p_holm, ".2g"),
         ("yes" if c.significant else "no")
         + (" (flagged: not interpreted)" if a.is_flagged(c) else ""),
-        fmt(c.cohens_dz, ".2f"),
+        fmt(c.p_folds_holm, ".2g"), fmt(c.heterogeneity_p, ".2g"), fmt(c.cohens_dz, ".2f"),
         f"{c.higher_first().loss}: {c.runs_favouring}/{c.n_run_pairs}, "
         f"{c.patients_favouring:.0%}",
         f"{fmt(c.run_sd, '.3f')}, {fmt(c.patient_sd, '.3f')}"] for c in a.comparisons))
@@ -537,7 +538,8 @@ METHOD_PAGE = Path(__file__).resolve().parents[2] / "docs" / "METHOD.md"
 METHODS = f"""## How these numbers are made
 
 Per-patient Dice at the scan's original size; means and paired differences with 95 % CIs from
-a mixed model with trained runs and patients as replicates; Holm over the comparisons at a
+a mixed model with trained runs and patients as replicates, for this split's training sets
+(over the folds' means alone: other training sets too); Holm over the comparisons at a
 family-wise error rate of {SIGNIFICANCE}. The method, its assumptions and its calibration:
 docs/METHOD.md of prostate-seg
 ({METHOD_PAGE if METHOD_PAGE.is_file() else "in the project's repository"}).

@@ -96,9 +96,20 @@ def nested_mean(values: np.ndarray, block: np.ndarray,
     var = np.where(within, var_within, var_between)
     df = np.where(within, df_within, blocks - 1.0)
     se = np.sqrt(var)
+    # What all runs of a fold share (its training set's effect on the difference) is in neither
+    # within-fold term: with several seeds the test is of this split's folds. Do the fold means
+    # differ more than their runs and patients explain? Cochran's Q over the folds, as an F
+    # test; and the fold means alone, which hold for other training sets (blocks - 1 df).
+    expected = runs_var[..., None] / np.maximum(seeds, 1) + patient_var[..., None] / n
+    inverse = np.where(used & (expected > 0), 1 / np.where(expected > 0, expected, 1), 0.0)
+    pooled = (inverse * block_mean).sum(-1) / np.maximum(inverse.sum(-1), np.finfo(float).tiny)
+    q = (inverse * (block_mean - pooled[..., None]) ** 2).sum(-1)
+    heterogeneity = within & (blocks > 1) & ((inverse > 0) | ~used).all(-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = 2 * stats.t.sf(np.abs(mean / se), df)
         half = stats.t.ppf(0.5 + CONFIDENCE / 2, df) * se
+        heterogeneity_p = stats.f.sf(q / np.maximum(blocks - 1, 1), blocks - 1, df_within)
+        p_folds = 2 * stats.t.sf(np.abs(mean) / np.sqrt(var_between), blocks - 1)
     p = np.where(se > 0, p, np.where(np.round(mean, DIFFERENCE_DECIMALS) == 0, 1.0, 0.0))
     testable = df >= 1
     run_var = np.where(within, np.maximum(0.0, runs_var - residual_var * inverse_n),
@@ -113,6 +124,9 @@ def nested_mean(values: np.ndarray, block: np.ndarray,
         "patient_var": np.where(within, patient_var, patients_var),
         "residual_var": np.where(within, residual_var, np.nan),
         "within": within,
+        "heterogeneity_p": np.where(heterogeneity, heterogeneity_p, np.nan),
+        "p_folds": np.where(blocks > 1, np.where(var_between > 0, p_folds, np.where(
+            np.round(mean, DIFFERENCE_DECIMALS) == 0, 1.0, 0.0)), np.nan),
     }
 
 
@@ -344,7 +358,7 @@ def _sum(rows: list[Row], key: str) -> float | None:
 
 def degenerate_reason(rows: list[Row]) -> str | None:
     """Why one run predicts nothing or gland everywhere, from voxel counts, else precision and
-    recall; None when it does not."""
+    recall, else (a table of Dice alone) a Dice of 0 on every patient; None when it does not."""
     predicted, total = _sum(rows, "voxels_pred"), _sum(rows, "voxels_total")
     if predicted is not None and total:
         if predicted == 0:
@@ -355,7 +369,8 @@ def degenerate_reason(rows: list[Row]) -> str | None:
     precision = [r.get("precision", math.nan) for r in rows]
     recall = [r.get("recall", math.nan) for r in rows]
     if any(math.isnan(v) for v in precision + recall):
-        return None
+        dice = [r.get("dice", math.nan) for r in rows]
+        return "scores Dice 0 on every patient" if dice and all(v == 0 for v in dice) else None
     if max(recall) == 0 and max(precision) == 0:
         return "finds no gland voxel in any patient"
     if np.mean(recall) >= EVERYWHERE_RECALL and np.mean(precision) <= EVERYWHERE_PRECISION:
@@ -434,6 +449,11 @@ class Comparison:
     patient_sd: float
     residual_sd: float
     shift_correlation: float  # of the two losses' run shifts (common random numbers)
+    # over the folds' mean differences alone (folds - 1 df), Holm over the same comparisons: a
+    # difference that holds for other training sets, not only this split's (docs/METHOD.md)
+    p_folds: float
+    p_folds_holm: float
+    heterogeneity_p: float  # folds differ beyond their runs and patients (Cochran's Q)
 
     def higher_first(self) -> Comparison:
         """The same comparison with the loss that scores higher first."""
@@ -488,11 +508,16 @@ def compare(tables: Mapping[str, Cells], pairs: Sequence[tuple[str, str]]) -> li
             patients_favouring=float(np.mean(np.sign(per_patient_diff) == sign)),
             run_sd=float(np.sqrt(fit["run_var"])), patient_sd=float(np.sqrt(fit["patient_var"])),
             residual_sd=float(np.sqrt(fit["residual_var"])),
-            shift_correlation=_correlation(run_shifts(g), run_shifts(other))))
-    p = np.array([f["p_value"] if f else math.nan for f in found])
-    adjusted = holm(p) if len(p) else p
-    return [Comparison(**f, p_holm=float(q), significant=bool(q < SIGNIFICANCE))
-            for f, q in zip(found, adjusted) if f is not None]
+            shift_correlation=_correlation(run_shifts(g), run_shifts(other)),
+            p_folds=fit["p_folds"], heterogeneity_p=fit["heterogeneity_p"]))
+
+    def adjusted(key: str) -> np.ndarray:
+        p = np.array([f[key] if f else math.nan for f in found])
+        return holm(p) if len(p) else p
+    return [Comparison(**f, p_holm=float(q), significant=bool(q < SIGNIFICANCE),
+                       p_folds_holm=float(q_folds))
+            for f, q, q_folds in zip(found, adjusted("p_value"), adjusted("p_folds"))
+            if f is not None]
 
 
 @dataclass(frozen=True)
@@ -633,10 +658,9 @@ def design_lines(a: Analysis) -> list[str]:
                 "columns): training randomness cannot be measured, so no difference can be "
                 "claimed. Give each row its fold and seed, and train several seeds per fold."]
     if not d.within:
-        return [f"This design cannot separate the losses from training luck: with one seed "
-                f"per fold a lucky run and a better loss look the same, and only the spread "
-                f"of the {folds}' means measures training randomness "
-                f"({_count(d.folds - 1, 'degree')} of freedom). Estimated from them: a run "
+        return [f"With one seed per fold, only the spread of the {folds}' mean differences "
+                f"tells a lucky run from a better loss ({_count(d.folds - 1, 'degree')} of "
+                f"freedom): the test is valid but weak. Estimated from them: a run "
                 f"pair shifts a difference by SD "
                 f"{math.sqrt(c.run):.3f}, patients by SD {math.sqrt(c.patient):.3f}. "
                 f"{plan} (study.seeds=[0,1,2,...])."]
@@ -712,6 +736,34 @@ def _said_of(pairs: Iterable[tuple[str, str]], why: str) -> list[str]:
     return [f"{', '.join(named)} {why}"] if named else []
 
 
+def training_sets(a: Analysis, interpreted: Sequence[Comparison]) -> list[str]:
+    """With several seeds per fold the claims are this split's: what each fold's runs share
+    (its training set) is fixed. Whether each claim also holds over the folds' means alone,
+    as other training sets would see it; and where the folds disagree beyond their runs and
+    patients, which more seeds cannot average away."""
+    across = [c for c in interpreted if math.isfinite(c.p_folds_holm)]
+    if a.design is None or not a.design.within or not across:
+        return []
+    lines = []
+    claimed = [c for c in across if c.significant]
+    if claimed:
+        held = [f"{c.loss} vs {c.baseline} "
+                f"{'holds' if c.p_folds_holm < SIGNIFICANCE else 'does not'} "
+                f"(p_holm = {c.p_folds_holm:.2g})" for c in claimed]
+        lines.append(f"These claims are about networks trained on this split's "
+                     f"{_count(a.design.folds, 'training set')} (one per fold). Over the folds' "
+                     f"mean differences alone, which would hold for other training sets "
+                     f"({_count(a.design.folds - 1, 'degree')} of freedom, Holm): "
+                     f"{'; '.join(held)}.")
+    uneven = [f"{c.loss} vs {c.baseline} (heterogeneity p = {c.heterogeneity_p:.2g})"
+              for c in across if c.heterogeneity_p < SIGNIFICANCE]
+    if uneven:
+        lines.append(f"The folds disagree more than their runs and patients explain on "
+                     f"{', '.join(uneven)}: the difference depends on the training set, which "
+                     "more seeds do not average away; more folds (data.folds) do.")
+    return lines
+
+
 def verdict(a: Analysis) -> list[str]:
     """Flagged runs first (nothing is ranked then), what the design can tell, the comparisons;
     'no difference detected' is never 'the same'."""
@@ -768,6 +820,7 @@ def verdict(a: Analysis) -> list[str]:
         found += apart
         lines.append(f"Between the other losses: {'; '.join(found)}." if a.baseline is not None
                      else f"{head} {'; '.join(found)}.")
+    lines += training_sets(a, interpreted)
     if not flagged:
         best = _best(a, usable)
         if best:
