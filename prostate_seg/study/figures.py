@@ -134,7 +134,8 @@ def forest(a: Analysis) -> Figure:
                   [f"{c.loss} − {c.baseline}" for c in reversed(comparisons)], fontsize=8)
     values = [v for c in comparisons for v in (0.0, c.mean_diff, c.ci_low, c.ci_high)]
     ax.set(xlim=fit_axis(values), ylim=(-0.7, len(comparisons) - 0.3), ylabel="comparison",
-           xlabel="Δ per-patient Dice (first loss − second), 95 % CI, runs as replicates",
+           xlabel="Δ per-patient Dice (first loss − second), 95 % CI of each (not adjusted), "
+                  "runs as replicates",
            title=f"Paired differences on {a.split} patients (Holm over {len(comparisons)})")
     ax.legend(handles=[
         Line2D([], [], marker="o", color="tab:blue", label="significant after Holm (filled)"),
