@@ -509,7 +509,7 @@ def summary_table(a: Analysis) -> list[str]:
 
 def comparison_table(a: Analysis) -> list[str]:
     header = ["Loss", "vs", "Patients", "Run pairs", "ΔDice [95 % CI]", "df", "p", "p (Holm)",
-              "Significant", "Fold means: p (Holm)", "Folds disagree: p", "d_z",
+              "Significant", "Fold means: p (Holm)", "Folds disagree: p (Holm)", "d_z",
               "Favouring: run pairs, patients", "SD: run pair, patient"]
     return _markdown_table(header, ([
         c.loss, c.baseline, str(c.n_patients), str(c.n_run_pairs),
@@ -517,7 +517,7 @@ def comparison_table(a: Analysis) -> list[str]:
         fmt(c.df, ".1f"), fmt(c.p_value, ".2g"), fmt(c.p_holm, ".2g"),
         ("yes" if c.significant else "no")
         + (" (flagged: not interpreted)" if a.is_flagged(c) else ""),
-        fmt(c.p_folds_holm, ".2g"), fmt(c.heterogeneity_p, ".2g"), fmt(c.cohens_dz, ".2f"),
+        fmt(c.p_folds_holm, ".2g"), fmt(c.heterogeneity_p_holm, ".2g"), fmt(c.cohens_dz, ".2f"),
         f"{c.higher_first().loss}: {c.runs_favouring}/{c.n_run_pairs}, "
         f"{c.patients_favouring:.0%}",
         f"{fmt(c.run_sd, '.3f')}, {fmt(c.patient_sd, '.3f')}"] for c in a.comparisons))

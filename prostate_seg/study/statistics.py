@@ -99,20 +99,30 @@ def nested_mean(values: np.ndarray, block: np.ndarray,
     # What all runs of a fold share (its training set's effect on the difference) is in neither
     # within-fold term: with several seeds the test is of this split's folds. Do the fold means
     # differ more than their runs and patients explain? Cochran's Q over the folds, as an F
-    # test; and the fold means alone, which hold for other training sets (blocks - 1 df).
-    expected = runs_var[..., None] / np.maximum(seeds, 1) + patient_var[..., None] / n
+    # test; and a t-test over the fold means alone (unweighted: exact for unequal folds too).
+    run_part = np.maximum(0.0, runs_var - residual_var * inverse_n)[..., None]
+    expected = (run_part + residual_var[..., None] / n) / np.maximum(seeds, 1) \
+        + patient_var[..., None] / n
     inverse = np.where(used & (expected > 0), 1 / np.where(expected > 0, expected, 1), 0.0)
     pooled = (inverse * block_mean).sum(-1) / np.maximum(inverse.sum(-1), np.finfo(float).tiny)
     q = (inverse * (block_mean - pooled[..., None]) ** 2).sum(-1)
-    heterogeneity = within & (blocks > 1) & ((inverse > 0) | ~used).all(-1)
+    exact = ~((expected > 0) & used).any(-1)  # no spread within folds: any between is real
+    heterogeneity = within & (blocks > 1) & (exact | ((expected > 0) | ~used).all(-1))
+    folds_mean = (block_mean * used).sum(-1) / np.maximum(blocks, 1)
+    folds_var = ((block_mean - folds_mean[..., None]) ** 2 * used).sum(-1) \
+        / np.maximum(blocks - 1, 1) / np.maximum(blocks, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         p = 2 * stats.t.sf(np.abs(mean / se), df)
         half = stats.t.ppf(0.5 + CONFIDENCE / 2, df) * se
-        heterogeneity_p = stats.f.sf(q / np.maximum(blocks - 1, 1), blocks - 1, df_within)
-        p_folds = 2 * stats.t.sf(np.abs(mean) / np.sqrt(var_between), blocks - 1)
+        heterogeneity_p = np.where(exact, (np.round(spread.sum(-1), DIFFERENCE_DECIMALS) == 0)
+                                   * 1.0, stats.f.sf(q / np.maximum(blocks - 1, 1), blocks - 1,
+                                                     df_within))
+        p_folds = np.where(folds_var > 0, 2 * stats.t.sf(
+            np.abs(folds_mean) / np.sqrt(folds_var), blocks - 1),
+            np.round(folds_mean, DIFFERENCE_DECIMALS) == 0)
     p = np.where(se > 0, p, np.where(np.round(mean, DIFFERENCE_DECIMALS) == 0, 1.0, 0.0))
     testable = df >= 1
-    run_var = np.where(within, np.maximum(0.0, runs_var - residual_var * inverse_n),
+    run_var = np.where(within, run_part[..., 0],
                        np.maximum(0.0, between_var - patients_var * inverse_n))
     return {
         "mean": mean, "se": np.where(testable, se, np.nan), "df": df,
@@ -125,8 +135,7 @@ def nested_mean(values: np.ndarray, block: np.ndarray,
         "residual_var": np.where(within, residual_var, np.nan),
         "within": within,
         "heterogeneity_p": np.where(heterogeneity, heterogeneity_p, np.nan),
-        "p_folds": np.where(blocks > 1, np.where(var_between > 0, p_folds, np.where(
-            np.round(mean, DIFFERENCE_DECIMALS) == 0, 1.0, 0.0)), np.nan),
+        "p_folds": np.where(blocks > 1, p_folds, np.nan),
     }
 
 
@@ -369,8 +378,8 @@ def degenerate_reason(rows: list[Row]) -> str | None:
     precision = [r.get("precision", math.nan) for r in rows]
     recall = [r.get("recall", math.nan) for r in rows]
     if any(math.isnan(v) for v in precision + recall):
-        dice = [r.get("dice", math.nan) for r in rows]
-        return "scores Dice 0 on every patient" if dice and all(v == 0 for v in dice) else None
+        dice = [v for r in rows if (v := r.get("dice", math.nan)) == v]  # NaN: not scored
+        return "scores Dice 0 on every patient" if dice and not any(dice) else None
     if max(recall) == 0 and max(precision) == 0:
         return "finds no gland voxel in any patient"
     if np.mean(recall) >= EVERYWHERE_RECALL and np.mean(precision) <= EVERYWHERE_PRECISION:
@@ -453,7 +462,8 @@ class Comparison:
     # difference that holds for other training sets, not only this split's (docs/METHOD.md)
     p_folds: float
     p_folds_holm: float
-    heterogeneity_p: float  # folds differ beyond their runs and patients (Cochran's Q)
+    heterogeneity_p: float  # folds differ beyond their runs and patients (Cochran's Q); Holm:
+    heterogeneity_p_holm: float
 
     def higher_first(self) -> Comparison:
         """The same comparison with the loss that scores higher first."""
@@ -515,8 +525,9 @@ def compare(tables: Mapping[str, Cells], pairs: Sequence[tuple[str, str]]) -> li
         p = np.array([f[key] if f else math.nan for f in found])
         return holm(p) if len(p) else p
     return [Comparison(**f, p_holm=float(q), significant=bool(q < SIGNIFICANCE),
-                       p_folds_holm=float(q_folds))
-            for f, q, q_folds in zip(found, adjusted("p_value"), adjusted("p_folds"))
+                       p_folds_holm=float(q_folds), heterogeneity_p_holm=float(q_uneven))
+            for f, q, q_folds, q_uneven in zip(found, adjusted("p_value"), adjusted("p_folds"),
+                                               adjusted("heterogeneity_p"))
             if f is not None]
 
 
@@ -738,9 +749,9 @@ def _said_of(pairs: Iterable[tuple[str, str]], why: str) -> list[str]:
 
 def training_sets(a: Analysis, interpreted: Sequence[Comparison]) -> list[str]:
     """With several seeds per fold the claims are this split's: what each fold's runs share
-    (its training set) is fixed. Whether each claim also holds over the folds' means alone,
-    as other training sets would see it; and where the folds disagree beyond their runs and
-    patients, which more seeds cannot average away."""
+    (its training set) is fixed. Whether each claim is also shown over the folds' means alone
+    (a weak test: folds - 1 df); and, Holm over the comparisons, where the folds disagree
+    beyond their runs and patients, which more seeds cannot average away."""
     across = [c for c in interpreted if math.isfinite(c.p_folds_holm)]
     if a.design is None or not a.design.within or not across:
         return []
@@ -748,19 +759,20 @@ def training_sets(a: Analysis, interpreted: Sequence[Comparison]) -> list[str]:
     claimed = [c for c in across if c.significant]
     if claimed:
         held = [f"{c.loss} vs {c.baseline} "
-                f"{'holds' if c.p_folds_holm < SIGNIFICANCE else 'does not'} "
+                f"{'also holds' if c.p_folds_holm < SIGNIFICANCE else 'is not shown'} "
                 f"(p_holm = {c.p_folds_holm:.2g})" for c in claimed]
         lines.append(f"These claims are about networks trained on this split's "
                      f"{_count(a.design.folds, 'training set')} (one per fold). Over the folds' "
-                     f"mean differences alone, which would hold for other training sets "
+                     f"mean differences alone, a weaker test that reaches other training sets "
                      f"({_count(a.design.folds - 1, 'degree')} of freedom, Holm): "
                      f"{'; '.join(held)}.")
-    uneven = [f"{c.loss} vs {c.baseline} (heterogeneity p = {c.heterogeneity_p:.2g})"
-              for c in across if c.heterogeneity_p < SIGNIFICANCE]
+    uneven = [f"{c.loss} vs {c.baseline} (heterogeneity p_holm = {c.heterogeneity_p_holm:.2g})"
+              for c in across if c.heterogeneity_p_holm < SIGNIFICANCE]
     if uneven:
         lines.append(f"The folds disagree more than their runs and patients explain on "
-                     f"{', '.join(uneven)}: the difference depends on the training set, which "
-                     "more seeds do not average away; more folds (data.folds) do.")
+                     f"{', '.join(uneven)}: the difference may depend on the training set, "
+                     "which more seeds do not average away; more folds (data.folds), or the "
+                     "sweep repeated with another data.split_seed, show how much.")
     return lines
 
 
