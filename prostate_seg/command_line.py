@@ -146,7 +146,8 @@ def hydra_error_line(exc: BaseException, config_name: str, argv: list[str]) -> s
     args = parse_args(argv)
     key = _unknown_key(exc)
     if key is not None:
-        return unknown_key_line(key, _composed_without(config_name, args, key))
+        configs = _composed_without(config_name, args, key)
+        return _in_other_options(key, configs, args) or unknown_key_line(key, configs)
     null_group = _null_group_choice(args, config_name) if isinstance(exc, ValueError) else None
     if null_group:
         return null_group
@@ -461,6 +462,36 @@ def _composed_without(config_name: str, args: argparse.Namespace, key: str) -> l
             if other is None or other in left_out:
                 return []
             left_out.add(other)
+
+
+_ABSENT = object()
+
+
+def _in_other_options(key: str, configs: list[DictConfig], args: argparse.Namespace
+                      ) -> str | None:
+    """``loss.alpha: loss=dice has no such key (the options that have it: tversky, ...)``: the
+    key belongs to other options of its group (bce and dice have no alpha)."""
+    group = key.partition(".")[0]
+    chosen = OmegaConf.select(configs[0], f"hydra.runtime.choices.{group}") if configs else None
+    if not chosen:
+        return None
+    overrides = [o.input_line for o in OverridesParser.create().parse_overrides(args.overrides)
+                 if o.key_or_group not in (key, group)]
+    with _config_loader() as loader:
+        options = [o for o in loader.get_group_options(group) if o != chosen]
+    having = []
+    for option in options:
+        try:
+            cfg = _compose(configs[0].hydra.job.config_name, [*overrides, f"{group}={option}"],
+                           args.multirun)
+        except Exception:  # noqa: BLE001 - an option that does not compose here has no say
+            continue
+        if OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT:
+            having.append(option)  # (tversky's beta: null is there)
+    if not having:
+        return None
+    return (f"{key}: {group}={chosen} has no such key (the {group} options that have it: "
+            f"{', '.join(sorted(having))})")
 
 
 def unknown_key_line(key: str, configs: list[DictConfig]) -> str:

@@ -221,6 +221,11 @@ def test_unknown_group_options_give_one_line_with_the_valid_names(argv, expected
     ("train", ["hydra/launcher=slurm", "hydra.launcher.partitio=gpu"],
      "hydra.launcher.partitio: no such key; did you mean hydra.launcher.partition?"),
     ("train", ["loss.xyz=1"], "loss.xyz: no such key; loss has: _target_, alpha, beta, name, smooth"),
+    # a key of other options of the group: dice fixes alpha = beta = 0.5, bce has none
+    ("train", ["loss=dice", "loss.alpha=0.3"], "loss.alpha: loss=dice has no such key (the loss "
+                                               "options that have it: focal_tversky, tversky)"),
+    ("train", ["loss=bce", "loss.beta=0.3"], "loss.beta: loss=bce has no such key (the loss "
+                                             "options that have it: focal_tversky, tversky)"),
     ("train", ["loss.alpa=0.3", "optimizer.l=1"],  # each named with the other left out
      "loss.alpa: no such key; did you mean loss.alpha?"),
     ("evaluate", ["ckpt_path=x", "subst=test"], "subst: no such key; did you mean subset?"),
@@ -238,7 +243,8 @@ def test_unknown_keys_name_the_closest_valid_ones_and_never_suggest_adding(confi
 @pytest.mark.parametrize("argv, expected", [
     (["model=unet,unet_big"], "model=unet_big: unknown model; valid: monai_segresnet, "
                               "monai_unet, unet, unet_small"),
-    (["loss=bce,dice", "loss.alpa=0.3,0.5"], "loss.alpa: no such key; did you mean loss.alpha?"),
+    (["loss=bce,tversky", "loss.alpa=0.3,0.5"], "loss.alpa: no such key; did you mean "
+                                                "loss.alpha?"),
     (["loss=bce,focal_tversky", "loss.gama=1,2"],  # a key of an option that is not the default
      "loss.gama: no such key; did you mean loss.gamma?"),
 ])
@@ -253,6 +259,7 @@ def test_a_sweep_names_a_wrong_option_or_key_of_any_job_before_checking_one(argv
 @pytest.mark.parametrize("config, argv", [
     ("train", ["-m", "loss=bce", "seed=3", "model=unet,unet_small", "+foo=1"]),
     ("train", ["-m", "loss=bce,tversky", "loss.alpha=0.25,0.5"]),  # a key of one swept option
+    ("train", ["-m", "loss=dice,tversky", "loss.alpha=0.25,0.5"]),  # dice runs once
     ("train", ["model=monai_unet", "model.net.channels=[8,16]"]),
     ("train", ["data.train_transform.transforms.1.limit=20", "~callbacks.early_stopping"]),
     ("train", ["~scheduler", "hydra.run.dir=x", "++trainer.gradient_clip_val=1"]),

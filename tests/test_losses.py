@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from prostate_seg.losses import CombinedLoss, FocalTverskyLoss, TverskyLoss, tversky_index
+from prostate_seg.losses import (CombinedLoss, DiceLoss, FocalTverskyLoss, TverskyLoss,
+                                 tversky_index)
 
 # probabilities 0.9, 0.2, 0.7, 0.1 against targets 1, 0, 0, 1:
 # TP = 0.9 + 0.1 = 1.0, FP = 0.2 + 0.7 = 0.9, FN = 0.1 + 0.9 = 1.0
@@ -62,6 +63,9 @@ def test_dice_is_tversky_with_equal_weights():
     probs, tgt = torch.sigmoid(x), y
     dice = 2 * (probs * tgt).sum() / (probs.sum() + tgt.sum())
     assert TverskyLoss(0.5, 0.5, smooth=0.0)(x, y).item() == pytest.approx(1 - dice.item(), abs=1e-6)
+    assert DiceLoss(smooth=0.0)(x, y).item() == pytest.approx(1 - dice.item(), abs=1e-6)
+    with pytest.raises(TypeError):  # no weight to choose: loss=dice loss.alpha=... is refused
+        DiceLoss(alpha=0.3)
 
 
 def test_counts_are_pooled_over_the_batch():

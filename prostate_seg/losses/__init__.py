@@ -4,9 +4,10 @@
 """
 
 from prostate_seg.losses.combined import CombinedLoss
+from prostate_seg.losses.dice import DiceLoss
 from prostate_seg.losses.focal_tversky import FocalTverskyLoss
 from prostate_seg.losses.functional import focal_tversky_loss, soft_confusion, tversky_index
 from prostate_seg.losses.tversky import TverskyLoss
 
-__all__ = ["CombinedLoss", "FocalTverskyLoss", "TverskyLoss", "focal_tversky_loss",
+__all__ = ["CombinedLoss", "DiceLoss", "FocalTverskyLoss", "TverskyLoss", "focal_tversky_loss",
            "soft_confusion", "tversky_index"]
