@@ -183,6 +183,10 @@ def test_not_converged_is_a_mean_late_gain_above_the_bound_and_above_0_over_the_
         in loss_flags(runs(0.05, 0.02, 0.03, 0.04, early=(0,)))[0]
     assert loss_flags(runs(0.03, early=(0,))) == []  # stopped on its own: nothing left
     assert loss_flags(runs(math.nan)) == []  # no selection curve: not judged
+    one_epoch = [{**r, "late_gain": None, "epochs_trained": 1} for r in runs(0.0, 0.0)]
+    assert loss_flags(one_epoch) == ["not converged: its runs trained one epoch, so nothing "
+                                     "shows they had stopped learning"]
+    assert loss_flags([{**r, "epochs_trained": 2} for r in one_epoch]) == []
 
 
 def test_late_gain_is_the_rise_over_the_last_quarter_at_its_fitted_pace():

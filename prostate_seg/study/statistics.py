@@ -422,6 +422,11 @@ def loss_flags(rows: list[Row]) -> list[str]:
                   f"nothing to test with: judged by the bound {LATE_GAIN} alone")
         flags.append(f"not converged: selection Dice still rising at the end, +{late[0]:.3f} "
                      f"over the last quarter of the epochs ({tested})")
+    epochs = [r[0].get("epochs_trained") for r in runs.values()]
+    if late is None and all(isinstance(e, (int, float)) and e < 2 for e in epochs) \
+            and not any(r[0].get("stopped_early") is True for r in runs.values()):
+        flags.append("not converged: its runs trained one epoch, so nothing shows they had "
+                     "stopped learning")
     return flags
 
 
