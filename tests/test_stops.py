@@ -75,3 +75,4 @@ def test_a_launcher_that_cannot_start_the_sweep_says_so_in_one_line(prepared, tm
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
         assert "Traceback" not in result.stderr
+        assert not (tmp_path / "sweep").exists()  # a refused command leaves no folder

@@ -5,6 +5,8 @@ Every job is composed once, checked and named before any starts; its launcher ge
 
 import copy
 import logging
+import shutil
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -106,20 +108,36 @@ class StudySweeper(BasicSweeper):
                       task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> Any:
-        """Every job runs whatever another's fate; the failures end the sweep in one line."""
-        assert self.launcher is not None
+        """Every job runs whatever another's fate; the failures end the sweep in one line. A
+        sweep refused before any job ran (a launcher that cannot start, sbatch's refusal)
+        leaves no folder it made."""
+        assert self.launcher is not None and self.config is not None
         self.launcher = _Outcomes(self.launcher)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        made = [p for p in [sweep_dir, *sweep_dir.parents] if not p.exists()]  # deepest first
         try:
             returns = super().sweep(arguments)
+        except UserError:
+            self._release()
+            if made and not any(sweep_dir.glob("**/.hydra")):  # no job started in it
+                shutil.rmtree(sweep_dir, ignore_errors=True)
+                for folder in made[1:]:
+                    with suppress(OSError):  # another process's folder in it: kept
+                        folder.rmdir()
+            raise
         finally:
-            if self._lock is not None:
-                self._lock.release()
+            self._release()
         failed = self.launcher.failed
         if failed:
             total = sum(len(batch) for batch in returns)
             raise JobFailed(f"{len(failed)} of {total} jobs failed (each named above with its "
                             f"log); the first: {str(failed[0]).strip().splitlines()[-1]}")
         return returns
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def split_arguments(self, overrides: List[Any],  # type: ignore[override]
                         max_batch_size: Optional[int]) -> List[List[List[str]]]:
