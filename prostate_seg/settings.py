@@ -258,7 +258,9 @@ def check_values_in(cfg: DictConfig, command: str) -> None:
             if not isinstance(high, (int, float)) or isinstance(high, bool):
                 continue  # the bound is wrong itself and named by its own entry
         if not setting.allows(value, high):
-            raise ConfigError(f"{key}={shown(value)}: must be {setting.describe(high)}")
+            sweep = (f" (a sweep over values: -m {key}={','.join(map(shown, value))})"
+                     if isinstance(value, ListConfig) and command == "train" else "")
+            raise ConfigError(f"{key}={shown(value)}: must be {setting.describe(high)}{sweep}")
     for key in SWITCHES.get(command, ()):
         value = OmegaConf.select(cfg, key, default=ABSENT)
         if value is not ABSENT and not isinstance(value, bool):

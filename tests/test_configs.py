@@ -353,3 +353,9 @@ def test_cpu_threads_follow_the_idle_cores_less_the_loader_workers(monkeypatch):
     import torch
 
     assert torch.get_num_threads() == 1
+
+
+def test_a_list_given_for_a_number_says_how_to_sweep():
+    assert config_problem("train", ["loss.alpha=[0.25,0.5]"]) == (
+        "loss.alpha=[0.25, 0.5]: must be a number in [0, 1] (a sweep over values: "
+        "-m loss.alpha=0.25,0.5)")

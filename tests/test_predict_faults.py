@@ -112,6 +112,19 @@ def test_on_error_skip_leaves_another_nnunet_channel_out_as_prepare_does(scans, 
     assert f"left out {scans}/phantom000_0001.nii.gz: channel 0001" in caplog.text
 
 
+def test_a_datasets_root_given_as_input_points_to_its_scans_folder(scans, no_inference,
+                                                                   tmp_path):
+    root = tmp_path / "dataset"
+    root.mkdir()
+    (root / "labelsTr").symlink_to(scans)
+    (root / "imagesTr").symlink_to(scans)
+    (root / "README.md").write_text("the dataset")
+    with pytest.raises(DataError, match=rf"^input={root}: no .nii or .nii.gz files in this "
+                                        rf"folder \(there are some in imagesTr/, labelsTr/: "
+                                        rf"input={root}/imagesTr\?\)$"):
+        predict_paths("any.ckpt", root, tmp_path / "masks")
+
+
 def test_two_scans_with_one_output_name_are_refused(scans, no_inference, tmp_path):
     nib.save(nib.load(scans / "phantom001.nii.gz"), str(scans / "phantom001.nii"))
     with pytest.raises(DataError, match=r"phantom001.nii and .*phantom001.nii.gz would both be "
@@ -222,7 +235,7 @@ def test_upper_case_nifti_names_are_segmented_and_other_files_named(ckpt, scans,
     assert [p.name for p in out] == ["PHANTOM002.nii.gz", "phantom000.nii.gz",
                                      "phantom001.nii.gz"]
     assert all(nib.load(p).shape == (64, 64, nib.load(p).shape[2]) for p in out)
-    assert "ignored 1 files that are not NIfTI (.nii, .nii.gz): other.mha" in caplog.text
+    assert "ignored 1 entries that are not NIfTI (.nii, .nii.gz): other.mha" in caplog.text
     one = predict_paths(ckpt, scans / "PHANTOM002.NII.GZ", tmp_path / "ONE.NII.GZ")[0]
     assert nib.load(one).shape == nib.load(out[0]).shape  # written through a .nii.gz temporary
 

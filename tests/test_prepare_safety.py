@@ -319,7 +319,7 @@ def test_files_that_are_neither_nifti_nor_dicom_folders_are_named_in_a_warning(t
     (tmp_path / "in" / "images" / "._p0.nii.gz").write_bytes(b"macOS resource fork")
     (tmp_path / "in" / "masks" / "._p0.nii.gz").write_bytes(b"macOS resource fork")
     assert prepare(tmp_path / "in", tmp_path / "out", SETTINGS)["patients"] == 1
-    assert "ignored 1 files that are neither NIfTI nor a DICOM folder: p1.mha" in caplog.text
+    assert "ignored 1 entries that are neither NIfTI nor a DICOM folder: p1.mha" in caplog.text
 
 
 def test_nifti_names_in_upper_case_are_scans(tmp_path, caplog):

@@ -342,7 +342,7 @@ def test_flagged_runs_are_said_first_and_not_ranked(tmp_path):
     assert main([str(sweep), "--all-pairs"]) == 0
     md = (sweep / "report" / "results.md").read_text()
     first = md.splitlines()[0]
-    assert first.startswith("**Caution: 1 of 3 losses have runs that cannot support a "
+    assert first.startswith("**Caution: 1 of 3 losses has runs that cannot support a "
                             "conclusion (degenerate: tversky_a0.25;")
     assert "degenerate in 3 of 3 runs (predicts gland in 100% of all voxels)" in md
     verdict = md.split("## Per loss")[0]

@@ -484,7 +484,7 @@ def test_flagged_losses_are_said_first_and_nothing_is_ranked():
     rows = [{**r, "late_gain": 0.04, "stopped_early": False}
             if r["loss"] == "tversky_a0.5" else r for r in rows]
     analysis = analyse(rows, ["bce", "tversky_a0.25", "tversky_a0.5"], "bce", all_pairs=True)
-    assert analysis.verdict[0].startswith("Caution: 1 of 3 losses have runs that cannot "
+    assert analysis.verdict[0].startswith("Caution: 1 of 3 losses has runs that cannot "
                                           "support a conclusion (not converged: tversky_a0.5;")
     text = "\n".join(analysis.verdict)
     assert "Best" not in text and "tversky_a0.5 scores" not in text

@@ -138,9 +138,9 @@ def scans_in(folder: Path, is_scan: Callable[[Path], bool], other: str) -> list[
     """The scans of ``folder`` in name order; the other visible files are named in a warning
     (``other`` says what they are not): a scan in another format is never missed silently."""
     visible = [p for p in sorted(folder.iterdir()) if not p.name.startswith(".")]
-    ignored = [p.name for p in visible if not is_scan(p)]
+    ignored = [p.name + "/" * p.is_dir() for p in visible if not is_scan(p)]
     if ignored:
-        log.warning("%s: ignored %d files that are %s: %s", folder, len(ignored), other,
+        log.warning("%s: ignored %d entries that are %s: %s", folder, len(ignored), other,
                     ", ".join(ignored[:10]))
     return [p for p in visible if is_scan(p)]
 

@@ -5,6 +5,7 @@ whole or not at all, so ``skip_existing=true`` finishes an interrupted folder.""
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -72,7 +73,12 @@ def _pairs(source: Path, target: Path, on_error: str) -> list[tuple[Path, Path]]
                               "outside it")
         scans = scans_in(source, is_nifti, "not NIfTI (.nii, .nii.gz)")
         if not scans:
-            raise DataError(f"input={source}: no .nii or .nii.gz files in this folder")
+            inner = [d for d in sorted(source.iterdir()) if d.is_dir()
+                     and any(is_nifti(f) for f in d.iterdir())]  # a dataset's root given
+            likely = [d for d in inner if not re.search("mask|label", d.name, re.I)] or inner
+            raise DataError(f"input={source}: no .nii or .nii.gz files in this folder" + (
+                f" (there are some in {', '.join(d.name + '/' for d in inner)}: "
+                f"input={likely[0]}?)" if inner else ""))
         patients = {patient_id(scan) for scan in scans}
         channels = [why for scan in scans if (why := other_channel(scan, patients))]
         if channels and on_error == "raise":  # a T2 network would segment ADC as a scan

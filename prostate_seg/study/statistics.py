@@ -792,7 +792,8 @@ def verdict(a: Analysis) -> list[str]:
             for flag in flags:  # "degenerate in 2 of 2 runs (...)", "tie: identical ..."
                 kinds.setdefault(flag.split(" in ", 1)[0].split(":", 1)[0], []).append(loss)
         detail = "; ".join(f"{kind}: {', '.join(losses)}" for kind, losses in kinds.items())
-        lines.append(f"Caution: {len(flagged)} of {len(a.summaries)} losses have runs that "
+        lines.append(f"Caution: {len(flagged)} of {len(a.summaries)} losses "
+                     f"{'has' if len(flagged) == 1 else 'have'} runs that "
                      f"cannot support a conclusion ({detail}; the table's flags say which runs "
                      "and why). They are left out of the verdict, and no loss is called best.")
     if len(a.summaries) < 2:

@@ -387,8 +387,9 @@ def _finish(cfg: DictConfig, run_dir: Path, datamodule: SliceDataModule,
     if trainer.is_global_zero:
         write_json(run_dir / RESULTS_FILE, results)
         log_run_files(trainer.loggers)  # after every file of the run is written
-        log.info("%s after %d epochs; %s; results in %s", _summary_best(results),
-                 results["epochs_trained"], _summary_scores(results), run_dir)
+        epochs = results["epochs_trained"]
+        log.info("%s after %d epoch%s; %s; results in %s", _summary_best(results), epochs,
+                 "" if epochs == 1 else "s", _summary_scores(results), run_dir)
     return results
 
 
