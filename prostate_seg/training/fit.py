@@ -278,7 +278,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_train_config(cfg)
         check_ddp_launch(cfg.trainer, HydraConfig.get())
         if not uses_gpu(cfg.trainer.accelerator):
-            log.info("CPU threads: %d", configure_cpu_threads(cfg.data.num_workers))
+            log.info("CPU threads: %d, precision %s", configure_cpu_threads(cfg.data.num_workers),
+                     cfg.trainer.get("precision"))  # what the timings and a resume depend on
         if rank_zero_only.rank == 0:
             lock.acquire()
             locked = True
