@@ -147,3 +147,11 @@ def test_hd95_is_the_median_over_patients_in_results_and_in_the_eval_table():
         "val/recall_original": table["recall"], "val/hd95_original": 3.0, "val/hd95_failed": 1,
         "val/patients": 3}
     assert split_scores(rows, "test") == {}
+
+
+def test_the_eval_tables_hd95_column_says_its_unit():
+    from prostate_seg.inference.evaluate import format_table
+
+    rows = [{"patient": "a", "split": "val", "dice": 0.8, "hd95": 2.0, "hd95_unit": "px"}]
+    assert format_table(rows).splitlines()[0].split()[5:7] == ["hd95", "(px)"]
+    assert "(mm/px)" in format_table(rows + [{**rows[0], "hd95_unit": "mm"}])

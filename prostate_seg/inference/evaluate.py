@@ -159,7 +159,9 @@ def summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     keys = ["patient", "split", "dice", "precision", "recall", "hd95", "hd95_failed"]
-    lines = ["  ".join(f"{k:>12}" for k in keys)]
+    units = sorted({str(r["hd95_unit"]) for r in rows if r.get("hd95_unit")})
+    titles = {"hd95": f"hd95 ({'/'.join(units)})" if units else "hd95"}
+    lines = ["  ".join(f"{titles.get(k, k):>12}" for k in keys)]
     for row in rows:
         lines.append("  ".join(f"{row.get(k, ''):>12.4f}" if isinstance(row.get(k), float)
                                else f"{row.get(k, '')!s:>12}" for k in keys))
