@@ -135,7 +135,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.patients, args.size, args.batch, args.epochs = 6, 32, 4, 1
-        args.losses, args.alphas, args.jobs_per_gpu = "bce,dice", "0.5", "1,2"
+        args.losses, args.alphas, args.jobs_per_gpu = "bce,tversky", "0.5", "1,2"
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sweep_throughput_"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = args.prepared or make_dataset(args.workdir / "data", args.patients, args.size)

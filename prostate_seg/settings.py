@@ -259,7 +259,8 @@ def check_values_in(cfg: DictConfig, command: str) -> None:
                 continue  # the bound is wrong itself and named by its own entry
         if not setting.allows(value, high):
             sweep = (f" (a sweep over values: -m {key}={','.join(map(shown, value))})"
-                     if isinstance(value, ListConfig) and command == "train" else "")
+                     if command == "train" and isinstance(value, ListConfig) and len(value)
+                     and all(setting.allows(v, high) for v in value) else "")
             raise ConfigError(f"{key}={shown(value)}: must be {setting.describe(high)}{sweep}")
     for key in SWITCHES.get(command, ()):
         value = OmegaConf.select(cfg, key, default=ABSENT)

@@ -259,7 +259,6 @@ def test_a_sweep_names_a_wrong_option_or_key_of_any_job_before_checking_one(argv
 @pytest.mark.parametrize("config, argv", [
     ("train", ["-m", "loss=bce", "seed=3", "model=unet,unet_small", "+foo=1"]),
     ("train", ["-m", "loss=bce,tversky", "loss.alpha=0.25,0.5"]),  # a key of one swept option
-    ("train", ["-m", "loss=dice,tversky", "loss.alpha=0.25,0.5"]),  # dice runs once
     ("train", ["model=monai_unet", "model.net.channels=[8,16]"]),
     ("train", ["data.train_transform.transforms.1.limit=20", "~callbacks.early_stopping"]),
     ("train", ["~scheduler", "hydra.run.dir=x", "++trainer.gradient_clip_val=1"]),
@@ -359,3 +358,5 @@ def test_a_list_given_for_a_number_says_how_to_sweep():
     assert config_problem("train", ["loss.alpha=[0.25,0.5]"]) == (
         "loss.alpha=[0.25, 0.5]: must be a number in [0, 1] (a sweep over values: "
         "-m loss.alpha=0.25,0.5)")
+    for values in ("[]", "[2,3]", "[[0.1]]"):  # no sweep of these would pass either
+        assert config_problem("train", [f"loss.alpha={values}"]).endswith("in [0, 1]")

@@ -75,7 +75,7 @@ def test_sweep_throughput_benchmark_smoke_run(tmp_path):
     for j in (1, 2):
         folders = sorted(p.name for p in (tmp_path / "work" / f"sweep_j{j}").iterdir()
                          if (p / "results.json").exists())
-        assert folders == ["bce-fold0-seed0", "dice-fold0-seed0"]
+        assert folders == ["bce-fold0-seed0", "tversky_a0.5-fold0-seed0"]
     assert "jobs/GPU" in result.stdout
 
 

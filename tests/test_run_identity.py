@@ -254,3 +254,13 @@ def test_a_run_started_from_another_runs_weights_says_so_through_its_resumes(tmp
     assert started_from(str(run_dir / "checkpoints" / "last.ckpt")) == str(tmp_path / "other" /
                                                                            "last.ckpt")
     assert started_from(None) is None
+
+
+@pytest.mark.parametrize("loss, alpha, beta", [
+    (["loss=dice"], 0.5, 0.5),  # fixed by the loss, not set in its config: recorded all the same
+    (["loss=tversky", "loss.alpha=0.35"], 0.35, 0.65), (["loss=bce"], None, None)])
+def test_a_run_records_its_losss_alpha_and_beta(loss, alpha, beta, tmp_path):
+    from prostate_seg.training.fit import hparams_of
+
+    recorded = hparams_of(compose_train([*loss, "data.dir=."], tmp_path))
+    assert (recorded["alpha"], recorded["beta"]) == (alpha, beta)

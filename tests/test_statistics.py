@@ -394,6 +394,14 @@ def test_the_verdict_says_which_claims_hold_over_the_fold_means_and_where_folds_
             ) in text
 
 
+def test_claims_of_one_fold_say_they_are_about_one_training_set():
+    rows = [{**r, "fold": "0"} for r in study_rows({"bce": 0.0, "x": 0.03})]
+    text = "\n".join(analyse(rows, ["bce", "x"], "bce").verdict)
+    assert "x scores higher than bce" in text
+    assert ("These claims are about networks trained on one training set (one fold): nothing "
+            "here reaches other training sets; more folds would.") in text
+
+
 def long_rows(study, seeds, block):
     return [row(loss, f"p{p:02d}", s, float(study[i, s, p]), fold=str(block[p]))
             for i, loss in enumerate(LOSSES) for s in range(seeds) for p in range(len(block))]

@@ -79,10 +79,12 @@ class _Outcomes:
     def __init__(self, launcher: Any) -> None:
         self.launcher = launcher
         self.failed: List[BaseException] = []
+        self.launched = 0  # jobs whose launch returned
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
         returns = self.launcher.launch(job_overrides, initial_job_idx)
+        self.launched += len(returns)
         for ret in returns:
             if ret.status == JobStatus.FAILED:
                 self.failed.append(ret._return_value)  # return_value would raise it
@@ -118,8 +120,9 @@ class StudySweeper(BasicSweeper):
         try:
             returns = super().sweep(arguments)
         except UserError:
-            self._release()
-            if made and not any(sweep_dir.glob("**/.hydra")):  # no job started in it
+            # ours (made by this command, locked by it) and no job launched or begun in it
+            if made and self._lock is not None and not self.launcher.launched and not any(
+                    p.is_dir() for p in sweep_dir.iterdir() if not p.name.startswith(".")):
                 shutil.rmtree(sweep_dir, ignore_errors=True)
                 for folder in made[1:]:
                     with suppress(OSError):  # another process's folder in it: kept
@@ -147,8 +150,9 @@ class StudySweeper(BasicSweeper):
         jobs = applicable_jobs(self.config, self.composed, jobs)
         jobs = check_and_name_jobs(self.config, self.composed, self.check_job, jobs,
                                    self.command)
-        self._lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
-        self._lock.acquire()
+        lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
+        lock.acquire()
+        self._lock = lock  # only once held: a sweep refused the lock owns nothing there
         size = max_batch_size if max_batch_size and max_batch_size > 0 else max(len(jobs), 1)
         return [jobs[i:i + size] for i in range(0, len(jobs), size)]
 

@@ -359,22 +359,21 @@ def check_sources(cases: list[Case], real_out: Path, output_dir: Path) -> None:
                                       "the source data: choose another folder")
 
 
-def _listed_files(real_out: Path) -> set[str]:
+def _listed_files(real_out: Path, output_dir: Path) -> set[str]:
     """The content files the dataset's manifest lists (paths inside the dataset): its own."""
-    path = real_out / MANIFEST_FILE
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with open(real_out / MANIFEST_FILE, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         reason = "not found" if isinstance(exc, FileNotFoundError) else f"unreadable ({exc})"
-        raise DataError(f"{path}: {reason}; without it prepare cannot tell its slices from files "
+        raise DataError(f"{output_dir / MANIFEST_FILE}: {reason}; without it prepare cannot tell its slices from files "
                         "put there by hand, so overwrite=true deletes nothing: delete the old "
                         "dataset yourself or choose another output_dir") from None
     listed = {row.get(column) or "" for row in rows for column in ("image", "mask")}
     return listed | {f"volumes/{row.get('patient')}.npz" for row in rows}
 
 
-def _foreign_entries(real_out: Path) -> list[Path]:
+def _foreign_entries(real_out: Path, output_dir: Path) -> list[Path]:
     """What prepare did not make in a dataset: entries of another name, and in its content
     folders anything its manifest does not list (a run folder, predicted masks, a PNG of the
     user's named like a slice)."""
@@ -386,7 +385,7 @@ def _foreign_entries(real_out: Path) -> list[Path]:
     for entry in sorted(real_out.iterdir()):
         if entry.name in CONTENT_FOLDERS and entry.is_dir() and not entry.is_symlink():
             for path in sorted(p for p in entry.iterdir() if not litter(p)):
-                listed = _listed_files(real_out) if listed is None else listed
+                listed = _listed_files(real_out, output_dir) if listed is None else listed
                 if not (path.is_file() and f"{entry.name}/{path.name}" in listed):
                     foreign.append(path)
         elif entry.name not in OWN_ENTRIES and not litter(entry):
@@ -399,7 +398,7 @@ def check_only_own_entries(real_out: Path, output_dir: Path) -> None:
     a run folder, at its top or in its slices' folders): replacing deletes the old one whole."""
     if not real_out.is_dir():
         return
-    foreign = _foreign_entries(real_out)
+    foreign = _foreign_entries(real_out, output_dir)
     if foreign:
         raise DataError(f"{output_dir / foreign[0].relative_to(real_out)}: not made by prepare; "
                         f"overwrite=true would delete it with the old dataset in "

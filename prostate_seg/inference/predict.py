@@ -80,12 +80,12 @@ def _pairs(source: Path, target: Path, on_error: str) -> list[tuple[Path, Path]]
                 f" (there are some in {', '.join(d.name + '/' for d in inner)}: "
                 f"input={likely[0]}?)" if inner else ""))
         patients = {patient_id(scan) for scan in scans}
-        channels = [why for scan in scans if (why := other_channel(scan, patients))]
+        channels = {scan: why for scan in scans if (why := other_channel(scan, patients))}
         if channels and on_error == "raise":  # a T2 network would segment ADC as a scan
-            raise DataError(channels[0])
-        for why in channels:
+            raise DataError(next(iter(channels.values())))
+        for why in channels.values():
             log.warning("left out %s", why)
-        scans = [scan for scan in scans if not other_channel(scan, patients)]
+        scans = [scan for scan in scans if scan not in channels]
         return [(s, target / f"{strip_nifti_suffix(s.name)}.nii.gz") for s in scans]
     if not source.exists():
         raise DataError(f"input={source}: file or folder not found")

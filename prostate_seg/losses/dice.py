@@ -10,5 +10,7 @@ class DiceLoss(TverskyLoss):
     negative (beta) weigh alike. It takes no alpha, so that ``loss=dice`` with an alpha is
     refused (and a sweep over alpha runs it once) instead of a Tversky loss named dice."""
 
+    alpha = beta = 0.5  # also on the class: a run records them (training.fit.hparams_of)
+
     def __init__(self, smooth: float = 1.0):
         super().__init__(alpha=0.5, beta=0.5, smooth=smooth)

@@ -757,8 +757,13 @@ def training_sets(a: Analysis, interpreted: Sequence[Comparison]) -> list[str]:
     (its training set) is fixed. Whether each claim is also shown over the folds' means alone
     (a weak test: folds - 1 df); and, Holm over the comparisons, where the folds disagree
     beyond their runs and patients, which more seeds cannot average away."""
+    if a.design is None or not a.design.within:
+        return []
+    if a.design.folds == 1 and any(c.significant for c in interpreted):
+        return ["These claims are about networks trained on one training set (one fold): "
+                "nothing here reaches other training sets; more folds would."]
     across = [c for c in interpreted if math.isfinite(c.p_folds_holm)]
-    if a.design is None or not a.design.within or not across:
+    if not across:
         return []
     lines = []
     claimed = [c for c in across if c.significant]

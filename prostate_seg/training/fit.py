@@ -13,6 +13,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
@@ -59,6 +60,9 @@ HPARAMS = {"seed": "seed", "fold": "data.fold", "folds": "data.folds", "lr": "op
 def hparams_of(cfg: DictConfig) -> dict[str, Any]:
     """The settings that tell runs apart (results.json, hparams.yaml, MLflow's params)."""
     alpha, beta = cfg.loss.get("alpha"), cfg.loss.get("beta")
+    if alpha is None and "_target_" in cfg.loss:  # a loss that fixes them (dice) says so
+        fixed = get_object(str(cfg.loss._target_))
+        alpha, beta = getattr(fixed, "alpha", None), getattr(fixed, "beta", None)
     if alpha is not None and beta is None:
         beta = round(tversky_beta(alpha, beta), 6)  # stated explicitly, as typed (0.35)
     net, scheduler = cfg.model.net, (cfg.get("scheduler") or {}).get("_target_", "none")
