@@ -7,6 +7,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -424,6 +426,15 @@ def test_callback_never_fails_the_sweep_and_reads_the_report_settings(tmp_path, 
     callback.write()  # refused before launch (no multirun.yaml of its own): nothing written
     assert not (sweep / "report").exists()
     (sweep / "multirun.yaml").write_text("{}\n")
+    holder = subprocess.Popen([sys.executable, "-c", (  # another sweep in that folder, now
+        "import sys, pathlib; from prostate_seg.runs import RunLock; "
+        f"lock = RunLock(pathlib.Path({str(sweep)!r}), what='sweep folder'); lock.acquire(); "
+        "print('held', flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    callback.write()  # this sweep was refused: the running one's folder is not its to report
+    holder.communicate("")
+    assert not (sweep / "report").exists()
     callback.write()
     pairs = {(c["loss"], c["baseline"]) for c in read_csv(sweep / "report" / "comparisons.csv")}
     assert pairs == {("bce", "tversky_a0.25"), ("tversky_a0.5", "tversky_a0.25"),

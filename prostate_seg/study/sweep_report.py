@@ -12,6 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from prostate_seg.jobs import DEFAULT_BASELINE
+from prostate_seg.runs import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ class SweepReport(Callback):
                         for p in self.sweep_dir.iterdir()))
 
     def write(self) -> None:
-        if not self.launched():
-            return  # no job started (stopped by the checks before launch)
+        if not self.launched() or RunLock(self.sweep_dir).held_by_another():
+            return  # no job started (stopped by the checks), or another sweep's folder
         sweep_dir, self.sweep_dir = self.sweep_dir, None
         try:
             from prostate_seg.study.report import write_report
