@@ -22,6 +22,23 @@ def test_a_bad_job_stops_the_sweep_before_anything_starts(prepared_copy, tmp_pat
     assert not sweep.exists()  # nothing written, not even an empty sweep folder
 
 
+def test_a_dry_run_lists_the_checked_jobs_and_writes_nothing(prepared_copy, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ("train.py", "-m", f"data.dir={prepared_copy}", *SMALL, "loss=bce,tversky",
+            "loss.alpha=0.25,0.75", f"hydra.sweep.dir={sweep}", "hydra.sweeper.dry_run=true")
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    listed = [line.split("] ", 1)[1] for line in result.stdout.splitlines() if "] job " in line]
+    assert listed == ["job 1/3: bce-fold0-seed0 (loss=bce)",
+                      "job 2/3: tversky_a0.25-fold0-seed0 (loss=tversky loss.alpha=0.25)",
+                      "job 3/3: tversky_a0.75-fold0-seed0 (loss=tversky loss.alpha=0.75)"]
+    assert f"dry run: 3 jobs checked; none launched, nothing written (the sweep folder would " \
+           f"be {sweep})" in result.stdout
+    assert not sweep.exists() and not (tmp_path / "outputs").exists()  # no folder, no logs
+    bad = run_cli(*args, "loss.smooth=-1", cwd=tmp_path)  # checked as a sweep is
+    assert bad.returncode == 2 and "loss.smooth=-1" in bad.stderr
+
+
 def test_unprepared_data_stops_the_sweep_in_one_line(phantoms, tmp_path):
     """Scans, not a prepared dataset (a missing folder is the same check: test_faults)."""
     result = run_cli("train.py", "-m", f"data.dir={phantoms}", *SMALL, "loss.alpha=0.25,0.5",

@@ -43,6 +43,8 @@ class StudySweeperConf:
     check_job: Optional[str] = "prostate_seg.training.fit.check_job"
     # whose config the jobs are: what command_line.check_composed asks of them
     command: str = "train"
+    # check and list the jobs, launch none and write nothing (a study's 120 before sbatch)
+    dry_run: bool = False
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="study", node=StudySweeperConf,
@@ -95,10 +97,11 @@ class _Outcomes:
 class StudySweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int] = None,
                  params: Optional[Dict[str, str]] = None, check_job: Optional[str] = None,
-                 command: str = "train"):
+                 command: str = "train", dry_run: bool = False):
         super().__init__(max_batch_size=max_batch_size, params=params)
         self.check_job = check_job  # imported when the jobs are checked (torch, for training)
         self.command = command
+        self.dry_run = dry_run
         self.composed: Optional[ComposedJobs] = None
         self._lock: Optional[RunLock] = None
 
@@ -150,6 +153,16 @@ class StudySweeper(BasicSweeper):
         jobs = applicable_jobs(self.config, self.composed, jobs)
         jobs = check_and_name_jobs(self.config, self.composed, self.check_job, jobs,
                                    self.command)
+        if self.dry_run:
+            swept = {key for key in _swept(jobs) if "hydra." not in key}
+            for index, job in enumerate(jobs):
+                subdir = next((o.partition("=")[2] for o in job
+                               if o.startswith("hydra.sweep.subdir=")), "")
+                log.info(f"job {index + 1}/{len(jobs)}: {subdir} "
+                         f"({' '.join(o for o in job if _key(o) in swept)})")
+            log.info(f"dry run: {len(jobs)} jobs checked; none launched, nothing written "
+                     f"(the sweep folder would be {self.config.hydra.sweep.dir})")
+            raise SystemExit(0)
         lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
         lock.acquire()
         self._lock = lock  # only once held: a sweep refused the lock owns nothing there
