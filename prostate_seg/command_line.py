@@ -287,6 +287,9 @@ def _composed(args: argparse.Namespace, command: str) -> tuple[DictConfig | None
         if early:
             return None, early
         cfg = loader.load_configuration(name, overrides, mode)
+        if mode is RunMode.RUN and OmegaConf.select(cfg, "hydra.sweeper.dry_run"):
+            return cfg, ("hydra.sweeper.dry_run=true: lists a sweep's jobs (add -m); without -m "
+                         "this is one run, which would train")
         return cfg, structure_problem(cfg, name, command) or _values_problem(cfg, command)
 
 

@@ -354,6 +354,12 @@ def test_cpu_threads_follow_the_idle_cores_less_the_loader_workers(monkeypatch):
     assert torch.get_num_threads() == 1
 
 
+def test_a_dry_run_without_a_sweep_is_refused_before_it_trains():
+    assert config_problem("train", ["data.dir=.", "hydra.sweeper.dry_run=true"]) == (
+        "hydra.sweeper.dry_run=true: lists a sweep's jobs (add -m); without -m this is one run, "
+        "which would train")
+
+
 def test_a_list_given_for_a_number_says_how_to_sweep():
     assert config_problem("train", ["loss.alpha=[0.25,0.5]"]) == (
         "loss.alpha=[0.25, 0.5]: must be a number in [0, 1] (a sweep over values: "

@@ -99,6 +99,16 @@ def test_another_nnunet_channel_is_not_segmented_as_a_scan(scans, no_inference, 
         predict_paths("any.ckpt", scans, tmp_path / "masks")
 
 
+def test_a_patient_named_like_a_channel_is_a_patient(scans, no_inference, tmp_path):
+    """subj_2019 beside subj is a scan of its own: a channel needs its case's _0000 file."""
+    (scans / "phantom001.nii.gz").rename(scans / "phantom000_2019.nii.gz")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in ("phantom000", "phantom000_2019", "phantom002"):
+        (masks / f"{name}.nii.gz").write_bytes(b"")
+    assert len(predict_paths("any.ckpt", scans, masks, skip_existing=True)) == 3
+
+
 def test_on_error_skip_leaves_another_nnunet_channel_out_as_prepare_does(scans, no_inference,
                                                                          tmp_path, caplog):
     (scans / "phantom000.nii.gz").rename(scans / "phantom000_0000.nii.gz")

@@ -184,9 +184,13 @@ def test_not_converged_is_a_mean_late_gain_above_the_bound_and_above_0_over_the_
     assert loss_flags(runs(0.03, early=(0,))) == []  # stopped on its own: nothing left
     assert loss_flags(runs(math.nan)) == []  # no selection curve: not judged
     one_epoch = [{**r, "late_gain": None, "epochs_trained": 1} for r in runs(0.0, 0.0)]
-    assert loss_flags(one_epoch) == ["not converged: its runs trained one epoch, so nothing "
-                                     "shows they had stopped learning"]
+    assert loss_flags(one_epoch) == ["not converged: 2 of 2 runs trained under two epochs, so "
+                                     "nothing shows they had stopped learning"]
     assert loss_flags([{**r, "epochs_trained": 2} for r in one_epoch]) == []
+    # one short run among long ones is still an unconverged run; a run of 0 epochs too
+    mixed = [{**r, "epochs_trained": 0 if r["run"] == "r0" else 50} for r in runs(0.0, 0.0)]
+    assert loss_flags(mixed) == ["not converged: 1 of 2 runs trained under two epochs, so "
+                                 "nothing shows they had stopped learning"]
 
 
 def test_late_gain_is_the_rise_over_the_last_quarter_at_its_fitted_pace():
@@ -454,7 +458,13 @@ def test_verdict_names_the_difference_with_its_size_and_design():
     assert "Training randomness is measured by 3 seeds in each of 2 folds" in text
     assert "no difference from bce detected for tversky_a0.25" in text
     assert "equal" not in text and "Best" not in text
-    assert "its lead over every other loss was not tested (use --all-pairs)" in text
+    assert "its lead over tversky_a0.25 was not tested (use --all-pairs)" in text
+    # a loss of one run: its pair with the leader exists but cannot be tested
+    one_run = [r for r in study_rows({"bce": 0.0, "dice": 0.01})
+               if r["loss"] == "dice" and r["seed"] == "0" and r["fold"] == "0"]
+    text = "\n".join(analyse(rows + one_run, ["bce", "tversky_a0.25", "tversky_a0.5", "dice"],
+                              "bce", all_pairs=True).verdict)
+    assert "over dice was not tested (one run pair)" in text and "nan" not in text
 
 
 def test_one_seed_per_fold_says_its_test_is_weak_before_anything_else():

@@ -24,6 +24,7 @@ def test_a_bad_job_stops_the_sweep_before_anything_starts(prepared_copy, tmp_pat
 
 def test_a_dry_run_lists_the_checked_jobs_and_writes_nothing(prepared_copy, tmp_path):
     sweep = tmp_path / "sweep"
+    (prepared_copy / "split.json").unlink(missing_ok=True)  # a new dataset's first sweep
     args = ("train.py", "-m", f"data.dir={prepared_copy}", *SMALL, "loss=bce,tversky",
             "loss.alpha=0.25,0.75", f"hydra.sweep.dir={sweep}", "hydra.sweeper.dry_run=true")
     result = run_cli(*args, cwd=tmp_path)
@@ -35,6 +36,7 @@ def test_a_dry_run_lists_the_checked_jobs_and_writes_nothing(prepared_copy, tmp_
     assert f"dry run: 3 jobs checked; none launched, nothing written (the sweep folder would " \
            f"be {sweep})" in result.stdout
     assert not sweep.exists() and not (tmp_path / "outputs").exists()  # no folder, no logs
+    assert not (prepared_copy / "split.json").exists()  # nor a split that binds later runs
     bad = run_cli(*args, "loss.smooth=-1", cwd=tmp_path)  # checked as a sweep is
     assert bad.returncode == 2 and "loss.smooth=-1" in bad.stderr
 

@@ -160,7 +160,8 @@ class StudySweeper(BasicSweeper):
                                if o.startswith("hydra.sweep.subdir=")), "")
                 log.info(f"job {index + 1}/{len(jobs)}: {subdir} "
                          f"({' '.join(o for o in job if _key(o) in swept)})")
-            log.info(f"dry run: {len(jobs)} jobs checked; none launched, nothing written "
+            log.info(f"dry run: {len(jobs)} job{'s' * (len(jobs) != 1)} checked; none "
+                     f"launched, nothing written "
                      f"(the sweep folder would be {self.config.hydra.sweep.dir})")
             raise SystemExit(0)
         lock = RunLock(Path(self.config.hydra.sweep.dir), what="sweep folder")
@@ -279,7 +280,7 @@ def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Opt
             _claim_output(job_config, command, index, jobs, outputs)
     finally:
         HydraConfig.instance().cfg = parent
-    log.info(f"Checked {len(jobs)} jobs before launch")
+    log.info(f"Checked {len(jobs)} job{'s' * (len(jobs) != 1)} before launch")
     return [job + added for job, added, _ in named]
 
 

@@ -56,10 +56,11 @@ class SliceDataModule(pl.LightningDataModule):
         self.select_set: SliceDataset | None = None
         self.val_set: SliceDataset | None = None
 
-    def load_folds(self) -> CrossValidation:
-        """The dataset's split (made and stored on first use); reads only the manifest."""
+    def load_folds(self, store: bool = True) -> CrossValidation:
+        """The dataset's split (made and, ``store``, stored on first use); reads only the
+        manifest."""
         patients = [r.patient for r in read_manifest(self.dir)]
-        self.folds = load_or_make_folds(self.dir, patients, self.split_settings)
+        self.folds = load_or_make_folds(self.dir, patients, self.split_settings, store)
         return self.folds
 
     def setup(self, stage: str | None = None) -> None:

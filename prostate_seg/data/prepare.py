@@ -12,7 +12,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -117,11 +117,17 @@ def patient_id(path: Path) -> str:
     return name[:-5] if name.endswith("_0000") else name
 
 
-def other_channel(path: Path, patients: Collection[str]) -> str | None:
+def nnunet_cases(paths: Iterable[Path]) -> set[str]:
+    """The cases whose first channel is named as nnU-Net names it (``case_0000``)."""
+    return {patient_id(p) for p in paths if strip_nifti_suffix(p.name).endswith("_0000")}
+
+
+def other_channel(path: Path, cases: Collection[str]) -> str | None:
     """Why the scan ``path`` is no patient of its own: nnU-Net's ``case_0001`` (``_0002``, ...)
-    is another channel of ``case``, whose ``case_0000`` is among ``patients``; None otherwise."""
+    is another channel of ``case``, whose ``case_0000`` is among ``cases`` (nnunet_cases);
+    None otherwise (``subj_2019`` beside ``subj`` is a patient)."""
     match = re.fullmatch(r"(.+)_(\d{4})", patient_id(path))
-    if not (match and match[1] in patients):
+    if not (match and match[1] in cases):
         return None
     return (f"{path}: channel {match[2]} of nnU-Net case {match[1]}; this tool takes one channel "
             f"per scan, the _0000 file: keep only those, or give 4D images and image_channel")
@@ -171,8 +177,9 @@ def find_cases(input_dir: Path) -> tuple[list[Case], list[str]]:
     claimed_twice = {patient for patient, _ in twice}
     problems += [f"{masks[p][0]}: mask without image (no {p} in {images_dir})"
                  for p in sorted(set(masks) - set(images) - claimed_twice)]
+    first_channels = nnunet_cases(path for found in images.values() for path in found)
     channels = {p: why for p in sorted(set(images) - set(masks) - claimed_twice)
-                if (why := other_channel(images[p][0], images))}
+                if (why := other_channel(images[p][0], first_channels))}
     problems += channels.values()
     cases = [Case(p, images[p][0], masks.get(p, [None])[0]) for p in sorted(images)
              if p not in claimed_twice and p not in channels]

@@ -173,14 +173,16 @@ def _differences(stored: SplitSettings, wanted: SplitSettings) -> list[str]:
                     and math.isclose(ours[key], theirs[key])))]
 
 
-def load_or_make_folds(data_dir: Path, patients: Sequence[str],
-                       settings: SplitSettings) -> CrossValidation:
+def load_or_make_folds(data_dir: Path, patients: Sequence[str], settings: SplitSettings,
+                       store: bool = True) -> CrossValidation:
     """Read ``split.json`` if present (checking it fits the data and the settings), else make
-    it and write it atomically (concurrent jobs write the same content)."""
+    it and (``store``) write it atomically (concurrent jobs write the same content). A check
+    before any job does not store it: a refused or dry-run sweep leaves the dataset as it was."""
     path = data_dir / SPLIT_FILE
     if not path.exists():
         cv = make_folds(patients, settings)
-        write_json(path, cv.to_dict())
+        if store:
+            write_json(path, cv.to_dict())
         return cv
     cv = read_folds(path)
     differences = _differences(cv.settings, settings)

@@ -12,8 +12,8 @@ import nibabel as nib
 import numpy as np
 from omegaconf import DictConfig
 
-from prostate_seg.data.prepare import (check_on_error, dataset_holding, other_channel, patient_id,
-                                       scan_slices, scans_in)
+from prostate_seg.data.prepare import (check_on_error, dataset_holding, nnunet_cases,
+                                       other_channel, patient_id, scan_slices, scans_in)
 from prostate_seg.data.volume import from_slices, is_nifti, load_nifti, strip_nifti_suffix
 from prostate_seg.errors import ConfigError, DataError
 from prostate_seg.files import (check_name_fits, check_writable_folder, refuse_existing,
@@ -79,8 +79,8 @@ def _pairs(source: Path, target: Path, on_error: str) -> list[tuple[Path, Path]]
             raise DataError(f"input={source}: no .nii or .nii.gz files in this folder" + (
                 f" (there are some in {', '.join(d.name + '/' for d in inner)}: "
                 f"input={likely[0]}?)" if inner else ""))
-        patients = {patient_id(scan) for scan in scans}
-        channels = {scan: why for scan in scans if (why := other_channel(scan, patients))}
+        cases = nnunet_cases(scans)
+        channels = {scan: why for scan in scans if (why := other_channel(scan, cases))}
         if channels and on_error == "raise":  # a T2 network would segment ADC as a scan
             raise DataError(next(iter(channels.values())))
         for why in channels.values():

@@ -422,11 +422,11 @@ def loss_flags(rows: list[Row]) -> list[str]:
                   f"nothing to test with: judged by the bound {LATE_GAIN} alone")
         flags.append(f"not converged: selection Dice still rising at the end, +{late[0]:.3f} "
                      f"over the last quarter of the epochs ({tested})")
-    epochs = [r[0].get("epochs_trained") for r in runs.values()]
-    if late is None and all(isinstance(e, (int, float)) and e < 2 for e in epochs) \
-            and not any(r[0].get("stopped_early") is True for r in runs.values()):
-        flags.append("not converged: its runs trained one epoch, so nothing shows they had "
-                     "stopped learning")
+    short = [r for r in runs.values() if isinstance(e := r[0].get("epochs_trained"), (int, float))
+             and e < 2 and r[0].get("stopped_early") is not True]
+    if short:
+        flags.append(f"not converged: {len(short)} of {len(runs)} runs trained under two epochs, "
+                     "so nothing shows they had stopped learning")
     return flags
 
 
@@ -719,15 +719,17 @@ def _best(a: Analysis, usable: list[str]) -> str:
             if c is None or not (c.significant and c.higher_first().loss == leader)}
     if not lost:
         return f"Best: {leader}, whose lead over every other loss survives the Holm correction."
-    if None in lost.values():
-        missing = ("use --all-pairs" if a.baseline is not None and not a.all_pairs else
-                   "no patient pairs: see above")
-        why = f"every other loss was not tested ({missing})"
-    else:
-        why = ", ".join(f"{other} (p_holm = {c.p_holm:.2g})" for other, c in lost.items())
-        why += " is not significant after correction"
+    missing = [other for other, c in lost.items() if c is None]
+    untested = [other for other, c in lost.items() if c is not None and math.isnan(c.p_holm)]
+    weak = [f"{other} (p_holm = {c.p_holm:.2g})" for other, c in lost.items()
+            if c is not None and not math.isnan(c.p_holm)]
+    why = ([f"{', '.join(weak)} is not significant after correction"] * bool(weak)
+           + [f"{', '.join(untested)} was not tested (one run pair)"] * bool(untested)
+           + [f"{', '.join(missing)} was not tested ("
+              + ("use --all-pairs" if a.baseline is not None and not a.all_pairs
+                 else "no patient pairs: see above") + ")"] * bool(missing))
     return (f"No loss is called best: {leader} has the highest mean Dice on the patients all "
-            f"losses share, but its lead over {why}.")
+            f"losses share, but its lead over {'; over '.join(why)}.")
 
 
 def _unpaired(a: Analysis, usable: list[str]) -> list[tuple[str, str]]:

@@ -166,7 +166,7 @@ def refuse_other_config(cfg: DictConfig, run_dir: Path) -> None:
     """Raise what the job would raise at its start for a folder holding another config's run."""
     check_run_place(run_dir)
     datamodule: SliceDataModule = instantiate_checked("data", cfg.data)
-    split = datamodule.load_folds().fold(datamodule.fold)
+    split = datamodule.load_folds(store=False).fold(datamodule.fold)  # the job stores it
     identity = identity_of(cfg, datamodule)
     if _completed_results(cfg, run_dir, identity) is None:
         _checkpoint_to_resume(cfg, run_dir, identity, split)
