@@ -76,3 +76,17 @@ def test_a_launcher_that_cannot_start_the_sweep_says_so_in_one_line(prepared, tm
         assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
         assert "Traceback" not in result.stderr
         assert not (tmp_path / "sweep").exists()  # a refused command leaves no folder
+    # into an earlier sweep's folder: its record, its runs and the report's say are as they were
+    earlier = tmp_path / "sweep"
+    (earlier / "bce-fold0-seed0").mkdir(parents=True)
+    (earlier / "bce-fold0-seed0" / "results.json").write_text("{}")
+    (earlier / "multirun.yaml").write_text("the earlier sweep's\n")
+    os.utime(earlier / "multirun.yaml", ns=(1, 10 ** 18))
+    before = {str(p): (p.stat().st_mtime_ns, p.is_file() and p.read_bytes())
+              for p in earlier.rglob("*")}
+    result = run_cli("train.py", "-m", *TINY, f"data.dir={prepared}", "seed=0,1",
+                     f"hydra.sweep.dir={earlier}", "hydra/launcher=slurm",
+                     "hydra.launcher.partition=debug", cwd=tmp_path, env={"PATH": path})
+    assert result.returncode == 2 and "sbatch refused" in result.stderr, result.stderr
+    assert {str(p): (p.stat().st_mtime_ns, p.is_file() and p.read_bytes())
+            for p in earlier.rglob("*")} == before

@@ -5,7 +5,7 @@ Every job is composed once, checked and named before any starts; its launcher ge
 
 import copy
 import logging
-import shutil
+import os
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +94,35 @@ class _Outcomes:
         return returns
 
 
+class _Snapshot:
+    """A sweep folder's entries and multirun.yaml before a sweep, to put back when the sweep is
+    refused before any job (sbatch's refusal): Hydra has rewritten the record and submitit left
+    its pickles by then. A folder a job has begun in (a new one not hidden) is left alone."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.made = [p for p in [folder, *folder.parents] if not p.exists()]  # deepest first
+        self.paths = set(folder.rglob("*")) if folder.is_dir() else set()
+        record = folder / "multirun.yaml"
+        self.record = (record.read_bytes(), record.stat()) if record.is_file() else None
+
+    def restore(self) -> None:
+        new = set(self.folder.rglob("*")) - self.paths if self.folder.is_dir() else set()
+        if any(p.is_dir() and p.parent == self.folder and not p.name.startswith(".")
+               for p in new):
+            return  # a job's folder: its log says what happened
+        for path in sorted(new, key=lambda p: len(p.parts), reverse=True):
+            with suppress(OSError):
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+        record = self.folder / "multirun.yaml"
+        if self.record is not None:
+            record.write_bytes(self.record[0])
+            os.utime(record, ns=(self.record[1].st_atime_ns, self.record[1].st_mtime_ns))
+        for folder in self.made:
+            with suppress(OSError):  # another process's folder in it: kept
+                folder.rmdir()
+
+
 class StudySweeper(BasicSweeper):
     def __init__(self, max_batch_size: Optional[int] = None,
                  params: Optional[Dict[str, str]] = None, check_job: Optional[str] = None,
@@ -119,17 +148,12 @@ class StudySweeper(BasicSweeper):
         assert self.launcher is not None and self.config is not None
         self.launcher = _Outcomes(self.launcher)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        made = [p for p in [sweep_dir, *sweep_dir.parents] if not p.exists()]  # deepest first
+        before = _Snapshot(sweep_dir)
         try:
             returns = super().sweep(arguments)
         except UserError:
-            # ours (made by this command, locked by it) and no job launched or begun in it
-            if made and self._lock is not None and not self.launcher.launched and not any(
-                    p.is_dir() for p in sweep_dir.iterdir() if not p.name.startswith(".")):
-                shutil.rmtree(sweep_dir, ignore_errors=True)
-                for folder in made[1:]:
-                    with suppress(OSError):  # another process's folder in it: kept
-                        folder.rmdir()
+            if self._lock is not None and not self.launcher.launched:  # locked, none launched
+                before.restore()
             raise
         finally:
             self._release()
