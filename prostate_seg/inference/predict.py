@@ -75,7 +75,8 @@ def _pairs(source: Path, target: Path, on_error: str) -> list[tuple[Path, Path]]
         if not scans:
             inner = [d for d in sorted(source.iterdir()) if d.is_dir()
                      and any(is_nifti(f) for f in d.iterdir())]  # a dataset's root given
-            likely = [d for d in inner if not re.search("mask|label", d.name, re.I)] or inner
+            likely = [d for d in inner if not re.search(r"mask|label|seg|truth|^gt$", d.name,
+                                                        re.I)] or inner
             raise DataError(f"input={source}: no .nii or .nii.gz files in this folder" + (
                 f" (there are some in {', '.join(d.name + '/' for d in inner)}: "
                 f"input={likely[0]}?)" if inner else ""))
