@@ -144,7 +144,7 @@ class StudySweeper(BasicSweeper):
     def sweep(self, arguments: List[str]) -> Any:
         """Every job runs whatever another's fate; the failures end the sweep in one line. A
         sweep refused before any job ran (a launcher that cannot start, sbatch's refusal)
-        leaves no folder it made."""
+        leaves its folder as it found it, or absent."""
         assert self.launcher is not None and self.config is not None
         self.launcher = _Outcomes(self.launcher)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))

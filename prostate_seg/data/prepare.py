@@ -373,9 +373,10 @@ def _listed_files(real_out: Path, output_dir: Path) -> set[str]:
             rows = list(csv.DictReader(f))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         reason = "not found" if isinstance(exc, FileNotFoundError) else f"unreadable ({exc})"
-        raise DataError(f"{output_dir / MANIFEST_FILE}: {reason}; without it prepare cannot tell its slices from files "
-                        "put there by hand, so overwrite=true deletes nothing: delete the old "
-                        "dataset yourself or choose another output_dir") from None
+        raise DataError(f"{output_dir / MANIFEST_FILE}: {reason}; without it prepare cannot "
+                        "tell its slices from files put there by hand, so overwrite=true "
+                        "deletes nothing: delete the old dataset yourself or choose another "
+                        "output_dir") from None
     listed = {row.get(column) or "" for row in rows for column in ("image", "mask")}
     return listed | {f"volumes/{row.get('patient')}.npz" for row in rows}
 
