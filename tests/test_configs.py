@@ -247,6 +247,9 @@ def test_unknown_keys_name_the_closest_valid_ones_and_never_suggest_adding(confi
                                                 "loss.alpha?"),
     (["loss=bce,focal_tversky", "loss.gama=1,2"],  # a key of an option that is not the default
      "loss.gama: no such key; did you mean loss.gamma?"),
+    (["loss=bce,dice", "loss.alpha=0.3,0.5"],  # a key of options the sweep does not choose
+     "loss.alpha: none of loss=bce,dice has it (the loss options that have it: focal_tversky, "
+     "tversky)"),
 ])
 def test_a_sweep_names_a_wrong_option_or_key_of_any_job_before_checking_one(argv, expected,
                                                                             tmp_path):

@@ -237,11 +237,32 @@ def applicable_jobs(config: DictConfig, loader: ConfigLoader, jobs: List[List[st
 
     somewhere = {_key(o) for job in jobs for o in job if _key(o) in dependent and has(job, _key(o))}
     if dependent - somewhere:
-        raise ConfigError(unknown_key_line(min(dependent - somewhere), list(options.values())))
+        key = min(dependent - somewhere)
+        raise ConfigError(_in_other_options(config, loader, key, jobs)
+                          or unknown_key_line(key, list(options.values())))
     kept: Dict[Tuple[str, ...], None] = {}
     for job in jobs:
         kept.setdefault(tuple(o for o in job if _key(o) not in dependent or has(job, _key(o))))
     return [list(job) for job in kept]
+
+
+def _in_other_options(config: DictConfig, loader: ConfigLoader, key: str,
+                      jobs: List[List[str]]) -> Optional[str]:
+    """``loss.alpha: none of loss=bce,dice has it (the loss options that have it: ...)``."""
+    group = key.split(".", 1)[0]
+    swept = sorted({o.partition("=")[2] for job in jobs for o in job if _key(o) == group})
+    having = []
+    for option in sorted(set(loader.get_group_options(group)) - set(swept)):
+        try:
+            composed = loader.load_sweep_config(config, [f"{group}={option}"])
+        except Exception:  # noqa: BLE001 - an option that does not compose here has no say
+            continue
+        if OmegaConf.select(composed, key, default=_ABSENT) is not _ABSENT:
+            having.append(option)
+    if not having:
+        return None
+    return (f"{key}: none of {group}={','.join(swept)} has it (the {group} options that have "
+            f"it: {', '.join(having)})")
 
 
 def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Optional[str],
