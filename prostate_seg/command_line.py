@@ -8,7 +8,7 @@ import difflib
 import os
 import re
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -472,8 +472,7 @@ _ABSENT = object()
 
 def _in_other_options(key: str, configs: list[DictConfig], args: argparse.Namespace
                       ) -> str | None:
-    """``loss.alpha: loss=dice has no such key (the options that have it: tversky, ...)``: the
-    key belongs to other options of its group (bce and dice have no alpha)."""
+    """key_in_other_options for a single run's command line."""
     group = key.partition(".")[0]
     chosen = OmegaConf.select(configs[0], f"hydra.runtime.choices.{group}") if configs else None
     if not chosen:
@@ -482,19 +481,29 @@ def _in_other_options(key: str, configs: list[DictConfig], args: argparse.Namesp
                  if o.key_or_group not in (key, group)]
     with _config_loader() as loader:
         options = [o for o in loader.get_group_options(group) if o != chosen]
+    return key_in_other_options(key, [chosen], options, lambda choice: _compose(
+        configs[0].hydra.job.config_name, [*overrides, choice], args.multirun))
+
+
+def key_in_other_options(key: str, chosen: list[str], options: Iterable[str],
+                         compose: Callable[[str], DictConfig]) -> str | None:
+    """``loss.alpha: loss=dice has no such key (the loss options that have it: ...)``, or for a
+    sweep ``none of loss=bce,dice has it``: the key belongs to other ``options`` of its group,
+    each composed by ``compose('loss=tversky')``; None when none has it."""
+    group = key.partition(".")[0]
     having = []
-    for option in options:
+    for option in sorted(options):
         try:
-            cfg = _compose(configs[0].hydra.job.config_name, [*overrides, f"{group}={option}"],
-                           args.multirun)
+            cfg = compose(f"{group}={option}")
         except Exception:  # noqa: BLE001 - an option that does not compose here has no say
             continue
         if OmegaConf.select(cfg, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT:
             having.append(option)  # (tversky's beta: null is there)
     if not having:
         return None
-    return (f"{key}: {group}={chosen} has no such key (the {group} options that have it: "
-            f"{', '.join(sorted(having))})")
+    which = (f"{group}={chosen[0]} has no such key" if len(chosen) == 1
+             else f"none of {group}={','.join(chosen)} has it")
+    return f"{key}: {which} (the {group} options that have it: {', '.join(having)})"
 
 
 def unknown_key_line(key: str, configs: list[DictConfig]) -> str:

@@ -23,7 +23,7 @@ from hydra.utils import get_method
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import InterpolationResolutionError
 
-from prostate_seg.command_line import check_composed, unknown_key_line
+from prostate_seg.command_line import check_composed, key_in_other_options, unknown_key_line
 from prostate_seg.errors import ConfigError, JobFailed, UserError
 from prostate_seg.settings import OUTPUTS
 from prostate_seg.runs import RunLock
@@ -248,21 +248,11 @@ def applicable_jobs(config: DictConfig, loader: ConfigLoader, jobs: List[List[st
 
 def _in_other_options(config: DictConfig, loader: ConfigLoader, key: str,
                       jobs: List[List[str]]) -> Optional[str]:
-    """``loss.alpha: none of loss=bce,dice has it (the loss options that have it: ...)``."""
+    """key_in_other_options for the group options a sweep chose."""
     group = key.split(".", 1)[0]
     swept = sorted({o.partition("=")[2] for job in jobs for o in job if _key(o) == group})
-    having = []
-    for option in sorted(set(loader.get_group_options(group)) - set(swept)):
-        try:
-            composed = loader.load_sweep_config(config, [f"{group}={option}"])
-        except Exception:  # noqa: BLE001 - an option that does not compose here has no say
-            continue
-        if OmegaConf.select(composed, key, default=_ABSENT) is not _ABSENT:
-            having.append(option)
-    if not having:
-        return None
-    return (f"{key}: none of {group}={','.join(swept)} has it (the {group} options that have "
-            f"it: {', '.join(having)})")
+    return key_in_other_options(key, swept, set(loader.get_group_options(group)) - set(swept),
+                                lambda choice: loader.load_sweep_config(config, [choice]))
 
 
 def check_and_name_jobs(config: DictConfig, loader: ComposedJobs, check_job: Optional[str],
