@@ -319,11 +319,17 @@ def dataset_fingerprint(data_dir: Path) -> str:
     digest.update(json.dumps({k: v for k, v in settings.items() if k != CONTENT_DIGEST},
                              sort_keys=True).encode())
     digest.update(str(settings.get(CONTENT_DIGEST) or content_digest(data_dir)).encode())
-    with open(data_dir / MANIFEST_FILE, newline="", encoding="utf-8-sig") as f:
-        for row in csv.DictReader(f):
-            digest.update("|".join(str(row.get(k)) for k in (
-                "patient", "slice", "height", "width", "gland_pixels")).encode())
+    for row in _manifest_rows(data_dir):
+        digest.update("|".join(str(row.get(k)) for k in (
+            "patient", "slice", "height", "width", "gland_pixels")).encode())
     return digest.hexdigest()[:12]
+
+
+def _manifest_rows(data_dir: Path) -> list[dict[str, str]]:
+    """The manifest's rows as written (utf-8-sig: one saved by a spreadsheet starts with a
+    byte-order mark, which is no part of the first column's name)."""
+    with open(data_dir / MANIFEST_FILE, newline="", encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
 
 
 def checked_output_dir(input_dir: Path, output_dir: Path, overwrite: bool) -> Path:
@@ -369,8 +375,7 @@ def check_sources(cases: list[Case], real_out: Path, output_dir: Path) -> None:
 def _listed_files(real_out: Path, output_dir: Path) -> set[str]:
     """The content files the dataset's manifest lists (paths inside the dataset): its own."""
     try:
-        with open(real_out / MANIFEST_FILE, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+        rows = _manifest_rows(real_out)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         reason = "not found" if isinstance(exc, FileNotFoundError) else f"unreadable ({exc})"
         raise DataError(f"{output_dir / MANIFEST_FILE}: {reason}; without it prepare cannot "
